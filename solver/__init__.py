@@ -1,0 +1,18 @@
+"""Cost model and placement optimization (numpy + OR-Tools; no gRPC, no torch)."""
+
+from .cost import Traffic, bottleneck_routes, node_loads, traffic
+from .plan import METHODS, OBJECTIVES, Plan, solve
+from .topology import Topology, home_placement
+
+__all__ = [
+    "METHODS",
+    "OBJECTIVES",
+    "Plan",
+    "Topology",
+    "Traffic",
+    "bottleneck_routes",
+    "home_placement",
+    "node_loads",
+    "solve",
+    "traffic",
+]

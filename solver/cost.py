@@ -1,0 +1,143 @@
+"""The alpha-beta All-to-All cost model and input checks for route counts.
+
+A route is one (token, top-k slot) pair: sample i sends it to expert e in the scatter
+(dispatch) and gets it back in the gather (combine). Its channel is set by where the sample's
+device and the expert's device sit: same device (free), same node (intra), other node (inter).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .topology import Topology
+
+# Route counts are bounded so that every cost the solvers build (counts x tie-break weights)
+# stays well inside int64.
+MAX_ROUTES = 2**40
+
+
+@dataclass(frozen=True)
+class Traffic:
+    """Routes by channel and modelled time, summed over one or more All-to-Alls.
+
+    seconds sums, over the All-to-Alls, max(t_intra, t_inter) of each: the channels run in
+    parallel within one All-to-All, the All-to-Alls run one after the other.
+    """
+
+    inter: int
+    intra: int
+    local: int
+    t_intra: float
+    t_inter: float
+    seconds: float
+
+    @property
+    def total(self) -> int:
+        return self.inter + self.intra + self.local
+
+
+def check_counts(name: str, counts: object, *, samples: int | None, experts: int) -> np.ndarray:
+    """Validates a route-count matrix and returns it as int64 [samples, experts].
+
+    Accepts any integer dtype, or floats holding whole numbers; rejects NaN, infinities,
+    fractions, negatives and counts above MAX_ROUTES, naming the first offending entry.
+    """
+    arr = np.asarray(counts)
+    rows_ok = samples is None or (arr.ndim == 2 and arr.shape[0] == samples)
+    if arr.ndim != 2 or arr.shape[1] != experts or not rows_ok:
+        want = f"({samples if samples is not None else 'samples'}, {experts})"
+        raise ValueError(f"{name} must have shape {want}, got shape {arr.shape}")
+    if arr.dtype == bool or not (
+        np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating)
+    ):
+        raise ValueError(f"{name} must hold integer counts, got dtype {arr.dtype}")
+    if np.issubdtype(arr.dtype, np.floating):
+        bad = ~np.isfinite(arr) | (arr != np.floor(arr))
+        if bad.any():
+            i, e = (int(v) for v in np.argwhere(bad)[0])
+            raise ValueError(f"{name}[{i}, {e}]={arr[i, e]!r} is not a whole number")
+    bad = (arr < 0) | (arr > MAX_ROUTES)
+    if bad.any():
+        i, e = (int(v) for v in np.argwhere(bad)[0])
+        raise ValueError(
+            f"{name}[{i}, {e}]={arr[i, e]!r} is out of range (counts must be in 0..{MAX_ROUTES})"
+        )
+    out = arr.astype(np.int64)
+    if int(out.sum(dtype=np.float64)) > MAX_ROUTES:
+        raise ValueError(f"{name} sums to {int(out.sum())} routes, more than {MAX_ROUTES}")
+    return out
+
+
+def check_placement(name: str, device: object, *, samples: int, devices: int) -> np.ndarray:
+    """Validates a placement (device of each sample) and returns it as int64 [samples]."""
+    arr = np.asarray(device)
+    if arr.shape != (samples,):
+        raise ValueError(f"{name} must have shape ({samples},), got shape {arr.shape}")
+    if samples and not np.issubdtype(arr.dtype, np.integer):
+        raise ValueError(f"{name} must hold integer device ids, got dtype {arr.dtype}")
+    bad = np.flatnonzero((arr < 0) | (arr >= devices))
+    if bad.size:
+        i = int(bad[0])
+        raise ValueError(f"{name}[{i}]={int(arr[i])} is not a device (devices 0..{devices - 1})")
+    return arr.astype(np.int64)
+
+
+def channel_routes(topo: Topology, device: np.ndarray, counts: np.ndarray) -> tuple[int, int, int]:
+    """(inter, intra, local) routes of one All-to-All; device [I] int64, counts [I, E] int64."""
+    same_dev = device[:, None] == topo.expert_device[None, :]
+    same_node = topo.device_node[device][:, None] == topo.expert_node[None, :]
+    local = int(counts[same_dev].sum())
+    intra = int(counts[same_node & ~same_dev].sum())
+    return int(counts.sum()) - local - intra, intra, local
+
+
+def traffic(
+    topo: Topology,
+    device: object,
+    gather: object,
+    scatter: object | None = None,
+) -> Traffic:
+    """Routes and modelled time of placing sample i on device[i].
+
+    device: [I] int, the device of each sample. gather, scatter: [I, E] integer route counts of
+    the gather (combine) of layer l and the scatter (dispatch) of layer l+1; scatter may be
+    omitted to cost a single All-to-All.
+    """
+    g = check_counts("gather", gather, samples=None, experts=topo.experts)
+    dev = check_placement("device", device, samples=g.shape[0], devices=topo.devices)
+    mats = [g]
+    if scatter is not None:
+        mats.append(check_counts("scatter", scatter, samples=g.shape[0], experts=topo.experts))
+    inter = intra = local = 0
+    t_intra = t_inter = seconds = 0.0
+    for counts in mats:
+        e, a, lo = channel_routes(topo, dev, counts)
+        ti = topo.alpha_intra + a * topo.bytes_per_route / topo.bw_intra
+        te = topo.alpha_inter + e * topo.bytes_per_route / topo.bw_inter
+        inter, intra, local = inter + e, intra + a, local + lo
+        t_intra, t_inter, seconds = t_intra + ti, t_inter + te, seconds + max(ti, te)
+    return Traffic(inter, intra, local, t_intra, t_inter, seconds)
+
+
+def node_loads(topo: Topology, device: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """[N] int64: inter-node routes each node sends plus receives in one All-to-All.
+
+    A route between a sample on node a and an expert on node b != a loads both a and b, in
+    either direction, so the same count serves the scatter and the gather.
+    """
+    snode = topo.device_node[device]
+    cross = snode[:, None] != topo.expert_node[None, :]
+    loads = np.zeros(topo.nodes, dtype=np.int64)
+    np.add.at(loads, snode, (counts * cross).sum(axis=1))
+    np.add.at(loads, topo.expert_node, (counts * cross).sum(axis=0))
+    return loads
+
+
+def bottleneck_routes(
+    topo: Topology, device: np.ndarray, gather: np.ndarray, scatter: np.ndarray | None = None
+) -> int:
+    """Sum over the All-to-Alls of the busiest node's inter-node routes (sent + received)."""
+    mats = [gather] if scatter is None else [gather, scatter]
+    return int(sum(node_loads(topo, device, m).max() for m in mats))

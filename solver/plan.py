@@ -1,0 +1,142 @@
+"""Sample placement for one (step, layer): the entry point of the solver package."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+
+from .cost import Traffic, bottleneck_routes, check_counts, check_placement, traffic
+from .exact import solve_bottleneck, solve_joint
+from .topology import Topology, home_placement
+from .two_stage import solve_two_stage
+
+Objective = Literal["volume", "bottleneck"]
+Method = Literal["two_stage", "joint"]
+OBJECTIVES = ("volume", "bottleneck")
+METHODS = ("two_stage", "joint")
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Where every sample of one round goes.
+
+    device[i]: new device of sample row i. home[i]: its device before the move.
+    holds[d]: the rows device d holds afterwards, ordered by (home device, row): the order in
+    which all_to_all_single delivers them when every device sends its rows in row order.
+    before / after: routes and modelled time of gather(l) + scatter(l+1) at home and placed.
+    objective_value: for "volume", after.seconds; for "bottleneck", the busiest node's
+    inter-node routes summed over both All-to-Alls.
+    optimal: proven optimal for the method's own problem (two_stage: inter-node routes, then
+    intra-node routes, stage by stage). gap: relative distance to CP-SAT's bound (0 when proven).
+    """
+
+    device: tuple[int, ...]
+    home: tuple[int, ...]
+    holds: tuple[tuple[int, ...], ...]
+    before: Traffic
+    after: Traffic
+    objective: str
+    method: str
+    objective_value: float
+    status: str
+    optimal: bool
+    gap: float
+    solve_seconds: float
+
+    @property
+    def moved(self) -> int:
+        return sum(d != h for d, h in zip(self.device, self.home, strict=True))
+
+
+def holds_of(device: np.ndarray, home: np.ndarray, devices: int) -> tuple[tuple[int, ...], ...]:
+    """Rows each device holds, ordered by (home device, row). device, home: [I] int64."""
+    order = np.lexsort((np.arange(len(home)), home))
+    return tuple(tuple(int(r) for r in order[device[order] == d]) for d in range(devices))
+
+
+def solve(
+    topo: Topology,
+    gather: object,
+    scatter: object | None = None,
+    *,
+    home: object | None = None,
+    objective: Objective = "volume",
+    method: Method = "two_stage",
+    time_limit: float = 1.0,
+    workers: int = 1,
+) -> Plan:
+    """Places I samples on J devices, I/J each, to cut All-to-All traffic.
+
+    gather: [I, E] integer routes of each sample to each expert in the gather of layer l;
+    scatter: [I, E] the (predicted) scatter of layer l+1, or None. home: [I] int, the current
+    device of each sample, balanced (default sample i on device i // (I/J)).
+    objective "volume" with method "two_stage" is the paper's problem solved exactly by two
+    transportation problems; method "joint" solves the full time objective with CP-SAT.
+    objective "bottleneck" minimizes the busiest node's inter-node routes with CP-SAT. CP-SAT
+    runs at most time_limit seconds on `workers` threads, warm-started from two-stage.
+    """
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if not time_limit > 0:
+        raise ValueError(f"time_limit must be positive, got {time_limit!r}")
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise ValueError(f"workers must be a positive integer, got {workers!r}")
+    g = check_counts("gather", gather, samples=None, experts=topo.experts)
+    samples, j = g.shape[0], topo.devices
+    if samples == 0 or samples % j:
+        raise ValueError(f"samples={samples} must be a positive multiple of devices={j}")
+    mats = [g]
+    if scatter is not None:
+        mats.append(check_counts("scatter", scatter, samples=samples, experts=topo.experts))
+    if home is None:
+        base = home_placement(samples, j)
+    else:
+        base = check_placement("home", home, samples=samples, devices=j)
+        per_dev = np.bincount(base, minlength=j)
+        if (per_dev != samples // j).any():
+            d = int(np.flatnonzero(per_dev != samples // j)[0])
+            raise ValueError(
+                f"home is unbalanced: device {d} holds {int(per_dev[d])} samples, "
+                f"need {samples // j} on each"
+            )
+
+    start = time.perf_counter()
+    device = solve_two_stage(topo, sum(mats), base)
+    optimal, gap, used = True, 0.0, method
+    if objective == "bottleneck":
+        res = solve_bottleneck(topo, mats, base, device, time_limit, workers)
+        used = "cp-sat"
+        if bottleneck_routes(topo, res.device, *mats) <= bottleneck_routes(topo, device, *mats):
+            device = res.device
+        optimal, gap = res.optimal, res.gap
+    elif method == "joint":
+        res = solve_joint(topo, mats, base, device, time_limit, workers)
+        if traffic(topo, res.device, *mats).seconds <= traffic(topo, device, *mats).seconds:
+            device = res.device
+        optimal, gap = res.optimal, res.gap
+    elapsed = time.perf_counter() - start
+
+    after = traffic(topo, device, *mats)
+    if objective == "volume":
+        value = after.seconds
+    else:
+        value = float(bottleneck_routes(topo, device, *mats))
+    return Plan(
+        device=tuple(int(d) for d in device),
+        home=tuple(int(d) for d in base),
+        holds=holds_of(device, base, j),
+        before=traffic(topo, base, *mats),
+        after=after,
+        objective=objective,
+        method=used,
+        objective_value=value,
+        status="optimal" if optimal else "feasible",
+        optimal=optimal,
+        gap=gap,
+        solve_seconds=elapsed,
+    )
