@@ -57,12 +57,13 @@ def check_counts(name: str, counts: object, *, samples: int | None, experts: int
         bad = ~np.isfinite(arr) | (arr != np.floor(arr))
         if bad.any():
             i, e = (int(v) for v in np.argwhere(bad)[0])
-            raise ValueError(f"{name}[{i}, {e}]={arr[i, e]!r} is not a whole number")
+            raise ValueError(f"{name}[{i}, {e}]={arr[i, e].item()!r} is not a whole number")
     bad = (arr < 0) | (arr > MAX_ROUTES)
     if bad.any():
         i, e = (int(v) for v in np.argwhere(bad)[0])
         raise ValueError(
-            f"{name}[{i}, {e}]={arr[i, e]!r} is out of range (counts must be in 0..{MAX_ROUTES})"
+            f"{name}[{i}, {e}]={arr[i, e].item()!r} is out of range "
+            f"(counts must be in 0..{MAX_ROUTES})"
         )
     out = arr.astype(np.int64)
     if int(out.sum(dtype=np.float64)) > MAX_ROUTES:
