@@ -58,16 +58,17 @@ def check_counts(name: str, counts: object, *, samples: int | None, experts: int
         if bad.any():
             i, e = (int(v) for v in np.argwhere(bad)[0])
             raise ValueError(f"{name}[{i}, {e}]={arr[i, e].item()!r} is not a whole number")
-    bad = (arr < 0) | (arr > MAX_ROUTES)
-    if bad.any():
+    if arr.size and (arr.min() < 0 or arr.max() > MAX_ROUTES):
+        bad = (arr < 0) | (arr > MAX_ROUTES)
         i, e = (int(v) for v in np.argwhere(bad)[0])
         raise ValueError(
             f"{name}[{i}, {e}]={arr[i, e].item()!r} is out of range "
             f"(counts must be in 0..{MAX_ROUTES})"
         )
-    out = arr.astype(np.int64)
-    if int(out.sum(dtype=np.float64)) > MAX_ROUTES:
-        raise ValueError(f"{name} sums to {int(out.sum())} routes, more than {MAX_ROUTES}")
+    out = arr.astype(np.int64, copy=False)
+    total = float(out.sum(dtype=np.float64))
+    if total > MAX_ROUTES:
+        raise ValueError(f"{name} sums to {total:.0f} routes, more than {MAX_ROUTES}")
     return out
 
 
@@ -85,13 +86,52 @@ def check_placement(name: str, device: object, *, samples: int, devices: int) ->
     return arr.astype(np.int64)
 
 
-def channel_routes(topo: Topology, device: np.ndarray, counts: np.ndarray) -> tuple[int, int, int]:
-    """(inter, intra, local) routes of one All-to-All; device [I] int64, counts [I, E] int64."""
-    same_dev = device[:, None] == topo.expert_device[None, :]
-    same_node = topo.device_node[device][:, None] == topo.expert_node[None, :]
-    local = int(counts[same_dev].sum())
-    intra = int(counts[same_node & ~same_dev].sum())
-    return int(counts.sum()) - local - intra, intra, local
+def device_counts(topo: Topology, counts: np.ndarray) -> np.ndarray:
+    """[I, J] int64: routes of each sample to the experts on each device. counts: [I, E] int64.
+
+    Segment sums over experts sorted by device: O(I * E), whatever the expert map.
+    """
+    order, bounds = topo.experts_by_device
+    # The default map is already sorted; skipping the column gather saves a copy of counts.
+    sorted_counts = counts if topo.map_sorted else counts[:, order]
+    out = np.zeros((counts.shape[0], topo.devices), dtype=np.int64)
+    starts = bounds[:-1]
+    used = starts < bounds[1:]  # devices with at least one expert
+    if used.any():
+        out[:, used] = np.add.reduceat(sorted_counts, starts[used], axis=1)
+    return out
+
+
+def node_counts(topo: Topology, dev_counts: np.ndarray) -> np.ndarray:
+    """[I, N] int64 from device_counts [I, J]: devices of a node are consecutive."""
+    return dev_counts.reshape(dev_counts.shape[0], topo.nodes, topo.gpus_per_node).sum(axis=2)
+
+
+def channel_routes(
+    topo: Topology, device: np.ndarray, dev_counts: np.ndarray
+) -> tuple[int, int, int]:
+    """(inter, intra, local) routes of one All-to-All.
+
+    device: [I] int64 placement; dev_counts: [I, J] int64 from device_counts.
+    """
+    rows = np.arange(len(device))
+    local = int(dev_counts[rows, device].sum())
+    on_own_node = int(node_counts(topo, dev_counts)[rows, topo.device_node[device]].sum())
+    return int(dev_counts.sum()) - on_own_node, on_own_node - local, local
+
+
+def traffic_of(topo: Topology, device: np.ndarray, mats: list[np.ndarray]) -> Traffic:
+    """traffic() for checked inputs: device [I] int64, mats the [I, J] device_counts of each
+    All-to-All."""
+    inter = intra = local = 0
+    t_intra = t_inter = seconds = 0.0
+    for dev_counts in mats:
+        e, a, lo = channel_routes(topo, device, dev_counts)
+        ti = topo.alpha_intra + a * topo.bytes_per_route / topo.bw_intra
+        te = topo.alpha_inter + e * topo.bytes_per_route / topo.bw_inter
+        inter, intra, local = inter + e, intra + a, local + lo
+        t_intra, t_inter, seconds = t_intra + ti, t_inter + te, seconds + max(ti, te)
+    return Traffic(inter, intra, local, t_intra, t_inter, seconds)
 
 
 def traffic(
@@ -111,15 +151,7 @@ def traffic(
     mats = [g]
     if scatter is not None:
         mats.append(check_counts("scatter", scatter, samples=g.shape[0], experts=topo.experts))
-    inter = intra = local = 0
-    t_intra = t_inter = seconds = 0.0
-    for counts in mats:
-        e, a, lo = channel_routes(topo, dev, counts)
-        ti = topo.alpha_intra + a * topo.bytes_per_route / topo.bw_intra
-        te = topo.alpha_inter + e * topo.bytes_per_route / topo.bw_inter
-        inter, intra, local = inter + e, intra + a, local + lo
-        t_intra, t_inter, seconds = t_intra + ti, t_inter + te, seconds + max(ti, te)
-    return Traffic(inter, intra, local, t_intra, t_inter, seconds)
+    return traffic_of(topo, dev, [device_counts(topo, m) for m in mats])
 
 
 def node_loads(topo: Topology, device: np.ndarray, counts: np.ndarray) -> np.ndarray:

@@ -8,10 +8,17 @@ from typing import Literal
 
 import numpy as np
 
-from .cost import Traffic, bottleneck_routes, check_counts, check_placement, traffic
+from .cost import (
+    Traffic,
+    bottleneck_routes,
+    check_counts,
+    check_placement,
+    device_counts,
+    traffic_of,
+)
 from .exact import solve_bottleneck, solve_joint
 from .topology import Topology, home_placement
-from .two_stage import solve_two_stage
+from .two_stage import place_two_stage
 
 Objective = Literal["volume", "bottleneck"]
 Method = Literal["two_stage", "joint"]
@@ -106,7 +113,8 @@ def solve(
             )
 
     start = time.perf_counter()
-    device = solve_two_stage(topo, sum(mats), base)
+    dev_mats = [device_counts(topo, m) for m in mats]
+    device = place_two_stage(topo, sum(dev_mats), base)
     optimal, gap, used = True, 0.0, method
     if objective == "bottleneck":
         res = solve_bottleneck(topo, mats, base, device, time_limit, workers)
@@ -116,12 +124,13 @@ def solve(
         optimal, gap = res.optimal, res.gap
     elif method == "joint":
         res = solve_joint(topo, mats, base, device, time_limit, workers)
-        if traffic(topo, res.device, *mats).seconds <= traffic(topo, device, *mats).seconds:
+        found = traffic_of(topo, res.device, dev_mats).seconds
+        if found <= traffic_of(topo, device, dev_mats).seconds:
             device = res.device
         optimal, gap = res.optimal, res.gap
     elapsed = time.perf_counter() - start
 
-    after = traffic(topo, device, *mats)
+    after = traffic_of(topo, device, dev_mats)
     if objective == "volume":
         value = after.seconds
     else:
@@ -130,7 +139,7 @@ def solve(
         device=tuple(int(d) for d in device),
         home=tuple(int(d) for d in base),
         holds=holds_of(device, base, j),
-        before=traffic(topo, base, *mats),
+        before=traffic_of(topo, base, dev_mats),
         after=after,
         objective=objective,
         method=used,

@@ -43,6 +43,9 @@ class Topology:
     bytes_per_route: int = 8192
     expert_node: np.ndarray = field(init=False, repr=False)
     device_node: np.ndarray = field(init=False, repr=False)
+    # (expert ids sorted by device [E], start of each device's run in that order [J + 1]).
+    experts_by_device: tuple[np.ndarray, np.ndarray] = field(init=False, repr=False)
+    map_sorted: bool = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         nodes = _positive_int("nodes", self.nodes)
@@ -93,6 +96,10 @@ class Topology:
         object.__setattr__(self, "expert_device", emap)
         object.__setattr__(self, "expert_node", enode)
         object.__setattr__(self, "device_node", dnode)
+        order = np.argsort(emap, kind="stable")
+        bounds = np.searchsorted(emap[order], np.arange(j + 1))
+        object.__setattr__(self, "experts_by_device", (order, bounds))
+        object.__setattr__(self, "map_sorted", bool((np.diff(emap) >= 0).all()))
 
     @property
     def devices(self) -> int:

@@ -10,24 +10,19 @@ from __future__ import annotations
 
 import numpy as np
 
+from .cost import device_counts, node_counts
 from .topology import Topology
 from .transport import transport
 
 
 def per_node(topo: Topology, counts: np.ndarray) -> np.ndarray:
     """[I, N] int64: routes of each sample to the experts on each node. counts: [I, E] int64."""
-    out = np.zeros((counts.shape[0], topo.nodes), dtype=np.int64)
-    for n in range(topo.nodes):
-        out[:, n] = counts[:, topo.expert_node == n].sum(axis=1)
-    return out
+    return node_counts(topo, device_counts(topo, counts))
 
 
 def per_device(topo: Topology, counts: np.ndarray) -> np.ndarray:
     """[I, J] int64: routes of each sample to the experts on each device."""
-    out = np.zeros((counts.shape[0], topo.devices), dtype=np.int64)
-    for d in range(topo.devices):
-        out[:, d] = counts[:, topo.expert_device == d].sum(axis=1)
-    return out
+    return device_counts(topo, counts)
 
 
 def _with_tiebreak(cost: np.ndarray, stay: np.ndarray) -> np.ndarray:
@@ -42,15 +37,20 @@ def _with_tiebreak(cost: np.ndarray, stay: np.ndarray) -> np.ndarray:
 def solve_two_stage(topo: Topology, counts: np.ndarray, home: np.ndarray) -> np.ndarray:
     """Device of each sample, [I] int64. counts: [I, E] int64 routes of both All-to-Alls summed;
     home: [I] int64 current device of each sample."""
-    samples = counts.shape[0]
+    return place_two_stage(topo, device_counts(topo, counts), home)
+
+
+def place_two_stage(topo: Topology, on_dev: np.ndarray, home: np.ndarray) -> np.ndarray:
+    """solve_two_stage from device_counts: on_dev [I, J] int64 routes of each sample to the
+    experts of each device. Returns [I] int64."""
+    samples = on_dev.shape[0]
     nodes, gpus = topo.nodes, topo.gpus_per_node
-    on_node = per_node(topo, counts)
+    on_node = node_counts(topo, on_dev)
     home_node = topo.device_node[home]
-    inter = counts.sum(axis=1, keepdims=True) - on_node
+    inter = on_dev.sum(axis=1, keepdims=True) - on_node
     stay = home_node[:, None] == np.arange(nodes)[None, :]
     node = transport(_with_tiebreak(inter, stay), np.full(nodes, samples // nodes))
 
-    on_dev = per_device(topo, counts)
     device = np.empty(samples, dtype=np.int64)
     per_dev = samples // topo.devices
     for n in range(nodes):
