@@ -21,6 +21,7 @@ class PairResult:
     baseline: tuple[int, int]  # (inter, intra) routes at home
     netmoe: tuple[int, int]
     solve_ms: float
+    joint: dict[str, Any] | None = None  # with fitted experts: inter, intra, experts, placement
 
 
 def evaluate(
@@ -55,10 +56,55 @@ def evaluate(
     return results
 
 
+def evaluate_joint(
+    counts: np.ndarray, nodes: int, gpus_per_node: int, objective: str = "volume"
+) -> tuple[np.ndarray, list[PairResult]]:
+    """Fits expert placement on the samples with the lower half of the ids and evaluates home,
+    sample-only and joint placement on the rest (held out, in id order, the k-th of them home
+    on device k // (held-out count / J)). counts: [L, I, E] int64.
+    Returns the held-out counts [L, I - I/2, E] and the held-out pair results."""
+    from .solver import Topology
+    from .solver.experts import evaluate_experts, fit_experts
+
+    samples = counts.shape[1]
+    topo = Topology(nodes, gpus_per_node, counts.shape[2])
+    half = samples // 2
+    if half == 0 or half % topo.devices or (samples - half) % topo.devices:
+        raise ValueError(
+            f"--expert-placement fit splits samples={samples} into two halves that must each "
+            f"be a multiple of devices={topo.devices}; choose --tokens-per-sample so they are"
+        )
+    held = counts[:, half:]
+    fit = fit_experts(topo, [counts[:, :half]])
+    ev = evaluate_experts(topo, [held], fit.array())
+    pairs = evaluate(held, nodes, gpus_per_node, objective)
+    out = []
+    for pair, pe in zip(pairs, ev.pairs, strict=True):
+        first, second = pe.layers
+        joint = {
+            "inter": pe.joint.inter,
+            "intra": pe.joint.intra,
+            "experts": [list(ev.maps[first]), list(ev.maps[second])],
+            "placement": list(ev.joint_devices[0][first]),
+        }
+        out.append(PairResult(pair.layer, pair.placement, pair.baseline, pair.netmoe,
+                              pair.solve_ms, joint))
+    return held, out
+
+
 def report(counts: np.ndarray, nodes: int, gpus: int, pairs: list[PairResult]) -> dict[str, Any]:
-    """The --json object."""
+    """The --json object. counts: [L, I, E] of the samples the pairs describe."""
     base = sum(p.baseline[0] for p in pairs)
     placed = sum(p.netmoe[0] for p in pairs)
+    total: dict[str, Any] = {
+        "baseline": {"inter": base, "intra": sum(p.baseline[1] for p in pairs)},
+        "netmoe": {"inter": placed, "intra": sum(p.netmoe[1] for p in pairs)},
+        "inter_reduction": 0.0 if base == 0 else 1.0 - placed / base,
+    }
+    if pairs and pairs[0].joint is not None:
+        joint = sum(p.joint["inter"] for p in pairs)
+        total["joint"] = {"inter": joint, "intra": sum(p.joint["intra"] for p in pairs)}
+        total["joint_inter_reduction"] = 0.0 if base == 0 else 1.0 - joint / base
     return {
         "devices": nodes * gpus,
         "nodes": nodes,
@@ -72,13 +118,10 @@ def report(counts: np.ndarray, nodes: int, gpus: int, pairs: list[PairResult]) -
                 "netmoe": {"inter": p.netmoe[0], "intra": p.netmoe[1]},
                 "solve_ms": round(p.solve_ms, 3),
             }
+            | ({} if p.joint is None else {"joint": p.joint})
             for p in pairs
         ],
-        "total": {
-            "baseline": {"inter": base, "intra": sum(p.baseline[1] for p in pairs)},
-            "netmoe": {"inter": placed, "intra": sum(p.netmoe[1] for p in pairs)},
-            "inter_reduction": 0.0 if base == 0 else 1.0 - placed / base,
-        },
+        "total": total,
     }
 
 
@@ -87,14 +130,16 @@ def _text(rep: dict[str, Any]) -> str:
         f"{rep['samples']} samples, {rep['experts']} experts, {rep['nodes']} nodes x "
         f"{rep['devices'] // rep['nodes']} GPUs",
         f"{'pair':>8} {'inter home':>11} {'inter netmoe':>13} {'saved':>7} "
-        f"{'intra home':>11} {'intra netmoe':>13} {'solve ms':>9}",
+        f"{'intra home':>11} {'intra netmoe':>13} {'solve ms':>9}"
+        + (f" {'inter joint':>11}" if "joint" in rep["total"] else ""),
     ]
     for p in rep["pairs"]:
         b, n = p["baseline"], p["netmoe"]
         saved = 0.0 if b["inter"] == 0 else 1 - n["inter"] / b["inter"]
+        joint = f" {p['joint']['inter']:>11}" if "joint" in p else ""
         lines.append(
             f"{p['layer']:>3},{p['layer'] + 1:<4} {b['inter']:>11} {n['inter']:>13} "
-            f"{saved:>7.1%} {b['intra']:>11} {n['intra']:>13} {p['solve_ms']:>9.2f}"
+            f"{saved:>7.1%} {b['intra']:>11} {n['intra']:>13} {p['solve_ms']:>9.2f}{joint}"
         )
     t = rep["total"]
     lines.append(
@@ -102,6 +147,12 @@ def _text(rep: dict[str, Any]) -> str:
         f"({t['inter_reduction']:.1%} less), intra-node {t['baseline']['intra']} -> "
         f"{t['netmoe']['intra']}"
     )
+    if "joint" in t:
+        lines.append(
+            f"held-out samples only; with experts fitted on the other half (joint): inter-node "
+            f"routes {t['baseline']['inter']} -> {t['joint']['inter']} "
+            f"({t['joint_inter_reduction']:.1%} less), intra-node {t['joint']['intra']}"
+        )
     return "\n".join(lines)
 
 
@@ -109,7 +160,10 @@ def run(args: argparse.Namespace) -> int:
     trace = load_trace(args.trace)
     experts = args.experts or trace.num_experts or int(trace.topk_ids.max()) + 1
     counts = sample_counts(trace, experts, args.tokens_per_sample)
-    pairs = evaluate(counts, args.nodes, args.gpus_per_node, args.objective)
+    if args.expert_placement == "fit":
+        counts, pairs = evaluate_joint(counts, args.nodes, args.gpus_per_node, args.objective)
+    else:
+        pairs = evaluate(counts, args.nodes, args.gpus_per_node, args.objective)
     rep = report(counts, args.nodes, args.gpus_per_node, pairs)
     print(json.dumps(rep) if args.json else _text(rep))
     return 0
@@ -132,5 +186,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--experts", type=int, default=None,
                    help="experts per layer (default: from the trace)")
     p.add_argument("--objective", choices=("volume", "bottleneck"), default="volume")
+    p.add_argument("--expert-placement", choices=("current", "fit"), default="current",
+                   help="fit: fit expert placement on the lower half of the sample ids and "
+                   "report home, sample-only and joint placement on the held-out rest")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=run)

@@ -7,9 +7,11 @@ from dataclasses import dataclass, field
 import numpy as np
 
 
-def _positive_int(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value <= 0:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+def positive_int(name: str, value: object, *, minimum: int = 1) -> int:
+    """value as an int, or ValueError naming name and value unless it is an integer >= minimum."""
+    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < minimum:
+        kind = "a positive" if minimum == 1 else f"an integer >= {minimum},"
+        raise ValueError(f"{name} must be {kind} integer, got {value!r}")
     return int(value)
 
 
@@ -48,9 +50,9 @@ class Topology:
     map_sorted: bool = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
-        nodes = _positive_int("nodes", self.nodes)
-        gpus = _positive_int("gpus_per_node", self.gpus_per_node)
-        experts = _positive_int("experts", self.experts)
+        nodes = positive_int("nodes", self.nodes)
+        gpus = positive_int("gpus_per_node", self.gpus_per_node)
+        experts = positive_int("experts", self.experts)
         j = nodes * gpus
         if self.expert_device is None:
             if experts % j:
@@ -88,7 +90,7 @@ class Topology:
             ("bw_inter", True),
         ):
             object.__setattr__(self, name, _finite(name, getattr(self, name), positive=positive))
-        object.__setattr__(self, "bytes_per_route", _positive_int("bytes_per_route",
+        object.__setattr__(self, "bytes_per_route", positive_int("bytes_per_route",
                                                                   self.bytes_per_route))
         object.__setattr__(self, "nodes", nodes)
         object.__setattr__(self, "gpus_per_node", gpus)
@@ -128,8 +130,8 @@ class Topology:
 
 def home_placement(samples: int, devices: int) -> np.ndarray:
     """[samples] int64: sample i on device i // (samples / devices), the contiguous layout."""
-    samples = _positive_int("samples", samples)
-    devices = _positive_int("devices", devices)
+    samples = positive_int("samples", samples)
+    devices = positive_int("devices", devices)
     if samples % devices:
         raise ValueError(f"samples={samples} is not divisible by devices={devices}")
     return np.arange(samples, dtype=np.int64) // (samples // devices)

@@ -25,7 +25,7 @@ def per_device(topo: Topology, counts: np.ndarray) -> np.ndarray:
     return device_counts(topo, counts)
 
 
-def _with_tiebreak(cost: np.ndarray, stay: np.ndarray) -> np.ndarray:
+def with_tiebreak(cost: np.ndarray, stay: np.ndarray) -> np.ndarray:
     """Scales cost so that the number of samples kept home only ever breaks ties.
 
     stay: [R, C] bool, True where column c is row r's home. With weight R + 1 per unit of
@@ -49,7 +49,7 @@ def place_two_stage(topo: Topology, on_dev: np.ndarray, home: np.ndarray) -> np.
     home_node = topo.device_node[home]
     inter = on_dev.sum(axis=1, keepdims=True) - on_node
     stay = home_node[:, None] == np.arange(nodes)[None, :]
-    node = transport(_with_tiebreak(inter, stay), np.full(nodes, samples // nodes))
+    node = transport(with_tiebreak(inter, stay), np.full(nodes, samples // nodes))
 
     device = np.empty(samples, dtype=np.int64)
     per_dev = samples // topo.devices
@@ -58,5 +58,5 @@ def place_two_stage(topo: Topology, on_dev: np.ndarray, home: np.ndarray) -> np.
         devs = np.arange(n * gpus, (n + 1) * gpus)
         intra = on_node[rows, n][:, None] - on_dev[np.ix_(rows, devs)]
         stay = home[rows][:, None] == devs[None, :]
-        device[rows] = devs[transport(_with_tiebreak(intra, stay), np.full(gpus, per_dev))]
+        device[rows] = devs[transport(with_tiebreak(intra, stay), np.full(gpus, per_dev))]
     return device

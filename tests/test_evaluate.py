@@ -128,3 +128,31 @@ def test_bench_solver_json_small(capsys: pytest.CaptureFixture[str]) -> None:
     assert [(r["samples"], r["devices"]) for r in rows] == [(32, 16), (64, 16)]
     # The paper's expanded assignment and ours are both exact for stage 1.
     assert all(r["same_inter"] for r in rows)
+
+
+def test_expert_placement_fit_reports_held_out_joint(capsys: pytest.CaptureFixture[str]) -> None:
+    rep = run_json(capsys, "--trace", str(FLAME), "--tokens-per-sample", "32",
+                   "--expert-placement", "fit")
+    assert rep["samples"] == 32  # the held-out half of 64 samples
+    counts = sample_counts(load_trace(FLAME), 64, 32)[:, 32:]
+    for p in rep["pairs"]:
+        layer, joint = p["layer"], p["joint"]
+        assert len(joint["experts"]) == 2 and len(joint["experts"][0]) == 64
+        topo = Topology(2, 4, 64, expert_device=np.array(joint["experts"][0]))
+        nxt = Topology(2, 4, 64, expert_device=np.array(joint["experts"][1]))
+        placement = np.array(joint["placement"])
+        assert np.bincount(placement, minlength=8).tolist() == [4] * 8
+        both = traffic(topo, placement, counts[layer]).inter
+        both += traffic(nxt, placement, counts[layer + 1]).inter
+        assert joint["inter"] == both
+        # Each device keeps E/J experts.
+        assert np.bincount(joint["experts"][0], minlength=8).tolist() == [8] * 8
+    total = rep["total"]
+    assert total["joint"]["inter"] < total["netmoe"]["inter"] < total["baseline"]["inter"]
+    assert total["joint_inter_reduction"] > total["inter_reduction"] > 0
+
+
+def test_expert_placement_fit_needs_even_halves(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["evaluate", "--trace", str(FLAME), "--tokens-per-sample", "128",
+                 "--expert-placement", "fit"]) == 2
+    assert "samples=16 into two halves" in capsys.readouterr().err
