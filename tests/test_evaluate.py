@@ -153,6 +153,6 @@ def test_expert_placement_fit_reports_held_out_joint(capsys: pytest.CaptureFixtu
 
 
 def test_expert_placement_fit_needs_even_halves(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["evaluate", "--trace", str(FLAME), "--tokens-per-sample", "128",
+    assert main(["evaluate", "--trace", str(FLAME), "--tokens-per-sample", "256",
                  "--expert-placement", "fit"]) == 2
-    assert "samples=16 into two halves" in capsys.readouterr().err
+    assert "samples=8 into two halves" in capsys.readouterr().err
