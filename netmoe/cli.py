@@ -12,8 +12,8 @@ import importlib
 import sys
 
 # Order is the order shown in --help.
-COMMANDS = ["netmoe.evaluate"]
-BENCHES = ["netmoe.bench_solver"]
+COMMANDS = ["netmoe.evaluate", "netmoe.server.cli"]
+BENCHES = ["netmoe.bench_solver", "netmoe.bench_service"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,184 @@
+"""`netmoe bench service`: what the solver service adds on top of the pure solve.
+
+J ranks (one gRPC channel and one long-lived stream each, all driven from one asyncio loop) report
+their counts for many rounds in lockstep, like training workers do per MoE layer. The server runs
+in its own process (as a sidecar would) or, with --embedded, in a thread of this process. Per
+round: round trip = last plan received - last report sent; overhead = round trip - the pure solve
+time the server measured for that round.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import time
+from multiprocessing.connection import Connection
+from typing import Any
+
+import numpy as np
+
+
+def _serve_child(conn: Connection, config: Any) -> None:
+    """Runs the server in a child process until the parent says stop."""
+    from netmoe.server.app import start
+
+    handle = start(config)
+    conn.send(handle.port)
+    conn.recv()
+    handle.stop()
+
+
+def make_rounds(
+    distinct: int, nodes: int, gpus: int, experts: int, spd: int, seed: int
+) -> list[list[dict[str, Any]]]:
+    """distinct rounds of per-rank report fields (ids, gather, scatter with node locality)."""
+    rng = np.random.default_rng(seed)
+    j = nodes * gpus
+    samples, per_node = j * spd, experts // nodes
+    out = []
+    for _ in range(distinct):
+        mats = []
+        for _ in range(2):
+            c = rng.poisson(1.0, size=(samples, experts))
+            for i, n in enumerate(rng.integers(0, nodes, samples)):
+                c[i, n * per_node:(n + 1) * per_node] += rng.poisson(6.0, per_node)
+            mats.append(c)
+        ids = rng.permutation(samples)
+        out.append([
+            {"sample_ids": ids[r * spd:(r + 1) * spd].tolist(),
+             "gather": mats[0][r * spd:(r + 1) * spd].ravel().tolist(),
+             "scatter": mats[1][r * spd:(r + 1) * spd].ravel().tolist()}
+            for r in range(j)
+        ])
+    return out
+
+
+async def _drive(address: str, args: argparse.Namespace) -> dict[str, Any]:
+    import asyncio
+
+    import grpc.aio
+
+    from netmoe.protos import placement_pb2 as pb
+    from netmoe.protos import placement_pb2_grpc
+
+    j, spd = args.nodes * args.gpus, args.samples // (args.nodes * args.gpus)
+    spec = pb.JobSpec(
+        topology=pb.Topology(nodes=args.nodes, gpus_per_node=args.gpus, experts=args.experts,
+                             bw_intra=400e9, bw_inter=100e9, bytes_per_route=8192),
+        world_size=j, samples_per_device=spd, deadline_ms=args.deadline_ms,
+    )
+    data = make_rounds(args.distinct, args.nodes, args.gpus, args.experts, spd, args.seed)
+    channels = [grpc.aio.insecure_channel(address) for _ in range(j)]
+    try:
+        stubs = [placement_pb2_grpc.PlacementServiceStub(c) for c in channels]
+        await stubs[0].RegisterJob(pb.RegisterJobRequest(job="bench", spec=spec))
+        streams = [s.Stream() for s in stubs]
+        total = args.warmup + args.rounds
+        sent = np.zeros((total, j))
+        got = np.zeros((total, j))
+        solve_s = np.zeros(total)
+        reasons: dict[str, int] = {}
+
+        async def rank(r: int) -> None:
+            stream = streams[r]
+            for k in range(total):
+                fields = data[k % len(data)][r]
+                report = pb.Report(job="bench", step=k // args.layers, layer=k % args.layers,
+                                   rank=r, **fields)
+                sent[k, r] = time.perf_counter()
+                await stream.write(report)
+                plan = await stream.read()
+                got[k, r] = time.perf_counter()
+                if r == 0:
+                    solve_s[k] = plan.solve_seconds
+                    key = plan.reason or "solved"
+                    reasons[key] = reasons.get(key, 0) + 1
+            await stream.done_writing()
+
+        start = time.perf_counter()
+        await asyncio.gather(*(rank(r) for r in range(j)))
+        wall = time.perf_counter() - start
+    finally:
+        for c in channels:
+            await c.close()
+    keep = slice(args.warmup, None)
+    rtt = (got.max(axis=1) - sent.max(axis=1))[keep] * 1e3
+    solve_ms = solve_s[keep] * 1e3
+    overhead = rtt - solve_ms
+    timed_wall = wall * args.rounds / total
+    return {
+        "ranks": j, "samples": args.samples, "experts": args.experts, "rounds": args.rounds,
+        "server": "embedded" if args.embedded else "process",
+        "rtt_ms_median": float(np.median(rtt)), "rtt_ms_p99": float(np.percentile(rtt, 99)),
+        "solve_ms_median": float(np.median(solve_ms)),
+        "solve_ms_p99": float(np.percentile(solve_ms, 99)),
+        "overhead_ms_median": float(np.median(overhead)),
+        "overhead_ms_p99": float(np.percentile(overhead, 99)),
+        "rounds_per_s": args.rounds / timed_wall,
+        "outcomes": reasons,
+    }
+
+
+def run(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from netmoe.server.config import ServerConfig
+
+    j = args.nodes * args.gpus
+    if args.samples % j or args.experts % j:
+        raise ValueError(f"--samples={args.samples} and --experts={args.experts} must be "
+                         f"multiples of nodes x gpus = {j}")
+    config = ServerConfig(port=0, metrics_port=None, grace_seconds=1.0)
+    if args.embedded:
+        from netmoe.server.app import start
+
+        handle = start(config)
+        try:
+            result = asyncio.run(_drive(handle.address, args))
+        finally:
+            handle.stop()
+    else:
+        ctx = mp.get_context("spawn")
+        parent, child = ctx.Pipe()
+        proc = ctx.Process(target=_serve_child, args=(child, config), daemon=True)
+        proc.start()
+        try:
+            if not parent.poll(60):
+                raise RuntimeError("the server process did not start within 60 s")
+            port = parent.recv()
+            result = asyncio.run(_drive(f"127.0.0.1:{port}", args))
+        finally:
+            parent.send("stop")
+            proc.join(30)
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    r = result
+    print(f"solver service, {r['ranks']} ranks in lockstep, I={r['samples']}, E={r['experts']}, "
+          f"{r['rounds']} rounds, server in {r['server']}")
+    print(f"  round trip (last report -> last plan): median {r['rtt_ms_median']:.2f} ms, "
+          f"p99 {r['rtt_ms_p99']:.2f} ms")
+    print(f"  pure solve (server-measured):          median {r['solve_ms_median']:.2f} ms, "
+          f"p99 {r['solve_ms_p99']:.2f} ms")
+    print(f"  service overhead (round trip - solve): median {r['overhead_ms_median']:.2f} ms, "
+          f"p99 {r['overhead_ms_p99']:.2f} ms")
+    print(f"  throughput: {r['rounds_per_s']:.1f} rounds/s; outcomes {r['outcomes']}")
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("service", help="round trip and overhead of the gRPC solver service")
+    p.add_argument("--nodes", type=int, default=4)
+    p.add_argument("--gpus", type=int, default=8, help="GPUs per node")
+    p.add_argument("--samples", type=int, default=128, help="I, samples per round")
+    p.add_argument("--experts", type=int, default=64, help="E")
+    p.add_argument("--layers", type=int, default=4, help="MoE layers per step (rounds per step)")
+    p.add_argument("--rounds", type=int, default=200, help="timed rounds")
+    p.add_argument("--warmup", type=int, default=20)
+    p.add_argument("--distinct", type=int, default=16, help="distinct count sets, cycled")
+    p.add_argument("--deadline-ms", type=int, default=1000)
+    p.add_argument("--embedded", action="store_true", help="server in a thread of this process")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=run)

@@ -1,0 +1,159 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class PlanStatus(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    PLAN_STATUS_UNSPECIFIED: _ClassVar[PlanStatus]
+    PLAN_STATUS_OPTIMAL: _ClassVar[PlanStatus]
+    PLAN_STATUS_FEASIBLE: _ClassVar[PlanStatus]
+    PLAN_STATUS_FALLBACK: _ClassVar[PlanStatus]
+    PLAN_STATUS_INVALID: _ClassVar[PlanStatus]
+PLAN_STATUS_UNSPECIFIED: PlanStatus
+PLAN_STATUS_OPTIMAL: PlanStatus
+PLAN_STATUS_FEASIBLE: PlanStatus
+PLAN_STATUS_FALLBACK: PlanStatus
+PLAN_STATUS_INVALID: PlanStatus
+
+class Topology(_message.Message):
+    __slots__ = ("nodes", "gpus_per_node", "experts", "expert_device", "alpha_intra", "alpha_inter", "bw_intra", "bw_inter", "bytes_per_route")
+    NODES_FIELD_NUMBER: _ClassVar[int]
+    GPUS_PER_NODE_FIELD_NUMBER: _ClassVar[int]
+    EXPERTS_FIELD_NUMBER: _ClassVar[int]
+    EXPERT_DEVICE_FIELD_NUMBER: _ClassVar[int]
+    ALPHA_INTRA_FIELD_NUMBER: _ClassVar[int]
+    ALPHA_INTER_FIELD_NUMBER: _ClassVar[int]
+    BW_INTRA_FIELD_NUMBER: _ClassVar[int]
+    BW_INTER_FIELD_NUMBER: _ClassVar[int]
+    BYTES_PER_ROUTE_FIELD_NUMBER: _ClassVar[int]
+    nodes: int
+    gpus_per_node: int
+    experts: int
+    expert_device: _containers.RepeatedScalarFieldContainer[int]
+    alpha_intra: float
+    alpha_inter: float
+    bw_intra: float
+    bw_inter: float
+    bytes_per_route: int
+    def __init__(self, nodes: _Optional[int] = ..., gpus_per_node: _Optional[int] = ..., experts: _Optional[int] = ..., expert_device: _Optional[_Iterable[int]] = ..., alpha_intra: _Optional[float] = ..., alpha_inter: _Optional[float] = ..., bw_intra: _Optional[float] = ..., bw_inter: _Optional[float] = ..., bytes_per_route: _Optional[int] = ...) -> None: ...
+
+class JobSpec(_message.Message):
+    __slots__ = ("topology", "world_size", "samples_per_device", "objective", "method", "deadline_ms")
+    TOPOLOGY_FIELD_NUMBER: _ClassVar[int]
+    WORLD_SIZE_FIELD_NUMBER: _ClassVar[int]
+    SAMPLES_PER_DEVICE_FIELD_NUMBER: _ClassVar[int]
+    OBJECTIVE_FIELD_NUMBER: _ClassVar[int]
+    METHOD_FIELD_NUMBER: _ClassVar[int]
+    DEADLINE_MS_FIELD_NUMBER: _ClassVar[int]
+    topology: Topology
+    world_size: int
+    samples_per_device: int
+    objective: str
+    method: str
+    deadline_ms: int
+    def __init__(self, topology: _Optional[_Union[Topology, _Mapping]] = ..., world_size: _Optional[int] = ..., samples_per_device: _Optional[int] = ..., objective: _Optional[str] = ..., method: _Optional[str] = ..., deadline_ms: _Optional[int] = ...) -> None: ...
+
+class RegisterJobRequest(_message.Message):
+    __slots__ = ("job", "spec")
+    JOB_FIELD_NUMBER: _ClassVar[int]
+    SPEC_FIELD_NUMBER: _ClassVar[int]
+    job: str
+    spec: JobSpec
+    def __init__(self, job: _Optional[str] = ..., spec: _Optional[_Union[JobSpec, _Mapping]] = ...) -> None: ...
+
+class RegisterJobResponse(_message.Message):
+    __slots__ = ("job", "created")
+    JOB_FIELD_NUMBER: _ClassVar[int]
+    CREATED_FIELD_NUMBER: _ClassVar[int]
+    job: str
+    created: bool
+    def __init__(self, job: _Optional[str] = ..., created: _Optional[bool] = ...) -> None: ...
+
+class UnregisterJobRequest(_message.Message):
+    __slots__ = ("job",)
+    JOB_FIELD_NUMBER: _ClassVar[int]
+    job: str
+    def __init__(self, job: _Optional[str] = ...) -> None: ...
+
+class UnregisterJobResponse(_message.Message):
+    __slots__ = ("job",)
+    JOB_FIELD_NUMBER: _ClassVar[int]
+    job: str
+    def __init__(self, job: _Optional[str] = ...) -> None: ...
+
+class Report(_message.Message):
+    __slots__ = ("job", "step", "layer", "rank", "sample_ids", "gather", "scatter")
+    JOB_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    LAYER_FIELD_NUMBER: _ClassVar[int]
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    SAMPLE_IDS_FIELD_NUMBER: _ClassVar[int]
+    GATHER_FIELD_NUMBER: _ClassVar[int]
+    SCATTER_FIELD_NUMBER: _ClassVar[int]
+    job: str
+    step: int
+    layer: int
+    rank: int
+    sample_ids: _containers.RepeatedScalarFieldContainer[int]
+    gather: _containers.RepeatedScalarFieldContainer[int]
+    scatter: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, job: _Optional[str] = ..., step: _Optional[int] = ..., layer: _Optional[int] = ..., rank: _Optional[int] = ..., sample_ids: _Optional[_Iterable[int]] = ..., gather: _Optional[_Iterable[int]] = ..., scatter: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class Routes(_message.Message):
+    __slots__ = ("inter", "intra", "local", "seconds")
+    INTER_FIELD_NUMBER: _ClassVar[int]
+    INTRA_FIELD_NUMBER: _ClassVar[int]
+    LOCAL_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_FIELD_NUMBER: _ClassVar[int]
+    inter: int
+    intra: int
+    local: int
+    seconds: float
+    def __init__(self, inter: _Optional[int] = ..., intra: _Optional[int] = ..., local: _Optional[int] = ..., seconds: _Optional[float] = ...) -> None: ...
+
+class Plan(_message.Message):
+    __slots__ = ("job", "step", "layer", "rank", "device", "holds", "before", "after", "status", "reason", "error", "solve_seconds", "moved")
+    JOB_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    LAYER_FIELD_NUMBER: _ClassVar[int]
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    HOLDS_FIELD_NUMBER: _ClassVar[int]
+    BEFORE_FIELD_NUMBER: _ClassVar[int]
+    AFTER_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    SOLVE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    MOVED_FIELD_NUMBER: _ClassVar[int]
+    job: str
+    step: int
+    layer: int
+    rank: int
+    device: _containers.RepeatedScalarFieldContainer[int]
+    holds: _containers.RepeatedScalarFieldContainer[int]
+    before: Routes
+    after: Routes
+    status: PlanStatus
+    reason: str
+    error: str
+    solve_seconds: float
+    moved: int
+    def __init__(self, job: _Optional[str] = ..., step: _Optional[int] = ..., layer: _Optional[int] = ..., rank: _Optional[int] = ..., device: _Optional[_Iterable[int]] = ..., holds: _Optional[_Iterable[int]] = ..., before: _Optional[_Union[Routes, _Mapping]] = ..., after: _Optional[_Union[Routes, _Mapping]] = ..., status: _Optional[_Union[PlanStatus, str]] = ..., reason: _Optional[str] = ..., error: _Optional[str] = ..., solve_seconds: _Optional[float] = ..., moved: _Optional[int] = ...) -> None: ...
+
+class SolveRequest(_message.Message):
+    __slots__ = ("reports",)
+    REPORTS_FIELD_NUMBER: _ClassVar[int]
+    reports: _containers.RepeatedCompositeFieldContainer[Report]
+    def __init__(self, reports: _Optional[_Iterable[_Union[Report, _Mapping]]] = ...) -> None: ...
+
+class SolveResponse(_message.Message):
+    __slots__ = ("plans",)
+    PLANS_FIELD_NUMBER: _ClassVar[int]
+    plans: _containers.RepeatedCompositeFieldContainer[Plan]
+    def __init__(self, plans: _Optional[_Iterable[_Union[Plan, _Mapping]]] = ...) -> None: ...

@@ -1,0 +1,220 @@
+"""Server lifecycle: grpc.aio server, health, reflection, metrics endpoint, graceful drain.
+
+Two ways to run it:
+- ``serve(config)`` blocks in the calling thread until SIGTERM / SIGINT, then drains
+  (``netmoe serve``).
+- ``start(config) -> ServerHandle`` runs it on its own event loop in a daemon thread, for
+  embedding in another process (demo, tests); port 0 picks an ephemeral port.
+
+Draining: health turns NOT_SERVING for ``drain_seconds`` (probes and load balancers see it while
+RPCs are still served), then the server stops accepting RPCs and gives open ones ``grace_seconds``;
+rounds still waiting are answered with home-placement fallbacks before the streams close.
+Authentication and TLS slot in through ``interceptors`` and ``credentials``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import signal
+import threading
+from collections.abc import Sequence
+
+import grpc
+import grpc.aio
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection
+
+from netmoe.protos import placement_pb2 as pb
+from netmoe.protos import placement_pb2_grpc
+
+from .config import ServerConfig
+from .interceptors import MetricsInterceptor
+from .metrics import Metrics
+from .rounds import Coordinator, SolveFn
+from .servicer import PlacementServicer
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["PlacementService"].full_name
+
+
+class PlacementServer:
+    """One service instance; create, ``await start()``, ``await drain()`` on one event loop."""
+
+    def __init__(
+        self,
+        config: ServerConfig,
+        *,
+        solve_fn: SolveFn | None = None,
+        interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+        credentials: grpc.ServerCredentials | None = None,
+    ) -> None:
+        self.config = config
+        self.metrics = Metrics()
+        kwargs = {} if solve_fn is None else {"solve_fn": solve_fn}
+        self._coordinator_args = dict(
+            solver_threads=config.solver_threads, max_jobs=config.max_jobs,
+            max_pending=config.max_pending_rounds, finished_memory=config.finished_memory,
+            observer=self.metrics, **kwargs,
+        )
+        self._interceptors = [MetricsInterceptor(self.metrics), *interceptors]
+        self._credentials = credentials
+        self.coordinator: Coordinator | None = None
+        self.health: HealthServicer | None = None
+        self._server: grpc.aio.Server | None = None
+        self.port = 0
+        self.metrics_port: int | None = None
+        self._stopped = asyncio.Event()
+
+    async def start(self) -> None:
+        cfg = self.config
+        self.coordinator = Coordinator(**self._coordinator_args)
+        server = grpc.aio.server(interceptors=self._interceptors, options=cfg.grpc_options())
+        placement_pb2_grpc.add_PlacementServiceServicer_to_server(
+            PlacementServicer(self.coordinator, self.metrics), server
+        )
+        self.health = HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        reflection.enable_server_reflection(
+            [SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+             reflection.SERVICE_NAME],
+            server,
+        )
+        address = f"{cfg.host}:{cfg.port}"
+        if self._credentials is None:
+            self.port = server.add_insecure_port(address)
+        else:
+            self.port = server.add_secure_port(address, self._credentials)
+        if self.port == 0:
+            raise OSError(f"could not bind the gRPC port {address}")
+        await server.start()
+        self._server = server
+        await self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
+        if cfg.metrics_port is not None:
+            self.metrics_port = self.metrics.serve_http(cfg.metrics_host or cfg.host,
+                                                        cfg.metrics_port)
+        log.info(
+            "netmoe serve: gRPC on %s:%d (%s), metrics on %s", cfg.host, self.port,
+            "TLS" if self._credentials else "plaintext",
+            f"http://{cfg.metrics_host or cfg.host}:{self.metrics_port}/metrics"
+            if self.metrics_port is not None else "disabled",
+        )
+
+    async def drain(self) -> None:
+        """NOT_SERVING, wait drain_seconds, stop accepting, grace for open RPCs, then stop."""
+        if self._server is None or self._stopped.is_set():
+            return
+        assert self.health is not None and self.coordinator is not None
+        log.info("netmoe serve: draining (health NOT_SERVING)")
+        await self.health.enter_graceful_shutdown()
+        await asyncio.sleep(self.config.drain_seconds)
+        stopping = asyncio.ensure_future(self._server.stop(self.config.grace_seconds))
+        # Answer every waiting rank now so open streams can end cleanly within the grace period.
+        self.coordinator.close()
+        await stopping
+        self.metrics.stop_http()
+        self._stopped.set()
+        log.info("netmoe serve: stopped")
+
+    async def wait_stopped(self) -> None:
+        await self._stopped.wait()
+
+
+class ServerHandle:
+    """A PlacementServer running on its own event loop in a daemon thread."""
+
+    def __init__(self, server: PlacementServer, loop: asyncio.AbstractEventLoop,
+                 thread: threading.Thread) -> None:
+        self.server = server
+        self._loop = loop
+        self._thread = thread
+
+    @property
+    def port(self) -> int:
+        return self.server.port
+
+    @property
+    def metrics_port(self) -> int | None:
+        return self.server.metrics_port
+
+    @property
+    def address(self) -> str:
+        return f"{self.server.config.host}:{self.port}"
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Drains (as on SIGTERM) and joins the thread. Idempotent."""
+        if self._thread.is_alive():
+            asyncio.run_coroutine_threadsafe(self.server.drain(), self._loop).result(timeout)
+            self._thread.join(timeout)
+
+    def __enter__(self) -> ServerHandle:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def start(
+    config: ServerConfig,
+    *,
+    solve_fn: SolveFn | None = None,
+    interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+    credentials: grpc.ServerCredentials | None = None,
+    timeout: float = 30.0,
+) -> ServerHandle:
+    """Starts a server in a background thread; returns once it listens (raises if it cannot)."""
+    loop = asyncio.new_event_loop()
+    ready: concurrent.futures.Future[PlacementServer] = concurrent.futures.Future()
+
+    async def main() -> None:
+        # Built on the server's loop: grpc.aio objects belong to the loop that creates them.
+        server = PlacementServer(config, solve_fn=solve_fn, interceptors=interceptors,
+                                 credentials=credentials)
+        try:
+            await server.start()
+        except BaseException as err:
+            ready.set_exception(err)
+            return
+        ready.set_result(server)
+        await server.wait_stopped()
+
+    def run() -> None:
+        asyncio.set_event_loop(loop)
+        try:
+            loop.run_until_complete(main())
+        finally:
+            loop.close()
+
+    thread = threading.Thread(target=run, name="netmoe-server", daemon=True)
+    thread.start()
+    try:
+        server = ready.result(timeout)
+    except BaseException:
+        thread.join(timeout)
+        raise
+    return ServerHandle(server, loop, thread)
+
+
+def serve(config: ServerConfig, **kwargs: object) -> int:
+    """Runs until SIGTERM or SIGINT, then drains. Returns the exit code."""
+
+    async def main() -> None:
+        server = PlacementServer(config, **kwargs)  # type: ignore[arg-type]
+        await server.start()
+        loop = asyncio.get_running_loop()
+        draining: list[asyncio.Task[None]] = []
+
+        def on_signal(sig: signal.Signals) -> None:
+            log.info("netmoe serve: got %s", sig.name)
+            if not draining:
+                draining.append(loop.create_task(server.drain()))
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, on_signal, sig)
+        await server.wait_stopped()
+
+    asyncio.run(main())
+    return 0

@@ -1,0 +1,214 @@
+"""PlacementService: proto <-> domain translation, validation errors -> gRPC status codes.
+
+The data plane lives in ``rounds.Coordinator``; this module only converts messages and decides
+what an error does to an RPC (see the service comments in placement.proto).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import NoReturn
+
+import grpc
+import grpc.aio
+import numpy as np
+
+from netmoe.protos import placement_pb2 as pb
+from netmoe.protos import placement_pb2_grpc
+from netmoe.solver import Topology, Traffic
+
+from .metrics import Metrics
+from .rounds import Coordinator, JobConflict, JobLimit, JobSpec, RankPlan, Report, ReportError
+
+STATUS = {
+    "optimal": pb.PLAN_STATUS_OPTIMAL,
+    "feasible": pb.PLAN_STATUS_FEASIBLE,
+    "fallback": pb.PLAN_STATUS_FALLBACK,
+    "invalid": pb.PLAN_STATUS_INVALID,
+}
+
+
+def spec_from_proto(job: str, msg: pb.JobSpec) -> JobSpec:
+    """Raises ValueError naming the field and the value."""
+    if not msg.HasField("topology"):
+        raise ValueError("spec.topology is missing")
+    t = msg.topology
+    topo = Topology(
+        nodes=t.nodes, gpus_per_node=t.gpus_per_node, experts=t.experts,
+        expert_device=np.asarray(t.expert_device, dtype=np.int64) if t.expert_device else None,
+        alpha_intra=t.alpha_intra, alpha_inter=t.alpha_inter,
+        bw_intra=t.bw_intra, bw_inter=t.bw_inter, bytes_per_route=t.bytes_per_route,
+    )
+    if msg.deadline_ms == 0:
+        raise ValueError("spec.deadline_ms must be positive, got 0")
+    return JobSpec(
+        job=job, topology=topo, world_size=msg.world_size,
+        samples_per_device=msg.samples_per_device, objective=msg.objective or "volume",
+        method=msg.method or "two_stage", deadline=msg.deadline_ms / 1000.0,
+    )
+
+
+def report_from_proto(msg: pb.Report) -> Report:
+    return Report(
+        job=msg.job, step=msg.step, layer=msg.layer, rank=msg.rank,
+        sample_ids=np.fromiter(msg.sample_ids, dtype=np.uint64, count=len(msg.sample_ids)),
+        gather=np.fromiter(msg.gather, dtype=np.int64, count=len(msg.gather)),
+        scatter=np.fromiter(msg.scatter, dtype=np.int64, count=len(msg.scatter)),
+    )
+
+
+def _routes(t: Traffic) -> pb.Routes:
+    return pb.Routes(inter=t.inter, intra=t.intra, local=t.local, seconds=t.seconds)
+
+
+def plan_to_proto(p: RankPlan) -> pb.Plan:
+    msg = pb.Plan(
+        job=p.job, step=p.step, layer=p.layer, rank=p.rank, device=p.device.tolist(),
+        holds=p.holds.tolist(), status=STATUS[p.status], reason=p.reason, error=p.error,
+        solve_seconds=p.solve_seconds, moved=p.moved,
+    )
+    if p.before is not None:
+        msg.before.CopyFrom(_routes(p.before))
+    if p.after is not None:
+        msg.after.CopyFrom(_routes(p.after))
+    return msg
+
+
+def invalid_plan(msg: pb.Report, error: str) -> pb.Plan:
+    return pb.Plan(
+        job=msg.job, step=msg.step, layer=msg.layer, rank=msg.rank,
+        status=pb.PLAN_STATUS_INVALID, reason="invalid", error=error,
+    )
+
+
+class _StreamEnd:
+    """Queue sentinel: the client finished writing and every report was answered."""
+
+
+class _StreamAbort:
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        self.code = code
+        self.message = message
+
+
+class PlacementServicer(placement_pb2_grpc.PlacementServiceServicer):
+    def __init__(self, coordinator: Coordinator, metrics: Metrics) -> None:
+        self._coord = coordinator
+        self._metrics = metrics
+
+    async def RegisterJob(
+        self, request: pb.RegisterJobRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RegisterJobResponse:
+        try:
+            spec = spec_from_proto(request.job, request.spec)
+            created = self._coord.register(spec)
+        except JobConflict as err:
+            await _abort(context, grpc.StatusCode.ALREADY_EXISTS, str(err))
+        except JobLimit as err:
+            await _abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED, str(err))
+        except ValueError as err:
+            await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(err))
+        self._metrics.active_jobs.set(self._coord.jobs)
+        return pb.RegisterJobResponse(job=request.job, created=created)
+
+    async def UnregisterJob(
+        self, request: pb.UnregisterJobRequest, context: grpc.aio.ServicerContext
+    ) -> pb.UnregisterJobResponse:
+        try:
+            self._coord.unregister(request.job)
+        except KeyError:
+            await _abort(
+                context, grpc.StatusCode.NOT_FOUND, f"job {request.job!r} is not registered"
+            )
+        self._metrics.forget_job(request.job)
+        self._metrics.active_jobs.set(self._coord.jobs)
+        return pb.UnregisterJobResponse(job=request.job)
+
+    async def Solve(
+        self, request: pb.SolveRequest, context: grpc.aio.ServicerContext
+    ) -> pb.SolveResponse:
+        try:
+            plans = await self._coord.solve_now([report_from_proto(r) for r in request.reports])
+        except ReportError as err:
+            await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(err))
+        return pb.SolveResponse(plans=[plan_to_proto(p) for p in plans])
+
+    async def Stream(
+        self, request_iterator: AsyncIterator[pb.Report], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.Plan]:
+        queue: asyncio.Queue[pb.Plan | _StreamEnd | _StreamAbort] = asyncio.Queue()
+        reader = asyncio.get_running_loop().create_task(self._read(request_iterator, queue))
+
+        def reader_done(task: asyncio.Task[None]) -> None:
+            if not task.cancelled() and task.exception() is not None:
+                err = task.exception()
+                queue.put_nowait(_StreamAbort(grpc.StatusCode.INTERNAL,
+                                              f"{type(err).__name__}: {err}"))
+
+        reader.add_done_callback(reader_done)
+        self._metrics.active_streams.inc()
+        try:
+            while True:
+                item = await queue.get()
+                if isinstance(item, _StreamEnd):
+                    return
+                if isinstance(item, _StreamAbort):
+                    await _abort(context, item.code, item.message)
+                yield item
+        finally:
+            reader.cancel()
+            self._metrics.active_streams.dec()
+
+    async def _read(
+        self,
+        request_iterator: AsyncIterator[pb.Report],
+        queue: asyncio.Queue[pb.Plan | _StreamEnd | _StreamAbort],
+    ) -> None:
+        """Feeds reports to the coordinator; plans go to ``queue`` as rounds finish."""
+        bound: tuple[str, int] | None = None
+        outstanding = 0
+        all_answered = asyncio.Event()
+        all_answered.set()
+
+        def deliver(plan: RankPlan) -> None:
+            nonlocal outstanding
+            queue.put_nowait(plan_to_proto(plan))
+            outstanding -= 1
+            if outstanding == 0:
+                all_answered.set()
+
+        async for msg in request_iterator:
+            report = report_from_proto(msg)
+            if bound is None:
+                try:
+                    self._coord.check_binding(report)
+                except ReportError as err:
+                    queue.put_nowait(_StreamAbort(grpc.StatusCode.INVALID_ARGUMENT,
+                                                  f"first report of the stream: {err}"))
+                    return
+                bound = (report.job, report.rank)
+            elif (report.job, report.rank) != bound:
+                queue.put_nowait(invalid_plan(msg, (
+                    f"job/rank ({report.job!r}, {report.rank}) differs from ({bound[0]!r}, "
+                    f"{bound[1]}) this stream is bound to by its first report"
+                )))
+                continue
+            outstanding += 1
+            all_answered.clear()
+            try:
+                self._coord.submit(report, deliver)
+            except ReportError as err:
+                outstanding -= 1
+                if outstanding == 0:
+                    all_answered.set()
+                queue.put_nowait(invalid_plan(msg, str(err)))
+        await all_answered.wait()
+        queue.put_nowait(_StreamEnd())
+
+
+async def _abort(
+    context: grpc.aio.ServicerContext, code: grpc.StatusCode, message: str
+) -> NoReturn:
+    await context.abort(code, message)
+    raise AssertionError("context.abort returned")  # it always raises; tells type checkers so
