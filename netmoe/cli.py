@@ -13,7 +13,7 @@ import sys
 
 # Order is the order shown in --help.
 COMMANDS = ["netmoe.evaluate", "netmoe.server.cli"]
-BENCHES = ["netmoe.bench_solver", "netmoe.bench_service"]
+BENCHES = ["netmoe.bench_solver", "netmoe.bench_cluster", "netmoe.bench_service"]
 
 
 def build_parser() -> argparse.ArgumentParser:
