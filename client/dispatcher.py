@@ -1,0 +1,284 @@
+"""All-to-All token dispatcher that applies sample placement in the combine exchange.
+
+Dispatch sends every (token, top-k slot) route to its expert's device. The expert side computes
+``weight * expert(x) + [slot == 0] * x``, so the residual is added exactly once per token, and the
+combine sends each route's output straight to the *new* device of the token's sample. The whole
+hidden state arrives there; no extra exchange is needed to move samples.
+
+Every exchange is ``torch.distributed.all_to_all_single``; the float ones go through an autograd
+function whose backward is the mirrored exchange (split sizes swapped), so gradients follow the
+same routes back. Route counts per peer are recorded from the real split sizes.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from netmoe.client.plan import SamplePlan
+
+
+@dataclass
+class CommStats:
+    """Communication accounting of one rank.
+
+    a2a_seconds: wall time inside all_to_all_single (forward and backward, all exchanges).
+    routes: (layer, phase) -> [J] int64 routes this rank sent to each device, phase "dispatch"
+        or "combine", accumulated over steps.
+    """
+
+    a2a_seconds: float = 0.0
+    routes: dict[tuple[int, str], np.ndarray] = field(default_factory=dict)
+
+    def add_routes(self, layer: int, phase: str, sent: torch.Tensor) -> None:
+        counts = sent.detach().cpu().numpy().astype(np.int64)
+        key = (layer, phase)
+        if key in self.routes:
+            self.routes[key] = self.routes[key] + counts
+        else:
+            self.routes[key] = counts
+
+
+def exchange(
+    x: torch.Tensor,
+    recv_splits: list[int],
+    send_splits: list[int],
+    stats: CommStats | None = None,
+    group: dist.ProcessGroup | None = None,
+) -> torch.Tensor:
+    """One all_to_all_single, no autograd: x [sum(send_splits), ...] -> [sum(recv_splits), ...]."""
+    out = x.new_empty((sum(recv_splits), *x.shape[1:]))
+    t0 = time.perf_counter()
+    dist.all_to_all_single(out, x.contiguous(), recv_splits, send_splits, group=group)
+    if stats is not None:
+        stats.a2a_seconds += time.perf_counter() - t0
+    return out
+
+
+class _AllToAll(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, recv_splits, send_splits, stats, group):  # type: ignore[override]
+        ctx.splits = (recv_splits, send_splits)
+        ctx.stats, ctx.group = stats, group
+        return exchange(x, recv_splits, send_splits, stats, group)
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        recv_splits, send_splits = ctx.splits
+        grad_x = exchange(grad, send_splits, recv_splits, ctx.stats, ctx.group)
+        return grad_x, None, None, None, None
+
+
+def all_to_all(
+    x: torch.Tensor,
+    recv_splits: list[int],
+    send_splits: list[int],
+    stats: CommStats | None = None,
+    group: dist.ProcessGroup | None = None,
+) -> torch.Tensor:
+    """Autograd-aware all_to_all_single; backward sends gradients back along the same routes."""
+    return _AllToAll.apply(x, recv_splits, send_splits, stats, group)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where things live: rank of this process, J ranks, G per node, E experts per layer.
+
+    Expert e lives on rank e // (E / J); each rank holds ``samples`` sequences of ``seq_len``
+    tokens, tokens sample-major (token t belongs to local sample t // seq_len).
+    """
+
+    rank: int
+    world: int
+    gpus_per_node: int
+    experts: int
+    samples: int
+    seq_len: int
+
+    def __post_init__(self) -> None:
+        for name in ("world", "gpus_per_node", "experts", "samples", "seq_len"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if not 0 <= self.rank < self.world:
+            raise ValueError(f"rank must lie in [0, {self.world}), got {self.rank}")
+        if self.world % self.gpus_per_node:
+            raise ValueError(
+                f"world={self.world} is not a multiple of gpus_per_node={self.gpus_per_node}"
+            )
+        if self.experts % self.world:
+            raise ValueError(f"experts={self.experts} is not divisible by world={self.world}")
+
+    @property
+    def tokens(self) -> int:
+        return self.samples * self.seq_len
+
+    @property
+    def experts_per_rank(self) -> int:
+        return self.experts // self.world
+
+    @property
+    def local_experts(self) -> range:
+        """Global ids of the experts on this rank."""
+        e = self.experts_per_rank
+        return range(self.rank * e, (self.rank + 1) * e)
+
+
+@dataclass(frozen=True)
+class Dispatched:
+    """Routes received by an expert rank, grouped by source rank then source order.
+
+    x: [R, D] float, the source token's hidden state (differentiable);
+    weight: [R] float router weight of the route (differentiable);
+    first: [R] bool, route is its token's top-1 slot (carries the residual);
+    expert: [R] int64 global expert id; src_rank, src_token: [R] int64 origin of the route;
+    top_k: K, routes per token.
+    """
+
+    x: torch.Tensor
+    weight: torch.Tensor
+    first: torch.Tensor
+    expert: torch.Tensor
+    src_rank: torch.Tensor
+    src_token: torch.Tensor
+    send_splits: list[int]
+    recv_splits: list[int]
+    top_k: int
+
+
+class TokenDispatcher:
+    """Dispatch and combine for one rank; stateless between calls except for ``stats``."""
+
+    def __init__(
+        self, layout: Layout, stats: CommStats | None = None, group: dist.ProcessGroup | None = None
+    ) -> None:
+        self.layout = layout
+        self.stats = stats if stats is not None else CommStats()
+        self.group = group
+
+    def _splits(self, send: torch.Tensor) -> tuple[list[int], list[int]]:
+        """Exchange per-peer counts; returns (recv_splits, send_splits)."""
+        ones = [1] * self.layout.world
+        recv = exchange(send, ones, ones, None, self.group)
+        return recv.tolist(), send.tolist()
+
+    def dispatch(
+        self, layer: int, h: torch.Tensor, topk_ids: torch.Tensor, weights: torch.Tensor
+    ) -> Dispatched:
+        """Send routes to expert ranks.
+
+        h: [T, D] float hidden states of local tokens; topk_ids: [T, K] int64; weights: [T, K].
+        """
+        lay = self.layout
+        if h.dim() != 2 or h.shape[0] != lay.tokens:
+            raise ValueError(f"h must be [tokens={lay.tokens}, D], got {tuple(h.shape)}")
+        if topk_ids.shape != weights.shape or topk_ids.shape[:1] != h.shape[:1]:
+            raise ValueError(
+                f"topk_ids {tuple(topk_ids.shape)} and weights {tuple(weights.shape)} must both "
+                f"be [tokens={lay.tokens}, K]"
+            )
+        k = topk_ids.shape[1]
+        expert = topk_ids.reshape(-1)
+        token = torch.arange(lay.tokens, device=h.device).repeat_interleave(k)
+        slot = torch.arange(k, device=h.device).repeat(lay.tokens)
+        dest = expert // lay.experts_per_rank
+        order = torch.argsort(dest, stable=True)
+        send_counts = torch.bincount(dest, minlength=lay.world)
+        self.stats.add_routes(layer, "dispatch", send_counts)
+        recv_splits, send_splits = self._splits(send_counts)
+        meta = torch.stack([expert[order], token[order], slot[order]], dim=1)
+        meta = exchange(meta, recv_splits, send_splits, self.stats, self.group)
+        payload = torch.cat([h[token[order]], weights.reshape(-1, 1)[order]], dim=1)
+        payload = all_to_all(payload, recv_splits, send_splits, self.stats, self.group)
+        src_rank = torch.repeat_interleave(
+            torch.arange(lay.world, device=h.device),
+            torch.tensor(recv_splits, device=h.device),
+        )
+        return Dispatched(
+            x=payload[:, :-1],
+            weight=payload[:, -1],
+            first=meta[:, 2] == 0,
+            expert=meta[:, 0],
+            src_rank=src_rank,
+            src_token=meta[:, 1],
+            send_splits=send_splits,
+            recv_splits=recv_splits,
+            top_k=k,
+        )
+
+    def combine(
+        self, layer: int, out: torch.Tensor, routes: Dispatched, plan: SamplePlan
+    ) -> torch.Tensor:
+        """Send each route's output to the new device of its sample and sum per token.
+
+        out: [R, D] float, the expert side's result per received route (weighted expert output,
+        plus the residual on first-slot routes). Returns [T, D]: the hidden state of the samples
+        this rank holds under ``plan``, in ``plan.holds(rank)`` order, tokens sample-major.
+        Raises RuntimeError if a token does not receive exactly K routes with one residual.
+        """
+        lay = self.layout
+        if plan.devices != lay.world or plan.samples_per_device != lay.samples:
+            raise ValueError(
+                f"plan is for {plan.devices} devices x {plan.samples_per_device} samples, "
+                f"layout has {lay.world} x {lay.samples}"
+            )
+        if out.shape[0] != routes.x.shape[0]:
+            raise ValueError(f"out must have {routes.x.shape[0]} rows, got {out.shape[0]}")
+        device = torch.as_tensor(plan.device, device=out.device)
+        position = torch.as_tensor(plan.position(), device=out.device)
+        row = routes.src_rank * lay.samples + routes.src_token // lay.seq_len
+        dest = device[row]
+        dest_token = position[row] * lay.seq_len + routes.src_token % lay.seq_len
+        order = torch.argsort(dest, stable=True)
+        send_counts = torch.bincount(dest, minlength=lay.world)
+        self.stats.add_routes(layer, "combine", send_counts)
+        recv_splits, send_splits = self._splits(send_counts)
+        meta = torch.stack([dest_token[order], routes.first[order].long()], dim=1)
+        meta = exchange(meta, recv_splits, send_splits, self.stats, self.group)
+        payload = all_to_all(out[order], recv_splits, send_splits, self.stats, self.group)
+        per_token = torch.bincount(meta[:, 0], minlength=lay.tokens)
+        residuals = torch.bincount(meta[:, 0], weights=meta[:, 1].double(), minlength=lay.tokens)
+        if (
+            per_token.numel() != lay.tokens
+            or (per_token != routes.top_k).any()
+            or (residuals != 1).any()
+        ):
+            raise RuntimeError(
+                f"combine at layer {layer}: every token must receive K={routes.top_k} routes "
+                f"and exactly one residual; got routes per token in "
+                f"[{int(per_token.min())}, {int(per_token.max())}], residuals in "
+                f"[{float(residuals.min())}, {float(residuals.max())}]"
+            )
+        result = out.new_zeros((lay.tokens, out.shape[1]))
+        return result.index_add(0, meta[:, 0], payload)
+
+
+def move_samples(
+    tensor: torch.Tensor,
+    plan: SamplePlan,
+    rank: int,
+    stats: CommStats | None = None,
+    group: dist.ProcessGroup | None = None,
+) -> torch.Tensor:
+    """Move per-sample side tensors (labels, masks, positions) with their samples.
+
+    tensor: [n, ...] any dtype, row i = local sample i. Returns [n, ...] in plan.holds(rank)
+    order. Differentiable for float tensors. Split sizes follow from the plan, no count exchange.
+    """
+    n = plan.samples_per_device
+    if tensor.shape[0] != n:
+        raise ValueError(f"tensor must have {n} rows (samples per device), got {tensor.shape[0]}")
+    if not plan.moves:
+        return tensor
+    dest = torch.as_tensor(plan.dest(rank))
+    order = torch.argsort(dest, stable=True).to(tensor.device)
+    send = torch.bincount(dest, minlength=plan.devices).tolist()
+    src = np.asarray(plan.holds(rank)) // n
+    recv = np.bincount(src, minlength=plan.devices).tolist()
+    if tensor.is_floating_point():
+        return all_to_all(tensor[order], recv, send, stats, group)
+    return exchange(tensor[order], recv, send, stats, group)

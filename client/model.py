@@ -1,0 +1,171 @@
+"""A small GPT-style model whose every FFN is a top-k MoE layer, experts spread over ranks.
+
+Attention, norms, routers, embeddings and the head are replicated (data-parallel); expert e of
+every layer lives only on rank e // (E / J). Each expert's initial weights depend only on
+(seed, layer, e), so a checkpoint of all experts can be trained in one process and loaded by any
+number of ranks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from netmoe.client.dispatcher import Dispatched, TokenDispatcher
+from netmoe.client.histogram import predict_next_counts, route_counts, router_topk, token_samples
+from netmoe.client.plan import SamplePlan
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """vocab: vocabulary size; experts: E per layer; top_k: routes per token."""
+
+    vocab: int = 2048
+    d_model: int = 64
+    heads: int = 4
+    layers: int = 4
+    ffn: int = 128
+    experts: int = 16
+    top_k: int = 2
+    seq_len: int = 64
+
+
+class PlacementHook(Protocol):
+    """What the model asks of the placement side, per layer of a forward pass."""
+
+    def submit(
+        self, step: int, layer: int, gather: torch.Tensor, scatter: torch.Tensor | None
+    ) -> object: ...
+
+    def wait(self, ticket: object) -> SamplePlan: ...
+
+
+class Attention(nn.Module):
+    def __init__(self, d: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(d, 3 * d)
+        self.proj = nn.Linear(d, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [n, S, D] float -> [n, S, D]."""
+        n, s, d = x.shape
+        q, k, v = self.qkv(x).view(n, s, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.proj(y.transpose(1, 2).reshape(n, s, d))
+
+
+class Expert(nn.Module):
+    def __init__(self, d: int, ffn: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(d, ffn)
+        self.fc2 = nn.Linear(ffn, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+class MoE(nn.Module):
+    """Router and norm (replicated) plus this rank's experts, keyed by global expert id."""
+
+    def __init__(self, cfg: ModelConfig, layer: int, local_experts: range, seed: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(cfg.d_model)
+        self.router = nn.Linear(cfg.d_model, cfg.experts, bias=False)
+        experts = {}
+        for e in local_experts:
+            with torch.random.fork_rng():
+                torch.manual_seed(seed * 1_000_003 + layer * 10_007 + e)
+                experts[str(e)] = Expert(cfg.d_model, cfg.ffn)
+        self.experts = nn.ModuleDict(experts)
+
+    def expert_side(self, routes: Dispatched) -> torch.Tensor:
+        """[R, D]: weight * expert(norm(x)) per route, plus x on each token's first slot."""
+        y = routes.x.new_zeros(routes.x.shape)
+        z = self.norm(routes.x)
+        for key, expert in self.experts.items():
+            idx = (routes.expert == int(key)).nonzero().squeeze(1)
+            if idx.numel():
+                y = y.index_copy(0, idx, expert(z[idx]))
+        return routes.weight.unsqueeze(1) * y + routes.first.unsqueeze(1) * routes.x
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int, local_experts: range, seed: int) -> None:
+        super().__init__()
+        self.ln = nn.LayerNorm(cfg.d_model)
+        self.attn = Attention(cfg.d_model, cfg.heads)
+        self.moe = MoE(cfg, layer, local_experts, seed)
+
+
+@dataclass(frozen=True)
+class ForwardResult:
+    """logits: [n * S, vocab] of the samples this rank holds at the end, in holds order;
+    plans: the plan applied at each layer's combine; topk: [n * S, K] int64 ids per layer."""
+
+    logits: torch.Tensor
+    plans: tuple[SamplePlan, ...]
+    topk: tuple[torch.Tensor, ...]
+
+
+class MoEGPT(nn.Module):
+    def __init__(self, cfg: ModelConfig, local_experts: range, seed: int) -> None:
+        super().__init__()
+        self.cfg = cfg
+        torch.manual_seed(seed)
+        self.tok = nn.Embedding(cfg.vocab, cfg.d_model)
+        self.pos = nn.Embedding(cfg.seq_len, cfg.d_model)
+        self.blocks = nn.ModuleList(
+            Block(cfg, layer, local_experts, seed) for layer in range(cfg.layers)
+        )
+        self.ln_f = nn.LayerNorm(cfg.d_model)
+        self.head = nn.Linear(cfg.d_model, cfg.vocab, bias=False)
+
+    def dense_parameters(self) -> list[nn.Parameter]:
+        """Replicated parameters, whose gradients are all-reduced (everything but experts)."""
+        return [p for name, p in self.named_parameters() if ".experts." not in name]
+
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        dispatcher: TokenDispatcher,
+        placement: PlacementHook | None = None,
+        step: int = 0,
+    ) -> ForwardResult:
+        """tokens: [n, S] int64 local samples. placement None means home placement (no plans)."""
+        cfg = self.cfg
+        n, s = tokens.shape
+        if s != cfg.seq_len or n != dispatcher.layout.samples:
+            raise ValueError(
+                f"tokens must be [{dispatcher.layout.samples}, {cfg.seq_len}], got {(n, s)}"
+            )
+        no_move = SamplePlan.no_move(dispatcher.layout.world, n)
+        tok_sample = token_samples(n, s, tokens.device)
+        h = self.tok(tokens) + self.pos(torch.arange(s, device=tokens.device))
+        plans, topks = [], []
+        for layer, block in enumerate(self.blocks):
+            h = h + block.attn(block.ln(h))
+            flat = h.reshape(n * s, cfg.d_model)
+            weights, ids = router_topk(block.moe.router, block.moe.norm(flat), cfg.top_k)
+            ticket = None
+            if placement is not None:
+                gather = route_counts(ids, tok_sample, n, cfg.experts)
+                scatter = None
+                if layer + 1 < cfg.layers:
+                    nxt = self.blocks[layer + 1].moe
+                    scatter = predict_next_counts(
+                        nxt.norm, nxt.router, flat, cfg.top_k, tok_sample, n, cfg.experts
+                    )
+                ticket = placement.submit(step, layer, gather, scatter)
+            routes = dispatcher.dispatch(layer, flat, ids, weights)
+            out = block.moe.expert_side(routes)
+            plan = placement.wait(ticket) if placement is not None else no_move
+            h = dispatcher.combine(layer, out, routes, plan).reshape(n, s, cfg.d_model)
+            plans.append(plan)
+            topks.append(ids.detach())
+        logits = self.head(self.ln_f(h)).reshape(n * s, cfg.vocab)
+        return ForwardResult(logits, tuple(plans), tuple(topks))

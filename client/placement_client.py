@@ -1,0 +1,194 @@
+"""gRPC client of the placement service, as one training rank uses it.
+
+One bidirectional stream per rank carries a Report per (step, layer) and brings back the Plan of
+that round. A background thread owns the stream: it registers the job (idempotent), opens the
+stream, matches incoming plans to pending futures by (step, layer), and on any failure fails the
+pending futures and reconnects with exponential backoff. ``submit`` never blocks and never raises
+for service trouble (it returns a failed future instead); wrong shapes do raise ValueError.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from concurrent.futures import Future
+from typing import Any
+
+import grpc
+import numpy as np
+
+from netmoe.client.plan import LocalPlan
+from netmoe.client.planning import NoPlan
+from netmoe.protos import placement_pb2 as pb
+from netmoe.protos import placement_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+_SOLVED = (pb.PLAN_STATUS_OPTIMAL, pb.PLAN_STATUS_FEASIBLE)
+_CHANNEL_OPTIONS = [
+    ("grpc.keepalive_time_ms", 10_000),
+    ("grpc.keepalive_timeout_ms", 5_000),
+    ("grpc.max_receive_message_length", 64 << 20),
+    ("grpc.max_send_message_length", 64 << 20),
+]
+
+
+def job_spec(cfg: Any) -> pb.JobSpec:
+    """JobSpec of a ``netmoe.client.train.TrainConfig`` (fp32 hidden states per route)."""
+    return pb.JobSpec(
+        topology=pb.Topology(
+            nodes=cfg.nodes,
+            gpus_per_node=cfg.gpus_per_node,
+            experts=cfg.experts,
+            # The paper's cluster; only the ratio matters to the volume objective.
+            bw_intra=400e9,
+            bw_inter=100e9,
+            bytes_per_route=cfg.d_model * 4,
+        ),
+        world_size=cfg.world,
+        samples_per_device=cfg.samples_per_device,
+        objective=cfg.objective,
+        deadline_ms=cfg.deadline_ms,
+    )
+
+
+class PlacementClient:
+    """A rank's connection to the placement service; a ``PlanSource``."""
+
+    def __init__(
+        self,
+        address: str,
+        job: str,
+        rank: int,
+        spec: pb.JobSpec,
+        *,
+        connect_timeout: float = 5.0,
+        backoff: tuple[float, float] = (0.05, 2.0),
+    ) -> None:
+        self.address, self.job, self.rank, self.spec = address, job, rank, spec
+        self.experts = spec.topology.experts
+        self.reconnects = 0
+        self._backoff = backoff
+        self._lock = threading.Lock()
+        self._pending: dict[tuple[int, int], Future[LocalPlan | None]] = {}
+        self._requests: queue.SimpleQueue[pb.Report | None] | None = None
+        self._call: Any = None
+        self._closed = threading.Event()
+        self._connected = threading.Event()
+        self._channel = grpc.insecure_channel(address, options=_CHANNEL_OPTIONS)
+        self._stub = placement_pb2_grpc.PlacementServiceStub(self._channel)
+        self._thread = threading.Thread(target=self._run, name="netmoe-placement", daemon=True)
+        self._thread.start()
+        # Plans are only useful once connected; a service that is down costs this wait once.
+        self._connected.wait(connect_timeout)
+
+    @property
+    def connected(self) -> bool:
+        return self._connected.is_set()
+
+    def submit(
+        self,
+        step: int,
+        layer: int,
+        sample_ids: np.ndarray,
+        gather: np.ndarray,
+        scatter: np.ndarray | None,
+    ) -> Future[LocalPlan | None]:
+        """Report one round. gather/scatter: [n, E] non-negative int counts, n = len(sample_ids)."""
+        n = len(sample_ids)
+        for name, arr in (("gather", gather), ("scatter", scatter)):
+            if arr is None and name == "scatter":
+                continue
+            if arr is None or arr.shape != (n, self.experts):
+                shape = None if arr is None else arr.shape
+                raise ValueError(f"{name} must be [{n}, {self.experts}], got shape {shape}")
+            if arr.size and arr.min() < 0:
+                raise ValueError(f"{name} counts must be non-negative, got min {arr.min()}")
+        fut: Future[LocalPlan | None] = Future()
+        report = pb.Report(
+            job=self.job,
+            step=step,
+            layer=layer,
+            rank=self.rank,
+            sample_ids=[int(i) for i in sample_ids],
+            gather=gather.reshape(-1).tolist(),
+            scatter=[] if scatter is None else scatter.reshape(-1).tolist(),
+        )
+        with self._lock:
+            if self._requests is None:
+                fut.set_exception(ConnectionError(f"not connected to {self.address}"))
+                return fut
+            self._pending[(step, layer)] = fut
+            self._requests.put(report)
+        return fut
+
+    def close(self) -> None:
+        """Ends the stream and the background thread."""
+        self._closed.set()
+        with self._lock:
+            if self._requests is not None:
+                self._requests.put(None)
+            call = self._call
+        if call is not None:
+            call.cancel()
+        self._thread.join(timeout=5)
+        self._channel.close()
+
+    def _requests_of(self, q: queue.SimpleQueue[pb.Report | None]):
+        while (item := q.get()) is not None:
+            yield item
+
+    def _run(self) -> None:
+        delay = self._backoff[0]
+        while not self._closed.is_set():
+            try:
+                self._stub.RegisterJob(pb.RegisterJobRequest(job=self.job, spec=self.spec),
+                                       timeout=5.0)  # fmt: skip
+                q: queue.SimpleQueue[pb.Report | None] = queue.SimpleQueue()
+                call = self._stub.Stream(self._requests_of(q))
+                with self._lock:
+                    self._requests, self._call = q, call
+                self._connected.set()
+                delay = self._backoff[0]
+                for plan in call:
+                    self._resolve(plan)
+                reason = "stream ended"
+            except grpc.RpcError as err:
+                code = err.code() if hasattr(err, "code") else None
+                if code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.ALREADY_EXISTS):
+                    log.error("placement service rejected job %s: %s", self.job, err)
+                reason = f"{code}"
+            self._disconnect(reason)
+            if self._closed.wait(delay):
+                break
+            self.reconnects += 1
+            delay = min(delay * 2, self._backoff[1])
+
+    def _disconnect(self, reason: str) -> None:
+        with self._lock:
+            if self._requests is not None:
+                self._requests.put(None)
+            self._requests, self._call = None, None
+            pending, self._pending = self._pending, {}
+            self._connected.clear()
+        if not self._closed.is_set():
+            log.warning("placement stream to %s lost (%s); reconnecting", self.address, reason)
+        for fut in pending.values():
+            if not fut.done():
+                fut.set_exception(ConnectionError(f"placement stream lost: {reason}"))
+
+    def _resolve(self, plan: pb.Plan) -> None:
+        with self._lock:
+            fut = self._pending.pop((plan.step, plan.layer), None)
+        if fut is None or fut.done():
+            return  # a plan for a round the trainer already gave up on
+        if plan.status in _SOLVED:
+            fut.set_result(
+                LocalPlan(self.rank, tuple(plan.device), tuple(plan.holds), plan.solve_seconds)
+            )
+        elif plan.status == pb.PLAN_STATUS_INVALID:
+            log.error("placement service rejected report: %s", plan.error)
+            fut.set_exception(NoPlan(f"invalid: {plan.error}"))
+        else:
+            fut.set_exception(NoPlan(plan.reason or "fallback"))

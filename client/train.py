@@ -1,0 +1,263 @@
+"""One training rank of the reference expert-parallel MoE.
+
+``train(cfg)`` initialises torch.distributed from the environment (env://, gloo: RANK,
+WORLD_SIZE, MASTER_ADDR, MASTER_PORT), trains cfg.steps steps and returns a JSON-able dict.
+``python -m netmoe.client.train --config JSON --out FILE`` runs the same from any launcher, for
+example inside a network namespace.
+
+The loss is the global mean over all I * S tokens (each rank sums its tokens' losses and divides
+by the global count) and replicated gradients are all-reduced with SUM, so neither depends on
+which rank holds which sample: placement changes only float summation order.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+PLACEMENTS = ("home", "service", "random")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """A training run. placement: "home" (no plans), "service" (gRPC placement service at
+    ``server``) or "random" (seeded random plans, a dispatcher stress test)."""
+
+    nodes: int = 2
+    gpus_per_node: int = 4
+    steps: int = 10
+    samples_per_device: int = 4
+    seq_len: int = 64
+    d_model: int = 64
+    heads: int = 4
+    layers: int = 4
+    ffn: int = 128
+    experts_per_device: int = 2
+    top_k: int = 2
+    vocab: int = 2048
+    lr: float = 3e-3
+    seed: int = 0
+    data_offset: int = 0
+    placement: str = "home"
+    server: str = ""
+    job: str = "netmoe-job"
+    objective: str = "volume"
+    plan_timeout: float = 5.0
+    deadline_ms: int = 4000
+    threads: int = 1
+    cache_dir: str = ""
+    init_checkpoint: str = ""
+    save_checkpoint: str = ""
+    record_trace: str = ""
+
+    def __post_init__(self) -> None:
+        for name in (
+            "nodes", "gpus_per_node", "samples_per_device", "seq_len", "d_model", "heads",
+            "layers", "ffn", "experts_per_device", "top_k", "vocab", "threads",
+        ):  # fmt: skip
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.steps < 0:
+            raise ValueError(f"steps must be >= 0, got {self.steps}")
+        if self.placement not in PLACEMENTS:
+            raise ValueError(f"placement must be one of {PLACEMENTS}, got {self.placement!r}")
+        if self.placement == "service" and not self.server:
+            raise ValueError("placement='service' needs server (host:port), got ''")
+        if self.d_model % self.heads:
+            raise ValueError(f"d_model={self.d_model} is not divisible by heads={self.heads}")
+        if self.top_k > self.experts:
+            raise ValueError(f"top_k={self.top_k} exceeds experts={self.experts}")
+
+    @property
+    def world(self) -> int:
+        return self.nodes * self.gpus_per_node
+
+    @property
+    def experts(self) -> int:
+        return self.experts_per_device * self.world
+
+    @property
+    def global_samples(self) -> int:
+        return self.samples_per_device * self.world
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> TrainConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(raw) - known)
+        if unknown:
+            raise ValueError(f"unknown TrainConfig fields: {unknown}")
+        return cls(**raw)
+
+
+def _route_totals(routes: dict[tuple[int, str], np.ndarray], rank: int, g: int, layers: int):
+    """Per layer [inter, intra, local] routes this rank sent, dispatch + combine."""
+    out = np.zeros((layers, 3), dtype=np.int64)
+    for (layer, _phase), sent in routes.items():
+        peers = np.arange(sent.size)
+        inter = peers // g != rank // g
+        local = peers == rank
+        out[layer] += [sent[inter].sum(), sent[~inter & ~local].sum(), sent[local].sum()]
+    return out
+
+
+def train(cfg: TrainConfig) -> dict[str, Any]:
+    """Trains cfg.steps steps on this rank; returns losses, route counts and timings."""
+    import torch
+    import torch.distributed as dist
+    import torch.nn.functional as F
+
+    from netmoe.client.data import load_corpus
+    from netmoe.client.dispatcher import CommStats, Layout, TokenDispatcher, move_samples
+    from netmoe.client.model import ModelConfig, MoEGPT
+    from netmoe.client.planning import Placement, RandomPlans
+    from netmoe.client.recorder import TraceRecorder
+
+    torch.set_num_threads(cfg.threads)
+    rank = int(os.environ["RANK"])
+    world = int(os.environ["WORLD_SIZE"])
+    if world != cfg.world:
+        raise ValueError(f"WORLD_SIZE={world} but nodes x gpus_per_node = {cfg.world}")
+    dist.init_process_group("gloo", init_method="env://", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=120))  # fmt: skip
+    try:
+        corpus = load_corpus(cfg.vocab, cfg.cache_dir or None)
+        layout = Layout(rank, world, cfg.gpus_per_node, cfg.experts, cfg.samples_per_device,
+                        cfg.seq_len)  # fmt: skip
+        mcfg = ModelConfig(cfg.vocab, cfg.d_model, cfg.heads, cfg.layers, cfg.ffn, cfg.experts,
+                           cfg.top_k, cfg.seq_len)  # fmt: skip
+        model = MoEGPT(mcfg, layout.local_experts, cfg.seed)
+        if cfg.init_checkpoint:
+            _load_checkpoint(model, cfg.init_checkpoint)
+        opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
+        dense = model.dense_parameters()
+        comm = CommStats()
+        dispatcher = TokenDispatcher(layout, comm)
+        placement = None
+        client = None
+        if cfg.placement == "random":
+            source = RandomPlans(rank, world, cfg.samples_per_device, cfg.seed)
+            placement = Placement(source, rank, world, cfg.samples_per_device, cfg.plan_timeout)
+        elif cfg.placement == "service":
+            from netmoe.client.placement_client import PlacementClient, job_spec
+
+            client = PlacementClient(cfg.server, cfg.job, rank, job_spec(cfg))
+            placement = Placement(client, rank, world, cfg.samples_per_device, cfg.plan_timeout)
+        recorder = TraceRecorder(cfg.layers, cfg.experts) if cfg.record_trace else None
+        n, s, big_i = cfg.samples_per_device, cfg.seq_len, cfg.global_samples
+        losses, step_seconds, allreduce_seconds = [], [], 0.0
+        dist.barrier()
+        for step in range(cfg.steps):
+            t_step = time.perf_counter()
+            batch = corpus.batch(cfg.data_offset + step, big_i, s, cfg.seed)
+            local = torch.from_numpy(batch[rank * n : (rank + 1) * n])
+            result = model(local[:, :-1], dispatcher, placement, step)
+            labels = local[:, 1:]
+            for plan in result.plans:
+                labels = move_samples(labels, plan, rank, comm)
+            loss = F.cross_entropy(result.logits, labels.reshape(-1), reduction="sum")
+            loss = loss / (big_i * s)
+            opt.zero_grad(set_to_none=False)
+            loss.backward()
+            t0 = time.perf_counter()
+            flat = torch.cat([p.grad.reshape(-1) for p in dense] + [loss.detach().reshape(1)])
+            dist.all_reduce(flat)
+            allreduce_seconds += time.perf_counter() - t0
+            offset = 0
+            for p in dense:
+                p.grad.copy_(flat[offset : offset + p.numel()].view_as(p))
+                offset += p.numel()
+            opt.step()
+            losses.append(float(flat[-1]))
+            step_seconds.append(time.perf_counter() - t_step)
+            if recorder is not None:
+                recorder.record(step, big_i, rank * n, n, s, result.plans, result.topk)
+        if recorder is not None:
+            recorder.save(cfg.record_trace, group_rank=rank)
+        if cfg.save_checkpoint:
+            _save_checkpoint(model, cfg.save_checkpoint)
+        routes = _route_totals(comm.routes, rank, cfg.gpus_per_node, cfg.layers)
+        out: dict[str, Any] = {
+            "rank": rank,
+            "loss": losses,
+            "step_seconds": step_seconds,
+            "a2a_seconds": comm.a2a_seconds,
+            "allreduce_seconds": allreduce_seconds,
+            "routes": routes.tolist(),
+            "param_checksum": _checksum(model),
+        }
+        if placement is not None:
+            st = placement.stats
+            out.update(
+                plan_wait_seconds=st.wait_seconds,
+                submit_seconds=st.submit_seconds,
+                fallbacks=st.fallbacks,
+                fallback_reasons=dict(st.reasons),
+                plans=st.plans,
+                moved=st.moved,
+                solve_seconds=st.solve_seconds,
+            )
+        dist.barrier()
+        return out
+    finally:
+        if client is not None:
+            client.close()
+        dist.destroy_process_group()
+
+
+def _checksum(model: Any) -> dict[str, list[float]]:
+    """Per-parameter [sum, sum of squares]: lets launchers compare parameters across runs."""
+    return {
+        name: [float(p.detach().double().sum()), float(p.detach().double().pow(2).sum())]
+        for name, p in model.named_parameters()
+    }
+
+
+def _save_checkpoint(model: Any, path: str) -> None:
+    """Saves this rank's parameters; experts are keyed by global id, so shards can be merged."""
+    import torch
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    torch.save(model.state_dict(), tmp)
+    os.replace(tmp, path)
+
+
+def _load_checkpoint(model: Any, path: str) -> None:
+    """Loads the entries this rank owns from a checkpoint holding every expert."""
+    import torch
+
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    if missing:
+        raise ValueError(f"checkpoint {path} lacks {missing[:3]} (model shape differs?)")
+    model.load_state_dict({k: state[k] for k in own})
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m netmoe.client.train")
+    parser.add_argument("--config", required=True, help="TrainConfig as JSON text or @file")
+    parser.add_argument("--out", required=True, help="where to write the result JSON")
+    args = parser.parse_args(argv)
+    text = Path(args.config[1:]).read_text() if args.config.startswith("@") else args.config
+    cfg = TrainConfig.from_dict(json.loads(text))
+    result = train(cfg)
+    tmp = f"{args.out}.tmp"
+    Path(tmp).write_text(json.dumps(result))
+    os.replace(tmp, args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

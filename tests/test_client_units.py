@@ -1,0 +1,81 @@
+"""Pure parts of the client: plans, histograms, configs (no process groups)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from netmoe.client.histogram import route_counts, token_samples
+from netmoe.client.plan import LocalPlan, SamplePlan
+from netmoe.client.train import TrainConfig
+
+
+def test_sample_plan_holds_follow_all_to_all_order() -> None:
+    # 3 devices x 2 samples; rows 0,1 on dev 0, rows 2,3 on dev 1, rows 4,5 on dev 2.
+    plan = SamplePlan((2, 0, 0, 1, 2, 1), 3)
+    assert plan.holds(0) == (1, 2)
+    assert plan.holds(1) == (3, 5)
+    assert plan.holds(2) == (0, 4)
+    assert plan.dest(1) == (0, 1)
+    assert plan.position().tolist() == [0, 0, 1, 0, 1, 1]
+    assert plan.moved == 3 and plan.moves
+    assert not SamplePlan.no_move(3, 2).moves
+    assert plan.fingerprint() != SamplePlan.no_move(3, 2).fingerprint()
+
+
+@pytest.mark.parametrize(
+    ("device", "devices", "match"),
+    [
+        ((0, 0, 0, 1), 2, "unbalanced"),
+        ((0, 1, 2), 2, "multiple of devices"),
+        ((0, 3, 1, 1), 2, r"\[0, 2\)"),
+        ((0, 1), 0, "devices must be a positive integer"),
+    ],
+)
+def test_sample_plan_rejects_bad_input(device: tuple[int, ...], devices: int, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        SamplePlan(device, devices)
+
+
+def test_local_plan_no_move_and_validation() -> None:
+    assert LocalPlan.no_move(2, 3) == LocalPlan(2, (2, 2, 2), (6, 7, 8))
+    with pytest.raises(ValueError, match="dest and holds"):
+        LocalPlan(0, (0, 1), (0,))
+
+
+def test_route_counts_match_a_python_count() -> None:
+    gen = torch.Generator().manual_seed(3)
+    samples, seq, experts, k = 5, 7, 6, 2
+    ids = torch.stack([torch.randperm(experts, generator=gen)[:k] for _ in range(samples * seq)])
+    tok = token_samples(samples, seq)
+    counts = route_counts(ids, tok, samples, experts)
+    want = np.zeros((samples, experts), dtype=np.int64)
+    for t in range(samples * seq):
+        for e in ids[t].tolist():
+            want[t // seq, e] += 1
+    assert counts.dtype == torch.int64
+    assert counts.numpy().tolist() == want.tolist()
+    assert int(counts.sum()) == samples * seq * k
+
+
+def test_route_counts_rejects_bad_shapes_and_ids() -> None:
+    tok = token_samples(2, 3)
+    with pytest.raises(ValueError, match="topk_ids must be"):
+        route_counts(torch.zeros(6, dtype=torch.int64), tok, 2, 4)
+    with pytest.raises(ValueError, match="token_sample"):
+        route_counts(torch.zeros(5, 2, dtype=torch.int64), tok, 2, 4)
+    with pytest.raises(ValueError, match=r"\[0, 4\)"):
+        route_counts(torch.full((6, 2), 4, dtype=torch.int64), tok, 2, 4)
+
+
+def test_train_config_validation_names_field_and_value() -> None:
+    with pytest.raises(ValueError, match=r"placement must be one of .* 'magic'"):
+        TrainConfig(placement="magic")
+    with pytest.raises(ValueError, match="needs server"):
+        TrainConfig(placement="service")
+    with pytest.raises(ValueError, match="samples_per_device must be a positive integer, got 0"):
+        TrainConfig(samples_per_device=0)
+    with pytest.raises(ValueError, match="unknown TrainConfig fields: \\['bogus'\\]"):
+        TrainConfig.from_dict({"bogus": 1})
+    assert TrainConfig(nodes=2, gpus_per_node=4).experts == 16
