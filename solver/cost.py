@@ -94,9 +94,11 @@ def device_counts(topo: Topology, counts: np.ndarray) -> np.ndarray:
     order, bounds = topo.experts_by_device
     # The default map is already sorted; skipping the column gather saves a copy of counts.
     sorted_counts = counts if topo.map_sorted else counts[:, order]
-    out = np.zeros((counts.shape[0], topo.devices), dtype=np.int64)
     starts = bounds[:-1]
     used = starts < bounds[1:]  # devices with at least one expert
+    if used.all():
+        return np.add.reduceat(sorted_counts, starts, axis=1)
+    out = np.zeros((counts.shape[0], topo.devices), dtype=np.int64)
     if used.any():
         out[:, used] = np.add.reduceat(sorted_counts, starts[used], axis=1)
     return out
@@ -104,7 +106,7 @@ def device_counts(topo: Topology, counts: np.ndarray) -> np.ndarray:
 
 def node_counts(topo: Topology, dev_counts: np.ndarray) -> np.ndarray:
     """[I, N] int64 from device_counts [I, J]: devices of a node are consecutive."""
-    return dev_counts.reshape(dev_counts.shape[0], topo.nodes, topo.gpus_per_node).sum(axis=2)
+    return np.add.reduceat(dev_counts, np.arange(0, topo.devices, topo.gpus_per_node), axis=1)
 
 
 def channel_routes(
@@ -116,7 +118,9 @@ def channel_routes(
     """
     rows = np.arange(len(device))
     local = int(dev_counts[rows, device].sum())
-    on_own_node = int(node_counts(topo, dev_counts)[rows, topo.device_node[device]].sum())
+    g = topo.gpus_per_node
+    own_node = (device // g * g)[:, None] + np.arange(g)[None, :]  # [I, G] devices of own node
+    on_own_node = int(dev_counts[rows[:, None], own_node].sum())
     return int(dev_counts.sum()) - on_own_node, on_own_node - local, local
 
 

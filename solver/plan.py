@@ -60,8 +60,9 @@ class Plan:
 
 def holds_of(device: np.ndarray, home: np.ndarray, devices: int) -> tuple[tuple[int, ...], ...]:
     """Rows each device holds, ordered by (home device, row). device, home: [I] int64."""
-    order = np.lexsort((np.arange(len(home)), home))
-    return tuple(tuple(int(r) for r in order[device[order] == d]) for d in range(devices))
+    order = np.lexsort((np.arange(len(home)), home, device)).tolist()
+    ends = np.cumsum(np.bincount(device, minlength=devices)).tolist()
+    return tuple(tuple(order[a:b]) for a, b in zip([0, *ends[:-1]], ends, strict=True))
 
 
 def solve(
@@ -74,6 +75,7 @@ def solve(
     method: Method = "two_stage",
     time_limit: float = 1.0,
     workers: int = 1,
+    scatter_topology: Topology | None = None,
 ) -> Plan:
     """Places I samples on J devices, I/J each, to cut All-to-All traffic.
 
@@ -84,6 +86,8 @@ def solve(
     transportation problems; method "joint" solves the full time objective with CP-SAT.
     objective "bottleneck" minimizes the busiest node's inter-node routes with CP-SAT. CP-SAT
     runs at most time_limit seconds on `workers` threads, warm-started from two-stage.
+    scatter_topology: the same cluster with layer l+1's expert map, when the two layers' experts
+    live on different devices (default: topo's map for both); scatter is costed with it.
     """
     if objective not in OBJECTIVES:
         raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
@@ -100,6 +104,7 @@ def solve(
     mats = [g]
     if scatter is not None:
         mats.append(check_counts("scatter", scatter, samples=samples, experts=topo.experts))
+    topos = [topo, _scatter_topology(topo, scatter_topology)][:len(mats)]
     if home is None:
         base = home_placement(samples, j)
     else:
@@ -113,7 +118,11 @@ def solve(
             )
 
     start = time.perf_counter()
-    dev_mats = [device_counts(topo, m) for m in mats]
+    dev_mats = [device_counts(t, m) for t, m in zip(topos, mats, strict=True)]
+    if any(t is not topo for t in topos):
+        # Every cost depends on the counts only through routes per device, so with two expert
+        # maps the exact models run on the device counts, one pseudo-expert per device.
+        topo, mats = _per_device(topo), dev_mats
     device = place_two_stage(topo, sum(dev_mats), base)
     optimal, gap, used = True, 0.0, method
     if objective == "bottleneck":
@@ -148,4 +157,28 @@ def solve(
         optimal=optimal,
         gap=gap,
         solve_seconds=elapsed,
+    )
+
+
+def _scatter_topology(topo: Topology, other: Topology | None) -> Topology:
+    """other if it differs from topo only in the expert map (else ValueError); topo itself when
+    other is None or has the same map, so the common case takes the unchanged path."""
+    if other is None:
+        return topo
+    if not isinstance(other, Topology):
+        raise ValueError(f"scatter_topology must be a Topology, got {type(other).__name__}")
+    if other.with_experts(topo.expert_device) != topo:
+        raise ValueError(
+            f"scatter_topology must describe the same cluster as topo except the expert map, got "
+            f"nodes={other.nodes}, gpus_per_node={other.gpus_per_node}, experts={other.experts} "
+            f"(topo: {topo.nodes}, {topo.gpus_per_node}, {topo.experts}) or other link costs"
+        )
+    return topo if other == topo else other
+
+
+def _per_device(topo: Topology) -> Topology:
+    """The cluster with J pseudo-experts, expert d on device d: device_counts become counts."""
+    return Topology(
+        topo.nodes, topo.gpus_per_node, topo.devices, None, topo.alpha_intra, topo.alpha_inter,
+        topo.bw_intra, topo.bw_inter, topo.bytes_per_route,
     )
