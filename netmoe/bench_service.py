@@ -54,7 +54,25 @@ def make_rounds(
     return out
 
 
-async def _drive(address: str, args: argparse.Namespace) -> dict[str, Any]:
+def _spec(args: argparse.Namespace) -> Any:
+    from netmoe.protos import placement_pb2 as pb
+
+    j, spd = args.nodes * args.gpus, args.samples // (args.nodes * args.gpus)
+    return pb.JobSpec(
+        topology=pb.Topology(nodes=args.nodes, gpus_per_node=args.gpus, experts=args.experts,
+                             bw_intra=400e9, bw_inter=100e9, bytes_per_route=8192),
+        world_size=j, samples_per_device=spd, deadline_ms=args.deadline_ms,
+    )
+
+
+async def _drive(
+    address: str, args: argparse.Namespace, ranks: list[int], barrier: Any = None
+) -> dict[str, Any]:
+    """Runs `ranks` (one channel and stream each) in lockstep on one event loop.
+
+    Returns per round and rank the send time of the report and the receive time of the plan
+    (time.perf_counter, CLOCK_MONOTONIC: comparable across processes of one machine) and, when
+    rank 0 is among them, the server's pure solve seconds per round."""
     import asyncio
 
     import grpc.aio
@@ -62,70 +80,106 @@ async def _drive(address: str, args: argparse.Namespace) -> dict[str, Any]:
     from netmoe.protos import placement_pb2 as pb
     from netmoe.protos import placement_pb2_grpc
 
-    j, spd = args.nodes * args.gpus, args.samples // (args.nodes * args.gpus)
-    spec = pb.JobSpec(
-        topology=pb.Topology(nodes=args.nodes, gpus_per_node=args.gpus, experts=args.experts,
-                             bw_intra=400e9, bw_inter=100e9, bytes_per_route=8192),
-        world_size=j, samples_per_device=spd, deadline_ms=args.deadline_ms,
-    )
+    j = args.nodes * args.gpus
+    spd = args.samples // j
     data = make_rounds(args.distinct, args.nodes, args.gpus, args.experts, spd, args.seed)
-    channels = [grpc.aio.insecure_channel(address) for _ in range(j)]
+    total = args.warmup + args.rounds
+    sent = np.zeros((total, len(ranks)))
+    got = np.zeros((total, len(ranks)))
+    solve_s = np.zeros(total)
+    reasons: dict[str, int] = {}
+    channels = [grpc.aio.insecure_channel(address) for _ in ranks]
     try:
         stubs = [placement_pb2_grpc.PlacementServiceStub(c) for c in channels]
-        await stubs[0].RegisterJob(pb.RegisterJobRequest(job="bench", spec=spec))
+        await stubs[0].RegisterJob(pb.RegisterJobRequest(job="bench", spec=_spec(args)))
         streams = [s.Stream() for s in stubs]
-        total = args.warmup + args.rounds
-        sent = np.zeros((total, j))
-        got = np.zeros((total, j))
-        solve_s = np.zeros(total)
-        reasons: dict[str, int] = {}
+        if barrier is not None:
+            # Client processes start at different times; round 0's deadline must not catch one.
+            barrier.wait()
 
-        async def rank(r: int) -> None:
-            stream = streams[r]
+        async def rank(slot: int, r: int) -> None:
+            stream = streams[slot]
             for k in range(total):
-                fields = data[k % len(data)][r]
                 report = pb.Report(job="bench", step=k // args.layers, layer=k % args.layers,
-                                   rank=r, **fields)
-                sent[k, r] = time.perf_counter()
+                                   rank=r, **data[k % len(data)][r])
+                sent[k, slot] = time.perf_counter()
                 await stream.write(report)
                 plan = await stream.read()
-                got[k, r] = time.perf_counter()
+                got[k, slot] = time.perf_counter()
                 if r == 0:
                     solve_s[k] = plan.solve_seconds
                     key = plan.reason or "solved"
                     reasons[key] = reasons.get(key, 0) + 1
             await stream.done_writing()
 
-        start = time.perf_counter()
-        await asyncio.gather(*(rank(r) for r in range(j)))
-        wall = time.perf_counter() - start
+        await asyncio.gather(*(rank(slot, r) for slot, r in enumerate(ranks)))
     finally:
         for c in channels:
             await c.close()
+    return {"sent": sent, "got": got, "solve_s": solve_s, "reasons": reasons,
+            "has_rank0": 0 in ranks}
+
+
+def _client_child(conn: Connection, address: str, args: argparse.Namespace,
+                  ranks: list[int], barrier: Any) -> None:
+    import asyncio
+
+    conn.send(asyncio.run(_drive(address, args, ranks, barrier)))
+
+
+def _measure(address: str, args: argparse.Namespace) -> dict[str, Any]:
+    """Drives all ranks from --client-procs processes and summarizes the timed rounds."""
+    import asyncio
+
+    j = args.nodes * args.gpus
+    groups = [list(range(j))[p::args.client_procs] for p in range(args.client_procs)]
+    start = time.perf_counter()
+    if args.client_procs == 1:
+        parts = [asyncio.run(_drive(address, args, groups[0]))]
+    else:
+        ctx = mp.get_context("spawn")
+        barrier = ctx.Barrier(args.client_procs)
+        pipes, procs = [], []
+        for ranks in groups:
+            parent, child = ctx.Pipe()
+            proc = ctx.Process(target=_client_child,
+                               args=(child, address, args, ranks, barrier))
+            proc.start()
+            pipes.append(parent)
+            procs.append(proc)
+        parts = [p.recv() for p in pipes]
+        for proc in procs:
+            proc.join(30)
+    wall = time.perf_counter() - start
+    sent = np.concatenate([p["sent"] for p in parts], axis=1)
+    got = np.concatenate([p["got"] for p in parts], axis=1)
+    first = next(p for p in parts if p["has_rank0"])
     keep = slice(args.warmup, None)
     rtt = (got.max(axis=1) - sent.max(axis=1))[keep] * 1e3
-    solve_ms = solve_s[keep] * 1e3
+    solve_ms = first["solve_s"][keep] * 1e3
     overhead = rtt - solve_ms
-    timed_wall = wall * args.rounds / total
+    total = args.warmup + args.rounds
     return {
         "ranks": j, "samples": args.samples, "experts": args.experts, "rounds": args.rounds,
         "server": "embedded" if args.embedded else "process",
+        "client_procs": args.client_procs,
         "rtt_ms_median": float(np.median(rtt)), "rtt_ms_p99": float(np.percentile(rtt, 99)),
         "solve_ms_median": float(np.median(solve_ms)),
         "solve_ms_p99": float(np.percentile(solve_ms, 99)),
         "overhead_ms_median": float(np.median(overhead)),
         "overhead_ms_p99": float(np.percentile(overhead, 99)),
-        "rounds_per_s": args.rounds / timed_wall,
-        "outcomes": reasons,
+        # Includes starting the client processes: a lower bound on steady throughput.
+        "rounds_per_s": total / wall,
+        "outcomes": first["reasons"],
     }
 
 
 def run(args: argparse.Namespace) -> int:
-    import asyncio
-
     from netmoe.server.config import ServerConfig
 
     j = args.nodes * args.gpus
+    if args.client_procs < 1 or args.client_procs > j:
+        raise ValueError(f"--client-procs={args.client_procs} must be in 1..{j}")
     if args.samples % j or args.experts % j:
         raise ValueError(f"--samples={args.samples} and --experts={args.experts} must be "
                          f"multiples of nodes x gpus = {j}")
@@ -135,7 +189,7 @@ def run(args: argparse.Namespace) -> int:
 
         handle = start(config)
         try:
-            result = asyncio.run(_drive(handle.address, args))
+            result = _measure(handle.address, args)
         finally:
             handle.stop()
     else:
@@ -147,7 +201,7 @@ def run(args: argparse.Namespace) -> int:
             if not parent.poll(60):
                 raise RuntimeError("the server process did not start within 60 s")
             port = parent.recv()
-            result = asyncio.run(_drive(f"127.0.0.1:{port}", args))
+            result = _measure(f"127.0.0.1:{port}", args)
         finally:
             parent.send("stop")
             proc.join(30)
@@ -155,8 +209,9 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(result))
         return 0
     r = result
-    print(f"solver service, {r['ranks']} ranks in lockstep, I={r['samples']}, E={r['experts']}, "
-          f"{r['rounds']} rounds, server in {r['server']}")
+    print(f"solver service, {r['ranks']} ranks in lockstep from {r['client_procs']} client "
+          f"process(es), I={r['samples']}, E={r['experts']}, {r['rounds']} rounds, server in "
+          f"{r['server']}")
     print(f"  round trip (last report -> last plan): median {r['rtt_ms_median']:.2f} ms, "
           f"p99 {r['rtt_ms_p99']:.2f} ms")
     print(f"  pure solve (server-measured):          median {r['solve_ms_median']:.2f} ms, "
@@ -179,6 +234,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--distinct", type=int, default=16, help="distinct count sets, cycled")
     p.add_argument("--deadline-ms", type=int, default=1000)
     p.add_argument("--embedded", action="store_true", help="server in a thread of this process")
+    p.add_argument("--client-procs", type=int, default=1,
+                   help="processes the ranks are spread over (training ranks are processes)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=run)
