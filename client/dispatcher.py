@@ -29,10 +29,21 @@ class CommStats:
     a2a_seconds: wall time inside all_to_all_single (forward and backward, all exchanges).
     routes: (layer, phase) -> [J] int64 routes this rank sent to each device, phase "dispatch"
         or "combine", accumulated over steps.
+    calls: one record per tagged exchange, in call order (the same order on every rank):
+        (step, layer, phase, start, end, bytes sent to each rank [J]); start/end are
+        time.monotonic() seconds, which all processes of one machine share, so the wall time of
+        a call across ranks is max(end) - min(start). phase: "dispatch", "combine", "move", or
+        one of them + "_bwd" for the mirrored exchange of the backward pass.
+    step: the training step that ``calls`` records are filed under (set by the training loop).
+    sync: barrier before every tagged exchange, so its wall time across ranks measures the
+        exchange and not the ranks' compute skew (costs one barrier per exchange).
     """
 
     a2a_seconds: float = 0.0
     routes: dict[tuple[int, str], np.ndarray] = field(default_factory=dict)
+    calls: list[tuple[int, int, str, float, float, list[int]]] = field(default_factory=list)
+    step: int = 0
+    sync: bool = False
 
     def add_routes(self, layer: int, phase: str, sent: torch.Tensor) -> None:
         counts = sent.detach().cpu().numpy().astype(np.int64)
@@ -49,28 +60,41 @@ def exchange(
     send_splits: list[int],
     stats: CommStats | None = None,
     group: dist.ProcessGroup | None = None,
+    tag: tuple[int, str] | None = None,
 ) -> torch.Tensor:
-    """One all_to_all_single, no autograd: x [sum(send_splits), ...] -> [sum(recv_splits), ...]."""
+    """One all_to_all_single, no autograd: x [sum(send_splits), ...] -> [sum(recv_splits), ...].
+
+    tag: (layer, phase) under which ``stats.calls`` records the call (untagged: not recorded).
+    """
     out = x.new_empty((sum(recv_splits), *x.shape[1:]))
-    t0 = time.perf_counter()
-    dist.all_to_all_single(out, x.contiguous(), recv_splits, send_splits, group=group)
+    x = x.contiguous()
+    if stats is not None and tag is not None and stats.sync:
+        dist.barrier(group=group)
+    t0 = time.monotonic()
+    dist.all_to_all_single(out, x, recv_splits, send_splits, group=group)
+    t1 = time.monotonic()
     if stats is not None:
-        stats.a2a_seconds += time.perf_counter() - t0
+        stats.a2a_seconds += t1 - t0
+        if tag is not None:
+            row = x[0].numel() * x.element_size() if x.shape[0] else 0
+            stats.calls.append((stats.step, tag[0], tag[1], t0, t1,
+                                [n * row for n in send_splits]))
     return out
 
 
 class _AllToAll(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, recv_splits, send_splits, stats, group):  # type: ignore[override]
+    def forward(ctx, x, recv_splits, send_splits, stats, group, tag):  # type: ignore[override]
         ctx.splits = (recv_splits, send_splits)
         ctx.stats, ctx.group = stats, group
-        return exchange(x, recv_splits, send_splits, stats, group)
+        ctx.tag = None if tag is None else (tag[0], f"{tag[1]}_bwd")
+        return exchange(x, recv_splits, send_splits, stats, group, tag)
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
         recv_splits, send_splits = ctx.splits
-        grad_x = exchange(grad, send_splits, recv_splits, ctx.stats, ctx.group)
-        return grad_x, None, None, None, None
+        grad_x = exchange(grad, send_splits, recv_splits, ctx.stats, ctx.group, ctx.tag)
+        return grad_x, None, None, None, None, None
 
 
 def all_to_all(
@@ -79,9 +103,12 @@ def all_to_all(
     send_splits: list[int],
     stats: CommStats | None = None,
     group: dist.ProcessGroup | None = None,
+    tag: tuple[int, str] | None = None,
 ) -> torch.Tensor:
-    """Autograd-aware all_to_all_single; backward sends gradients back along the same routes."""
-    return _AllToAll.apply(x, recv_splits, send_splits, stats, group)
+    """Autograd-aware all_to_all_single; backward sends gradients back along the same routes.
+
+    tag: (layer, phase) to record the call under in stats.calls; backward records phase_bwd."""
+    return _AllToAll.apply(x, recv_splits, send_splits, stats, group, tag)
 
 
 @dataclass(frozen=True)
@@ -191,9 +218,10 @@ class TokenDispatcher:
         self.stats.add_routes(layer, "dispatch", send_counts)
         recv_splits, send_splits = self._splits(send_counts)
         meta = torch.stack([expert[order], token[order], slot[order]], dim=1)
-        meta = exchange(meta, recv_splits, send_splits, self.stats, self.group)
+        tag = (layer, "dispatch")
+        meta = exchange(meta, recv_splits, send_splits, self.stats, self.group, tag)
         payload = torch.cat([h[token[order]], weights.reshape(-1, 1)[order]], dim=1)
-        payload = all_to_all(payload, recv_splits, send_splits, self.stats, self.group)
+        payload = all_to_all(payload, recv_splits, send_splits, self.stats, self.group, tag)
         src_rank = torch.repeat_interleave(
             torch.arange(lay.world, device=h.device),
             torch.tensor(recv_splits, device=h.device),
@@ -238,8 +266,9 @@ class TokenDispatcher:
         self.stats.add_routes(layer, "combine", send_counts)
         recv_splits, send_splits = self._splits(send_counts)
         meta = torch.stack([dest_token[order], routes.first[order].long()], dim=1)
-        meta = exchange(meta, recv_splits, send_splits, self.stats, self.group)
-        payload = all_to_all(out[order], recv_splits, send_splits, self.stats, self.group)
+        tag = (layer, "combine")
+        meta = exchange(meta, recv_splits, send_splits, self.stats, self.group, tag)
+        payload = all_to_all(out[order], recv_splits, send_splits, self.stats, self.group, tag)
         per_token = torch.bincount(meta[:, 0], minlength=lay.tokens)
         residuals = torch.bincount(meta[:, 0], weights=meta[:, 1].double(), minlength=lay.tokens)
         if (
@@ -279,6 +308,7 @@ def move_samples(
     send = torch.bincount(dest, minlength=plan.devices).tolist()
     src = np.asarray(plan.holds(rank)) // n
     recv = np.bincount(src, minlength=plan.devices).tolist()
+    tag = (-1, "move")  # side tensors belong to no layer
     if tensor.is_floating_point():
-        return all_to_all(tensor[order], recv, send, stats, group)
-    return exchange(tensor[order], recv, send, stats, group)
+        return all_to_all(tensor[order], recv, send, stats, group, tag)
+    return exchange(tensor[order], recv, send, stats, group, tag)

@@ -5,12 +5,17 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 from netmoe.client.train import TrainConfig
@@ -22,26 +27,48 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+@contextmanager
+def _terminate_raises() -> Iterator[None]:
+    """While active, SIGTERM raises KeyboardInterrupt like SIGINT does, so cleanup in finally
+    blocks runs (by default SIGTERM ends the process and would orphan the ranks)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    old = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
 def run_ranks(cfg: TrainConfig, timeout: float = 600.0) -> list[dict[str, Any]]:
     """Starts cfg.world processes of ``python -m netmoe.client.train``; returns their results
     ordered by rank. Raises RuntimeError (with the failing rank's stderr) if any rank fails;
-    every process is gone when this returns."""
+    every process is gone when this returns or raises, also on SIGINT or SIGTERM."""
     config = json.dumps(dataclasses.asdict(cfg))
     port = free_port()
-    with tempfile.TemporaryDirectory(prefix="netmoe-ranks-") as tmp:
-        procs = []
-        for rank in range(cfg.world):
-            env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(cfg.world),
-                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-                       OMP_NUM_THREADS=str(cfg.threads))  # fmt: skip
-            env.setdefault("GLOO_SOCKET_IFNAME", "lo")
-            err = open(Path(tmp) / f"rank{rank}.err", "w+")  # noqa: SIM115 (closed below)
-            cmd = [sys.executable, "-m", "netmoe.client.train", "--config", config,
-                   "--out", str(Path(tmp) / f"rank{rank}.json")]  # fmt: skip
-            procs.append((subprocess.Popen(cmd, env=env, stdout=err, stderr=err), err))
-        deadline = time.monotonic() + timeout
+    with tempfile.TemporaryDirectory(prefix="netmoe-ranks-") as tmp, _terminate_raises():
+        procs: list[tuple[subprocess.Popen[bytes], Any]] = []
         failed: list[tuple[int, str]] = []
         try:
+            for rank in range(cfg.world):
+                env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(cfg.world),
+                           MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+                           OMP_NUM_THREADS=str(cfg.threads))  # fmt: skip
+                env.setdefault("GLOO_SOCKET_IFNAME", "lo")
+                err = open(Path(tmp) / f"rank{rank}.err", "w+")  # noqa: SIM115 (closed below)
+                cmd = [sys.executable, "-m", "netmoe.client.train", "--config", config,
+                       "--out", str(Path(tmp) / f"rank{rank}.json")]  # fmt: skip
+                try:
+                    procs.append((subprocess.Popen(cmd, env=env, stdout=err, stderr=err), err))
+                except BaseException:
+                    err.close()
+                    raise
+            deadline = time.monotonic() + timeout
             while any(p.poll() is None for p, _ in procs):
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"training ranks did not finish within {timeout:.0f} s")

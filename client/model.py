@@ -4,10 +4,16 @@ Attention, norms, routers, embeddings and the head are replicated (data-parallel
 every layer lives only on rank e // (E / J). Each expert's initial weights depend only on
 (seed, layer, e), so a checkpoint of all experts can be trained in one process and loaded by any
 number of ranks.
+
+An expert order places experts elsewhere without changing the function: with ``order[l]`` (a
+permutation of range(E)), slot v of layer l holds original expert ``order[l][v]`` and router
+row v is that expert's row, so slot v, and with it the original expert, lives on rank
+v // (E / J). Routing ids are slots; the dispatcher and the placement service need no map.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -72,14 +78,19 @@ class Expert(nn.Module):
 class MoE(nn.Module):
     """Router and norm (replicated) plus this rank's experts, keyed by global expert id."""
 
-    def __init__(self, cfg: ModelConfig, layer: int, local_experts: range, seed: int) -> None:
+    def __init__(self, cfg: ModelConfig, layer: int, local_experts: range, seed: int,
+                 order: Sequence[int] | None = None) -> None:
         super().__init__()
         self.norm = nn.LayerNorm(cfg.d_model)
         self.router = nn.Linear(cfg.d_model, cfg.experts, bias=False)
+        if order is not None:
+            with torch.no_grad():
+                self.router.weight.copy_(self.router.weight[list(order)])
         experts = {}
         for e in local_experts:
+            original = e if order is None else order[e]
             with torch.random.fork_rng():
-                torch.manual_seed(seed * 1_000_003 + layer * 10_007 + e)
+                torch.manual_seed(seed * 1_000_003 + layer * 10_007 + original)
                 experts[str(e)] = Expert(cfg.d_model, cfg.ffn)
         self.experts = nn.ModuleDict(experts)
 
@@ -95,11 +106,12 @@ class MoE(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer: int, local_experts: range, seed: int) -> None:
+    def __init__(self, cfg: ModelConfig, layer: int, local_experts: range, seed: int,
+                 order: Sequence[int] | None = None) -> None:
         super().__init__()
         self.ln = nn.LayerNorm(cfg.d_model)
         self.attn = Attention(cfg.d_model, cfg.heads)
-        self.moe = MoE(cfg, layer, local_experts, seed)
+        self.moe = MoE(cfg, layer, local_experts, seed, order)
 
 
 @dataclass(frozen=True)
@@ -112,15 +124,45 @@ class ForwardResult:
     topk: tuple[torch.Tensor, ...]
 
 
+def check_expert_order(order: Sequence[Sequence[int]], layers: int, experts: int) -> None:
+    """Raises ValueError unless order is [layers] permutations of range(experts)."""
+    if len(order) != layers or any(sorted(o) != list(range(experts)) for o in order):
+        raise ValueError(f"expert_order must hold {layers} permutations of range({experts}), "
+                         f"got {[list(o) for o in order]}")
+
+
+def relabel_state(state: Mapping[str, torch.Tensor], order: Sequence[Sequence[int]],
+                  ) -> dict[str, torch.Tensor]:
+    """A state dict (experts keyed by original id, router rows in original order) rewritten for
+    a model built with ``order``: slot v of layer l takes original expert order[l][v]."""
+    out = {}
+    slot_of = [{original: slot for slot, original in enumerate(perm)} for perm in order]
+    for key, value in state.items():
+        parts = key.split(".")
+        if len(parts) > 4 and parts[0] == "blocks" and parts[2:4] == ["moe", "experts"]:
+            layer = int(parts[1])
+            parts[4] = str(slot_of[layer][int(parts[4])])
+        elif len(parts) == 5 and parts[0] == "blocks" and parts[2:] == ["moe", "router", "weight"]:
+            value = value[list(order[int(parts[1])])]
+        out[".".join(parts)] = value
+    return out
+
+
 class MoEGPT(nn.Module):
-    def __init__(self, cfg: ModelConfig, local_experts: range, seed: int) -> None:
+    def __init__(self, cfg: ModelConfig, local_experts: range, seed: int,
+                 expert_order: Sequence[Sequence[int]] | None = None) -> None:
+        """expert_order: [layers] permutations of range(E), see the module docstring."""
         super().__init__()
+        if expert_order is not None:
+            check_expert_order(expert_order, cfg.layers, cfg.experts)
         self.cfg = cfg
         torch.manual_seed(seed)
         self.tok = nn.Embedding(cfg.vocab, cfg.d_model)
         self.pos = nn.Embedding(cfg.seq_len, cfg.d_model)
         self.blocks = nn.ModuleList(
-            Block(cfg, layer, local_experts, seed) for layer in range(cfg.layers)
+            Block(cfg, layer, local_experts, seed,
+                  None if expert_order is None else expert_order[layer])
+            for layer in range(cfg.layers)
         )
         self.ln_f = nn.LayerNorm(cfg.d_model)
         self.head = nn.Linear(cfg.d_model, cfg.vocab, bias=False)

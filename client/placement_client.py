@@ -10,9 +10,11 @@ for service trouble (it returns a failed future instead); wrong shapes do raise 
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import threading
 from concurrent.futures import Future
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -53,8 +55,36 @@ def job_spec(cfg: Any) -> pb.JobSpec:
     )
 
 
+def _read(path: str | None) -> bytes | None:
+    return None if not path else Path(path).read_bytes()
+
+
+def channel_to(
+    address: str,
+    *,
+    tls_ca: str | None = None,
+    tls_cert: str | None = None,
+    tls_key: str | None = None,
+) -> grpc.Channel:
+    """A channel to the service: TLS when a CA bundle (PEM path) is given, with a client
+    certificate and key (PEM paths) for mutual TLS; plaintext otherwise."""
+    if not tls_ca:
+        if tls_cert or tls_key:
+            raise ValueError("tls_cert and tls_key need tls_ca (the CA that signed the server)")
+        return grpc.insecure_channel(address, options=_CHANNEL_OPTIONS)
+    if bool(tls_cert) != bool(tls_key):
+        raise ValueError(f"mutual TLS needs both tls_cert and tls_key, got {tls_cert=} {tls_key=}")
+    creds = grpc.ssl_channel_credentials(_read(tls_ca), _read(tls_key), _read(tls_cert))
+    return grpc.secure_channel(address, creds, options=_CHANNEL_OPTIONS)
+
+
 class PlacementClient:
-    """A rank's connection to the placement service; a ``PlanSource``."""
+    """A rank's connection to the placement service; a ``PlanSource``.
+
+    token: the service's shared token (sent as ``authorization: Bearer TOKEN``), default
+    $NETMOE_AUTH_TOKEN. tls_ca / tls_cert / tls_key: PEM paths, default $NETMOE_TLS_CA /
+    $NETMOE_TLS_CLIENT_CERT / $NETMOE_TLS_CLIENT_KEY (see ``channel_to``).
+    """
 
     def __init__(
         self,
@@ -65,8 +95,14 @@ class PlacementClient:
         *,
         connect_timeout: float = 5.0,
         backoff: tuple[float, float] = (0.05, 2.0),
+        token: str | None = None,
+        tls_ca: str | None = None,
+        tls_cert: str | None = None,
+        tls_key: str | None = None,
     ) -> None:
         self.address, self.job, self.rank, self.spec = address, job, rank, spec
+        token = token if token is not None else os.environ.get("NETMOE_AUTH_TOKEN")
+        self._metadata = (("authorization", f"Bearer {token}"),) if token else None
         self.experts = spec.topology.experts
         self.reconnects = 0
         self._backoff = backoff
@@ -76,7 +112,13 @@ class PlacementClient:
         self._call: Any = None
         self._closed = threading.Event()
         self._connected = threading.Event()
-        self._channel = grpc.insecure_channel(address, options=_CHANNEL_OPTIONS)
+        env = os.environ.get
+        self._channel = channel_to(
+            address,
+            tls_ca=tls_ca or env("NETMOE_TLS_CA"),
+            tls_cert=tls_cert or env("NETMOE_TLS_CLIENT_CERT"),
+            tls_key=tls_key or env("NETMOE_TLS_CLIENT_KEY"),
+        )
         self._stub = placement_pb2_grpc.PlacementServiceStub(self._channel)
         self._thread = threading.Thread(target=self._run, name="netmoe-placement", daemon=True)
         self._thread.start()
@@ -144,9 +186,9 @@ class PlacementClient:
         while not self._closed.is_set():
             try:
                 self._stub.RegisterJob(pb.RegisterJobRequest(job=self.job, spec=self.spec),
-                                       timeout=5.0)  # fmt: skip
+                                       timeout=5.0, metadata=self._metadata)  # fmt: skip
                 q: queue.SimpleQueue[pb.Report | None] = queue.SimpleQueue()
-                call = self._stub.Stream(self._requests_of(q))
+                call = self._stub.Stream(self._requests_of(q), metadata=self._metadata)
                 with self._lock:
                     self._requests, self._call = q, call
                 self._connected.set()
@@ -156,7 +198,8 @@ class PlacementClient:
                 reason = "stream ended"
             except grpc.RpcError as err:
                 code = err.code() if hasattr(err, "code") else None
-                if code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.ALREADY_EXISTS):
+                if code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.ALREADY_EXISTS,
+                            grpc.StatusCode.UNAUTHENTICATED):
                     log.error("placement service rejected job %s: %s", self.job, err)
                 reason = f"{code}"
             self._disconnect(reason)

@@ -52,6 +52,9 @@ class RandomPlans:
 
     def __init__(self, rank: int, world: int, samples: int, seed: int = 0) -> None:
         self.rank, self.world, self.samples, self.seed = rank, world, samples, seed
+        # Global sample ids in row order, following the samples through a step's layers the way
+        # ``Placement`` numbers them, so holds are ids like the service's.
+        self._ids = np.arange(world * samples, dtype=np.int64)
 
     def submit(
         self,
@@ -62,11 +65,15 @@ class RandomPlans:
         scatter: np.ndarray | None,
     ) -> Future[LocalPlan | None]:
         n, j = self.samples, self.world
+        if layer == 0:
+            self._ids = np.arange(n * j, dtype=np.int64)
         rng = np.random.default_rng([self.seed, step, layer])
         device = rng.permutation(np.arange(n * j) // n)
         plan = SamplePlan(tuple(device), j)
+        holds = tuple(int(i) for i in self._ids[list(plan.holds(self.rank))])
+        self._ids = self._ids[np.concatenate([plan.holds(r) for r in range(j)])]
         fut: Future[LocalPlan | None] = Future()
-        fut.set_result(LocalPlan(self.rank, plan.dest(self.rank), plan.holds(self.rank)))
+        fut.set_result(LocalPlan(self.rank, plan.dest(self.rank), holds))
         return fut
 
 
@@ -75,12 +82,14 @@ class PlacementStats:
     """Client-side accounting of one rank.
 
     submit_seconds: histograms + submission bookkeeping; wait_seconds: blocked before combines
-    (reply wait + agreement); fallbacks: layers applied as "no move" because a plan was missing;
-    reasons: why; solve_seconds: solver time per applied or received plan; moved: samples moved.
+    (reply wait + agreement all-gather, which also absorbs the ranks' compute skew);
+    fallbacks: layers applied as "no move" because a plan was missing; reasons: why;
+    solve_seconds: solver time per applied or received plan; moved: samples moved.
     """
 
     submit_seconds: float = 0.0
     wait_seconds: float = 0.0
+    reply_seconds: float = 0.0  # the part of wait_seconds spent before the reply, not agreeing
     fallbacks: int = 0
     plans: int = 0
     moved: int = 0
@@ -112,7 +121,9 @@ class Placement:
         self.source, self.rank, self.world, self.samples = source, rank, world, samples
         self.timeout, self.group = timeout, group
         self.stats = PlacementStats()
-        self._ids = np.arange(rank * samples, (rank + 1) * samples, dtype=np.int64)
+        # Sample ids follow the samples through a step's layers (row ids at layer 0), so the
+        # service can match a sample's routes across layers (its expert placement window).
+        self._full = np.arange(world * samples, dtype=np.int64)
 
     def submit(
         self, step: int, layer: int, gather: torch.Tensor, scatter: torch.Tensor | None
@@ -121,7 +132,10 @@ class Placement:
         t0 = time.perf_counter()
         g = gather.detach().cpu().numpy()
         s = scatter.detach().cpu().numpy() if scatter is not None else None
-        fut = self.source.submit(step, layer, self._ids, g, s)
+        if layer == 0:
+            self._full = np.arange(self.world * self.samples, dtype=np.int64)
+        ids = self._full[self.rank * self.samples:(self.rank + 1) * self.samples]
+        fut = self.source.submit(step, layer, ids, g, s)
         self.stats.submit_seconds += time.perf_counter() - t0
         return _Ticket(fut, step, layer)
 
@@ -144,6 +158,7 @@ class Placement:
         """The plan all ranks apply at this layer's combine; "no move" if any rank lacks one."""
         t0 = time.perf_counter()
         local, reason = self._local(ticket)
+        self.stats.reply_seconds += time.perf_counter() - t0
         n = self.samples
         mine = torch.full((n + 1,), -1, dtype=torch.int64)
         if local is not None:
@@ -160,7 +175,8 @@ class Placement:
                 reason = "inconsistent plan"
                 log.warning("step %d layer %d: %s", ticket.step, ticket.layer, err)
             else:
-                if local is None or plan.holds(self.rank) != tuple(local.holds):
+                held = tuple(int(i) for i in self._full[list(plan.holds(self.rank))])
+                if local is None or held != tuple(local.holds):
                     reason, plan = "inconsistent holds", SamplePlan.no_move(self.world, n)
         elif not reason:
             reason = "peer fallback"
@@ -173,5 +189,6 @@ class Placement:
             self.stats.moved += plan.moved
         if local is not None:
             self.stats.solve_seconds.append(local.solve_seconds)
+        self._full = self._full[np.concatenate([plan.holds(r) for r in range(self.world)])]
         self.stats.wait_seconds += time.perf_counter() - t0
         return plan

@@ -59,8 +59,20 @@ class TrainConfig:
     init_checkpoint: str = ""
     save_checkpoint: str = ""
     record_trace: str = ""
+    # [layers] permutations of range(experts): slot v of layer l holds original expert
+    # expert_order[l][v] (see netmoe.client.model); () keeps every expert in its home slot.
+    expert_order: tuple[tuple[int, ...], ...] = ()
+    a2a_sync: bool = False  # barrier before each timed exchange (CommStats.sync)
+    link_counters: bool = False  # first rank of a node reads GLOO_SOCKET_IFNAME's byte counters
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "expert_order", tuple(tuple(o) for o in self.expert_order))
+        if self.expert_order and (
+            len(self.expert_order) != self.layers
+            or any(sorted(o) != list(range(self.experts)) for o in self.expert_order)
+        ):
+            raise ValueError(f"expert_order must be {self.layers} permutations of "
+                             f"range({self.experts}), got {self.expert_order!r}")
         for name in (
             "nodes", "gpus_per_node", "samples_per_device", "seq_len", "d_model", "heads",
             "layers", "ffn", "experts_per_device", "top_k", "vocab", "threads",
@@ -136,12 +148,13 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                         cfg.seq_len)  # fmt: skip
         mcfg = ModelConfig(cfg.vocab, cfg.d_model, cfg.heads, cfg.layers, cfg.ffn, cfg.experts,
                            cfg.top_k, cfg.seq_len)  # fmt: skip
-        model = MoEGPT(mcfg, layout.local_experts, cfg.seed)
+        model = MoEGPT(mcfg, layout.local_experts, cfg.seed, cfg.expert_order or None)
         if cfg.init_checkpoint:
-            _load_checkpoint(model, cfg.init_checkpoint)
+            _load_checkpoint(model, cfg.init_checkpoint, cfg.expert_order)
         opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
         dense = model.dense_parameters()
-        comm = CommStats()
+        comm = CommStats(sync=cfg.a2a_sync)
+        meter = _LinkMeter(rank % cfg.gpus_per_node == 0) if cfg.link_counters else None
         dispatcher = TokenDispatcher(layout, comm)
         placement = None
         client = None
@@ -159,6 +172,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         dist.barrier()
         for step in range(cfg.steps):
             t_step = time.perf_counter()
+            comm.step = step
+            if meter is not None:
+                meter.mark()
             batch = corpus.batch(cfg.data_offset + step, big_i, s, cfg.seed)
             local = torch.from_numpy(batch[rank * n : (rank + 1) * n])
             result = model(local[:, :-1], dispatcher, placement, step)
@@ -169,10 +185,14 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             loss = loss / (big_i * s)
             opt.zero_grad(set_to_none=False)
             loss.backward()
+            if meter is not None:
+                meter.mark()
             t0 = time.perf_counter()
             flat = torch.cat([p.grad.reshape(-1) for p in dense] + [loss.detach().reshape(1)])
             dist.all_reduce(flat)
             allreduce_seconds += time.perf_counter() - t0
+            if meter is not None:
+                meter.mark()
             offset = 0
             for p in dense:
                 p.grad.copy_(flat[offset : offset + p.numel()].view_as(p))
@@ -195,12 +215,15 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             "allreduce_seconds": allreduce_seconds,
             "routes": routes.tolist(),
             "param_checksum": _checksum(model),
+            "a2a_calls": comm.calls,
+            "link_counters": meter.readings if meter is not None else [],
         }
         if placement is not None:
             st = placement.stats
             out.update(
                 plan_wait_seconds=st.wait_seconds,
                 submit_seconds=st.submit_seconds,
+                reply_seconds=st.reply_seconds,
                 fallbacks=st.fallbacks,
                 fallback_reasons=dict(st.reasons),
                 plans=st.plans,
@@ -213,6 +236,28 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         if client is not None:
             client.close()
         dist.destroy_process_group()
+
+
+class _LinkMeter:
+    """Byte counters of this node's inter-node interface (GLOO_SOCKET_IFNAME), read by the
+    first rank of each node between barriers, so a delta covers one phase of every rank.
+    readings: [tx_bytes, rx_bytes] per mark (head ranks only)."""
+
+    def __init__(self, head: bool) -> None:
+        dev = os.environ.get("GLOO_SOCKET_IFNAME", "")
+        if not dev:
+            raise ValueError("link_counters needs GLOO_SOCKET_IFNAME (the node's interface)")
+        self.base = Path("/sys/class/net") / dev / "statistics"
+        self.head = head
+        self.readings: list[list[int]] = []
+
+    def mark(self) -> None:
+        import torch.distributed as dist
+
+        dist.barrier()
+        if self.head:
+            self.readings.append([int((self.base / f"{d}_bytes").read_text())
+                                  for d in ("tx", "rx")])
 
 
 def _checksum(model: Any) -> dict[str, list[float]]:
@@ -233,11 +278,17 @@ def _save_checkpoint(model: Any, path: str) -> None:
     os.replace(tmp, path)
 
 
-def _load_checkpoint(model: Any, path: str) -> None:
-    """Loads the entries this rank owns from a checkpoint holding every expert."""
+def _load_checkpoint(model: Any, path: str, expert_order: tuple[tuple[int, ...], ...] = ()
+                     ) -> None:
+    """Loads the entries this rank owns from a checkpoint holding every expert (keyed by
+    original id; relabeled to slots when the model was built with an expert order)."""
     import torch
 
+    from netmoe.client.model import relabel_state
+
     state = torch.load(path, map_location="cpu", weights_only=True)
+    if expert_order:
+        state = relabel_state(state, expert_order)
     own = model.state_dict()
     missing = sorted(set(own) - set(state))
     if missing:

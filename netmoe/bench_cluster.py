@@ -1,5 +1,9 @@
 """`netmoe bench cluster`: real All-to-All time with and without placement on an emulated cluster.
 
+Default workload "training": the reference MoE (the demo's model, data and cached warm-up
+checkpoint) trains K steps in the node namespaces in three modes, home, sample placement and
+expert + sample placement (netmoe.cluster_train). Workload "synthetic" replays planted routing:
+
 Builds the testbed (netmoe.testbed: node namespaces, shaped veths, ``lo`` shaped to ``ratio``
 times the inter-node rate), calibrates the alpha-beta model there (netmoe.calibrate), then runs
 the All-to-Alls of K training steps per mode through real gloo ranks (netmoe.a2a_probe), modes
@@ -23,6 +27,9 @@ import numpy as np
 
 CALIBRATION_SIZES = (65536, 262144, 1048576)
 QUICK_SIZES = (131072, 524288)
+# bytes per peer; a training All-to-All sends about 20 KB per peer (demo model, 4 samples/rank)
+TRAINING_SIZES = (8192, 32768, 131072)
+TRAINING_QUICK_SIZES = (8192, 65536)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -33,16 +40,30 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--ratio", type=float, default=4.0,
                    help="intra-node : inter-node bandwidth (lo of each node is shaped to "
                         "ratio x rate)")
-    p.add_argument("--rate", type=float, default=200.0,
-                   help="inter-node link rate per node and direction, Mbit/s (default 200: "
-                        "the link, not the 2 CPU cores, is the bottleneck)")
+    p.add_argument("--workload", choices=("training", "synthetic"), default="training",
+                   help="real training of the demo model (default) or synthetic routing")
+    p.add_argument("--rate", type=float, default=None,
+                   help="inter-node link rate per node and direction, Mbit/s (default: 40 for "
+                        "training, 200 for synthetic, so the link, not the 2 CPU cores, is the "
+                        "bottleneck)")
     p.add_argument("--steps", type=int, default=10, help="measured steps per mode")
-    p.add_argument("--objective", choices=("volume", "bottleneck"), default="volume")
+    p.add_argument("--objective", choices=("volume", "bottleneck", "both"), default="volume",
+                   help="placement objective; 'both' runs the placed modes once per objective "
+                        "(training only)")
     p.add_argument("--samples-per-device", type=int, default=4)
     p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--tokens", type=int, default=128, help="tokens per sample")
+    p.add_argument("--tokens", type=int, default=None,
+                   help="tokens per sample (default 64 for training, the demo's, 128 synthetic)")
     p.add_argument("--bytes-per-route", type=int, default=1024,
-                   help="bytes of one (token, top-k slot): hidden size x 4 (fp32)")
+                   help="synthetic: bytes of one (token, top-k slot); training uses d_model x 4")
+    p.add_argument("--warmup-steps", type=int, default=150,
+                   help="training: steps of the demo's cached single-process checkpoint (0: none)")
+    p.add_argument("--fit-steps", type=int, default=8,
+                   help="training: recorded steps the expert map is fitted on (before the "
+                        "measured ones)")
+    p.add_argument("--fit-starts", type=int, default=4,
+                   help="training: random starts of the expert fit besides the current map")
+    p.add_argument("--cache-dir", default="", help="training: corpus/checkpoint cache")
     p.add_argument("--locality", type=float, default=0.6,
                    help="share of routes to the sample's domain experts (synthetic routing)")
     p.add_argument("--seed", type=int, default=0)
@@ -53,12 +74,22 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _check(args: argparse.Namespace) -> None:
+    training = args.workload == "training"
+    if args.rate is None:
+        args.rate = 40.0 if training else 200.0
+    if args.tokens is None:
+        args.tokens = 64 if training else 128
     for name in ("nodes", "gpus_per_node", "steps", "samples_per_device", "layers", "tokens",
-                 "bytes_per_route"):
+                 "bytes_per_route", "fit_steps"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    for name in ("warmup_steps", "fit_starts"):
+        if getattr(args, name) < 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
     if not args.ratio > 0 or not args.rate > 0:
         raise ValueError(f"--ratio and --rate must be > 0, got {args.ratio}, {args.rate}")
+    if args.objective == "both" and not training:
+        raise ValueError("--objective both needs --workload training")
 
 
 def summarize(result: dict, cal: Any, modes: dict[str, Any]) -> dict[str, Any]:
@@ -99,6 +130,52 @@ def summarize(result: dict, cal: Any, modes: dict[str, Any]) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> int:
+    _check(args)
+    if args.workload == "training":
+        return _run_training(args)
+    return _run_synthetic(args)
+
+
+def _run_training(args: argparse.Namespace) -> int:
+    from netmoe.client.train import TrainConfig
+    from netmoe.cluster_train import run_bench
+    from netmoe.testbed import TestbedError, require_root
+
+    try:
+        require_root()
+    except TestbedError as err:
+        print(f"netmoe bench cluster: {err}", file=sys.stderr)
+        return 1
+    steps = min(args.steps, 4) if args.quick else args.steps
+    base = TrainConfig(
+        nodes=args.nodes, gpus_per_node=args.gpus_per_node, steps=steps,
+        samples_per_device=args.samples_per_device, seq_len=args.tokens, layers=args.layers,
+        seed=args.seed, cache_dir=args.cache_dir,
+    )  # fmt: skip
+    objectives = ("volume", "bottleneck") if args.objective == "both" else (args.objective,)
+    try:
+        report = run_bench(
+            base, rate_mbit=args.rate, ratio=args.ratio, warmup_steps=args.warmup_steps,
+            fit_steps=min(args.fit_steps, 4) if args.quick else args.fit_steps,
+            objectives=objectives, starts=min(args.fit_starts, 1) if args.quick
+            else args.fit_starts, sizes=TRAINING_QUICK_SIZES if args.quick
+            else TRAINING_SIZES, calibration_iters=3 if args.quick else 6,
+        )  # fmt: skip
+    except TestbedError as err:
+        print(f"netmoe bench cluster: {err}", file=sys.stderr)
+        return 1
+    if args.out is not None:
+        from netmoe.cluster_report import write_report
+
+        write_report(args.out, report)
+    if args.json:
+        print(json.dumps(report))
+    else:
+        _print(report)
+    return 0
+
+
+def _run_synthetic(args: argparse.Namespace) -> int:
     from netmoe.a2a_probe import write_workload
     from netmoe.calibrate import calibrate, calibration_calls, calibration_dict
     from netmoe.cluster_workload import MODES, step_traffic
@@ -106,7 +183,6 @@ def run(args: argparse.Namespace) -> int:
     from netmoe.solver.synthetic import planted_counts
     from netmoe.testbed import Testbed, TestbedConfig, TestbedError, require_root
 
-    _check(args)
     try:
         require_root()
     except TestbedError as err:
@@ -175,15 +251,29 @@ def _print(r: dict[str, Any]) -> None:
     c, cal = r["config"], r["calibration"]
     print(f"emulated cluster: {c['nodes']} nodes x {c['gpus_per_node']} ranks, inter "
           f"{c['rate_mbit']:.0f} Mbit/s per link and direction, intra {c['intra_rate_mbit']:.0f} "
-          f"Mbit/s per node")
+          f"Mbit/s per node; workload {r['workload']}, {c['steps']} steps per mode")
     print(f"calibration: intra alpha {cal['intra']['alpha'] * 1e3:.2f} ms, "
           f"{cal['intra']['bandwidth'] / 1e6:.1f} MB/s; inter alpha "
           f"{cal['inter']['alpha'] * 1e3:.2f} ms, {cal['inter']['bandwidth'] / 1e6:.1f} MB/s "
           f"(measured ratio {r['measured_ratio']:.2f})")
-    for mode in r["modes"]:
-        m = r[mode]
-        print(f"{mode:>7}: a2a {m['a2a_seconds_per_step'] * 1e3:8.1f} ms/step (model "
-              f"{m['predicted_a2a_seconds'] * 1e3:.1f}, error {m['model_error']:+.1%}), inter-node "
-              f"link bytes {m['inter_node_bytes'] / 1e6:.2f} MB/step")
+    home = r["modes"]["home"]
+    for mode, m in r["modes"].items():
+        line = (f"{mode:>18}: a2a {m['a2a_seconds_per_step'] * 1e3:8.1f} ms/step (model "
+                f"{m['predicted_a2a_seconds'] * 1e3:.1f}, error {m['model_error']:+.1%}), "
+                f"inter-node link bytes {m['inter_node_bytes'] / 1e6:.2f} MB/step")
+        if r["workload"] == "training":
+            cut = 1 - m["inter_node_bytes"] / home["inter_node_bytes"]
+            line += (f", step {m['step_seconds'] * 1e3:.0f} ms, speedup a2a "
+                     f"{home['a2a_seconds_per_step'] / m['a2a_seconds_per_step']:.2f}x, "
+                     f"inter bytes {-cut:+.1%}")
+            if "plan_wait_fraction" in m:
+                line += (f", plan wait {m['plan_wait_seconds_per_step'] * 1e3:.1f} ms/step "
+                         f"({m['plan_wait_fraction']:.1%} of step)")
+        print(line)
+    if r["workload"] == "training":
+        print(f"best mode {r['best_mode']}; losses equal across modes within "
+              f"{max(m['max_loss_rel_diff'] for m in r['modes'].values()):.1e} relative; "
+              f"objective winner {r['objective_winner'] or r['objective']}; targets "
+              f"{r['targets']}")
     print(f"speedup {r['speedup_a2a']:.2f}x, inter-node bytes -{r['inter_bytes_reduction']:.1%}, "
           f"objective {r['objective']}, {r['wall_seconds']:.0f} s")

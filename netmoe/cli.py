@@ -12,7 +12,7 @@ import importlib
 import sys
 
 # Order is the order shown in --help.
-COMMANDS = ["netmoe.demo", "netmoe.evaluate", "netmoe.server.cli"]
+COMMANDS = ["netmoe.demo", "netmoe.evaluate", "netmoe.server.cli", "netmoe.server.health"]
 BENCHES = ["netmoe.bench_solver", "netmoe.bench_cluster", "netmoe.bench_service"]
 
 

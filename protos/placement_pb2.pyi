@@ -157,3 +157,91 @@ class SolveResponse(_message.Message):
     PLANS_FIELD_NUMBER: _ClassVar[int]
     plans: _containers.RepeatedCompositeFieldContainer[Plan]
     def __init__(self, plans: _Optional[_Iterable[_Union[Plan, _Mapping]]] = ...) -> None: ...
+
+class ExpertMap(_message.Message):
+    __slots__ = ("device",)
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    device: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, device: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class RecommendExpertsRequest(_message.Message):
+    __slots__ = ("job", "horizon_steps", "bytes_per_expert", "held_out_steps", "unit", "starts", "seed")
+    JOB_FIELD_NUMBER: _ClassVar[int]
+    HORIZON_STEPS_FIELD_NUMBER: _ClassVar[int]
+    BYTES_PER_EXPERT_FIELD_NUMBER: _ClassVar[int]
+    HELD_OUT_STEPS_FIELD_NUMBER: _ClassVar[int]
+    UNIT_FIELD_NUMBER: _ClassVar[int]
+    STARTS_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    job: str
+    horizon_steps: int
+    bytes_per_expert: int
+    held_out_steps: int
+    unit: str
+    starts: int
+    seed: int
+    def __init__(self, job: _Optional[str] = ..., horizon_steps: _Optional[int] = ..., bytes_per_expert: _Optional[int] = ..., held_out_steps: _Optional[int] = ..., unit: _Optional[str] = ..., starts: _Optional[int] = ..., seed: _Optional[int] = ...) -> None: ...
+
+class RecommendExpertsResponse(_message.Message):
+    __slots__ = ("job", "adopt", "reason", "maps", "current", "moved_experts", "moved_inter", "migration_bytes", "migration_seconds", "unit", "saving_per_step", "migration_cost", "break_even_steps", "home", "sample_only", "joint", "fit_first_step", "fit_last_step", "held_out_first_step", "held_out_last_step", "window_bytes")
+    JOB_FIELD_NUMBER: _ClassVar[int]
+    ADOPT_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    MAPS_FIELD_NUMBER: _ClassVar[int]
+    CURRENT_FIELD_NUMBER: _ClassVar[int]
+    MOVED_EXPERTS_FIELD_NUMBER: _ClassVar[int]
+    MOVED_INTER_FIELD_NUMBER: _ClassVar[int]
+    MIGRATION_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MIGRATION_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    UNIT_FIELD_NUMBER: _ClassVar[int]
+    SAVING_PER_STEP_FIELD_NUMBER: _ClassVar[int]
+    MIGRATION_COST_FIELD_NUMBER: _ClassVar[int]
+    BREAK_EVEN_STEPS_FIELD_NUMBER: _ClassVar[int]
+    HOME_FIELD_NUMBER: _ClassVar[int]
+    SAMPLE_ONLY_FIELD_NUMBER: _ClassVar[int]
+    JOINT_FIELD_NUMBER: _ClassVar[int]
+    FIT_FIRST_STEP_FIELD_NUMBER: _ClassVar[int]
+    FIT_LAST_STEP_FIELD_NUMBER: _ClassVar[int]
+    HELD_OUT_FIRST_STEP_FIELD_NUMBER: _ClassVar[int]
+    HELD_OUT_LAST_STEP_FIELD_NUMBER: _ClassVar[int]
+    WINDOW_BYTES_FIELD_NUMBER: _ClassVar[int]
+    job: str
+    adopt: bool
+    reason: str
+    maps: _containers.RepeatedCompositeFieldContainer[ExpertMap]
+    current: _containers.RepeatedCompositeFieldContainer[ExpertMap]
+    moved_experts: int
+    moved_inter: int
+    migration_bytes: int
+    migration_seconds: float
+    unit: str
+    saving_per_step: float
+    migration_cost: float
+    break_even_steps: float
+    home: Routes
+    sample_only: Routes
+    joint: Routes
+    fit_first_step: int
+    fit_last_step: int
+    held_out_first_step: int
+    held_out_last_step: int
+    window_bytes: int
+    def __init__(self, job: _Optional[str] = ..., adopt: _Optional[bool] = ..., reason: _Optional[str] = ..., maps: _Optional[_Iterable[_Union[ExpertMap, _Mapping]]] = ..., current: _Optional[_Iterable[_Union[ExpertMap, _Mapping]]] = ..., moved_experts: _Optional[int] = ..., moved_inter: _Optional[int] = ..., migration_bytes: _Optional[int] = ..., migration_seconds: _Optional[float] = ..., unit: _Optional[str] = ..., saving_per_step: _Optional[float] = ..., migration_cost: _Optional[float] = ..., break_even_steps: _Optional[float] = ..., home: _Optional[_Union[Routes, _Mapping]] = ..., sample_only: _Optional[_Union[Routes, _Mapping]] = ..., joint: _Optional[_Union[Routes, _Mapping]] = ..., fit_first_step: _Optional[int] = ..., fit_last_step: _Optional[int] = ..., held_out_first_step: _Optional[int] = ..., held_out_last_step: _Optional[int] = ..., window_bytes: _Optional[int] = ...) -> None: ...
+
+class ConfirmExpertsRequest(_message.Message):
+    __slots__ = ("job", "step", "maps")
+    JOB_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    MAPS_FIELD_NUMBER: _ClassVar[int]
+    job: str
+    step: int
+    maps: _containers.RepeatedCompositeFieldContainer[ExpertMap]
+    def __init__(self, job: _Optional[str] = ..., step: _Optional[int] = ..., maps: _Optional[_Iterable[_Union[ExpertMap, _Mapping]]] = ...) -> None: ...
+
+class ConfirmExpertsResponse(_message.Message):
+    __slots__ = ("job", "step")
+    JOB_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    job: str
+    step: int
+    def __init__(self, job: _Optional[str] = ..., step: _Optional[int] = ...) -> None: ...

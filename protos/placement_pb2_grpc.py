@@ -54,6 +54,16 @@ class PlacementServiceStub:
                 request_serializer=netmoe_dot_v1_dot_placement__pb2.SolveRequest.SerializeToString,
                 response_deserializer=netmoe_dot_v1_dot_placement__pb2.SolveResponse.FromString,
                 _registered_method=True)
+        self.RecommendExperts = channel.unary_unary(
+                '/netmoe.v1.PlacementService/RecommendExperts',
+                request_serializer=netmoe_dot_v1_dot_placement__pb2.RecommendExpertsRequest.SerializeToString,
+                response_deserializer=netmoe_dot_v1_dot_placement__pb2.RecommendExpertsResponse.FromString,
+                _registered_method=True)
+        self.ConfirmExperts = channel.unary_unary(
+                '/netmoe.v1.PlacementService/ConfirmExperts',
+                request_serializer=netmoe_dot_v1_dot_placement__pb2.ConfirmExpertsRequest.SerializeToString,
+                response_deserializer=netmoe_dot_v1_dot_placement__pb2.ConfirmExpertsResponse.FromString,
+                _registered_method=True)
 
 
 class PlacementServiceServicer:
@@ -102,6 +112,31 @@ class PlacementServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RecommendExperts(self, request, context):
+        """Expert placement advisor. The service keeps, per job, a bounded window of the counts of its
+        recent rounds (the reports above: gather of layer l, predicted scatter of l+1, per sample).
+        RecommendExperts splits the window by step into an earlier fit part and a later held-out
+        part, fits one expert-to-device map per layer on the fit part (keeping each device's number
+        of experts), replays the held-out rounds with home, sample-only and joint placement, and
+        recommends adopting the maps only if the held-out saving over horizon_steps exceeds the cost
+        of moving expert parameters and optimizer state. Expert ids in maps are the ids the reports
+        use. Unknown job: NOT_FOUND; bad arguments: INVALID_ARGUMENT naming the field and the value;
+        a window without a complete fit part and held-out part: FAILED_PRECONDITION saying what lacks.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ConfirmExperts(self, request, context):
+        """Puts per-layer expert maps in force from `step` on: round (step', l) with step' >= step is
+        solved with layer l's map for its gather and layer l+1's for its scatter. `step` must come
+        after every step the job has reported (plans already sent are never re-solved), else
+        FAILED_PRECONDITION. Maps must keep each device's number of experts (INVALID_ARGUMENT).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_PlacementServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -124,6 +159,16 @@ def add_PlacementServiceServicer_to_server(servicer, server):
                     servicer.Solve,
                     request_deserializer=netmoe_dot_v1_dot_placement__pb2.SolveRequest.FromString,
                     response_serializer=netmoe_dot_v1_dot_placement__pb2.SolveResponse.SerializeToString,
+            ),
+            'RecommendExperts': grpc.unary_unary_rpc_method_handler(
+                    servicer.RecommendExperts,
+                    request_deserializer=netmoe_dot_v1_dot_placement__pb2.RecommendExpertsRequest.FromString,
+                    response_serializer=netmoe_dot_v1_dot_placement__pb2.RecommendExpertsResponse.SerializeToString,
+            ),
+            'ConfirmExperts': grpc.unary_unary_rpc_method_handler(
+                    servicer.ConfirmExperts,
+                    request_deserializer=netmoe_dot_v1_dot_placement__pb2.ConfirmExpertsRequest.FromString,
+                    response_serializer=netmoe_dot_v1_dot_placement__pb2.ConfirmExpertsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -234,6 +279,60 @@ class PlacementService:
             '/netmoe.v1.PlacementService/Solve',
             netmoe_dot_v1_dot_placement__pb2.SolveRequest.SerializeToString,
             netmoe_dot_v1_dot_placement__pb2.SolveResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RecommendExperts(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/netmoe.v1.PlacementService/RecommendExperts',
+            netmoe_dot_v1_dot_placement__pb2.RecommendExpertsRequest.SerializeToString,
+            netmoe_dot_v1_dot_placement__pb2.RecommendExpertsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ConfirmExperts(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/netmoe.v1.PlacementService/ConfirmExperts',
+            netmoe_dot_v1_dot_placement__pb2.ConfirmExpertsRequest.SerializeToString,
+            netmoe_dot_v1_dot_placement__pb2.ConfirmExpertsResponse.FromString,
             options,
             channel_credentials,
             insecure,

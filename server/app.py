@@ -9,7 +9,8 @@ Two ways to run it:
 Draining: health turns NOT_SERVING for ``drain_seconds`` (probes and load balancers see it while
 RPCs are still served), then the server stops accepting RPCs and gives open ones ``grace_seconds``;
 rounds still waiting are answered with home-placement fallbacks before the streams close.
-Authentication and TLS slot in through ``interceptors`` and ``credentials``.
+Authentication (bearer token) and TLS come from the config (see ``security``); further
+``interceptors`` and explicit ``credentials`` can be passed in.
 """
 
 from __future__ import annotations
@@ -30,8 +31,10 @@ from grpc_reflection.v1alpha import reflection
 from netmoe.protos import placement_pb2 as pb
 from netmoe.protos import placement_pb2_grpc
 
+from . import security
+from .advisor import ExpertAdvisors
 from .config import ServerConfig
-from .interceptors import MetricsInterceptor
+from .interceptors import MetricsInterceptor, StrictParsingInterceptor
 from .metrics import Metrics
 from .rounds import Coordinator, SolveFn
 from .servicer import PlacementServicer
@@ -58,10 +61,18 @@ class PlacementServer:
         self._coordinator_args = dict(
             solver_threads=config.solver_threads, max_jobs=config.max_jobs,
             max_pending=config.max_pending_rounds, finished_memory=config.finished_memory,
-            observer=self.metrics, **kwargs,
+            max_world_size=config.max_world_size, max_report_cells=config.max_report_cells,
+            observer=self.metrics, experts=ExpertAdvisors(observer=self.metrics), **kwargs,
         )
-        self._interceptors = [MetricsInterceptor(self.metrics), *interceptors]
-        self._credentials = credentials
+        # Metrics first: rejected (UNAUTHENTICATED, malformed) calls are counted too; parsing
+        # after authentication, so unauthenticated callers never reach a parser.
+        self._interceptors = [
+            MetricsInterceptor(self.metrics), *security.interceptors(config),
+            StrictParsingInterceptor(), *interceptors,
+        ]
+        self._credentials = (
+            credentials if credentials is not None else security.server_credentials(config)
+        )
         self.coordinator: Coordinator | None = None
         self.health: HealthServicer | None = None
         self._server: grpc.aio.Server | None = None
@@ -102,6 +113,8 @@ class PlacementServer:
             f"http://{cfg.metrics_host or cfg.host}:{self.metrics_port}/metrics"
             if self.metrics_port is not None else "disabled",
         )
+        log.info("netmoe serve: authentication: %s", security.describe(cfg))
+        security.warn_if_exposed(cfg)
 
     async def drain(self) -> None:
         """NOT_SERVING, wait drain_seconds, stop accepting, grace for open RPCs, then stop."""
@@ -171,9 +184,9 @@ def start(
 
     async def main() -> None:
         # Built on the server's loop: grpc.aio objects belong to the loop that creates them.
-        server = PlacementServer(config, solve_fn=solve_fn, interceptors=interceptors,
-                                 credentials=credentials)
         try:
+            server = PlacementServer(config, solve_fn=solve_fn, interceptors=interceptors,
+                                     credentials=credentials)
             await server.start()
         except BaseException as err:
             ready.set_exception(err)

@@ -2,6 +2,11 @@
 
 Every flag can also be set through an environment variable (for containers): ``--metrics-port``
 is NETMOE_METRICS_PORT, and so on; a flag on the command line wins over the environment.
+
+Secure defaults: it binds 127.0.0.1 (a sidecar shares its pod's network namespace); any other
+address needs --allow-remote. With --auth-token-file (or --auth-token, which `ps` shows) every
+call but health checking needs the metadata `authorization: Bearer TOKEN`; --tls-cert and
+--tls-key serve TLS, --tls-client-ca requires client certificates (mutual TLS).
 """
 
 from __future__ import annotations
@@ -12,7 +17,18 @@ from collections.abc import Callable
 from dataclasses import fields
 from typing import Any
 
-from netmoe.server.config import ServerConfig
+from netmoe.server.config import ServerConfig, read_token_file
+
+
+def boolean(raw: str) -> bool:
+    """Environment spelling of a switch: 1/true/yes/on or 0/false/no/off (any case)."""
+    value = raw.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(raw)
+
 
 # (flag, ServerConfig field, parser of the value, help)
 _FLAGS: list[tuple[str, str, Callable[[str], Any], str]] = [
@@ -31,7 +47,19 @@ _FLAGS: list[tuple[str, str, Callable[[str], Any], str]] = [
     ("--drain-seconds", "drain_seconds", float,
      "on SIGTERM, seconds of NOT_SERVING health before the server stops accepting RPCs"),
     ("--grace-seconds", "grace_seconds", float, "then, seconds open RPCs get to finish"),
+    ("--allow-remote", "allow_remote", boolean,
+     "allow binding a non-loopback address (gRPC or metrics)"),
+    ("--auth-token", "auth_token", str,
+     "shared token; clients send 'authorization: Bearer TOKEN' (visible in ps: prefer the file)"),
+    ("--tls-cert", "tls_cert", str, "PEM certificate chain of the server (TLS, with --tls-key)"),
+    ("--tls-key", "tls_key", str, "PEM private key of the server"),
+    ("--tls-client-ca", "tls_client_ca", str,
+     "PEM CA bundle: require client certificates signed by it (mutual TLS)"),
+    ("--max-world-size", "max_world_size", int, "largest world size a job may register"),
+    ("--max-report-cells", "max_report_cells", int,
+     "largest samples_per_device x experts of one report"),
 ]
+TOKEN_FILE = "--auth-token-file"
 
 
 def env_name(flag: str) -> str:
@@ -46,11 +74,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description=__doc__,
     )
     for flag, name, kind, text in _FLAGS:
-        default = defaults[name]
-        parser.add_argument(
-            flag, dest=name, type=kind, default=None,
-            help=f"{text} [env {env_name(flag)}, default {default}]",
+        default = "(none)" if name == "auth_token" else defaults[name]
+        extra: dict[str, Any] = (
+            {"action": "store_const", "const": True} if kind is boolean else {"type": kind}
         )
+        parser.add_argument(
+            flag, dest=name, default=None,
+            help=f"{text} [env {env_name(flag)}, default {default}]", **extra,
+        )
+    parser.add_argument(
+        TOKEN_FILE, dest="auth_token_file", default=None,
+        help=f"file holding the shared token (a mounted secret) [env {env_name(TOKEN_FILE)}]",
+    )
     parser.add_argument(
         "--log-level", default=None,
         help=f"logging level [env {env_name('--log-level')}, default INFO]",
@@ -64,11 +99,13 @@ def config_from_args(
     """ServerConfig from flags, then NETMOE_* variables, then defaults. ValueError names the
     flag or variable and the value."""
     environ = dict(os.environ) if environ is None else environ
+    defaults = {f.name: f.default for f in fields(ServerConfig)}
     values: dict[str, Any] = {}
     for flag, name, kind, _ in _FLAGS:
         value = getattr(args, name, None)
-        if value is None and env_name(flag) in environ:
-            raw = environ[env_name(flag)]
+        raw = environ.get(env_name(flag))
+        # An empty variable leaves an optional setting unset (compose's ${VAR:-} idiom).
+        if value is None and raw is not None and (raw or defaults[name] is not None):
             try:
                 value = kind(raw)
             except ValueError:
@@ -79,6 +116,12 @@ def config_from_args(
             values[name] = value
     if values.get("metrics_port") == -1:
         values["metrics_port"] = None
+    token_file = getattr(args, "auth_token_file", None) or environ.get(env_name(TOKEN_FILE))
+    if token_file:
+        if "auth_token" in values:
+            raise ValueError(f"give the token once: {TOKEN_FILE} (or {env_name(TOKEN_FILE)}) "
+                             f"and --auth-token (or NETMOE_AUTH_TOKEN) are both set")
+        values["auth_token"] = read_token_file(TOKEN_FILE, token_file)
     return ServerConfig(**values)
 
 

@@ -2,9 +2,39 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import ipaddress
+from dataclasses import dataclass, field
+from pathlib import Path
 
 MiB = 1 << 20
+
+
+def is_loopback(host: str) -> bool:
+    """True for localhost and loopback IP addresses (127.0.0.0/8, ::1)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:  # a host name other than localhost may resolve anywhere
+        return False
+
+
+def check_token(name: str, token: str) -> str:
+    """The token must fit in an HTTP/2 header value after 'Bearer '."""
+    if not token or not token.isascii() or not token.isprintable() or " " in token:
+        raise ValueError(f"{name} must be non-empty printable ASCII without spaces, "
+                         f"got {len(token)} characters")
+    return token
+
+
+def read_token_file(name: str, path: str) -> str:
+    """The token stored in a file (one line; a trailing newline is ignored). ValueError names
+    the option and the path."""
+    try:
+        text = Path(path).read_text(encoding="ascii")
+    except (OSError, UnicodeDecodeError) as err:
+        raise ValueError(f"{name}={path!r} cannot be read: {err}") from None
+    return check_token(f"the token in {name}={path!r}", text.rstrip("\r\n"))
 
 
 @dataclass(frozen=True)
@@ -25,10 +55,35 @@ class ServerConfig:
     finished_memory: int = 256
     drain_seconds: float = 0.0
     grace_seconds: float = 5.0
+    # Security. Binding a non-loopback address (gRPC or metrics) needs allow_remote.
+    allow_remote: bool = False
+    auth_token: str | None = field(default=None, repr=False)  # never in logs
+    tls_cert: str | None = None  # PEM files; cert and key together enable TLS
+    tls_key: str | None = None
+    tls_client_ca: str | None = None  # requires client certificates signed by it (mutual TLS)
+    # Limits on what one job may ask of the server.
+    max_world_size: int = 1024
+    max_report_cells: int = 1 << 20  # samples_per_device x experts of one report
 
     def __post_init__(self) -> None:
         if not self.host:
             raise ValueError(f"host must be a non-empty address, got {self.host!r}")
+        for name in ("host", "metrics_host"):
+            value = getattr(self, name)
+            if value is not None and not is_loopback(value) and not self.allow_remote:
+                raise ValueError(
+                    f"{name}={value!r} is not a loopback address; binding it exposes the service "
+                    f"to other machines and needs allow_remote (--allow-remote, "
+                    f"NETMOE_ALLOW_REMOTE=1)"
+                )
+        if self.auth_token is not None:
+            check_token("auth_token", self.auth_token)
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError(f"tls_cert and tls_key go together, got tls_cert={self.tls_cert!r} "
+                             f"and tls_key={self.tls_key!r}")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ValueError(f"tls_client_ca={self.tls_client_ca!r} needs tls_cert and tls_key "
+                             f"(mutual TLS is TLS first)")
         for name in ("port", "metrics_port"):
             value = getattr(self, name)
             if value is None and name == "metrics_port":
@@ -36,7 +91,7 @@ class ServerConfig:
             if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 65535:
                 raise ValueError(f"{name} must be an integer port in [0, 65535], got {value!r}")
         for name in ("max_message_bytes", "solver_threads", "max_jobs", "max_pending_rounds",
-                     "finished_memory"):
+                     "finished_memory", "max_world_size", "max_report_cells"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")

@@ -1,7 +1,5 @@
 """Server interceptors. Metrics: started / handled-by-code / handling-seconds per RPC method.
-
-Other cross-cutting concerns (authentication) slot in as further interceptors passed to
-``app.PlacementServer``.
+Strict parsing: malformed request bytes are INVALID_ARGUMENT. (Authentication: ``security``.)
 """
 
 from __future__ import annotations
@@ -9,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
@@ -94,6 +92,72 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
             "request_deserializer": handler.request_deserializer,
             "response_serializer": handler.response_serializer,
         }
+        if handler.unary_unary:
+            return grpc.unary_unary_rpc_method_handler(wrap(handler.unary_unary), **ser)
+        if handler.unary_stream:
+            return grpc.unary_stream_rpc_method_handler(wrap(handler.unary_stream), **ser)
+        if handler.stream_unary:
+            return grpc.stream_unary_rpc_method_handler(wrap(handler.stream_unary), **ser)
+        return grpc.stream_stream_rpc_method_handler(wrap(handler.stream_stream), **ser)
+
+
+class MalformedRequest(ValueError):
+    """Request bytes that do not parse as the method's message type."""
+
+
+def _strict(deserialize: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
+    def parse(raw: bytes) -> Any:
+        try:
+            return deserialize(raw)
+        except Exception as err:  # DecodeError, or whatever a message parser raises
+            raise MalformedRequest(f"malformed request: {err}") from None
+    return parse
+
+
+class StrictParsingInterceptor(grpc.aio.ServerInterceptor):
+    """Request bytes that do not parse get INVALID_ARGUMENT naming the message type.
+
+    Left to gRPC, they get UNKNOWN ("Unexpected DecodeError") and an ERROR log with a traceback
+    per call, so random bytes from any client could flood the logs. Request streams yield
+    MalformedRequest from their iterator; handlers that consume it in another task (the
+    placement Stream) catch it themselves.
+    """
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler | None:
+        handler = await continuation(handler_call_details)
+        if handler is None or handler.request_deserializer is None:
+            return handler
+        parse = _strict(handler.request_deserializer)
+
+        async def parsed(raw_iterator: AsyncIterator[bytes]) -> AsyncIterator[Any]:
+            async for raw in raw_iterator:
+                yield parse(raw)
+
+        def request_of(raw: Any) -> Any:
+            return parsed(raw) if handler.request_streaming else parse(raw)
+
+        def wrap(behavior: Callable[..., Any]) -> Callable[..., Any]:
+            if inspect.isasyncgenfunction(behavior):
+                async def gen_wrapper(raw: Any, context: grpc.aio.ServicerContext) -> Any:
+                    try:
+                        async for item in behavior(request_of(raw), context):
+                            yield item
+                    except MalformedRequest as err:
+                        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
+                return gen_wrapper
+
+            async def wrapper(raw: Any, context: grpc.aio.ServicerContext) -> Any:
+                try:
+                    return await behavior(request_of(raw), context)
+                except MalformedRequest as err:
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
+            return wrapper
+
+        ser = {"request_deserializer": None, "response_serializer": handler.response_serializer}
         if handler.unary_unary:
             return grpc.unary_unary_rpc_method_handler(wrap(handler.unary_unary), **ser)
         if handler.unary_stream:

@@ -13,6 +13,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 
 from netmoe.solver import Traffic
 
+from .advisor import Realized
 from .rounds import OUTCOMES
 
 # Solver times span sub-millisecond two-stage solves to CP-SAT runs capped by the deadline.
@@ -58,6 +59,25 @@ class Metrics:
             "grpc_server_handling_seconds", "Time from RPC start to completion.",
             GRPC_LABELS, buckets=HANDLING_BUCKETS, registry=reg,
         )
+        self.expert_window_bytes = Gauge(
+            "netmoe_expert_window_bytes",
+            "Bytes of round counts the job's expert placement window holds.", ["job"], registry=reg,
+        )
+        self.expert_window_steps = Gauge(
+            "netmoe_expert_window_steps", "Steps the job's expert placement window holds.",
+            ["job"], registry=reg,
+        )
+        self.expert_predicted_saving = Gauge(
+            "netmoe_expert_predicted_saving_routes",
+            "Inter-node routes per step (forward) the last recommended expert placement saves "
+            "over sample-only placement on held-out rounds.", ["job"], registry=reg,
+        )
+        self.expert_realized = Counter(
+            "netmoe_expert_realized_routes",
+            "Inter-node routes of rounds solved under confirmed expert maps (joint) and of the "
+            "plans the registered expert map would have got (sample_only).",
+            ["job", "placement"], registry=reg,
+        )
         self._http: tuple[WSGIServer, threading.Thread] | None = None
 
     def round_finished(
@@ -73,8 +93,21 @@ class Metrics:
     def solve_finished(self, seconds: float) -> None:
         self.solve_seconds.observe(seconds)
 
+    def window_changed(self, job: str, window_bytes: int, window_steps: int) -> None:
+        self.expert_window_bytes.labels(job).set(window_bytes)
+        self.expert_window_steps.labels(job).set(window_steps)
+
+    def round_realized(self, job: str, realized: Realized) -> None:
+        self.expert_realized.labels(job, "joint").inc(realized.joint_inter)
+        self.expert_realized.labels(job, "sample_only").inc(realized.sample_only_inter)
+
     def forget_job(self, job: str) -> None:
         """Drops a job's label sets so unregistered jobs do not accumulate series."""
+        for gauge in (self.expert_window_bytes, self.expert_window_steps,
+                      self.expert_predicted_saving):
+            _remove(gauge, job)
+        for placement in ("joint", "sample_only"):
+            _remove(self.expert_realized, job, placement)
         for outcome in OUTCOMES:
             _remove(self.rounds, job, outcome)
         for channel in ("inter", "intra"):
@@ -97,6 +130,6 @@ class Metrics:
         self._http = None
 
 
-def _remove(metric: Counter, *labels: str) -> None:
+def _remove(metric: Counter | Gauge, *labels: str) -> None:
     with contextlib.suppress(KeyError):  # the label set was never used
         metric.remove(*labels)

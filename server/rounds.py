@@ -22,6 +22,9 @@ from typing import Protocol
 import numpy as np
 
 from netmoe.solver import METHODS, OBJECTIVES, Plan, Topology, Traffic, solve, traffic
+from netmoe.solver.topology import positive_int
+
+from .advisor import ExpertAdvisors
 
 log = logging.getLogger(__name__)
 
@@ -57,12 +60,6 @@ class JobLimit(Exception):
     """Registering one more job would exceed the server's cap."""
 
 
-def _positive_int(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return value
-
-
 @dataclass(frozen=True)
 class JobSpec:
     """A registered job: topology, balance and how to solve its rounds.
@@ -85,8 +82,8 @@ class JobSpec:
                              f"got {self.job!r}")
         if not self.job.isprintable():
             raise ValueError(f"job must be printable, got {self.job!r}")
-        _positive_int("world_size", self.world_size)
-        _positive_int("samples_per_device", self.samples_per_device)
+        positive_int("world_size", self.world_size)
+        positive_int("samples_per_device", self.samples_per_device)
         if self.world_size != self.topology.devices:
             raise ValueError(
                 f"world_size={self.world_size} must equal nodes x gpus_per_node = "
@@ -304,16 +301,23 @@ class Coordinator:
         max_jobs: int = 64,
         max_pending: int = 16,
         finished_memory: int = 256,
+        max_world_size: int = 1024,
+        max_report_cells: int = 1 << 20,
         observer: RoundObserver | None = None,
+        experts: ExpertAdvisors | None = None,
     ) -> None:
         self._solve_fn = solve_fn
+        # Expert placement advisors: windows of round counts, expert maps in force per step.
+        self.experts = experts if experts is not None else ExpertAdvisors()
         self._executor = ThreadPoolExecutor(
-            max_workers=_positive_int("solver_threads", solver_threads),
+            max_workers=positive_int("solver_threads", solver_threads),
             thread_name_prefix="netmoe-solver",
         )
-        self._max_jobs = _positive_int("max_jobs", max_jobs)
-        self._max_pending = _positive_int("max_pending", max_pending)
-        self._finished_memory = _positive_int("finished_memory", finished_memory)
+        self._max_jobs = positive_int("max_jobs", max_jobs)
+        self._max_pending = positive_int("max_pending", max_pending)
+        self._finished_memory = positive_int("finished_memory", finished_memory)
+        self._max_world_size = positive_int("max_world_size", max_world_size)
+        self._max_report_cells = positive_int("max_report_cells", max_report_cells)
         self._observer: RoundObserver = observer or NullObserver()
         self._jobs: dict[str, _Job] = {}
         self._tasks: set[asyncio.Task[None]] = set()
@@ -327,6 +331,9 @@ class Coordinator:
 
     def register(self, spec: JobSpec) -> bool:
         """Adds a job; False if it exists with the same spec. Raises JobConflict / JobLimit."""
+        t = spec.topology
+        self.check_limits(spec.job, world_size=spec.world_size, devices=t.devices,
+                          samples_per_device=spec.samples_per_device, experts=t.experts)
         old = self._jobs.get(spec.job)
         if old is not None:
             if old.spec != spec:
@@ -335,7 +342,25 @@ class Coordinator:
         if len(self._jobs) >= self._max_jobs:
             raise JobLimit(f"job {spec.job!r}: the server already holds max_jobs={self._max_jobs}")
         self._jobs[spec.job] = _Job(spec)
+        self.experts.add(spec.job, spec.topology)
         return True
+
+    def check_limits(
+        self, job: str, *, world_size: int, devices: int, samples_per_device: int, experts: int
+    ) -> None:
+        """Raises JobLimit naming the value and the limit. Cheap on raw numbers, so it runs
+        before a spec is built (a Topology allocates arrays of devices and experts)."""
+        for name, value in (("world_size", world_size), ("nodes x gpus_per_node", devices)):
+            if value > self._max_world_size:
+                raise JobLimit(f"job {job!r}: {name}={value} exceeds the server's "
+                               f"max_world_size={self._max_world_size}")
+        cells = max(samples_per_device, 1) * experts
+        if cells > self._max_report_cells:
+            raise JobLimit(
+                f"job {job!r}: samples_per_device x experts = {samples_per_device} x {experts} = "
+                f"{cells} per report exceeds the server's max_report_cells="
+                f"{self._max_report_cells}"
+            )
 
     def unregister(self, job: str) -> None:
         """Forgets a job; its waiting ranks get fallbacks. Raises KeyError if unknown."""
@@ -343,6 +368,7 @@ class Coordinator:
         for rnd in list(state.pending.values()):
             self._finish(state, rnd, Outcome(UNREGISTERED, f"job {job!r} was unregistered"))
         del self._jobs[job]
+        self.experts.remove(job)
 
     def close(self) -> None:
         """Answers every waiting rank with a fallback and stops the solver threads."""
@@ -442,8 +468,9 @@ class Coordinator:
         except ReportError:
             self._observer.round_finished(spec.job, INVALID, None, None)
             raise
+        self.experts.saw_step(spec.job, head.step)
         fut = asyncio.get_running_loop().run_in_executor(
-            self._executor, self._run_solver, spec, mats, None
+            self._executor, self._run_solver, spec, mats, None, head.key
         )
         try:
             plan = await asyncio.wait_for(asyncio.shield(fut), spec.deadline)
@@ -467,6 +494,7 @@ class Coordinator:
                 INCOMPLETE, f"evicted: job {state.spec.job!r} has max_pending={self._max_pending} "
                             f"open rounds"))
         rnd = _Round(key)
+        self.experts.saw_step(state.spec.job, key[0])
         rnd.timer = asyncio.get_running_loop().call_later(
             state.spec.deadline, self._expire, state, rnd
         )
@@ -493,7 +521,8 @@ class Coordinator:
             return
         loop = asyncio.get_running_loop()
         try:
-            plan = await loop.run_in_executor(self._executor, self._run_solver, spec, rnd.mats, rnd)
+            plan = await loop.run_in_executor(self._executor, self._run_solver, spec, rnd.mats, rnd,
+                                              rnd.key)
         except ValueError as err:
             outcome = Outcome(INVALID, f"solver rejected the round: {err}")
         except Exception as err:  # a solver bug must not leave ranks waiting for the deadline
@@ -510,15 +539,20 @@ class Coordinator:
     def _run_solver(
         self, spec: JobSpec, mats: tuple[np.ndarray, np.ndarray, np.ndarray | None],
         rnd: _Round | None,
+        key: Key,
     ) -> Plan | None:
         if rnd is not None and rnd.done:
             return None
         _, gather, scatter = mats
         home = np.repeat(np.arange(spec.world_size, dtype=np.int64), spec.samples_per_device)
-        return self._solve_fn(
-            spec.topology, gather, scatter, home=home, objective=spec.objective,
-            method=spec.method, time_limit=spec.deadline,
+        topo, scatter_topo = self.experts.topologies(spec.job, key) or (spec.topology, None)
+        extra = {} if scatter_topo is None else {"scatter_topology": scatter_topo}
+        plan = self._solve_fn(
+            topo, gather, scatter, home=home, objective=spec.objective,
+            method=spec.method, time_limit=spec.deadline, **extra,
         )
+        self.experts.observe(spec.job, key, mats[0], gather, scatter, plan.after)
+        return plan
 
     def _observe_late_solve(self, fut: asyncio.Future[Plan | None]) -> None:
         if not fut.cancelled() and fut.exception() is None and fut.result() is not None:

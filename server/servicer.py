@@ -18,6 +18,8 @@ from netmoe.protos import placement_pb2 as pb
 from netmoe.protos import placement_pb2_grpc
 from netmoe.solver import Topology, Traffic
 
+from .experts_service import ExpertPlacementRPCs
+from .interceptors import MalformedRequest
 from .metrics import Metrics
 from .rounds import Coordinator, JobConflict, JobLimit, JobSpec, RankPlan, Report, ReportError
 
@@ -92,7 +94,7 @@ class _StreamAbort:
         self.message = message
 
 
-class PlacementServicer(placement_pb2_grpc.PlacementServiceServicer):
+class PlacementServicer(ExpertPlacementRPCs, placement_pb2_grpc.PlacementServiceServicer):
     def __init__(self, coordinator: Coordinator, metrics: Metrics) -> None:
         self._coord = coordinator
         self._metrics = metrics
@@ -101,6 +103,12 @@ class PlacementServicer(placement_pb2_grpc.PlacementServiceServicer):
         self, request: pb.RegisterJobRequest, context: grpc.aio.ServicerContext
     ) -> pb.RegisterJobResponse:
         try:
+            t = request.spec.topology
+            self._coord.check_limits(
+                request.job, world_size=request.spec.world_size,
+                devices=t.nodes * t.gpus_per_node,
+                samples_per_device=request.spec.samples_per_device, experts=t.experts,
+            )
             spec = spec_from_proto(request.job, request.spec)
             created = self._coord.register(spec)
         except JobConflict as err:
@@ -178,31 +186,35 @@ class PlacementServicer(placement_pb2_grpc.PlacementServiceServicer):
             if outstanding == 0:
                 all_answered.set()
 
-        async for msg in request_iterator:
-            report = report_from_proto(msg)
-            if bound is None:
+        try:
+            async for msg in request_iterator:
+                report = report_from_proto(msg)
+                if bound is None:
+                    try:
+                        self._coord.check_binding(report)
+                    except ReportError as err:
+                        queue.put_nowait(_StreamAbort(grpc.StatusCode.INVALID_ARGUMENT,
+                                                      f"first report of the stream: {err}"))
+                        return
+                    bound = (report.job, report.rank)
+                elif (report.job, report.rank) != bound:
+                    queue.put_nowait(invalid_plan(msg, (
+                        f"job/rank ({report.job!r}, {report.rank}) differs from ({bound[0]!r}, "
+                        f"{bound[1]}) this stream is bound to by its first report"
+                    )))
+                    continue
+                outstanding += 1
+                all_answered.clear()
                 try:
-                    self._coord.check_binding(report)
+                    self._coord.submit(report, deliver)
                 except ReportError as err:
-                    queue.put_nowait(_StreamAbort(grpc.StatusCode.INVALID_ARGUMENT,
-                                                  f"first report of the stream: {err}"))
-                    return
-                bound = (report.job, report.rank)
-            elif (report.job, report.rank) != bound:
-                queue.put_nowait(invalid_plan(msg, (
-                    f"job/rank ({report.job!r}, {report.rank}) differs from ({bound[0]!r}, "
-                    f"{bound[1]}) this stream is bound to by its first report"
-                )))
-                continue
-            outstanding += 1
-            all_answered.clear()
-            try:
-                self._coord.submit(report, deliver)
-            except ReportError as err:
-                outstanding -= 1
-                if outstanding == 0:
-                    all_answered.set()
-                queue.put_nowait(invalid_plan(msg, str(err)))
+                    outstanding -= 1
+                    if outstanding == 0:
+                        all_answered.set()
+                    queue.put_nowait(invalid_plan(msg, str(err)))
+        except MalformedRequest as err:  # bytes that are no Report: nothing to answer on
+            queue.put_nowait(_StreamAbort(grpc.StatusCode.INVALID_ARGUMENT, str(err)))
+            return
         await all_answered.wait()
         queue.put_nowait(_StreamEnd())
 

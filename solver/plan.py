@@ -167,7 +167,9 @@ def _scatter_topology(topo: Topology, other: Topology | None) -> Topology:
         return topo
     if not isinstance(other, Topology):
         raise ValueError(f"scatter_topology must be a Topology, got {type(other).__name__}")
-    if other.with_experts(topo.expert_device) != topo:
+    same_shape = (other.nodes, other.gpus_per_node, other.experts) == (
+        topo.nodes, topo.gpus_per_node, topo.experts)
+    if not same_shape or other.with_experts(topo.expert_device) != topo:
         raise ValueError(
             f"scatter_topology must describe the same cluster as topo except the expert map, got "
             f"nodes={other.nodes}, gpus_per_node={other.gpus_per_node}, experts={other.experts} "

@@ -73,9 +73,10 @@ def test_all_to_all_bytes_on_veths_match_inter_node_payload(tmp_path: Path) -> N
         sent = int(inter[node == n][:, node != n].sum())  # payload node n puts on its link
         assert sent == channel_bytes(inter, G)[1] // NODES
         for tx, rx in zip(calls["inter"]["tx"][n], calls["inter"]["rx"][n], strict=True):
-            # headers (GSO: one per super-packet), ACKs and barrier bytes: a few percent
-            assert sent <= tx <= sent * 1.05
-            assert sent <= rx <= sent * 1.05
+            # headers (GSO: one per super-packet), ACKs and barrier bytes: a few percent, more
+            # with retransmissions when the 2 cores are busy (7% seen under load)
+            assert sent <= tx <= sent * 1.10
+            assert sent <= rx <= sent * 1.10
         # intra-node bytes go over lo, never the veth: only barriers and ACK-sized noise
         assert max(calls["intra"]["tx"][n]) < 64 * 1024
         total = end[n].tx - base[n].tx
@@ -143,9 +144,9 @@ def test_bench_cluster_cli_measures_both_modes_and_cleans_up(tmp_path: Path) -> 
     links = _root_links()
     before = set(existing_namespaces())
     out = subprocess.run(
-        [sys.executable, "-m", "netmoe.cli", "bench", "cluster", "--quick", "--json",
-         "--gpus-per-node", "2", "--steps", "2", "--layers", "2", "--tokens", "64",
-         "--rate", "300", "--locality", "0.9", "--out", str(tmp_path / "report")],
+        [sys.executable, "-m", "netmoe.cli", "bench", "cluster", "--workload", "synthetic",
+         "--quick", "--json", "--gpus-per-node", "2", "--steps", "2", "--layers", "2",
+         "--tokens", "64", "--rate", "300", "--locality", "0.9", "--out", str(tmp_path / "report")],
         capture_output=True, text=True, timeout=300, check=False)
     assert out.returncode == 0, out.stderr
     r = json.loads(out.stdout)

@@ -1,0 +1,336 @@
+"""Real MoE training on the emulated cluster: home, sample placement, expert + sample placement.
+
+The bench process (server side, it may use the solver) prepares and measures; the training ranks
+run ``python -m netmoe.client.train`` inside the node namespaces of a ``netmoe.testbed.Testbed``:
+
+1. The demo's cached warm-up checkpoint (``netmoe demo``'s pre-training) is the starting model.
+2. Fit: one process on 127.0.0.1 trains ``fit_steps`` further steps from it and records the
+   routing; ``netmoe.solver.experts.fit_experts`` fits an expert-to-device map per layer on it.
+   The measured runs use later batches, so the map is judged on held-out data.
+3. Calibration: the alpha-beta model is fitted on probe All-to-Alls (netmoe.calibrate).
+4. ``netmoe serve`` runs in node 0's namespace on its veth address; every run trains the same
+   steps from the same checkpoint and seed, once per mode: "home" (no plans), "sample" (plans
+   from the service), "experts" (the fitted map in force from the start, plans from the service).
+   The experts mode builds the model with an expert order (netmoe.client.model): slot v of layer
+   l holds the original expert order[l][v], and slot v lives on rank v // (E / J), so the
+   service's default expert layout is exactly the fitted map and the function is unchanged.
+
+Each rank records every tagged All-to-All (CommStats.calls, with a barrier before it so rank
+skew is not counted); a call's wall time is max(end) - min(start) over ranks. The first rank of
+each node reads its veth's byte counters around the forward+backward part and around the
+gradient all-reduce of every step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shlex
+import statistics
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+PHASES = ("dispatch", "combine", "dispatch_bwd", "combine_bwd", "move", "move_bwd")
+SERVER_PORT = 50051
+_READY = """
+import sys, grpc
+ch = grpc.insecure_channel(sys.argv[1])
+grpc.channel_ready_future(ch).result(timeout=float(sys.argv[2]))
+"""
+
+
+@dataclass(frozen=True)
+class Call:
+    """One All-to-All of one step, seen from all ranks.
+
+    seconds: max(end) - min(start) over ranks; send: int64 [J, J] bytes rank r sent to rank q.
+    """
+
+    step: int
+    layer: int
+    phase: str
+    seconds: float
+    send: np.ndarray
+
+
+def align_calls(per_rank: Sequence[Sequence[Sequence[Any]]]) -> list[Call]:
+    """Joins the ranks' CommStats.calls records (same collective order on every rank).
+
+    per_rank: for each rank r, its records (step, layer, phase, start, end, bytes [J]).
+    Raises ValueError if the ranks disagree on the number or identity of calls.
+    """
+    counts = {len(c) for c in per_rank}
+    if len(counts) != 1:
+        raise ValueError(f"ranks recorded different numbers of calls: {sorted(counts)}")
+    out = []
+    for k, records in enumerate(zip(*per_rank, strict=True)):
+        keys = {(int(r[0]), int(r[1]), str(r[2])) for r in records}
+        if len(keys) != 1:
+            raise ValueError(f"call {k} differs across ranks: {sorted(keys)}")
+        step, layer, phase = keys.pop()
+        starts = [float(r[3]) for r in records]
+        ends = [float(r[4]) for r in records]
+        send = np.asarray([r[5] for r in records], dtype=np.int64)
+        out.append(Call(step, layer, phase, max(ends) - min(starts), send))
+    return out
+
+
+def summarize_mode(results: Sequence[dict[str, Any]], cal: Any, gpus_per_node: int,
+                   ) -> dict[str, Any]:
+    """Per-mode figures from the per-rank results of ``netmoe.client.train`` (rank order).
+
+    Medians over steps of: All-to-All wall time per step and per (layer, phase), the model's
+    prediction (cal: a netmoe.calibrate.Calibration, or None), payload bytes per channel,
+    inter-node link bytes (veth counters of each node's first rank, tx summed over nodes) of the
+    forward+backward part and of the gradient all-reduce; step time is the slowest rank's.
+    """
+    from netmoe.calibrate import channel_bytes
+
+    steps = len(results[0]["loss"])
+    calls = align_calls([r["a2a_calls"] for r in results])
+    per_step = np.zeros(steps)
+    predicted = np.zeros(steps)
+    inter_payload = np.zeros(steps)
+    intra_payload = np.zeros(steps)
+    by_key: dict[tuple[int, str], np.ndarray] = defaultdict(lambda: np.zeros((3, steps)))
+    for c in calls:
+        intra_b, inter_b = channel_bytes(c.send, gpus_per_node)
+        model = cal.predict(intra_b, inter_b) if cal is not None else float("nan")
+        per_step[c.step] += c.seconds
+        predicted[c.step] += model
+        inter_payload[c.step] += inter_b
+        intra_payload[c.step] += intra_b
+        by_key[(c.layer, c.phase)][:, c.step] += (c.seconds, model, inter_b)
+    rows = [{"name": f"L{layer}-{phase}" if layer >= 0 else phase, "layer": layer,
+             "phase": phase, "measured_seconds": float(np.median(v[0])),
+             "predicted_seconds": float(np.median(v[1])),
+             "payload_inter_bytes": int(np.median(v[2]))}
+            for (layer, phase), v in sorted(by_key.items(),
+                                            key=lambda kv: (kv[0][0] < 0, kv[0][0],
+                                                            PHASES.index(kv[0][1])))]
+    step_seconds = np.max([r["step_seconds"] for r in results], axis=0)
+    heads = [r["link_counters"] for r in results if r["link_counters"]]
+    link = np.asarray(heads, dtype=np.int64).reshape(len(heads), steps, 3, 2)
+    fwd_bwd = (link[:, :, 1] - link[:, :, 0])[..., 0].sum(axis=0)  # tx over nodes, per step
+    allreduce = (link[:, :, 2] - link[:, :, 1])[..., 0].sum(axis=0)
+    measured = float(np.median(per_step))
+    model = float(np.median(predicted))
+    out: dict[str, Any] = {
+        "a2a_seconds_per_step": measured,
+        "a2a_seconds_iterations": per_step.tolist(),
+        "step_seconds": float(np.median(step_seconds)),
+        "step_seconds_iterations": step_seconds.tolist(),
+        "inter_node_bytes": int(np.median(fwd_bwd)),
+        "inter_node_bytes_per_link": [int(x) for x in
+                                      np.median(link[:, :, 1, 0] - link[:, :, 0, 0], axis=1)],
+        "allreduce_inter_node_bytes": int(np.median(allreduce)),
+        "payload_inter_bytes": int(np.median(inter_payload)),
+        "payload_intra_bytes": int(np.median(intra_payload)),
+        "predicted_a2a_seconds": model,
+        "model_error": model / measured - 1.0,
+        "loss": results[0]["loss"],
+        "calls": rows,
+    }
+    if "plan_wait_seconds" in results[0]:
+        wait = statistics.fmean(r["plan_wait_seconds"] for r in results) / steps
+        reply = statistics.fmean(r["reply_seconds"] for r in results) / steps
+        solve = [s for s in results[0]["solve_seconds"] if s > 0]
+        out.update(
+            plan_wait_seconds_per_step=wait,
+            plan_reply_seconds_per_step=reply,
+            plan_agree_seconds_per_step=wait - reply,
+            plan_wait_fraction=wait / out["step_seconds"],
+            submit_seconds_per_step=statistics.fmean(r["submit_seconds"] for r in results)
+            / steps,
+            solver_ms_median=1e3 * statistics.median(solve) if solve else 0.0,
+            fallbacks=max(r["fallbacks"] for r in results),
+            fallback_reasons=results[0]["fallback_reasons"],
+            moved_per_plan=results[0]["moved"] / max(results[0]["plans"], 1),
+        )
+    return out
+
+
+def expert_order(maps: np.ndarray) -> tuple[tuple[int, ...], ...]:
+    """Per layer, the original expert in each slot: maps int [L, E] (device of each expert,
+    E/J per device) -> order with order[l][v] on device v // (E/J), i.e. maps[l][order[l][v]]."""
+    return tuple(tuple(int(e) for e in np.argsort(m, kind="stable")) for m in np.asarray(maps))
+
+
+def fit_order(trace_path: Path, cfg: Any, starts: int) -> tuple[tuple[tuple[int, ...], ...],
+                                                                 dict[str, Any]]:
+    """Fits expert maps on a recorded trace (one round per recorded step) for cfg's topology."""
+    from netmoe.solver import Topology
+    from netmoe.solver.experts import fit_experts
+    from netmoe.trace import load_trace, sample_counts
+
+    topo = Topology(nodes=cfg.nodes, gpus_per_node=cfg.gpus_per_node, experts=cfg.experts)
+    counts = sample_counts(load_trace(trace_path), cfg.experts)  # [L, rounds * I, E]
+    big_i = cfg.global_samples
+    rounds = [counts[:, r * big_i:(r + 1) * big_i] for r in range(counts.shape[1] // big_i)]
+    fit = fit_experts(topo, rounds, starts=starts, seed=cfg.seed)
+    info = {"rounds": len(rounds), "objective_inter_intra": list(fit.objective),
+            "history": [list(h) for h in fit.history], "maps": [list(m) for m in fit.maps]}
+    return expert_order(fit.array()), info
+
+
+def _record_fit_trace(cfg: Any, steps: int, path: Path) -> None:
+    """Trains ``steps`` steps in one process from cfg's checkpoint, recording the routing."""
+    from netmoe.client.launch import run_ranks
+
+    single = dataclasses.replace(
+        cfg, nodes=1, gpus_per_node=1, experts_per_device=cfg.experts,
+        samples_per_device=cfg.global_samples, steps=steps, placement="home", server="",
+        record_trace=str(path), data_offset=cfg.data_offset - steps, threads=2,
+        a2a_sync=False, link_counters=False,
+    )  # fmt: skip
+    run_ranks(single)
+
+
+def _train_in_testbed(tb: Any, cfg: Any, work: Path, name: str, port: int) -> list[dict]:
+    """One run: cfg.world ranks in the node namespaces; returns per-rank results."""
+    from netmoe.testbed import TestbedError
+
+    run_dir = work / name
+    run_dir.mkdir()
+    (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg)))
+    cmd = (f"exec {shlex.quote(sys.executable)} -m netmoe.client.train --config "
+           f"@{shlex.quote(str(run_dir / 'config.json'))} --out "
+           f"{shlex.quote(str(run_dir))}/rank\"$RANK\".json")
+    procs = tb.launch_ranks(cfg.gpus_per_node, ["sh", "-c", cmd], run_dir / "logs",
+                            env={"MASTER_PORT": str(port), "OMP_NUM_THREADS": str(cfg.threads)})
+    try:
+        tb.wait(procs, timeout=900, log_dir=run_dir / "logs")
+    except TestbedError as err:
+        raise TestbedError(f"{name} run: {err}") from err
+    return [json.loads((run_dir / f"rank{r}.json").read_text()) for r in range(cfg.world)]
+
+
+def _start_server(tb: Any, work: Path) -> str:
+    """``netmoe serve`` in node 0's namespace on its veth address; returns host:port once up."""
+    address = f"{tb.address(0)}:{SERVER_PORT}"
+    with open(work / "server.log", "wb") as log:  # the server keeps its own descriptor
+        tb.launch(0, [sys.executable, "-m", "netmoe.cli", "serve", "--host", tb.address(0),
+                      "--port", str(SERVER_PORT), "--metrics-port", "-1",
+                      "--log-level", "WARNING"],
+                  env={"NETMOE_ALLOW_REMOTE": "1"}, stdout=log, stderr=log)
+    probe = tb.launch(0, [sys.executable, "-c", _READY, address, "60"])
+    tb.wait([probe], timeout=90)
+    return address
+
+
+def _calibrate(tb: Any, work: Path, g: int, sizes: Sequence[int], iters: int) -> Any:
+    from netmoe.a2a_probe import write_workload
+    from netmoe.calibrate import calibrate, calibration_calls
+
+    write_workload(work / "calibration.json", calibration_calls(tb.config.nodes, g, sizes), g)
+    procs = tb.launch_ranks(g, [sys.executable, "-m", "netmoe.a2a_probe", "--workload",
+                                str(work / "calibration.json"), "--iters", str(iters),
+                                "--out", str(work / "calibration-result.json")],
+                            work / "calibration-logs", env={"MASTER_PORT": "29400"})
+    tb.wait(procs, timeout=600, log_dir=work / "calibration-logs")
+    return calibrate(json.loads((work / "calibration-result.json").read_text()))
+
+
+def run_bench(base: Any, *, rate_mbit: float, ratio: float, warmup_steps: int, fit_steps: int,
+              objectives: Sequence[str], starts: int, sizes: Sequence[int],
+              calibration_iters: int) -> dict[str, Any]:
+    """The whole training bench; base: TrainConfig of the measured runs (steps, shape, seed).
+
+    Returns the report dict (see netmoe.bench_cluster for the keys)."""
+    from netmoe.calibrate import calibration_dict
+    from netmoe.client.data import load_corpus
+    from netmoe.demo import _pretrain
+    from netmoe.testbed import Testbed, TestbedConfig
+
+    started = time.monotonic()
+    load_corpus(base.vocab, base.cache_dir or None)  # built once here; ranks read the cache
+    if warmup_steps:
+        base = dataclasses.replace(base, init_checkpoint=_pretrain(base, warmup_steps))
+    cfg = dataclasses.replace(base, data_offset=warmup_steps + fit_steps, a2a_sync=True,
+                              link_counters=True)
+    modes: dict[str, dict[str, Any]] = {}
+    with tempfile.TemporaryDirectory(prefix="netmoe-cluster-train-") as tmp:
+        work = Path(tmp)
+        t0 = time.monotonic()
+        _record_fit_trace(cfg, fit_steps, work / "fit-trace.npz")
+        order, fit_info = fit_order(work / "fit-trace.npz", cfg, starts)
+        fit_info["seconds"] = time.monotonic() - t0
+        tb_cfg = TestbedConfig(nodes=cfg.nodes, rate_mbit=rate_mbit,
+                               intra_rate_mbit=rate_mbit * ratio)
+        with Testbed(tb_cfg) as tb:
+            cal = _calibrate(tb, work, cfg.gpus_per_node, sizes, calibration_iters)
+            server = _start_server(tb, work)
+            runs: list[tuple[str, Any]] = [("home", cfg)]
+            for objective in objectives:
+                suffix = "" if objective == objectives[0] else f"-{objective}"
+                place = dataclasses.replace(cfg, placement="service", server=server,
+                                            objective=objective)
+                runs.append((f"sample{suffix}",
+                             dataclasses.replace(place, job=f"sample{suffix}")))
+                runs.append((f"experts{suffix}",
+                             dataclasses.replace(place, job=f"experts{suffix}",
+                                                 expert_order=order)))
+            for k, (name, run_cfg) in enumerate(runs):
+                results = _train_in_testbed(tb, run_cfg, work, name, 29500 + k)
+                modes[name] = summarize_mode(results, cal, cfg.gpus_per_node)
+                modes[name]["objective"] = run_cfg.objective if name != "home" else None
+    return _report(modes, cal, calibration_dict(cal), cfg, fit_info, rate_mbit, ratio,
+                   warmup_steps, fit_steps, time.monotonic() - started)
+
+
+def _report(modes: dict[str, dict[str, Any]], cal: Any, cal_dict: dict, cfg: Any,
+            fit_info: dict, rate: float, ratio: float, warmup: int, fit_steps: int,
+            wall: float) -> dict[str, Any]:
+    home = modes["home"]
+    for m in modes.values():
+        m["speedup_a2a"] = home["a2a_seconds_per_step"] / m["a2a_seconds_per_step"]
+        m["speedup_step"] = home["step_seconds"] / m["step_seconds"]
+        m["inter_bytes_reduction"] = 1.0 - m["inter_node_bytes"] / home["inter_node_bytes"]
+        m["payload_inter_reduction"] = 1.0 - m["payload_inter_bytes"] / home[
+            "payload_inter_bytes"]
+        m["max_loss_rel_diff"] = max(abs(a - b) / abs(b) for a, b in
+                                     zip(m["loss"], home["loss"], strict=True))
+    placed = [k for k in modes if k != "home"]
+    best = min(placed, key=lambda k: modes[k]["a2a_seconds_per_step"])
+    objectives: dict[str, str] = {}
+    for kind in ("sample", "experts"):
+        cands = [k for k in placed if k.split("-")[0] == kind]
+        if len(cands) > 1:
+            win = min(cands, key=lambda k: modes[k]["a2a_seconds_per_step"])
+            objectives[kind] = modes[win]["objective"]
+    exp = modes.get("experts", modes[best])
+    return {
+        "home": home,
+        "netmoe": modes[best],
+        "best_mode": best,
+        "speedup_a2a": modes[best]["speedup_a2a"],
+        "inter_bytes_reduction": modes[best]["inter_bytes_reduction"],
+        "modes": modes,
+        "objective_winner": objectives,
+        "targets": {
+            "inter_bytes_reduction_ge_30pct": exp["inter_bytes_reduction"] >= 0.30,
+            "speedup_a2a_ge_1_3": exp["speedup_a2a"] >= 1.3,
+            "plan_wait_lt_5pct": exp.get("plan_wait_fraction", 0.0) < 0.05,
+        },
+        "expert_fit": fit_info,
+        "workload": "training",
+        "objective": modes[placed[0]]["objective"],
+        "config": {"nodes": cfg.nodes, "gpus_per_node": cfg.gpus_per_node, "rate_mbit": rate,
+                   "intra_rate_mbit": rate * ratio, "steps": cfg.steps,
+                   "samples_per_device": cfg.samples_per_device, "layers": cfg.layers,
+                   "tokens": cfg.seq_len, "d_model": cfg.d_model,
+                   "experts": cfg.experts, "top_k": cfg.top_k,
+                   "bytes_per_route": cfg.d_model * 4, "warmup_steps": warmup,
+                   "fit_steps": fit_steps, "data_offset": cfg.data_offset, "seed": cfg.seed},
+        "calibration": cal_dict,
+        "measured_ratio": cal.intra.bandwidth / cal.inter.bandwidth,
+        "wall_seconds": wall,
+    }

@@ -1,0 +1,352 @@
+"""Expert placement advisor of the service: per-job windows of round counts, fits, confirmed maps.
+
+Pure data plane, no gRPC. Every round the service solves feeds its counts to the job's window:
+report (step, l) carries, per sample, the gather routes of layer l and the predicted scatter routes
+of layer l+1, rows rank-major (the rows' home placement). The window keeps the latest steps,
+bounded in steps and in bytes.
+
+A fit needs `netmoe.solver.experts` rounds: [L, I, E] routes per layer, row i the same sample in
+every layer, because layer l's experts serve the scatter of pair (l-1, l) and the gather of pair
+(l, l+1). Samples move between layers, so rows are matched by the reports' sample ids, which must
+follow the samples (the client's Placement reports them so): a step enters a fit once all its
+layers are in with the same ids, each layer's real gather routes ordered by id. The predicted
+scatters are only what the planner sees; the fit uses the routes that happened. Fitted and
+replayed samples sit at home in id order, which changes no optimal route count.
+
+Confirmed maps: from a step on, round (step', l) is solved with layer l's map for its gather and
+layer l+1's for its scatter. Counts stay in the reports' expert ids, so the window stays valid
+across confirmations.
+
+Thread safety: rounds are observed from solver threads while fits and confirmations come from the
+event loop; one lock guards each advisor's state, and fits work on a copy.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+from netmoe.solver import Topology, Traffic, solve
+from netmoe.solver.experts import (
+    UNITS,
+    ExpertEvaluation,
+    Recommendation,
+    check_maps,
+    evaluate_experts,
+    fit_experts,
+    recommend,
+)
+from netmoe.solver.topology import positive_int
+
+Key = tuple[int, int]  # (step, layer)
+MAX_CONFIRMED = 8  # map versions remembered per job; older ones no round can need any more
+
+
+class NotEnoughData(Exception):
+    """The window cannot support a fit and a held-out evaluation (the message says why)."""
+
+
+class ConfirmError(ValueError):
+    """A confirmation that cannot be honoured; ``field`` names the offending field."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+@dataclass(frozen=True)
+class WindowLimits:
+    """max_steps: steps each job's window keeps; max_bytes: bytes of counts it keeps."""
+
+    max_steps: int = 32
+    max_bytes: int = 32 << 20
+
+    def __post_init__(self) -> None:
+        positive_int("max_steps", self.max_steps)
+        positive_int("max_bytes", self.max_bytes)
+
+
+@dataclass(frozen=True)
+class Realized:
+    """One round solved under confirmed maps: inter-node routes of its plan (joint) and of the
+    plan the registered expert map would have got (sample-only), gather + scatter."""
+
+    joint_inter: int
+    sample_only_inter: int
+
+
+@dataclass(frozen=True)
+class ExpertAdvice:
+    """RecommendExperts' answer. fit_steps, held_out_steps: (first, last) window steps; the
+    evaluation's rounds are held-out training steps."""
+
+    recommendation: Recommendation
+    evaluation: ExpertEvaluation
+    fit_steps: tuple[int, int]
+    held_out_steps: tuple[int, int]
+    window_bytes: int
+
+    @property
+    def predicted_inter_saving_per_step(self) -> float:
+        """Inter-node routes per training step (forward pass) joint saves over sample-only on
+        the held-out steps."""
+        return self.evaluation.inter_saving_per_step
+
+
+def _compact(counts: np.ndarray) -> np.ndarray:
+    """The smallest unsigned dtype holding counts [I, E] (routes per sample are small)."""
+    top = int(counts.max()) if counts.size else 0
+    return counts.astype(np.min_scalar_type(top), copy=False)
+
+
+class ExpertAdvisor:
+    """One job: its window, its confirmed maps. topology: the registered one (its map is in
+    force until a confirmation)."""
+
+    def __init__(self, topology: Topology, limits: WindowLimits) -> None:
+        self.topology = topology
+        self.limits = limits
+        self._lock = threading.Lock()
+        # step -> layer -> (sample ids [I] uint64, gather [I, E] in a compact dtype)
+        self._window: OrderedDict[int, dict[int, tuple[np.ndarray, np.ndarray]]] = OrderedDict()
+        self._bytes = 0
+        self._layers = 0  # MoE layers seen (1 + highest layer, + 1 if it sent a scatter)
+        self._last_step = -1  # highest step reported to the service (solved or not)
+        # (first step, [L, E] maps, per-layer Topology) in step order
+        self._confirmed: list[tuple[int, np.ndarray, tuple[Topology, ...]]] = []
+
+    # ------------------------------------------------------------------------------ the window
+
+    @property
+    def window_bytes(self) -> int:
+        return self._bytes
+
+    @property
+    def window_steps(self) -> int:
+        return len(self._window)
+
+    def saw_step(self, step: int) -> None:
+        """A report of `step` arrived (called before the round is solved)."""
+        with self._lock:
+            self._last_step = max(self._last_step, step)
+
+    def observe(self, key: Key, ids: np.ndarray, gather: np.ndarray, has_next: bool) -> None:
+        """Adds round (step, layer)'s ids [I] uint64 and gather routes [I, E] int64 (rows
+        rank-major); has_next: the round had a scatter (a next MoE layer). Evicts the oldest steps
+        beyond the limits; a step older than a full window's oldest is ignored."""
+        step, layer = key
+        g = _compact(gather)
+        ids = np.asarray(ids, dtype=np.uint64)
+        size = g.nbytes + ids.nbytes
+        with self._lock:
+            self._last_step = max(self._last_step, step)
+            if size > self.limits.max_bytes:
+                return
+            if self._window and step < next(iter(self._window)) and (
+                    len(self._window) >= self.limits.max_steps):
+                return
+            per_step = self._window.setdefault(step, {})
+            old = per_step.get(layer)
+            if old is not None:
+                self._bytes -= old[0].nbytes + old[1].nbytes
+            per_step[layer] = (ids, g)
+            self._bytes += size
+            self._layers = max(self._layers, layer + 1 + bool(has_next))
+            if len(self._window) > 1 and step < next(reversed(self._window)):
+                self._window = OrderedDict(sorted(self._window.items()))
+            while len(self._window) > self.limits.max_steps or self._bytes > self.limits.max_bytes:
+                _, dropped = self._window.popitem(last=False)
+                self._bytes -= sum(a.nbytes + b.nbytes for a, b in dropped.values())
+
+    @staticmethod
+    def _round(per_layer: dict[int, tuple[np.ndarray, np.ndarray]], layers: int
+               ) -> np.ndarray | None:
+        """[L, I, E] int64 routes of one step, rows by sample id; None if a layer is missing or
+        the layers' ids differ."""
+        if sorted(per_layer) != list(range(layers)):
+            return None
+        first = np.sort(per_layer[0][0])
+        out = []
+        for layer in range(layers):
+            ids, g = per_layer[layer]
+            order = np.argsort(ids, kind="stable")
+            if not np.array_equal(ids[order], first):
+                return None
+            out.append(g[order].astype(np.int64))
+        return np.stack(out)
+
+    # ---------------------------------------------------------------------------- confirmed maps
+
+    def current_maps(self) -> np.ndarray:
+        """[L, E] int64: the maps in force for the next step (L = layers seen, at least 2)."""
+        with self._lock:
+            return self._maps_at(self._last_step + 1, max(self._layers, 2))
+
+    def _maps_at(self, step: int, layers: int) -> np.ndarray:
+        for first, maps, _ in reversed(self._confirmed):
+            if first <= step:
+                return maps
+        return np.tile(self.topology.expert_device, (layers, 1))
+
+    def topologies(self, key: Key) -> tuple[Topology, Topology | None]:
+        """(gather topology, scatter topology or None for "the same") of round (step, layer)."""
+        step, layer = key
+        with self._lock:
+            for first, _, topos in reversed(self._confirmed):
+                if first <= step:
+                    if layer >= len(topos):
+                        break
+                    return topos[layer], topos[layer + 1] if layer + 1 < len(topos) else None
+        return self.topology, None
+
+    def confirm(self, step: int, maps: object) -> None:
+        """Puts maps ([L, E] device of each expert per layer) in force from step on. Raises
+        ConfirmError naming the field when step is not after every reported step, or maps have
+        fewer layers than reported, or change a device's number of experts."""
+        topo = self.topology
+        with self._lock:
+            if step <= self._last_step:
+                raise ConfirmError(
+                    "step", f"step={step} must come after step {self._last_step}, already "
+                            f"reported (plans already sent are never re-solved)")
+            arr = np.asarray(maps)
+            layers = arr.shape[0] if arr.ndim == 2 else 0
+            if layers < max(self._layers, 1):
+                raise ConfirmError("maps", f"maps has {layers} layers of {topo.experts} experts, "
+                                           f"the job reported {self._layers} layers")
+            try:
+                checked = check_maps("maps", arr, topo, layers)
+            except ValueError as err:
+                raise ConfirmError("maps", str(err)) from None
+            want = np.bincount(topo.expert_device, minlength=topo.devices)
+            for layer, m in enumerate(checked):
+                have = np.bincount(m, minlength=topo.devices)
+                if (have != want).any():
+                    d = int(np.flatnonzero(have != want)[0])
+                    raise ConfirmError(
+                        "maps", f"maps[{layer}] puts {int(have[d])} experts on device {d}, the "
+                                f"job's topology has {int(want[d])} there")
+            checked.setflags(write=False)
+            topos = tuple(topo.with_experts(m) for m in checked)
+            self._confirmed = [c for c in self._confirmed if c[0] < step]
+            self._confirmed.append((step, checked, topos))
+            # Rounds run forward, so only the latest versions can still be needed.
+            del self._confirmed[:-MAX_CONFIRMED]
+
+    def realized(self, key: Key, gather: np.ndarray, scatter: np.ndarray | None,
+                 after: Traffic) -> Realized | None:
+        """For a round solved under confirmed maps: its inter-node routes and those of the plan
+        the registered map would have got. None when the registered map was in force."""
+        gtopo, stopo = self.topologies(key)
+        if gtopo is self.topology and stopo is None:
+            return None
+        base = solve(self.topology, gather, scatter)
+        return Realized(after.inter, base.after.inter)
+
+    # -------------------------------------------------------------------------------- the fit
+
+    def advise(
+        self,
+        *,
+        horizon_steps: int,
+        bytes_per_expert: int,
+        held_out_steps: int = 0,
+        unit: str = "seconds",
+        starts: int = 4,
+        seed: int = 0,
+    ) -> ExpertAdvice:
+        """Fits maps on the window's earlier steps, replays the latest held_out_steps (0: half)
+        and weighs the saving against the migration (netmoe.solver.experts.recommend).
+        Raises ValueError naming a bad argument, NotEnoughData when the window is too thin."""
+        horizon_steps = positive_int("horizon_steps", horizon_steps)
+        bytes_per_expert = positive_int("bytes_per_expert", bytes_per_expert)
+        held_out_steps = positive_int("held_out_steps", held_out_steps, minimum=0)
+        starts = positive_int("starts", starts, minimum=0)
+        if unit not in UNITS:
+            raise ValueError(f"unit must be one of {UNITS}, got {unit!r}")
+        with self._lock:
+            window = dict(self._window)  # arrays are never written after observe: no deep copy
+            layers = self._layers
+            current = self._maps_at(self._last_step + 1, max(layers, 2))
+            size = self._bytes
+        if layers < 2:
+            raise NotEnoughData(f"the job reported {layers} MoE layer(s); expert placement "
+                                f"needs rounds of at least 2 layers")
+        rounds = {step: self._round(window[step], layers) for step in sorted(window)}
+        steps = [step for step, r in rounds.items() if r is not None]
+        if len(steps) < 2:
+            raise NotEnoughData(
+                f"the window holds {len(steps)} complete step(s) (all {layers} layers reported "
+                f"with the same sample ids) of {len(window)}, need at least 2 (one to fit, one "
+                f"held out)")
+        held = held_out_steps or len(steps) // 2
+        if held >= len(steps):
+            raise ValueError(f"held_out_steps={held_out_steps} leaves nothing to fit: the window "
+                             f"holds {len(steps)} complete steps")
+        fit_steps, held_steps = steps[:-held], steps[-held:]
+        fit = fit_experts(self.topology, [rounds[s] for s in fit_steps], current=current,
+                          starts=starts, seed=seed)
+        evaluation = evaluate_experts(self.topology, [rounds[s] for s in held_steps],
+                                      fit.array(), current=current)
+        rec = recommend(self.topology, evaluation, bytes_per_expert=bytes_per_expert,
+                        horizon_steps=horizon_steps, unit=unit)  # type: ignore[arg-type]
+        return ExpertAdvice(rec, evaluation, (fit_steps[0], fit_steps[-1]),
+                            (held_steps[0], held_steps[-1]), size)
+
+
+class AdvisorObserver(Protocol):
+    """Receives what the metrics endpoint exports; called from solver threads."""
+
+    def window_changed(self, job: str, window_bytes: int, window_steps: int) -> None: ...
+
+    def round_realized(self, job: str, realized: Realized) -> None: ...
+
+
+class ExpertAdvisors:
+    """The advisors of every registered job."""
+
+    def __init__(
+        self, limits: WindowLimits | None = None, observer: AdvisorObserver | None = None
+    ) -> None:
+        self.limits = limits or WindowLimits()
+        self._observer = observer
+        self._jobs: dict[str, ExpertAdvisor] = {}
+
+    def add(self, job: str, topology: Topology) -> None:
+        self._jobs.setdefault(job, ExpertAdvisor(topology, self.limits))
+
+    def remove(self, job: str) -> None:
+        self._jobs.pop(job, None)
+
+    def get(self, job: str) -> ExpertAdvisor | None:
+        return self._jobs.get(job)
+
+    def saw_step(self, job: str, step: int) -> None:
+        adv = self._jobs.get(job)
+        if adv is not None:
+            adv.saw_step(step)
+
+    def topologies(self, job: str, key: Key) -> tuple[Topology, Topology | None] | None:
+        """None when the job has no advisor (the registered topology applies)."""
+        adv = self._jobs.get(job)
+        return None if adv is None else adv.topologies(key)
+
+    def observe(self, job: str, key: Key, ids: np.ndarray, gather: np.ndarray,
+                scatter: np.ndarray | None, after: Traffic | None) -> None:
+        """A round's sample ids [I] and counts ([I, E] int64, rank-major) and, when it was
+        solved, its plan's routes. Called from the solver thread right after the solve."""
+        adv = self._jobs.get(job)
+        if adv is None:
+            return
+        adv.observe(key, ids, gather, scatter is not None)
+        if self._observer is None:
+            return
+        self._observer.window_changed(job, adv.window_bytes, adv.window_steps)
+        if after is not None:
+            realized = adv.realized(key, gather, scatter, after)
+            if realized is not None:
+                self._observer.round_realized(job, realized)

@@ -1,0 +1,115 @@
+"""Authentication and transport security of the server: shared-token interceptor, TLS credentials.
+
+The token is a shared secret sent by clients as the metadata ``authorization: Bearer TOKEN``.
+Every method needs it except ``grpc.health.v1.Health/*``, which probes (Docker HEALTHCHECK,
+kubelet) call without secrets and which reveals nothing but SERVING / NOT_SERVING.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import grpc
+import grpc.aio
+
+from .config import ServerConfig, is_loopback
+
+log = logging.getLogger(__name__)
+
+HEALTH_PREFIX = "/grpc.health.v1.Health/"
+UNAUTHENTICATED_MESSAGE = "missing or wrong token: send metadata 'authorization: Bearer TOKEN'"
+
+
+async def _deny(request: Any, context: grpc.aio.ServicerContext) -> None:
+    await context.abort(grpc.StatusCode.UNAUTHENTICATED, UNAUTHENTICATED_MESSAGE)
+
+
+def _denying(handler: grpc.RpcMethodHandler | None) -> grpc.RpcMethodHandler:
+    """A handler of the same kind as ``handler`` that fails with UNAUTHENTICATED."""
+    if handler is None:  # unknown method: do not tell unauthenticated callers it does not exist
+        return grpc.unary_unary_rpc_method_handler(_deny)
+    ser = {
+        "request_deserializer": handler.request_deserializer,
+        "response_serializer": handler.response_serializer,
+    }
+    if handler.request_streaming and handler.response_streaming:
+        return grpc.stream_stream_rpc_method_handler(_deny, **ser)
+    if handler.request_streaming:
+        return grpc.stream_unary_rpc_method_handler(_deny, **ser)
+    if handler.response_streaming:
+        return grpc.unary_stream_rpc_method_handler(_deny, **ser)
+    return grpc.unary_unary_rpc_method_handler(_deny, **ser)
+
+
+class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
+    """UNAUTHENTICATED unless ``authorization`` is ``Bearer TOKEN`` (constant-time compare)."""
+
+    def __init__(self, token: str) -> None:
+        self._expected = f"Bearer {token}".encode("ascii")
+
+    def authorized(self, metadata: Any) -> bool:
+        for key, value in metadata or ():
+            if key == "authorization":
+                got = value.encode("utf-8") if isinstance(value, str) else bytes(value)
+                return hmac.compare_digest(got, self._expected)
+        return False
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler | None:
+        if handler_call_details.method.startswith(HEALTH_PREFIX) or self.authorized(
+            handler_call_details.invocation_metadata
+        ):
+            return await continuation(handler_call_details)
+        return _denying(await continuation(handler_call_details))
+
+
+def interceptors(config: ServerConfig) -> list[grpc.aio.ServerInterceptor]:
+    return [] if config.auth_token is None else [TokenAuthInterceptor(config.auth_token)]
+
+
+def _read(flag: str, path: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as err:
+        raise ValueError(f"{flag}={path!r} cannot be read: {err}") from None
+
+
+def server_credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
+    """TLS credentials from the PEM files of the config; None for plaintext."""
+    if config.tls_cert is None or config.tls_key is None:
+        return None
+    cert = _read("tls_cert", config.tls_cert)
+    key = _read("tls_key", config.tls_key)
+    ca = None if config.tls_client_ca is None else _read("tls_client_ca", config.tls_client_ca)
+    return grpc.ssl_server_credentials(
+        [(key, cert)],
+        root_certificates=ca,
+        require_client_auth=ca is not None,
+    )
+
+
+def describe(config: ServerConfig) -> str:
+    """How callers are authenticated, for the startup log (never the token itself)."""
+    parts = []
+    if config.tls_client_ca is not None:
+        parts.append("client certificates (mutual TLS)")
+    if config.auth_token is not None:
+        parts.append("bearer token")
+    return " + ".join(parts) or "none"
+
+
+def warn_if_exposed(config: ServerConfig) -> None:
+    """A service reachable from other machines without authentication deserves a warning."""
+    if not is_loopback(config.host) and config.auth_token is None and config.tls_client_ca is None:
+        log.warning(
+            "netmoe serve: gRPC bound to %s (not loopback) WITHOUT authentication: any host that "
+            "reaches it can register jobs and read plans; set --auth-token-file or "
+            "--tls-client-ca", config.host,
+        )

@@ -1,0 +1,101 @@
+"""Real training on the emulated cluster (root only) and the pure parts of its bench."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from netmoe.client.model import relabel_state
+from netmoe.cluster_train import align_calls, expert_order
+
+needs_root = pytest.mark.skipif(
+    os.geteuid() != 0 or shutil.which("ip") is None or shutil.which("tc") is None,
+    reason="needs root and iproute2 (ip, tc) for network namespaces")
+
+
+def test_align_calls_spans_earliest_start_to_latest_end() -> None:
+    rank0 = [(0, 1, "dispatch", 10.0, 10.5, [0, 8]), (0, 1, "combine", 11.0, 11.2, [4, 0])]
+    rank1 = [(0, 1, "dispatch", 10.2, 10.9, [16, 0]), (0, 1, "combine", 11.1, 11.3, [0, 0])]
+    calls = align_calls([rank0, rank1])
+    assert [(c.layer, c.phase) for c in calls] == [(1, "dispatch"), (1, "combine")]
+    assert calls[0].seconds == pytest.approx(0.9)
+    assert calls[1].seconds == pytest.approx(0.3)
+    assert calls[0].send.tolist() == [[0, 8], [16, 0]]
+    with pytest.raises(ValueError, match="call 1 differs"):
+        align_calls([rank0, [rank1[0], (0, 2, "combine", 11.1, 11.3, [0, 0])]])
+    with pytest.raises(ValueError, match="different numbers"):
+        align_calls([rank0, rank1[:1]])
+
+
+def test_expert_order_puts_each_expert_on_its_mapped_device() -> None:
+    maps = np.array([[3, 0, 1, 2, 0, 1, 2, 3], [0, 0, 1, 1, 2, 2, 3, 3]])  # 4 devices, 2 each
+    order = expert_order(maps)
+    for layer, perm in enumerate(order):
+        assert sorted(perm) == list(range(8))
+        assert [int(maps[layer][e]) for e in perm] == [v // 2 for v in range(8)]
+    assert order[1] == tuple(range(8))
+
+
+def test_relabel_state_moves_experts_and_router_rows_to_slots() -> None:
+    state = {
+        "blocks.0.moe.router.weight": torch.arange(6.0).reshape(3, 2),
+        "blocks.0.moe.experts.0.fc1.weight": torch.tensor([0.0]),
+        "blocks.0.moe.experts.1.fc1.weight": torch.tensor([1.0]),
+        "blocks.0.moe.experts.2.fc1.weight": torch.tensor([2.0]),
+        "head.weight": torch.tensor([7.0]),
+    }
+    out = relabel_state(state, [(2, 0, 1)])  # slot 0 holds expert 2, slot 1 expert 0, ...
+    assert out["blocks.0.moe.router.weight"].tolist() == [[4.0, 5.0], [0.0, 1.0], [2.0, 3.0]]
+    assert [float(out[f"blocks.0.moe.experts.{v}.fc1.weight"]) for v in range(3)] == [2, 0, 1]
+    assert float(out["head.weight"]) == 7.0
+
+
+def _root_links() -> list[str]:
+    out = subprocess.run(["ip", "-j", "link", "show"], capture_output=True, text=True, check=True)
+    return sorted(link["ifname"] for link in json.loads(out.stdout))
+
+
+@pytest.mark.root
+@needs_root
+def test_training_on_emulated_cluster_three_modes_equal_losses_and_cleanup(
+        tmp_path: Path) -> None:
+    from netmoe.testbed import existing_namespaces
+
+    links, before = _root_links(), set(existing_namespaces())
+    out = subprocess.run(
+        [sys.executable, "-m", "netmoe.cli", "bench", "cluster", "--quick", "--json",
+         "--gpus-per-node", "2", "--steps", "2", "--warmup-steps", "0", "--fit-steps", "2",
+         "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "report")],
+        capture_output=True, text=True, timeout=300, check=False)
+    assert out.returncode == 0, out.stderr[-3000:]
+    r = json.loads(out.stdout)
+    assert set(r["modes"]) == {"home", "sample", "experts"}
+    home = r["modes"]["home"]
+    assert len(home["loss"]) == 2
+    for name, m in r["modes"].items():
+        np.testing.assert_allclose(m["loss"], home["loss"], rtol=1e-5, err_msg=name)
+        assert m["a2a_seconds_per_step"] > 0 and m["step_seconds"] > m["a2a_seconds_per_step"]
+        # the veth counters see at least the All-to-All payload that crossed nodes
+        assert m["inter_node_bytes"] >= m["payload_inter_bytes"] > 0
+        assert {c["phase"] for c in m["calls"]} >= {"dispatch", "combine", "dispatch_bwd",
+                                                    "combine_bwd"}
+    for name in ("sample", "experts"):
+        m = r["modes"][name]
+        assert m["fallbacks"] == 0, m["fallback_reasons"]
+        assert 0 <= m["plan_reply_seconds_per_step"] <= m["plan_wait_seconds_per_step"]
+    assert r["netmoe"] == r["modes"][r["best_mode"]]
+    # the fitted map is in force: the experts run routes differently from the sample run
+    assert r["modes"]["experts"]["payload_inter_bytes"] != r["modes"]["sample"][
+        "payload_inter_bytes"]
+    assert {p.name for p in (tmp_path / "report").iterdir()} == {
+        "report.md", "result.json", "step_time.png", "inter_bytes.png", "predicted.png"}
+    assert set(existing_namespaces()) == before
+    assert _root_links() == links

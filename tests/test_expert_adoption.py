@@ -1,0 +1,165 @@
+"""Adopting an expert placement on real gloo groups (4 and 8 processes): experts and their Adam
+state move, routers are relabelled, and training goes on exactly as without the move."""
+
+from __future__ import annotations
+
+import os
+import traceback
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+from netmoe.client.dispatcher import Layout, TokenDispatcher
+from netmoe.client.experts import ExpertTable, OriginalIds, adopt
+from netmoe.client.launch import free_port
+from netmoe.client.model import ModelConfig, MoEGPT
+from netmoe.client.plan import SamplePlan
+
+SPD, STEPS, ADOPT_AT = 2, 5, 2
+
+
+class Recorder:
+    """Placement hook that keeps every rank's samples home and records the reported counts."""
+
+    def __init__(self, world: int) -> None:
+        self.world, self.seen = world, []
+
+    def submit(self, step, layer, gather, scatter):
+        self.seen.append((gather.clone(), None if scatter is None else scatter.clone()))
+
+    def wait(self, ticket) -> SamplePlan:
+        return SamplePlan.no_move(self.world, SPD)
+
+
+def _adam(opt: torch.optim.Optimizer, expert: torch.nn.Module) -> list[torch.Tensor]:
+    """fc1.weight, its exp_avg, exp_avg_sq and step (zeros if never stepped)."""
+    w = expert.fc1.weight
+    st = opt.state.get(w) or {"exp_avg": torch.zeros_like(w), "exp_avg_sq": torch.zeros_like(w),
+                              "step": torch.zeros(())}
+    return [w.detach().clone(), st["exp_avg"].clone(), st["exp_avg_sq"].clone(),
+            st["step"].clone()]
+
+
+def _step(model, opt, disp, tokens, world, hook=None) -> float:
+    result = model(tokens[:, :-1], disp, hook)
+    loss = F.cross_entropy(result.logits, tokens[:, 1:].reshape(-1), reduction="sum")
+    loss = loss / (world * tokens[:, 1:].numel())
+    opt.zero_grad(set_to_none=False)
+    loss.backward()
+    dense = model.dense_parameters()
+    flat = torch.cat([p.grad.reshape(-1) for p in dense] + [loss.detach().reshape(1)])
+    dist.all_reduce(flat)
+    offset = 0
+    for p in dense:
+        p.grad.copy_(flat[offset:offset + p.numel()].view_as(p))
+        offset += p.numel()
+    opt.step()
+    return float(flat[-1])
+
+
+def _worker(rank: int, world: int, port: int, errors: mp.Queue) -> None:
+    try:
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        torch.set_num_threads(1)
+        dist.init_process_group("gloo", rank=rank, world_size=world)
+        cfg = ModelConfig(vocab=64, d_model=16, heads=2, layers=3, ffn=24, experts=2 * world,
+                          top_k=2, seq_len=8)
+        layout = Layout(rank, world, 2, cfg.experts, SPD, cfg.seq_len)
+        disp = TokenDispatcher(layout)
+        moved = MoEGPT(cfg, layout.local_experts, seed=3)
+        still = MoEGPT(cfg, layout.local_experts, seed=3)
+        opt_m = torch.optim.AdamW(moved.parameters(), lr=1e-2)
+        opt_s = torch.optim.AdamW(still.parameters(), lr=1e-2)
+        old = ExpertTable.identity(cfg.layers, cfg.experts, world)
+        rng = np.random.default_rng(11)  # the same maps on every rank
+        maps = np.stack([rng.permutation(np.arange(cfg.experts) // 2) for _ in range(cfg.layers)])
+        new = old.relabel(maps)
+        assert new.maps().tolist() == maps.tolist()
+        table = old
+        for step in range(STEPS):
+            gen = torch.Generator().manual_seed(step)
+            batch = torch.randint(0, cfg.vocab, (world * SPD, cfg.seq_len + 1), generator=gen)
+            tokens = batch[rank * SPD:(rank + 1) * SPD]
+            if step == ADOPT_AT:
+                sent = adopt(moved.blocks, opt_m, old, new, rank)
+                table = new
+                leaving = sum(1 for layer in range(cfg.layers) for e in range(cfg.experts)
+                              if old.label[layer][e] // 2 == rank and maps[layer][e] != rank)
+                assert (sent > 0) == (leaving > 0), (sent, leaving)
+                # The same function: counts by original id equal those of the unmoved model.
+                rec_m, rec_s = Recorder(world), Recorder(world)
+                with torch.no_grad():
+                    out_m = moved(tokens[:, :-1], disp, OriginalIds(rec_m, table)).logits
+                    out_s = still(tokens[:, :-1], disp, rec_s).logits
+                torch.testing.assert_close(out_m, out_s, rtol=1e-5, atol=1e-6)
+                for (gm, sm), (gs, ss) in zip(rec_m.seen, rec_s.seen, strict=True):
+                    assert torch.equal(gm, gs)
+                    assert (sm is None and ss is None) or torch.equal(sm, ss)
+                # Expert e now sits on rank maps[l][e] under its new label, Adam state included.
+                for layer in range(cfg.layers):
+                    theirs = [None] * world
+                    dist.all_gather_object(theirs, {
+                        int(label): _adam(opt_s, ex) for label, ex in
+                        still.blocks[layer].moe.experts.items()})
+                    merged = {e: v for part in theirs for e, v in part.items()}
+                    for e in range(cfg.experts):
+                        if maps[layer][e] == rank:
+                            here = moved.blocks[layer].moe.experts[str(new.label[layer][e])]
+                            for got, want in zip(_adam(opt_m, here), merged[e], strict=True):
+                                torch.testing.assert_close(got, want, rtol=0, atol=0)
+            loss_m = _step(moved, opt_m, disp, tokens, world)
+            loss_s = _step(still, opt_s, disp, tokens, world)
+            assert abs(loss_m - loss_s) <= 1e-5 * abs(loss_s), (step, loss_m, loss_s)
+        # After training on, every expert's parameters match the unmoved run's (by original id);
+        # Adam divides by sqrt(exp_avg_sq), which magnifies summation-order noise of tiny grads.
+        for layer in range(cfg.layers):
+            mine_m = {e: moved.blocks[layer].moe.experts[str(new.label[layer][e])]
+                      for e in range(cfg.experts) if maps[layer][e] == rank}
+            got = [None] * world
+            dist.all_gather_object(got, {e: m.fc2.weight.detach().clone()
+                                         for e, m in mine_m.items()})
+            merged = {e: w for part in got for e, w in part.items()}
+            for label, expert in still.blocks[layer].moe.experts.items():
+                torch.testing.assert_close(merged[int(label)], expert.fc2.weight.detach(),
+                                           rtol=1e-3, atol=1e-4)
+        dist.destroy_process_group()
+    except BaseException:
+        errors.put(f"rank {rank}: {traceback.format_exc()}")
+        raise
+
+
+@pytest.mark.parametrize("world", [4, 8])
+def test_adopting_expert_maps_keeps_training_identical(world: int) -> None:
+    ctx = mp.get_context("spawn")
+    errors = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=_worker, args=(r, world, port, errors)) for r in range(world)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+    alive = [p for p in procs if p.is_alive()]
+    for p in alive:
+        p.kill()
+        p.join()
+    failures = []
+    while not errors.empty():
+        failures.append(errors.get())
+    assert not failures, failures[0]
+    assert not alive, "a rank hung"
+    assert [p.exitcode for p in procs] == [0] * world
+
+
+def test_relabel_keeps_staying_experts_and_names_bad_maps() -> None:
+    old = ExpertTable.identity(1, 8, 4)
+    new = old.relabel([[1, 0, 1, 0, 2, 2, 3, 3]])
+    assert new.maps().tolist() == [[1, 0, 1, 0, 2, 2, 3, 3]]
+    assert new.label[0][4:] == (4, 5, 6, 7)  # stayed: same labels
+    with pytest.raises(ValueError, match=r"maps\[0\] must put 2 experts on each of the 4"):
+        old.relabel([[0, 0, 0, 1, 2, 2, 3, 3]])
+    with pytest.raises(ValueError, match=r"maps must be \[1, 8\] integer devices"):
+        old.relabel([[0.5] * 8])

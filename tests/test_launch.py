@@ -1,0 +1,49 @@
+"""run_ranks leaves no rank process behind when its launcher is terminated."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        out += [int(c) for c in (task / "children").read_text().split()]
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # a zombie whose parent is gone is reaped by init shortly; count it as gone
+    return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+
+
+def test_sigterm_to_launcher_kills_its_ranks() -> None:
+    code = textwrap.dedent("""
+        from netmoe.client.launch import run_ranks
+        from netmoe.client.train import TrainConfig
+        run_ranks(TrainConfig(nodes=1, gpus_per_node=2, steps=100000, vocab=64, layers=1))
+    """)
+    launcher = subprocess.Popen([sys.executable, "-c", code])
+    try:
+        deadline = time.monotonic() + 30
+        while len(ranks := _children(launcher.pid)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert len(ranks) == 2
+        launcher.send_signal(signal.SIGTERM)
+        assert launcher.wait(timeout=30) != 0
+        time.sleep(0.2)
+        assert [pid for pid in ranks if _alive(pid)] == []
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+            launcher.wait()
