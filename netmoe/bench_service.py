@@ -161,7 +161,7 @@ def _measure(address: str, args: argparse.Namespace) -> dict[str, Any]:
     total = args.warmup + args.rounds
     return {
         "ranks": j, "samples": args.samples, "experts": args.experts, "rounds": args.rounds,
-        "server": "embedded" if args.embedded else "process",
+        "server": args.server or ("embedded" if args.embedded else "process"),
         "client_procs": args.client_procs,
         "rtt_ms_median": float(np.median(rtt)), "rtt_ms_p99": float(np.percentile(rtt, 99)),
         "solve_ms_median": float(np.median(solve_ms)),
@@ -184,7 +184,9 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--samples={args.samples} and --experts={args.experts} must be "
                          f"multiples of nodes x gpus = {j}")
     config = ServerConfig(port=0, metrics_port=None, grace_seconds=1.0)
-    if args.embedded:
+    if args.server:
+        result = _measure(args.server, args)
+    elif args.embedded:
         from netmoe.server.app import start
 
         handle = start(config)
@@ -234,6 +236,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--distinct", type=int, default=16, help="distinct count sets, cycled")
     p.add_argument("--deadline-ms", type=int, default=1000)
     p.add_argument("--embedded", action="store_true", help="server in a thread of this process")
+    p.add_argument("--server", default="", help="measure a running service at HOST:PORT")
     p.add_argument("--client-procs", type=int, default=1,
                    help="processes the ranks are spread over (training ranks are processes)")
     p.add_argument("--seed", type=int, default=0)
