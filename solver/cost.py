@@ -86,6 +86,15 @@ def check_placement(name: str, device: object, *, samples: int, devices: int) ->
     return arr.astype(np.int64)
 
 
+def _group_sums(counts: np.ndarray, size: int) -> np.ndarray:
+    """[I, C / size]: sums of consecutive column groups of `size`. Adding `size` strided views
+    beats np.add.reduceat along a row by 5x or more for small groups."""
+    out = counts[:, 0::size].copy()
+    for k in range(1, size):
+        out += counts[:, k::size]
+    return out
+
+
 def device_counts(topo: Topology, counts: np.ndarray) -> np.ndarray:
     """[I, J] int64: routes of each sample to the experts on each device. counts: [I, E] int64.
 
@@ -94,10 +103,11 @@ def device_counts(topo: Topology, counts: np.ndarray) -> np.ndarray:
     order, bounds = topo.experts_by_device
     # The default map is already sorted; skipping the column gather saves a copy of counts.
     sorted_counts = counts if topo.map_sorted else counts[:, order]
+    sizes = np.diff(bounds)
+    if sizes.min() == sizes.max() > 0:
+        return _group_sums(sorted_counts, int(sizes[0]))
     starts = bounds[:-1]
-    used = starts < bounds[1:]  # devices with at least one expert
-    if used.all():
-        return np.add.reduceat(sorted_counts, starts, axis=1)
+    used = sizes > 0  # devices with at least one expert
     out = np.zeros((counts.shape[0], topo.devices), dtype=np.int64)
     if used.any():
         out[:, used] = np.add.reduceat(sorted_counts, starts[used], axis=1)
@@ -106,7 +116,7 @@ def device_counts(topo: Topology, counts: np.ndarray) -> np.ndarray:
 
 def node_counts(topo: Topology, dev_counts: np.ndarray) -> np.ndarray:
     """[I, N] int64 from device_counts [I, J]: devices of a node are consecutive."""
-    return np.add.reduceat(dev_counts, np.arange(0, topo.devices, topo.gpus_per_node), axis=1)
+    return _group_sums(dev_counts, topo.gpus_per_node)
 
 
 def channel_routes(

@@ -230,3 +230,20 @@ def test_brute_force_helper_enumerates_all() -> None:
     # 8 samples, 4 devices, 2 each: 8! / (2!)^4 placements.
     assert sum(1 for _ in balanced_placements(8, 4)) == 2520
     assert len(set(itertools.islice((tuple(p) for p in balanced_placements(4, 2)), 10))) == 6
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.integers(0, 2**32 - 1), st.booleans())
+def test_device_counts_match_a_plain_loop(seed: int, uniform: bool) -> None:
+    """Fast paths (sorted equal groups, any map, devices without experts) agree with a loop."""
+    from netmoe.solver.cost import device_counts, node_counts
+
+    rng = np.random.default_rng(seed)
+    topo0 = Topology(2, 3, 12)
+    emap = topo0.expert_device if uniform else rng.integers(0, 6, 12)
+    topo = topo0.with_experts(emap)
+    counts = rng.integers(0, 20, (5, 12))
+    want = np.stack([counts[:, emap == d].sum(axis=1) for d in range(6)], axis=1)
+    got = device_counts(topo, counts)
+    assert np.array_equal(got, want)
+    assert np.array_equal(node_counts(topo, got), want.reshape(5, 2, 3).sum(axis=2))
