@@ -8,12 +8,19 @@ hidden state arrives there; no extra exchange is needed to move samples.
 Every exchange is ``torch.distributed.all_to_all_single``; the float ones go through an autograd
 function whose backward is the mirrored exchange (split sizes swapped), so gradients follow the
 same routes back. Route counts per peer are recorded from the real split sizes.
+
+Each exchange is preceded by one small control exchange of ints. In the combine it carries, from
+every rank to every rank, both the rank's part of the placement agreement (see ``Agreement``) and
+its per-sample route counts, from which every rank derives the agreed plan and all split sizes
+locally: one small collective per combine, not one to agree plus one for split sizes.
 """
 
 from __future__ import annotations
 
 import time
+from collections import Counter
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -37,6 +44,10 @@ class CommStats:
     step: the training step that ``calls`` records are filed under (set by the training loop).
     sync: barrier before every tagged exchange, so its wall time across ranks measures the
         exchange and not the ranks' compute skew (costs one barrier per exchange).
+    control_seconds: wall time of the small control exchanges (dispatch split sizes; combine
+        agreement + split sizes), forward only; it absorbs the ranks' compute skew, as it is
+        where a rank first waits for the others in each phase.
+    control_calls: (layer, phase) -> number of control exchanges issued, summed over steps.
     """
 
     a2a_seconds: float = 0.0
@@ -44,6 +55,8 @@ class CommStats:
     calls: list[tuple[int, int, str, float, float, list[int]]] = field(default_factory=list)
     step: int = 0
     sync: bool = False
+    control_seconds: float = 0.0
+    control_calls: Counter[tuple[int, str]] = field(default_factory=Counter)
 
     def add_routes(self, layer: int, phase: str, sent: torch.Tensor) -> None:
         counts = sent.detach().cpu().numpy().astype(np.int64)
@@ -111,6 +124,20 @@ def all_to_all(
     return _AllToAll.apply(x, recv_splits, send_splits, stats, group, tag)
 
 
+class Agreement(Protocol):
+    """A plan the ranks settle inside the combine's control exchange instead of beforehand.
+
+    ``offer`` is this rank's part ([m] int64, the same m on every rank); the combine delivers
+    every rank's offer to every rank and ``settle`` turns the [J, m] table into the plan. settle
+    must be a function of the table and of state every rank shares, so that all ranks apply the
+    same plan; exchange_seconds is the control exchange's wall time, for accounting.
+    """
+
+    def offer(self) -> torch.Tensor: ...
+
+    def settle(self, offers: torch.Tensor, exchange_seconds: float) -> SamplePlan: ...
+
+
 @dataclass(frozen=True)
 class Layout:
     """Where things live: rank of this process, J ranks, G per node, E experts per layer.
@@ -163,7 +190,8 @@ class Dispatched:
     weight: [R] float router weight of the route (differentiable);
     first: [R] bool, route is its token's top-1 slot (carries the residual);
     expert: [R] int64 global expert id; src_rank, src_token: [R] int64 origin of the route;
-    top_k: K, routes per token.
+    top_k: K, routes per token; sample_routes: [n, J] int64 routes the *sender* sent from each
+    of its local samples to each rank (what the combine's control exchange shares).
     """
 
     x: torch.Tensor
@@ -175,6 +203,7 @@ class Dispatched:
     send_splits: list[int]
     recv_splits: list[int]
     top_k: int
+    sample_routes: torch.Tensor
 
 
 class TokenDispatcher:
@@ -187,11 +216,16 @@ class TokenDispatcher:
         self.stats = stats if stats is not None else CommStats()
         self.group = group
 
-    def _splits(self, send: torch.Tensor) -> tuple[list[int], list[int]]:
-        """Exchange per-peer counts; returns (recv_splits, send_splits)."""
+    def _control(self, layer: int, phase: str, rows: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """One small control exchange: rows [J, m] int64, row j goes to rank j; returns the
+        [J, m] rows received (row j from rank j) and the exchange's wall time."""
         ones = [1] * self.layout.world
-        recv = exchange(send, ones, ones, None, self.group)
-        return recv.tolist(), send.tolist()
+        t0 = time.perf_counter()
+        recv = exchange(rows, ones, ones, None, self.group)
+        seconds = time.perf_counter() - t0
+        self.stats.control_seconds += seconds
+        self.stats.control_calls[(layer, phase)] += 1
+        return recv, seconds
 
     def dispatch(
         self, layer: int, h: torch.Tensor, topk_ids: torch.Tensor, weights: torch.Tensor
@@ -215,8 +249,12 @@ class TokenDispatcher:
         dest = expert // lay.experts_per_rank
         order = torch.argsort(dest, stable=True)
         send_counts = torch.bincount(dest, minlength=lay.world)
+        sample_routes = torch.bincount(
+            token // lay.seq_len * lay.world + dest, minlength=lay.samples * lay.world
+        ).view(lay.samples, lay.world)
         self.stats.add_routes(layer, "dispatch", send_counts)
-        recv_splits, send_splits = self._splits(send_counts)
+        recv, _ = self._control(layer, "dispatch", send_counts.view(-1, 1))
+        recv_splits, send_splits = recv.view(-1).tolist(), send_counts.tolist()
         meta = torch.stack([expert[order], token[order], slot[order]], dim=1)
         tag = (layer, "dispatch")
         meta = exchange(meta, recv_splits, send_splits, self.stats, self.group, tag)
@@ -236,35 +274,67 @@ class TokenDispatcher:
             send_splits=send_splits,
             recv_splits=recv_splits,
             top_k=k,
+            sample_routes=sample_routes,
         )
 
     def combine(
-        self, layer: int, out: torch.Tensor, routes: Dispatched, plan: SamplePlan
-    ) -> torch.Tensor:
+        self, layer: int, out: torch.Tensor, routes: Dispatched, plan: SamplePlan | Agreement
+    ) -> tuple[torch.Tensor, SamplePlan]:
         """Send each route's output to the new device of its sample and sum per token.
 
         out: [R, D] float, the expert side's result per received route (weighted expert output,
-        plus the residual on first-slot routes). Returns [T, D]: the hidden state of the samples
-        this rank holds under ``plan``, in ``plan.holds(rank)`` order, tokens sample-major.
-        Raises RuntimeError if a token does not receive exactly K routes with one residual.
+        plus the residual on first-slot routes). plan: the plan to apply, or an ``Agreement``
+        that the ranks settle in this combine's control exchange. Returns ([T, D] hidden state of
+        the samples this rank holds under the applied plan, in ``plan.holds(rank)`` order,
+        tokens sample-major; the applied plan).
+        One control exchange shares every rank's offer (a SamplePlan offers its fingerprint)
+        and per-sample route counts; split sizes follow locally from counts and plan.
+        Raises RuntimeError if ranks apply different plans, or if a token does not receive
+        exactly K routes with one residual.
         """
         lay = self.layout
+        if out.shape[0] != routes.x.shape[0]:
+            raise ValueError(f"out must have {routes.x.shape[0]} rows, got {out.shape[0]}")
+        if isinstance(plan, SamplePlan):
+            offer = torch.tensor([plan.fingerprint()], dtype=torch.int64)
+        else:
+            offer = plan.offer().to(torch.int64).reshape(-1)
+        m = offer.numel()
+        mine = torch.cat([offer, routes.sample_routes.reshape(-1).cpu()])
+        table, seconds = self._control(layer, "combine", mine.expand(lay.world, -1).contiguous())
+        if isinstance(plan, SamplePlan):
+            if (table[:, 0] != offer[0]).any():
+                raise RuntimeError(
+                    f"combine at layer {layer}: ranks apply different plans (fingerprints "
+                    f"{table[:, 0].tolist()})"
+                )
+        else:
+            plan = plan.settle(table[:, :m], seconds)
         if plan.devices != lay.world or plan.samples_per_device != lay.samples:
             raise ValueError(
                 f"plan is for {plan.devices} devices x {plan.samples_per_device} samples, "
                 f"layout has {lay.world} x {lay.samples}"
             )
-        if out.shape[0] != routes.x.shape[0]:
-            raise ValueError(f"out must have {routes.x.shape[0]} rows, got {out.shape[0]}")
-        device = torch.as_tensor(plan.device, device=out.device)
+        # counts[i, r]: routes of global sample row i that rank r holds (rank-major rows).
+        counts = table[:, m:].reshape(lay.world * lay.samples, lay.world)
+        new_device = torch.as_tensor(plan.device)
+        recv_splits = counts[new_device == lay.rank].sum(dim=0).tolist()
+        expect_send = torch.bincount(new_device, weights=counts[:, lay.rank].double(),
+                                     minlength=lay.world).long()  # fmt: skip
+        device = new_device.to(out.device)
         position = torch.as_tensor(plan.position(), device=out.device)
         row = routes.src_rank * lay.samples + routes.src_token // lay.seq_len
         dest = device[row]
         dest_token = position[row] * lay.seq_len + routes.src_token % lay.seq_len
         order = torch.argsort(dest, stable=True)
         send_counts = torch.bincount(dest, minlength=lay.world)
+        if not torch.equal(send_counts.cpu(), expect_send):
+            raise RuntimeError(
+                f"combine at layer {layer}: routes held {send_counts.tolist()} disagree with the "
+                f"senders' counts {expect_send.tolist()}"
+            )
         self.stats.add_routes(layer, "combine", send_counts)
-        recv_splits, send_splits = self._splits(send_counts)
+        send_splits = send_counts.tolist()
         meta = torch.stack([dest_token[order], routes.first[order].long()], dim=1)
         tag = (layer, "combine")
         meta = exchange(meta, recv_splits, send_splits, self.stats, self.group, tag)
@@ -283,7 +353,7 @@ class TokenDispatcher:
                 f"[{float(residuals.min())}, {float(residuals.max())}]"
             )
         result = out.new_zeros((lay.tokens, out.shape[1]))
-        return result.index_add(0, meta[:, 0], payload)
+        return result.index_add(0, meta[:, 0], payload), plan
 
 
 def move_samples(

@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from netmoe.client.dispatcher import Agreement
 from netmoe.client.plan import SamplePlan
 
 
@@ -43,6 +44,10 @@ class ExpertTable:
     @property
     def experts_per_rank(self) -> int:
         return len(self.label[0]) // self.world
+
+    def originals(self) -> np.ndarray:
+        """[L, E] int64: original expert id held by each label (the inverse of ``label``)."""
+        return np.argsort(np.array(self.label, dtype=np.int64), axis=1)
 
     def maps(self) -> np.ndarray:
         """[L, E] int64: device of each original expert."""
@@ -98,6 +103,12 @@ def _expert_tensors(expert: nn.Module, optimizer: torch.optim.Optimizer | None
             state = _adam_state(optimizer, p)
             out.extend(state[k] for k in sorted(state))
     return out
+
+
+def state_bytes(expert: nn.Module, optimizer: torch.optim.Optimizer | None) -> int:
+    """Bytes of one expert's parameters plus optimizer state: what `adopt` moves per expert
+    (the migration cost the placement service weighs)."""
+    return sum(t.numel() * t.element_size() for t in _expert_tensors(expert, optimizer))
 
 
 def adopt(
@@ -171,5 +182,5 @@ class OriginalIds:
         nxt = None if scatter is None else self._by_id(layer + 1, scatter)
         return self.hook.submit(step, layer, self._by_id(layer, gather), nxt)  # type: ignore[attr-defined]
 
-    def wait(self, ticket: object) -> SamplePlan:
+    def wait(self, ticket: object) -> SamplePlan | Agreement:
         return self.hook.wait(ticket)  # type: ignore[attr-defined]

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from netmoe.client.dispatcher import Dispatched, TokenDispatcher
+from netmoe.client.dispatcher import Agreement, Dispatched, TokenDispatcher
 from netmoe.client.histogram import predict_next_counts, route_counts, router_topk, token_samples
 from netmoe.client.plan import SamplePlan
 
@@ -47,7 +47,9 @@ class PlacementHook(Protocol):
         self, step: int, layer: int, gather: torch.Tensor, scatter: torch.Tensor | None
     ) -> object: ...
 
-    def wait(self, ticket: object) -> SamplePlan: ...
+    def wait(self, ticket: object) -> SamplePlan | Agreement:
+        """The plan for this layer's combine, or an offer the combine settles into one."""
+        ...
 
 
 class Attention(nn.Module):
@@ -205,8 +207,9 @@ class MoEGPT(nn.Module):
                 ticket = placement.submit(step, layer, gather, scatter)
             routes = dispatcher.dispatch(layer, flat, ids, weights)
             out = block.moe.expert_side(routes)
-            plan = placement.wait(ticket) if placement is not None else no_move
-            h = dispatcher.combine(layer, out, routes, plan).reshape(n, s, cfg.d_model)
+            offer = placement.wait(ticket) if placement is not None else no_move
+            h, plan = dispatcher.combine(layer, out, routes, offer)
+            h = h.reshape(n, s, cfg.d_model)
             plans.append(plan)
             topks.append(ids.detach())
         logits = self.head(self.ln_f(h)).reshape(n * s, cfg.vocab)

@@ -129,6 +129,24 @@ class PlacementClient:
     def connected(self) -> bool:
         return self._connected.is_set()
 
+    def recommend_experts(
+        self, horizon_steps: int, bytes_per_expert: int, held_out_steps: int = 0,
+        timeout: float = 60.0,
+    ) -> pb.RecommendExpertsResponse:
+        """The service's expert placement advice for this job (blocking; grpc.RpcError on
+        failure, e.g. FAILED_PRECONDITION when the window is too thin). The default timeout
+        stays below the training process group's 120 s, which the other ranks wait in."""
+        request = pb.RecommendExpertsRequest(job=self.job, horizon_steps=horizon_steps,
+                                             bytes_per_expert=bytes_per_expert,
+                                             held_out_steps=held_out_steps)
+        return self._stub.RecommendExperts(request, timeout=timeout, metadata=self._metadata)
+
+    def confirm_experts(self, step: int, maps: list[list[int]], timeout: float = 10.0) -> None:
+        """Puts maps ([L][E] device of each expert id) in force from step on (blocking)."""
+        request = pb.ConfirmExpertsRequest(job=self.job, step=step,
+                                           maps=[pb.ExpertMap(device=m) for m in maps])
+        self._stub.ConfirmExperts(request, timeout=timeout, metadata=self._metadata)
+
     def submit(
         self,
         step: int,

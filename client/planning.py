@@ -1,11 +1,13 @@
 """Turning per-rank plan replies into one plan every rank applies, or "no move".
 
 A ``PlanSource`` answers a (step, layer) submission with a future of the rank's ``LocalPlan``.
-``Placement`` waits for it with a timeout and then all-gathers the ranks' local plans (n + 1 ints
-per rank): every rank learns the full device vector, which the combine needs to route other ranks'
-tokens, and all ranks fall back together if any of them has no valid plan, so a single late reply
-can never make ranks disagree about where samples go. Failures are logged and counted, never
-raised into the training loop.
+``Placement.wait`` waits for it with a timeout and returns an *offer* (1 + 2n ints: valid flag,
+the rank's dest vector, the holds the service promised), which the dispatcher's combine delivers
+to every rank in the control exchange it does anyway for split sizes; no collective of its own.
+From the same table every rank derives, with ``agree``, the full device vector (the combine needs
+it to route other ranks' tokens) or "no move" for all if any rank has no valid plan, so a single
+late reply can never make ranks disagree about where samples go. Failures are logged and counted,
+never raised into the training loop.
 """
 
 from __future__ import annotations
@@ -19,7 +21,6 @@ from typing import Protocol
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from netmoe.client.plan import LocalPlan, SamplePlan
 
@@ -81,20 +82,53 @@ class RandomPlans:
 class PlacementStats:
     """Client-side accounting of one rank.
 
-    submit_seconds: histograms + submission bookkeeping; wait_seconds: blocked before combines
-    (reply wait + agreement all-gather, which also absorbs the ranks' compute skew);
+    submit_seconds: histograms + submission bookkeeping.
+    reply_seconds: blocked on the plan source's reply (the service), before the combine.
+    wait_seconds: what placement adds to the training step around the combines: reply_seconds
+        plus building the offer and settling the agreed plan (checks, sample-id bookkeeping).
+        Excludes the control exchange that carries the offers.
+    exchange_seconds: wall time of the combines' control exchanges that carried the offers. The
+        same exchange carries the split sizes and runs without placement too (CommStats
+        .control_seconds of a home run), and it absorbs the ranks' compute skew, so it is not a
+        cost of placement; reported so the two can be compared.
     fallbacks: layers applied as "no move" because a plan was missing; reasons: why;
     solve_seconds: solver time per applied or received plan; moved: samples moved.
     """
 
     submit_seconds: float = 0.0
     wait_seconds: float = 0.0
-    reply_seconds: float = 0.0  # the part of wait_seconds spent before the reply, not agreeing
+    reply_seconds: float = 0.0
+    exchange_seconds: float = 0.0
     fallbacks: int = 0
     plans: int = 0
     moved: int = 0
     reasons: Counter[str] = field(default_factory=Counter)
     solve_seconds: list[float] = field(default_factory=list)
+
+
+def agree(offers: np.ndarray, ids: np.ndarray, world: int) -> tuple[SamplePlan | None, str]:
+    """The plan every rank applies, from every rank's offer; (None, reason) means "no move".
+
+    offers: [J, 1 + 2n] int64, row r = rank r's offer: [1 if it has a plan else 0, its n
+    samples' new devices, the n sample ids it expects to hold after the move, in arrival order];
+    ids: [I] int64 sample id of each row now (rank-major), the same on every rank. A pure
+    function of inputs every rank shares, so every rank reaches the same verdict.
+    """
+    offers = np.asarray(offers, dtype=np.int64)
+    n = (offers.shape[1] - 1) // 2
+    if offers.shape != (world, 1 + 2 * n) or ids.shape != (world * n,):
+        raise ValueError(f"offers must be [{world}, 1 + 2n] and ids [{world} * n], got "
+                         f"{offers.shape} and {ids.shape}")  # fmt: skip
+    if (offers[:, 0] != 1).any():
+        return None, "peer fallback"
+    try:
+        plan = SamplePlan(tuple(offers[:, 1 : 1 + n].reshape(-1).tolist()), world)
+    except ValueError:
+        return None, "inconsistent plan"
+    for r in range(world):
+        if not np.array_equal(ids[list(plan.holds(r))], offers[r, 1 + n :]):
+            return None, "inconsistent holds"
+    return plan, ""
 
 
 @dataclass(frozen=True)
@@ -104,22 +138,39 @@ class _Ticket:
     layer: int
 
 
-class Placement:
-    """The model's placement hook: submit counts, then wait for the agreed plan."""
+@dataclass(frozen=True)
+class _Offer:
+    """A rank's pending offer for one layer (an ``Agreement`` for the dispatcher's combine)."""
 
-    def __init__(
-        self,
-        source: PlanSource,
-        rank: int,
-        world: int,
-        samples: int,
-        timeout: float,
-        group: dist.ProcessGroup | None = None,
-    ) -> None:
+    placement: Placement
+    ticket: _Ticket
+    local: LocalPlan | None
+    reason: str
+
+    def offer(self) -> torch.Tensor:
+        """[1 + 2n] int64: see ``agree``."""
+        n = self.placement.samples
+        mine = torch.zeros(1 + 2 * n, dtype=torch.int64)
+        if self.local is not None:
+            mine[0] = 1
+            mine[1 : 1 + n] = torch.as_tensor(self.local.dest, dtype=torch.int64)
+            mine[1 + n :] = torch.as_tensor(self.local.holds, dtype=torch.int64)
+        return mine
+
+    def settle(self, offers: torch.Tensor, exchange_seconds: float) -> SamplePlan:
+        return self.placement._settle(self, offers, exchange_seconds)
+
+
+class Placement:
+    """The model's placement hook: submit counts, then wait for the reply and offer it to the
+    combine, which settles the plan all ranks apply (see the module docstring)."""
+
+    def __init__(self, source: PlanSource, rank: int, world: int, samples: int,
+                 timeout: float) -> None:
         if timeout <= 0:
             raise ValueError(f"timeout must be positive seconds, got {timeout!r}")
         self.source, self.rank, self.world, self.samples = source, rank, world, samples
-        self.timeout, self.group = timeout, group
+        self.timeout = timeout
         self.stats = PlacementStats()
         # Sample ids follow the samples through a step's layers (row ids at layer 0), so the
         # service can match a sample's routes across layers (its expert placement window).
@@ -154,33 +205,27 @@ class Placement:
             return None, "wrong size"
         return plan, ""
 
-    def wait(self, ticket: _Ticket) -> SamplePlan:
-        """The plan all ranks apply at this layer's combine; "no move" if any rank lacks one."""
+    def wait(self, ticket: _Ticket) -> _Offer:
+        """Waits (up to the timeout) for this rank's reply; returns the offer the layer's combine
+        settles into the plan all ranks apply ("no move" for all if any rank lacks one)."""
         t0 = time.perf_counter()
         local, reason = self._local(ticket)
-        self.stats.reply_seconds += time.perf_counter() - t0
-        n = self.samples
-        mine = torch.full((n + 1,), -1, dtype=torch.int64)
-        if local is not None:
-            mine[0] = 1
-            mine[1:] = torch.as_tensor(local.dest, dtype=torch.int64)
-        gathered = [torch.empty_like(mine) for _ in range(self.world)]
-        dist.all_gather(gathered, mine, group=self.group)
-        table = torch.stack(gathered)
-        plan = SamplePlan.no_move(self.world, n)
-        if bool((table[:, 0] == 1).all()):
-            try:
-                plan = SamplePlan(tuple(table[:, 1:].reshape(-1).tolist()), self.world)
-            except ValueError as err:
-                reason = "inconsistent plan"
-                log.warning("step %d layer %d: %s", ticket.step, ticket.layer, err)
-            else:
-                held = tuple(int(i) for i in self._full[list(plan.holds(self.rank))])
-                if local is None or held != tuple(local.holds):
-                    reason, plan = "inconsistent holds", SamplePlan.no_move(self.world, n)
-        elif not reason:
-            reason = "peer fallback"
-        if reason:
+        seconds = time.perf_counter() - t0
+        self.stats.reply_seconds += seconds
+        self.stats.wait_seconds += seconds
+        return _Offer(self, ticket, local, reason)
+
+    def _settle(self, pending: _Offer, offers: torch.Tensor, exchange_seconds: float
+                ) -> SamplePlan:
+        """offers: [J, 1 + 2n] int64, every rank's offer (identical on every rank)."""
+        t0 = time.perf_counter()
+        self.stats.exchange_seconds += exchange_seconds
+        ticket, local = pending.ticket, pending.local
+        agreed, reason = agree(offers.numpy(), self._full, self.world)
+        # The rank's own failure names the cause; "peer fallback" is for the ranks that had one.
+        reason = pending.reason or reason
+        plan = agreed if agreed is not None else SamplePlan.no_move(self.world, self.samples)
+        if agreed is None:
             self.stats.fallbacks += 1
             self.stats.reasons[reason] += 1
             log.warning("step %d layer %d: no move (%s)", ticket.step, ticket.layer, reason)

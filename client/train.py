@@ -15,6 +15,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
+import math
 import os
 import sys
 import time
@@ -25,7 +27,10 @@ from typing import Any
 
 import numpy as np
 
+log = logging.getLogger(__name__)
+
 PLACEMENTS = ("home", "service", "random")
+EXPERT_PLACEMENTS = ("auto", "force")
 
 
 @dataclass(frozen=True)
@@ -62,6 +67,14 @@ class TrainConfig:
     # [layers] permutations of range(experts): slot v of layer l holds original expert
     # expert_order[l][v] (see netmoe.client.model); () keeps every expert in its home slot.
     expert_order: tuple[tuple[int, ...], ...] = ()
+    # Expert placement (placement="service"): after the first adopt_experts_at steps (0: never),
+    # rank 0 asks the service for expert maps (RecommendExperts, expert_held_out latest steps
+    # held out, 0: half; saving over expert_horizon steps vs moving the experts) and all ranks
+    # adopt them from the next step on if it recommends so ("auto") or anyway ("force", demos).
+    adopt_experts_at: int = 0
+    expert_placement: str = "auto"
+    expert_horizon: int = 1000
+    expert_held_out: int = 0
     a2a_sync: bool = False  # barrier before each timed exchange (CommStats.sync)
     link_counters: bool = False  # first rank of a node reads GLOO_SOCKET_IFNAME's byte counters
 
@@ -86,6 +99,20 @@ class TrainConfig:
             raise ValueError(f"placement must be one of {PLACEMENTS}, got {self.placement!r}")
         if self.placement == "service" and not self.server:
             raise ValueError("placement='service' needs server (host:port), got ''")
+        for name in ("adopt_experts_at", "expert_held_out"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
+        if self.adopt_experts_at and self.placement != "service":
+            raise ValueError(f"adopt_experts_at={self.adopt_experts_at} needs placement='service' "
+                             f"(the service fits the expert maps), got {self.placement!r}")
+        if self.expert_placement not in EXPERT_PLACEMENTS:
+            raise ValueError(f"expert_placement must be one of {EXPERT_PLACEMENTS}, got "
+                             f"{self.expert_placement!r}")
+        if isinstance(self.expert_horizon, bool) or not isinstance(self.expert_horizon, int) or (
+                self.expert_horizon <= 0):
+            raise ValueError(f"expert_horizon must be a positive integer, got "
+                             f"{self.expert_horizon!r}")
         if self.d_model % self.heads:
             raise ValueError(f"d_model={self.d_model} is not divisible by heads={self.heads}")
         if self.top_k > self.experts:
@@ -131,7 +158,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 
     from netmoe.client.data import load_corpus
     from netmoe.client.dispatcher import CommStats, Layout, TokenDispatcher, move_samples
-    from netmoe.client.model import ModelConfig, MoEGPT
+    from netmoe.client.experts import ExpertTable, OriginalIds
+    from netmoe.client.model import ModelConfig, MoEGPT, relabel_state
     from netmoe.client.planning import Placement, RandomPlans
     from netmoe.client.recorder import TraceRecorder
 
@@ -169,15 +197,23 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         recorder = TraceRecorder(cfg.layers, cfg.experts) if cfg.record_trace else None
         n, s, big_i = cfg.samples_per_device, cfg.seq_len, cfg.global_samples
         losses, step_seconds, allreduce_seconds = [], [], 0.0
+        # Expert ids the service and traces know: the model's labels until experts move.
+        table = ExpertTable.identity(cfg.layers, cfg.experts, world)
+        hook: Any = placement
+        experts_info: dict[str, Any] = {}
+        step_routes, routes_so_far = [], np.zeros((cfg.layers, 3), dtype=np.int64)
         dist.barrier()
         for step in range(cfg.steps):
+            if cfg.adopt_experts_at and step == cfg.adopt_experts_at:
+                table, experts_info = _adopt_experts(cfg, model, opt, client, table, rank, step)
+                hook = OriginalIds(placement, table)
             t_step = time.perf_counter()
             comm.step = step
             if meter is not None:
                 meter.mark()
             batch = corpus.batch(cfg.data_offset + step, big_i, s, cfg.seed)
             local = torch.from_numpy(batch[rank * n : (rank + 1) * n])
-            result = model(local[:, :-1], dispatcher, placement, step)
+            result = model(local[:, :-1], dispatcher, hook, step)
             labels = local[:, 1:]
             for plan in result.plans:
                 labels = move_samples(labels, plan, rank, comm)
@@ -200,21 +236,30 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             opt.step()
             losses.append(float(flat[-1]))
             step_seconds.append(time.perf_counter() - t_step)
+            totals = _route_totals(comm.routes, rank, cfg.gpus_per_node, cfg.layers)
+            step_routes.append((totals - routes_so_far).tolist())
+            routes_so_far = totals
             if recorder is not None:
-                recorder.record(step, big_i, rank * n, n, s, result.plans, result.topk)
+                originals = torch.as_tensor(table.originals())
+                topk = tuple(originals[layer][ids] for layer, ids in enumerate(result.topk))
+                recorder.record(step, big_i, rank * n, n, s, result.plans, topk)
         if recorder is not None:
             recorder.save(cfg.record_trace, group_rank=rank)
+        # Keyed by original expert id, so runs with and without moved experts compare.
+        state = relabel_state(model.state_dict(), table.label)
         if cfg.save_checkpoint:
-            _save_checkpoint(model, cfg.save_checkpoint)
-        routes = _route_totals(comm.routes, rank, cfg.gpus_per_node, cfg.layers)
+            _save_checkpoint(state, cfg.save_checkpoint)
         out: dict[str, Any] = {
             "rank": rank,
             "loss": losses,
             "step_seconds": step_seconds,
             "a2a_seconds": comm.a2a_seconds,
+            "control_seconds": comm.control_seconds,
             "allreduce_seconds": allreduce_seconds,
-            "routes": routes.tolist(),
-            "param_checksum": _checksum(model),
+            "routes": routes_so_far.tolist(),
+            "step_routes": step_routes,
+            "experts": experts_info,
+            "param_checksum": _checksum(state),
             "a2a_calls": comm.calls,
             "link_counters": meter.readings if meter is not None else [],
         }
@@ -224,6 +269,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                 plan_wait_seconds=st.wait_seconds,
                 submit_seconds=st.submit_seconds,
                 reply_seconds=st.reply_seconds,
+                exchange_seconds=st.exchange_seconds,
                 fallbacks=st.fallbacks,
                 fallback_reasons=dict(st.reasons),
                 plans=st.plans,
@@ -236,6 +282,71 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         if client is not None:
             client.close()
         dist.destroy_process_group()
+
+
+def _adopt_experts(cfg: TrainConfig, model: Any, opt: Any, client: Any, table: Any, rank: int,
+                   step: int) -> tuple[Any, dict[str, Any]]:
+    """Before `step` (collective): rank 0 asks the service for expert maps and, when adopting,
+    confirms them from `step` on, before any rank can report that step (the others wait for the
+    broadcast); then every rank moves its experts and Adam state (netmoe.client.experts.adopt).
+    Returns the ExpertTable in force and what happened (JSON-able; the same on every rank but
+    sent_bytes and adopt_seconds). A failed call means "keep the experts", never a crash."""
+    import torch.distributed as dist
+
+    from netmoe.client.experts import adopt, state_bytes
+
+    info: dict[str, Any] = {}
+    if rank == 0:
+        expert = next(iter(model.blocks[0].moe.experts.values()))
+        info = _ask_experts(cfg, client, state_bytes(expert, opt), step)
+    box = [info]
+    dist.broadcast_object_list(box, src=0)
+    info = box[0]
+    if not info["adopted"]:
+        return table, info
+    new = table.relabel(np.array(info["maps"], dtype=np.int64))
+    t0 = time.perf_counter()
+    info["sent_bytes"] = adopt(model.blocks, opt, table, new, rank)
+    info["adopt_seconds"] = time.perf_counter() - t0
+    return new, info
+
+
+def _ask_experts(cfg: TrainConfig, client: Any, bytes_per_expert: int, step: int
+                 ) -> dict[str, Any]:
+    """Rank 0's RecommendExperts (and ConfirmExperts from `step` when adopting)."""
+    import grpc
+
+    info: dict[str, Any] = {"step": step, "bytes_per_expert": bytes_per_expert,
+                            "adopted": False, "error": ""}
+    try:
+        rec = client.recommend_experts(cfg.expert_horizon, bytes_per_expert, cfg.expert_held_out)
+    except grpc.RpcError as err:
+        info["error"] = f"RecommendExperts: {err.code().name}: {err.details()}"
+        log.warning("step %d: %s; experts stay", step, info["error"])
+        return info
+    maps = [list(m.device) for m in rec.maps]
+    info.update(
+        recommended=rec.adopt, reason=rec.reason, maps=maps, unit=rec.unit,
+        saving_per_step=rec.saving_per_step, migration_cost=rec.migration_cost,
+        break_even_steps=rec.break_even_steps if math.isfinite(rec.break_even_steps) else None,
+        moved_experts=rec.moved_experts, moved_inter=rec.moved_inter,
+        migration_bytes=rec.migration_bytes,
+        held_out={kind: {"inter": r.inter, "intra": r.intra}
+                  for kind, r in (("home", rec.home), ("sample_only", rec.sample_only),
+                                  ("joint", rec.joint))},
+        fit_steps=[rec.fit_first_step, rec.fit_last_step],
+        held_out_steps=[rec.held_out_first_step, rec.held_out_last_step],
+    )
+    if not (rec.adopt or cfg.expert_placement == "force"):
+        return info
+    try:
+        client.confirm_experts(step, maps)
+    except grpc.RpcError as err:
+        info["error"] = f"ConfirmExperts: {err.code().name}: {err.details()}"
+        log.warning("step %d: %s; experts stay", step, info["error"])
+        return info
+    info["adopted"] = True
+    return info
 
 
 class _LinkMeter:
@@ -260,21 +371,21 @@ class _LinkMeter:
                                   for d in ("tx", "rx")])
 
 
-def _checksum(model: Any) -> dict[str, list[float]]:
+def _checksum(state: dict[str, Any]) -> dict[str, list[float]]:
     """Per-parameter [sum, sum of squares]: lets launchers compare parameters across runs."""
     return {
         name: [float(p.detach().double().sum()), float(p.detach().double().pow(2).sum())]
-        for name, p in model.named_parameters()
+        for name, p in state.items()
     }
 
 
-def _save_checkpoint(model: Any, path: str) -> None:
-    """Saves this rank's parameters; experts are keyed by global id, so shards can be merged."""
+def _save_checkpoint(state: dict[str, Any], path: str) -> None:
+    """Saves this rank's state dict; experts are keyed by global id, so shards can be merged."""
     import torch
 
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     tmp = f"{path}.{os.getpid()}.tmp"
-    torch.save(model.state_dict(), tmp)
+    torch.save(state, tmp)
     os.replace(tmp, path)
 
 

@@ -4,6 +4,10 @@ Starts an embedded placement service (unless --server), optionally pre-trains a 
 one process (cached outside the repository, so experts have specialised before the comparison),
 then trains the same steps twice with the same seed: home placement, then netmoe placement. Route
 counts come from the split sizes of the real All-to-All calls of every rank.
+
+With --expert-placement a third run (joint placement) asks the service for expert maps after
+--adopt-after steps, moves the experts and goes on with plans for the new maps; home, sample-only
+and joint are then compared on the steps after the move.
 """
 
 from __future__ import annotations
@@ -11,10 +15,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import statistics
 import sys
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -47,6 +54,21 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="save the home run's routing as a trace .npz for `netmoe evaluate`",
     )
     p.add_argument("--cache-dir", default="", help="corpus/checkpoint cache (default ~/.cache)")
+    p.add_argument(
+        "--expert-placement",
+        nargs="?",
+        const="auto",
+        choices=("auto", "force"),
+        default=None,
+        help="also train with joint placement: after --adopt-after steps the service fits expert "
+        "maps and the ranks move their experts; auto: if the saving over --expert-horizon steps "
+        "pays for the move, force: always. Compares home, sample-only and joint on the steps "
+        "after adoption",
+    )
+    p.add_argument("--adopt-after", type=int, default=None,
+                   help="steps before the experts move (default: half of --steps)")
+    p.add_argument("--expert-horizon", type=int, default=1000,
+                   help="steps the saving must pay for the move within (auto)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=run)
 
@@ -76,6 +98,21 @@ def summarize(results: list[dict[str, Any]]) -> dict[str, Any]:
             solve_ms=[1000 * s for s in solve],
         )
     return out
+
+
+def routes_between(results: list[dict[str, Any]], first: int, last: int) -> dict[str, Any]:
+    """Routes of steps first..last (inclusive) summed over ranks: inter, intra, local and per
+    layer (dispatch + combine, from the All-to-All split sizes)."""
+    per = np.asarray([r["step_routes"] for r in results], dtype=np.int64)  # [ranks, steps, L, 3]
+    layer = per[:, first:last + 1].sum(axis=(0, 1))
+    total = layer.sum(axis=0)
+    return {"inter": int(total[0]), "intra": int(total[1]), "local": int(total[2]),
+            "per_layer": [{"inter": int(x[0]), "intra": int(x[1]), "local": int(x[2])}
+                          for x in layer]}
+
+
+def max_rel_diff(a: list[float], b: list[float]) -> float:
+    return max(abs(x - y) / abs(x) for x, y in zip(a, b, strict=True))
 
 
 def _pretrain(cfg: Any, steps: int) -> str:
@@ -111,6 +148,11 @@ def run(args: argparse.Namespace) -> int:
     )  # fmt: skip
     if args.warmup_steps < 0:
         raise ValueError(f"--warmup-steps must be >= 0, got {args.warmup_steps}")
+    adopt_at = args.steps // 2 if args.adopt_after is None else args.adopt_after
+    if args.expert_placement and not 2 <= adopt_at < args.steps:
+        raise ValueError(f"--adopt-after must leave at least 2 steps before the move (one to fit, "
+                         f"one held out) and 1 after it, in [2, {args.steps - 1}] for --steps "
+                         f"{args.steps}, got {adopt_at}")
     load_corpus(cfg.vocab, cfg.cache_dir or None)  # build once here, ranks read the cache
     if args.warmup_steps:
         cfg = dataclasses.replace(cfg, init_checkpoint=_pretrain(cfg, args.warmup_steps))
@@ -124,13 +166,22 @@ def run(args: argparse.Namespace) -> int:
         address = handle.address
         metrics_url = f"http://127.0.0.1:{handle.metrics_port}/metrics"
     try:
-        home = summarize(run_ranks(dataclasses.replace(cfg, record_trace=args.record_trace)))
+        home_ranks = run_ranks(dataclasses.replace(cfg, record_trace=args.record_trace))
+        home = summarize(home_ranks)
         job = f"demo-{cfg.nodes}x{cfg.gpus_per_node}-s{cfg.seed}"
-        net = summarize(run_ranks(
-            dataclasses.replace(cfg, placement="service", server=address, job=job)))  # fmt: skip
+        sample_ranks = run_ranks(
+            dataclasses.replace(cfg, placement="service", server=address, job=job))
+        joint_ranks = None
+        if args.expert_placement:
+            # A fresh job: its window and confirmed maps must start at step 0.
+            joint_ranks = run_ranks(dataclasses.replace(
+                cfg, placement="service", server=address, job=f"{job}-joint-{os.getpid()}",
+                adopt_experts_at=adopt_at, expert_placement=args.expert_placement,
+                expert_horizon=args.expert_horizon))  # fmt: skip
     finally:
         if handle is not None:
             handle.stop()
+    net = summarize(sample_ranks)
     solve = net.pop("solve_ms")
     report = {
         "home": home,
@@ -138,16 +189,74 @@ def run(args: argparse.Namespace) -> int:
         "solver_ms_median": statistics.median(solve) if solve else 0.0,
         "metrics_url": metrics_url,
         "inter_reduction": 1 - net["inter_routes"] / max(home["inter_routes"], 1),
-        "max_loss_rel_diff": max(
-            abs(a - b) / abs(a) for a, b in zip(home["loss"], net["loss"], strict=True)
-        ),
+        "max_loss_rel_diff": max_rel_diff(home["loss"], net["loss"]),
         "config": dataclasses.asdict(cfg),
     }
+    if joint_ranks is not None:
+        report["expert_placement"] = _expert_report(home_ranks, sample_ranks, joint_ranks,
+                                                    adopt_at, cfg.steps - 1)
     if args.json:
         print(json.dumps(report))
     else:
         _print(report)
     return 0
+
+
+def _expert_report(home: list[dict[str, Any]], sample: list[dict[str, Any]],
+                   joint: list[dict[str, Any]], first: int, last: int) -> dict[str, Any]:
+    """Home, sample-only and joint routes on steps first..last (after the move), the service's
+    recommendation as rank 0 got it, and the loss check."""
+    runs = {"home": home, "sample_only": sample, "joint": joint}
+    routes = {name: routes_between(rs, first, last) for name, rs in runs.items()}
+    base = max(routes["home"]["inter"], 1)
+    info = dict(joint[0]["experts"])
+    info.pop("sent_bytes", None)
+    info.pop("adopt_seconds", None)
+    return {
+        "steps": [first, last],
+        **routes,
+        "sample_only_reduction": 1 - routes["sample_only"]["inter"] / base,
+        "joint_reduction": 1 - routes["joint"]["inter"] / base,
+        "recommendation": info,
+        "moved_bytes": sum(r["experts"].get("sent_bytes", 0) for r in joint),
+        "adopt_seconds": max(r["experts"].get("adopt_seconds", 0.0) for r in joint),
+        "fallbacks": max(r["fallbacks"] for r in joint),
+        "max_loss_rel_diff": max(max_rel_diff(home[0]["loss"], rs[0]["loss"])
+                                 for rs in (sample, joint)),
+    }
+
+
+def _print_experts(x: dict[str, Any]) -> None:
+    rec = x["recommendation"]
+    first, last = x["steps"]
+    print(f"expert placement: fitted after step {first - 1}, compared on steps {first}..{last}")
+    if rec.get("error"):
+        print(f"  service: {rec['error']}")
+    if "reason" in rec:
+        held = rec["held_out"]
+        print(f"  held-out steps {rec['held_out_steps'][0]}..{rec['held_out_steps'][1]} (fit on "
+              f"{rec['fit_steps'][0]}..{rec['fit_steps'][1]}), inter-node routes: home "
+              f"{held['home']['inter']}, sample-only {held['sample_only']['inter']}, joint "
+              f"{held['joint']['inter']}")
+        print(f"  saving {rec['saving_per_step']:.3g} {rec['unit']}/step; migration "
+              f"{rec['moved_experts']} experts ({rec['moved_inter']} across nodes), "
+              f"{rec['migration_bytes']} bytes ({rec['bytes_per_expert']} per expert), "
+              f"cost {rec['migration_cost']:.3g} {rec['unit']}")
+        print(f"  recommended: {'adopt' if rec['recommended'] else 'keep'} ({rec['reason']})")
+    print(f"  adopted: {'yes' if rec['adopted'] else 'no'}; {x['moved_bytes']} bytes moved "
+          f"between ranks in {x['adopt_seconds']:.3f} s")
+    print(f"  routes on steps {first}..{last}   home inter  intra   sample inter  intra   "
+          f"joint inter  intra")
+    for layer, (h, s, j) in enumerate(zip(x["home"]["per_layer"], x["sample_only"]["per_layer"],
+                                          x["joint"]["per_layer"], strict=True)):
+        print(f"    layer {layer:<23}{h['inter']:>10} {h['intra']:>6} {s['inter']:>14} "
+              f"{s['intra']:>6} {j['inter']:>13} {j['intra']:>6}")
+    h, s, j = x["home"], x["sample_only"], x["joint"]
+    print(f"    {'total':<29}{h['inter']:>10} {h['intra']:>6} {s['inter']:>14} {s['intra']:>6} "
+          f"{j['inter']:>13} {j['intra']:>6}")
+    print(f"  inter-node routes vs home: sample-only {100 * x['sample_only_reduction']:.1f}% "
+          f"fewer, joint {100 * x['joint_reduction']:.1f}% fewer; {x['fallbacks']} fallbacks; "
+          f"losses equal within {x['max_loss_rel_diff']:.1e} relative")
 
 
 def _print(r: dict[str, Any]) -> None:
@@ -182,5 +291,7 @@ def _print(r: dict[str, Any]) -> None:
         f"losses equal within {r['max_loss_rel_diff']:.1e} relative; last step: "
         f"home {home['loss'][-1]:.4f}, netmoe {net['loss'][-1]:.4f}"
     )
+    if "expert_placement" in r:
+        _print_experts(r["expert_placement"])
     if r["metrics_url"]:
         print(f"metrics: {r['metrics_url']}")

@@ -32,7 +32,7 @@ from netmoe.protos import placement_pb2 as pb
 from netmoe.protos import placement_pb2_grpc
 
 from . import security
-from .advisor import ExpertAdvisors
+from .advisor import ExpertAdvisors, WindowLimits
 from .config import ServerConfig
 from .interceptors import MetricsInterceptor, StrictParsingInterceptor
 from .metrics import Metrics
@@ -62,7 +62,10 @@ class PlacementServer:
             solver_threads=config.solver_threads, max_jobs=config.max_jobs,
             max_pending=config.max_pending_rounds, finished_memory=config.finished_memory,
             max_world_size=config.max_world_size, max_report_cells=config.max_report_cells,
-            observer=self.metrics, experts=ExpertAdvisors(observer=self.metrics), **kwargs,
+            observer=self.metrics, **kwargs,
+            experts=ExpertAdvisors(
+                WindowLimits(config.expert_window_steps, config.expert_window_bytes),
+                observer=self.metrics),
         )
         # Metrics first: rejected (UNAUTHENTICATED, malformed) calls are counted too; parsing
         # after authentication, so unauthenticated callers never reach a parser.

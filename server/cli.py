@@ -58,6 +58,10 @@ _FLAGS: list[tuple[str, str, Callable[[str], Any], str]] = [
     ("--max-world-size", "max_world_size", int, "largest world size a job may register"),
     ("--max-report-cells", "max_report_cells", int,
      "largest samples_per_device x experts of one report"),
+    ("--expert-window-steps", "expert_window_steps", int,
+     "latest steps of round counts each job's expert placement window keeps"),
+    ("--expert-window-bytes", "expert_window_bytes", int,
+     "bytes of round counts each job's expert placement window keeps"),
 ]
 TOKEN_FILE = "--auth-token-file"
 

@@ -64,6 +64,9 @@ class ServerConfig:
     # Limits on what one job may ask of the server.
     max_world_size: int = 1024
     max_report_cells: int = 1 << 20  # samples_per_device x experts of one report
+    # Expert placement window per job (netmoe.server.advisor.WindowLimits).
+    expert_window_steps: int = 32
+    expert_window_bytes: int = 32 * MiB
 
     def __post_init__(self) -> None:
         if not self.host:
@@ -91,7 +94,8 @@ class ServerConfig:
             if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 65535:
                 raise ValueError(f"{name} must be an integer port in [0, 65535], got {value!r}")
         for name in ("max_message_bytes", "solver_threads", "max_jobs", "max_pending_rounds",
-                     "finished_memory", "max_world_size", "max_report_cells"):
+                     "finished_memory", "max_world_size", "max_report_cells",
+                     "expert_window_steps", "expert_window_bytes"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")

@@ -8,6 +8,7 @@ import torch
 
 from netmoe.client.histogram import route_counts, token_samples
 from netmoe.client.plan import LocalPlan, SamplePlan
+from netmoe.client.planning import agree
 from netmoe.client.train import TrainConfig
 
 
@@ -79,3 +80,26 @@ def test_train_config_validation_names_field_and_value() -> None:
     with pytest.raises(ValueError, match="unknown TrainConfig fields: \\['bogus'\\]"):
         TrainConfig.from_dict({"bogus": 1})
     assert TrainConfig(nodes=2, gpus_per_node=4).experts == 16
+
+
+def _offers(plan: SamplePlan, ids: np.ndarray) -> np.ndarray:
+    """Every rank's offer [J, 1 + 2n] for a consistent plan (holds as sample ids)."""
+    return np.array([[1, *plan.dest(r), *ids[list(plan.holds(r))]] for r in range(plan.devices)])
+
+
+def test_agree_applies_a_consistent_plan_or_no_move_for_all() -> None:
+    plan = SamplePlan((2, 0, 0, 1, 2, 1), 3)
+    ids = np.array([10, 11, 12, 13, 14, 15])  # sample ids travel with the rows across layers
+    offers = _offers(plan, ids)
+    assert agree(offers, ids, 3) == (plan, "")
+    silent = offers.copy()
+    silent[1] = 0  # one rank has no plan: nobody moves
+    assert agree(silent, ids, 3) == (None, "peer fallback")
+    unbalanced = offers.copy()
+    unbalanced[0, 1] = 1  # device 1 would receive 3 samples, device 2 only 1
+    assert agree(unbalanced, ids, 3) == (None, "inconsistent plan")
+    wrong_holds = offers.copy()
+    wrong_holds[2, -1] = 99  # the service thinks another sample ends up on rank 2
+    assert agree(wrong_holds, ids, 3) == (None, "inconsistent holds")
+    with pytest.raises(ValueError, match=r"offers must be \[3, 1 \+ 2n\]"):
+        agree(offers[:2], ids, 3)

@@ -1,13 +1,17 @@
 """Token dispatcher on real gloo process groups (4 processes, 2 nodes x 2 devices).
 
 Every rank checks its combine output and its gradients against a closed form computed from all
-ranks' inputs, which every rank can regenerate from the seeds.
+ranks' inputs, which every rank can regenerate from the seeds. With ``Placement`` offers, the
+combine settles the plan in its one control exchange: the test counts every collective issued.
 """
 
 from __future__ import annotations
 
 import os
 import traceback
+from collections import Counter
+from collections.abc import Callable
+from concurrent.futures import Future
 
 import numpy as np
 import pytest
@@ -15,9 +19,11 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from netmoe.client.dispatcher import Layout, TokenDispatcher, move_samples
+from netmoe.client.dispatcher import CommStats, Layout, TokenDispatcher, move_samples
+from netmoe.client.histogram import route_counts, token_samples
 from netmoe.client.launch import free_port
-from netmoe.client.plan import SamplePlan
+from netmoe.client.plan import LocalPlan, SamplePlan
+from netmoe.client.planning import Placement, RandomPlans
 
 WORLD, GPUS, EXPERTS, SAMPLES, SEQ, D, K = 4, 2, 8, 3, 5, 6, 2
 
@@ -62,7 +68,8 @@ def _worker(rank: int, port: int, errors: mp.Queue) -> None:
             # "Expert" e multiplies by e + 1; residual on each token's first slot.
             y = routes.x * (routes.expert + 1).unsqueeze(1).double()
             out = routes.weight.unsqueeze(1) * y + routes.first.unsqueeze(1) * routes.x
-            got = disp.combine(0, out, routes, plan)
+            got, applied = disp.combine(0, out, routes, plan)
+            assert applied is plan
             holds = list(plan.holds(rank))
             torch.testing.assert_close(got, _expected(holds))
             # Backward: loss = sum(got * g) with g = global row id + 1 per token.
@@ -77,14 +84,14 @@ def _worker(rank: int, port: int, errors: mp.Queue) -> None:
             labels = torch.arange(rank * SAMPLES, (rank + 1) * SAMPLES).unsqueeze(1).repeat(1, 2)
             moved = move_samples(labels, plan, rank)
             assert moved[:, 0].tolist() == holds, (moved, holds)
-        # A corrupted plan view must trip the exactly-once check, not silently mix tokens.
+        # A corrupted plan view must be caught on every rank, not silently mix tokens.
         h, ids, w = _inputs(rank)
         routes = disp.dispatch(1, h, ids, w)
         bad = plans[1] if rank == 0 else plans[0]
         try:
             disp.combine(1, routes.x, routes, bad)
         except RuntimeError as err:
-            assert "exactly one residual" in str(err)
+            assert "ranks apply different plans" in str(err)
         else:
             raise AssertionError(f"rank {rank}: inconsistent plans were not detected")
         dist.destroy_process_group()
@@ -93,11 +100,80 @@ def _worker(rank: int, port: int, errors: mp.Queue) -> None:
         raise
 
 
-def test_dispatch_combine_values_gradients_and_move_samples() -> None:
+COLLECTIVES = ("all_to_all_single", "all_gather", "all_gather_object", "all_reduce", "barrier",
+               "broadcast", "gather", "scatter", "reduce_scatter", "send", "recv")
+
+
+def _count_collectives() -> Counter[str]:
+    """Counts every torch.distributed collective this process issues from now on (each call
+    still runs for real)."""
+    calls: Counter[str] = Counter()
+
+    def counted(name: str, fn: Callable[..., object]) -> Callable[..., object]:
+        def call(*args: object, **kwargs: object) -> object:
+            calls[name] += 1
+            return fn(*args, **kwargs)
+
+        return call
+
+    for name in COLLECTIVES:
+        setattr(dist, name, counted(name, getattr(dist, name)))
+    return calls
+
+
+class _Late:
+    """A plan source whose replies never arrive: Placement must time out into "no move"."""
+
+    def submit(self, *args: object) -> Future[LocalPlan | None]:
+        return Future()
+
+
+def _agreement_worker(rank: int, port: int, errors: mp.Queue) -> None:
+    try:
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        torch.set_num_threads(1)
+        dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+        comm = CommStats()
+        disp = TokenDispatcher(Layout(rank, WORLD, GPUS, EXPERTS, SAMPLES, SEQ), comm)
+        calls = _count_collectives()
+        for step, late_rank in enumerate((None, 2)):
+            source = _Late() if rank == late_rank else RandomPlans(rank, WORLD, SAMPLES, seed=5)
+            placement = Placement(source, rank, WORLD, SAMPLES, timeout=0.3)
+            h, ids, w = _inputs(rank)
+            gather = route_counts(ids, token_samples(SAMPLES, SEQ), SAMPLES, EXPERTS)
+            calls.clear()
+            ticket = placement.submit(step, 0, gather, None)
+            routes = disp.dispatch(0, h, ids, w)
+            out = routes.weight.unsqueeze(1) * routes.x * (routes.expert + 1).unsqueeze(1)
+            got, plan = disp.combine(0, out + routes.first.unsqueeze(1) * routes.x, routes,
+                                     placement.wait(ticket))  # fmt: skip
+            # Dispatch: split sizes, metadata, payload; combine: ONE control exchange (agreement
+            # and split sizes together), metadata, payload. Placement issues none of its own.
+            assert sum(calls.values()) == 6, calls
+            assert comm.control_calls[(0, "combine")] == step + 1, comm.control_calls
+            torch.testing.assert_close(got, _expected(list(plan.holds(rank))))
+            seen: list[object] = [None] * WORLD
+            dist.all_gather_object(seen, plan.fingerprint())
+            assert len(set(seen)) == 1, seen  # every rank applied the same plan
+            st = placement.stats
+            if late_rank is None:
+                assert plan.moves and st.plans == 1 and st.fallbacks == 0
+            else:  # one rank without a plan: every rank falls back, none raises
+                assert not plan.moves and st.plans == 0 and st.fallbacks == 1
+                reason = "timeout" if rank == late_rank else "peer fallback"
+                assert st.reasons == Counter({reason: 1}), st.reasons
+            assert 0 <= st.reply_seconds <= st.wait_seconds
+        dist.destroy_process_group()
+    except BaseException:
+        errors.put(f"rank {rank}:\n{traceback.format_exc()}")
+        raise
+
+
+def _spawn(target: Callable[[int, int, mp.Queue], None]) -> None:
     ctx = mp.get_context("spawn")
     errors = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=_worker, args=(r, port, errors)) for r in range(WORLD)]
+    procs = [ctx.Process(target=target, args=(r, port, errors)) for r in range(WORLD)]
     for p in procs:
         p.start()
     for p in procs:
@@ -112,6 +188,14 @@ def test_dispatch_combine_values_gradients_and_move_samples() -> None:
     assert not msgs, "\n".join(msgs)
     assert not alive, "a rank hung"
     assert all(p.exitcode == 0 for p in procs)
+
+
+def test_dispatch_combine_values_gradients_and_move_samples() -> None:
+    _spawn(_worker)
+
+
+def test_combine_settles_the_plan_in_its_one_control_exchange_and_falls_back_together() -> None:
+    _spawn(_agreement_worker)
 
 
 def test_layout_rejects_bad_input() -> None:
