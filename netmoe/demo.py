@@ -86,6 +86,9 @@ def summarize(results: list[dict[str, Any]]) -> dict[str, Any]:
         "per_layer": [{"inter": x[0], "intra": x[1], "local": x[2]} for x in per_layer],
         "a2a_seconds": statistics.fmean(r["a2a_seconds"] for r in results),
         "step_seconds": statistics.fmean(sum(r["step_seconds"]) for r in results),
+        # The small exchanges before each All-to-All (split sizes; with placement also the plan
+        # agreement): the ranks' compute skew shows up here, in both runs alike.
+        "control_seconds": statistics.fmean(r["control_seconds"] for r in results),
     }
     if "plan_wait_seconds" in results[0]:
         solve = [s for s in results[0]["solve_seconds"] if s > 0]
@@ -282,6 +285,10 @@ def _print(r: dict[str, Any]) -> None:
         f"solver latency (median): {r['solver_ms_median']:.2f} ms; training waited "
         f"{net['plan_wait_seconds']:.3f} s for plans ({100 * wait_share:.1f}% of step time); "
         f"{net['fallbacks']} fallbacks"
+    )
+    print(
+        f"control exchanges before All-to-Alls (split sizes, plan agreement) per rank: home "
+        f"{home['control_seconds']:.3f} s, netmoe {net['control_seconds']:.3f} s"
     )
     print(
         f"All-to-All seconds per rank: home {home['a2a_seconds']:.3f}, "
