@@ -29,7 +29,8 @@ CALIBRATION_SIZES = (65536, 262144, 1048576)
 QUICK_SIZES = (131072, 524288)
 # bytes per peer; a training All-to-All sends about 20 KB per peer (demo model, 4 samples/rank)
 TRAINING_SIZES = (8192, 32768, 131072)
-TRAINING_QUICK_SIZES = (8192, 65536)
+# a wide size range: under load (tens of ms of noise) a narrow one fitted negative slopes
+TRAINING_QUICK_SIZES = (8192, 262144)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -46,10 +47,13 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="inter-node link rate per node and direction, Mbit/s (default: 40 for "
                         "training, 200 for synthetic, so the link, not the 2 CPU cores, is the "
                         "bottleneck)")
-    p.add_argument("--steps", type=int, default=10, help="measured steps per mode")
+    p.add_argument("--steps", type=int, default=10, help="measured steps per mode and repeat")
+    p.add_argument("--repeats", type=int, default=3,
+                   help="training: launches of each mode, interleaved (home, sample, experts, "
+                        "home, ...); figures are medians over repeats")
     p.add_argument("--objective", choices=("volume", "bottleneck", "both"), default="volume",
-                   help="placement objective; 'both' runs the placed modes once per objective "
-                        "(training only)")
+                   help="placement objective; 'both' runs each placed mode under each objective "
+                        "and reports which wins on measured time (training only)")
     p.add_argument("--samples-per-device", type=int, default=4)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--tokens", type=int, default=None,
@@ -63,13 +67,16 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "measured ones)")
     p.add_argument("--fit-starts", type=int, default=4,
                    help="training: random starts of the expert fit besides the current map")
-    p.add_argument("--cache-dir", default="", help="training: corpus/checkpoint cache")
+    p.add_argument("--cache-dir", default="",
+                   help="training: cache of corpus, checkpoint, expert fit and calibration")
     p.add_argument("--locality", type=float, default=0.6,
                    help="share of routes to the sample's domain experts (synthetic routing)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=None, help="folder for report.md and plots")
     p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.add_argument("--quick", action="store_true", help="short configuration (under 3 minutes)")
+    p.add_argument("--quick", action="store_true",
+                   help="short configuration (under 3 minutes): 4 steps, one launch per mode, "
+                        "the cached calibration when there is one")
     p.set_defaults(func=run)
 
 
@@ -80,7 +87,7 @@ def _check(args: argparse.Namespace) -> None:
     if args.tokens is None:
         args.tokens = 64 if training else 128
     for name in ("nodes", "gpus_per_node", "steps", "samples_per_device", "layers", "tokens",
-                 "bytes_per_route", "fit_steps"):
+                 "bytes_per_route", "fit_steps", "repeats"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     for name in ("warmup_steps", "fit_starts"):
@@ -146,6 +153,8 @@ def _run_training(args: argparse.Namespace) -> int:
     except TestbedError as err:
         print(f"netmoe bench cluster: {err}", file=sys.stderr)
         return 1
+    # --quick: fewer steps, one repeat, fewer fit rounds and starts, and the cached calibration
+    # (and cached expert fit, like every run) when there is one.
     steps = min(args.steps, 4) if args.quick else args.steps
     base = TrainConfig(
         nodes=args.nodes, gpus_per_node=args.gpus_per_node, steps=steps,
@@ -159,7 +168,8 @@ def _run_training(args: argparse.Namespace) -> int:
             fit_steps=min(args.fit_steps, 4) if args.quick else args.fit_steps,
             objectives=objectives, starts=min(args.fit_starts, 1) if args.quick
             else args.fit_starts, sizes=TRAINING_QUICK_SIZES if args.quick
-            else TRAINING_SIZES, calibration_iters=3 if args.quick else 6,
+            else TRAINING_SIZES, calibration_iters=5 if args.quick else 6,
+            repeats=1 if args.quick else args.repeats, reuse_calibration=args.quick,
         )  # fmt: skip
     except TestbedError as err:
         print(f"netmoe bench cluster: {err}", file=sys.stderr)
@@ -275,5 +285,10 @@ def _print(r: dict[str, Any]) -> None:
               f"{max(m['max_loss_rel_diff'] for m in r['modes'].values()):.1e} relative; "
               f"objective winner {r['objective_winner'] or r['objective']}; targets "
               f"{r['targets']}")
+        b = r["locality_bound"]
+        print(f"locality bound (exact optimum on the held-out steps): inter-node routes "
+              f"-{b['sample_inter_reduction']:.1%} sample, -{b['experts_inter_reduction']:.1%} "
+              f"experts; {r['repeats']} interleaved launch(es) per mode; load average "
+              f"{r['load_average']['start']:.1f} -> {r['load_average']['end']:.1f}")
     print(f"speedup {r['speedup_a2a']:.2f}x, inter-node bytes -{r['inter_bytes_reduction']:.1%}, "
           f"objective {r['objective']}, {r['wall_seconds']:.0f} s")

@@ -6,14 +6,20 @@ run ``python -m netmoe.client.train`` inside the node namespaces of a ``netmoe.t
 1. The demo's cached warm-up checkpoint (``netmoe demo``'s pre-training) is the starting model.
 2. Fit: one process on 127.0.0.1 trains ``fit_steps`` further steps from it and records the
    routing; ``netmoe.solver.experts.fit_experts`` fits an expert-to-device map per layer on it.
-   The measured runs use later batches, so the map is judged on held-out data.
-3. Calibration: the alpha-beta model is fitted on probe All-to-Alls (netmoe.calibrate).
+   The measured runs use later batches, so the map is judged on held-out data. The fit is
+   deterministic and cached (keyed by checkpoint, data, shape, seed).
+3. Calibration: the alpha-beta model is fitted on probe All-to-Alls (netmoe.calibrate); every
+   measurement is cached per testbed shape and rates, and --quick reuses the latest one.
 4. ``netmoe serve`` runs in node 0's namespace on its veth address; every run trains the same
-   steps from the same checkpoint and seed, once per mode: "home" (no plans), "sample" (plans
-   from the service), "experts" (the fitted map in force from the start, plans from the service).
+   steps from the same checkpoint and seed, per mode: "home" (no plans), "sample" (plans from
+   the service), "experts" (the fitted map in force from the start, plans from the service).
+   All runs share one launch of the ranks (netmoe.cluster_rank), modes interleaved over repeats
+   (home, sample, experts, home, ...) so drifting machine load hits every mode alike.
    The experts mode builds the model with an expert order (netmoe.client.model): slot v of layer
    l holds the original expert order[l][v], and slot v lives on rank v // (E / J), so the
    service's default expert layout is exactly the fitted map and the function is unchanged.
+5. The first home run records its routing; the exact optimum on it (locality_bound) is how much
+   any placement could cut on these held-out steps.
 
 Each rank records every tagged All-to-All (CommStats.calls, with a barrier before it so rank
 skew is not counted); a call's wall time is max(end) - min(start) over ranks. The first rank of
@@ -24,8 +30,9 @@ gradient all-reduce of every step.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
-import shlex
+import os
 import statistics
 import sys
 import tempfile
@@ -98,6 +105,8 @@ def summarize_mode(results: Sequence[dict[str, Any]], cal: Any, gpus_per_node: i
     calls = align_calls([r["a2a_calls"] for r in results])
     per_step = np.zeros(steps)
     predicted = np.zeros(steps)
+    busiest_model = np.zeros(steps)
+    nodes = len(results) // gpus_per_node
     inter_payload = np.zeros(steps)
     intra_payload = np.zeros(steps)
     by_key: dict[tuple[int, str], np.ndarray] = defaultdict(lambda: np.zeros((3, steps)))
@@ -106,6 +115,15 @@ def summarize_mode(results: Sequence[dict[str, Any]], cal: Any, gpus_per_node: i
         model = cal.predict(intra_b, inter_b) if cal is not None else float("nan")
         per_step[c.step] += c.seconds
         predicted[c.step] += model
+        if cal is not None:
+            # The model spreads inter-node bytes over all links; a call really waits for its
+            # busiest link direction (node egress or ingress), charged here as if every link
+            # carried that much.
+            node_send = c.send.reshape(nodes, gpus_per_node, nodes, gpus_per_node).sum((1, 3))
+            np.fill_diagonal(node_send, 0)
+            busiest = max(node_send.sum(0).max(), node_send.sum(1).max())
+            busiest_model[c.step] += max(cal.intra.seconds(intra_b),
+                                         cal.inter.seconds(float(busiest * nodes)))
         inter_payload[c.step] += inter_b
         intra_payload[c.step] += intra_b
         by_key[(c.layer, c.phase)][:, c.step] += (c.seconds, model, inter_b)
@@ -136,6 +154,7 @@ def summarize_mode(results: Sequence[dict[str, Any]], cal: Any, gpus_per_node: i
         "payload_intra_bytes": int(np.median(intra_payload)),
         "predicted_a2a_seconds": model,
         "model_error": model / measured - 1.0,
+        "predicted_busiest_link_seconds": float(np.median(busiest_model)),
         "loss": results[0]["loss"],
         "calls": rows,
     }
@@ -158,10 +177,57 @@ def summarize_mode(results: Sequence[dict[str, Any]], cal: Any, gpus_per_node: i
     return out
 
 
+def merge_repeats(launches: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """One mode's figures over its interleaved launches (summarize_mode results, launch order).
+
+    Every per-launch median (numbers) becomes the median over launches; per-step series are
+    concatenated; per-call rows take medians over launches; "repeats" keeps each launch's All-to-All
+    and step time; "repeat_loss_rel_diff" is the largest relative loss gap to the first launch.
+    """
+    first = launches[0]
+    out: dict[str, Any] = {}
+    for key, value in first.items():
+        if isinstance(value, bool) or key == "fallbacks":
+            continue
+        if isinstance(value, int | float):
+            med = statistics.median(m[key] for m in launches)
+            out[key] = int(med) if isinstance(value, int) else float(med)
+    out["model_error"] = out["predicted_a2a_seconds"] / out["a2a_seconds_per_step"] - 1.0
+    for key in ("a2a_seconds_iterations", "step_seconds_iterations"):
+        out[key] = [x for m in launches for x in m[key]]
+    out["inter_node_bytes_per_link"] = [int(x) for x in np.median(
+        [m["inter_node_bytes_per_link"] for m in launches], axis=0)]
+    out["loss"] = first["loss"]
+    out["repeat_loss_rel_diff"] = max(abs(a - b) / abs(b) for m in launches
+                                      for a, b in zip(m["loss"], first["loss"], strict=True))
+    out["repeats"] = [{"a2a_seconds_per_step": m["a2a_seconds_per_step"],
+                       "step_seconds": m["step_seconds"]} for m in launches]
+    out["calls"] = [{**row, **{k: float(statistics.median(by[row["name"]][k] for by in (
+        {r["name"]: r for r in m["calls"]} for m in launches)))
+        for k in ("measured_seconds", "predicted_seconds")}} for row in first["calls"]]
+    if "fallbacks" in first:
+        out["fallbacks"] = max(m["fallbacks"] for m in launches)
+        reasons: dict[str, int] = defaultdict(int)
+        for m in launches:
+            for reason, count in m["fallback_reasons"].items():
+                reasons[reason] += count
+        out["fallback_reasons"] = dict(reasons)
+    return out
+
+
 def expert_order(maps: np.ndarray) -> tuple[tuple[int, ...], ...]:
     """Per layer, the original expert in each slot: maps int [L, E] (device of each expert,
     E/J per device) -> order with order[l][v] on device v // (E/J), i.e. maps[l][order[l][v]]."""
     return tuple(tuple(int(e) for e in np.argsort(m, kind="stable")) for m in np.asarray(maps))
+
+
+def trace_rounds(trace_path: Path, cfg: Any) -> list[np.ndarray]:
+    """A recorded trace as one round per step: int64 [L, I, E] routes each, I = global samples."""
+    from netmoe.trace import load_trace, sample_counts
+
+    counts = sample_counts(load_trace(trace_path), cfg.experts)  # [L, rounds * I, E]
+    big_i = cfg.global_samples
+    return [counts[:, r * big_i:(r + 1) * big_i] for r in range(counts.shape[1] // big_i)]
 
 
 def fit_order(trace_path: Path, cfg: Any, starts: int) -> tuple[tuple[tuple[int, ...], ...],
@@ -169,16 +235,30 @@ def fit_order(trace_path: Path, cfg: Any, starts: int) -> tuple[tuple[tuple[int,
     """Fits expert maps on a recorded trace (one round per recorded step) for cfg's topology."""
     from netmoe.solver import Topology
     from netmoe.solver.experts import fit_experts
-    from netmoe.trace import load_trace, sample_counts
 
     topo = Topology(nodes=cfg.nodes, gpus_per_node=cfg.gpus_per_node, experts=cfg.experts)
-    counts = sample_counts(load_trace(trace_path), cfg.experts)  # [L, rounds * I, E]
-    big_i = cfg.global_samples
-    rounds = [counts[:, r * big_i:(r + 1) * big_i] for r in range(counts.shape[1] // big_i)]
+    rounds = trace_rounds(trace_path, cfg)
     fit = fit_experts(topo, rounds, starts=starts, seed=cfg.seed)
     info = {"rounds": len(rounds), "objective_inter_intra": list(fit.objective),
             "history": [list(h) for h in fit.history], "maps": [list(m) for m in fit.maps]}
     return expert_order(fit.array()), info
+
+
+def locality_bound(trace_path: Path, cfg: Any, maps: Sequence[Sequence[int]]) -> dict[str, Any]:
+    """Exact optimum on the measured (held-out) steps' real routing, per layer pair (combine of
+    l + dispatch of l+1), summed over pairs and steps: inter-node routes at home, with the exact
+    two-stage sample placement, and with the fitted expert maps [L, E] plus sample placement.
+    The measured runs can only approach these cuts (they plan on predicted routing)."""
+    from netmoe.solver import Topology
+    from netmoe.solver.experts import evaluate_experts
+
+    topo = Topology(nodes=cfg.nodes, gpus_per_node=cfg.gpus_per_node, experts=cfg.experts)
+    ev = evaluate_experts(topo, trace_rounds(trace_path, cfg), np.asarray(maps))
+    inter = {kind: sum(getattr(p, kind).inter for p in ev.pairs)
+             for kind in ("home", "sample_only", "joint")}
+    return {"rounds": ev.rounds, "inter_routes": inter,
+            "sample_inter_reduction": 1.0 - inter["sample_only"] / inter["home"],
+            "experts_inter_reduction": 1.0 - inter["joint"] / inter["home"]}
 
 
 def _record_fit_trace(cfg: Any, steps: int, path: Path) -> None:
@@ -194,23 +274,57 @@ def _record_fit_trace(cfg: Any, steps: int, path: Path) -> None:
     run_ranks(single)
 
 
-def _train_in_testbed(tb: Any, cfg: Any, work: Path, name: str, port: int) -> list[dict]:
-    """One run: cfg.world ranks in the node namespaces; returns per-rank results."""
+def _cached_fit(cfg: Any, fit_steps: int, starts: int, work: Path,
+                ) -> tuple[tuple[tuple[int, ...], ...], dict[str, Any]]:
+    """The fitted expert order, from the cache when the same checkpoint, data, shape and seed
+    were fitted before (the fit trace is deterministic, so the cached fit is exact)."""
+    from netmoe.client.data import default_cache_dir
+
+    key = json.dumps([cfg.init_checkpoint, cfg.data_offset, fit_steps, starts, cfg.seed,
+                      cfg.nodes, cfg.gpus_per_node, cfg.samples_per_device, cfg.seq_len,
+                      cfg.layers, cfg.experts_per_device, cfg.top_k, cfg.vocab])
+    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+    path = (Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()) / f"fit-{digest}.json"
+    if path.exists():
+        cached = json.loads(path.read_text())
+        info = {**cached["info"], "cached": True, "seconds": 0.0}
+        return tuple(tuple(o) for o in cached["order"]), info
+    t0 = time.monotonic()
+    _record_fit_trace(cfg, fit_steps, work / "fit-trace.npz")
+    order, info = fit_order(work / "fit-trace.npz", cfg, starts)
+    info.update(cached=False, seconds=time.monotonic() - t0)
+    _write_atomic(path, {"key": key, "order": order, "info": info})
+    return order, info
+
+
+def _write_atomic(path: Path, obj: Any) -> None:
+    """Cache files are shared by concurrent benches: never let one read a half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(obj))
+    os.replace(tmp, path)
+
+
+def _train_all(tb: Any, runs: Sequence[tuple[str, Any]], work: Path, g: int,
+               threads: int) -> dict[str, list[dict]]:
+    """Every run, in order, in one launch of the ranks (netmoe.cluster_rank); returns per run
+    name the per-rank results."""
     from netmoe.testbed import TestbedError
 
-    run_dir = work / name
-    run_dir.mkdir()
-    (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg)))
-    cmd = (f"exec {shlex.quote(sys.executable)} -m netmoe.client.train --config "
-           f"@{shlex.quote(str(run_dir / 'config.json'))} --out "
-           f"{shlex.quote(str(run_dir))}/rank\"$RANK\".json")
-    procs = tb.launch_ranks(cfg.gpus_per_node, ["sh", "-c", cmd], run_dir / "logs",
-                            env={"MASTER_PORT": str(port), "OMP_NUM_THREADS": str(cfg.threads)})
+    plan = [{"name": name, "port": 29500 + k, "config": dataclasses.asdict(cfg)}
+            for k, (name, cfg) in enumerate(runs)]
+    (work / "plan.json").write_text(json.dumps(plan))
+    procs = tb.launch_ranks(g, [sys.executable, "-m", "netmoe.cluster_rank", "--plan",
+                                str(work / "plan.json"), "--out", str(work / "runs")],
+                            work / "logs", env={"OMP_NUM_THREADS": str(threads)})
     try:
-        tb.wait(procs, timeout=900, log_dir=run_dir / "logs")
+        tb.wait(procs, timeout=300 + 120 * len(runs), log_dir=work / "logs")
     except TestbedError as err:
-        raise TestbedError(f"{name} run: {err}") from err
-    return [json.loads((run_dir / f"rank{r}.json").read_text()) for r in range(cfg.world)]
+        done = sorted(p.name for p in (work / "runs").glob("*") if p.is_dir())
+        raise TestbedError(f"training runs (finished: {done}): {err}") from err
+    world = tb.config.nodes * g
+    return {name: [json.loads((work / "runs" / name / f"rank{r}.json").read_text())
+                   for r in range(world)] for name, _ in runs}
 
 
 def _start_server(tb: Any, work: Path) -> str:
@@ -226,70 +340,110 @@ def _start_server(tb: Any, work: Path) -> str:
     return address
 
 
-def _calibrate(tb: Any, work: Path, g: int, sizes: Sequence[int], iters: int) -> Any:
+def _calibrate(tb: Any, work: Path, g: int, sizes: Sequence[int], iters: int, cache: Path,
+               reuse: bool) -> tuple[Any, dict[str, Any]]:
+    """The alpha-beta calibration: read from ``cache`` (same testbed shape and rates) when
+    ``reuse`` and it exists, else measured now and written to ``cache``."""
     from netmoe.a2a_probe import write_workload
     from netmoe.calibrate import calibrate, calibration_calls
 
+    if reuse and cache.exists():
+        cached = json.loads(cache.read_text())
+        return calibrate(cached["result"]), {**cached["meta"], "cached": True}
     write_workload(work / "calibration.json", calibration_calls(tb.config.nodes, g, sizes), g)
     procs = tb.launch_ranks(g, [sys.executable, "-m", "netmoe.a2a_probe", "--workload",
                                 str(work / "calibration.json"), "--iters", str(iters),
                                 "--out", str(work / "calibration-result.json")],
                             work / "calibration-logs", env={"MASTER_PORT": "29400"})
     tb.wait(procs, timeout=600, log_dir=work / "calibration-logs")
-    return calibrate(json.loads((work / "calibration-result.json").read_text()))
+    result = json.loads((work / "calibration-result.json").read_text())
+    meta = {"measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "load_average": os.getloadavg()[0], "cached": False,
+            "bytes_per_peer": list(sizes), "iterations": iters}
+    _write_atomic(cache, {"result": result, "meta": meta})
+    return calibrate(result), meta
 
 
 def run_bench(base: Any, *, rate_mbit: float, ratio: float, warmup_steps: int, fit_steps: int,
               objectives: Sequence[str], starts: int, sizes: Sequence[int],
-              calibration_iters: int) -> dict[str, Any]:
+              calibration_iters: int, repeats: int = 1,
+              reuse_calibration: bool = False) -> dict[str, Any]:
     """The whole training bench; base: TrainConfig of the measured runs (steps, shape, seed).
 
+    Modes run interleaved ``repeats`` times (home, sample, experts, home, ...) in one launch of
+    the ranks; figures are medians over repeats of the per-launch medians over steps.
+    reuse_calibration: take the cached calibration of this testbed shape when there is one.
     Returns the report dict (see netmoe.bench_cluster for the keys)."""
     from netmoe.calibrate import calibration_dict
-    from netmoe.client.data import load_corpus
+    from netmoe.client.data import default_cache_dir, load_corpus
     from netmoe.demo import _pretrain
     from netmoe.testbed import Testbed, TestbedConfig
 
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
     started = time.monotonic()
+    load_start = os.getloadavg()
+    phases: dict[str, float] = {}
     load_corpus(base.vocab, base.cache_dir or None)  # built once here; ranks read the cache
     if warmup_steps:
         base = dataclasses.replace(base, init_checkpoint=_pretrain(base, warmup_steps))
     cfg = dataclasses.replace(base, data_offset=warmup_steps + fit_steps, a2a_sync=True,
                               link_counters=True)
-    modes: dict[str, dict[str, Any]] = {}
+    phases["prepare"] = time.monotonic() - started
+    cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
+    # keyed by what the testbed is, not by how it was probed: any calibration of it is valid
+    cal_cache = cache_dir / (f"calibration-{cfg.nodes}x{cfg.gpus_per_node}-{rate_mbit:g}mbit-"
+                             f"x{ratio:g}.json")
     with tempfile.TemporaryDirectory(prefix="netmoe-cluster-train-") as tmp:
         work = Path(tmp)
         t0 = time.monotonic()
-        _record_fit_trace(cfg, fit_steps, work / "fit-trace.npz")
-        order, fit_info = fit_order(work / "fit-trace.npz", cfg, starts)
-        fit_info["seconds"] = time.monotonic() - t0
+        order, fit_info = _cached_fit(cfg, fit_steps, starts, work)
+        phases["expert_fit"] = time.monotonic() - t0
         tb_cfg = TestbedConfig(nodes=cfg.nodes, rate_mbit=rate_mbit,
                                intra_rate_mbit=rate_mbit * ratio)
+        t0 = time.monotonic()
         with Testbed(tb_cfg) as tb:
-            cal = _calibrate(tb, work, cfg.gpus_per_node, sizes, calibration_iters)
+            cal, cal_meta = _calibrate(tb, work, cfg.gpus_per_node, sizes, calibration_iters,
+                                       cal_cache, reuse_calibration)
+            phases["testbed_calibration"] = time.monotonic() - t0
+            t0 = time.monotonic()
             server = _start_server(tb, work)
-            runs: list[tuple[str, Any]] = [("home", cfg)]
+            phases["server"] = time.monotonic() - t0
+            modes = [("home", cfg)]
             for objective in objectives:
                 suffix = "" if objective == objectives[0] else f"-{objective}"
                 place = dataclasses.replace(cfg, placement="service", server=server,
                                             objective=objective)
-                runs.append((f"sample{suffix}",
-                             dataclasses.replace(place, job=f"sample{suffix}")))
-                runs.append((f"experts{suffix}",
-                             dataclasses.replace(place, job=f"experts{suffix}",
-                                                 expert_order=order)))
-            for k, (name, run_cfg) in enumerate(runs):
-                results = _train_in_testbed(tb, run_cfg, work, name, 29500 + k)
-                modes[name] = summarize_mode(results, cal, cfg.gpus_per_node)
-                modes[name]["objective"] = run_cfg.objective if name != "home" else None
-    return _report(modes, cal, calibration_dict(cal), cfg, fit_info, rate_mbit, ratio,
-                   warmup_steps, fit_steps, time.monotonic() - started)
+                modes.append((f"sample{suffix}", place))
+                modes.append((f"experts{suffix}",
+                              dataclasses.replace(place, expert_order=order)))
+            trace = work / "held-out-trace.npz"
+            runs = [(f"{name}#{rep}", dataclasses.replace(
+                mode_cfg, job=f"{name}-{rep}", record_trace=str(trace)
+                if name == "home" and rep == 0 else ""))
+                for rep in range(repeats) for name, mode_cfg in modes]
+            t0 = time.monotonic()
+            results = _train_all(tb, runs, work, cfg.gpus_per_node, cfg.threads)
+            phases["training"] = time.monotonic() - t0
+        per_mode = {name: merge_repeats([summarize_mode(results[f"{name}#{rep}"], cal,
+                                                        cfg.gpus_per_node)
+                                         for rep in range(repeats)]) for name, _ in modes}
+        for name, mode_cfg in modes:
+            per_mode[name]["objective"] = mode_cfg.objective if name != "home" else None
+        bound = locality_bound(trace, cfg, fit_info["maps"])
+    report = _report(per_mode, cal, calibration_dict(cal), cfg, fit_info, rate_mbit, ratio,
+                     warmup_steps, fit_steps, time.monotonic() - started)
+    report.update(repeats=repeats, locality_bound=bound, phase_seconds=phases,
+                  calibration_meta=cal_meta,
+                  load_average={"start": load_start[0], "end": os.getloadavg()[0]})
+    return report
 
 
 def _report(modes: dict[str, dict[str, Any]], cal: Any, cal_dict: dict, cfg: Any,
             fit_info: dict, rate: float, ratio: float, warmup: int, fit_steps: int,
             wall: float) -> dict[str, Any]:
     home = modes["home"]
+    link_rate = rate * 1e6 / 8  # bytes per second per node link and direction
     for m in modes.values():
         m["speedup_a2a"] = home["a2a_seconds_per_step"] / m["a2a_seconds_per_step"]
         m["speedup_step"] = home["step_seconds"] / m["step_seconds"]
@@ -298,6 +452,10 @@ def _report(modes: dict[str, dict[str, Any]], cal: Any, cal_dict: dict, cfg: Any
             "payload_inter_bytes"]
         m["max_loss_rel_diff"] = max(abs(a - b) / abs(b) for a, b in
                                      zip(m["loss"], home["loss"], strict=True))
+        # Share of the All-to-All time the busiest node link needs at its nominal rate: near 1,
+        # the link (not the CPU) sets the time.
+        m["link_busy_share"] = (max(m["inter_node_bytes_per_link"]) / link_rate
+                                / m["a2a_seconds_per_step"])
     placed = [k for k in modes if k != "home"]
     best = min(placed, key=lambda k: modes[k]["a2a_seconds_per_step"])
     objectives: dict[str, str] = {}
@@ -332,5 +490,7 @@ def _report(modes: dict[str, dict[str, Any]], cal: Any, cal_dict: dict, cfg: Any
                    "fit_steps": fit_steps, "data_offset": cfg.data_offset, "seed": cfg.seed},
         "calibration": cal_dict,
         "measured_ratio": cal.intra.bandwidth / cal.inter.bandwidth,
+        # machine-wide inter-node bandwidth the calibration found vs the links' nominal sum
+        "inter_bandwidth_share_of_nominal": cal.inter.bandwidth / (link_rate * cfg.nodes),
         "wall_seconds": wall,
     }

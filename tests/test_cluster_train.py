@@ -14,7 +14,9 @@ import pytest
 import torch
 
 from netmoe.client.model import relabel_state
-from netmoe.cluster_train import align_calls, expert_order
+from netmoe.client.train import TrainConfig
+from netmoe.cluster_train import align_calls, expert_order, locality_bound, merge_repeats
+from netmoe.trace import save_trace
 
 needs_root = pytest.mark.skipif(
     os.geteuid() != 0 or shutil.which("ip") is None or shutil.which("tc") is None,
@@ -42,6 +44,52 @@ def test_expert_order_puts_each_expert_on_its_mapped_device() -> None:
         assert sorted(perm) == list(range(8))
         assert [int(maps[layer][e]) for e in perm] == [v // 2 for v in range(8)]
     assert order[1] == tuple(range(8))
+
+
+def _launch(a2a: float, loss: list[float], wait: float) -> dict:
+    return {"a2a_seconds_per_step": a2a, "step_seconds": 2 * a2a, "inter_node_bytes": 100,
+            "predicted_a2a_seconds": 1.0, "model_error": 1.0 / a2a - 1.0,
+            "a2a_seconds_iterations": [a2a, a2a], "step_seconds_iterations": [2 * a2a] * 2,
+            "inter_node_bytes_per_link": [40, 60], "loss": loss, "plan_wait_seconds_per_step": wait,
+            "fallbacks": 0, "fallback_reasons": {},
+            "calls": [{"name": "L0-dispatch", "measured_seconds": a2a / 2,
+                       "predicted_seconds": 0.5, "payload_inter_bytes": 10}]}
+
+
+def test_merge_repeats_takes_medians_over_launches() -> None:
+    launches = [_launch(1.0, [2.0, 1.5], 0.1), _launch(4.0, [2.0, 1.5], 0.3),
+                _launch(2.0, [2.0, 1.5 * (1 + 1e-6)], 0.2)]
+    m = merge_repeats(launches)
+    assert m["a2a_seconds_per_step"] == 2.0  # the median, not the mean (2.33)
+    assert m["plan_wait_seconds_per_step"] == pytest.approx(0.2)
+    assert m["model_error"] == pytest.approx(1.0 / 2.0 - 1.0)
+    assert m["calls"][0]["measured_seconds"] == 1.0
+    assert m["a2a_seconds_iterations"] == [1.0, 1.0, 4.0, 4.0, 2.0, 2.0]
+    assert [r["a2a_seconds_per_step"] for r in m["repeats"]] == [1.0, 4.0, 2.0]
+    assert m["repeat_loss_rel_diff"] == pytest.approx(1e-6)
+    assert m["loss"] == [2.0, 1.5]
+
+
+def test_locality_bound_finds_the_exact_cut_on_a_recorded_trace(tmp_path: Path) -> None:
+    cfg = TrainConfig(nodes=2, gpus_per_node=2, samples_per_device=2, seq_len=4, layers=3)
+    big_i, j, per_dev = cfg.global_samples, cfg.world, cfg.experts_per_device
+    # every token of a sample on device d routes (top-2) to the experts of device (d + 2) % 4,
+    # on the other node: at home all routes cross nodes, moving samples removes them all
+    dev = np.arange(big_i) // (big_i // j)
+    first = ((dev + 2) % j) * per_dev
+    steps = 2
+    topk = np.zeros((cfg.layers, steps * big_i * cfg.seq_len, 2), dtype=np.int64)
+    tok_sample = np.repeat(np.arange(big_i), cfg.seq_len)
+    topk[..., 0] = np.tile(first[tok_sample], steps)
+    topk[..., 1] = np.tile(first[tok_sample] + 1, steps)
+    sample_ids = np.repeat(np.arange(steps * big_i), cfg.seq_len)
+    save_trace(tmp_path / "t.npz", topk, sample_ids, cfg.experts)
+    home_map = [[e // per_dev for e in range(cfg.experts)]] * cfg.layers
+    b = locality_bound(tmp_path / "t.npz", cfg, home_map)
+    assert b["rounds"] == steps
+    assert b["inter_routes"]["home"] == steps * (cfg.layers - 1) * 2 * big_i * cfg.seq_len * 2
+    assert b["sample_inter_reduction"] == 1.0
+    assert b["experts_inter_reduction"] == 1.0  # same map: same optimum
 
 
 def test_relabel_state_moves_experts_and_router_rows_to_slots() -> None:
@@ -92,10 +140,13 @@ def test_training_on_emulated_cluster_three_modes_equal_losses_and_cleanup(
         assert m["fallbacks"] == 0, m["fallback_reasons"]
         assert 0 <= m["plan_reply_seconds_per_step"] <= m["plan_wait_seconds_per_step"]
     assert r["netmoe"] == r["modes"][r["best_mode"]]
+    assert r["repeats"] == 1 and r["locality_bound"]["rounds"] == 2  # the measured steps
+    assert r["locality_bound"]["inter_routes"]["home"] > 0
     # the fitted map is in force: the experts run routes differently from the sample run
     assert r["modes"]["experts"]["payload_inter_bytes"] != r["modes"]["sample"][
         "payload_inter_bytes"]
     assert {p.name for p in (tmp_path / "report").iterdir()} == {
         "report.md", "result.json", "step_time.png", "inter_bytes.png", "predicted.png"}
+    assert "## Gaps to the targets" in (tmp_path / "report" / "report.md").read_text()
     assert set(existing_namespaces()) == before
     assert _root_links() == links
