@@ -148,5 +148,5 @@ def test_training_on_emulated_cluster_three_modes_equal_losses_and_cleanup(
     assert {p.name for p in (tmp_path / "report").iterdir()} == {
         "report.md", "result.json", "step_time.png", "inter_bytes.png", "predicted.png"}
     assert "## Gaps to the targets" in (tmp_path / "report" / "report.md").read_text()
-    assert set(existing_namespaces()) == before
+    assert set(existing_namespaces()) <= before  # nothing of this run is left
     assert _root_links() == links

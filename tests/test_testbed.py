@@ -136,7 +136,7 @@ def test_build_failure_removes_what_was_built() -> None:
     with pytest.raises(TestbedError, match="congestion_control"), \
             Testbed(TestbedConfig(nodes=2, congestion="nosuchcc")):
         pass
-    assert set(existing_namespaces()) == before
+    assert set(existing_namespaces()) <= before  # nothing of this run is left
     assert _root_links() == links
 
 
@@ -161,5 +161,5 @@ def test_bench_cluster_cli_measures_both_modes_and_cleans_up(tmp_path: Path) -> 
     assert r["calibration"]["inter"]["bandwidth"] > 0
     assert {p.name for p in (tmp_path / "report").iterdir()} == {
         "report.md", "result.json", "step_time.png", "inter_bytes.png", "predicted.png"}
-    assert set(existing_namespaces()) == before
+    assert set(existing_namespaces()) <= before  # nothing of this run is left
     assert _root_links() == links
