@@ -138,6 +138,13 @@ def summarize(result: dict, cal: Any, modes: dict[str, Any]) -> dict[str, Any]:
 
 def run(args: argparse.Namespace) -> int:
     _check(args)
+    from netmoe.testbed import TestbedError, require_root
+
+    try:
+        require_root()
+    except TestbedError as err:
+        print(f"netmoe bench cluster: {err}", file=sys.stderr)
+        return 1
     if args.workload == "training":
         return _run_training(args)
     return _run_synthetic(args)
@@ -146,13 +153,8 @@ def run(args: argparse.Namespace) -> int:
 def _run_training(args: argparse.Namespace) -> int:
     from netmoe.client.train import TrainConfig
     from netmoe.cluster_train import run_bench
-    from netmoe.testbed import TestbedError, require_root
+    from netmoe.testbed import TestbedError
 
-    try:
-        require_root()
-    except TestbedError as err:
-        print(f"netmoe bench cluster: {err}", file=sys.stderr)
-        return 1
     # --quick: fewer steps, one repeat, fewer fit rounds and starts, and the cached calibration
     # (and cached expert fit, like every run) when there is one.
     steps = min(args.steps, 4) if args.quick else args.steps
@@ -191,13 +193,8 @@ def _run_synthetic(args: argparse.Namespace) -> int:
     from netmoe.cluster_workload import MODES, step_traffic
     from netmoe.solver import Topology
     from netmoe.solver.synthetic import planted_counts
-    from netmoe.testbed import Testbed, TestbedConfig, TestbedError, require_root
+    from netmoe.testbed import Testbed, TestbedConfig, TestbedError
 
-    try:
-        require_root()
-    except TestbedError as err:
-        print(f"netmoe bench cluster: {err}", file=sys.stderr)
-        return 1
     steps = min(args.steps, 5) if args.quick else args.steps
     sizes = QUICK_SIZES if args.quick else CALIBRATION_SIZES
     g, world = args.gpus_per_node, args.nodes * args.gpus_per_node
