@@ -27,22 +27,45 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-@contextmanager
-def _terminate_raises() -> Iterator[None]:
+class _Interrupts:
     """While active, SIGTERM raises KeyboardInterrupt like SIGINT does, so cleanup in finally
-    blocks runs (by default SIGTERM ends the process and would orphan the ranks)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
+    blocks runs (by default SIGTERM ends the process and would orphan the ranks).
 
-    def handler(signum: int, frame: FrameType | None) -> None:
+    Inside ``deferred()`` both signals only take note and raise when it ends: an interrupt
+    between a rank's fork and its Popen returning would leave a rank nobody knows of.
+    """
+
+    def __init__(self) -> None:
+        self._defer = False
+        self._pending: int | None = None
+
+    def _handler(self, signum: int, frame: FrameType | None) -> None:
+        if self._defer:
+            self._pending = signum
+            return
         raise KeyboardInterrupt(f"signal {signum}")
 
-    old = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, old)
+    @contextmanager
+    def active(self) -> Iterator[None]:
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        old = {sig: signal.signal(sig, self._handler) for sig in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            yield
+        finally:
+            for sig, handler in old.items():
+                signal.signal(sig, handler)
+
+    @contextmanager
+    def deferred(self) -> Iterator[None]:
+        self._defer = True
+        try:
+            yield
+        finally:
+            self._defer = False
+        if self._pending is not None:
+            raise KeyboardInterrupt(f"signal {self._pending}")
 
 
 def run_ranks(cfg: TrainConfig, timeout: float = 600.0) -> list[dict[str, Any]]:
@@ -51,7 +74,8 @@ def run_ranks(cfg: TrainConfig, timeout: float = 600.0) -> list[dict[str, Any]]:
     every process is gone when this returns or raises, also on SIGINT or SIGTERM."""
     config = json.dumps(dataclasses.asdict(cfg))
     port = free_port()
-    with tempfile.TemporaryDirectory(prefix="netmoe-ranks-") as tmp, _terminate_raises():
+    interrupts = _Interrupts()
+    with tempfile.TemporaryDirectory(prefix="netmoe-ranks-") as tmp, interrupts.active():
         procs: list[tuple[subprocess.Popen[bytes], Any]] = []
         failed: list[tuple[int, str]] = []
         try:
@@ -64,9 +88,11 @@ def run_ranks(cfg: TrainConfig, timeout: float = 600.0) -> list[dict[str, Any]]:
                 cmd = [sys.executable, "-m", "netmoe.client.train", "--config", config,
                        "--out", str(Path(tmp) / f"rank{rank}.json")]  # fmt: skip
                 try:
-                    procs.append((subprocess.Popen(cmd, env=env, stdout=err, stderr=err), err))
+                    with interrupts.deferred():
+                        procs.append((subprocess.Popen(cmd, env=env, stdout=err, stderr=err), err))
                 except BaseException:
-                    err.close()
+                    if not procs or procs[-1][1] is not err:
+                        err.close()
                     raise
             deadline = time.monotonic() + timeout
             while any(p.poll() is None for p, _ in procs):

@@ -73,10 +73,11 @@ def test_all_to_all_bytes_on_veths_match_inter_node_payload(tmp_path: Path) -> N
         sent = int(inter[node == n][:, node != n].sum())  # payload node n puts on its link
         assert sent == channel_bytes(inter, G)[1] // NODES
         for tx, rx in zip(calls["inter"]["tx"][n], calls["inter"]["rx"][n], strict=True):
-            # headers (GSO: one per super-packet), ACKs and barrier bytes: a few percent, more
-            # with retransmissions when the 2 cores are busy (7% seen under load)
-            assert sent <= tx <= sent * 1.10
-            assert sent <= rx <= sent * 1.10
+            # headers (GSO: one per super-packet), ACKs of the other direction and barrier
+            # bytes: a few percent, up to 12% with retransmissions when the 2 cores are busy;
+            # a rank sending its payload twice would show 100%
+            assert sent <= tx <= sent * 1.25
+            assert sent <= rx <= sent * 1.25
         # intra-node bytes go over lo, never the veth: only barriers and ACK-sized noise
         assert max(calls["intra"]["tx"][n]) < 64 * 1024
         total = end[n].tx - base[n].tx
