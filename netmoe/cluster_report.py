@@ -8,6 +8,21 @@ from pathlib import Path
 from typing import Any
 
 
+def _calibration_table(cal: dict[str, Any]) -> list[str]:
+    """Markdown lines: the fitted alpha and bandwidth of each channel."""
+    lines = [
+        "## Calibration (t = alpha + bytes / bandwidth, bytes over the whole machine)",
+        "",
+        "| channel | alpha ms | bandwidth MB/s | r2 |",
+        "|---|---|---|---|",
+    ]
+    for ch in ("intra", "inter"):
+        f = cal[ch]
+        lines.append(f"| {ch} | {f['alpha'] * 1e3:.2f} | {f['bandwidth'] / 1e6:.2f} | "
+                     f"{f['r2']:.4f} |")
+    return lines
+
+
 def _mode(r: dict[str, Any], mode: str) -> dict[str, Any]:
     """A mode's full figures: under "modes" (training) or top-level (synthetic, with calls)."""
     return r["modes"][mode] if "calls" in r["modes"][mode] else r[mode]
@@ -89,15 +104,8 @@ def _markdown(r: dict[str, Any]) -> str:
         f"{c['tokens']} tokens per rank, top-2, {c['bytes_per_route']} bytes per route; "
         f"{c['steps']} measured steps per mode, modes interleaved; objective {r['objective']}.",
         "",
-        "## Calibration (t = alpha + bytes / bandwidth, bytes over the whole machine)",
-        "",
-        "| channel | alpha ms | bandwidth MB/s | r2 |",
-        "|---|---|---|---|",
+        *_calibration_table(cal),
     ]
-    for ch in ("intra", "inter"):
-        f = cal[ch]
-        lines.append(f"| {ch} | {f['alpha'] * 1e3:.2f} | {f['bandwidth'] / 1e6:.1f} | "
-                     f"{f['r2']:.4f} |")
     lines += ["", f"Measured intra:inter bandwidth ratio {r['measured_ratio']:.2f}.", "",
               "| probe | bytes per peer | measured ms | model ms | error |",
               "|---|---|---|---|---|"]
@@ -148,15 +156,8 @@ def _markdown_training(r: dict[str, Any]) -> str:
         f"{r['wall_seconds']:.0f} s ("
         + ", ".join(f"{k} {v:.0f} s" for k, v in r["phase_seconds"].items()) + ").",
         "",
-        "## Calibration (t = alpha + bytes / bandwidth, bytes over the whole machine)",
-        "",
-        "| channel | alpha ms | bandwidth MB/s | r2 |",
-        "|---|---|---|---|",
+        *_calibration_table(cal),
     ]
-    for ch in ("intra", "inter"):
-        f = cal[ch]
-        lines.append(f"| {ch} | {f['alpha'] * 1e3:.2f} | {f['bandwidth'] / 1e6:.2f} | "
-                     f"{f['r2']:.4f} |")
     meta = r["calibration_meta"]
     lines += ["", f"Calibration {'reused from the cache, ' if meta['cached'] else ''}measured "
               f"{meta['measured_at']} at load average {meta['load_average']:.1f}."]
