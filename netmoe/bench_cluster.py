@@ -150,6 +150,19 @@ def run(args: argparse.Namespace) -> int:
     return _run_synthetic(args)
 
 
+def _emit(args: argparse.Namespace, report: dict[str, Any]) -> int:
+    """Writes the report folder (--out) and prints the result (--json or text)."""
+    if args.out is not None:
+        from netmoe.cluster_report import write_report
+
+        write_report(args.out, report)
+    if args.json:
+        print(json.dumps(report))
+    else:
+        _print(report)
+    return 0
+
+
 def _run_training(args: argparse.Namespace) -> int:
     from netmoe.client.train import TrainConfig
     from netmoe.cluster_train import run_bench
@@ -176,15 +189,7 @@ def _run_training(args: argparse.Namespace) -> int:
     except TestbedError as err:
         print(f"netmoe bench cluster: {err}", file=sys.stderr)
         return 1
-    if args.out is not None:
-        from netmoe.cluster_report import write_report
-
-        write_report(args.out, report)
-    if args.json:
-        print(json.dumps(report))
-    else:
-        _print(report)
-    return 0
+    return _emit(args, report)
 
 
 def _run_synthetic(args: argparse.Namespace) -> int:
@@ -243,15 +248,7 @@ def _run_synthetic(args: argparse.Namespace) -> int:
         "measured_ratio": cal.intra.bandwidth / cal.inter.bandwidth,
         "wall_seconds": time.monotonic() - started,
     }
-    if args.out is not None:
-        from netmoe.cluster_report import write_report
-
-        write_report(args.out, report)
-    if args.json:
-        print(json.dumps(report))
-    else:
-        _print(report)
-    return 0
+    return _emit(args, report)
 
 
 def _print(r: dict[str, Any]) -> None:

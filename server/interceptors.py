@@ -40,6 +40,23 @@ def _code_of(context: grpc.aio.ServicerContext, err: BaseException | None) -> gr
     return grpc.StatusCode.OK if err is None else grpc.StatusCode.UNKNOWN
 
 
+
+def rewrap(
+    handler: grpc.RpcMethodHandler,
+    wrap: Callable[[Callable[..., Any]], Callable[..., Any]],
+    request_deserializer: Callable[[bytes], Any] | None,
+) -> grpc.RpcMethodHandler:
+    """The same kind of handler with its behavior passed through wrap."""
+    ser = {"request_deserializer": request_deserializer,
+           "response_serializer": handler.response_serializer}
+    if handler.unary_unary:
+        return grpc.unary_unary_rpc_method_handler(wrap(handler.unary_unary), **ser)
+    if handler.unary_stream:
+        return grpc.unary_stream_rpc_method_handler(wrap(handler.unary_stream), **ser)
+    if handler.stream_unary:
+        return grpc.stream_unary_rpc_method_handler(wrap(handler.stream_unary), **ser)
+    return grpc.stream_stream_rpc_method_handler(wrap(handler.stream_stream), **ser)
+
 class MetricsInterceptor(grpc.aio.ServerInterceptor):
     """Counts every RPC into ``Metrics`` (go-grpc-prometheus names and labels)."""
 
@@ -88,17 +105,7 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
                     finish(context, start, err)
             return wrapper
 
-        ser = {
-            "request_deserializer": handler.request_deserializer,
-            "response_serializer": handler.response_serializer,
-        }
-        if handler.unary_unary:
-            return grpc.unary_unary_rpc_method_handler(wrap(handler.unary_unary), **ser)
-        if handler.unary_stream:
-            return grpc.unary_stream_rpc_method_handler(wrap(handler.unary_stream), **ser)
-        if handler.stream_unary:
-            return grpc.stream_unary_rpc_method_handler(wrap(handler.stream_unary), **ser)
-        return grpc.stream_stream_rpc_method_handler(wrap(handler.stream_stream), **ser)
+        return rewrap(handler, wrap, handler.request_deserializer)
 
 
 class MalformedRequest(ValueError):
@@ -157,11 +164,4 @@ class StrictParsingInterceptor(grpc.aio.ServerInterceptor):
                     await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
             return wrapper
 
-        ser = {"request_deserializer": None, "response_serializer": handler.response_serializer}
-        if handler.unary_unary:
-            return grpc.unary_unary_rpc_method_handler(wrap(handler.unary_unary), **ser)
-        if handler.unary_stream:
-            return grpc.unary_stream_rpc_method_handler(wrap(handler.unary_stream), **ser)
-        if handler.stream_unary:
-            return grpc.stream_unary_rpc_method_handler(wrap(handler.stream_unary), **ser)
-        return grpc.stream_stream_rpc_method_handler(wrap(handler.stream_stream), **ser)
+        return rewrap(handler, wrap, None)
