@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import zlib
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 
@@ -61,15 +60,6 @@ class SamplePlan:
     def no_move(cls, devices: int, samples_per_device: int) -> SamplePlan:
         """Every sample stays where it is."""
         return cls(tuple(np.arange(devices * samples_per_device) // samples_per_device), devices)
-
-    @classmethod
-    def from_solver(cls, plan: Any, devices: int) -> SamplePlan:
-        """From a ``netmoe.solver.Plan`` solved with the default (rank-major) home."""
-        home = np.asarray(plan.home)
-        n = home.size // devices
-        if not np.array_equal(home, np.arange(home.size) // max(n, 1)):
-            raise ValueError("plan.home must be the rank-major home placement (row // n)")
-        return cls(tuple(plan.device), devices, float(plan.solve_seconds))
 
     @property
     def samples(self) -> int:
