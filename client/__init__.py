@@ -1,4 +1,5 @@
-"""netmoe client: the training-side half (histograms, token dispatcher, plans, reference model).
+"""netmoe client: what a training job imports (route counts, token dispatcher, plans, the
+service client). The reference model that uses it lives in ``netmoe.reference``.
 
-Modules import torch / grpc lazily at their own import, so importing this package stays cheap.
+Modules import torch / grpc at their own import, so importing this package stays cheap.
 """

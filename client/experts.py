@@ -167,7 +167,7 @@ def adopt(
 
 
 class OriginalIds:
-    """A placement hook (see netmoe.client.model.PlacementHook) that reports route counts by
+    """A placement hook (see netmoe.reference.model.PlacementHook) that reports route counts by
     original expert id: the model counts by label, the service knows the original ids."""
 
     def __init__(self, hook: object, table: ExpertTable) -> None:

@@ -37,7 +37,7 @@ _CHANNEL_OPTIONS = [
 
 
 def job_spec(cfg: Any) -> pb.JobSpec:
-    """JobSpec of a ``netmoe.client.train.TrainConfig`` (fp32 hidden states per route)."""
+    """JobSpec of a ``netmoe.reference.train.TrainConfig`` (fp32 hidden states per route)."""
     return pb.JobSpec(
         topology=pb.Topology(
             nodes=cfg.nodes,

@@ -13,7 +13,7 @@ import sys
 
 # Order is the order shown in --help.
 COMMANDS = ["netmoe.demo", "netmoe.evaluate", "netmoe.server.cli", "netmoe.server.health"]
-BENCHES = ["netmoe.bench_solver", "netmoe.bench_cluster", "netmoe.bench_service"]
+BENCHES = ["netmoe.bench.solver", "netmoe.bench.cluster", "netmoe.bench.service"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -120,8 +120,8 @@ def max_rel_diff(a: list[float], b: list[float]) -> float:
 
 def _pretrain(cfg: Any, steps: int) -> str:
     """Path of a checkpoint trained ``steps`` steps in one process (all experts); cached."""
-    from netmoe.client.data import default_cache_dir
-    from netmoe.client.launch import run_ranks
+    from netmoe.reference.data import default_cache_dir
+    from netmoe.reference.launch import run_ranks
 
     single = dataclasses.replace(
         cfg, nodes=1, gpus_per_node=1, experts_per_device=cfg.experts,
@@ -139,9 +139,9 @@ def _pretrain(cfg: Any, steps: int) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from netmoe.client.data import load_corpus
-    from netmoe.client.launch import run_ranks
-    from netmoe.client.train import TrainConfig
+    from netmoe.reference.data import load_corpus
+    from netmoe.reference.launch import run_ranks
+    from netmoe.reference.train import TrainConfig
 
     cfg = TrainConfig(
         nodes=args.nodes, gpus_per_node=args.gpus_per_node, steps=args.steps,

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from .trace import load_trace, sample_counts
+from netmoe.trace import load_trace, sample_counts
 
 
 @dataclass(frozen=True)
@@ -29,7 +29,7 @@ def evaluate(
 ) -> list[PairResult]:
     """counts: [L, I, E] int64 routes per layer, sample and expert. Experts on device e // (E/J),
     sample i at home on device i // (I/J)."""
-    from .solver import Topology, solve
+    from netmoe.solver import Topology, solve
 
     layers, samples, experts = counts.shape
     topo = Topology(nodes, gpus_per_node, experts)
@@ -63,7 +63,8 @@ def evaluate_joint(
     sample-only and joint placement on the rest (held out, in id order, the k-th of them home
     on device k // (held-out count / J)). counts: [L, I, E] int64.
     Returns the held-out counts [L, I - I/2, E] and the held-out pair results."""
-    from .solver import Topology
+    from netmoe.solver import Topology
+
     from .solver.experts import evaluate_experts, fit_experts
 
     samples = counts.shape[1]

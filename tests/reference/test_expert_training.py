@@ -17,9 +17,9 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from netmoe.cli import build_parser
-from netmoe.client.data import load_corpus
-from netmoe.client.launch import run_ranks
-from netmoe.client.train import TrainConfig
+from netmoe.reference.data import load_corpus
+from netmoe.reference.launch import run_ranks
+from netmoe.reference.train import TrainConfig
 from netmoe.server.cli import config_from_args
 from netmoe.trace import load_trace
 

@@ -14,7 +14,7 @@ from netmoe.cli import main
 from netmoe.solver import Topology, traffic
 from netmoe.trace import load_trace, sample_counts, save_trace
 
-FLAME = Path(__file__).parent / "fixtures" / "flame_290m_2048tok_layers2-9.npz"
+FLAME = Path(__file__).parents[1] / "fixtures" / "flame_290m_2048tok_layers2-9.npz"
 
 
 def run_json(capsys: pytest.CaptureFixture[str], *args: str) -> dict:

@@ -2,12 +2,12 @@
 
 Default workload "training": the reference MoE (the demo's model, data and cached warm-up
 checkpoint) trains K steps in the node namespaces in three modes, home, sample placement and
-expert + sample placement (netmoe.cluster_train). Workload "synthetic" replays planted routing:
+expert + sample placement (netmoe.cluster.train). Workload "synthetic" replays planted routing:
 
-Builds the testbed (netmoe.testbed: node namespaces, shaped veths, ``lo`` shaped to ``ratio``
-times the inter-node rate), calibrates the alpha-beta model there (netmoe.calibrate), then runs
-the All-to-Alls of K training steps per mode through real gloo ranks (netmoe.a2a_probe), modes
-interleaved, and reports measured vs predicted time, link bytes from the veth counters, and the
+Builds the testbed (netmoe.cluster.testbed: node namespaces, shaped veths, ``lo`` shaped to
+``ratio`` times the inter-node rate), calibrates the alpha-beta model there
+(netmoe.cluster.calibrate), then runs the All-to-Alls of K training steps per mode through real
+gloo ranks (netmoe.cluster.probe), modes interleaved, and reports measured vs predicted time, link bytes from the veth counters, and the
 speedups. The workload is the routing of a synthetic MoE with planted domain locality
 (netmoe.solver.synthetic); the placement of each layer pair is solved from the real gather of
 layer l and the real scatter of layer l+1 (training predicts the latter).
@@ -101,8 +101,8 @@ def _check(args: argparse.Namespace) -> None:
 
 def summarize(result: dict, cal: Any, modes: dict[str, Any]) -> dict[str, Any]:
     """Per mode: median step time (sum of its calls per iteration), per-call medians, link bytes,
-    predicted time. result: a2a_probe output; modes: mode -> StepTraffic."""
-    from netmoe.calibrate import channel_bytes, durations
+    predicted time. result: probe output; modes: mode -> StepTraffic."""
+    from netmoe.cluster.calibrate import channel_bytes, durations
 
     g = int(result["gpus_per_node"])
     by_name = {c["name"]: c for c in result["calls"]}
@@ -138,7 +138,7 @@ def summarize(result: dict, cal: Any, modes: dict[str, Any]) -> dict[str, Any]:
 
 def run(args: argparse.Namespace) -> int:
     _check(args)
-    from netmoe.testbed import TestbedError, require_root
+    from netmoe.cluster.testbed import TestbedError, require_root
 
     try:
         require_root()
@@ -153,7 +153,7 @@ def run(args: argparse.Namespace) -> int:
 def _emit(args: argparse.Namespace, report: dict[str, Any]) -> int:
     """Writes the report folder (--out) and prints the result (--json or text)."""
     if args.out is not None:
-        from netmoe.cluster_report import write_report
+        from netmoe.cluster.report import write_report
 
         write_report(args.out, report)
     if args.json:
@@ -164,9 +164,9 @@ def _emit(args: argparse.Namespace, report: dict[str, Any]) -> int:
 
 
 def _run_training(args: argparse.Namespace) -> int:
-    from netmoe.client.train import TrainConfig
-    from netmoe.cluster_train import run_bench
-    from netmoe.testbed import TestbedError
+    from netmoe.cluster.testbed import TestbedError
+    from netmoe.cluster.train import run_bench
+    from netmoe.reference.train import TrainConfig
 
     # --quick: fewer steps, one repeat, fewer fit rounds and starts, and the cached calibration
     # (and cached expert fit, like every run) when there is one.
@@ -193,12 +193,12 @@ def _run_training(args: argparse.Namespace) -> int:
 
 
 def _run_synthetic(args: argparse.Namespace) -> int:
-    from netmoe.a2a_probe import write_workload
-    from netmoe.calibrate import calibrate, calibration_calls, calibration_dict
-    from netmoe.cluster_workload import MODES, step_traffic
+    from netmoe.cluster.calibrate import calibrate, calibration_calls, calibration_dict
+    from netmoe.cluster.probe import write_workload
+    from netmoe.cluster.testbed import Testbed, TestbedConfig, TestbedError
+    from netmoe.cluster.workload import MODES, step_traffic
     from netmoe.solver import Topology
     from netmoe.solver.synthetic import planted_counts
-    from netmoe.testbed import Testbed, TestbedConfig, TestbedError
 
     steps = min(args.steps, 5) if args.quick else args.steps
     sizes = QUICK_SIZES if args.quick else CALIBRATION_SIZES
@@ -220,7 +220,7 @@ def _run_synthetic(args: argparse.Namespace) -> int:
         write_workload(work / "workload.json", calls, g)
         try:
             with Testbed(cfg) as tb:
-                procs = tb.launch_ranks(g, [sys.executable, "-m", "netmoe.a2a_probe",
+                procs = tb.launch_ranks(g, [sys.executable, "-m", "netmoe.cluster.probe",
                                             "--workload", str(work / "workload.json"),
                                             "--iters", str(steps),
                                             "--out", str(work / "result.json")], work / "logs")

@@ -18,7 +18,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from netmoe.client.train import TrainConfig
+from netmoe.reference.train import TrainConfig
 
 
 def free_port() -> int:
@@ -69,7 +69,7 @@ class _Interrupts:
 
 
 def run_ranks(cfg: TrainConfig, timeout: float = 600.0) -> list[dict[str, Any]]:
-    """Starts cfg.world processes of ``python -m netmoe.client.train``; returns their results
+    """Starts cfg.world processes of ``python -m netmoe.reference.train``; returns their results
     ordered by rank. Raises RuntimeError (with the failing rank's stderr) if any rank fails;
     every process is gone when this returns or raises, also on SIGINT or SIGTERM."""
     config = json.dumps(dataclasses.asdict(cfg))
@@ -85,7 +85,7 @@ def run_ranks(cfg: TrainConfig, timeout: float = 600.0) -> list[dict[str, Any]]:
                            OMP_NUM_THREADS=str(cfg.threads))  # fmt: skip
                 env.setdefault("GLOO_SOCKET_IFNAME", "lo")
                 err = open(Path(tmp) / f"rank{rank}.err", "w+")  # noqa: SIM115 (closed below)
-                cmd = [sys.executable, "-m", "netmoe.client.train", "--config", config,
+                cmd = [sys.executable, "-m", "netmoe.reference.train", "--config", config,
                        "--out", str(Path(tmp) / f"rank{rank}.json")]  # fmt: skip
                 try:
                     with interrupts.deferred():

@@ -9,7 +9,7 @@ import torch
 from netmoe.client.histogram import route_counts, token_samples
 from netmoe.client.plan import LocalPlan, SamplePlan
 from netmoe.client.planning import agree
-from netmoe.client.train import TrainConfig
+from netmoe.reference.train import TrainConfig
 
 
 def test_sample_plan_holds_follow_all_to_all_order() -> None:

@@ -199,7 +199,7 @@ def test_planted_affinity_is_recovered_and_generalizes():
 
 
 def test_flame_fixture_fit_generalizes_a_little():
-    trace = load_trace(Path(__file__).parent / "fixtures" / "flame_290m_2048tok_layers2-9.npz")
+    trace = load_trace(Path(__file__).parents[1] / "fixtures" / "flame_290m_2048tok_layers2-9.npz")
     counts = sample_counts(trace, 64, 64)  # [8 layers, 32 samples, 64 experts]
     topo = Topology(2, 4, 64)
     fit = fit_experts(topo, [counts[:, :16]], starts=2)

@@ -60,7 +60,8 @@ def _times(fn: Any, repeats: int) -> tuple[float, float]:
 def bench_sizes(
     sizes_i: tuple[int, ...], sizes_j: tuple[int, ...], repeats: int, max_expanded: int, seed: int
 ) -> list[dict[str, Any]]:
-    from .solver import Topology, solve, traffic
+    from netmoe.solver import Topology, solve, traffic
+
     from .solver.synthetic import planted_counts
 
     rows = []
@@ -95,7 +96,8 @@ def bench_sizes(
 
 def bench_gap(seed: int, time_limit: float) -> list[dict[str, Any]]:
     """Two-stage vs CP-SAT joint (modelled time) on small instances, 2 nodes x 4 GPUs."""
-    from .solver import Topology, solve
+    from netmoe.solver import Topology, solve
+
     from .solver.synthetic import planted_counts
 
     rows = []

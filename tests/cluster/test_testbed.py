@@ -14,9 +14,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from netmoe.a2a_probe import write_workload
-from netmoe.calibrate import channel_bytes, pattern
-from netmoe.testbed import Testbed, TestbedConfig, TestbedError, existing_namespaces
+from netmoe.cluster.calibrate import channel_bytes, pattern
+from netmoe.cluster.probe import write_workload
+from netmoe.cluster.testbed import Testbed, TestbedConfig, TestbedError, existing_namespaces
 
 pytestmark = [
     pytest.mark.root,
@@ -58,7 +58,7 @@ def test_all_to_all_bytes_on_veths_match_inter_node_payload(tmp_path: Path) -> N
     with Testbed(TestbedConfig(nodes=NODES, rate_mbit=1000, intra_rate_mbit=4000)) as tb:
         assert set(tb.namespaces) <= set(existing_namespaces())
         base = tb.link_bytes()
-        procs = tb.launch_ranks(G, [sys.executable, "-m", "netmoe.a2a_probe", "--workload",
+        procs = tb.launch_ranks(G, [sys.executable, "-m", "netmoe.cluster.probe", "--workload",
                                     str(workload), "--iters", str(iters), "--warmup", "0",
                                     "--out", str(tmp_path / "out.json")], tmp_path / "logs")
         tb.wait(procs, timeout=120, log_dir=tmp_path / "logs")
@@ -109,7 +109,7 @@ def test_sigterm_tears_down(tmp_path: Path) -> None:
     links = _root_links()
     script = textwrap.dedent("""
         import json, sys, time
-        from netmoe.testbed import Testbed, TestbedConfig
+        from netmoe.cluster.testbed import Testbed, TestbedConfig
         with Testbed(TestbedConfig(nodes=2)) as tb:
             tb.launch(1, [sys.executable, "-c", "import time; time.sleep(300)"])
             print(json.dumps({"ns": tb.namespaces, "pids": tb.pids}), flush=True)

@@ -5,11 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from netmoe.calibrate import channel_bytes, durations, fit_channel, pattern
-from netmoe.cluster_workload import send_matrix, step_traffic
+from netmoe.cluster.calibrate import channel_bytes, durations, fit_channel, pattern
+from netmoe.cluster.testbed import TestbedConfig, shaping_commands
+from netmoe.cluster.workload import send_matrix, step_traffic
 from netmoe.solver import Topology, home_placement, traffic
 from netmoe.solver.synthetic import planted_counts
-from netmoe.testbed import TestbedConfig, shaping_commands
 
 
 def test_patterns_load_one_channel() -> None:

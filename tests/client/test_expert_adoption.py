@@ -15,9 +15,9 @@ import torch.nn.functional as F
 
 from netmoe.client.dispatcher import Layout, TokenDispatcher
 from netmoe.client.experts import ExpertTable, OriginalIds, adopt
-from netmoe.client.launch import free_port
-from netmoe.client.model import ModelConfig, MoEGPT
 from netmoe.client.plan import SamplePlan
+from netmoe.reference.launch import free_port
+from netmoe.reference.model import ModelConfig, MoEGPT
 
 SPD, STEPS, ADOPT_AT = 2, 5, 2
 

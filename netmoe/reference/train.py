@@ -2,7 +2,7 @@
 
 ``train(cfg)`` initialises torch.distributed from the environment (env://, gloo: RANK,
 WORLD_SIZE, MASTER_ADDR, MASTER_PORT), trains cfg.steps steps and returns a JSON-able dict.
-``python -m netmoe.client.train --config JSON --out FILE`` runs the same from any launcher, for
+``python -m netmoe.reference.train --config JSON --out FILE`` runs the same from any launcher, for
 example inside a network namespace.
 
 The loss is the global mean over all I * S tokens (each rank sums its tokens' losses and divides
@@ -65,7 +65,7 @@ class TrainConfig:
     save_checkpoint: str = ""
     record_trace: str = ""
     # [layers] permutations of range(experts): slot v of layer l holds original expert
-    # expert_order[l][v] (see netmoe.client.model); () keeps every expert in its home slot.
+    # expert_order[l][v] (see netmoe.reference.model); () keeps every expert in its home slot.
     expert_order: tuple[tuple[int, ...], ...] = ()
     # Expert placement (placement="service"): after the first adopt_experts_at steps (0: never),
     # rank 0 asks the service for expert maps (RecommendExperts, expert_held_out latest steps
@@ -156,12 +156,12 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     import torch.distributed as dist
     import torch.nn.functional as F
 
-    from netmoe.client.data import load_corpus
     from netmoe.client.dispatcher import CommStats, Layout, TokenDispatcher, move_samples
     from netmoe.client.experts import ExpertTable, OriginalIds
-    from netmoe.client.model import ModelConfig, MoEGPT, relabel_state
     from netmoe.client.planning import Placement, RandomPlans
     from netmoe.client.recorder import TraceRecorder
+    from netmoe.reference.data import load_corpus
+    from netmoe.reference.model import ModelConfig, MoEGPT, relabel_state
 
     torch.set_num_threads(cfg.threads)
     rank = int(os.environ["RANK"])
@@ -395,7 +395,7 @@ def _load_checkpoint(model: Any, path: str, expert_order: tuple[tuple[int, ...],
     original id; relabeled to slots when the model was built with an expert order)."""
     import torch
 
-    from netmoe.client.model import relabel_state
+    from netmoe.reference.model import relabel_state
 
     state = torch.load(path, map_location="cpu", weights_only=True)
     if expert_order:
@@ -408,7 +408,7 @@ def _load_checkpoint(model: Any, path: str, expert_order: tuple[tuple[int, ...],
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m netmoe.client.train")
+    parser = argparse.ArgumentParser(prog="python -m netmoe.reference.train")
     parser.add_argument("--config", required=True, help="TrainConfig as JSON text or @file")
     parser.add_argument("--out", required=True, help="where to write the result JSON")
     args = parser.parse_args(argv)

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 import torch
 
-from netmoe.client.model import relabel_state
-from netmoe.client.train import TrainConfig
-from netmoe.cluster_train import align_calls, expert_order, locality_bound, merge_repeats
+from netmoe.cluster.train import align_calls, expert_order, locality_bound, merge_repeats
+from netmoe.reference.model import relabel_state
+from netmoe.reference.train import TrainConfig
 from netmoe.trace import save_trace
 
 needs_root = pytest.mark.skipif(
@@ -115,7 +115,7 @@ def _root_links() -> list[str]:
 @needs_root
 def test_training_on_emulated_cluster_three_modes_equal_losses_and_cleanup(
         tmp_path: Path) -> None:
-    from netmoe.testbed import existing_namespaces
+    from netmoe.cluster.testbed import existing_namespaces
 
     links, before = _root_links(), set(existing_namespaces())
     out = subprocess.run(

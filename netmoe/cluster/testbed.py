@@ -1,6 +1,6 @@
 """An emulated multi-node cluster on one machine: network namespaces joined by shaped veth links.
 
-Layout (see docs/testbed.md for what was measured): one namespace per node with ``lo`` up and one
+Layout (docs/testbed.md says what was measured): one namespace per node with ``lo`` up and one
 veth ``n{i}``; a bridge namespace whose bridge ``br0`` holds every node's veth peer ``p{i}``.
 Addresses (``10.213.0.{i+1}/24``) exist only inside these namespaces, so nothing is routed on the
 host. Every node link is shaped in both directions (egress of ``n{i}`` and of ``p{i}``) with an

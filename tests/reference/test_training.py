@@ -12,14 +12,14 @@ from typing import Any
 
 import numpy as np
 import pytest
+from support import TINY_TRAIN
 
-from netmoe.client.data import load_corpus
-from netmoe.client.launch import free_port, run_ranks
-from netmoe.client.train import TrainConfig
+from netmoe.reference.data import load_corpus
+from netmoe.reference.launch import free_port, run_ranks
+from netmoe.reference.train import TrainConfig
 from netmoe.trace import load_trace
 
-TINY = dict(steps=3, samples_per_device=2, seq_len=16, d_model=32, heads=2, layers=2, ffn=32,
-            vocab=512)  # fmt: skip
+TINY = TINY_TRAIN
 
 
 @pytest.fixture(scope="module")

@@ -21,9 +21,9 @@ import torch.multiprocessing as mp
 
 from netmoe.client.dispatcher import CommStats, Layout, TokenDispatcher, move_samples
 from netmoe.client.histogram import route_counts, token_samples
-from netmoe.client.launch import free_port
 from netmoe.client.plan import LocalPlan, SamplePlan
 from netmoe.client.planning import Placement, RandomPlans
+from netmoe.reference.launch import free_port
 
 WORLD, GPUS, EXPERTS, SAMPLES, SEQ, D, K = 4, 2, 8, 3, 5, 6, 2
 

@@ -1,0 +1,1 @@
+"""Benchmarks that print figures (`netmoe bench ...`): solver, service, emulated cluster."""
