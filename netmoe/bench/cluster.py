@@ -8,7 +8,8 @@ Builds the testbed (netmoe.cluster.testbed: node namespaces, shaped veths, ``lo`
 ``ratio`` times the inter-node rate), calibrates the alpha-beta model there
 (netmoe.cluster.calibrate), then runs the All-to-Alls of K training steps per mode through real
 gloo ranks (netmoe.cluster.probe), modes interleaved, and reports measured vs predicted time,
-link bytes from the veth counters, and the speedups. The workload is the routing of a synthetic MoE with planted domain locality
+link bytes from the veth counters, and the speedups. The workload is the routing of a synthetic
+MoE with planted domain locality
 (netmoe.solver.synthetic); the placement of each layer pair is solved from the real gather of
 layer l and the real scatter of layer l+1 (training predicts the latter).
 """

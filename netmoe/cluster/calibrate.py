@@ -4,7 +4,8 @@ Traffic patterns that load one channel only (intra-node or inter-node, several s
 uniform one for validation run through ``netmoe.cluster.probe``;
 ``t = alpha + bytes / bandwidth`` is fitted per channel by least squares on the median times.
 Bytes are summed over the whole machine, as in the paper's model. An All-to-All lasts from the
-earliest start to the latest end across ranks (gloo counts a send as done once it is in the socket buffer, so one rank's view is short).
+earliest start to the latest end across ranks (gloo counts a send as done once it is in the
+socket buffer, so one rank's view is short).
 """
 
 from __future__ import annotations
