@@ -65,7 +65,7 @@ def evaluate_joint(
     Returns the held-out counts [L, I - I/2, E] and the held-out pair results."""
     from netmoe.solver import Topology
 
-    from .solver.experts import evaluate_experts, fit_experts
+    from netmoe.solver.experts import evaluate_experts, fit_experts
 
     samples = counts.shape[1]
     topo = Topology(nodes, gpus_per_node, counts.shape[2])

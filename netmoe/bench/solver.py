@@ -21,7 +21,7 @@ def expanded_two_stage(topo: Any, counts: np.ndarray) -> np.ndarray:
     counts: [I, E] int64. Returns the device of each sample, [I] int64."""
     from ortools.graph.python import linear_sum_assignment
 
-    from .solver.two_stage import per_device, per_node
+    from netmoe.solver.two_stage import per_device, per_node
 
     def assign(cost: np.ndarray, slots: int) -> np.ndarray:
         rows = cost.shape[0]
@@ -62,7 +62,7 @@ def bench_sizes(
 ) -> list[dict[str, Any]]:
     from netmoe.solver import Topology, solve, traffic
 
-    from .solver.synthetic import planted_counts
+    from netmoe.solver.synthetic import planted_counts
 
     rows = []
     for j in sizes_j:
@@ -98,7 +98,7 @@ def bench_gap(seed: int, time_limit: float) -> list[dict[str, Any]]:
     """Two-stage vs CP-SAT joint (modelled time) on small instances, 2 nodes x 4 GPUs."""
     from netmoe.solver import Topology, solve
 
-    from .solver.synthetic import planted_counts
+    from netmoe.solver.synthetic import planted_counts
 
     rows = []
     topo = Topology(2, 4, 16, bw_intra=400e9, bw_inter=100e9)
