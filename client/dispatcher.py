@@ -26,7 +26,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from netmoe.client.plan import SamplePlan
+from netmoe.round import SamplePlan
 
 
 @dataclass
@@ -278,55 +278,64 @@ class TokenDispatcher:
         )
 
     def combine(
-        self, layer: int, out: torch.Tensor, routes: Dispatched, plan: SamplePlan | Agreement
+        self, layer: int, out: torch.Tensor, routes: Dispatched, agreement: Agreement
     ) -> tuple[torch.Tensor, SamplePlan]:
         """Send each route's output to the new device of its sample and sum per token.
 
         out: [R, D] float, the expert side's result per received route (weighted expert output,
-        plus the residual on first-slot routes). plan: the plan to apply, or an ``Agreement``
-        that the ranks settle in this combine's control exchange. Returns ([T, D] hidden state of
-        the samples this rank holds under the applied plan, in ``plan.holds(rank)`` order,
-        tokens sample-major; the applied plan).
-        One control exchange shares every rank's offer (a SamplePlan offers its fingerprint)
-        and per-sample route counts; split sizes follow locally from counts and plan.
-        Raises RuntimeError if ranks apply different plans, or if a token does not receive
-        exactly K routes with one residual.
+        plus the residual on first-slot routes). agreement: the plan to apply, settled in this
+        combine's control exchange (``netmoe.client.planning``: a ``FixedPlan`` or a service
+        ``Offer``). Returns ([T, D] hidden state of the samples this rank holds under the
+        applied plan, in ``plan.rows_held(rank)`` order, tokens sample-major; the applied plan).
+        Raises RuntimeError if a token does not receive exactly K routes with one residual.
         """
-        lay = self.layout
         if out.shape[0] != routes.x.shape[0]:
             raise ValueError(f"out must have {routes.x.shape[0]} rows, got {out.shape[0]}")
-        if isinstance(plan, SamplePlan):
-            offer = torch.tensor([plan.fingerprint()], dtype=torch.int64)
-        else:
-            offer = plan.offer().to(torch.int64).reshape(-1)
+        plan, counts = self._agree(layer, routes, agreement)
+        recv_splits, dest, dest_token = self._targets(layer, routes, plan, counts)
+        order = torch.argsort(dest, stable=True)
+        send_splits = torch.bincount(dest, minlength=self.layout.world).tolist()
+        meta = torch.stack([dest_token[order], routes.first[order].long()], dim=1)
+        tag = (layer, "combine")
+        meta = exchange(meta, recv_splits, send_splits, self.stats, self.group, tag)
+        payload = all_to_all(out[order], recv_splits, send_splits, self.stats, self.group, tag)
+        self._check_tokens(layer, meta, routes.top_k)
+        result = out.new_zeros((self.layout.tokens, out.shape[1]))
+        return result.index_add(0, meta[:, 0], payload), plan
+
+    def _agree(self, layer: int, routes: Dispatched, agreement: Agreement
+               ) -> tuple[SamplePlan, torch.Tensor]:
+        """The combine's one control exchange: every rank's offer and per-sample route counts.
+        Returns the settled plan and counts [I, J] int64: routes of row i that rank r holds."""
+        lay = self.layout
+        offer = agreement.offer().to(torch.int64).reshape(-1)
         m = offer.numel()
         mine = torch.cat([offer, routes.sample_routes.reshape(-1).cpu()])
         table, seconds = self._control(layer, "combine", mine.expand(lay.world, -1).contiguous())
-        if isinstance(plan, SamplePlan):
-            if (table[:, 0] != offer[0]).any():
-                raise RuntimeError(
-                    f"combine at layer {layer}: ranks apply different plans (fingerprints "
-                    f"{table[:, 0].tolist()})"
-                )
-        else:
-            plan = plan.settle(table[:, :m], seconds)
+        try:
+            plan = agreement.settle(table[:, :m], seconds)
+        except RuntimeError as err:
+            raise RuntimeError(f"combine at layer {layer}: {err}") from None
         if plan.devices != lay.world or plan.samples_per_device != lay.samples:
             raise ValueError(
                 f"plan is for {plan.devices} devices x {plan.samples_per_device} samples, "
                 f"layout has {lay.world} x {lay.samples}"
             )
-        # counts[i, r]: routes of global sample row i that rank r holds (rank-major rows).
-        counts = table[:, m:].reshape(lay.world * lay.samples, lay.world)
-        new_device = torch.as_tensor(plan.device)
+        return plan, table[:, m:].reshape(lay.world * lay.samples, lay.world)
+
+    def _targets(self, layer: int, routes: Dispatched, plan: SamplePlan, counts: torch.Tensor
+                 ) -> tuple[list[int], torch.Tensor, torch.Tensor]:
+        """Split sizes from the shared counts, and for every received route its destination
+        rank and token index there: (recv_splits [J], dest [R] int64, dest_token [R] int64)."""
+        lay = self.layout
+        new_device = torch.as_tensor(plan.dest)
         recv_splits = counts[new_device == lay.rank].sum(dim=0).tolist()
         expect_send = torch.bincount(new_device, weights=counts[:, lay.rank].double(),
                                      minlength=lay.world).long()  # fmt: skip
-        device = new_device.to(out.device)
-        position = torch.as_tensor(plan.position(), device=out.device)
+        device = new_device.to(routes.x.device)
+        position = torch.as_tensor(plan.position(), device=routes.x.device)
         row = routes.src_rank * lay.samples + routes.src_token // lay.seq_len
         dest = device[row]
-        dest_token = position[row] * lay.seq_len + routes.src_token % lay.seq_len
-        order = torch.argsort(dest, stable=True)
         send_counts = torch.bincount(dest, minlength=lay.world)
         if not torch.equal(send_counts.cpu(), expect_send):
             raise RuntimeError(
@@ -334,26 +343,20 @@ class TokenDispatcher:
                 f"senders' counts {expect_send.tolist()}"
             )
         self.stats.add_routes(layer, "combine", send_counts)
-        send_splits = send_counts.tolist()
-        meta = torch.stack([dest_token[order], routes.first[order].long()], dim=1)
-        tag = (layer, "combine")
-        meta = exchange(meta, recv_splits, send_splits, self.stats, self.group, tag)
-        payload = all_to_all(out[order], recv_splits, send_splits, self.stats, self.group, tag)
-        per_token = torch.bincount(meta[:, 0], minlength=lay.tokens)
-        residuals = torch.bincount(meta[:, 0], weights=meta[:, 1].double(), minlength=lay.tokens)
-        if (
-            per_token.numel() != lay.tokens
-            or (per_token != routes.top_k).any()
-            or (residuals != 1).any()
-        ):
+        return recv_splits, dest, position[row] * lay.seq_len + routes.src_token % lay.seq_len
+
+    def _check_tokens(self, layer: int, meta: torch.Tensor, top_k: int) -> None:
+        """meta: [R', 2] (token, first slot) of the received routes: K each, one residual."""
+        tokens = self.layout.tokens
+        per_token = torch.bincount(meta[:, 0], minlength=tokens)
+        residuals = torch.bincount(meta[:, 0], weights=meta[:, 1].double(), minlength=tokens)
+        if per_token.numel() != tokens or (per_token != top_k).any() or (residuals != 1).any():
             raise RuntimeError(
-                f"combine at layer {layer}: every token must receive K={routes.top_k} routes "
+                f"combine at layer {layer}: every token must receive K={top_k} routes "
                 f"and exactly one residual; got routes per token in "
                 f"[{int(per_token.min())}, {int(per_token.max())}], residuals in "
                 f"[{float(residuals.min())}, {float(residuals.max())}]"
             )
-        result = out.new_zeros((lay.tokens, out.shape[1]))
-        return result.index_add(0, meta[:, 0], payload), plan
 
 
 def move_samples(
@@ -365,7 +368,7 @@ def move_samples(
 ) -> torch.Tensor:
     """Move per-sample side tensors (labels, masks, positions) with their samples.
 
-    tensor: [n, ...] any dtype, row i = local sample i. Returns [n, ...] in plan.holds(rank)
+    tensor: [n, ...] any dtype, row i = local sample i. Returns [n, ...] in plan.rows_held(rank)
     order. Differentiable for float tensors. Split sizes follow from the plan, no count exchange.
     """
     n = plan.samples_per_device
@@ -373,10 +376,10 @@ def move_samples(
         raise ValueError(f"tensor must have {n} rows (samples per device), got {tensor.shape[0]}")
     if not plan.moves:
         return tensor
-    dest = torch.as_tensor(plan.dest(rank))
+    dest = torch.as_tensor(plan.dest_of(rank))
     order = torch.argsort(dest, stable=True).to(tensor.device)
     send = torch.bincount(dest, minlength=plan.devices).tolist()
-    src = np.asarray(plan.holds(rank)) // n
+    src = plan.rows_held(rank) // n
     recv = np.bincount(src, minlength=plan.devices).tolist()
     tag = (-1, "move")  # side tensors belong to no layer
     if tensor.is_floating_point():

@@ -24,7 +24,6 @@ import torch.distributed as dist
 from torch import nn
 
 from netmoe.client.dispatcher import Agreement
-from netmoe.client.plan import SamplePlan
 
 
 @dataclass(frozen=True)
@@ -167,7 +166,7 @@ def adopt(
 
 
 class OriginalIds:
-    """A placement hook (see netmoe.reference.model.PlacementHook) that reports route counts by
+    """A placement hook (see netmoe.client.layer.PlacementHook) that reports route counts by
     original expert id: the model counts by label, the service knows the original ids."""
 
     def __init__(self, hook: object, table: ExpertTable) -> None:
@@ -182,5 +181,5 @@ class OriginalIds:
         nxt = None if scatter is None else self._by_id(layer + 1, scatter)
         return self.hook.submit(step, layer, self._by_id(layer, gather), nxt)  # type: ignore[attr-defined]
 
-    def wait(self, ticket: object) -> SamplePlan | Agreement:
+    def wait(self, ticket: object) -> Agreement:
         return self.hook.wait(ticket)  # type: ignore[attr-defined]

@@ -40,21 +40,3 @@ def router_topk(router: nn.Module, x: torch.Tensor, k: int) -> tuple[torch.Tenso
     probs = torch.softmax(router(x), dim=-1)
     weights, ids = probs.topk(k, dim=-1)
     return weights / weights.sum(dim=-1, keepdim=True), ids
-
-
-@torch.no_grad()
-def predict_next_counts(
-    norm: nn.Module,
-    router: nn.Module,
-    h: torch.Tensor,
-    k: int,
-    token_sample: torch.Tensor,
-    samples: int,
-    experts: int,
-) -> torch.Tensor:
-    """Predicted scatter counts of layer l+1: its norm and router applied to layer l's input.
-
-    h: [T, D] hidden state entering layer l's MoE. Returns [samples, experts] int64.
-    """
-    _, ids = router_topk(router, norm(h), k)
-    return route_counts(ids, token_sample, samples, experts)

@@ -2,9 +2,12 @@
 
 One bidirectional stream per rank carries a Report per (step, layer) and brings back the Plan of
 that round. A background thread owns the stream: it registers the job (idempotent), opens the
-stream, matches incoming plans to pending futures by (step, layer), and on any failure fails the
-pending futures and reconnects with exponential backoff. ``submit`` never blocks and never raises
-for service trouble (it returns a failed future instead); wrong shapes do raise ValueError.
+stream, matches incoming plans to pending futures by (step, layer), and on a transient failure
+fails the pending futures and reconnects with exponential backoff. A rejection that retrying
+cannot cure (the job id registered with another spec, a bad spec, a wrong token) is logged once
+and ends the thread: every later round falls back at once with that reason (``rejected``).
+``submit`` never blocks and never raises for service trouble (it returns a failed future);
+wrong shapes do raise ValueError. ``job_spec`` builds the job's spec from plain numbers.
 """
 
 from __future__ import annotations
@@ -18,41 +21,26 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-import numpy as np
 
-from netmoe.client.plan import LocalPlan
 from netmoe.client.planning import NoPlan
 from netmoe.protos import placement_pb2 as pb
 from netmoe.protos import placement_pb2_grpc
+from netmoe.protos.convert import job_spec, plan_from_proto, report_to_proto
+from netmoe.round import INVALID, RankPlan, RoundCounts
+
+__all__ = ["PlacementClient", "channel_to", "job_spec"]
 
 log = logging.getLogger(__name__)
 
-_SOLVED = (pb.PLAN_STATUS_OPTIMAL, pb.PLAN_STATUS_FEASIBLE)
+# Rejections that no retry can cure: reconnecting would only repeat them.
+_FATAL = (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.ALREADY_EXISTS,
+          grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED)
 _CHANNEL_OPTIONS = [
     ("grpc.keepalive_time_ms", 10_000),
     ("grpc.keepalive_timeout_ms", 5_000),
     ("grpc.max_receive_message_length", 64 << 20),
     ("grpc.max_send_message_length", 64 << 20),
 ]
-
-
-def job_spec(cfg: Any) -> pb.JobSpec:
-    """JobSpec of a ``netmoe.reference.train.TrainConfig`` (fp32 hidden states per route)."""
-    return pb.JobSpec(
-        topology=pb.Topology(
-            nodes=cfg.nodes,
-            gpus_per_node=cfg.gpus_per_node,
-            experts=cfg.experts,
-            # The paper's cluster; only the ratio matters to the volume objective.
-            bw_intra=400e9,
-            bw_inter=100e9,
-            bytes_per_route=cfg.d_model * 4,
-        ),
-        world_size=cfg.world,
-        samples_per_device=cfg.samples_per_device,
-        objective=cfg.objective,
-        deadline_ms=cfg.deadline_ms,
-    )
 
 
 def _read(path: str | None) -> bytes | None:
@@ -105,13 +93,15 @@ class PlacementClient:
         self._metadata = (("authorization", f"Bearer {token}"),) if token else None
         self.experts = spec.topology.experts
         self.reconnects = 0
+        self.rejected = ""  # why the service refused the job for good ("" while it has not)
         self._backoff = backoff
         self._lock = threading.Lock()
-        self._pending: dict[tuple[int, int], Future[LocalPlan | None]] = {}
+        self._pending: dict[tuple[int, int], Future[RankPlan | None]] = {}
         self._requests: queue.SimpleQueue[pb.Report | None] | None = None
         self._call: Any = None
         self._closed = threading.Event()
         self._connected = threading.Event()
+        self._settled = threading.Event()  # connected once, or rejected for good
         env = os.environ.get
         self._channel = channel_to(
             address,
@@ -123,7 +113,7 @@ class PlacementClient:
         self._thread = threading.Thread(target=self._run, name="netmoe-placement", daemon=True)
         self._thread.start()
         # Plans are only useful once connected; a service that is down costs this wait once.
-        self._connected.wait(connect_timeout)
+        self._settled.wait(connect_timeout)
 
     @property
     def connected(self) -> bool:
@@ -147,17 +137,10 @@ class PlacementClient:
                                            maps=[pb.ExpertMap(device=m) for m in maps])
         self._stub.ConfirmExperts(request, timeout=timeout, metadata=self._metadata)
 
-    def submit(
-        self,
-        step: int,
-        layer: int,
-        sample_ids: np.ndarray,
-        gather: np.ndarray,
-        scatter: np.ndarray | None,
-    ) -> Future[LocalPlan | None]:
-        """Report one round. gather/scatter: [n, E] non-negative int counts, n = len(sample_ids)."""
-        n = len(sample_ids)
-        for name, arr in (("gather", gather), ("scatter", scatter)):
+    def submit(self, step: int, layer: int, counts: RoundCounts) -> Future[RankPlan | None]:
+        """Report one round. counts.gather / scatter: [n, E] non-negative int counts."""
+        n = counts.samples
+        for name, arr in (("gather", counts.gather), ("scatter", counts.scatter)):
             if arr is None and name == "scatter":
                 continue
             if arr is None or arr.shape != (n, self.experts):
@@ -165,17 +148,12 @@ class PlacementClient:
                 raise ValueError(f"{name} must be [{n}, {self.experts}], got shape {shape}")
             if arr.size and arr.min() < 0:
                 raise ValueError(f"{name} counts must be non-negative, got min {arr.min()}")
-        fut: Future[LocalPlan | None] = Future()
-        report = pb.Report(
-            job=self.job,
-            step=step,
-            layer=layer,
-            rank=self.rank,
-            sample_ids=[int(i) for i in sample_ids],
-            gather=gather.reshape(-1).tolist(),
-            scatter=[] if scatter is None else scatter.reshape(-1).tolist(),
-        )
+        fut: Future[RankPlan | None] = Future()
+        report = report_to_proto(self.job, step, layer, self.rank, counts)
         with self._lock:
+            if self.rejected:
+                fut.set_exception(NoPlan(f"rejected: {self.rejected}"))
+                return fut
             if self._requests is None:
                 fut.set_exception(ConnectionError(f"not connected to {self.address}"))
                 return fut
@@ -183,8 +161,15 @@ class PlacementClient:
             self._requests.put(report)
         return fut
 
-    def close(self) -> None:
-        """Ends the stream and the background thread."""
+    def close(self, unregister: bool = False) -> None:
+        """Ends the stream and the background thread. unregister: also forget the job on the
+        service (once, by one rank, after every rank's last round: the job's rounds end)."""
+        if unregister and not self.rejected:
+            try:
+                self._stub.UnregisterJob(pb.UnregisterJobRequest(job=self.job), timeout=5.0,
+                                         metadata=self._metadata)
+            except grpc.RpcError as err:
+                log.warning("could not unregister job %s: %s", self.job, err.details())
         self._closed.set()
         with self._lock:
             if self._requests is not None:
@@ -210,16 +195,22 @@ class PlacementClient:
                 with self._lock:
                     self._requests, self._call = q, call
                 self._connected.set()
+                self._settled.set()
                 delay = self._backoff[0]
                 for plan in call:
                     self._resolve(plan)
                 reason = "stream ended"
             except grpc.RpcError as err:
                 code = err.code() if hasattr(err, "code") else None
-                if code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.ALREADY_EXISTS,
-                            grpc.StatusCode.UNAUTHENTICATED):
-                    log.error("placement service rejected job %s: %s", self.job, err)
                 reason = f"{code}"
+                if code in _FATAL:
+                    details = err.details() if hasattr(err, "details") else ""
+                    self.rejected = f"{code.name}: {details}"
+                    log.error("placement service %s rejected job %s for good (%s); training "
+                              "goes on without placement", self.address, self.job, self.rejected)
+                    self._disconnect(reason)
+                    self._settled.set()
+                    return
             self._disconnect(reason)
             if self._closed.wait(delay):
                 break
@@ -239,16 +230,19 @@ class PlacementClient:
             if not fut.done():
                 fut.set_exception(ConnectionError(f"placement stream lost: {reason}"))
 
-    def _resolve(self, plan: pb.Plan) -> None:
+    def _resolve(self, msg: pb.Plan) -> None:
         with self._lock:
-            fut = self._pending.pop((plan.step, plan.layer), None)
+            fut = self._pending.pop((msg.step, msg.layer), None)
         if fut is None or fut.done():
             return  # a plan for a round the trainer already gave up on
-        if plan.status in _SOLVED:
-            fut.set_result(
-                LocalPlan(self.rank, tuple(plan.device), tuple(plan.holds), plan.solve_seconds)
-            )
-        elif plan.status == pb.PLAN_STATUS_INVALID:
+        try:
+            plan = plan_from_proto(msg)
+        except ValueError as err:
+            fut.set_exception(NoPlan(f"unreadable plan: {err}"))
+            return
+        if plan.solved:
+            fut.set_result(plan)
+        elif plan.status == INVALID:
             log.error("placement service rejected report: %s", plan.error)
             fut.set_exception(NoPlan(f"invalid: {plan.error}"))
         else:

@@ -1,9 +1,10 @@
-"""Turning per-rank plan replies into one plan every rank applies, or "no move".
+"""Plan agreement: turning per-rank plan replies into one plan every rank applies, or "no move".
 
-A ``PlanSource`` answers a (step, layer) submission with a future of the rank's ``LocalPlan``.
-``Placement.wait`` waits for it with a timeout and returns an *offer* (1 + 2n ints: valid flag,
-the rank's dest vector, the holds the service promised), which the dispatcher's combine delivers
-to every rank in the control exchange it does anyway for split sizes; no collective of its own.
+A ``PlanSource`` answers a (step, layer) submission with a future of the rank's ``RankPlan``.
+``Placement.wait`` waits for it with a timeout and returns an ``Offer`` (1 + 2n ints: valid flag,
+the rank's dest vector, the held ids the service promised), which the dispatcher's combine
+delivers to every rank in the control exchange it does anyway for split sizes; no collective of
+its own.
 From the same table every rank derives, with ``agree``, the full device vector (the combine needs
 it to route other ranks' tokens) or "no move" for all if any rank has no valid plan, so a single
 late reply can never make ranks disagree about where samples go. Failures are logged and counted,
@@ -22,7 +23,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from netmoe.client.plan import LocalPlan, SamplePlan
+from netmoe.round import RankPlan, RoundCounts, SamplePlan
 
 log = logging.getLogger(__name__)
 
@@ -32,15 +33,8 @@ class NoPlan(Exception):
 
 
 class PlanSource(Protocol):
-    def submit(
-        self,
-        step: int,
-        layer: int,
-        sample_ids: np.ndarray,
-        gather: np.ndarray,
-        scatter: np.ndarray | None,
-    ) -> Future[LocalPlan | None]:
-        """Non-blocking. gather/scatter: [n, E] int counts; the future's None means "no plan"."""
+    def submit(self, step: int, layer: int, counts: RoundCounts) -> Future[RankPlan | None]:
+        """Non-blocking. counts: this rank's n samples; the future's None means "no plan"."""
         ...
 
 
@@ -54,27 +48,20 @@ class RandomPlans:
     def __init__(self, rank: int, world: int, samples: int, seed: int = 0) -> None:
         self.rank, self.world, self.samples, self.seed = rank, world, samples, seed
         # Global sample ids in row order, following the samples through a step's layers the way
-        # ``Placement`` numbers them, so holds are ids like the service's.
+        # ``Placement`` numbers them, so held ids are like the service's.
         self._ids = np.arange(world * samples, dtype=np.int64)
 
-    def submit(
-        self,
-        step: int,
-        layer: int,
-        sample_ids: np.ndarray,
-        gather: np.ndarray,
-        scatter: np.ndarray | None,
-    ) -> Future[LocalPlan | None]:
+    def submit(self, step: int, layer: int, counts: RoundCounts) -> Future[RankPlan | None]:
         n, j = self.samples, self.world
         if layer == 0:
             self._ids = np.arange(n * j, dtype=np.int64)
         rng = np.random.default_rng([self.seed, step, layer])
-        device = rng.permutation(np.arange(n * j) // n)
-        plan = SamplePlan(tuple(device), j)
-        holds = tuple(int(i) for i in self._ids[list(plan.holds(self.rank))])
-        self._ids = self._ids[np.concatenate([plan.holds(r) for r in range(j)])]
-        fut: Future[LocalPlan | None] = Future()
-        fut.set_result(LocalPlan(self.rank, plan.dest(self.rank), holds))
+        plan = SamplePlan(tuple(rng.permutation(np.arange(n * j) // n).tolist()), j)
+        held = self._ids[plan.rows_held(self.rank)]
+        self._ids = plan.follow(self._ids)
+        fut: Future[RankPlan | None] = Future()
+        fut.set_result(RankPlan(step, layer, self.rank, "optimal",
+                                np.asarray(plan.dest_of(self.rank)), held.astype(np.uint64)))
         return fut
 
 
@@ -126,35 +113,54 @@ def agree(offers: np.ndarray, ids: np.ndarray, world: int) -> tuple[SamplePlan |
     except ValueError:
         return None, "inconsistent plan"
     for r in range(world):
-        if not np.array_equal(ids[list(plan.holds(r))], offers[r, 1 + n :]):
-            return None, "inconsistent holds"
+        if not np.array_equal(ids[plan.rows_held(r)], offers[r, 1 + n :]):
+            return None, "inconsistent held ids"
     return plan, ""
 
 
 @dataclass(frozen=True)
-class _Ticket:
-    future: Future[LocalPlan | None]
+class FixedPlan:
+    """An ``Agreement`` on a plan every rank already knows (home placement, tests): the offer is
+    its fingerprint, and settling checks that every rank offered the same one."""
+
+    plan: SamplePlan
+
+    def offer(self) -> torch.Tensor:
+        return torch.tensor([self.plan.fingerprint()], dtype=torch.int64)
+
+    def settle(self, offers: torch.Tensor, exchange_seconds: float) -> SamplePlan:
+        if (offers[:, 0] != offers[0, 0]).any():
+            raise RuntimeError(f"ranks apply different plans (fingerprints "
+                               f"{offers[:, 0].tolist()})")
+        return self.plan
+
+
+@dataclass(frozen=True)
+class Ticket:
+    """A submitted round: the future of this rank's reply."""
+
+    future: Future[RankPlan | None]
     step: int
     layer: int
 
 
 @dataclass(frozen=True)
-class _Offer:
-    """A rank's pending offer for one layer (an ``Agreement`` for the dispatcher's combine)."""
+class Offer:
+    """A rank's reply for one layer, offered for agreement (an ``Agreement`` for the combine)."""
 
     placement: Placement
-    ticket: _Ticket
-    local: LocalPlan | None
+    ticket: Ticket
+    reply: RankPlan | None
     reason: str
 
     def offer(self) -> torch.Tensor:
         """[1 + 2n] int64: see ``agree``."""
         n = self.placement.samples
         mine = torch.zeros(1 + 2 * n, dtype=torch.int64)
-        if self.local is not None:
+        if self.reply is not None:
             mine[0] = 1
-            mine[1 : 1 + n] = torch.as_tensor(self.local.dest, dtype=torch.int64)
-            mine[1 + n :] = torch.as_tensor(self.local.holds, dtype=torch.int64)
+            mine[1 : 1 + n] = torch.as_tensor(self.reply.dest, dtype=torch.int64)
+            mine[1 + n :] = torch.as_tensor(self.reply.held_ids.astype(np.int64))
         return mine
 
     def settle(self, offers: torch.Tensor, exchange_seconds: float) -> SamplePlan:
@@ -178,19 +184,21 @@ class Placement:
 
     def submit(
         self, step: int, layer: int, gather: torch.Tensor, scatter: torch.Tensor | None
-    ) -> _Ticket:
+    ) -> Ticket:
         """gather, scatter: [n, E] int64 route counts of the local samples."""
         t0 = time.perf_counter()
-        g = gather.detach().cpu().numpy()
-        s = scatter.detach().cpu().numpy() if scatter is not None else None
         if layer == 0:
             self._full = np.arange(self.world * self.samples, dtype=np.int64)
         ids = self._full[self.rank * self.samples:(self.rank + 1) * self.samples]
-        fut = self.source.submit(step, layer, ids, g, s)
+        counts = RoundCounts(
+            ids.astype(np.uint64), gather.detach().cpu().numpy(),
+            None if scatter is None else scatter.detach().cpu().numpy(),
+        )
+        fut = self.source.submit(step, layer, counts)
         self.stats.submit_seconds += time.perf_counter() - t0
-        return _Ticket(fut, step, layer)
+        return Ticket(fut, step, layer)
 
-    def _local(self, ticket: _Ticket) -> tuple[LocalPlan | None, str]:
+    def _reply(self, ticket: Ticket) -> tuple[RankPlan | None, str]:
         try:
             plan = ticket.future.result(timeout=self.timeout)
         except TimeoutError:
@@ -201,26 +209,26 @@ class Placement:
             return None, f"error {type(err).__name__}"
         if plan is None:
             return None, "no plan"
-        if len(plan.dest) != self.samples:
+        if len(plan.dest) != self.samples or len(plan.held_ids) != self.samples:
             return None, "wrong size"
         return plan, ""
 
-    def wait(self, ticket: _Ticket) -> _Offer:
+    def wait(self, ticket: Ticket) -> Offer:
         """Waits (up to the timeout) for this rank's reply; returns the offer the layer's combine
         settles into the plan all ranks apply ("no move" for all if any rank lacks one)."""
         t0 = time.perf_counter()
-        local, reason = self._local(ticket)
+        reply, reason = self._reply(ticket)
         seconds = time.perf_counter() - t0
         self.stats.reply_seconds += seconds
         self.stats.wait_seconds += seconds
-        return _Offer(self, ticket, local, reason)
+        return Offer(self, ticket, reply, reason)
 
-    def _settle(self, pending: _Offer, offers: torch.Tensor, exchange_seconds: float
+    def _settle(self, pending: Offer, offers: torch.Tensor, exchange_seconds: float
                 ) -> SamplePlan:
         """offers: [J, 1 + 2n] int64, every rank's offer (identical on every rank)."""
         t0 = time.perf_counter()
         self.stats.exchange_seconds += exchange_seconds
-        ticket, local = pending.ticket, pending.local
+        ticket, reply = pending.ticket, pending.reply
         agreed, reason = agree(offers.numpy(), self._full, self.world)
         # The rank's own failure names the cause; "peer fallback" is for the ranks that had one.
         reason = pending.reason or reason
@@ -232,8 +240,8 @@ class Placement:
         else:
             self.stats.plans += 1
             self.stats.moved += plan.moved
-        if local is not None:
-            self.stats.solve_seconds.append(local.solve_seconds)
-        self._full = self._full[np.concatenate([plan.holds(r) for r in range(self.world)])]
+        if reply is not None:
+            self.stats.solve_seconds.append(reply.solve_seconds)
+        self._full = plan.follow(self._full)
         self.stats.wait_seconds += time.perf_counter() - t0
         return plan

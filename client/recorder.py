@@ -14,7 +14,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from netmoe.client.plan import SamplePlan
+from netmoe.round import SamplePlan
 
 
 class TraceRecorder:
@@ -49,8 +49,7 @@ class TraceRecorder:
             self._parts.append(
                 (step, layer, mine, ids.detach().cpu().numpy().reshape(samples, seq_len, -1))
             )
-            plan = plans[layer]
-            origin = origin[np.concatenate([plan.holds(r) for r in range(plan.devices)])]
+            origin = plans[layer].follow(origin)
 
     def save(self, path: str, group_rank: int) -> None:
         """Collective: every rank calls it; rank 0 writes the .npz file."""

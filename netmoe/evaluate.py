@@ -47,7 +47,7 @@ def evaluate(
         results.append(
             PairResult(
                 layer=layer,
-                placement=plan.device,
+                placement=plan.dest,
                 baseline=(plan.before.inter, plan.before.intra),
                 netmoe=(plan.after.inter, plan.after.intra),
                 solve_ms=plan.solve_seconds * 1e3,
@@ -64,7 +64,6 @@ def evaluate_joint(
     on device k // (held-out count / J)). counts: [L, I, E] int64.
     Returns the held-out counts [L, I - I/2, E] and the held-out pair results."""
     from netmoe.solver import Topology
-
     from netmoe.solver.experts import evaluate_experts, fit_experts
 
     samples = counts.shape[1]

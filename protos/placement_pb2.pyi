@@ -117,13 +117,13 @@ class Routes(_message.Message):
     def __init__(self, inter: _Optional[int] = ..., intra: _Optional[int] = ..., local: _Optional[int] = ..., seconds: _Optional[float] = ...) -> None: ...
 
 class Plan(_message.Message):
-    __slots__ = ("job", "step", "layer", "rank", "device", "holds", "before", "after", "status", "reason", "error", "solve_seconds", "moved")
+    __slots__ = ("job", "step", "layer", "rank", "dest", "held_ids", "before", "after", "status", "reason", "error", "solve_seconds", "moved")
     JOB_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     LAYER_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
-    DEVICE_FIELD_NUMBER: _ClassVar[int]
-    HOLDS_FIELD_NUMBER: _ClassVar[int]
+    DEST_FIELD_NUMBER: _ClassVar[int]
+    HELD_IDS_FIELD_NUMBER: _ClassVar[int]
     BEFORE_FIELD_NUMBER: _ClassVar[int]
     AFTER_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
@@ -135,8 +135,8 @@ class Plan(_message.Message):
     step: int
     layer: int
     rank: int
-    device: _containers.RepeatedScalarFieldContainer[int]
-    holds: _containers.RepeatedScalarFieldContainer[int]
+    dest: _containers.RepeatedScalarFieldContainer[int]
+    held_ids: _containers.RepeatedScalarFieldContainer[int]
     before: Routes
     after: Routes
     status: PlanStatus
@@ -144,7 +144,7 @@ class Plan(_message.Message):
     error: str
     solve_seconds: float
     moved: int
-    def __init__(self, job: _Optional[str] = ..., step: _Optional[int] = ..., layer: _Optional[int] = ..., rank: _Optional[int] = ..., device: _Optional[_Iterable[int]] = ..., holds: _Optional[_Iterable[int]] = ..., before: _Optional[_Union[Routes, _Mapping]] = ..., after: _Optional[_Union[Routes, _Mapping]] = ..., status: _Optional[_Union[PlanStatus, str]] = ..., reason: _Optional[str] = ..., error: _Optional[str] = ..., solve_seconds: _Optional[float] = ..., moved: _Optional[int] = ...) -> None: ...
+    def __init__(self, job: _Optional[str] = ..., step: _Optional[int] = ..., layer: _Optional[int] = ..., rank: _Optional[int] = ..., dest: _Optional[_Iterable[int]] = ..., held_ids: _Optional[_Iterable[int]] = ..., before: _Optional[_Union[Routes, _Mapping]] = ..., after: _Optional[_Union[Routes, _Mapping]] = ..., status: _Optional[_Union[PlanStatus, str]] = ..., reason: _Optional[str] = ..., error: _Optional[str] = ..., solve_seconds: _Optional[float] = ..., moved: _Optional[int] = ...) -> None: ...
 
 class SolveRequest(_message.Message):
     __slots__ = ("reports",)

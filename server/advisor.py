@@ -17,20 +17,28 @@ Confirmed maps: from a step on, round (step', l) is solved with layer l's map fo
 layer l+1's for its scatter. Counts stay in the reports' expert ids, so the window stays valid
 across confirmations.
 
-Thread safety: rounds are observed from solver threads while fits and confirmations come from the
-event loop; one lock guards each advisor's state, and fits work on a copy.
+Off the critical path: the coordinator tells the advisors about a solved round after its plans
+went out (``ExpertAdvisors.solved``); window updates, the realised-saving metric and fits run in
+order on one advisor thread, so a fit sees every round solved before it was asked for.
+Thread safety: windows are written on the advisor thread while confirmations and the maps in
+force are read on the event loop and in solver threads; one lock guards each advisor's state,
+and fits work on a copy.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol, TypeVar
 
 import numpy as np
 
-from netmoe.solver import Topology, Traffic, solve
+from netmoe.round import Key, RoundCounts
+from netmoe.solver import Plan, Topology, solve
 from netmoe.solver.experts import (
     UNITS,
     ExpertEvaluation,
@@ -42,20 +50,14 @@ from netmoe.solver.experts import (
 )
 from netmoe.solver.topology import positive_int
 
-Key = tuple[int, int]  # (step, layer)
+from .errors import FieldError, NotEnoughData
+
+if TYPE_CHECKING:
+    from .rounds import JobSpec
+
+log = logging.getLogger(__name__)
 MAX_CONFIRMED = 8  # map versions remembered per job; older ones no round can need any more
-
-
-class NotEnoughData(Exception):
-    """The window cannot support a fit and a held-out evaluation (the message says why)."""
-
-
-class ConfirmError(ValueError):
-    """A confirmation that cannot be honoured; ``field`` names the offending field."""
-
-    def __init__(self, field: str, message: str) -> None:
-        super().__init__(message)
-        self.field = field
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -205,29 +207,29 @@ class ExpertAdvisor:
 
     def confirm(self, step: int, maps: object) -> None:
         """Puts maps ([L, E] device of each expert per layer) in force from step on. Raises
-        ConfirmError naming the field when step is not after every reported step, or maps have
+        FieldError naming the field when step is not after every reported step, or maps have
         fewer layers than reported, or change a device's number of experts."""
         topo = self.topology
         with self._lock:
             if step <= self._last_step:
-                raise ConfirmError(
+                raise FieldError(
                     "step", f"step={step} must come after step {self._last_step}, already "
                             f"reported (plans already sent are never re-solved)")
             arr = np.asarray(maps)
             layers = arr.shape[0] if arr.ndim == 2 else 0
             if layers < max(self._layers, 1):
-                raise ConfirmError("maps", f"maps has {layers} layers of {topo.experts} experts, "
+                raise FieldError("maps", f"maps has {layers} layers of {topo.experts} experts, "
                                            f"the job reported {self._layers} layers")
             try:
                 checked = check_maps("maps", arr, topo, layers)
             except ValueError as err:
-                raise ConfirmError("maps", str(err)) from None
+                raise FieldError("maps", str(err)) from None
             want = np.bincount(topo.expert_device, minlength=topo.devices)
             for layer, m in enumerate(checked):
                 have = np.bincount(m, minlength=topo.devices)
                 if (have != want).any():
                     d = int(np.flatnonzero(have != want)[0])
-                    raise ConfirmError(
+                    raise FieldError(
                         "maps", f"maps[{layer}] puts {int(have[d])} experts on device {d}, the "
                                 f"job's topology has {int(want[d])} there")
             checked.setflags(write=False)
@@ -237,15 +239,17 @@ class ExpertAdvisor:
             # Rounds run forward, so only the latest versions can still be needed.
             del self._confirmed[:-MAX_CONFIRMED]
 
-    def realized(self, key: Key, gather: np.ndarray, scatter: np.ndarray | None,
-                 after: Traffic) -> Realized | None:
+    def realized(self, spec: JobSpec, key: Key, counts: RoundCounts, plan: Plan
+                 ) -> Realized | None:
         """For a round solved under confirmed maps: its inter-node routes and those of the plan
-        the registered map would have got. None when the registered map was in force."""
+        the registered map would have got with the job's own objective and method. None when
+        the registered map was in force."""
         gtopo, stopo = self.topologies(key)
         if gtopo is self.topology and stopo is None:
             return None
-        base = solve(self.topology, gather, scatter)
-        return Realized(after.inter, base.after.inter)
+        base = solve(self.topology, counts.gather, counts.scatter, objective=spec.objective,
+                     method=spec.method, time_limit=spec.deadline)
+        return Realized(plan.after.inter, base.after.inter)
 
     # -------------------------------------------------------------------------------- the fit
 
@@ -307,7 +311,10 @@ class AdvisorObserver(Protocol):
 
 
 class ExpertAdvisors:
-    """The advisors of every registered job."""
+    """The advisors of every registered job: the coordinator's ``RoundHooks``.
+
+    Owns the advisor thread (see the module docstring); ``close`` stops it.
+    """
 
     def __init__(
         self, limits: WindowLimits | None = None, observer: AdvisorObserver | None = None
@@ -315,11 +322,12 @@ class ExpertAdvisors:
         self.limits = limits or WindowLimits()
         self._observer = observer
         self._jobs: dict[str, ExpertAdvisor] = {}
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="netmoe-advisor")
 
-    def add(self, job: str, topology: Topology) -> None:
-        self._jobs.setdefault(job, ExpertAdvisor(topology, self.limits))
+    def added(self, spec: JobSpec) -> None:
+        self._jobs.setdefault(spec.job, ExpertAdvisor(spec.topology, self.limits))
 
-    def remove(self, job: str) -> None:
+    def removed(self, job: str) -> None:
         self._jobs.pop(job, None)
 
     def get(self, job: str) -> ExpertAdvisor | None:
@@ -335,18 +343,33 @@ class ExpertAdvisors:
         adv = self._jobs.get(job)
         return None if adv is None else adv.topologies(key)
 
-    def observe(self, job: str, key: Key, ids: np.ndarray, gather: np.ndarray,
-                scatter: np.ndarray | None, after: Traffic | None) -> None:
-        """A round's sample ids [I] and counts ([I, E] int64, rank-major) and, when it was
-        solved, its plan's routes. Called from the solver thread right after the solve."""
-        adv = self._jobs.get(job)
-        if adv is None:
-            return
-        adv.observe(key, ids, gather, scatter is not None)
+    def solved(self, spec: JobSpec, key: Key, counts: RoundCounts, plan: Plan) -> None:
+        """A round's plans went out: feed its counts (rows rank-major) to the job's window and
+        its realised saving to the metrics, on the advisor thread."""
+        adv = self._jobs.get(spec.job)
+        if adv is not None:
+            self._thread.submit(self._observe, adv, spec, key, counts, plan)
+
+    def run(self, fn: Callable[[], T]) -> Future[T]:
+        """Runs fn on the advisor thread, after every round handed over before it."""
+        return self._thread.submit(fn)
+
+    def close(self) -> None:
+        self._thread.shutdown(wait=False, cancel_futures=True)
+
+    def _observe(self, adv: ExpertAdvisor, spec: JobSpec, key: Key, counts: RoundCounts,
+                 plan: Plan) -> None:
+        try:
+            self._feed(adv, spec, key, counts, plan)
+        except Exception:  # a metrics re-solve failing must not stop the windows of other rounds
+            log.exception("expert advisor failed on job %r round %s", spec.job, key)
+
+    def _feed(self, adv: ExpertAdvisor, spec: JobSpec, key: Key, counts: RoundCounts,
+              plan: Plan) -> None:
+        adv.observe(key, counts.sample_ids, counts.gather, counts.scatter is not None)
         if self._observer is None:
             return
-        self._observer.window_changed(job, adv.window_bytes, adv.window_steps)
-        if after is not None:
-            realized = adv.realized(key, gather, scatter, after)
-            if realized is not None:
-                self._observer.round_realized(job, realized)
+        self._observer.window_changed(spec.job, adv.window_bytes, adv.window_steps)
+        realized = adv.realized(spec, key, counts, plan)
+        if realized is not None:
+            self._observer.round_realized(spec.job, realized)

@@ -63,10 +63,10 @@ class PlacementServer:
             max_pending=config.max_pending_rounds, finished_memory=config.finished_memory,
             max_world_size=config.max_world_size, max_report_cells=config.max_report_cells,
             observer=self.metrics, **kwargs,
-            experts=ExpertAdvisors(
-                WindowLimits(config.expert_window_steps, config.expert_window_bytes),
-                observer=self.metrics),
         )
+        self.advisors = ExpertAdvisors(
+            WindowLimits(config.expert_window_steps, config.expert_window_bytes),
+            observer=self.metrics)
         # Metrics first: rejected (UNAUTHENTICATED, malformed) calls are counted too; parsing
         # after authentication, so unauthenticated callers never reach a parser.
         self._interceptors = [
@@ -85,10 +85,10 @@ class PlacementServer:
 
     async def start(self) -> None:
         cfg = self.config
-        self.coordinator = Coordinator(**self._coordinator_args)
+        self.coordinator = Coordinator(**self._coordinator_args, hooks=self.advisors)
         server = grpc.aio.server(interceptors=self._interceptors, options=cfg.grpc_options())
         placement_pb2_grpc.add_PlacementServiceServicer_to_server(
-            PlacementServicer(self.coordinator, self.metrics), server
+            PlacementServicer(self.coordinator, self.advisors, self.metrics), server
         )
         self.health = HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
@@ -130,6 +130,7 @@ class PlacementServer:
         stopping = asyncio.ensure_future(self._server.stop(self.config.grace_seconds))
         # Answer every waiting rank now so open streams can end cleanly within the grace period.
         self.coordinator.close()
+        self.advisors.close()
         await stopping
         self.metrics.stop_http()
         self._stopped.set()

@@ -1,46 +1,42 @@
 """RecommendExperts and ConfirmExperts: proto <-> advisor translation, errors -> status codes.
 
-A mixin of PlacementServicer (which provides ``_coord`` and ``_metrics``). Fits take seconds, so
-they run on one dedicated thread: the solver threads keep answering rounds meanwhile.
+A mixin of PlacementServicer (which provides ``_advisors`` and ``_metrics``). Fits take seconds:
+they run on the advisors' own thread (after the window updates queued before them), so the
+solver threads keep answering rounds meanwhile.
 """
 
 from __future__ import annotations
 
 import asyncio
-from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import grpc.aio
-import numpy as np
 
 from netmoe.protos import placement_pb2 as pb
+from netmoe.protos.convert import maps_from_proto, maps_to_proto
+from netmoe.solver.experts import Routes
 
-from .advisor import ConfirmError, ExpertAdvice, ExpertAdvisor, NotEnoughData
+from .advisor import ExpertAdvice, ExpertAdvisor, ExpertAdvisors
+from .errors import FieldError, NotEnoughData, abort, status_of
 from .metrics import Metrics
-from .rounds import Coordinator
 
 DEFAULT_STARTS = 4
-_fits = ThreadPoolExecutor(max_workers=1, thread_name_prefix="netmoe-expert-fit")
 
 
-def _maps(rows: tuple[tuple[int, ...], ...] | np.ndarray) -> list[pb.ExpertMap]:
-    return [pb.ExpertMap(device=[int(d) for d in row]) for row in rows]
+def _routes(r: Routes) -> pb.Routes:
+    return pb.Routes(inter=r.inter, intra=r.intra, seconds=r.seconds)
 
 
 def advice_to_proto(job: str, advice: ExpertAdvice) -> pb.RecommendExpertsResponse:
     rec, ev = advice.recommendation, advice.evaluation
-
-    def routes(kind: str) -> pb.Routes:
-        r = getattr(ev, kind)
-        return pb.Routes(inter=r.inter, intra=r.intra, seconds=r.seconds)
-
     return pb.RecommendExpertsResponse(
-        job=job, adopt=rec.adopt, reason=rec.reason, maps=_maps(rec.maps),
-        current=_maps(ev.current), moved_experts=rec.moved_experts, moved_inter=rec.moved_inter,
-        migration_bytes=rec.migration_bytes, migration_seconds=rec.migration_seconds,
-        unit=rec.unit, saving_per_step=rec.saving_per_step, migration_cost=rec.migration_cost,
+        job=job, adopt=rec.adopt, reason=rec.reason, maps=maps_to_proto(rec.maps),
+        current=maps_to_proto(ev.current), moved_experts=rec.moved_experts,
+        moved_inter=rec.moved_inter, migration_bytes=rec.migration_bytes,
+        migration_seconds=rec.migration_seconds, unit=rec.unit,
+        saving_per_step=rec.saving_per_step, migration_cost=rec.migration_cost,
         break_even_steps=rec.break_even_steps,
-        home=routes("home"), sample_only=routes("sample_only"), joint=routes("joint"),
+        home=_routes(ev.home), sample_only=_routes(ev.sample_only), joint=_routes(ev.joint),
         fit_first_step=advice.fit_steps[0], fit_last_step=advice.fit_steps[1],
         held_out_first_step=advice.held_out_steps[0], held_out_last_step=advice.held_out_steps[1],
         window_bytes=advice.window_bytes,
@@ -48,14 +44,13 @@ def advice_to_proto(job: str, advice: ExpertAdvice) -> pb.RecommendExpertsRespon
 
 
 class ExpertPlacementRPCs:
-    _coord: Coordinator
+    _advisors: ExpertAdvisors
     _metrics: Metrics
 
     async def _advisor(self, job: str, context: grpc.aio.ServicerContext) -> ExpertAdvisor:
-        adv = self._coord.experts.get(job)
+        adv = self._advisors.get(job)
         if adv is None:
-            await context.abort(grpc.StatusCode.NOT_FOUND, f"job {job!r} is not registered")
-            raise AssertionError("context.abort returned")
+            await abort(context, grpc.StatusCode.NOT_FOUND, f"job {job!r} is not registered")
         return adv
 
     async def RecommendExperts(
@@ -71,11 +66,9 @@ class ExpertPlacementRPCs:
             )
 
         try:
-            advice = await asyncio.get_running_loop().run_in_executor(_fits, fit)
-        except NotEnoughData as err:
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(err))
-        except ValueError as err:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
+            advice = await asyncio.wrap_future(self._advisors.run(fit))
+        except (NotEnoughData, ValueError) as err:
+            await abort(context, status_of(err), str(err))
         self._metrics.expert_predicted_saving.labels(request.job).set(
             advice.predicted_inter_saving_per_step)
         return advice_to_proto(request.job, advice)
@@ -84,17 +77,13 @@ class ExpertPlacementRPCs:
         self, request: pb.ConfirmExpertsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ConfirmExpertsResponse:
         adv = await self._advisor(request.job, context)
-        lengths = {len(m.device) for m in request.maps}
-        if len(lengths) > 1:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                                f"maps: layers list {sorted(lengths)} experts, need "
-                                f"{adv.topology.experts} in every layer")
-        maps = np.array([list(m.device) for m in request.maps], dtype=np.int64).reshape(
-            len(request.maps), lengths.pop() if lengths else adv.topology.experts)
         try:
-            adv.confirm(request.step, maps)
-        except ConfirmError as err:
+            adv.confirm(request.step, maps_from_proto(request.maps, adv.topology.experts))
+        except FieldError as err:
+            # A step already reported is the job's state at fault, not the request's shape.
             code = (grpc.StatusCode.FAILED_PRECONDITION if err.field == "step"
                     else grpc.StatusCode.INVALID_ARGUMENT)
-            await context.abort(code, str(err))
+            await abort(context, code, str(err))
+        except ValueError as err:
+            await abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(err))
         return pb.ConfirmExpertsResponse(job=request.job, step=request.step)

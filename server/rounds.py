@@ -21,14 +21,14 @@ from typing import Protocol
 
 import numpy as np
 
-from netmoe.solver import METHODS, OBJECTIVES, Plan, Topology, Traffic, solve, traffic
+from netmoe.round import Key, RankPlan, RoundCounts, Traffic, home_dest
+from netmoe.solver import METHODS, OBJECTIVES, Plan, Topology, solve, traffic
 from netmoe.solver.topology import positive_int
 
-from .advisor import ExpertAdvisors
+from .errors import FieldError, JobConflict, JobLimit
 
 log = logging.getLogger(__name__)
 
-Key = tuple[int, int]  # (step, layer)
 SolveFn = Callable[..., Plan]  # the signature of netmoe.solver.solve
 MAX_DEADLINE_S = 60.0
 MAX_JOB_ID = 128
@@ -42,22 +42,6 @@ ERROR = "error"
 UNREGISTERED = "unregistered"
 SHUTDOWN = "shutdown"
 OUTCOMES = (SOLVED, TIMEOUT, INCOMPLETE, INVALID, ERROR, UNREGISTERED, SHUTDOWN)
-
-
-class ReportError(ValueError):
-    """A report (or unary request) that fails validation; ``field`` names the offending field."""
-
-    def __init__(self, field: str, message: str) -> None:
-        super().__init__(message)
-        self.field = field
-
-
-class JobConflict(Exception):
-    """A job id is already registered with a different spec."""
-
-
-class JobLimit(Exception):
-    """Registering one more job would exceed the server's cap."""
 
 
 @dataclass(frozen=True)
@@ -106,7 +90,7 @@ class JobSpec:
 
 @dataclass(frozen=True, eq=False)
 class Report:
-    """One rank's counts for one round, as received (shapes are checked by ``check_report``).
+    """One rank's report as received: counts still flat, checked by ``check_report``.
 
     sample_ids: [n] uint64 global ids in local order. gather, scatter: [n * E] int64 row-major
     routes of each local sample to each expert; scatter is empty when there is no next layer.
@@ -126,46 +110,14 @@ class Report:
 
 
 @dataclass(frozen=True, eq=False)
-class RankPlan:
-    """What one rank does in one round.
-
-    status: "optimal" | "feasible" (solved), "fallback" (home placement, see reason) or
-    "invalid" (this report was rejected, see error; device and holds are empty).
-    device: [n] int64 destination of each local sample. holds: [samples_per_device] uint64 ids
-    held afterwards in delivery order (source rank, then source local order).
-    before / after: whole-job routes at home and with this plan, None when unknown.
-    """
-
-    job: str
-    step: int
-    layer: int
-    rank: int
-    status: str
-    reason: str
-    error: str
-    device: np.ndarray
-    holds: np.ndarray
-    before: Traffic | None
-    after: Traffic | None
-    solve_seconds: float
-    moved: int
-
-
-@dataclass(frozen=True, eq=False)
 class Outcome:
-    """How a round ended. plan and ids ([I] uint64, rank-major) are set only when solved."""
-
-    @classmethod
-    def solved(cls, plan: Plan, ids: np.ndarray) -> Outcome:
-        return cls(SOLVED, before=plan.before, plan=plan, ids=ids, moved=plan.moved)
-
+    """How a round ended. plan and counts (all ranks' rows, rank-major) are set when solved."""
 
     kind: str
     error: str = ""
     before: Traffic | None = None
     plan: Plan | None = None
-    ids: np.ndarray | None = None
-    moved: int = 0  # Plan.moved, computed once per round rather than once per rank
+    counts: RoundCounts | None = None
 
 
 class RoundObserver(Protocol):
@@ -188,12 +140,50 @@ class NullObserver:
         pass
 
 
-def check_report(spec: JobSpec, report: Report, prefix: str = "") -> None:
-    """Raises ReportError unless the report's ids and counts fit the job."""
+class RoundHooks(Protocol):
+    """What the coordinator asks of the expert placement side (``netmoe.server.advisor``).
+
+    All are called on the event loop and must return at once: ``solved`` is called after the
+    round's plans went out and does its work (windows, metrics) elsewhere.
+    """
+
+    def added(self, spec: JobSpec) -> None: ...
+
+    def removed(self, job: str) -> None: ...
+
+    def saw_step(self, job: str, step: int) -> None:
+        """A report of ``step`` arrived (before its round is solved)."""
+
+    def topologies(self, job: str, key: Key) -> tuple[Topology, Topology | None] | None:
+        """(gather topology, scatter topology or None for the same) in force for the round;
+        None for the registered topology."""
+
+    def solved(self, spec: JobSpec, key: Key, counts: RoundCounts, plan: Plan) -> None: ...
+
+
+class NoHooks:
+    def added(self, spec: JobSpec) -> None:
+        pass
+
+    def removed(self, job: str) -> None:
+        pass
+
+    def saw_step(self, job: str, step: int) -> None:
+        pass
+
+    def topologies(self, job: str, key: Key) -> tuple[Topology, Topology | None] | None:
+        return None
+
+    def solved(self, spec: JobSpec, key: Key, counts: RoundCounts, plan: Plan) -> None:
+        pass
+
+
+def check_report(spec: JobSpec, report: Report, prefix: str = "") -> RoundCounts:
+    """The report's counts shaped [n, E], or FieldError unless its ids and counts fit the job."""
     n, e = spec.samples_per_device, spec.topology.experts
     ids = report.sample_ids
     if len(ids) != n:
-        raise ReportError(
+        raise FieldError(
             f"{prefix}sample_ids",
             f"{prefix}sample_ids has {len(ids)} ids, job {spec.job!r} needs samples_per_device={n}",
         )
@@ -201,67 +191,59 @@ def check_report(spec: JobSpec, report: Report, prefix: str = "") -> None:
     # A set of n Python ints is ~30x cheaper than np.unique at the few ids a rank holds.
     if len(set(seen)) != n:
         dup = next(i for k, i in enumerate(seen) if i in seen[:k])
-        raise ReportError(f"{prefix}sample_ids",
-                          f"{prefix}sample_ids repeats id {dup} (rank {report.rank})")
+        raise FieldError(f"{prefix}sample_ids",
+                         f"{prefix}sample_ids repeats id {dup} (rank {report.rank})")
     if len(report.gather) != n * e:
-        raise ReportError(
+        raise FieldError(
             f"{prefix}gather",
             f"{prefix}gather has {len(report.gather)} counts, need samples_per_device x experts "
             f"= {n} x {e} = {n * e}",
         )
     if len(report.scatter) not in (0, n * e):
-        raise ReportError(
+        raise FieldError(
             f"{prefix}scatter",
             f"{prefix}scatter has {len(report.scatter)} counts, need 0 (no next layer) or "
             f"samples_per_device x experts = {n} x {e} = {n * e}",
         )
+    scatter = report.scatter.reshape(n, e) if len(report.scatter) else None
+    return RoundCounts(ids, report.gather.reshape(n, e), scatter)
 
 
-def assemble(
-    spec: JobSpec, reports: Sequence[Report]
-) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-    """Stacks checked reports of ranks 0..J-1 (in rank order) into solver rows, rank-major.
+def assemble(spec: JobSpec, parts: Sequence[RoundCounts]) -> RoundCounts:
+    """The round's rows from every rank's checked counts (in rank order), rank-major.
 
-    Returns ids [I] uint64, gather [I, E] int64 and scatter [I, E] int64 or None. Raises
-    ReportError for ids repeated across ranks or ranks disagreeing on whether scatter is sent.
+    Raises FieldError for ids repeated across ranks or ranks disagreeing on whether scatter is
+    sent.
     """
-    e = spec.topology.experts
-    ids = np.concatenate([r.sample_ids for r in reports])
+    ids = np.concatenate([p.sample_ids for p in parts])
     uniq, counts = np.unique(ids, return_counts=True)
     if len(uniq) != len(ids):
         dup = uniq[counts > 1][0]
-        ranks = sorted({r.rank for r in reports if dup in r.sample_ids})
-        raise ReportError("sample_ids", f"sample_ids: id {int(dup)} is reported by ranks {ranks}")
-    gather = np.concatenate([r.gather for r in reports]).reshape(-1, e)
-    with_scatter = [r.rank for r in reports if len(r.scatter)]
-    if not with_scatter:
-        return ids, gather, None
-    if len(with_scatter) != len(reports):
-        without = [r.rank for r in reports if not len(r.scatter)]
-        raise ReportError(
+        ranks = [r for r, p in enumerate(parts) if dup in p.sample_ids]
+        raise FieldError("sample_ids", f"sample_ids: id {int(dup)} is reported by ranks {ranks}")
+    with_scatter = [r for r, p in enumerate(parts) if p.scatter is not None]
+    if with_scatter and len(with_scatter) != len(parts):
+        without = [r for r, p in enumerate(parts) if p.scatter is None]
+        raise FieldError(
             "scatter", f"scatter: ranks {with_scatter} sent one but ranks {without} did not"
         )
-    return ids, gather, np.concatenate([r.scatter for r in reports]).reshape(-1, e)
+    return RoundCounts.concat(parts)
 
 
-def rank_plan(spec: JobSpec, outcome: Outcome, report: Report, error: str = "") -> RankPlan:
-    """This rank's part of a round's outcome; fallbacks keep every sample at home."""
-    r, n = report.rank, spec.samples_per_device
-    plan = outcome.plan
-    if plan is not None and outcome.ids is not None:
-        rows = np.fromiter(plan.holds[r], dtype=np.int64, count=n)
-        return RankPlan(
-            job=report.job, step=report.step, layer=report.layer, rank=r,
-            status=plan.status, reason="", error=error,
-            device=np.asarray(plan.device[r * n:(r + 1) * n], dtype=np.int64),
-            holds=outcome.ids[rows], before=plan.before, after=plan.after,
-            solve_seconds=plan.solve_seconds, moved=outcome.moved,
-        )
+def rank_plan(spec: JobSpec, key: Key, outcome: Outcome, rank: int, ids: np.ndarray,
+              error: str = "") -> RankPlan:
+    """Rank ``rank``'s part of a round's outcome (ids [n]: its report's sample ids); fallbacks
+    keep every sample at home."""
+    plan, counts = outcome.plan, outcome.counts
+    step, layer = key
+    if plan is None or counts is None:
+        return RankPlan.stay(step, layer, rank, ids, outcome.kind, error or outcome.error,
+                             outcome.before)
+    n = spec.samples_per_device
     return RankPlan(
-        job=report.job, step=report.step, layer=report.layer, rank=r,
-        status="fallback", reason=outcome.kind, error=error or outcome.error,
-        device=np.full(n, r, dtype=np.int64), holds=report.sample_ids,
-        before=outcome.before, after=outcome.before, solve_seconds=0.0, moved=0,
+        step, layer, rank, plan.status, np.asarray(plan.dest[rank * n:(rank + 1) * n]),
+        counts.sample_ids[plan.rows_held[rank]], error=error, solve_seconds=plan.solve_seconds,
+        moved=plan.moved, before=plan.before, after=plan.after,
     )
 
 
@@ -270,13 +252,21 @@ Deliver = Callable[[RankPlan], None]
 
 @dataclass(eq=False)
 class _Round:
+    """streamed: reports arrive one by one on streams (False: one unary Solve request)."""
+
     key: Key
+    streamed: bool = True
     timer: asyncio.TimerHandle | None = None
-    reports: dict[int, Report] = field(default_factory=dict)
-    waiters: list[tuple[Report, Deliver]] = field(default_factory=list)
-    mats: tuple[np.ndarray, np.ndarray, np.ndarray | None] | None = None
+    parts: dict[int, RoundCounts] = field(default_factory=dict)
+    waiters: list[tuple[int, np.ndarray, Deliver]] = field(default_factory=list)
+    counts: RoundCounts | None = None
+    outcome: Outcome | None = None
+    finished: asyncio.Event = field(default_factory=asyncio.Event)
     solving: bool = False
-    done: bool = False
+
+    @property
+    def done(self) -> bool:
+        return self.outcome is not None
 
 
 @dataclass(eq=False)
@@ -292,6 +282,7 @@ class Coordinator:
 
     solve_fn: called in a pool thread as solve_fn(topology, gather, scatter, home=...,
     objective=..., method=..., time_limit=...); tests inject slow solvers here.
+    hooks: the expert placement side (maps in force per round, what to do after a solve).
     """
 
     def __init__(
@@ -305,11 +296,10 @@ class Coordinator:
         max_world_size: int = 1024,
         max_report_cells: int = 1 << 20,
         observer: RoundObserver | None = None,
-        experts: ExpertAdvisors | None = None,
+        hooks: RoundHooks | None = None,
     ) -> None:
         self._solve_fn = solve_fn
-        # Expert placement advisors: windows of round counts, expert maps in force per step.
-        self.experts = experts if experts is not None else ExpertAdvisors()
+        self._hooks: RoundHooks = hooks if hooks is not None else NoHooks()
         self._executor = ThreadPoolExecutor(
             max_workers=positive_int("solver_threads", solver_threads),
             thread_name_prefix="netmoe-solver",
@@ -343,7 +333,7 @@ class Coordinator:
         if len(self._jobs) >= self._max_jobs:
             raise JobLimit(f"job {spec.job!r}: the server already holds max_jobs={self._max_jobs}")
         self._jobs[spec.job] = _Job(spec)
-        self.experts.add(spec.job, spec.topology)
+        self._hooks.added(spec)
         return True
 
     def check_limits(
@@ -369,7 +359,7 @@ class Coordinator:
         for rnd in list(state.pending.values()):
             self._finish(state, rnd, Outcome(UNREGISTERED, f"job {job!r} was unregistered"))
         del self._jobs[job]
-        self.experts.remove(job)
+        self._hooks.removed(job)
 
     def close(self) -> None:
         """Answers every waiting rank with a fallback and stops the solver threads."""
@@ -383,14 +373,14 @@ class Coordinator:
     def spec(self, job: str) -> JobSpec:
         state = self._jobs.get(job)
         if state is None:
-            raise ReportError("job", f"job {job!r} is not registered")
+            raise FieldError("job", f"job {job!r} is not registered")
         return state.spec
 
     def check_binding(self, report: Report) -> JobSpec:
-        """Raises ReportError unless the report names a known job and a rank of it."""
+        """Raises FieldError unless the report names a known job and a rank of it."""
         spec = self.spec(report.job)
         if not 0 <= report.rank < spec.world_size:
-            raise ReportError(
+            raise FieldError(
                 "rank",
                 f"rank {report.rank} is outside [0, {spec.world_size}) for job {spec.job!r}",
             )
@@ -398,7 +388,7 @@ class Coordinator:
 
     def submit(self, report: Report, deliver: Deliver) -> None:
         """Queues a report; ``deliver`` gets its plan once (possibly right away) when its round
-        finishes. Raises ReportError if the report is rejected (then ``deliver`` is not called);
+        finishes. Raises FieldError if the report is rejected (then ``deliver`` is not called);
         a rejected report with valid coordinates ends its round as invalid for the other ranks.
         """
         spec = self.check_binding(report)
@@ -406,7 +396,7 @@ class Coordinator:
         key, rank = report.key, report.rank
         last = state.last.get(rank)
         if last is not None and key <= last:
-            raise ReportError(
+            raise FieldError(
                 "step",
                 f"step/layer {key} of rank {rank} does not come after {last}, already reported "
                 f"(steps must not go backwards, a round takes one report per rank)",
@@ -414,116 +404,111 @@ class Coordinator:
         rnd = state.pending.get(key)
         done = state.finished.get(key)
         try:
-            check_report(spec, report)
-        except ReportError as err:
+            part = check_report(spec, report)
+        except FieldError as err:
             if done is None:
                 self._finish(state, rnd or self._open(state, key),
                              Outcome(INVALID, f"rank {rank}: {err}"))
             raise
+        state.last[rank] = key
         if done is not None:
-            state.last[rank] = key
-            deliver(rank_plan(spec, done, report, f"report came after its round had finished "
-                                                  f"({done.kind}: {done.error})"))
+            deliver(rank_plan(spec, key, done, rank, part.sample_ids,
+                              f"report came after its round had finished ({done.kind}: "
+                              f"{done.error})"))
             return
         if rnd is None:
             rnd = self._open(state, key)
-        state.last[rank] = key
-        rnd.reports[rank] = report
-        rnd.waiters.append((report, deliver))
-        if len(rnd.reports) == spec.world_size:
-            rnd.solving = True
-            task = asyncio.get_running_loop().create_task(self._solve_round(state, rnd))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+        self._add(state, rnd, rank, part, deliver)
 
     async def solve_now(self, reports: Sequence[Report]) -> list[RankPlan]:
         """Solves one pre-gathered round: one report per rank, any order. Returns the plans in
-        request order. Raises ReportError naming the field (``reports[k].field``) and value."""
+        request order. Raises FieldError naming the field (``reports[k].field``) and value."""
         if not reports:
-            raise ReportError("reports", "reports is empty, need one report per rank")
+            raise FieldError("reports", "reports is empty, need one report per rank")
         head = reports[0]
         spec = self.spec(head.job)
-        seen: dict[int, int] = {}
+        parts: dict[int, RoundCounts] = {}
         for k, rep in enumerate(reports):
             for name in ("job", "step", "layer"):
                 if getattr(rep, name) != getattr(head, name):
-                    raise ReportError(
+                    raise FieldError(
                         f"reports[{k}].{name}",
                         f"reports[{k}].{name}={getattr(rep, name)!r} differs from "
                         f"reports[0].{name}={getattr(head, name)!r}",
                     )
             if not 0 <= rep.rank < spec.world_size:
-                raise ReportError(f"reports[{k}].rank", f"reports[{k}].rank={rep.rank} is outside "
-                                  f"[0, {spec.world_size}) for job {spec.job!r}")
-            if rep.rank in seen:
-                raise ReportError(f"reports[{k}].rank", f"reports[{k}].rank={rep.rank} repeats "
-                                  f"reports[{seen[rep.rank]}].rank")
-            seen[rep.rank] = k
-            check_report(spec, rep, f"reports[{k}].")
-        if len(seen) != spec.world_size:
-            missing = sorted(set(range(spec.world_size)) - set(seen))
-            raise ReportError("reports", f"reports lacks ranks {missing} of job {spec.job!r}")
-        ordered = sorted(reports, key=lambda r: r.rank)
-        try:
-            mats = assemble(spec, ordered)
-        except ReportError:
-            self._observer.round_finished(spec.job, INVALID, None, None)
-            raise
-        self.experts.saw_step(spec.job, head.step)
-        fut = asyncio.get_running_loop().run_in_executor(
-            self._executor, self._run_solver, spec, mats, None, head.key
-        )
-        try:
-            plan = await asyncio.wait_for(asyncio.shield(fut), spec.deadline)
-        except TimeoutError:
-            fut.add_done_callback(self._observe_late_solve)
-            outcome = Outcome(TIMEOUT, "solve overran the deadline", self._home_traffic(spec, mats))
-        except ValueError as err:
-            self._observer.round_finished(spec.job, INVALID, None, None)
-            raise ReportError("reports", f"solver rejected the round: {err}") from err
-        else:
-            assert plan is not None  # only rounds of the streaming path can be skipped
-            self._observer.solve_finished(plan.solve_seconds)
-            outcome = Outcome.solved(plan, mats[0])
-        self._report_outcome(spec, outcome)
-        return [rank_plan(spec, outcome, rep) for rep in reports]
+                raise FieldError(f"reports[{k}].rank", f"reports[{k}].rank={rep.rank} is outside "
+                                 f"[0, {spec.world_size}) for job {spec.job!r}")
+            if rep.rank in parts:
+                first = next(i for i, r in enumerate(reports) if r.rank == rep.rank)
+                raise FieldError(f"reports[{k}].rank", f"reports[{k}].rank={rep.rank} repeats "
+                                 f"reports[{first}].rank")
+            parts[rep.rank] = check_report(spec, rep, f"reports[{k}].")
+        if len(parts) != spec.world_size:
+            missing = sorted(set(range(spec.world_size)) - set(parts))
+            raise FieldError("reports", f"reports lacks ranks {missing} of job {spec.job!r}")
+        state = self._jobs[head.job]
+        rnd = self._open(state, head.key, streamed=False)
+        plans: dict[int, RankPlan] = {}
 
-    def _open(self, state: _Job, key: Key) -> _Round:
-        while len(state.pending) >= self._max_pending:
+        def deliver(plan: RankPlan) -> None:
+            plans[plan.rank] = plan
+
+        for rank in sorted(parts):
+            self._add(state, rnd, rank, parts[rank], deliver)
+        await rnd.finished.wait()
+        assert rnd.outcome is not None
+        if rnd.outcome.kind == INVALID:
+            raise FieldError("reports", rnd.outcome.error)
+        return [plans[rep.rank] for rep in reports]
+
+    def _open(self, state: _Job, key: Key, streamed: bool = True) -> _Round:
+        while streamed and len(state.pending) >= self._max_pending:
             oldest = next(iter(state.pending.values()))
             self._finish(state, oldest, Outcome(
                 INCOMPLETE, f"evicted: job {state.spec.job!r} has max_pending={self._max_pending} "
                             f"open rounds"))
-        rnd = _Round(key)
-        self.experts.saw_step(state.spec.job, key[0])
+        rnd = _Round(key, streamed)
+        self._hooks.saw_step(state.spec.job, key[0])
         rnd.timer = asyncio.get_running_loop().call_later(
             state.spec.deadline, self._expire, state, rnd
         )
-        state.pending[key] = rnd
+        if streamed:
+            state.pending[key] = rnd
         return rnd
+
+    def _add(self, state: _Job, rnd: _Round, rank: int, part: RoundCounts,
+             deliver: Deliver) -> None:
+        """One rank's checked counts join the round; the last one starts the solve."""
+        rnd.parts[rank] = part
+        rnd.waiters.append((rank, part.sample_ids, deliver))
+        if len(rnd.parts) == state.spec.world_size:
+            rnd.solving = True
+            task = asyncio.get_running_loop().create_task(self._solve_round(state, rnd))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
 
     def _expire(self, state: _Job, rnd: _Round) -> None:
         if rnd.done:
             return
         if rnd.solving:
-            before = self._home_traffic(state.spec, rnd.mats) if rnd.mats else None
+            before = self._home_traffic(state.spec, rnd.counts) if rnd.counts else None
             self._finish(state, rnd, Outcome(TIMEOUT, "solve overran the deadline", before))
         else:
-            missing = sorted(set(range(state.spec.world_size)) - set(rnd.reports))
+            missing = sorted(set(range(state.spec.world_size)) - set(rnd.parts))
             shown = missing[:8] + (["..."] if len(missing) > 8 else [])
             self._finish(state, rnd, Outcome(INCOMPLETE, f"no report from ranks {shown}"))
 
     async def _solve_round(self, state: _Job, rnd: _Round) -> None:
         spec = state.spec
         try:
-            rnd.mats = assemble(spec, [rnd.reports[r] for r in range(spec.world_size)])
-        except ReportError as err:
+            counts = rnd.counts = assemble(spec, [rnd.parts[r] for r in range(spec.world_size)])
+        except FieldError as err:
             self._finish(state, rnd, Outcome(INVALID, str(err)))
             return
         loop = asyncio.get_running_loop()
         try:
-            plan = await loop.run_in_executor(self._executor, self._run_solver, spec, rnd.mats, rnd,
-                                              rnd.key)
+            plan = await loop.run_in_executor(self._executor, self._run_solver, spec, rnd)
         except ValueError as err:
             outcome = Outcome(INVALID, f"solver rejected the round: {err}")
         except Exception as err:  # a solver bug must not leave ranks waiting for the deadline
@@ -533,54 +518,43 @@ class Coordinator:
             if plan is None:  # the round expired before a solver thread picked it up
                 return
             self._observer.solve_finished(plan.solve_seconds)
-            outcome = Outcome.solved(plan, rnd.mats[0])
+            outcome = Outcome(SOLVED, before=plan.before, plan=plan, counts=counts)
         if not rnd.done:
             self._finish(state, rnd, outcome)
+        if outcome.plan is not None and self._jobs.get(spec.job) is state:
+            self._hooks.solved(spec, rnd.key, counts, outcome.plan)
 
-    def _run_solver(
-        self, spec: JobSpec, mats: tuple[np.ndarray, np.ndarray, np.ndarray | None],
-        rnd: _Round | None,
-        key: Key,
-    ) -> Plan | None:
-        if rnd is not None and rnd.done:
+    def _run_solver(self, spec: JobSpec, rnd: _Round) -> Plan | None:
+        if rnd.done or rnd.counts is None:
             return None
-        _, gather, scatter = mats
-        home = np.repeat(np.arange(spec.world_size, dtype=np.int64), spec.samples_per_device)
-        topo, scatter_topo = self.experts.topologies(spec.job, key) or (spec.topology, None)
+        counts = rnd.counts
+        topo, scatter_topo = self._hooks.topologies(spec.job, rnd.key) or (spec.topology, None)
         extra = {} if scatter_topo is None else {"scatter_topology": scatter_topo}
-        plan = self._solve_fn(
-            topo, gather, scatter, home=home, objective=spec.objective,
-            method=spec.method, time_limit=spec.deadline, **extra,
+        return self._solve_fn(
+            topo, counts.gather, counts.scatter,
+            home=home_dest(spec.world_size, spec.samples_per_device),
+            objective=spec.objective, method=spec.method, time_limit=spec.deadline, **extra,
         )
-        self.experts.observe(spec.job, key, mats[0], gather, scatter, plan.after)
-        return plan
-
-    def _observe_late_solve(self, fut: asyncio.Future[Plan | None]) -> None:
-        if not fut.cancelled() and fut.exception() is None and fut.result() is not None:
-            self._observer.solve_finished(fut.result().solve_seconds)
 
     @staticmethod
-    def _home_traffic(
-        spec: JobSpec, mats: tuple[np.ndarray, np.ndarray, np.ndarray | None]
-    ) -> Traffic:
-        home = np.repeat(np.arange(spec.world_size, dtype=np.int64), spec.samples_per_device)
-        return traffic(spec.topology, home, mats[1], mats[2])
-
-    def _report_outcome(self, spec: JobSpec, outcome: Outcome) -> None:
-        after = outcome.plan.after if outcome.plan is not None else outcome.before
-        self._observer.round_finished(spec.job, outcome.kind, outcome.before, after)
+    def _home_traffic(spec: JobSpec, counts: RoundCounts) -> Traffic:
+        home = home_dest(spec.world_size, spec.samples_per_device)
+        return traffic(spec.topology, home, counts.gather, counts.scatter)
 
     def _finish(self, state: _Job, rnd: _Round, outcome: Outcome) -> None:
-        rnd.done = True
+        rnd.outcome = outcome
         if rnd.timer is not None:
             rnd.timer.cancel()
-        state.pending.pop(rnd.key, None)
-        if outcome.plan is None:
-            state.finished[rnd.key] = outcome
-            while len(state.finished) > self._finished_memory:
-                state.finished.popitem(last=False)
-        self._report_outcome(state.spec, outcome)
-        for report, deliver in rnd.waiters:
-            deliver(rank_plan(state.spec, outcome, report))
+        if rnd.streamed:
+            state.pending.pop(rnd.key, None)
+            if outcome.plan is None:
+                state.finished[rnd.key] = outcome
+                while len(state.finished) > self._finished_memory:
+                    state.finished.popitem(last=False)
+        after = outcome.plan.after if outcome.plan is not None else outcome.before
+        self._observer.round_finished(state.spec.job, outcome.kind, outcome.before, after)
+        for rank, ids, deliver in rnd.waiters:
+            deliver(rank_plan(state.spec, rnd.key, outcome, rank, ids))
         rnd.waiters.clear()
-        rnd.reports.clear()
+        rnd.parts.clear()
+        rnd.finished.set()

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from typing import NoReturn
 
 import grpc
 import grpc.aio
@@ -16,19 +15,16 @@ import numpy as np
 
 from netmoe.protos import placement_pb2 as pb
 from netmoe.protos import placement_pb2_grpc
-from netmoe.solver import Topology, Traffic
+from netmoe.protos.convert import plan_to_proto, report_arrays
+from netmoe.round import RankPlan
+from netmoe.solver import Topology
 
+from .advisor import ExpertAdvisors
+from .errors import FieldError, JobConflict, JobLimit, abort, status_of
 from .experts_service import ExpertPlacementRPCs
 from .interceptors import MalformedRequest
 from .metrics import Metrics
-from .rounds import Coordinator, JobConflict, JobLimit, JobSpec, RankPlan, Report, ReportError
-
-STATUS = {
-    "optimal": pb.PLAN_STATUS_OPTIMAL,
-    "feasible": pb.PLAN_STATUS_FEASIBLE,
-    "fallback": pb.PLAN_STATUS_FALLBACK,
-    "invalid": pb.PLAN_STATUS_INVALID,
-}
+from .rounds import Coordinator, JobSpec, Report
 
 
 def spec_from_proto(job: str, msg: pb.JobSpec) -> JobSpec:
@@ -52,36 +48,14 @@ def spec_from_proto(job: str, msg: pb.JobSpec) -> JobSpec:
 
 
 def report_from_proto(msg: pb.Report) -> Report:
-    return Report(
-        job=msg.job, step=msg.step, layer=msg.layer, rank=msg.rank,
-        sample_ids=np.fromiter(msg.sample_ids, dtype=np.uint64, count=len(msg.sample_ids)),
-        gather=np.fromiter(msg.gather, dtype=np.int64, count=len(msg.gather)),
-        scatter=np.fromiter(msg.scatter, dtype=np.int64, count=len(msg.scatter)),
-    )
+    ids, gather, scatter = report_arrays(msg)
+    return Report(job=msg.job, step=msg.step, layer=msg.layer, rank=msg.rank, sample_ids=ids,
+                  gather=gather, scatter=scatter)
 
 
-def _routes(t: Traffic) -> pb.Routes:
-    return pb.Routes(inter=t.inter, intra=t.intra, local=t.local, seconds=t.seconds)
-
-
-def plan_to_proto(p: RankPlan) -> pb.Plan:
-    msg = pb.Plan(
-        job=p.job, step=p.step, layer=p.layer, rank=p.rank, device=p.device.tolist(),
-        holds=p.holds.tolist(), status=STATUS[p.status], reason=p.reason, error=p.error,
-        solve_seconds=p.solve_seconds, moved=p.moved,
-    )
-    if p.before is not None:
-        msg.before.CopyFrom(_routes(p.before))
-    if p.after is not None:
-        msg.after.CopyFrom(_routes(p.after))
-    return msg
-
-
-def invalid_plan(msg: pb.Report, error: str) -> pb.Plan:
-    return pb.Plan(
-        job=msg.job, step=msg.step, layer=msg.layer, rank=msg.rank,
-        status=pb.PLAN_STATUS_INVALID, reason="invalid", error=error,
-    )
+def invalid_plan(msg: pb.Report, error: str, job: str) -> pb.Plan:
+    """The answer to a report that failed validation (job: the stream's, never the caller's)."""
+    return plan_to_proto(job, RankPlan.rejected(msg.step, msg.layer, msg.rank, error))
 
 
 class _StreamEnd:
@@ -95,8 +69,10 @@ class _StreamAbort:
 
 
 class PlacementServicer(ExpertPlacementRPCs, placement_pb2_grpc.PlacementServiceServicer):
-    def __init__(self, coordinator: Coordinator, metrics: Metrics) -> None:
+    def __init__(self, coordinator: Coordinator, advisors: ExpertAdvisors,
+                 metrics: Metrics) -> None:
         self._coord = coordinator
+        self._advisors = advisors
         self._metrics = metrics
 
     async def RegisterJob(
@@ -111,12 +87,8 @@ class PlacementServicer(ExpertPlacementRPCs, placement_pb2_grpc.PlacementService
             )
             spec = spec_from_proto(request.job, request.spec)
             created = self._coord.register(spec)
-        except JobConflict as err:
-            await _abort(context, grpc.StatusCode.ALREADY_EXISTS, str(err))
-        except JobLimit as err:
-            await _abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED, str(err))
-        except ValueError as err:
-            await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(err))
+        except (JobConflict, JobLimit, ValueError) as err:
+            await abort(context, status_of(err), str(err))
         self._metrics.active_jobs.set(self._coord.jobs)
         return pb.RegisterJobResponse(job=request.job, created=created)
 
@@ -126,7 +98,7 @@ class PlacementServicer(ExpertPlacementRPCs, placement_pb2_grpc.PlacementService
         try:
             self._coord.unregister(request.job)
         except KeyError:
-            await _abort(
+            await abort(
                 context, grpc.StatusCode.NOT_FOUND, f"job {request.job!r} is not registered"
             )
         self._metrics.forget_job(request.job)
@@ -138,9 +110,9 @@ class PlacementServicer(ExpertPlacementRPCs, placement_pb2_grpc.PlacementService
     ) -> pb.SolveResponse:
         try:
             plans = await self._coord.solve_now([report_from_proto(r) for r in request.reports])
-        except ReportError as err:
-            await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(err))
-        return pb.SolveResponse(plans=[plan_to_proto(p) for p in plans])
+        except FieldError as err:
+            await abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(err))
+        return pb.SolveResponse(plans=[plan_to_proto(request.reports[0].job, p) for p in plans])
 
     async def Stream(
         self, request_iterator: AsyncIterator[pb.Report], context: grpc.aio.ServicerContext
@@ -162,7 +134,7 @@ class PlacementServicer(ExpertPlacementRPCs, placement_pb2_grpc.PlacementService
                 if isinstance(item, _StreamEnd):
                     return
                 if isinstance(item, _StreamAbort):
-                    await _abort(context, item.code, item.message)
+                    await abort(context, item.code, item.message)
                 yield item
         finally:
             reader.cancel()
@@ -181,7 +153,7 @@ class PlacementServicer(ExpertPlacementRPCs, placement_pb2_grpc.PlacementService
 
         def deliver(plan: RankPlan) -> None:
             nonlocal outstanding
-            queue.put_nowait(plan_to_proto(plan))
+            queue.put_nowait(plan_to_proto(bound[0] if bound else "", plan))
             outstanding -= 1
             if outstanding == 0:
                 all_answered.set()
@@ -192,7 +164,7 @@ class PlacementServicer(ExpertPlacementRPCs, placement_pb2_grpc.PlacementService
                 if bound is None:
                     try:
                         self._coord.check_binding(report)
-                    except ReportError as err:
+                    except FieldError as err:
                         queue.put_nowait(_StreamAbort(grpc.StatusCode.INVALID_ARGUMENT,
                                                       f"first report of the stream: {err}"))
                         return
@@ -201,26 +173,19 @@ class PlacementServicer(ExpertPlacementRPCs, placement_pb2_grpc.PlacementService
                     queue.put_nowait(invalid_plan(msg, (
                         f"job/rank ({report.job!r}, {report.rank}) differs from ({bound[0]!r}, "
                         f"{bound[1]}) this stream is bound to by its first report"
-                    )))
+                    ), bound[0]))
                     continue
                 outstanding += 1
                 all_answered.clear()
                 try:
                     self._coord.submit(report, deliver)
-                except ReportError as err:
+                except FieldError as err:
                     outstanding -= 1
                     if outstanding == 0:
                         all_answered.set()
-                    queue.put_nowait(invalid_plan(msg, str(err)))
+                    queue.put_nowait(invalid_plan(msg, str(err), bound[0]))
         except MalformedRequest as err:  # bytes that are no Report: nothing to answer on
             queue.put_nowait(_StreamAbort(grpc.StatusCode.INVALID_ARGUMENT, str(err)))
             return
         await all_answered.wait()
         queue.put_nowait(_StreamEnd())
-
-
-async def _abort(
-    context: grpc.aio.ServicerContext, code: grpc.StatusCode, message: str
-) -> NoReturn:
-    await context.abort(code, message)
-    raise AssertionError("context.abort returned")  # it always raises; tells type checkers so

@@ -7,35 +7,15 @@ device and the expert's device sit: same device (free), same node (intra), other
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
+
+from netmoe.round import Traffic
 
 from .topology import Topology
 
 # Route counts are bounded so that every cost the solvers build (counts x tie-break weights)
 # stays well inside int64.
 MAX_ROUTES = 2**40
-
-
-@dataclass(frozen=True)
-class Traffic:
-    """Routes by channel and modelled time, summed over one or more All-to-Alls.
-
-    seconds sums, over the All-to-Alls, max(t_intra, t_inter) of each: the channels run in
-    parallel within one All-to-All, the All-to-Alls run one after the other.
-    """
-
-    inter: int
-    intra: int
-    local: int
-    t_intra: float
-    t_inter: float
-    seconds: float
-
-    @property
-    def total(self) -> int:
-        return self.inter + self.intra + self.local
 
 
 def check_counts(name: str, counts: object, *, samples: int | None, experts: int) -> np.ndarray:

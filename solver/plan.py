@@ -8,8 +8,9 @@ from typing import Literal
 
 import numpy as np
 
+from netmoe.round import Traffic, rows_held
+
 from .cost import (
-    Traffic,
     bottleneck_routes,
     check_counts,
     check_placement,
@@ -26,13 +27,14 @@ OBJECTIVES = ("volume", "bottleneck")
 METHODS = ("two_stage", "joint")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Plan:
-    """Where every sample of one round goes.
+    """Where every sample of one round goes (the words of ``netmoe.round``).
 
-    device[i]: new device of sample row i. home[i]: its device before the move.
-    holds[d]: the rows device d holds afterwards, ordered by (home device, row): the order in
-    which all_to_all_single delivers them when every device sends its rows in row order.
+    dest[i]: new device of sample row i. home[i]: its device before the move. moved: rows whose
+    device changes. rows_held[d]: [I/J] int64 rows device d holds afterwards, ordered by (home
+    device, row): the order in which all_to_all_single delivers them when every device sends its
+    rows in row order.
     before / after: routes and modelled time of gather(l) + scatter(l+1) at home and placed.
     objective_value: for "volume", after.seconds; for "bottleneck", the busiest node's
     inter-node routes summed over both All-to-Alls.
@@ -40,9 +42,10 @@ class Plan:
     intra-node routes, stage by stage). gap: relative distance to CP-SAT's bound (0 when proven).
     """
 
-    device: tuple[int, ...]
+    dest: tuple[int, ...]
     home: tuple[int, ...]
-    holds: tuple[tuple[int, ...], ...]
+    moved: int
+    rows_held: tuple[np.ndarray, ...]
     before: Traffic
     after: Traffic
     objective: str
@@ -52,17 +55,6 @@ class Plan:
     optimal: bool
     gap: float
     solve_seconds: float
-
-    @property
-    def moved(self) -> int:
-        return sum(d != h for d, h in zip(self.device, self.home, strict=True))
-
-
-def holds_of(device: np.ndarray, home: np.ndarray, devices: int) -> tuple[tuple[int, ...], ...]:
-    """Rows each device holds, ordered by (home device, row). device, home: [I] int64."""
-    order = np.lexsort((np.arange(len(home)), home, device)).tolist()
-    ends = np.cumsum(np.bincount(device, minlength=devices)).tolist()
-    return tuple(tuple(order[a:b]) for a, b in zip([0, *ends[:-1]], ends, strict=True))
 
 
 def solve(
@@ -145,9 +137,10 @@ def solve(
     else:
         value = float(bottleneck_routes(topo, device, *mats))
     return Plan(
-        device=tuple(int(d) for d in device),
-        home=tuple(int(d) for d in base),
-        holds=holds_of(device, base, j),
+        dest=tuple(device.tolist()),
+        home=tuple(base.tolist()),
+        moved=int((device != base).sum()),
+        rows_held=tuple(rows_held(device, j, base)),
         before=traffic_of(topo, base, dev_mats),
         after=after,
         objective=objective,

@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from netmoe.round import BW_INTER, BW_INTRA, home_dest
+
 
 def positive_int(name: str, value: object, *, minimum: int = 1) -> int:
     """value as an int, or ValueError naming name and value unless it is an integer >= minimum."""
@@ -40,8 +42,8 @@ class Topology:
     expert_device: np.ndarray | None = None
     alpha_intra: float = 0.0
     alpha_inter: float = 0.0
-    bw_intra: float = 400e9
-    bw_inter: float = 100e9
+    bw_intra: float = BW_INTRA
+    bw_inter: float = BW_INTER
     bytes_per_route: int = 8192
     expert_node: np.ndarray = field(init=False, repr=False)
     device_node: np.ndarray = field(init=False, repr=False)
@@ -134,4 +136,4 @@ def home_placement(samples: int, devices: int) -> np.ndarray:
     devices = positive_int("devices", devices)
     if samples % devices:
         raise ValueError(f"samples={samples} is not divisible by devices={devices}")
-    return np.arange(samples, dtype=np.int64) // (samples // devices)
+    return home_dest(devices, samples // devices)

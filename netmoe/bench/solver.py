@@ -61,7 +61,6 @@ def bench_sizes(
     sizes_i: tuple[int, ...], sizes_j: tuple[int, ...], repeats: int, max_expanded: int, seed: int
 ) -> list[dict[str, Any]]:
     from netmoe.solver import Topology, solve, traffic
-
     from netmoe.solver.synthetic import planted_counts
 
     rows = []
@@ -97,7 +96,6 @@ def bench_sizes(
 def bench_gap(seed: int, time_limit: float) -> list[dict[str, Any]]:
     """Two-stage vs CP-SAT joint (modelled time) on small instances, 2 nodes x 4 GPUs."""
     from netmoe.solver import Topology, solve
-
     from netmoe.solver.synthetic import planted_counts
 
     rows = []

@@ -59,7 +59,7 @@ def step_traffic(topo: Topology, counts: np.ndarray, mode: str,
             plan = solve(topo, counts[layer], nxt, home=device, objective=objective)
             solves.append(plan.solve_seconds)
             moved += plan.moved
-            device = np.asarray(plan.device, dtype=np.int64)
+            device = np.asarray(plan.dest, dtype=np.int64)
         calls.append((f"L{layer}-combine", send_matrix(topo, device, counts[layer],
                                                        to_experts=False)))
     return StepTraffic(mode, tuple(calls), tuple(solves), moved)

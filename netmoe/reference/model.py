@@ -15,15 +15,15 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from netmoe.client.dispatcher import Agreement, Dispatched, TokenDispatcher
-from netmoe.client.histogram import predict_next_counts, route_counts, router_topk, token_samples
-from netmoe.client.plan import SamplePlan
+from netmoe.client.dispatcher import Dispatched, TokenDispatcher
+from netmoe.client.histogram import router_topk
+from netmoe.client.layer import ExpertParallel, PlacementHook
+from netmoe.round import SamplePlan
 
 
 @dataclass(frozen=True)
@@ -38,18 +38,6 @@ class ModelConfig:
     experts: int = 16
     top_k: int = 2
     seq_len: int = 64
-
-
-class PlacementHook(Protocol):
-    """What the model asks of the placement side, per layer of a forward pass."""
-
-    def submit(
-        self, step: int, layer: int, gather: torch.Tensor, scatter: torch.Tensor | None
-    ) -> object: ...
-
-    def wait(self, ticket: object) -> SamplePlan | Agreement:
-        """The plan for this layer's combine, or an offer the combine settles into one."""
-        ...
 
 
 class Attention(nn.Module):
@@ -98,13 +86,8 @@ class MoE(nn.Module):
 
     def expert_side(self, routes: Dispatched) -> torch.Tensor:
         """[R, D]: weight * expert(norm(x)) per route, plus x on each token's first slot."""
-        y = routes.x.new_zeros(routes.x.shape)
-        z = self.norm(routes.x)
-        for key, expert in self.experts.items():
-            idx = (routes.expert == int(key)).nonzero().squeeze(1)
-            if idx.numel():
-                y = y.index_copy(0, idx, expert(z[idx]))
-        return routes.weight.unsqueeze(1) * y + routes.first.unsqueeze(1) * routes.x
+        experts = {int(key): expert for key, expert in self.experts.items()}
+        return ExpertParallel.expert_outputs(routes, experts, self.norm)
 
 
 class Block(nn.Module):
@@ -187,30 +170,27 @@ class MoEGPT(nn.Module):
             raise ValueError(
                 f"tokens must be [{dispatcher.layout.samples}, {cfg.seq_len}], got {(n, s)}"
             )
-        no_move = SamplePlan.no_move(dispatcher.layout.world, n)
-        tok_sample = token_samples(n, s, tokens.device)
+        ep = ExpertParallel(dispatcher, placement)
         h = self.tok(tokens) + self.pos(torch.arange(s, device=tokens.device))
         plans, topks = [], []
         for layer, block in enumerate(self.blocks):
             h = h + block.attn(block.ln(h))
             flat = h.reshape(n * s, cfg.d_model)
             weights, ids = router_topk(block.moe.router, block.moe.norm(flat), cfg.top_k)
-            ticket = None
-            if placement is not None:
-                gather = route_counts(ids, tok_sample, n, cfg.experts)
-                scatter = None
-                if layer + 1 < cfg.layers:
-                    nxt = self.blocks[layer + 1].moe
-                    scatter = predict_next_counts(
-                        nxt.norm, nxt.router, flat, cfg.top_k, tok_sample, n, cfg.experts
-                    )
-                ticket = placement.submit(step, layer, gather, scatter)
-            routes = dispatcher.dispatch(layer, flat, ids, weights)
-            out = block.moe.expert_side(routes)
-            offer = placement.wait(ticket) if placement is not None else no_move
-            h, plan = dispatcher.combine(layer, out, routes, offer)
+            ticket = ep.submit(step, layer, ids, self._predict(layer, flat, placement))
+            routes = ep.dispatch(layer, flat, ids, weights)
+            h, plan = ep.combine(layer, block.moe.expert_side(routes), routes, ticket)
             h = h.reshape(n, s, cfg.d_model)
             plans.append(plan)
             topks.append(ids.detach())
         logits = self.head(self.ln_f(h)).reshape(n * s, cfg.vocab)
         return ForwardResult(logits, tuple(plans), tuple(topks))
+
+    @torch.no_grad()
+    def _predict(self, layer: int, flat: torch.Tensor, placement: PlacementHook | None
+                 ) -> torch.Tensor | None:
+        """[T, K] ids layer + 1's router picks for layer ``layer``'s input: the next dispatch."""
+        if placement is None or layer + 1 == self.cfg.layers:
+            return None
+        nxt = self.blocks[layer + 1].moe
+        return router_topk(nxt.router, nxt.norm(flat), self.cfg.top_k)[1]

@@ -150,18 +150,28 @@ def _route_totals(routes: dict[tuple[int, str], np.ndarray], rank: int, g: int, 
     return out
 
 
+@dataclass
+class _Run:
+    """One rank's training state (built by ``_setup``)."""
+
+    cfg: TrainConfig
+    rank: int
+    model: Any
+    opt: Any
+    dense: list[Any]
+    comm: Any
+    dispatcher: Any
+    corpus: Any
+    placement: Any = None
+    client: Any = None
+    recorder: Any = None
+    meter: _LinkMeter | None = None
+
+
 def train(cfg: TrainConfig) -> dict[str, Any]:
     """Trains cfg.steps steps on this rank; returns losses, route counts and timings."""
     import torch
     import torch.distributed as dist
-    import torch.nn.functional as F
-
-    from netmoe.client.dispatcher import CommStats, Layout, TokenDispatcher, move_samples
-    from netmoe.client.experts import ExpertTable, OriginalIds
-    from netmoe.client.planning import Placement, RandomPlans
-    from netmoe.client.recorder import TraceRecorder
-    from netmoe.reference.data import load_corpus
-    from netmoe.reference.model import ModelConfig, MoEGPT, relabel_state
 
     torch.set_num_threads(cfg.threads)
     rank = int(os.environ["RANK"])
@@ -170,118 +180,166 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         raise ValueError(f"WORLD_SIZE={world} but nodes x gpus_per_node = {cfg.world}")
     dist.init_process_group("gloo", init_method="env://", rank=rank, world_size=world,
                             timeout=timedelta(seconds=120))  # fmt: skip
+    run: _Run | None = None
+    clean = False
     try:
-        corpus = load_corpus(cfg.vocab, cfg.cache_dir or None)
-        layout = Layout(rank, world, cfg.gpus_per_node, cfg.experts, cfg.samples_per_device,
-                        cfg.seq_len)  # fmt: skip
-        mcfg = ModelConfig(cfg.vocab, cfg.d_model, cfg.heads, cfg.layers, cfg.ffn, cfg.experts,
-                           cfg.top_k, cfg.seq_len)  # fmt: skip
-        model = MoEGPT(mcfg, layout.local_experts, cfg.seed, cfg.expert_order or None)
-        if cfg.init_checkpoint:
-            _load_checkpoint(model, cfg.init_checkpoint, cfg.expert_order)
-        opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
-        dense = model.dense_parameters()
-        comm = CommStats(sync=cfg.a2a_sync)
-        meter = _LinkMeter(rank % cfg.gpus_per_node == 0) if cfg.link_counters else None
-        dispatcher = TokenDispatcher(layout, comm)
-        placement = None
-        client = None
-        if cfg.placement == "random":
-            source = RandomPlans(rank, world, cfg.samples_per_device, cfg.seed)
-            placement = Placement(source, rank, world, cfg.samples_per_device, cfg.plan_timeout)
-        elif cfg.placement == "service":
-            from netmoe.client.placement_client import PlacementClient, job_spec
-
-            client = PlacementClient(cfg.server, cfg.job, rank, job_spec(cfg))
-            placement = Placement(client, rank, world, cfg.samples_per_device, cfg.plan_timeout)
-        recorder = TraceRecorder(cfg.layers, cfg.experts) if cfg.record_trace else None
-        n, s, big_i = cfg.samples_per_device, cfg.seq_len, cfg.global_samples
-        losses, step_seconds, allreduce_seconds = [], [], 0.0
-        # Expert ids the service and traces know: the model's labels until experts move.
-        table = ExpertTable.identity(cfg.layers, cfg.experts, world)
-        hook: Any = placement
-        experts_info: dict[str, Any] = {}
-        step_routes, routes_so_far = [], np.zeros((cfg.layers, 3), dtype=np.int64)
-        dist.barrier()
-        for step in range(cfg.steps):
-            if cfg.adopt_experts_at and step == cfg.adopt_experts_at:
-                table, experts_info = _adopt_experts(cfg, model, opt, client, table, rank, step)
-                hook = OriginalIds(placement, table)
-            t_step = time.perf_counter()
-            comm.step = step
-            if meter is not None:
-                meter.mark()
-            batch = corpus.batch(cfg.data_offset + step, big_i, s, cfg.seed)
-            local = torch.from_numpy(batch[rank * n : (rank + 1) * n])
-            result = model(local[:, :-1], dispatcher, hook, step)
-            labels = local[:, 1:]
-            for plan in result.plans:
-                labels = move_samples(labels, plan, rank, comm)
-            loss = F.cross_entropy(result.logits, labels.reshape(-1), reduction="sum")
-            loss = loss / (big_i * s)
-            opt.zero_grad(set_to_none=False)
-            loss.backward()
-            if meter is not None:
-                meter.mark()
-            t0 = time.perf_counter()
-            flat = torch.cat([p.grad.reshape(-1) for p in dense] + [loss.detach().reshape(1)])
-            dist.all_reduce(flat)
-            allreduce_seconds += time.perf_counter() - t0
-            if meter is not None:
-                meter.mark()
-            offset = 0
-            for p in dense:
-                p.grad.copy_(flat[offset : offset + p.numel()].view_as(p))
-                offset += p.numel()
-            opt.step()
-            losses.append(float(flat[-1]))
-            step_seconds.append(time.perf_counter() - t_step)
-            totals = _route_totals(comm.routes, rank, cfg.gpus_per_node, cfg.layers)
-            step_routes.append((totals - routes_so_far).tolist())
-            routes_so_far = totals
-            if recorder is not None:
-                originals = torch.as_tensor(table.originals())
-                topk = tuple(originals[layer][ids] for layer, ids in enumerate(result.topk))
-                recorder.record(step, big_i, rank * n, n, s, result.plans, topk)
-        if recorder is not None:
-            recorder.save(cfg.record_trace, group_rank=rank)
-        # Keyed by original expert id, so runs with and without moved experts compare.
-        state = relabel_state(model.state_dict(), table.label)
-        if cfg.save_checkpoint:
-            _save_checkpoint(state, cfg.save_checkpoint)
-        out: dict[str, Any] = {
-            "rank": rank,
-            "loss": losses,
-            "step_seconds": step_seconds,
-            "a2a_seconds": comm.a2a_seconds,
-            "control_seconds": comm.control_seconds,
-            "allreduce_seconds": allreduce_seconds,
-            "routes": routes_so_far.tolist(),
-            "step_routes": step_routes,
-            "experts": experts_info,
-            "param_checksum": _checksum(state),
-            "a2a_calls": comm.calls,
-            "link_counters": meter.readings if meter is not None else [],
-        }
-        if placement is not None:
-            st = placement.stats
-            out.update(
-                plan_wait_seconds=st.wait_seconds,
-                submit_seconds=st.submit_seconds,
-                reply_seconds=st.reply_seconds,
-                exchange_seconds=st.exchange_seconds,
-                fallbacks=st.fallbacks,
-                fallback_reasons=dict(st.reasons),
-                plans=st.plans,
-                moved=st.moved,
-                solve_seconds=st.solve_seconds,
-            )
-        dist.barrier()
+        run = _setup(cfg, rank)
+        out = _train_steps(run)
+        dist.barrier()  # every rank's last round is in before the job is unregistered
+        clean = True
         return out
     finally:
-        if client is not None:
-            client.close()
+        if run is not None and run.client is not None:
+            run.client.close(unregister=clean and rank == 0)
+        if clean:
+            dist.barrier()  # no rank tears down the group while a peer still talks to it
         dist.destroy_process_group()
+
+
+def _setup(cfg: TrainConfig, rank: int) -> _Run:
+    import torch
+
+    from netmoe.client.dispatcher import CommStats, Layout, TokenDispatcher
+    from netmoe.client.planning import Placement, RandomPlans
+    from netmoe.client.recorder import TraceRecorder
+    from netmoe.reference.data import load_corpus
+    from netmoe.reference.model import ModelConfig, MoEGPT
+
+    world = cfg.world
+    layout = Layout(rank, world, cfg.gpus_per_node, cfg.experts, cfg.samples_per_device,
+                    cfg.seq_len)  # fmt: skip
+    mcfg = ModelConfig(cfg.vocab, cfg.d_model, cfg.heads, cfg.layers, cfg.ffn, cfg.experts,
+                       cfg.top_k, cfg.seq_len)  # fmt: skip
+    model = MoEGPT(mcfg, layout.local_experts, cfg.seed, cfg.expert_order or None)
+    if cfg.init_checkpoint:
+        _load_checkpoint(model, cfg.init_checkpoint, cfg.expert_order)
+    comm = CommStats(sync=cfg.a2a_sync)
+    run = _Run(
+        cfg, rank, model, torch.optim.AdamW(model.parameters(), lr=cfg.lr),
+        model.dense_parameters(), comm, TokenDispatcher(layout, comm),
+        load_corpus(cfg.vocab, cfg.cache_dir or None),
+        meter=_LinkMeter(rank % cfg.gpus_per_node == 0) if cfg.link_counters else None,
+        recorder=TraceRecorder(cfg.layers, cfg.experts) if cfg.record_trace else None,
+    )
+    if cfg.placement == "random":
+        source = RandomPlans(rank, world, cfg.samples_per_device, cfg.seed)
+        run.placement = Placement(source, rank, world, cfg.samples_per_device, cfg.plan_timeout)
+    elif cfg.placement == "service":
+        from netmoe.client.placement_client import PlacementClient, job_spec
+
+        spec = job_spec(cfg.nodes, cfg.gpus_per_node, cfg.experts, cfg.samples_per_device,
+                        hidden_size=cfg.d_model, dtype_bytes=4, objective=cfg.objective,
+                        deadline_ms=cfg.deadline_ms)
+        run.client = PlacementClient(cfg.server, cfg.job, rank, spec)
+        run.placement = Placement(run.client, rank, world, cfg.samples_per_device,
+                                  cfg.plan_timeout)
+    return run
+
+
+def _train_steps(run: _Run) -> dict[str, Any]:
+    import torch.distributed as dist
+
+    from netmoe.client.experts import ExpertTable, OriginalIds
+    from netmoe.reference.model import relabel_state
+
+    cfg, rank = run.cfg, run.rank
+    losses, step_seconds, allreduce_seconds = [], [], 0.0
+    # Expert ids the service and traces know: the model's labels until experts move.
+    table = ExpertTable.identity(cfg.layers, cfg.experts, cfg.world)
+    hook: Any = run.placement
+    experts_info: dict[str, Any] = {}
+    step_routes, routes_so_far = [], np.zeros((cfg.layers, 3), dtype=np.int64)
+    dist.barrier()
+    for step in range(cfg.steps):
+        if cfg.adopt_experts_at and step == cfg.adopt_experts_at:
+            table, experts_info = _adopt_experts(cfg, run.model, run.opt, run.client, table,
+                                                 rank, step)
+            hook = OriginalIds(run.placement, table)
+        t_step = time.perf_counter()
+        loss, seconds = _step(run, step, hook, table)
+        losses.append(loss)
+        allreduce_seconds += seconds
+        step_seconds.append(time.perf_counter() - t_step)
+        totals = _route_totals(run.comm.routes, rank, cfg.gpus_per_node, cfg.layers)
+        step_routes.append((totals - routes_so_far).tolist())
+        routes_so_far = totals
+    if run.recorder is not None:
+        run.recorder.save(cfg.record_trace, group_rank=rank)
+    # Keyed by original expert id, so runs with and without moved experts compare.
+    state = relabel_state(run.model.state_dict(), table.label)
+    if cfg.save_checkpoint:
+        _save_checkpoint(state, cfg.save_checkpoint)
+    out: dict[str, Any] = {
+        "rank": rank,
+        "loss": losses,
+        "step_seconds": step_seconds,
+        "a2a_seconds": run.comm.a2a_seconds,
+        "control_seconds": run.comm.control_seconds,
+        "allreduce_seconds": allreduce_seconds,
+        "routes": routes_so_far.tolist(),
+        "step_routes": step_routes,
+        "experts": experts_info,
+        "param_checksum": _checksum(state),
+        "a2a_calls": run.comm.calls,
+        "link_counters": run.meter.readings if run.meter is not None else [],
+    }
+    if run.placement is not None:
+        st = run.placement.stats
+        out.update(
+            plan_wait_seconds=st.wait_seconds,
+            submit_seconds=st.submit_seconds,
+            reply_seconds=st.reply_seconds,
+            exchange_seconds=st.exchange_seconds,
+            fallbacks=st.fallbacks,
+            fallback_reasons=dict(st.reasons),
+            plans=st.plans,
+            moved=st.moved,
+            solve_seconds=st.solve_seconds,
+            rejected=run.client.rejected if run.client is not None else "",
+        )
+    return out
+
+
+def _step(run: _Run, step: int, hook: Any, table: Any) -> tuple[float, float]:
+    """One training step; returns (global mean loss, seconds in the gradient all-reduce)."""
+    import torch
+    import torch.distributed as dist
+    import torch.nn.functional as F
+
+    from netmoe.client.dispatcher import move_samples
+
+    cfg, rank = run.cfg, run.rank
+    n, s, big_i = cfg.samples_per_device, cfg.seq_len, cfg.global_samples
+    run.comm.step = step
+    if run.meter is not None:
+        run.meter.mark()
+    batch = run.corpus.batch(cfg.data_offset + step, big_i, s, cfg.seed)
+    local = torch.from_numpy(batch[rank * n : (rank + 1) * n])
+    result = run.model(local[:, :-1], run.dispatcher, hook, step)
+    labels = local[:, 1:]
+    for plan in result.plans:
+        labels = move_samples(labels, plan, rank, run.comm)
+    loss = F.cross_entropy(result.logits, labels.reshape(-1), reduction="sum") / (big_i * s)
+    run.opt.zero_grad(set_to_none=False)
+    loss.backward()
+    if run.meter is not None:
+        run.meter.mark()
+    t0 = time.perf_counter()
+    flat = torch.cat([p.grad.reshape(-1) for p in run.dense] + [loss.detach().reshape(1)])
+    dist.all_reduce(flat)
+    seconds = time.perf_counter() - t0
+    if run.meter is not None:
+        run.meter.mark()
+    offset = 0
+    for p in run.dense:
+        p.grad.copy_(flat[offset : offset + p.numel()].view_as(p))
+        offset += p.numel()
+    run.opt.step()
+    if run.recorder is not None:
+        originals = torch.as_tensor(table.originals())
+        topk = tuple(originals[layer][ids] for layer, ids in enumerate(result.topk))
+        run.recorder.record(step, big_i, rank * n, n, s, result.plans, topk)
+    return float(flat[-1]), seconds
 
 
 def _adopt_experts(cfg: TrainConfig, model: Any, opt: Any, client: Any, table: Any, rank: int,

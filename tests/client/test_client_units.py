@@ -7,42 +7,9 @@ import pytest
 import torch
 
 from netmoe.client.histogram import route_counts, token_samples
-from netmoe.client.plan import LocalPlan, SamplePlan
 from netmoe.client.planning import agree
 from netmoe.reference.train import TrainConfig
-
-
-def test_sample_plan_holds_follow_all_to_all_order() -> None:
-    # 3 devices x 2 samples; rows 0,1 on dev 0, rows 2,3 on dev 1, rows 4,5 on dev 2.
-    plan = SamplePlan((2, 0, 0, 1, 2, 1), 3)
-    assert plan.holds(0) == (1, 2)
-    assert plan.holds(1) == (3, 5)
-    assert plan.holds(2) == (0, 4)
-    assert plan.dest(1) == (0, 1)
-    assert plan.position().tolist() == [0, 0, 1, 0, 1, 1]
-    assert plan.moved == 3 and plan.moves
-    assert not SamplePlan.no_move(3, 2).moves
-    assert plan.fingerprint() != SamplePlan.no_move(3, 2).fingerprint()
-
-
-@pytest.mark.parametrize(
-    ("device", "devices", "match"),
-    [
-        ((0, 0, 0, 1), 2, "unbalanced"),
-        ((0, 1, 2), 2, "multiple of devices"),
-        ((0, 3, 1, 1), 2, r"\[0, 2\)"),
-        ((0, 1), 0, "devices must be a positive integer"),
-    ],
-)
-def test_sample_plan_rejects_bad_input(device: tuple[int, ...], devices: int, match: str) -> None:
-    with pytest.raises(ValueError, match=match):
-        SamplePlan(device, devices)
-
-
-def test_local_plan_no_move_and_validation() -> None:
-    assert LocalPlan.no_move(2, 3) == LocalPlan(2, (2, 2, 2), (6, 7, 8))
-    with pytest.raises(ValueError, match="dest and holds"):
-        LocalPlan(0, (0, 1), (0,))
+from netmoe.round import SamplePlan
 
 
 def test_route_counts_match_a_python_count() -> None:
@@ -83,8 +50,8 @@ def test_train_config_validation_names_field_and_value() -> None:
 
 
 def _offers(plan: SamplePlan, ids: np.ndarray) -> np.ndarray:
-    """Every rank's offer [J, 1 + 2n] for a consistent plan (holds as sample ids)."""
-    return np.array([[1, *plan.dest(r), *ids[list(plan.holds(r))]] for r in range(plan.devices)])
+    """Every rank's offer [J, 1 + 2n] for a consistent plan (held ids as sample ids)."""
+    return np.array([[1, *plan.dest_of(r), *ids[plan.rows_held(r)]] for r in range(plan.devices)])
 
 
 def test_agree_applies_a_consistent_plan_or_no_move_for_all() -> None:
@@ -100,6 +67,6 @@ def test_agree_applies_a_consistent_plan_or_no_move_for_all() -> None:
     assert agree(unbalanced, ids, 3) == (None, "inconsistent plan")
     wrong_holds = offers.copy()
     wrong_holds[2, -1] = 99  # the service thinks another sample ends up on rank 2
-    assert agree(wrong_holds, ids, 3) == (None, "inconsistent holds")
+    assert agree(wrong_holds, ids, 3) == (None, "inconsistent held ids")
     with pytest.raises(ValueError, match=r"offers must be \[3, 1 \+ 2n\]"):
         agree(offers[:2], ids, 3)

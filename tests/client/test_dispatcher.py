@@ -7,8 +7,6 @@ combine settles the plan in its one control exchange: the test counts every coll
 
 from __future__ import annotations
 
-import os
-import traceback
 from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -17,13 +15,13 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from netmoe.client.dispatcher import CommStats, Layout, TokenDispatcher, move_samples
 from netmoe.client.histogram import route_counts, token_samples
-from netmoe.client.plan import LocalPlan, SamplePlan
-from netmoe.client.planning import Placement, RandomPlans
-from netmoe.reference.launch import free_port
+from netmoe.client.planning import FixedPlan, Placement, RandomPlans
+from netmoe.round import RankPlan, SamplePlan
+
+from support import gloo_group, spawn_ranks
 
 WORLD, GPUS, EXPERTS, SAMPLES, SEQ, D, K = 4, 2, 8, 3, 5, 6, 2
 
@@ -48,11 +46,8 @@ def _expected(rows: list[int]) -> torch.Tensor:
     return torch.cat(out)
 
 
-def _worker(rank: int, port: int, errors: mp.Queue) -> None:
-    try:
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-        torch.set_num_threads(1)
-        dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+def _worker(rank: int, port: int) -> None:
+    with gloo_group(rank, WORLD, port):
         layout = Layout(rank, WORLD, GPUS, EXPERTS, SAMPLES, SEQ)
         disp = TokenDispatcher(layout)
         rng = np.random.default_rng(7)
@@ -68,9 +63,9 @@ def _worker(rank: int, port: int, errors: mp.Queue) -> None:
             # "Expert" e multiplies by e + 1; residual on each token's first slot.
             y = routes.x * (routes.expert + 1).unsqueeze(1).double()
             out = routes.weight.unsqueeze(1) * y + routes.first.unsqueeze(1) * routes.x
-            got, applied = disp.combine(0, out, routes, plan)
+            got, applied = disp.combine(0, out, routes, FixedPlan(plan))
             assert applied is plan
-            holds = list(plan.holds(rank))
+            holds = plan.rows_held(rank).tolist()
             torch.testing.assert_close(got, _expected(holds))
             # Backward: loss = sum(got * g) with g = global row id + 1 per token.
             g = torch.tensor(holds, dtype=torch.float64).repeat_interleave(SEQ).unsqueeze(1) + 1
@@ -89,15 +84,11 @@ def _worker(rank: int, port: int, errors: mp.Queue) -> None:
         routes = disp.dispatch(1, h, ids, w)
         bad = plans[1] if rank == 0 else plans[0]
         try:
-            disp.combine(1, routes.x, routes, bad)
+            disp.combine(1, routes.x, routes, FixedPlan(bad))
         except RuntimeError as err:
             assert "ranks apply different plans" in str(err)
         else:
             raise AssertionError(f"rank {rank}: inconsistent plans were not detected")
-        dist.destroy_process_group()
-    except BaseException:
-        errors.put(f"rank {rank}:\n{traceback.format_exc()}")
-        raise
 
 
 COLLECTIVES = ("all_to_all_single", "all_gather", "all_gather_object", "all_reduce", "barrier",
@@ -124,15 +115,12 @@ def _count_collectives() -> Counter[str]:
 class _Late:
     """A plan source whose replies never arrive: Placement must time out into "no move"."""
 
-    def submit(self, *args: object) -> Future[LocalPlan | None]:
+    def submit(self, *args: object) -> Future[RankPlan | None]:
         return Future()
 
 
-def _agreement_worker(rank: int, port: int, errors: mp.Queue) -> None:
-    try:
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-        torch.set_num_threads(1)
-        dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+def _agreement_worker(rank: int, port: int) -> None:
+    with gloo_group(rank, WORLD, port):
         comm = CommStats()
         disp = TokenDispatcher(Layout(rank, WORLD, GPUS, EXPERTS, SAMPLES, SEQ), comm)
         calls = _count_collectives()
@@ -151,7 +139,7 @@ def _agreement_worker(rank: int, port: int, errors: mp.Queue) -> None:
             # and split sizes together), metadata, payload. Placement issues none of its own.
             assert sum(calls.values()) == 6, calls
             assert comm.control_calls[(0, "combine")] == step + 1, comm.control_calls
-            torch.testing.assert_close(got, _expected(list(plan.holds(rank))))
+            torch.testing.assert_close(got, _expected(plan.rows_held(rank).tolist()))
             seen: list[object] = [None] * WORLD
             dist.all_gather_object(seen, plan.fingerprint())
             assert len(set(seen)) == 1, seen  # every rank applied the same plan
@@ -163,39 +151,14 @@ def _agreement_worker(rank: int, port: int, errors: mp.Queue) -> None:
                 reason = "timeout" if rank == late_rank else "peer fallback"
                 assert st.reasons == Counter({reason: 1}), st.reasons
             assert 0 <= st.reply_seconds <= st.wait_seconds
-        dist.destroy_process_group()
-    except BaseException:
-        errors.put(f"rank {rank}:\n{traceback.format_exc()}")
-        raise
-
-
-def _spawn(target: Callable[[int, int, mp.Queue], None]) -> None:
-    ctx = mp.get_context("spawn")
-    errors = ctx.Queue()
-    port = free_port()
-    procs = [ctx.Process(target=target, args=(r, port, errors)) for r in range(WORLD)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=120)
-    alive = [p for p in procs if p.is_alive()]
-    for p in alive:
-        p.kill()
-        p.join()
-    msgs = []
-    while not errors.empty():
-        msgs.append(errors.get())
-    assert not msgs, "\n".join(msgs)
-    assert not alive, "a rank hung"
-    assert all(p.exitcode == 0 for p in procs)
 
 
 def test_dispatch_combine_values_gradients_and_move_samples() -> None:
-    _spawn(_worker)
+    spawn_ranks(_worker, WORLD)
 
 
 def test_combine_settles_the_plan_in_its_one_control_exchange_and_falls_back_together() -> None:
-    _spawn(_agreement_worker)
+    spawn_ranks(_agreement_worker, WORLD)
 
 
 def test_layout_rejects_bad_input() -> None:

@@ -3,21 +3,19 @@ state move, routers are relabelled, and training goes on exactly as without the 
 
 from __future__ import annotations
 
-import os
-import traceback
-
 import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from netmoe.client.dispatcher import Layout, TokenDispatcher
 from netmoe.client.experts import ExpertTable, OriginalIds, adopt
-from netmoe.client.plan import SamplePlan
-from netmoe.reference.launch import free_port
+from netmoe.client.planning import FixedPlan
 from netmoe.reference.model import ModelConfig, MoEGPT
+from netmoe.round import SamplePlan
+
+from support import gloo_group, spawn_ranks
 
 SPD, STEPS, ADOPT_AT = 2, 5, 2
 
@@ -31,8 +29,8 @@ class Recorder:
     def submit(self, step, layer, gather, scatter):
         self.seen.append((gather.clone(), None if scatter is None else scatter.clone()))
 
-    def wait(self, ticket) -> SamplePlan:
-        return SamplePlan.no_move(self.world, SPD)
+    def wait(self, ticket) -> FixedPlan:
+        return FixedPlan(SamplePlan.no_move(self.world, SPD))
 
 
 def _adam(opt: torch.optim.Optimizer, expert: torch.nn.Module) -> list[torch.Tensor]:
@@ -61,11 +59,8 @@ def _step(model, opt, disp, tokens, world, hook=None) -> float:
     return float(flat[-1])
 
 
-def _worker(rank: int, world: int, port: int, errors: mp.Queue) -> None:
-    try:
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-        torch.set_num_threads(1)
-        dist.init_process_group("gloo", rank=rank, world_size=world)
+def _worker(rank: int, port: int, world: int) -> None:
+    with gloo_group(rank, world, port):
         cfg = ModelConfig(vocab=64, d_model=16, heads=2, layers=3, ffn=24, experts=2 * world,
                           top_k=2, seq_len=8)
         layout = Layout(rank, world, 2, cfg.experts, SPD, cfg.seq_len)
@@ -126,32 +121,11 @@ def _worker(rank: int, world: int, port: int, errors: mp.Queue) -> None:
             for label, expert in still.blocks[layer].moe.experts.items():
                 torch.testing.assert_close(merged[int(label)], expert.fc2.weight.detach(),
                                            rtol=1e-3, atol=1e-4)
-        dist.destroy_process_group()
-    except BaseException:
-        errors.put(f"rank {rank}: {traceback.format_exc()}")
-        raise
 
 
 @pytest.mark.parametrize("world", [4, 8])
 def test_adopting_expert_maps_keeps_training_identical(world: int) -> None:
-    ctx = mp.get_context("spawn")
-    errors = ctx.Queue()
-    port = free_port()
-    procs = [ctx.Process(target=_worker, args=(r, world, port, errors)) for r in range(world)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(120)
-    alive = [p for p in procs if p.is_alive()]
-    for p in alive:
-        p.kill()
-        p.join()
-    failures = []
-    while not errors.empty():
-        failures.append(errors.get())
-    assert not failures, failures[0]
-    assert not alive, "a rank hung"
-    assert [p.exitcode for p in procs] == [0] * world
+    spawn_ranks(_worker, world, world)
 
 
 def test_relabel_keeps_staying_experts_and_names_bad_maps() -> None:

@@ -57,7 +57,7 @@ def test_adopting_experts_mid_run_keeps_training_identical(tmp_path: Path) -> No
             cfg, placement="service", server=server.address, job=job, adopt_experts_at=ADOPT_AT,
             expert_placement="force", record_trace=str(tmp_path / "joint.npz")))  # fmt: skip
         metrics = _scrape(server.metrics_port)
-        advisor = server.server.coordinator.experts.get(job)
+        advisor = server.server.advisors.get(job)
         window = {step: advisor._round(per_layer, cfg.layers)  # [L, I, E] rows by sample id
                   for step, per_layer in advisor._window.items()}
 

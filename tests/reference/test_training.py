@@ -12,12 +12,13 @@ from typing import Any
 
 import numpy as np
 import pytest
-from support import TINY_TRAIN
 
 from netmoe.reference.data import load_corpus
 from netmoe.reference.launch import free_port, run_ranks
 from netmoe.reference.train import TrainConfig
 from netmoe.trace import load_trace
+
+from support import TINY_TRAIN
 
 TINY = TINY_TRAIN
 

@@ -14,9 +14,10 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from netmoe.protos import placement_pb2 as pb
 from netmoe.protos import placement_pb2_grpc
-from netmoe.server.advisor import ConfirmError, ExpertAdvisor, NotEnoughData, WindowLimits
+from netmoe.server.advisor import ExpertAdvisor, WindowLimits
 from netmoe.server.app import ServerHandle, start
 from netmoe.server.config import ServerConfig
+from netmoe.server.errors import FieldError, NotEnoughData
 from netmoe.solver import Topology, solve, traffic
 
 NODES, GPUS, EXPERTS, SPD, LAYERS = 2, 2, 8, 2, 3
@@ -133,12 +134,12 @@ def test_confirmed_maps_apply_from_their_step() -> None:
     adv = ExpertAdvisor(TOPO, WindowLimits())
     adv.saw_step(3)
     swapped = np.array([[0, 0, 2, 2, 1, 1, 3, 3]] * LAYERS)
-    with pytest.raises(ConfirmError, match="step=3 must come after step 3"):
+    with pytest.raises(FieldError, match="step=3 must come after step 3"):
         adv.confirm(3, swapped)
-    with pytest.raises(ConfirmError,
+    with pytest.raises(FieldError,
                        match=r"maps\[0\] puts 8 experts on device 0, the job.s topology has 2"):
         adv.confirm(4, np.zeros((LAYERS, EXPERTS), dtype=np.int64))
-    with pytest.raises(ConfirmError, match=r"maps\[1\]\[0\]=9 is not a device"):
+    with pytest.raises(FieldError, match=r"maps\[1\]\[0\]=9 is not a device"):
         adv.confirm(4, np.array([swapped[0], [9] * 8, swapped[0]]))
     adv.confirm(5, swapped)
     assert adv.topologies((4, 0)) == (TOPO, None)
@@ -241,7 +242,7 @@ def test_recommend_confirm_and_plans_under_new_maps(server: ServerHandle) -> Non
             want = solve(TOPO.with_experts(maps[layer]), g, s, scatter_topology=stopo)
             plan = resp.plans[0]
             assert (plan.after.inter, plan.after.intra) == (want.after.inter, want.after.intra)
-            device = np.concatenate([list(p.device) for p in resp.plans])
+            device = np.concatenate([list(p.dest) for p in resp.plans])
             got = traffic(TOPO.with_experts(maps[layer]), device, g)
             if s is not None:
                 got_s = traffic(TOPO.with_experts(maps[layer + 1]), device, s)

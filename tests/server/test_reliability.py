@@ -81,7 +81,7 @@ class Bystander:
             for w, r in zip(self.workers, reports, strict=True):
                 w.send(r)
             plans = [w.recv() for w in self.workers]
-            held = sorted(i for p in plans for i in p.holds)
+            held = sorted(i for p in plans for i in p.held_ids)
             assert held == sorted(i for r in reports for i in r.sample_ids)
             self.statuses |= {p.status for p in plans}
             self.rounds += 1
@@ -151,11 +151,11 @@ FUZZ_SPEC = job_spec(nodes=2, gpus=1, experts=4, spd=2, deadline_ms=50)
 
 def check_plan(plan: pb.Plan) -> None:
     if plan.status == pb.PLAN_STATUS_INVALID:
-        assert plan.error and not plan.holds
+        assert plan.error and not plan.held_ids
     else:
         assert plan.status in (pb.PLAN_STATUS_OPTIMAL, pb.PLAN_STATUS_FEASIBLE,
                                pb.PLAN_STATUS_FALLBACK), plan
-        assert len(plan.holds) == FUZZ_SPEC.samples_per_device
+        assert len(plan.held_ids) == FUZZ_SPEC.samples_per_device
 
 
 def expect_handled(call: object) -> None:
@@ -364,7 +364,7 @@ def test_worker_killed_mid_round_others_fall_back_and_next_round_proceeds() -> N
         for rank, (plan, rep) in enumerate(zip(plans, reports, strict=False)):
             assert (plan.status, plan.reason) == (pb.PLAN_STATUS_FALLBACK, "incomplete")
             assert "no report from ranks [3]" in plan.error
-            assert list(plan.device) == [rank] * 2 and plan.holds == rep.sample_ids
+            assert list(plan.dest) == [rank] * 2 and plan.held_ids == rep.sample_ids
 
         # Round (1, 1): rank 3 restarted (a new process, a new stream) and the job goes on.
         victim = WorkerProcess(handle.address)
@@ -374,7 +374,7 @@ def test_worker_killed_mid_round_others_fall_back_and_next_round_proceeds() -> N
             w.send(r)
         plans = [w.recv() for w in alive] + [victim.recv()]
         assert {p.status for p in plans} == {pb.PLAN_STATUS_OPTIMAL}
-        assert sorted(i for p in plans for i in p.holds) == sorted(
+        assert sorted(i for p in plans for i in p.held_ids) == sorted(
             i for r in reports for i in r.sample_ids)
         assert serving(handle.address)
         print(f"\nworker killed: 3 surviving ranks got the fallback after {waited * 1000:.0f} ms "
@@ -489,7 +489,7 @@ def test_load_64_ranks_memory_bounded_nothing_lost(rounds: int) -> None:
         plans = [results[r][k] for r in range(ranks)]
         assert all((p.step, p.rank) == (k, r) for r, p in enumerate(plans))
         assert {p.status for p in plans} == {pb.PLAN_STATUS_OPTIMAL}
-        held = np.sort(np.concatenate([np.asarray(p.holds) for p in plans]))
+        held = np.sort(np.concatenate([np.asarray(p.held_ids) for p in plans]))
         assert np.array_equal(held, k * ranks * 2 + np.arange(ranks * 2))
     assert solved == {(("job", "load"), ("outcome", "solved")): float(rounds)}
     assert jobs == {(): 1.0}
@@ -513,11 +513,11 @@ def solved_rounds(server: ServerProcess) -> float:
 def test_server_killed_and_restarted_during_training(tmp_path: Path) -> None:
     """SIGKILL the service mid-run: training goes on with no-move plans, picks optimized plans up
     again from the restarted service, and its losses equal a run that never used the service."""
-    from support import TINY_TRAIN as TINY
-
     from netmoe.reference.data import load_corpus
     from netmoe.reference.launch import free_port, run_ranks
     from netmoe.reference.train import TrainConfig
+
+    from support import TINY_TRAIN as TINY
 
     load_corpus(512, tmp_path)
     steps = 200

@@ -333,7 +333,7 @@ def test_a_stream_only_gets_plans_of_its_own_job_and_metrics_carry_no_sample_dat
             intruder = w0.ask(b[1])  # a stream bound to job a tries to report for job b
             assert intruder.status == pb.PLAN_STATUS_INVALID and intruder.job == "b"
             assert "differs from ('a', 0) this stream is bound to" in intruder.error
-            assert not intruder.holds and not intruder.device
+            assert not intruder.held_ids and not intruder.dest
             w1.send(a[1])
             plans = [w0.recv(), w1.recv()]
             assert [(p.job, p.rank, p.status) for p in plans] == [
@@ -364,6 +364,7 @@ def _client_round(handle: ServerHandle, **security_kw: str) -> list[object]:
     import numpy as np
 
     from netmoe.client.placement_client import PlacementClient
+    from netmoe.round import RoundCounts
 
     spec = job_spec(nodes=1, gpus=2, experts=4, spd=2)
     reports = round_reports("secure", spec, step=0, layer=0, seed=3)
@@ -371,8 +372,8 @@ def _client_round(handle: ServerHandle, **security_kw: str) -> list[object]:
                                backoff=(0.05, 0.2), **security_kw) for r in range(2)]
     try:
         futures = [
-            c.submit(0, 0, np.array(rep.sample_ids),
-                     np.array(rep.gather).reshape(2, 4), np.array(rep.scatter).reshape(2, 4))
+            c.submit(0, 0, RoundCounts(np.array(rep.sample_ids), np.array(rep.gather).reshape(2, 4),
+                                       np.array(rep.scatter).reshape(2, 4)))
             for c, rep in zip(clients, reports, strict=True)
         ]
         out: list[object] = []
@@ -394,7 +395,7 @@ def test_client_sends_the_token_and_speaks_mutual_tls(pki: Path) -> None:
         tls = {"tls_ca": str(pki / "ca.pem"), "tls_cert": str(pki / "client.pem"),
                "tls_key": str(pki / "client.key")}
         plans = _client_round(handle, token=TOKEN, **tls)
-        held = sorted(i for p in plans for i in p.holds)  # type: ignore[attr-defined]
+        held = sorted(i for p in plans for i in p.held_ids)  # type: ignore[attr-defined]
         assert len(held) == 4 and len(set(held)) == 4
         wrong = _client_round(handle, token="wrong", **tls)
         assert all(isinstance(w, Exception) for w in wrong)

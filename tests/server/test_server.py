@@ -102,16 +102,16 @@ def check_round(spec: pb.JobSpec, reports: list[pb.Report], plans: list[pb.Plan]
     """Plans of one round (index = rank) form one balanced placement matching the solver."""
     j, n = spec.world_size, spec.samples_per_device
     ids = np.concatenate([np.array(r.sample_ids) for r in reports])
-    held = np.concatenate([np.array(p.holds) for p in plans])
+    held = np.concatenate([np.array(p.held_ids) for p in plans])
     assert sorted(held.tolist()) == sorted(ids.tolist())  # each sample held exactly once
-    assert all(len(p.holds) == n for p in plans)
+    assert all(len(p.held_ids) == n for p in plans)
     device_of = {sid: d for r, p in zip(reports, plans, strict=True)
-                 for sid, d in zip(r.sample_ids, p.device, strict=True)}
+                 for sid, d in zip(r.sample_ids, p.dest, strict=True)}
     source = {sid: (r.rank, k) for r in reports for k, sid in enumerate(r.sample_ids)}
     for d, p in enumerate(plans):
-        assert all(device_of[sid] == d for sid in p.holds)
+        assert all(device_of[sid] == d for sid in p.held_ids)
         # Delivery order of all_to_all_single: by source rank, then source local order.
-        order = [source[sid] for sid in p.holds]
+        order = [source[sid] for sid in p.held_ids]
         assert order == sorted(order)
     assert len({(p.before.inter, p.after.inter, p.after.intra) for p in plans}) == 1
     t = spec.topology
@@ -119,7 +119,7 @@ def check_round(spec: pb.JobSpec, reports: list[pb.Report], plans: list[pb.Plan]
     gather = np.concatenate([np.array(r.gather).reshape(n, -1) for r in reports])
     scatter = np.concatenate([np.array(r.scatter).reshape(n, -1) for r in reports])
     ref = solve(topo, gather, scatter, home=np.repeat(np.arange(j), n))
-    assert [d for p in plans for d in p.device] == list(ref.device)
+    assert [d for p in plans for d in p.dest] == list(ref.dest)
     assert plans[0].after.inter == ref.after.inter < plans[0].before.inter == ref.before.inter
     assert {p.status for p in plans} == {pb.PLAN_STATUS_OPTIMAL}
 
@@ -207,8 +207,8 @@ def test_missing_rank_gets_everyone_home_within_deadline(server: ServerHandle) -
         plan, waited = res
         assert plan.status == pb.PLAN_STATUS_FALLBACK and plan.reason == "incomplete"
         assert f"ranks [{j - 1}]" in plan.error
-        assert list(plan.device) == [rank] * spec.samples_per_device
-        assert list(plan.holds) == list(reports[rank].sample_ids)
+        assert list(plan.dest) == [rank] * spec.samples_per_device
+        assert list(plan.held_ids) == list(reports[rank].sample_ids)
         assert plan.moved == 0 and not plan.HasField("before")
         assert waited < 0.3 + MARGIN_S
     # The straggler is answered too, with the same (home) outcome as the others.
@@ -217,7 +217,7 @@ def test_missing_rank_gets_everyone_home_within_deadline(server: ServerHandle) -
     assert straggler.close() == []
     assert late.status == pb.PLAN_STATUS_FALLBACK and late.reason == "incomplete"
     assert "after its round had finished" in late.error
-    assert list(late.holds) == list(reports[j - 1].sample_ids)
+    assert list(late.held_ids) == list(reports[j - 1].sample_ids)
     channel.close()
 
 
@@ -243,7 +243,7 @@ def test_slow_solve_times_out_to_home_placement() -> None:
         results = run_ranks(handle, per_rank, spec.world_size)
         for rank, (plan, waited) in enumerate(results):
             assert plan.status == pb.PLAN_STATUS_FALLBACK and plan.reason == "timeout"
-            assert list(plan.holds) == list(reports[rank].sample_ids)
+            assert list(plan.held_ids) == list(reports[rank].sample_ids)
             # All reports were in, so the home traffic is known; no move means no saving.
             assert plan.before.inter > 0 and plan.after == plan.before
             assert waited < 0.2 + MARGIN_S
@@ -344,7 +344,7 @@ def test_malformed_reports_on_a_stream_get_invalid_plans_and_stream_goes_on(
         assert plan.status == pb.PLAN_STATUS_INVALID, needle
         assert needle in plan.error, plan.error
         assert (plan.step, plan.rank) == (report.step, report.rank)
-        assert not plan.holds
+        assert not plan.held_ids
     # A valid report for a later round is accepted (answered when that round ends) ...
     worker.send(variant(step=20))
     # ... after which going back, or repeating the round, is rejected.
@@ -388,7 +388,7 @@ def test_invalid_report_ends_its_round_for_everyone_and_next_round_solves(
             assert bad.status == pb.PLAN_STATUS_INVALID and "gather has 65 counts" in bad.error
         else:
             assert bad.status == pb.PLAN_STATUS_FALLBACK and bad.reason == "invalid"
-            assert "rank 3" in bad.error and list(bad.holds) == list(bad_round[rank].sample_ids)
+            assert "rank 3" in bad.error and list(bad.held_ids) == list(bad_round[rank].sample_ids)
             assert t_bad < 5.0  # ended early, not at the deadline
         assert dup.status == pb.PLAN_STATUS_FALLBACK and dup.reason == "invalid"
         assert f"id {dup_round[2].sample_ids[1]} is reported by ranks [2, 5]" in dup.error

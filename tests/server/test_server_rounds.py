@@ -7,15 +7,9 @@ import asyncio
 import numpy as np
 import pytest
 
-from netmoe.server.rounds import (
-    Coordinator,
-    JobConflict,
-    JobLimit,
-    JobSpec,
-    RankPlan,
-    Report,
-    ReportError,
-)
+from netmoe.round import RankPlan
+from netmoe.server.errors import FieldError, JobConflict, JobLimit
+from netmoe.server.rounds import Coordinator, JobSpec, Report
 from netmoe.solver import Topology
 
 TOPO = Topology(nodes=1, gpus_per_node=2, experts=4)
@@ -77,7 +71,8 @@ def test_pending_rounds_are_capped_by_evicting_the_oldest() -> None:
         assert "evicted" in got[0].error and "max_pending=2" in got[0].error
         # Rank 1 catches up on the evicted round: answered at once with the same home placement.
         coord.submit(report(1, 0), got.append)
-        assert (got[-1].step, got[-1].reason, got[-1].holds.tolist()) == (0, "incomplete", [10, 11])
+        last = got[-1]
+        assert (last.step, last.reason, last.held_ids.tolist()) == (0, "incomplete", [10, 11])
         # ... and completes the rounds still open, which are solved.
         coord.submit(report(1, 1), got.append)
         await asyncio.sleep(0.5)
@@ -116,7 +111,7 @@ def test_unregister_answers_waiting_ranks() -> None:
         coord.submit(report(0, 0), got.append)
         coord.unregister("j")
         assert [(p.reason, p.status) for p in got] == [("unregistered", "fallback")]
-        with pytest.raises(ReportError, match="'j' is not registered") as info:
+        with pytest.raises(FieldError, match="'j' is not registered") as info:
             coord.submit(report(1, 0), got.append)
         assert info.value.field == "job"
         coord.close()

@@ -43,7 +43,7 @@ def test_two_stage_reaches_brute_force_minimum_of_inter_node_routes(seed: int) -
     assert plan.after.inter == best_inter
     assert plan.optimal and plan.status == "optimal"
     # Stage 2 is exact given stage 1's node assignment: no device swap within a node helps.
-    nodes = TINY.device_node[np.array(plan.device)]
+    nodes = TINY.device_node[np.array(plan.dest)]
     same_nodes = [
         p for p in balanced_placements(8, 4) if (TINY.device_node[p] == nodes).all()
     ]
@@ -77,8 +77,8 @@ def test_bottleneck_differs_from_volume_at_three_nodes() -> None:
         g = rng.integers(0, 9, (6, 3))
         vol = solve(topo, g)
         neck = solve(topo, g, objective="bottleneck", time_limit=10)
-        assert neck.objective_value <= bottleneck_routes(topo, np.array(vol.device), g)
-        found |= neck.objective_value < bottleneck_routes(topo, np.array(vol.device), g)
+        assert neck.objective_value <= bottleneck_routes(topo, np.array(vol.dest), g)
+        found |= neck.objective_value < bottleneck_routes(topo, np.array(vol.dest), g)
     assert found
 
 
@@ -101,12 +101,12 @@ def test_plan_invariants(data: tuple[int, list[int]], shuffled_home: bool) -> No
     if shuffled_home:
         home = np.random.default_rng(per).permutation(home)
     plan = solve(topo, g, s, home=home)
-    dev = np.array(plan.device)
+    dev = np.array(plan.dest)
     assert np.bincount(dev, minlength=8).tolist() == [per] * 8
-    held = sorted(r for rows in plan.holds for r in rows)
+    held = sorted(r for rows in plan.rows_held for r in rows)
     assert held == list(range(samples))
-    for d, rows in enumerate(plan.holds):
-        assert all(plan.device[r] == d for r in rows)
+    for d, rows in enumerate(plan.rows_held):
+        assert all(plan.dest[r] == d for r in rows)
         # Delivery order of all_to_all_single: by source device, then source order.
         assert list(rows) == sorted(rows, key=lambda r: (home[r], r))
     for t in (plan.before, plan.after):
@@ -124,7 +124,7 @@ def test_no_move_when_nothing_is_gained(per: int, value: int) -> None:
     g = np.full((4 * per, 4), value)
     plan = solve(topo, g, g)
     assert plan.moved == 0
-    assert plan.device == plan.home
+    assert plan.dest == plan.home
 
 
 def test_samples_already_well_placed_stay() -> None:
@@ -143,7 +143,7 @@ def test_samples_move_to_their_experts() -> None:
     g[np.arange(8), want] = 10
     plan = solve(topo, g)
     assert plan.after.inter == 0 and plan.after.intra == 0
-    assert np.array_equal(np.array(plan.device), want)
+    assert np.array_equal(np.array(plan.dest), want)
     assert plan.before.inter == 40
 
 
@@ -151,7 +151,7 @@ def test_deterministic() -> None:
     rng = np.random.default_rng(7)
     topo = Topology(2, 4, 16)
     g, s = rng.integers(0, 30, (2, 64, 16))
-    assert solve(topo, g, s).device == solve(topo, g, s).device
+    assert solve(topo, g, s).dest == solve(topo, g, s).dest
 
 
 def test_explicit_expert_map() -> None:
@@ -159,7 +159,7 @@ def test_explicit_expert_map() -> None:
     assert topo.expert_node.tolist() == [1, 1, 0]
     g = np.array([[5, 0, 0], [0, 0, 5]])
     plan = solve(topo, g)
-    assert plan.device == (1, 0) and plan.after.inter == 0
+    assert plan.dest == (1, 0) and plan.after.inter == 0
 
 
 def test_traffic_channels_and_time() -> None:

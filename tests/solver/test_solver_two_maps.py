@@ -30,7 +30,7 @@ def test_two_maps_reach_brute_force_optimum(seed: int) -> None:
     rng = np.random.default_rng(seed)
     g, s = rng.integers(0, 7, (2, 8, 8))
     plan = solve(GATHER_TOPO, g, s, scatter_topology=SCATTER_TOPO)
-    inter, intra, seconds = _two_map_cost(np.array(plan.device), g, s)
+    inter, intra, seconds = _two_map_cost(np.array(plan.dest), g, s)
     assert (plan.after.inter, plan.after.intra) == (inter, intra)
     assert plan.after.seconds == pytest.approx(seconds)
     assert inter == min(_two_map_cost(p, g, s)[0] for p in EVERY)
@@ -58,7 +58,7 @@ def test_scatter_map_matters_and_same_map_is_the_default_path() -> None:
     one = solve(GATHER_TOPO, g, s)
     same = solve(GATHER_TOPO, g, s, scatter_topology=GATHER_TOPO.with_experts(
         GATHER_TOPO.expert_device))
-    assert same.device == one.device and same.after == one.after
+    assert same.dest == one.dest and same.after == one.after
     two = solve(GATHER_TOPO, g, s, scatter_topology=SCATTER_TOPO)
     assert two.before != one.before  # the scatter is costed with layer l+1's map
     # Without a scatter there is nothing for the second map to change.

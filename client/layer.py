@@ -1,0 +1,111 @@
+"""The per-layer calls of an expert-parallel MoE forward pass with sample placement.
+
+A training job that brings its own model uses netmoe through ``ExpertParallel``. Per MoE layer
+``l`` of a forward pass, on every rank of the expert-parallel group:
+
+    ticket = ep.submit(step, l, topk_ids, next_topk_ids)  # right after routing; never blocks
+    routes = ep.dispatch(l, h, topk_ids, weights)         # tokens to their experts' ranks
+    out = ep.expert_outputs(routes, experts)              # weight * expert(x) + residual once
+    h, plan = ep.combine(l, out, routes, ticket)          # waits for the plan; outputs go to
+                                                          # each sample's new rank
+    labels = ep.move(labels, plan)                        # per-sample side tensors follow
+
+``next_topk_ids`` is layer l+1's router applied to layer l's input (its prediction of the next
+dispatch), None at the last MoE layer. Without a placement hook every sample stays home and
+``submit`` does nothing; with one, a missing or late plan means "no move" on every rank: results
+never change, only where samples sit. docs/training-loop.md has a complete example.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Protocol
+
+import torch
+
+from netmoe.client.dispatcher import Agreement, Dispatched, Layout, TokenDispatcher, move_samples
+from netmoe.client.histogram import route_counts, token_samples
+from netmoe.client.planning import FixedPlan
+from netmoe.round import SamplePlan
+
+
+class PlacementHook(Protocol):
+    """What the layers ask of the placement side (``netmoe.client.planning.Placement``)."""
+
+    def submit(
+        self, step: int, layer: int, gather: torch.Tensor, scatter: torch.Tensor | None
+    ) -> object:
+        """gather, scatter: [n, E] int64 route counts of the local samples; returns a ticket."""
+        ...
+
+    def wait(self, ticket: object) -> Agreement:
+        """This layer's plan, as an offer the combine settles into the plan all ranks apply."""
+        ...
+
+
+class ExpertParallel:
+    """One rank's MoE layers: counts, plan requests, dispatch and combine (see module docstring).
+
+    dispatcher: the rank's TokenDispatcher (its Layout says J, E, n samples of S tokens);
+    placement: None for home placement.
+    """
+
+    def __init__(self, dispatcher: TokenDispatcher, placement: PlacementHook | None = None
+                 ) -> None:
+        self.dispatcher = dispatcher
+        self.placement = placement
+        lay = dispatcher.layout
+        self._home = FixedPlan(SamplePlan.no_move(lay.world, lay.samples))
+        self._token_sample: torch.Tensor | None = None
+
+    @property
+    def layout(self) -> Layout:
+        return self.dispatcher.layout
+
+    def _counts(self, topk_ids: torch.Tensor) -> torch.Tensor:
+        lay = self.layout
+        if self._token_sample is None or self._token_sample.device != topk_ids.device:
+            self._token_sample = token_samples(lay.samples, lay.seq_len, topk_ids.device)
+        return route_counts(topk_ids, self._token_sample, lay.samples, lay.experts)
+
+    def submit(self, step: int, layer: int, topk_ids: torch.Tensor,
+               next_topk_ids: torch.Tensor | None = None) -> object | None:
+        """Asks for layer ``layer``'s plan. topk_ids: [T, K] int64 expert ids of this layer's
+        routes; next_topk_ids: [T, K'] int64 predicted ids of layer + 1, or None. T = n * S."""
+        if self.placement is None:
+            return None
+        nxt = None if next_topk_ids is None else self._counts(next_topk_ids)
+        return self.placement.submit(step, layer, self._counts(topk_ids), nxt)
+
+    def dispatch(self, layer: int, h: torch.Tensor, topk_ids: torch.Tensor,
+                 weights: torch.Tensor) -> Dispatched:
+        """h: [T, D] float local tokens (sample-major); topk_ids, weights: [T, K]."""
+        return self.dispatcher.dispatch(layer, h, topk_ids, weights)
+
+    @staticmethod
+    def expert_outputs(routes: Dispatched,
+                       experts: Mapping[int, Callable[[torch.Tensor], torch.Tensor]],
+                       norm: Callable[[torch.Tensor], torch.Tensor] | None = None
+                       ) -> torch.Tensor:
+        """[R, D]: weight * expert(norm(x)) per received route, plus x on each token's first
+        slot (the residual, once per token). experts: global expert id -> this rank's module."""
+        z = routes.x if norm is None else norm(routes.x)
+        y = routes.x.new_zeros(routes.x.shape)
+        for e, expert in experts.items():
+            idx = (routes.expert == e).nonzero().squeeze(1)
+            if idx.numel():
+                y = y.index_copy(0, idx, expert(z[idx]))
+        return routes.weight.unsqueeze(1) * y + routes.first.unsqueeze(1) * routes.x
+
+    def combine(self, layer: int, out: torch.Tensor, routes: Dispatched, ticket: object | None
+                ) -> tuple[torch.Tensor, SamplePlan]:
+        """Waits for the plan of ``ticket`` (up to the placement's timeout) and sends each route's
+        output to its sample's new rank. Returns ([T, D] tokens of the samples held now, in
+        ``plan.rows_held(rank)`` order; the plan every rank applied)."""
+        agreement = self._home if self.placement is None else self.placement.wait(ticket)
+        return self.dispatcher.combine(layer, out, routes, agreement)
+
+    def move(self, tensor: torch.Tensor, plan: SamplePlan) -> torch.Tensor:
+        """Moves a per-sample side tensor [n, ...] (labels, masks, positions) with its samples."""
+        return move_samples(tensor, plan, self.layout.rank, self.dispatcher.stats,
+                            self.dispatcher.group)

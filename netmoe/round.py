@@ -1,0 +1,254 @@
+"""One round of sample placement, from report to combine: the vocabulary both sides share.
+
+A round is one (step, layer) of one job. Its I = J * n samples are numbered by *rows* in
+rank-major order of where they sit now: row r is local sample r % n of rank r // n. Every sample
+also has a global *sample id* that follows it through the layers of a step (ids equal rows at
+layer 0), so the service can match a sample's routes across layers.
+
+Words used everywhere (service, client, wire):
+- ``dest``: destination device of each sample, [n] for one rank's samples, [I] for a round.
+- ``rows_held``: the rows a rank holds after the move, in arrival order.
+- ``held_ids``: the sample ids a rank holds after the move, in the same order.
+Arrival order is the order ``all_to_all_single`` delivers rows when every rank sends its rows in
+local order: by source rank, then source local order, which for rank-major rows is ascending row.
+
+Pure numpy (no torch, gRPC or OR-Tools): the client, the service and the solver import it.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+Key = tuple[int, int]  # (step, layer)
+
+# Default channel bandwidths in bytes/s: the paper's cluster (NVLink intra-node, InfiniBand
+# inter-node). Only their ratio matters to the "volume" objective's choice.
+BW_INTRA = 400e9
+BW_INTER = 100e9
+
+
+@dataclass(frozen=True)
+class Traffic:
+    """Routes by channel and modelled time, summed over one or more All-to-Alls.
+
+    seconds sums, over the All-to-Alls, max(t_intra, t_inter) of each: the channels run in
+    parallel within one All-to-All, the All-to-Alls run one after the other.
+    """
+
+    inter: int
+    intra: int
+    local: int
+    t_intra: float
+    t_inter: float
+    seconds: float
+
+    @property
+    def total(self) -> int:
+        return self.inter + self.intra + self.local
+
+
+@dataclass(frozen=True, eq=False)
+class RoundCounts:
+    """Route counts of some samples in one round.
+
+    sample_ids: [n] uint64 global ids; gather: [n, E] int64 routes of each sample to each expert
+    in the combine of layer l; scatter: [n, E] int64 predicted routes in the dispatch of layer
+    l + 1, None when l is the last MoE layer.
+    """
+
+    sample_ids: np.ndarray
+    gather: np.ndarray
+    scatter: np.ndarray | None
+
+    @property
+    def samples(self) -> int:
+        return len(self.sample_ids)
+
+    @property
+    def experts(self) -> int:
+        return self.gather.shape[1]
+
+    @classmethod
+    def concat(cls, parts: Sequence[RoundCounts]) -> RoundCounts:
+        """Rows of parts one after the other (rank-major when parts are in rank order). Every
+        part must have a scatter, or none."""
+        scatters = [p.scatter for p in parts]
+        if any(s is None for s in scatters) and any(s is not None for s in scatters):
+            raise ValueError("parts must all have a scatter or none")
+        return cls(
+            np.concatenate([p.sample_ids for p in parts]),
+            np.concatenate([p.gather for p in parts]),
+            None if scatters[0] is None else np.concatenate(scatters),  # type: ignore[arg-type]
+        )
+
+
+def home_dest(devices: int, per_device: int) -> np.ndarray:
+    """[devices * per_device] int64: every row stays on its current device (row r on r // n)."""
+    return np.repeat(np.arange(devices, dtype=np.int64), per_device)
+
+
+def rows_held(dest: np.ndarray, devices: int, home: np.ndarray | None = None
+              ) -> list[np.ndarray]:
+    """Rows each device holds after the move, in arrival order: [devices] arrays of int64.
+
+    dest: [I] int64 new device of each row; home: [I] int64 its device now (default rank-major,
+    whose arrival order is ascending row; otherwise rows arrive by (home device, row)).
+    """
+    dest = np.asarray(dest, dtype=np.int64)
+    rows = np.arange(len(dest))
+    order = (np.argsort(dest, kind="stable") if home is None
+             else np.lexsort((rows, np.asarray(home, dtype=np.int64), dest)))
+    ends = np.cumsum(np.bincount(dest, minlength=devices))
+    return np.split(order, ends[:-1])
+
+
+def check_dest(name: str, dest: object, *, devices: int, per_device: int | None = None
+               ) -> np.ndarray:
+    """dest as [I] int64, or ValueError naming name and the offending entry unless every entry
+    is a device in [0, devices) and, with per_device, each device receives exactly that many."""
+    arr = np.asarray(dest)
+    if arr.ndim != 1 or (arr.size and not np.issubdtype(arr.dtype, np.integer)):
+        raise ValueError(f"{name} must be a 1-D array of integer devices, got shape {arr.shape} "
+                         f"dtype {arr.dtype}")
+    arr = arr.astype(np.int64, copy=False)
+    bad = (arr < 0) | (arr >= devices)
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise ValueError(f"{name}[{i}]={int(arr[i])} is not a device in [0, {devices})")
+    if per_device is not None:
+        if len(arr) != devices * per_device:
+            raise ValueError(f"{name} has {len(arr)} entries, need devices x per device = "
+                             f"{devices} x {per_device}")
+        got = np.bincount(arr, minlength=devices)
+        if (got != per_device).any():
+            d = int(np.flatnonzero(got != per_device)[0])
+            raise ValueError(f"{name} is unbalanced: device {d} receives {int(got[d])} samples, "
+                             f"need {per_device} on each")
+    return arr
+
+
+@dataclass(frozen=True)
+class SamplePlan:
+    """The placement every rank applies in one round's combine.
+
+    dest: new device of each row, I = devices * samples_per_device entries, balanced (each device
+    receives exactly samples_per_device rows). devices: J. solve_seconds: the solver's time (0 for
+    the no-move plan). Every rank keeps the whole plan: in the combine a rank forwards expert
+    outputs of *other* ranks' tokens, so it must know where their samples go.
+    """
+
+    dest: tuple[int, ...]
+    devices: int
+    solve_seconds: float = 0.0
+    _rows: tuple[np.ndarray, ...] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.devices, bool) or not isinstance(self.devices, int) or self.devices <= 0:
+            raise ValueError(f"devices must be a positive integer, got {self.devices!r}")
+        size = len(self.dest)
+        if size == 0 or size % self.devices:
+            raise ValueError(f"dest must list one device per sample, a multiple of "
+                             f"devices={self.devices} rows, got length {size}")
+        dest = check_dest("dest", self.dest, devices=self.devices,
+                          per_device=size // self.devices)
+        object.__setattr__(self, "dest", tuple(dest.tolist()))
+        object.__setattr__(self, "_rows", tuple(rows_held(dest, self.devices)))
+
+    @classmethod
+    def no_move(cls, devices: int, samples_per_device: int) -> SamplePlan:
+        """Every sample stays where it is."""
+        return cls(tuple(home_dest(devices, samples_per_device).tolist()), devices)
+
+    @property
+    def samples(self) -> int:
+        """I, the number of rows."""
+        return len(self.dest)
+
+    @property
+    def samples_per_device(self) -> int:
+        return len(self.dest) // self.devices
+
+    @property
+    def moved(self) -> int:
+        """Number of samples that change device."""
+        n = self.samples_per_device
+        return sum(d != r // n for r, d in enumerate(self.dest))
+
+    @property
+    def moves(self) -> bool:
+        return self.moved > 0
+
+    def dest_of(self, rank: int) -> tuple[int, ...]:
+        """New device of each of ``rank``'s local samples, [n]."""
+        n = self.samples_per_device
+        return self.dest[rank * n : (rank + 1) * n]
+
+    def rows_held(self, rank: int) -> np.ndarray:
+        """[n] int64 rows ``rank`` holds after the move, in arrival order."""
+        return self._rows[rank]
+
+    def follow(self, ids: np.ndarray) -> np.ndarray:
+        """Sample ids of the rows after the move, rank-major: ids [I] -> [I]."""
+        return np.asarray(ids)[np.concatenate(self._rows)]
+
+    def position(self) -> np.ndarray:
+        """[I] int64: local index of each row on its new device."""
+        position = np.empty(self.samples, dtype=np.int64)
+        for rows in self._rows:
+            position[rows] = np.arange(len(rows))
+        return position
+
+    def fingerprint(self) -> int:
+        """A 31-bit checksum so ranks can check they apply the same plan."""
+        return zlib.crc32(np.asarray(self.dest, dtype=np.int64).tobytes()) & 0x7FFFFFFF
+
+
+# Statuses of a RankPlan (the wire's PlanStatus without its prefix).
+OPTIMAL, FEASIBLE, FALLBACK, INVALID = "optimal", "feasible", "fallback", "invalid"
+STATUSES = (OPTIMAL, FEASIBLE, FALLBACK, INVALID)
+
+
+@dataclass(frozen=True, eq=False)
+class RankPlan:
+    """One rank's part of a round, as the service answers it.
+
+    status: OPTIMAL / FEASIBLE (solved), FALLBACK (no move, see reason) or INVALID (this rank's
+    report was rejected, see error; dest and held_ids are then empty).
+    dest: [n] int64 destination device of each local sample; held_ids: [n] uint64 sample ids held
+    after the move, in arrival order. before / after: whole-round routes at home and with this
+    plan, None when unknown. moved: samples of the round that change device.
+    """
+
+    step: int
+    layer: int
+    rank: int
+    status: str
+    dest: np.ndarray
+    held_ids: np.ndarray
+    reason: str = ""
+    error: str = ""
+    solve_seconds: float = 0.0
+    moved: int = 0
+    before: Traffic | None = None
+    after: Traffic | None = None
+
+    @property
+    def solved(self) -> bool:
+        return self.status in (OPTIMAL, FEASIBLE)
+
+    @classmethod
+    def stay(cls, step: int, layer: int, rank: int, ids: np.ndarray, reason: str,
+             error: str = "", before: Traffic | None = None) -> RankPlan:
+        """The no-move answer for a rank holding ids [n]."""
+        return cls(step, layer, rank, FALLBACK, np.full(len(ids), rank, dtype=np.int64),
+                   np.asarray(ids, dtype=np.uint64), reason, error, before=before, after=before)
+
+    @classmethod
+    def rejected(cls, step: int, layer: int, rank: int, error: str) -> RankPlan:
+        """The answer to a report that failed validation."""
+        empty = np.zeros(0, dtype=np.int64)
+        return cls(step, layer, rank, INVALID, empty, empty.astype(np.uint64), "invalid", error)

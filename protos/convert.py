@@ -1,0 +1,132 @@
+"""Conversions between the round contract (``netmoe.round``) and its wire form (``netmoe.v1``).
+
+Both directions live here, used by the service's servicer and by the client, so the two sides
+cannot drift apart. Counts stay flat on the wire (row-major [n, E]); the service checks their
+length against the job before reshaping (``netmoe.server.rounds.check_report``).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from netmoe.round import BW_INTER, BW_INTRA, STATUSES, RankPlan, RoundCounts, Traffic
+
+from . import placement_pb2 as pb
+
+_TO_WIRE = {
+    "optimal": pb.PLAN_STATUS_OPTIMAL,
+    "feasible": pb.PLAN_STATUS_FEASIBLE,
+    "fallback": pb.PLAN_STATUS_FALLBACK,
+    "invalid": pb.PLAN_STATUS_INVALID,
+}
+_FROM_WIRE = {v: k for k, v in _TO_WIRE.items()}
+assert set(_TO_WIRE) == set(STATUSES)
+
+
+def report_to_proto(job: str, step: int, layer: int, rank: int, counts: RoundCounts) -> pb.Report:
+    """One rank's report; counts.gather / scatter [n, E] non-negative ints."""
+    return pb.Report(
+        job=job, step=step, layer=layer, rank=rank,
+        sample_ids=np.asarray(counts.sample_ids, dtype=np.uint64).tolist(),
+        gather=np.asarray(counts.gather).reshape(-1).tolist(),
+        scatter=[] if counts.scatter is None else np.asarray(counts.scatter).reshape(-1).tolist(),
+    )
+
+
+def report_arrays(msg: pb.Report) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(sample_ids [n] uint64, gather [m] int64, scatter [m'] int64) as on the wire, flat."""
+    return (
+        np.fromiter(msg.sample_ids, dtype=np.uint64, count=len(msg.sample_ids)),
+        np.fromiter(msg.gather, dtype=np.int64, count=len(msg.gather)),
+        np.fromiter(msg.scatter, dtype=np.int64, count=len(msg.scatter)),
+    )
+
+
+def traffic_to_proto(t: Traffic) -> pb.Routes:
+    return pb.Routes(inter=t.inter, intra=t.intra, local=t.local, seconds=t.seconds)
+
+
+def traffic_from_proto(msg: pb.Routes) -> Traffic:
+    """Routes on the wire carry no per-channel times: t_intra and t_inter come back as 0."""
+    return Traffic(msg.inter, msg.intra, msg.local, 0.0, 0.0, msg.seconds)
+
+
+def plan_to_proto(job: str, plan: RankPlan) -> pb.Plan:
+    msg = pb.Plan(
+        job=job, step=plan.step, layer=plan.layer, rank=plan.rank,
+        dest=plan.dest.tolist(), held_ids=plan.held_ids.tolist(), status=_TO_WIRE[plan.status],
+        reason=plan.reason, error=plan.error, solve_seconds=plan.solve_seconds, moved=plan.moved,
+    )
+    if plan.before is not None:
+        msg.before.CopyFrom(traffic_to_proto(plan.before))
+    if plan.after is not None:
+        msg.after.CopyFrom(traffic_to_proto(plan.after))
+    return msg
+
+
+def plan_from_proto(msg: pb.Plan) -> RankPlan:
+    """Raises ValueError for a status the contract does not define (UNSPECIFIED)."""
+    status = _FROM_WIRE.get(msg.status)
+    if status is None:
+        raise ValueError(f"plan.status={msg.status} is not a known PlanStatus")
+    return RankPlan(
+        step=msg.step, layer=msg.layer, rank=msg.rank, status=status,
+        dest=np.fromiter(msg.dest, dtype=np.int64, count=len(msg.dest)),
+        held_ids=np.fromiter(msg.held_ids, dtype=np.uint64, count=len(msg.held_ids)),
+        reason=msg.reason, error=msg.error, solve_seconds=msg.solve_seconds, moved=msg.moved,
+        before=traffic_from_proto(msg.before) if msg.HasField("before") else None,
+        after=traffic_from_proto(msg.after) if msg.HasField("after") else None,
+    )
+
+
+def maps_to_proto(maps: object) -> list[pb.ExpertMap]:
+    """[L][E] device of each expert per layer -> one ExpertMap per layer."""
+    return [pb.ExpertMap(device=[int(d) for d in row]) for row in np.asarray(maps)]
+
+
+def maps_from_proto(maps: list[pb.ExpertMap], experts: int) -> np.ndarray:
+    """[L, E] int64. Raises ValueError naming the layers whose length is not ``experts``."""
+    bad = [layer for layer, m in enumerate(maps) if len(m.device) != experts]
+    if bad:
+        lengths = sorted({len(maps[layer].device) for layer in bad})
+        raise ValueError(f"maps: layers {bad[:8]} list {lengths} experts, need {experts} in "
+                         f"every layer")
+    return np.array([list(m.device) for m in maps], dtype=np.int64).reshape(len(maps), experts)
+
+
+def job_spec(
+    nodes: int,
+    gpus_per_node: int,
+    experts: int,
+    samples_per_device: int,
+    *,
+    hidden_size: int,
+    dtype_bytes: int = 2,
+    bw_intra: float = BW_INTRA,
+    bw_inter: float = BW_INTER,
+    alpha_intra: float = 0.0,
+    alpha_inter: float = 0.0,
+    objective: str = "volume",
+    method: str = "two_stage",
+    deadline_ms: int = 50,
+) -> pb.JobSpec:
+    """A job's spec from plain numbers.
+
+    hidden_size x dtype_bytes is what one (token, top-k slot) route carries (bf16: 2 bytes).
+    Bandwidths in bytes/s per channel, alphas in seconds per All-to-All; the defaults are the
+    paper's cluster (400 GB/s NVLink, 100 GB/s InfiniBand, latency ignored). Only their ratio
+    matters to the "volume" objective's choice; they scale the modelled times the service
+    reports. deadline_ms: per-round deadline counted from the round's first report.
+    """
+    return pb.JobSpec(
+        topology=pb.Topology(
+            nodes=nodes, gpus_per_node=gpus_per_node, experts=experts,
+            alpha_intra=alpha_intra, alpha_inter=alpha_inter,
+            bw_intra=bw_intra, bw_inter=bw_inter, bytes_per_route=hidden_size * dtype_bytes,
+        ),
+        world_size=nodes * gpus_per_node,
+        samples_per_device=samples_per_device,
+        objective=objective,
+        method=method,
+        deadline_ms=deadline_ms,
+    )
