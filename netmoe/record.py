@@ -76,6 +76,9 @@ def run(args: argparse.Namespace) -> int:
 
     from netmoe.client.hf_recorder import HFRecorder, family_of
 
+    if not Path(args.hf_model).is_dir():
+        raise ValueError(f"--hf-model {args.hf_model!r} is not a directory (a local "
+                         f"checkpoint: config.json and weights; nothing is downloaded)")
     try:
         config = AutoConfig.from_pretrained(args.hf_model, local_files_only=True)
     except (OSError, ValueError) as err:

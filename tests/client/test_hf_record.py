@@ -175,5 +175,8 @@ def test_unsupported_and_missing_models(tmp_path: Path,
     assert "model_type 'llama' is not a supported MoE family; supported: deepseek_v3, gpt_oss, " \
         "mixtral, olmoe, qwen2_moe, qwen3_moe" in err
     assert main(["record", "--hf-model", str(tmp_path / "nowhere"), *args]) == 2
+    assert "is not a directory" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert main(["record", "--hf-model", str(tmp_path / "empty"), *args]) == 2
     assert "no readable transformers config (local files only)" in capsys.readouterr().err
     assert not (tmp_path / "x.npz").exists()
