@@ -4,6 +4,9 @@ Placement reorders samples between layers, so each rank records, per (step, laye
 id of every local sample with its tokens' top-k ids; ``save`` gathers everything on rank 0 and
 writes tokens in one canonical order for all layers: by step, original sample row, position.
 Sample ids in the file are step * I + original row.
+
+``HFRecorder`` (client/hf_recorder.py) records a Hugging Face transformers MoE model instead;
+it needs torch only, transformers just for the model it is given.
 """
 
 from __future__ import annotations
@@ -14,7 +17,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from netmoe.client.hf_recorder import HFRecorder
 from netmoe.round import SamplePlan
+
+__all__ = ["HFRecorder", "TraceRecorder"]
 
 
 class TraceRecorder:

@@ -12,7 +12,8 @@ import importlib
 import sys
 
 # Order is the order shown in --help.
-COMMANDS = ["netmoe.demo", "netmoe.evaluate", "netmoe.server.cli", "netmoe.server.health"]
+COMMANDS = ["netmoe.demo", "netmoe.evaluate", "netmoe.server.cli", "netmoe.server.health",
+            "netmoe.convert", "netmoe.record"]
 BENCHES = ["netmoe.bench.solver", "netmoe.bench.cluster", "netmoe.bench.service"]
 
 

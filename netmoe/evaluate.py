@@ -9,7 +9,8 @@ from typing import Any
 
 import numpy as np
 
-from netmoe.trace import load_trace, sample_counts
+from netmoe.convert import add_source_arguments, read_trace
+from netmoe.trace import sample_counts
 
 
 @dataclass(frozen=True)
@@ -157,7 +158,7 @@ def _text(rep: dict[str, Any]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    trace = load_trace(args.trace)
+    trace = read_trace(args)
     experts = args.experts or trace.num_experts or int(trace.topk_ids.max()) + 1
     counts = sample_counts(trace, experts, args.tokens_per_sample)
     if args.expert_placement == "fit":
@@ -178,6 +179,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "intra-node routes of the home placement and of the optimal placement.",
     )
     p.add_argument("--trace", required=True, help="trace file (.npz)")
+    add_source_arguments(p)
     p.add_argument("--nodes", type=int, default=2)
     p.add_argument("--gpus-per-node", type=int, default=4)
     p.add_argument("--tokens-per-sample", type=int, default=None,

@@ -5,6 +5,8 @@ Arrays in the file:
                              ([T, K] is read as one layer)
   sample_ids  int [T]        optional: the sample each token belongs to
   num_experts int scalar     optional: experts per layer (else given, or max id + 1)
+  layer_ids   int [L]        optional: the model's number of each layer (dense layers skipped)
+  model_type  str scalar     optional: where the routing comes from ("mixtral", "megatron", ...)
 Consecutive layers must be consecutive MoE layers of the model, so (l, l+1) pairs are real.
 """
 
@@ -15,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-KNOWN = {"topk_ids", "sample_ids", "num_experts"}
+KNOWN = {"topk_ids", "sample_ids", "num_experts", "layer_ids", "model_type"}
 
 
 @dataclass(frozen=True)
@@ -23,6 +25,8 @@ class Trace:
     topk_ids: np.ndarray  # [L, T, K] int64
     sample_ids: np.ndarray | None  # [T] int64
     num_experts: int | None
+    layer_ids: np.ndarray | None = None  # [L] int64
+    model_type: str | None = None
 
     @property
     def layers(self) -> int:
@@ -74,7 +78,21 @@ def load_trace(path: str | Path) -> Trace:
                     f"trace field topk_ids holds expert {int(topk.max())}, "
                     f"but num_experts={num_experts}"
                 )
-    return Trace(topk, sample_ids, num_experts)
+        layer_ids = None
+        if "layer_ids" in data.files:
+            layer_ids = _ints("layer_ids", data["layer_ids"])
+            if layer_ids.shape != (topk.shape[0],):
+                raise ValueError(
+                    f"trace field layer_ids must have shape ({topk.shape[0]},) to match "
+                    f"topk_ids {topk.shape}, got {layer_ids.shape}"
+                )
+        model_type = None
+        if "model_type" in data.files:
+            raw = data["model_type"]
+            if raw.shape != () or raw.dtype.kind != "U":
+                raise ValueError(f"trace field model_type must be a string, got {raw!r}")
+            model_type = str(raw)
+    return Trace(topk, sample_ids, num_experts, layer_ids, model_type)
 
 
 def save_trace(
@@ -82,13 +100,20 @@ def save_trace(
     topk_ids: np.ndarray,
     sample_ids: np.ndarray | None = None,
     num_experts: int | None = None,
+    layer_ids: np.ndarray | None = None,
+    model_type: str | None = None,
 ) -> None:
-    """Writes topk_ids [L, T, K] int, sample_ids [T] int and num_experts in the trace format."""
+    """Writes topk_ids [L, T, K] int, sample_ids [T] int, num_experts, layer_ids [L] int and
+    model_type in the trace format."""
     arrays: dict[str, np.ndarray] = {"topk_ids": np.asarray(topk_ids)}
     if sample_ids is not None:
         arrays["sample_ids"] = np.asarray(sample_ids)
     if num_experts is not None:
         arrays["num_experts"] = np.asarray(int(num_experts))
+    if layer_ids is not None:
+        arrays["layer_ids"] = np.asarray(layer_ids)
+    if model_type is not None:
+        arrays["model_type"] = np.asarray(str(model_type))
     np.savez_compressed(path, **arrays)
 
 
