@@ -40,7 +40,6 @@ def _code_of(context: grpc.aio.ServicerContext, err: BaseException | None) -> gr
     return grpc.StatusCode.OK if err is None else grpc.StatusCode.UNKNOWN
 
 
-
 def rewrap(
     handler: grpc.RpcMethodHandler,
     wrap: Callable[[Callable[..., Any]], Callable[..., Any]],
@@ -56,6 +55,7 @@ def rewrap(
     if handler.stream_unary:
         return grpc.stream_unary_rpc_method_handler(wrap(handler.stream_unary), **ser)
     return grpc.stream_stream_rpc_method_handler(wrap(handler.stream_stream), **ser)
+
 
 class MetricsInterceptor(grpc.aio.ServerInterceptor):
     """Counts every RPC into ``Metrics`` (go-grpc-prometheus names and labels)."""

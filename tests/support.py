@@ -3,10 +3,30 @@
 from __future__ import annotations
 
 import os
+import queue
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
 import traceback
+import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
+
+import grpc
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client.parser import text_string_to_metric_families
+
+from netmoe.protos import placement_pb2 as pb
+from netmoe.protos import placement_pb2_grpc
+from netmoe.server.app import ServerHandle
+from netmoe.solver import Topology, solve
 
 # The smallest reference-MoE training run worth checking (TrainConfig fields).
 TINY_TRAIN = dict(steps=3, samples_per_device=2, seq_len=16, d_model=32, heads=2, layers=2,
@@ -72,3 +92,207 @@ def spawn_ranks(target: Callable[..., None], world: int, *args: object,
     assert not msgs, "\n".join(msgs)
     assert not alive, f"ranks {[procs.index(p) for p in alive]} hung"
     assert [p.exitcode for p in procs] == [0] * world, [p.exitcode for p in procs]
+
+
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+def scrape(port: int | None) -> Samples:
+    """Every sample of a real HTTP scrape of 127.0.0.1:port/metrics, keyed by (name, labels)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
+        text = resp.read().decode()
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for fam in text_string_to_metric_families(text) for s in fam.samples}
+
+
+# --- the placement service: real streams and reports ------------------------------------------
+
+MARGIN_S = 1.0  # slack on top of a deadline for the loopback round trip on a busy 2-core box
+
+
+def stub_for(handle: ServerHandle) -> tuple[grpc.Channel, placement_pb2_grpc.PlacementServiceStub]:
+    channel = grpc.insecure_channel(handle.address)
+    return channel, placement_pb2_grpc.PlacementServiceStub(channel)
+
+
+def job_spec(nodes: int = 2, gpus: int = 4, experts: int = 16, spd: int = 4,
+             deadline_ms: int = 5000, **extra: object) -> pb.JobSpec:
+    topo = pb.Topology(nodes=nodes, gpus_per_node=gpus, experts=experts, bw_intra=400e9,
+                       bw_inter=100e9, bytes_per_route=8192)
+    return pb.JobSpec(topology=topo, world_size=nodes * gpus, samples_per_device=spd,
+                      deadline_ms=deadline_ms, **extra)
+
+
+def counts(rng: np.random.Generator, samples: int, nodes: int, experts: int) -> np.ndarray:
+    """[samples, experts] routes where each sample prefers the experts of one node."""
+    per_node = experts // nodes
+    c = rng.poisson(1.0, size=(samples, experts))
+    for i, n in enumerate(rng.integers(0, nodes, samples)):
+        c[i, n * per_node:(n + 1) * per_node] += rng.poisson(8.0, per_node)
+    return c
+
+
+def round_reports(job: str, spec: pb.JobSpec, step: int, layer: int, seed: int,
+                  id_base: int = 0) -> list[pb.Report]:
+    """One report per rank; global ids id_base + a permutation, so ids are not row numbers."""
+    rng = np.random.default_rng(seed)
+    t = spec.topology
+    j, n = spec.world_size, spec.samples_per_device
+    ids = id_base + rng.permutation(j * n) * 3
+    gather = counts(rng, j * n, t.nodes, t.experts)
+    scatter = counts(rng, j * n, t.nodes, t.experts)
+    return [
+        pb.Report(job=job, step=step, layer=layer, rank=r,
+                  sample_ids=ids[r * n:(r + 1) * n].tolist(),
+                  gather=gather[r * n:(r + 1) * n].ravel().tolist(),
+                  scatter=scatter[r * n:(r + 1) * n].ravel().tolist())
+        for r in range(j)
+    ]
+
+
+class Worker:
+    """One rank's long-lived stream: send a report, read its plan."""
+
+    def __init__(self, stub: placement_pb2_grpc.PlacementServiceStub) -> None:
+        self._out: queue.Queue[pb.Report | None] = queue.Queue()
+        self._plans = stub.Stream(iter(self._out.get, None))
+
+    def send(self, report: pb.Report) -> None:
+        self._out.put(report)
+
+    def recv(self) -> pb.Plan:
+        return next(self._plans)
+
+    def ask(self, report: pb.Report) -> pb.Plan:
+        self.send(report)
+        return self.recv()
+
+    def close(self) -> list[pb.Plan]:
+        """Half-closes the stream and returns the plans still to come."""
+        self._out.put(None)
+        return list(self._plans)
+
+    def hang_up(self) -> None:
+        """Ends the request iterator of a stream the server already closed."""
+        self._out.put(None)
+
+
+def check_round(spec: pb.JobSpec, reports: list[pb.Report], plans: list[pb.Plan]) -> None:
+    """Plans of one round (index = rank) form one balanced placement matching the solver."""
+    j, n = spec.world_size, spec.samples_per_device
+    ids = np.concatenate([np.array(r.sample_ids) for r in reports])
+    held = np.concatenate([np.array(p.held_ids) for p in plans])
+    assert sorted(held.tolist()) == sorted(ids.tolist())  # each sample held exactly once
+    assert all(len(p.held_ids) == n for p in plans)
+    device_of = {sid: d for r, p in zip(reports, plans, strict=True)
+                 for sid, d in zip(r.sample_ids, p.dest, strict=True)}
+    source = {sid: (r.rank, k) for r in reports for k, sid in enumerate(r.sample_ids)}
+    for d, p in enumerate(plans):
+        assert all(device_of[sid] == d for sid in p.held_ids)
+        # Delivery order of all_to_all_single: by source rank, then source local order.
+        order = [source[sid] for sid in p.held_ids]
+        assert order == sorted(order)
+    assert len({(p.before.inter, p.after.inter, p.after.intra) for p in plans}) == 1
+    t = spec.topology
+    topo = Topology(t.nodes, t.gpus_per_node, t.experts)
+    gather = np.concatenate([np.array(r.gather).reshape(n, -1) for r in reports])
+    scatter = np.concatenate([np.array(r.scatter).reshape(n, -1) for r in reports])
+    ref = solve(topo, gather, scatter, home=np.repeat(np.arange(j), n))
+    assert [d for p in plans for d in p.dest] == list(ref.dest)
+    assert plans[0].after.inter == ref.after.inter < plans[0].before.inter == ref.before.inter
+    assert {p.status for p in plans} == {pb.PLAN_STATUS_OPTIMAL}
+
+
+def run_ranks(handle: ServerHandle, per_rank: Callable[[int, Worker], object], ranks: int) -> list:
+    """Runs per_rank(rank, worker) in one thread per rank, each with its own channel."""
+    results: list[object] = [None] * ranks
+    errors: list[BaseException] = []
+
+    def body(rank: int) -> None:
+        channel, stub = stub_for(handle)
+        try:
+            worker = Worker(stub)
+            results[rank] = per_rank(rank, worker)
+            worker.close()
+        except BaseException as err:
+            errors.append(err)
+        finally:
+            channel.close()
+
+    threads = [threading.Thread(target=body, args=(r,)) for r in range(ranks)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    if errors:
+        raise errors[0]
+    return results
+
+
+# --- reliability: long and short runs, servers in their own processes ---------------------
+
+def short_and_long(name: str, short: int, long: int) -> pytest.MarkDecorator:
+    """The short size always runs; the long one is marked slow (runs with --runslow)."""
+    return pytest.mark.parametrize(
+        name,
+        [pytest.param(short, id="short"), pytest.param(long, id="long", marks=pytest.mark.slow)],
+    )
+
+
+def serving(address: str) -> bool:
+    with grpc.insecure_channel(address) as channel:
+        reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(),
+                                                          timeout=10)
+    return reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def wait_for(predicate: object, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():  # type: ignore[operator]
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+
+class ServerProcess:
+    """``netmoe serve`` in a subprocess (its RSS is its own); port fixed so it can restart."""
+
+    def __init__(self, port: int = 0, *extra: str) -> None:
+        env = {**os.environ, "NETMOE_GRACE_SECONDS": "1"}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "netmoe.cli", "serve", "--port", str(port),
+             "--metrics-port", "0", *extra], stderr=subprocess.PIPE, text=True, env=env)
+        log = ""
+        assert self.proc.stderr is not None
+        while "metrics on" not in log:
+            line = self.proc.stderr.readline()
+            assert line, f"server exited: {log}"
+            log += line
+        match = re.search(r"gRPC on 127\.0\.0\.1:(\d+) .*metrics on (http://\S+)", log)
+        assert match, log
+        self.port, self.metrics_url = int(match[1]), match[2]
+        self.address = f"127.0.0.1:{self.port}"
+        # Keep draining stderr so the server never blocks on a full pipe.
+        self._drain = threading.Thread(target=lambda: [None for _ in self.proc.stderr],
+                                       daemon=True)
+        self._drain.start()
+
+    def rss_kib(self) -> int:
+        status = Path(f"/proc/{self.proc.pid}/status").read_text()
+        return int(re.search(r"VmRSS:\s+(\d+) kB", status)[1])  # type: ignore[index]
+
+    def samples(self, name: str) -> dict[tuple[tuple[str, str], ...], float]:
+        with urllib.request.urlopen(self.metrics_url, timeout=10) as resp:
+            text = resp.read().decode()
+        return {tuple(sorted(s.labels.items())): s.value
+                for fam in text_string_to_metric_families(text)
+                for s in fam.samples if s.name == name}
+
+    def stop(self, sig: signal.Signals = signal.SIGTERM) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        code = self.proc.wait(30)
+        self._drain.join(10)
+        return code
+
+

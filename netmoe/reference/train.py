@@ -75,6 +75,9 @@ class TrainConfig:
     expert_placement: str = "auto"
     expert_horizon: int = 1000
     expert_held_out: int = 0
+    # After the last step rank 0 unregisters the job from the service (False keeps the job, its
+    # expert window and its metrics, for inspection).
+    unregister: bool = True
     a2a_sync: bool = False  # barrier before each timed exchange (CommStats.sync)
     link_counters: bool = False  # first rank of a node reads GLOO_SOCKET_IFNAME's byte counters
 
@@ -190,7 +193,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         return out
     finally:
         if run is not None and run.client is not None:
-            run.client.close(unregister=clean and rank == 0)
+            run.client.close(unregister=clean and rank == 0 and cfg.unregister)
         if clean:
             dist.barrier()  # no rank tears down the group while a peer still talks to it
         dist.destroy_process_group()

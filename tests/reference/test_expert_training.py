@@ -8,13 +8,11 @@ losses, parameters (by original expert id) and routing equal the home run's.
 from __future__ import annotations
 
 import dataclasses
-import urllib.request
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from netmoe.cli import build_parser
 from netmoe.reference.data import load_corpus
@@ -23,16 +21,11 @@ from netmoe.reference.train import TrainConfig
 from netmoe.server.cli import config_from_args
 from netmoe.trace import load_trace
 
+from support import scrape
+
 STEPS, ADOPT_AT, WINDOW = 6, 4, 3
 TINY = dict(nodes=2, gpus_per_node=2, steps=STEPS, samples_per_device=2, seq_len=16, d_model=32,
             heads=2, layers=3, ffn=32, vocab=512)  # fmt: skip
-
-
-def _scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
-        text = resp.read().decode()
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for fam in text_string_to_metric_families(text) for s in fam.samples}
 
 
 def _merged(results: list[dict[str, Any]]) -> dict[str, list[float]]:
@@ -55,8 +48,9 @@ def test_adopting_experts_mid_run_keeps_training_identical(tmp_path: Path) -> No
     with start(ServerConfig(port=0, metrics_port=0, expert_window_steps=WINDOW)) as server:
         joint = run_ranks(dataclasses.replace(
             cfg, placement="service", server=server.address, job=job, adopt_experts_at=ADOPT_AT,
-            expert_placement="force", record_trace=str(tmp_path / "joint.npz")))  # fmt: skip
-        metrics = _scrape(server.metrics_port)
+            expert_placement="force", record_trace=str(tmp_path / "joint.npz"),
+            unregister=False))  # fmt: skip
+        metrics = scrape(server.metrics_port)
         advisor = server.server.advisors.get(job)
         window = {step: advisor._round(per_layer, cfg.layers)  # [L, I, E] rows by sample id
                   for step, per_layer in advisor._window.items()}

@@ -4,13 +4,11 @@ real grpc.aio server on an ephemeral loopback port, with metrics scraped over HT
 from __future__ import annotations
 
 import math
-import urllib.request
 from collections.abc import Iterator
 
 import grpc
 import numpy as np
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from netmoe.protos import placement_pb2 as pb
 from netmoe.protos import placement_pb2_grpc
@@ -19,6 +17,8 @@ from netmoe.server.app import ServerHandle, start
 from netmoe.server.config import ServerConfig
 from netmoe.server.errors import FieldError, NotEnoughData
 from netmoe.solver import Topology, solve, traffic
+
+from support import scrape
 
 NODES, GPUS, EXPERTS, SPD, LAYERS = 2, 2, 8, 2, 3
 TOPO = Topology(NODES, GPUS, EXPERTS, bw_intra=400e9, bw_inter=100e9, bytes_per_route=8192)
@@ -182,14 +182,6 @@ def _solve_step(stub: placement_pb2_grpc.PlacementServiceStub, job: str, step: i
     return out
 
 
-def _scrape(handle: ServerHandle) -> dict[tuple[str, tuple], float]:
-    url = f"http://127.0.0.1:{handle.metrics_port}/metrics"
-    with urllib.request.urlopen(url, timeout=10) as resp:
-        text = resp.read().decode()
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for fam in text_string_to_metric_families(text) for s in fam.samples}
-
-
 def test_recommend_confirm_and_plans_under_new_maps(server: ServerHandle) -> None:
     job = "experts"
     with grpc.insecure_channel(server.address) as channel:
@@ -248,7 +240,7 @@ def test_recommend_confirm_and_plans_under_new_maps(server: ServerHandle) -> Non
                 got_s = traffic(TOPO.with_experts(maps[layer + 1]), device, s)
                 assert plan.after.inter == got.inter + got_s.inter
 
-        metrics = _scrape(server)
+        metrics = scrape(server.metrics_port)
         key = (("job", job),)
         assert metrics[("netmoe_expert_window_bytes", key)] == 7 * LAYERS * 128
         assert metrics[("netmoe_expert_window_steps", key)] == 7

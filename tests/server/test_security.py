@@ -14,7 +14,6 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-from test_server import Worker, job_spec, round_reports
 
 from netmoe.cli import build_parser, main
 from netmoe.protos import placement_pb2 as pb
@@ -23,6 +22,8 @@ from netmoe.server import security
 from netmoe.server.app import SERVICE_NAME, ServerHandle, start
 from netmoe.server.cli import config_from_args
 from netmoe.server.config import ServerConfig
+
+from support import Worker, job_spec, round_reports
 
 TOKEN = "s3cret-Token_42"
 REFLECTION = "grpc.reflection.v1alpha.ServerReflection"
@@ -331,7 +332,7 @@ def test_a_stream_only_gets_plans_of_its_own_job_and_metrics_carry_no_sample_dat
             w0, w1 = Worker(stub), Worker(stub)
             w0.send(a[0])
             intruder = w0.ask(b[1])  # a stream bound to job a tries to report for job b
-            assert intruder.status == pb.PLAN_STATUS_INVALID and intruder.job == "b"
+            assert intruder.status == pb.PLAN_STATUS_INVALID and intruder.job == "a"  # the stream's job, not the claim
             assert "differs from ('a', 0) this stream is bound to" in intruder.error
             assert not intruder.held_ids and not intruder.dest
             w1.send(a[1])

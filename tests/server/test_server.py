@@ -2,26 +2,30 @@
 
 from __future__ import annotations
 
-import queue
 import threading
 import time
-import urllib.request
 from collections.abc import Callable, Iterator
 
 import grpc
-import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-from prometheus_client.parser import text_string_to_metric_families
 
 from netmoe.protos import placement_pb2 as pb
-from netmoe.protos import placement_pb2_grpc
 from netmoe.server.app import SERVICE_NAME, ServerHandle, start
 from netmoe.server.config import ServerConfig
-from netmoe.solver import Topology, solve
+from netmoe.solver import solve
 
-MARGIN_S = 1.0  # slack on top of a deadline for the loopback round trip on a busy 2-core box
+from support import (
+    MARGIN_S,
+    Worker,
+    check_round,
+    job_spec,
+    round_reports,
+    run_ranks,
+    scrape,
+    stub_for,
+)
 
 
 @pytest.fixture
@@ -29,125 +33,6 @@ def server() -> Iterator[ServerHandle]:
     handle = start(ServerConfig(port=0, metrics_port=0, grace_seconds=1.0))
     yield handle
     handle.stop()
-
-
-def stub_for(handle: ServerHandle) -> tuple[grpc.Channel, placement_pb2_grpc.PlacementServiceStub]:
-    channel = grpc.insecure_channel(handle.address)
-    return channel, placement_pb2_grpc.PlacementServiceStub(channel)
-
-
-def job_spec(nodes: int = 2, gpus: int = 4, experts: int = 16, spd: int = 4,
-             deadline_ms: int = 5000, **extra: object) -> pb.JobSpec:
-    topo = pb.Topology(nodes=nodes, gpus_per_node=gpus, experts=experts, bw_intra=400e9,
-                       bw_inter=100e9, bytes_per_route=8192)
-    return pb.JobSpec(topology=topo, world_size=nodes * gpus, samples_per_device=spd,
-                      deadline_ms=deadline_ms, **extra)
-
-
-def counts(rng: np.random.Generator, samples: int, nodes: int, experts: int) -> np.ndarray:
-    """[samples, experts] routes where each sample prefers the experts of one node."""
-    per_node = experts // nodes
-    c = rng.poisson(1.0, size=(samples, experts))
-    for i, n in enumerate(rng.integers(0, nodes, samples)):
-        c[i, n * per_node:(n + 1) * per_node] += rng.poisson(8.0, per_node)
-    return c
-
-
-def round_reports(job: str, spec: pb.JobSpec, step: int, layer: int, seed: int,
-                  id_base: int = 0) -> list[pb.Report]:
-    """One report per rank; global ids id_base + a permutation, so ids are not row numbers."""
-    rng = np.random.default_rng(seed)
-    t = spec.topology
-    j, n = spec.world_size, spec.samples_per_device
-    ids = id_base + rng.permutation(j * n) * 3
-    gather = counts(rng, j * n, t.nodes, t.experts)
-    scatter = counts(rng, j * n, t.nodes, t.experts)
-    return [
-        pb.Report(job=job, step=step, layer=layer, rank=r,
-                  sample_ids=ids[r * n:(r + 1) * n].tolist(),
-                  gather=gather[r * n:(r + 1) * n].ravel().tolist(),
-                  scatter=scatter[r * n:(r + 1) * n].ravel().tolist())
-        for r in range(j)
-    ]
-
-
-class Worker:
-    """One rank's long-lived stream: send a report, read its plan."""
-
-    def __init__(self, stub: placement_pb2_grpc.PlacementServiceStub) -> None:
-        self._out: queue.Queue[pb.Report | None] = queue.Queue()
-        self._plans = stub.Stream(iter(self._out.get, None))
-
-    def send(self, report: pb.Report) -> None:
-        self._out.put(report)
-
-    def recv(self) -> pb.Plan:
-        return next(self._plans)
-
-    def ask(self, report: pb.Report) -> pb.Plan:
-        self.send(report)
-        return self.recv()
-
-    def close(self) -> list[pb.Plan]:
-        """Half-closes the stream and returns the plans still to come."""
-        self._out.put(None)
-        return list(self._plans)
-
-    def hang_up(self) -> None:
-        """Ends the request iterator of a stream the server already closed."""
-        self._out.put(None)
-
-
-def check_round(spec: pb.JobSpec, reports: list[pb.Report], plans: list[pb.Plan]) -> None:
-    """Plans of one round (index = rank) form one balanced placement matching the solver."""
-    j, n = spec.world_size, spec.samples_per_device
-    ids = np.concatenate([np.array(r.sample_ids) for r in reports])
-    held = np.concatenate([np.array(p.held_ids) for p in plans])
-    assert sorted(held.tolist()) == sorted(ids.tolist())  # each sample held exactly once
-    assert all(len(p.held_ids) == n for p in plans)
-    device_of = {sid: d for r, p in zip(reports, plans, strict=True)
-                 for sid, d in zip(r.sample_ids, p.dest, strict=True)}
-    source = {sid: (r.rank, k) for r in reports for k, sid in enumerate(r.sample_ids)}
-    for d, p in enumerate(plans):
-        assert all(device_of[sid] == d for sid in p.held_ids)
-        # Delivery order of all_to_all_single: by source rank, then source local order.
-        order = [source[sid] for sid in p.held_ids]
-        assert order == sorted(order)
-    assert len({(p.before.inter, p.after.inter, p.after.intra) for p in plans}) == 1
-    t = spec.topology
-    topo = Topology(t.nodes, t.gpus_per_node, t.experts)
-    gather = np.concatenate([np.array(r.gather).reshape(n, -1) for r in reports])
-    scatter = np.concatenate([np.array(r.scatter).reshape(n, -1) for r in reports])
-    ref = solve(topo, gather, scatter, home=np.repeat(np.arange(j), n))
-    assert [d for p in plans for d in p.dest] == list(ref.dest)
-    assert plans[0].after.inter == ref.after.inter < plans[0].before.inter == ref.before.inter
-    assert {p.status for p in plans} == {pb.PLAN_STATUS_OPTIMAL}
-
-
-def run_ranks(handle: ServerHandle, per_rank: Callable[[int, Worker], object], ranks: int) -> list:
-    """Runs per_rank(rank, worker) in one thread per rank, each with its own channel."""
-    results: list[object] = [None] * ranks
-    errors: list[BaseException] = []
-
-    def body(rank: int) -> None:
-        channel, stub = stub_for(handle)
-        try:
-            worker = Worker(stub)
-            results[rank] = per_rank(rank, worker)
-            worker.close()
-        except BaseException as err:
-            errors.append(err)
-        finally:
-            channel.close()
-
-    threads = [threading.Thread(target=body, args=(r,)) for r in range(ranks)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
-    if errors:
-        raise errors[0]
-    return results
 
 
 def test_32_streams_get_consistent_balanced_plans(server: ServerHandle) -> None:
@@ -486,20 +371,10 @@ def test_health_reflection_and_draining() -> None:
         handle.stop()
 
 
-def _scrape(handle: ServerHandle) -> dict[tuple[str, tuple], float]:
-    url = f"http://127.0.0.1:{handle.metrics_port}/metrics"
-    with urllib.request.urlopen(url, timeout=5) as resp:
-        text = resp.read().decode()
-    return {
-        (s.name, tuple(sorted(s.labels.items()))): s.value
-        for fam in text_string_to_metric_families(text) for s in fam.samples
-    }
-
-
 def test_metrics_endpoint_counts_rounds_routes_and_rpcs(server: ServerHandle) -> None:
     spec = job_spec(deadline_ms=300)
     channel, stub = stub_for(server)
-    before = _scrape(server)
+    before = scrape(server.metrics_port)
     assert before[("netmoe_active_jobs", ())] == 0
     stub.RegisterJob(pb.RegisterJobRequest(job="met", spec=spec))
     _code(lambda: stub.RegisterJob(pb.RegisterJobRequest(job="bad", spec=job_spec(spd=0))))
@@ -513,7 +388,7 @@ def test_metrics_endpoint_counts_rounds_routes_and_rpcs(server: ServerHandle) ->
         return plan
 
     plans = run_ranks(server, per_rank, spec.world_size)
-    after = _scrape(server)
+    after = scrape(server.metrics_port)
 
     def moved(name: str, **labels: str) -> float:
         key = (name, tuple(sorted(labels.items())))
@@ -541,7 +416,7 @@ def test_metrics_endpoint_counts_rounds_routes_and_rpcs(server: ServerHandle) ->
                  grpc_method="RegisterJob", **rpc) == 2
     assert not any("sample" in str(labels) for _, labels in after)
     stub.UnregisterJob(pb.UnregisterJobRequest(job="met"))
-    gone = _scrape(server)
+    gone = scrape(server.metrics_port)
     assert gone[("netmoe_active_jobs", ())] == 0
     assert not any(dict(labels).get("job") == "met" for _, labels in gone)
     channel.close()
