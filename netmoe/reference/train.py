@@ -30,6 +30,9 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 PLACEMENTS = ("home", "service", "random")
+# Environment variable naming a file where rank 0 keeps the count of finished steps (launchers
+# show progress from it).
+PROGRESS_FILE = "NETMOE_PROGRESS_FILE"
 EXPERT_PLACEMENTS = ("auto", "force")
 
 
@@ -202,6 +205,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         hook: Any = placement
         experts_info: dict[str, Any] = {}
         step_routes, routes_so_far = [], np.zeros((cfg.layers, 3), dtype=np.int64)
+        progress_file = os.environ.get(PROGRESS_FILE, "")
         dist.barrier()
         for step in range(cfg.steps):
             if cfg.adopt_experts_at and step == cfg.adopt_experts_at:
@@ -239,6 +243,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             totals = _route_totals(comm.routes, rank, cfg.gpus_per_node, cfg.layers)
             step_routes.append((totals - routes_so_far).tolist())
             routes_so_far = totals
+            if progress_file:
+                _write_atomic(progress_file, str(step + 1))
             if recorder is not None:
                 originals = torch.as_tensor(table.originals())
                 topk = tuple(originals[layer][ids] for layer, ids in enumerate(result.topk))
@@ -379,6 +385,12 @@ def _checksum(state: dict[str, Any]) -> dict[str, list[float]]:
     }
 
 
+def _write_atomic(path: str, text: str) -> None:
+    tmp = f"{path}.{os.getpid()}.tmp"
+    Path(tmp).write_text(text)
+    os.replace(tmp, path)
+
+
 def _save_checkpoint(state: dict[str, Any], path: str) -> None:
     """Saves this rank's state dict; experts are keyed by global id, so shards can be merged."""
     import torch
@@ -414,10 +426,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     text = Path(args.config[1:]).read_text() if args.config.startswith("@") else args.config
     cfg = TrainConfig.from_dict(json.loads(text))
-    result = train(cfg)
-    tmp = f"{args.out}.tmp"
-    Path(tmp).write_text(json.dumps(result))
-    os.replace(tmp, args.out)
+    _write_atomic(args.out, json.dumps(train(cfg)))
     return 0
 
 

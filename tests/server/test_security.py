@@ -180,8 +180,8 @@ def test_tls_serves_trusting_clients_only(pki: Path) -> None:
                 check(channel)
             assert err.value.code() == grpc.StatusCode.UNAVAILABLE
         ca = str(pki / "ca.pem")
-        assert main(["health", "--addr", handle.address, "--tls-ca", ca]) == 0
-        assert main(["health", "--addr", handle.address, "--timeout", "2"]) == 1  # plaintext
+        assert main(["health", "--server", handle.address, "--tls-ca", ca]) == 0
+        assert main(["health", "--server", handle.address, "--timeout", "2"]) == 1  # plaintext
     finally:
         handle.stop()
 
@@ -197,7 +197,7 @@ def test_mutual_tls_needs_a_client_certificate_from_the_client_ca(pki: Path) -> 
                     pytest.raises(grpc.RpcError) as err:
                 check(channel)
             assert err.value.code() == grpc.StatusCode.UNAVAILABLE, client
-        probe = ["health", "--addr", f"localhost:{handle.port}", "--tls-ca", str(pki / "ca.pem")]
+        probe = ["health", "--server", f"localhost:{handle.port}", "--tls-ca", str(pki / "ca.pem")]
         assert main([*probe, "--timeout", "2"]) == 1  # no client certificate
         client = ["--tls-cert", str(pki / "client.pem"), "--tls-key", str(pki / "client.key")]
         assert main([*probe, *client]) == 0
