@@ -33,9 +33,15 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
     def _get_help_string(self, action: argparse.Action) -> str | None:
         text = action.help or ""
-        if "default" in text or action.default in (None, "", False, argparse.SUPPRESS):
+        if "default" in text or not has_default(action):
             return text
         return super()._get_help_string(action)
+
+
+def has_default(action: argparse.Action) -> bool:
+    """False for defaults that mean "not set": None, "", a switch that is off."""
+    value = action.default
+    return not (value is None or value is False or value == "" or value is argparse.SUPPRESS)
 
 
 class Parser(argparse.ArgumentParser):

@@ -132,7 +132,6 @@ def max_rel_diff(a: list[float], b: list[float]) -> float:
 def _pretrain(cfg: Any, steps: int) -> str:
     """Path of a checkpoint trained ``steps`` steps in one process (all experts); cached."""
     from netmoe.reference.data import default_cache_dir
-    from netmoe.reference.launch import run_ranks
 
     single = dataclasses.replace(
         cfg, nodes=1, gpus_per_node=1, experts_per_device=cfg.experts,
@@ -145,14 +144,19 @@ def _pretrain(cfg: Any, steps: int) -> str:
     if not path.exists():
         print(f"netmoe demo: pre-training a checkpoint ({plural(steps, 'step')}, once) -> {path}",
               file=sys.stderr)  # fmt: skip
-        run_ranks(dataclasses.replace(single, save_checkpoint=str(path)),
-                  progress=Progress("netmoe demo: pre-training", steps).update)
+        _train("pre-training", dataclasses.replace(single, save_checkpoint=str(path)))
     return str(path)
+
+
+def _train(label: str, cfg: Any) -> list[dict[str, Any]]:
+    """run_ranks(cfg) with its progress on stderr."""
+    from netmoe.reference.launch import run_ranks
+
+    return run_ranks(cfg, progress=Progress(f"netmoe demo: {label}", cfg.steps).update)
 
 
 def run(args: argparse.Namespace) -> int:
     from netmoe.reference.data import load_corpus
-    from netmoe.reference.launch import run_ranks
     from netmoe.reference.train import TrainConfig
 
     cfg = TrainConfig(
@@ -180,20 +184,16 @@ def run(args: argparse.Namespace) -> int:
         print(f"netmoe demo: placement service on {address}, metrics on "
               f"http://127.0.0.1:{handle.metrics_port}/metrics until the demo ends",
               file=sys.stderr)  # fmt: skip
-
-    def train(label: str, run_cfg: Any) -> list[dict[str, Any]]:
-        return run_ranks(run_cfg, progress=Progress(f"netmoe demo: {label}", run_cfg.steps).update)
-
     try:
-        home_ranks = train("home run", dataclasses.replace(cfg, record_trace=args.record_trace))
+        home_ranks = _train("home run", dataclasses.replace(cfg, record_trace=args.record_trace))
         home = summarize(home_ranks)
         job = f"demo-{cfg.nodes}x{cfg.gpus_per_node}-s{cfg.seed}"
-        sample_ranks = train("netmoe run", dataclasses.replace(
+        sample_ranks = _train("netmoe run", dataclasses.replace(
             cfg, placement="service", server=address, job=job))  # fmt: skip
         joint_ranks = None
         if args.expert_placement:
             # A fresh job: its window and confirmed maps must start at step 0.
-            joint_ranks = train("joint run", dataclasses.replace(
+            joint_ranks = _train("joint run", dataclasses.replace(
                 cfg, placement="service", server=address, job=f"{job}-joint-{os.getpid()}",
                 adopt_experts_at=adopt_at, expert_placement=args.expert_placement,
                 expert_horizon=args.expert_horizon))  # fmt: skip

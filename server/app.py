@@ -259,7 +259,6 @@ def serve(config: ServerConfig, **kwargs: object) -> int:
 
     async def main() -> None:
         server = PlacementServer(config, **kwargs)  # type: ignore[arg-type]
-        await server.start()
         loop = asyncio.get_running_loop()
         draining: list[asyncio.Task[None]] = []
 
@@ -268,8 +267,12 @@ def serve(config: ServerConfig, **kwargs: object) -> int:
             if not draining:
                 draining.append(loop.create_task(server.drain()))
 
+        # Before start: a signal right after the startup log line must drain, not kill.
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, on_signal, sig)
+        await server.start()
+        if draining:  # the signal came while starting, when there was nothing to drain yet
+            await server.drain()
         await server.wait_stopped()
 
     asyncio.run(main())

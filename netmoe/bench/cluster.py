@@ -37,13 +37,13 @@ TRAINING_QUICK_SIZES = (8192, 262144)
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("cluster", help="measured All-to-All time on an emulated multi-node "
                                        "cluster (needs root)", description=__doc__)
-    p.add_argument("--nodes", type=int, default=2)
-    p.add_argument("--gpus-per-node", type=int, default=4)
+    p.add_argument("--nodes", type=int, default=2, help="emulated nodes (network namespaces)")
+    p.add_argument("--gpus-per-node", type=int, default=4, help="training ranks per node")
     p.add_argument("--ratio", type=float, default=4.0,
                    help="intra-node : inter-node bandwidth (lo of each node is shaped to "
                         "ratio x rate)")
     p.add_argument("--workload", choices=("training", "synthetic"), default="training",
-                   help="real training of the demo model (default) or synthetic routing")
+                   help="real training of the demo model or synthetic routing")
     p.add_argument("--rate", type=float, default=None,
                    help="inter-node link rate per node and direction, Mbit/s (default: 40 for "
                         "training, 200 for synthetic, so the link, not the 2 CPU cores, is the "
@@ -55,8 +55,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--objective", choices=("volume", "bottleneck", "both"), default="volume",
                    help="placement objective; 'both' runs each placed mode under each objective "
                         "and reports which wins on measured time (training only)")
-    p.add_argument("--samples-per-device", type=int, default=4)
-    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--samples-per-device", type=int, default=4,
+                   help="samples each rank holds per step")
+    p.add_argument("--layers", type=int, default=4, help="MoE layers per step")
     p.add_argument("--tokens", type=int, default=None,
                    help="tokens per sample (default 64 for training, the demo's, 128 synthetic)")
     p.add_argument("--bytes-per-route", type=int, default=1024,
@@ -72,7 +73,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="training: cache of corpus, checkpoint, expert fit and calibration")
     p.add_argument("--locality", type=float, default=0.6,
                    help="share of routes to the sample's domain experts (synthetic routing)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the model, data and routing")
     p.add_argument("--out", type=Path, default=None, help="folder for report.md and plots")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--quick", action="store_true",
