@@ -255,7 +255,9 @@ def start(
 
 
 def serve(config: ServerConfig, **kwargs: object) -> int:
-    """Runs until SIGTERM or SIGINT, then drains. Returns the exit code."""
+    """Runs until SIGTERM or SIGINT, then drains. Returns the exit code: 0 after SIGTERM (an
+    orderly stop), 130 after SIGINT (Ctrl-C, as shells report an interrupted command)."""
+    signals: list[signal.Signals] = []
 
     async def main() -> None:
         server = PlacementServer(config, **kwargs)  # type: ignore[arg-type]
@@ -264,6 +266,7 @@ def serve(config: ServerConfig, **kwargs: object) -> int:
 
         def on_signal(sig: signal.Signals) -> None:
             log.info("netmoe serve: got %s", sig.name)
+            signals.append(sig)
             if not draining:
                 draining.append(loop.create_task(server.drain()))
 
@@ -276,4 +279,4 @@ def serve(config: ServerConfig, **kwargs: object) -> int:
         await server.wait_stopped()
 
     asyncio.run(main())
-    return 0
+    return 130 if signals[:1] == [signal.SIGINT] else 0

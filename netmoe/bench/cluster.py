@@ -58,7 +58,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--samples-per-device", type=int, default=4,
                    help="samples each rank holds per step")
     p.add_argument("--layers", type=int, default=4, help="MoE layers per step")
-    p.add_argument("--tokens", type=int, default=None,
+    p.add_argument("--seq-len", type=int, default=None,
                    help="tokens per sample (default 64 for training, the demo's, 128 synthetic)")
     p.add_argument("--bytes-per-route", type=int, default=1024,
                    help="synthetic: bytes of one (token, top-k slot); training uses d_model x 4")
@@ -86,9 +86,9 @@ def _check(args: argparse.Namespace) -> None:
     training = args.workload == "training"
     if args.rate is None:
         args.rate = 40.0 if training else 200.0
-    if args.tokens is None:
-        args.tokens = 64 if training else 128
-    for name in ("nodes", "gpus_per_node", "steps", "samples_per_device", "layers", "tokens",
+    if args.seq_len is None:
+        args.seq_len = 64 if training else 128
+    for name in ("nodes", "gpus_per_node", "steps", "samples_per_device", "layers", "seq_len",
                  "bytes_per_route", "fit_steps", "repeats"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
@@ -175,7 +175,7 @@ def _run_training(args: argparse.Namespace) -> int:
     steps = min(args.steps, 4) if args.quick else args.steps
     base = TrainConfig(
         nodes=args.nodes, gpus_per_node=args.gpus_per_node, steps=steps,
-        samples_per_device=args.samples_per_device, seq_len=args.tokens, layers=args.layers,
+        samples_per_device=args.samples_per_device, seq_len=args.seq_len, layers=args.layers,
         seed=args.seed, cache_dir=args.cache_dir,
     )  # fmt: skip
     objectives = ("volume", "bottleneck") if args.objective == "both" else (args.objective,)
@@ -209,7 +209,7 @@ def _run_synthetic(args: argparse.Namespace) -> int:
                     bytes_per_route=args.bytes_per_route)
     rng = np.random.default_rng(args.seed)
     counts = planted_counts(rng, args.samples_per_device * world, topo.experts,
-                            layers=args.layers, tokens=args.tokens, top_k=2,
+                            layers=args.layers, tokens=args.seq_len, top_k=2,
                             domains=args.nodes * 2, locality=args.locality)
     modes = {m: step_traffic(topo, counts, m, args.objective) for m in MODES}
     calls = calibration_calls(args.nodes, g, sizes)
@@ -244,7 +244,7 @@ def _run_synthetic(args: argparse.Namespace) -> int:
         "config": {"nodes": args.nodes, "gpus_per_node": g, "rate_mbit": args.rate,
                    "intra_rate_mbit": args.rate * args.ratio, "steps": steps,
                    "samples_per_device": args.samples_per_device, "layers": args.layers,
-                   "tokens": args.tokens, "bytes_per_route": args.bytes_per_route,
+                   "tokens": args.seq_len, "bytes_per_route": args.bytes_per_route,
                    "locality": args.locality, "seed": args.seed},
         "calibration": calibration_dict(cal),
         "measured_ratio": cal.intra.bandwidth / cal.inter.bandwidth,

@@ -51,9 +51,11 @@ def test_the_servers_socket_cannot_be_shared_even_by_a_reuseport_server() -> Non
             other.stop(None)
 
 
-def test_startup_log_says_metrics_disabled() -> None:
+@pytest.mark.parametrize(("sig", "code"), [(signal.SIGTERM, 0), (signal.SIGINT, 130)])
+def test_startup_log_and_exit_codes_of_a_stop(sig: signal.Signals, code: int) -> None:
     proc = subprocess.Popen([sys.executable, "-m", "netmoe.cli", "serve", "--port", "0",
-                             "--metrics-port", "-1"], stderr=subprocess.PIPE, text=True)
+                             "--metrics-port", "-1", "--grace-seconds", "1"],
+                            stderr=subprocess.PIPE, text=True)
     assert proc.stderr is not None
     try:
         line = ""
@@ -61,7 +63,8 @@ def test_startup_log_says_metrics_disabled() -> None:
             line = proc.stderr.readline()
             assert line, "server exited"
     finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.communicate(timeout=30)
+        proc.send_signal(sig)
+        rest = proc.communicate(timeout=30)[1]
     assert line.rstrip().endswith("(plaintext), metrics disabled")
-    assert proc.returncode == 0
+    assert proc.returncode == code, rest
+    assert "Traceback" not in rest and "netmoe serve: stopped" in rest
