@@ -282,7 +282,7 @@ def _print_experts(x: dict[str, Any]) -> None:
               f"{held['home']['inter']}, sample-only {held['sample_only']['inter']}, joint "
               f"{held['joint']['inter']}")
         print(f"  saving {rec['saving_per_step']:.3g} {rec['unit']}/step; migration "
-              f"{rec['moved_experts']} experts ({rec['moved_inter']} across nodes), "
+              f"{plural(rec['moved_experts'], 'expert')} ({rec['moved_inter']} across nodes), "
               f"{human_bytes(rec['migration_bytes'])} ({human_bytes(rec['bytes_per_expert'])} per "
               f"expert), "
               f"cost {rec['migration_cost']:.3g} {rec['unit']}")

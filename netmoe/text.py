@@ -22,12 +22,13 @@ def human_bytes(count: float) -> str:
     return f"{value:.3g} {_UNITS[unit]}"
 
 
-def table(head: Sequence[str], rows: Sequence[Sequence[object]], indent: int = 2) -> list[str]:
-    """Lines of a table whose columns are right-aligned under their headers (first column
-    left-aligned), two spaces apart."""
+def table(head: Sequence[str], rows: Sequence[Sequence[object]], indent: int = 2,
+          left: int = 1) -> list[str]:
+    """Lines of a table whose columns are two spaces apart, the first ``left`` of them
+    left-aligned (labels) and the others right-aligned under their headers (figures)."""
     cells = [[str(c) for c in row] for row in [head, *rows]]
     widths = [max(len(row[c]) for row in cells) for c in range(len(head))]
     return [" " * indent + "  ".join(
-        cell.ljust(w) if c == 0 else cell.rjust(w)
+        cell.ljust(w) if c < left else cell.rjust(w)
         for c, (cell, w) in enumerate(zip(row, widths, strict=True))
     ).rstrip() for row in cells]

@@ -20,6 +20,7 @@ import numpy as np
 
 from netmoe.bench.stats import spread, tail
 from netmoe.cli import non_negative, positive
+from netmoe.text import plural
 
 
 def _serve_child(conn: Connection, config: Any) -> None:
@@ -232,9 +233,9 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(result))
         return 0
     r = result
-    print(f"solver service, {r['ranks']} ranks in lockstep from {r['client_procs']} client "
-          f"process(es), I={r['samples']}, E={r['experts']}, {r['rounds']} rounds, server in "
-          f"{r['server']}")
+    print(f"solver service, {r['ranks']} ranks in lockstep from "
+          f"{plural(r['client_procs'], 'client process', 'client processes')}, I={r['samples']}, "
+          f"E={r['experts']}, {plural(r['rounds'], 'round')}, server: {r['server']}")
     for name, text in (("rtt", "round trip (last report -> last plan)"),
                        ("solve", "pure solve (server-measured)"),
                        ("overhead", "service overhead (round trip - solve)")):

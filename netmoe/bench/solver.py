@@ -152,7 +152,7 @@ def run(args: argparse.Namespace) -> int:
             row += ["skipped", "", ""]
         body.append(row)
     print("\n".join(table(("I", "J", "E", "two-stage", "expanded", "speedup", "same inter"), body,
-                          indent=0)))
+                          indent=0, left=0)))
     if gap:
         print("two-stage gap to the CP-SAT joint optimum (modelled All-to-All time, 2 x 4 GPUs)")
         for r in gap:

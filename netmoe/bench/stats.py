@@ -20,7 +20,7 @@ def spread(values: Sequence[float]) -> dict[str, float | int | None]:
 
 
 def tail(stats: dict[str, float | int | None], digits: int = 3) -> str:
-    """'p99 1.234' with enough values, else 'max 1.234 (of 3)'."""
+    """'p99 1.234' with enough values, else 'max of 3: 1.234'."""
     if stats["p99"] is not None:
         return f"p99 {stats['p99']:.{digits}f}"
-    return f"max {stats['max']:.{digits}f} (of {stats['n']})"
+    return f"max of {stats['n']}: {stats['max']:.{digits}f}"

@@ -4,6 +4,7 @@ service is unreachable, and Ctrl-C ending with exit code 130 and no traceback or
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -61,6 +62,9 @@ def test_ctrl_c_ends_with_130_without_traceback_or_stray_ranks() -> None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
     assert code == 130, seen + rest
+    # The embedded service's metrics URL is given while it is alive, not after the end.
+    assert re.search(r"^netmoe demo: placement service on 127\.0\.0\.1:\d+, metrics on "
+                     r"http://127\.0\.0\.1:\d+/metrics until the demo ends$", seen, re.M)
     assert "Traceback" not in rest
     assert rest.splitlines()[-1] == "netmoe demo: interrupted"
     assert not any(Path(f"/proc/{pid}").exists() for pid in ranks)
