@@ -42,7 +42,7 @@ class PairResult:
     baseline: tuple[int, int]  # (inter, intra) routes at home
     netmoe: tuple[int, int]
     solve_ms: float
-    joint: dict[str, Any] | None = None  # with fitted experts: inter, intra, experts, placement
+    joint: dict[str, Any] | None = None  # fitted experts: inter, intra, ms, experts, placement
     ms: tuple[float, float] = (0.0, 0.0)  # modelled All-to-All ms (home, netmoe), Links
 
 
