@@ -134,7 +134,7 @@ class HFRecorder:
             raise ValueError("nothing recorded yet")
         topk = np.stack([np.concatenate(blocks) for blocks in self._ids])
         return Trace(topk, np.concatenate(self._sample_ids), self.num_experts,
-                     np.asarray(self.layer_ids, dtype=np.int64), self.model.config.model_type)
+                     tuple(self.layer_ids), self.model.config.model_type)
 
     def save(self, path: str) -> None:
         t = self.trace()

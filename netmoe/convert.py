@@ -10,6 +10,7 @@ import argparse
 
 import numpy as np
 
+from netmoe.cli import positive
 from netmoe.megatron import Layout, load_megatron, parse_steps
 from netmoe.trace import Trace, load_trace, save_trace
 
@@ -19,10 +20,10 @@ def add_source_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--trace-format", choices=("npz", "megatron"), default="npz",
                    help="npz: netmoe's trace file; megatron: a directory of "
                    "router_trace_rank*.jsonl written by --moe-routing-trace-path")
-    g.add_argument("--seq-length", type=int, default=None, help="megatron: --seq-length")
-    g.add_argument("--micro-batch-size", type=int, default=None,
+    g.add_argument("--seq-length", type=positive, default=None, help="megatron: --seq-length")
+    g.add_argument("--micro-batch-size", type=positive, default=None,
                    help="megatron: --micro-batch-size")
-    g.add_argument("--tensor-parallel", type=int, default=1,
+    g.add_argument("--tensor-parallel", type=positive, default=1,
                    help="megatron: --tensor-model-parallel-size (pipeline and context "
                    "parallel size must be 1)")
     g.add_argument("--sequence-parallel", action="store_true",
@@ -68,7 +69,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--trace", required=True, help="trace file (.npz) or directory (megatron)")
     add_source_arguments(p)
-    p.add_argument("--experts", type=int, default=None,
+    p.add_argument("--experts", type=positive, default=None,
                    help="experts per layer to store (Megatron traces do not say it)")
     p.add_argument("--out", required=True, help="output .npz")
     p.set_defaults(func=run)

@@ -23,6 +23,10 @@ from typing import Any
 
 import numpy as np
 
+from netmoe.cli import non_negative, positive
+from netmoe.progress import Progress
+from netmoe.text import human_bytes, plural
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -32,28 +36,35 @@ def register(sub: argparse._SubParsersAction) -> None:
         "the reference MoE with home placement and then with plans from the placement service, "
         "and compares inter-/intra-node routes, All-to-All time and losses.",
     )
-    p.add_argument("--nodes", type=int, default=2)
-    p.add_argument("--gpus-per-node", type=int, default=4)
-    p.add_argument("--steps", type=int, default=12, help="compared training steps per run")
+    p.add_argument("--nodes", type=positive, default=2, help="emulated nodes")
+    p.add_argument("--gpus-per-node", type=positive, default=4,
+                   help="emulated GPUs (training processes) per node")
+    p.add_argument("--steps", type=positive, default=12, help="compared training steps per run")
     p.add_argument(
         "--warmup-steps",
-        type=int,
+        type=non_negative,
         default=150,
         help="single-process pre-training steps of the cached checkpoint (0: none)",
     )
-    p.add_argument("--samples-per-device", type=int, default=4)
-    p.add_argument("--seq-len", type=int, default=64)
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--objective", choices=("volume", "bottleneck"), default="volume")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--server", default="", help="use this placement service (host:port)")
+    p.add_argument("--samples-per-device", type=positive, default=4,
+                   help="samples (sequences) each GPU holds per step")
+    p.add_argument("--seq-len", type=positive, default=64, help="tokens per sample")
+    p.add_argument("--layers", type=positive, default=4, help="MoE layers of the model")
+    p.add_argument("--objective", choices=("volume", "bottleneck"), default="volume",
+                   help="volume: fewest inter-node routes over the machine; bottleneck: the "
+                   "busiest node's inter-node routes")
+    p.add_argument("--seed", type=int, default=0, help="seed of the model, data and plans")
+    p.add_argument("--server", default="", metavar="HOST:PORT",
+                   help="use this placement service (default: start one inside the demo)")
     p.add_argument(
         "--record-trace",
         default="",
         metavar="PATH",
         help="save the home run's routing as a trace .npz for `netmoe evaluate`",
     )
-    p.add_argument("--cache-dir", default="", help="corpus/checkpoint cache (default ~/.cache)")
+    p.add_argument("--cache-dir", default="",
+                   help="corpus and checkpoint cache (default: $NETMOE_CACHE, else "
+                   "$XDG_CACHE_HOME/netmoe, else ~/.cache/netmoe)")
     p.add_argument(
         "--expert-placement",
         nargs="?",
@@ -67,7 +78,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--adopt-after", type=int, default=None,
                    help="steps before the experts move (default: half of --steps)")
-    p.add_argument("--expert-horizon", type=int, default=1000,
+    p.add_argument("--expert-horizon", type=positive, default=1000,
                    help="steps the saving must pay for the move within (auto)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=run)
@@ -121,7 +132,6 @@ def max_rel_diff(a: list[float], b: list[float]) -> float:
 def _pretrain(cfg: Any, steps: int) -> str:
     """Path of a checkpoint trained ``steps`` steps in one process (all experts); cached."""
     from netmoe.reference.data import default_cache_dir
-    from netmoe.reference.launch import run_ranks
 
     single = dataclasses.replace(
         cfg, nodes=1, gpus_per_node=1, experts_per_device=cfg.experts,
@@ -132,15 +142,21 @@ def _pretrain(cfg: Any, steps: int) -> str:
            f"-I{cfg.global_samples}-V{cfg.vocab}-s{cfg.seed}-w{steps}")  # fmt: skip
     path = (Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()) / f"ckpt-{key}.pt"
     if not path.exists():
-        print(f"netmoe demo: pre-training a checkpoint ({steps} steps, once) -> {path}",
+        print(f"netmoe demo: pre-training a checkpoint ({plural(steps, 'step')}, once) -> {path}",
               file=sys.stderr)  # fmt: skip
-        run_ranks(dataclasses.replace(single, save_checkpoint=str(path)))
+        _train("pre-training", dataclasses.replace(single, save_checkpoint=str(path)))
     return str(path)
+
+
+def _train(label: str, cfg: Any) -> list[dict[str, Any]]:
+    """run_ranks(cfg) with its progress on stderr."""
+    from netmoe.reference.launch import run_ranks
+
+    return run_ranks(cfg, progress=Progress(f"netmoe demo: {label}", cfg.steps).update)
 
 
 def run(args: argparse.Namespace) -> int:
     from netmoe.reference.data import load_corpus
-    from netmoe.reference.launch import run_ranks
     from netmoe.reference.train import TrainConfig
 
     cfg = TrainConfig(
@@ -149,8 +165,6 @@ def run(args: argparse.Namespace) -> int:
         objective=args.objective, seed=args.seed, cache_dir=args.cache_dir,
         data_offset=args.warmup_steps,
     )  # fmt: skip
-    if args.warmup_steps < 0:
-        raise ValueError(f"--warmup-steps must be >= 0, got {args.warmup_steps}")
     adopt_at = args.steps // 2 if args.adopt_after is None else args.adopt_after
     if args.expert_placement and not 2 <= adopt_at < args.steps:
         raise ValueError(f"--adopt-after must leave at least 2 steps before the move (one to fit, "
@@ -160,24 +174,26 @@ def run(args: argparse.Namespace) -> int:
     if args.warmup_steps:
         cfg = dataclasses.replace(cfg, init_checkpoint=_pretrain(cfg, args.warmup_steps))
     handle = None
-    address, metrics_url = args.server, ""
+    address = args.server
     if not address:
         from netmoe.server.app import start
         from netmoe.server.config import ServerConfig
 
         handle = start(ServerConfig(port=0, metrics_port=0))
         address = handle.address
-        metrics_url = f"http://127.0.0.1:{handle.metrics_port}/metrics"
+        print(f"netmoe demo: placement service on {address}, metrics on "
+              f"http://127.0.0.1:{handle.metrics_port}/metrics until the demo ends",
+              file=sys.stderr)  # fmt: skip
     try:
-        home_ranks = run_ranks(dataclasses.replace(cfg, record_trace=args.record_trace))
+        home_ranks = _train("home run", dataclasses.replace(cfg, record_trace=args.record_trace))
         home = summarize(home_ranks)
         job = f"demo-{cfg.nodes}x{cfg.gpus_per_node}-s{cfg.seed}"
-        sample_ranks = run_ranks(
-            dataclasses.replace(cfg, placement="service", server=address, job=job))
+        sample_ranks = _train("netmoe run", dataclasses.replace(
+            cfg, placement="service", server=address, job=job))  # fmt: skip
         joint_ranks = None
         if args.expert_placement:
             # A fresh job: its window and confirmed maps must start at step 0.
-            joint_ranks = run_ranks(dataclasses.replace(
+            joint_ranks = _train("joint run", dataclasses.replace(
                 cfg, placement="service", server=address, job=f"{job}-joint-{os.getpid()}",
                 adopt_experts_at=adopt_at, expert_placement=args.expert_placement,
                 expert_horizon=args.expert_horizon))  # fmt: skip
@@ -190,8 +206,7 @@ def run(args: argparse.Namespace) -> int:
         "home": home,
         "netmoe": net,
         "solver_ms_median": statistics.median(solve) if solve else 0.0,
-        "metrics_url": metrics_url,
-        "inter_reduction": 1 - net["inter_routes"] / max(home["inter_routes"], 1),
+        "inter_reduction": _saved(home["inter_routes"], net["inter_routes"]),
         "max_loss_rel_diff": max_rel_diff(home["loss"], net["loss"]),
         "config": dataclasses.asdict(cfg),
     }
@@ -202,7 +217,33 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(report))
     else:
         _print(report)
-    return 0
+    runs = [("netmoe", sample_ranks)] + ([("joint", joint_ranks)] if joint_ranks else [])
+    return _check_planned(address, runs)
+
+
+def _saved(home: int, placed: int) -> float:
+    return 0.0 if home == 0 else 1 - placed / home
+
+
+def _check_planned(address: str, runs: list[tuple[str, list[dict[str, Any]]]]) -> int:
+    """Says loudly on stderr when layers ran without a plan; exit code 1 when a run got no plan
+    at all (the service was unreachable or refused the job), else 0."""
+    code = 0
+    for name, ranks in runs:
+        st = ranks[0]
+        if not st["fallbacks"]:
+            continue
+        layers = st["fallbacks"] + st["plans"]
+        why = ", ".join(f"{reason}: {n}" for reason, n in sorted(st["fallback_reasons"].items()))
+        if st["plans"] == 0:
+            print(f"netmoe demo: error: the {name} run got no plan from the placement service at "
+                  f"{address}: all {plural(layers, 'layer')} fell back to home placement ({why}); "
+                  f"is the service running there?", file=sys.stderr)
+            code = 1
+        else:
+            print(f"netmoe demo: warning: the {name} run fell back to home placement in "
+                  f"{st['fallbacks']} of {plural(layers, 'layer')} ({why})", file=sys.stderr)
+    return code
 
 
 def _expert_report(home: list[dict[str, Any]], sample: list[dict[str, Any]],
@@ -211,15 +252,14 @@ def _expert_report(home: list[dict[str, Any]], sample: list[dict[str, Any]],
     recommendation as rank 0 got it, and the loss check."""
     runs = {"home": home, "sample_only": sample, "joint": joint}
     routes = {name: routes_between(rs, first, last) for name, rs in runs.items()}
-    base = max(routes["home"]["inter"], 1)
     info = dict(joint[0]["experts"])
     info.pop("sent_bytes", None)
     info.pop("adopt_seconds", None)
     return {
         "steps": [first, last],
         **routes,
-        "sample_only_reduction": 1 - routes["sample_only"]["inter"] / base,
-        "joint_reduction": 1 - routes["joint"]["inter"] / base,
+        "sample_only_reduction": _saved(routes["home"]["inter"], routes["sample_only"]["inter"]),
+        "joint_reduction": _saved(routes["home"]["inter"], routes["joint"]["inter"]),
         "recommendation": info,
         "moved_bytes": sum(r["experts"].get("sent_bytes", 0) for r in joint),
         "adopt_seconds": max(r["experts"].get("adopt_seconds", 0.0) for r in joint),
@@ -242,11 +282,12 @@ def _print_experts(x: dict[str, Any]) -> None:
               f"{held['home']['inter']}, sample-only {held['sample_only']['inter']}, joint "
               f"{held['joint']['inter']}")
         print(f"  saving {rec['saving_per_step']:.3g} {rec['unit']}/step; migration "
-              f"{rec['moved_experts']} experts ({rec['moved_inter']} across nodes), "
-              f"{rec['migration_bytes']} bytes ({rec['bytes_per_expert']} per expert), "
+              f"{plural(rec['moved_experts'], 'expert')} ({rec['moved_inter']} across nodes), "
+              f"{human_bytes(rec['migration_bytes'])} ({human_bytes(rec['bytes_per_expert'])} per "
+              f"expert), "
               f"cost {rec['migration_cost']:.3g} {rec['unit']}")
         print(f"  recommended: {'adopt' if rec['recommended'] else 'keep'} ({rec['reason']})")
-    print(f"  adopted: {'yes' if rec['adopted'] else 'no'}; {x['moved_bytes']} bytes moved "
+    print(f"  adopted: {'yes' if rec['adopted'] else 'no'}; {human_bytes(x['moved_bytes'])} moved "
           f"between ranks in {x['adopt_seconds']:.3f} s")
     print(f"  routes on steps {first}..{last}   home inter  intra   sample inter  intra   "
           f"joint inter  intra")
@@ -258,7 +299,8 @@ def _print_experts(x: dict[str, Any]) -> None:
     print(f"    {'total':<29}{h['inter']:>10} {h['intra']:>6} {s['inter']:>14} {s['intra']:>6} "
           f"{j['inter']:>13} {j['intra']:>6}")
     print(f"  inter-node routes vs home: sample-only {100 * x['sample_only_reduction']:.1f}% "
-          f"fewer, joint {100 * x['joint_reduction']:.1f}% fewer; {x['fallbacks']} fallbacks; "
+          f"fewer, joint {100 * x['joint_reduction']:.1f}% fewer; "
+          f"{plural(x['fallbacks'], 'fallback')}; "
           f"losses equal within {x['max_loss_rel_diff']:.1e} relative")
 
 
@@ -266,8 +308,9 @@ def _print(r: dict[str, Any]) -> None:
     home, net, cfg = r["home"], r["netmoe"], r["config"]
     world = cfg["nodes"] * cfg["gpus_per_node"]
     print(
-        f"netmoe demo: {cfg['nodes']} nodes x {cfg['gpus_per_node']} GPUs, {cfg['steps']} steps, "
-        f"{cfg['layers']} MoE layers, E={cfg['experts_per_device'] * world}, top-{cfg['top_k']}"
+        f"netmoe demo: {plural(cfg['nodes'], 'node')} x {plural(cfg['gpus_per_node'], 'GPU')}, "
+        f"{plural(cfg['steps'], 'step')}, {plural(cfg['layers'], 'MoE layer')}, "
+        f"E={cfg['experts_per_device'] * world}, top-{cfg['top_k']}"
     )
     print("routes (dispatch + combine, all steps)   home inter  intra   netmoe inter  intra")
     rows = [*zip(home["per_layer"], net["per_layer"], strict=True)]
@@ -284,7 +327,7 @@ def _print(r: dict[str, Any]) -> None:
     print(
         f"solver latency (median): {r['solver_ms_median']:.2f} ms; training waited "
         f"{net['plan_wait_seconds']:.3f} s for plans ({100 * wait_share:.1f}% of step time); "
-        f"{net['fallbacks']} fallbacks"
+        f"{plural(net['fallbacks'], 'fallback')}"
     )
     print(
         f"control exchanges before All-to-Alls (split sizes, plan agreement) per rank: home "
@@ -292,7 +335,8 @@ def _print(r: dict[str, Any]) -> None:
     )
     print(
         f"All-to-All seconds per rank: home {home['a2a_seconds']:.3f}, "
-        f"netmoe {net['a2a_seconds']:.3f}"
+        f"netmoe {net['a2a_seconds']:.3f} (gloo over loopback on one machine: no network to "
+        f"save on; `netmoe bench cluster` measures emulated links)"
     )
     print(
         f"losses equal within {r['max_loss_rel_diff']:.1e} relative; last step: "
@@ -300,5 +344,3 @@ def _print(r: dict[str, Any]) -> None:
     )
     if "expert_placement" in r:
         _print_experts(r["expert_placement"])
-    if r["metrics_url"]:
-        print(f"metrics: {r['metrics_url']}")

@@ -3,14 +3,36 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
+from netmoe.cli import positive, positive_float
 from netmoe.convert import add_source_arguments, read_trace
-from netmoe.trace import sample_counts
+from netmoe.round import BW_INTER, BW_INTRA
+from netmoe.text import human_bytes, plural, table
+from netmoe.trace import Trace, sample_counts
+
+DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "fp8": 1}
+
+
+@dataclass(frozen=True)
+class Links:
+    """What one route costs in the alpha-beta model: bytes_per_route = hidden size x dtype size,
+    bandwidths in bytes/s per channel (the paper's cluster: 400 GB/s intra, 100 GB/s inter)."""
+
+    bytes_per_route: int = 4096 * 2
+    bw_intra: float = BW_INTRA
+    bw_inter: float = BW_INTER
+
+    def topology(self, nodes: int, gpus_per_node: int, experts: int) -> Any:
+        from netmoe.solver import Topology
+
+        return Topology(nodes, gpus_per_node, experts, bw_intra=self.bw_intra,
+                        bw_inter=self.bw_inter, bytes_per_route=self.bytes_per_route)
 
 
 @dataclass(frozen=True)
@@ -22,18 +44,20 @@ class PairResult:
     baseline: tuple[int, int]  # (inter, intra) routes at home
     netmoe: tuple[int, int]
     solve_ms: float
-    joint: dict[str, Any] | None = None  # with fitted experts: inter, intra, experts, placement
+    joint: dict[str, Any] | None = None  # fitted experts: inter, intra, ms, experts, placement
+    ms: tuple[float, float] = (0.0, 0.0)  # modelled All-to-All ms (home, netmoe), Links
 
 
 def evaluate(
-    counts: np.ndarray, nodes: int, gpus_per_node: int, objective: str = "volume"
+    counts: np.ndarray, nodes: int, gpus_per_node: int, objective: str = "volume",
+    links: Links = Links(),
 ) -> list[PairResult]:
     """counts: [L, I, E] int64 routes per layer, sample and expert. Experts on device e // (E/J),
     sample i at home on device i // (I/J)."""
-    from netmoe.solver import Topology, solve
+    from netmoe.solver import solve
 
     layers, samples, experts = counts.shape
-    topo = Topology(nodes, gpus_per_node, experts)
+    topo = links.topology(nodes, gpus_per_node, experts)
     if samples % topo.devices:
         raise ValueError(
             f"samples={samples} is not divisible by devices={topo.devices}; "
@@ -52,23 +76,24 @@ def evaluate(
                 baseline=(plan.before.inter, plan.before.intra),
                 netmoe=(plan.after.inter, plan.after.intra),
                 solve_ms=plan.solve_seconds * 1e3,
+                ms=(plan.before.seconds * 1e3, plan.after.seconds * 1e3),
             )
         )
     return results
 
 
 def evaluate_joint(
-    counts: np.ndarray, nodes: int, gpus_per_node: int, objective: str = "volume"
+    counts: np.ndarray, nodes: int, gpus_per_node: int, objective: str = "volume",
+    links: Links = Links(),
 ) -> tuple[np.ndarray, list[PairResult]]:
     """Fits expert placement on the samples with the lower half of the ids and evaluates home,
     sample-only and joint placement on the rest (held out, in id order, the k-th of them home
     on device k // (held-out count / J)). counts: [L, I, E] int64.
     Returns the held-out counts [L, I - I/2, E] and the held-out pair results."""
-    from netmoe.solver import Topology
     from netmoe.solver.experts import evaluate_experts, fit_experts
 
     samples = counts.shape[1]
-    topo = Topology(nodes, gpus_per_node, counts.shape[2])
+    topo = links.topology(nodes, gpus_per_node, counts.shape[2])
     half = samples // 2
     if half == 0 or half % topo.devices or (samples - half) % topo.devices:
         raise ValueError(
@@ -78,45 +103,60 @@ def evaluate_joint(
     held = counts[:, half:]
     fit = fit_experts(topo, [counts[:, :half]])
     ev = evaluate_experts(topo, [held], fit.array())
-    pairs = evaluate(held, nodes, gpus_per_node, objective)
+    pairs = evaluate(held, nodes, gpus_per_node, objective, links)
     out = []
     for pair, pe in zip(pairs, ev.pairs, strict=True):
         first, second = pe.layers
         joint = {
             "inter": pe.joint.inter,
             "intra": pe.joint.intra,
+            "ms": pe.joint.seconds * 1e3,
             "experts": [list(ev.maps[first]), list(ev.maps[second])],
             "placement": list(ev.joint_devices[0][first]),
         }
-        out.append(PairResult(pair.layer, pair.placement, pair.baseline, pair.netmoe,
-                              pair.solve_ms, joint))
+        out.append(dataclasses.replace(pair, joint=joint))
     return held, out
 
 
-def report(counts: np.ndarray, nodes: int, gpus: int, pairs: list[PairResult]) -> dict[str, Any]:
-    """The --json object. counts: [L, I, E] of the samples the pairs describe."""
-    base = sum(p.baseline[0] for p in pairs)
-    placed = sum(p.netmoe[0] for p in pairs)
-    total: dict[str, Any] = {
-        "baseline": {"inter": base, "intra": sum(p.baseline[1] for p in pairs)},
-        "netmoe": {"inter": placed, "intra": sum(p.netmoe[1] for p in pairs)},
-        "inter_reduction": 0.0 if base == 0 else 1.0 - placed / base,
-    }
+def _routes(inter: int, intra: int, ms: float, links: Links) -> dict[str, Any]:
+    return {"inter": inter, "intra": intra, "inter_bytes": inter * links.bytes_per_route,
+            "intra_bytes": intra * links.bytes_per_route, "ms": round(ms, 6)}
+
+
+def report(
+    counts: np.ndarray, nodes: int, gpus: int, pairs: list[PairResult], links: Links = Links(),
+    layer_ids: tuple[int, ...] | None = None,
+) -> dict[str, Any]:
+    """The --json object. counts: [L, I, E] of the samples the pairs describe; layer_ids: the
+    trace's number of each of the L layers (default 0..L-1)."""
+    ids = layer_ids or tuple(range(counts.shape[0]))
+    kinds = {"baseline": lambda p: (*p.baseline, p.ms[0]),
+             "netmoe": lambda p: (*p.netmoe, p.ms[1])}
     if pairs and pairs[0].joint is not None:
-        joint = sum(p.joint["inter"] for p in pairs)
-        total["joint"] = {"inter": joint, "intra": sum(p.joint["intra"] for p in pairs)}
-        total["joint_inter_reduction"] = 0.0 if base == 0 else 1.0 - joint / base
+        kinds["joint"] = lambda p: (p.joint["inter"], p.joint["intra"], p.joint["ms"])
+    total: dict[str, Any] = {
+        kind: _routes(*(sum(get(p)[c] for p in pairs) for c in range(3)), links)
+        for kind, get in kinds.items()
+    }
+    base = total["baseline"]["inter"]
+    total["inter_reduction"] = _saved(base, total["netmoe"]["inter"])
+    if "joint" in total:
+        total["joint_inter_reduction"] = _saved(base, total["joint"]["inter"])
     return {
         "devices": nodes * gpus,
         "nodes": nodes,
         "samples": int(counts.shape[1]),
         "experts": int(counts.shape[2]),
+        "bytes_per_route": links.bytes_per_route,
+        "bw_intra": links.bw_intra,
+        "bw_inter": links.bw_inter,
         "pairs": [
             {
                 "layer": p.layer,
+                "layers": [ids[p.layer]] + ([ids[p.layer + 1]] if len(ids) > 1 else []),
                 "placement": list(p.placement),
-                "baseline": {"inter": p.baseline[0], "intra": p.baseline[1]},
-                "netmoe": {"inter": p.netmoe[0], "intra": p.netmoe[1]},
+                "baseline": _routes(*p.baseline, p.ms[0], links),
+                "netmoe": _routes(*p.netmoe, p.ms[1], links),
                 "solve_ms": round(p.solve_ms, 3),
             }
             | ({} if p.joint is None else {"joint": p.joint})
@@ -126,46 +166,89 @@ def report(counts: np.ndarray, nodes: int, gpus: int, pairs: list[PairResult]) -
     }
 
 
+def _saved(before: float, after: float) -> float:
+    return 0.0 if before == 0 else 1.0 - after / before
+
+
 def _text(rep: dict[str, Any]) -> str:
+    gpus = rep["devices"] // rep["nodes"]
     lines = [
-        f"{rep['samples']} samples, {rep['experts']} experts, {rep['nodes']} nodes x "
-        f"{rep['devices'] // rep['nodes']} GPUs",
-        f"{'pair':>8} {'inter home':>11} {'inter netmoe':>13} {'saved':>7} "
-        f"{'intra home':>11} {'intra netmoe':>13} {'solve ms':>9}"
-        + (f" {'inter joint':>11}" if "joint" in rep["total"] else ""),
+        f"{plural(rep['samples'], 'sample')}, {plural(rep['experts'], 'expert')}, "
+        f"{plural(rep['nodes'], 'node')} x {plural(gpus, 'GPU')}; one route carries "
+        f"{human_bytes(rep['bytes_per_route'])}, links {rep['bw_intra'] / 1e9:g} GB/s intra-node, "
+        f"{rep['bw_inter'] / 1e9:g} GB/s inter-node",
+        "per layer pair (gather of l + scatter of l+1, one forward pass; backward repeats it):",
     ]
+    joint = "joint" in rep["total"]
+    head = ["layers", "inter home", "inter netmoe", "saved", "intra home", "intra netmoe",
+            "ms home", "ms netmoe", "solve ms"]
+    if joint:
+        head += ["inter fit", "fit saved", "ms fit"]
+    rows = []
     for p in rep["pairs"]:
         b, n = p["baseline"], p["netmoe"]
-        saved = 0.0 if b["inter"] == 0 else 1 - n["inter"] / b["inter"]
-        joint = f" {p['joint']['inter']:>11}" if "joint" in p else ""
-        lines.append(
-            f"{p['layer']:>3},{p['layer'] + 1:<4} {b['inter']:>11} {n['inter']:>13} "
-            f"{saved:>7.1%} {b['intra']:>11} {n['intra']:>13} {p['solve_ms']:>9.2f}{joint}"
-        )
+        row = [",".join(map(str, p["layers"])), b["inter"], n["inter"],
+               f"{_saved(b['inter'], n['inter']):.1%}", b["intra"], n["intra"],
+               f"{b['ms']:.3f}", f"{n['ms']:.3f}", f"{p['solve_ms']:.2f}"]
+        if joint:
+            j = p["joint"]
+            row += [j["inter"], f"{_saved(b['inter'], j['inter']):.1%}", f"{j['ms']:.3f}"]
+        rows.append(row)
+    lines += table(head, rows)
     t = rep["total"]
+    b, n = t["baseline"], t["netmoe"]
     lines.append(
-        f"total: inter-node routes {t['baseline']['inter']} -> {t['netmoe']['inter']} "
-        f"({t['inter_reduction']:.1%} less), intra-node {t['baseline']['intra']} -> "
-        f"{t['netmoe']['intra']}"
+        f"total: inter-node {human_bytes(b['inter_bytes'])} -> {human_bytes(n['inter_bytes'])} "
+        f"({t['inter_reduction']:.1%} less; {b['inter']} -> {n['inter']} routes), intra-node "
+        f"{human_bytes(b['intra_bytes'])} -> {human_bytes(n['intra_bytes'])}; modelled "
+        f"All-to-All time {b['ms']:.3f} -> {n['ms']:.3f} ms"
     )
-    if "joint" in t:
+    if joint:
+        j = t["joint"]
         lines.append(
-            f"held-out samples only; with experts fitted on the other half (joint): inter-node "
-            f"routes {t['baseline']['inter']} -> {t['joint']['inter']} "
-            f"({t['joint_inter_reduction']:.1%} less), intra-node {t['joint']['intra']}"
+            f"held-out samples only; with experts fitted on the other half (fit): inter-node "
+            f"{human_bytes(j['inter_bytes'])} ({t['joint_inter_reduction']:.1%} less than home), "
+            f"intra-node {human_bytes(j['intra_bytes'])}; modelled time {j['ms']:.3f} ms"
         )
     return "\n".join(lines)
 
 
+def check_args(args: argparse.Namespace, trace: Trace) -> int:
+    """The experts per layer to count with; ValueError names the flag that disagrees with the
+    trace."""
+    top = int(trace.topk_ids.max())
+    if args.experts is not None:
+        if trace.num_experts is not None and args.experts != trace.num_experts:
+            raise ValueError(f"--experts {args.experts} disagrees with the trace's "
+                             f"num_experts={trace.num_experts} (leave --experts out)")
+        if top >= args.experts:
+            raise ValueError(f"--experts {args.experts}, but the trace names expert {top}")
+    if trace.sample_ids is None:
+        tps = args.tokens_per_sample
+        if tps is None:
+            raise ValueError("the trace has no sample_ids: pass --tokens-per-sample")
+        if trace.tokens % tps:
+            raise ValueError(f"--tokens-per-sample {tps} does not divide the trace's "
+                             f"{trace.tokens} tokens")
+    return args.experts or trace.num_experts or top + 1
+
+
 def run(args: argparse.Namespace) -> int:
     trace = read_trace(args)
-    experts = args.experts or trace.num_experts or int(trace.topk_ids.max()) + 1
+    experts = check_args(args, trace)
+    links = Links(args.hidden_size * DTYPE_BYTES[args.dtype], args.bw_intra * 1e9,
+                  args.bw_inter * 1e9)
     counts = sample_counts(trace, experts, args.tokens_per_sample)
+    devices = args.nodes * args.gpus_per_node
+    if experts % devices:
+        raise ValueError(f"{experts} experts do not spread evenly over --nodes {args.nodes} x "
+                         f"--gpus-per-node {args.gpus_per_node} = {devices} devices")
     if args.expert_placement == "fit":
-        counts, pairs = evaluate_joint(counts, args.nodes, args.gpus_per_node, args.objective)
+        counts, pairs = evaluate_joint(counts, args.nodes, args.gpus_per_node, args.objective,
+                                       links)
     else:
-        pairs = evaluate(counts, args.nodes, args.gpus_per_node, args.objective)
-    rep = report(counts, args.nodes, args.gpus_per_node, pairs)
+        pairs = evaluate(counts, args.nodes, args.gpus_per_node, args.objective, links)
+    rep = report(counts, args.nodes, args.gpus_per_node, pairs, links, trace.layer_ids)
     print(json.dumps(rep) if args.json else _text(rep))
     return 0
 
@@ -175,21 +258,35 @@ def register(sub: argparse._SubParsersAction) -> None:
         "evaluate",
         help="replay a routing trace and report what sample placement would save",
         description="Replays a recorded routing trace (.npz: topk_ids [L, T, K], optional "
-        "sample_ids [T] and num_experts) and reports, per consecutive layer pair, the inter- and "
-        "intra-node routes of the home placement and of the optimal placement.",
+        "sample_ids [T], num_experts and layer_ids [L]) and reports, per consecutive layer pair, "
+        "the inter- and intra-node routes, bytes and modelled All-to-All time (alpha-beta model, "
+        "max of the two channels) of the home placement and of the optimal placement.",
     )
-    p.add_argument("--trace", required=True, help="trace file (.npz)")
+    p.add_argument("--trace", required=True,
+                   help="trace file (.npz), or a directory with --trace-format megatron")
     add_source_arguments(p)
-    p.add_argument("--nodes", type=int, default=2)
-    p.add_argument("--gpus-per-node", type=int, default=4)
-    p.add_argument("--tokens-per-sample", type=int, default=None,
+    p.add_argument("--nodes", type=positive, default=2, help="nodes of the modelled cluster")
+    p.add_argument("--gpus-per-node", type=positive, default=4, help="GPUs per node")
+    p.add_argument("--tokens-per-sample", type=positive, default=None,
                    help="cut the token stream into samples of this many tokens "
                    "(needed when the trace has no sample_ids)")
-    p.add_argument("--experts", type=int, default=None,
-                   help="experts per layer (default: from the trace)")
-    p.add_argument("--objective", choices=("volume", "bottleneck"), default="volume")
+    p.add_argument("--experts", type=positive, default=None,
+                   help="experts per layer (default: the trace's num_experts, else its largest "
+                   "expert id + 1); must agree with the trace's num_experts")
+    p.add_argument("--hidden-size", type=positive, default=4096,
+                   help="hidden size of the model: elements one route carries")
+    p.add_argument("--dtype", choices=tuple(DTYPE_BYTES), default="bf16",
+                   help="element type of the All-to-All payload")
+    p.add_argument("--bw-intra", type=positive_float, default=400.0,
+                   help="intra-node bandwidth, GB/s (NVLink)")
+    p.add_argument("--bw-inter", type=positive_float, default=100.0,
+                   help="inter-node bandwidth, GB/s (InfiniBand)")
+    p.add_argument("--objective", choices=("volume", "bottleneck"), default="volume",
+                   help="volume: fewest inter-node routes over the machine; bottleneck: the "
+                   "busiest node's inter-node routes")
     p.add_argument("--expert-placement", choices=("current", "fit"), default="current",
-                   help="fit: fit expert placement on the lower half of the sample ids and "
-                   "report home, sample-only and joint placement on the held-out rest")
+                   help="current: experts where expert parallelism puts them (expert e on device "
+                   "e // (E/J)); fit: fit expert placement on the lower half of the sample ids "
+                   "and report home, sample-only and joint placement on the held-out rest")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=run)

@@ -292,6 +292,5 @@ def load_megatron(
     sample_ids = np.repeat(np.arange(samples, dtype=np.int64), layout.seq_length)
     decoder = [k[2] for k in keys if k[0] == "decoder"]
     base = max(decoder) + 1 if decoder else 0
-    layer_ids = np.array(decoder + list(range(base, base + len(keys) - len(decoder))),
-                         dtype=np.int64)
+    layer_ids = (*decoder, *range(base, base + len(keys) - len(decoder)))
     return Trace(topk_ids, sample_ids, None, layer_ids, "megatron")

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
+from netmoe.cli import positive
+
 
 def samples_from_stream(stream: np.ndarray, seq_length: int, pad_id: int
                         ) -> tuple[np.ndarray, np.ndarray]:
@@ -134,10 +136,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     src.add_argument("--text", metavar="FILE", help="UTF-8 text, tokenized as one stream")
     src.add_argument("--token-ids", metavar="FILE.npy",
                      help="token ids: a stream [T] or samples [N, seq-length]")
-    p.add_argument("--seq-length", type=int, required=True, help="tokens per sample")
-    p.add_argument("--samples", type=int, default=None, help="record at most this many samples")
-    p.add_argument("--batch-size", type=int, default=8, help="samples per forward pass")
-    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
-    p.add_argument("--out", required=True, metavar="TRACE.npz")
+    p.add_argument("--seq-length", type=positive, required=True, help="tokens per sample")
+    p.add_argument("--samples", type=positive, default=None,
+                   help="record at most this many samples (default: all)")
+    p.add_argument("--batch-size", type=positive, default=8, help="samples per forward pass")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="where the model runs")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                   help="the model's parameter dtype while recording")
+    p.add_argument("--out", required=True, metavar="TRACE.npz", help="the trace file to write")
     p.set_defaults(func=run)

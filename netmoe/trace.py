@@ -5,19 +5,24 @@ Arrays in the file:
                              ([T, K] is read as one layer)
   sample_ids  int [T]        optional: the sample each token belongs to
   num_experts int scalar     optional: experts per layer (else given, or max id + 1)
-  layer_ids   int [L]        optional: the model's number of each layer (dense layers skipped)
+  layer_ids   int [L]        optional: the model's number of each recorded MoE layer (increasing)
   model_type  str scalar     optional: where the routing comes from ("mixtral", "megatron", ...)
 Consecutive layers must be consecutive MoE layers of the model, so (l, l+1) pairs are real.
 """
 
 from __future__ import annotations
 
+import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 KNOWN = {"topk_ids", "sample_ids", "num_experts", "layer_ids", "model_type"}
+# Largest route-count array sample_counts allocates (layers x samples x experts int64, 1 GiB):
+# a corrupt expert id must end in an error, not in an out-of-memory kill.
+MAX_COUNT_CELLS = 1 << 27
 
 
 @dataclass(frozen=True)
@@ -25,7 +30,7 @@ class Trace:
     topk_ids: np.ndarray  # [L, T, K] int64
     sample_ids: np.ndarray | None  # [T] int64
     num_experts: int | None
-    layer_ids: np.ndarray | None = None  # [L] int64
+    layer_ids: tuple[int, ...] | None = None  # [L]
     model_type: str | None = None
 
     @property
@@ -39,59 +44,92 @@ class Trace:
 
 def _ints(name: str, arr: np.ndarray) -> np.ndarray:
     if not np.issubdtype(arr.dtype, np.integer):
-        raise ValueError(f"trace field {name} must hold integers, got dtype {arr.dtype}")
+        raise ValueError(f"field {name} must hold integers, got dtype {arr.dtype}")
     if arr.size and int(arr.min()) < 0:
-        raise ValueError(f"trace field {name} holds a negative value {int(arr.min())}")
+        raise ValueError(f"field {name} holds a negative value {int(arr.min())}")
     return arr.astype(np.int64)
 
 
-def load_trace(path: str | Path) -> Trace:
-    """Reads and checks a trace file; errors name the field and the offending value."""
+def _open(path: str | Path) -> np.lib.npyio.NpzFile:
+    """The .npz archive at path; ValueError says what the file is instead."""
     try:
-        data = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as err:
-        raise ValueError(f"cannot read trace {str(path)!r}: {err}") from err
-    with data:
-        if "topk_ids" not in data.files:
-            raise ValueError(f"trace {str(path)!r} has no topk_ids array (found {data.files})")
-        topk = _ints("topk_ids", data["topk_ids"])
-        if topk.ndim == 2:
-            topk = topk[None]
-        if topk.ndim != 3 or 0 in topk.shape:
-            raise ValueError(f"trace field topk_ids must be [L, T, K], got shape {topk.shape}")
-        sample_ids = None
-        if "sample_ids" in data.files:
-            sample_ids = _ints("sample_ids", data["sample_ids"])
-            if sample_ids.shape != (topk.shape[1],):
-                raise ValueError(
-                    f"trace field sample_ids must have shape ({topk.shape[1]},) to match "
-                    f"topk_ids {topk.shape}, got {sample_ids.shape}"
-                )
-        num_experts = None
-        if "num_experts" in data.files:
-            raw = data["num_experts"]
-            if raw.shape != () or not np.issubdtype(raw.dtype, np.integer) or int(raw) <= 0:
-                raise ValueError(f"trace field num_experts must be a positive integer, got {raw!r}")
-            num_experts = int(raw)
-            if int(topk.max()) >= num_experts:
-                raise ValueError(
-                    f"trace field topk_ids holds expert {int(topk.max())}, "
-                    f"but num_experts={num_experts}"
-                )
-        layer_ids = None
-        if "layer_ids" in data.files:
-            layer_ids = _ints("layer_ids", data["layer_ids"])
-            if layer_ids.shape != (topk.shape[0],):
-                raise ValueError(
-                    f"trace field layer_ids must have shape ({topk.shape[0]},) to match "
-                    f"topk_ids {topk.shape}, got {layer_ids.shape}"
-                )
-        model_type = None
-        if "model_type" in data.files:
-            raw = data["model_type"]
-            if raw.shape != () or raw.dtype.kind != "U":
-                raise ValueError(f"trace field model_type must be a string, got {raw!r}")
-            model_type = str(raw)
+        with open(path, "rb") as f:
+            magic = f.read(6)
+    except OSError as err:
+        raise ValueError(f"cannot read trace {str(path)!r}: {err.strerror}") from None
+    if magic == b"\x93NUMPY":
+        raise ValueError(f"trace {str(path)!r} is a single .npy array, not an .npz archive: save "
+                         f"it with np.savez(path, topk_ids=array)")
+    if not magic.startswith(b"PK"):
+        raise ValueError(f"trace {str(path)!r} is not an .npz archive (it starts with "
+                         f"{magic!r}, not a zip header)")
+    try:
+        return np.load(path, allow_pickle=False)
+    except (OSError, ValueError, zipfile.BadZipFile) as err:
+        raise ValueError(f"trace {str(path)!r} is not a readable .npz archive "
+                         f"(truncated?): {err}") from None
+
+
+def load_trace(path: str | Path) -> Trace:
+    """Reads and checks a trace file; errors name the file, the field and the offending value."""
+    data = _open(path)
+    try:
+        with data:
+            return _parse(data)
+    except ValueError as err:
+        raise ValueError(f"trace {str(path)!r}: {err}") from None
+    except (OSError, EOFError, zipfile.BadZipFile, zlib.error) as err:
+        # A damaged member shows up only when it is read.
+        raise ValueError(f"trace {str(path)!r} is damaged (truncated?): {err}") from None
+
+
+def _field(data: np.lib.npyio.NpzFile, name: str) -> np.ndarray:
+    try:
+        return data[name]
+    except ValueError as err:  # object arrays need pickle, which a trace never does
+        raise ValueError(f"field {name} cannot be read without pickle ({err}); a trace holds "
+                         f"integer arrays only") from None
+
+
+def _parse(data: np.lib.npyio.NpzFile) -> Trace:
+    if "topk_ids" not in data.files:
+        raise ValueError(f"has no topk_ids array (found {data.files})")
+    topk = _ints("topk_ids", _field(data, "topk_ids"))
+    if topk.ndim == 2:
+        topk = topk[None]
+    if topk.ndim != 3 or 0 in topk.shape:
+        raise ValueError(f"field topk_ids must be [L, T, K], got shape {topk.shape}")
+    sample_ids = None
+    if "sample_ids" in data.files:
+        sample_ids = _ints("sample_ids", _field(data, "sample_ids"))
+        if sample_ids.shape != (topk.shape[1],):
+            raise ValueError(
+                f"field sample_ids must have shape ({topk.shape[1]},) to match "
+                f"topk_ids {topk.shape}, got {sample_ids.shape}"
+            )
+    num_experts = None
+    if "num_experts" in data.files:
+        raw = _field(data, "num_experts")
+        if raw.shape != () or not np.issubdtype(raw.dtype, np.integer) or int(raw) <= 0:
+            raise ValueError(f"field num_experts must be a positive integer, got {raw!r}")
+        num_experts = int(raw)
+        if int(topk.max()) >= num_experts:
+            raise ValueError(
+                f"field topk_ids holds expert {int(topk.max())}, but num_experts={num_experts}"
+            )
+    layer_ids = None
+    if "layer_ids" in data.files:
+        raw = _ints("layer_ids", _field(data, "layer_ids"))
+        if raw.shape != (topk.shape[0],) or np.any(np.diff(raw) <= 0):
+            raise ValueError(f"field layer_ids must be {topk.shape[0]} increasing layer numbers "
+                             f"(one per layer of topk_ids), got {raw.tolist()}")
+        layer_ids = tuple(int(x) for x in raw)
+    model_type = None
+    if "model_type" in data.files:
+        raw = _field(data, "model_type")
+        if raw.shape != () or raw.dtype.kind != "U":
+            raise ValueError(f"field model_type must be a string, got {raw!r}")
+        model_type = str(raw)
     return Trace(topk, sample_ids, num_experts, layer_ids, model_type)
 
 
@@ -100,7 +138,7 @@ def save_trace(
     topk_ids: np.ndarray,
     sample_ids: np.ndarray | None = None,
     num_experts: int | None = None,
-    layer_ids: np.ndarray | None = None,
+    layer_ids: object | None = None,
     model_type: str | None = None,
 ) -> None:
     """Writes topk_ids [L, T, K] int, sample_ids [T] int, num_experts, layer_ids [L] int and
@@ -142,6 +180,12 @@ def sample_counts(
         sample = np.arange(trace.tokens) // tokens_per_sample
     samples = int(sample.max()) + 1
     layers = trace.layers
+    if layers * samples * experts > MAX_COUNT_CELLS:
+        raise ValueError(
+            f"route counts of {layers} layers x {samples} samples x {experts} experts would "
+            f"exceed {MAX_COUNT_CELLS} cells; topk_ids names expert {int(trace.topk_ids.max())}: "
+            f"a corrupt id, or give the number of experts"
+        )
     counts = np.zeros((layers, samples * experts), dtype=np.int64)
     flat = (sample[:, None] * experts + trace.topk_ids).reshape(layers, -1)
     for layer in range(layers):

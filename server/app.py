@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import errno
 import logging
 import signal
+import socket
 import threading
 from collections.abc import Sequence
 
@@ -42,6 +44,35 @@ from .servicer import PlacementServicer
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["PlacementService"].full_name
+
+
+class PortUnavailable(ValueError):
+    """A configured port cannot be listened on (taken by another process, or not local)."""
+
+
+def _unavailable(field: str, host: str, port: int, why: str) -> PortUnavailable:
+    flag = "--" + field.replace("_", "-")
+    return PortUnavailable(f"{flag} {port}: cannot listen on {host}:{port}: {why}")
+
+
+def check_port_free(field: str, host: str, port: int) -> None:
+    """Raises PortUnavailable when another socket listens on host:port (port 0: any free port).
+    gRPC's own bind failure comes with a C-core log line and no reason, hence this probe."""
+    if port == 0:
+        return
+    try:
+        infos = socket.getaddrinfo(host.strip("[]"), port, type=socket.SOCK_STREAM)
+    except socket.gaierror as err:
+        raise _unavailable(field, host, port, err.strerror) from None
+    for family, kind, proto, _, address in infos:
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind(address)
+            except OSError as err:
+                why = ("another process listens there" if err.errno == errno.EADDRINUSE
+                       else err.strerror)
+                raise _unavailable(field, host, port, why) from None
 
 
 class PlacementServer:
@@ -97,24 +128,33 @@ class PlacementServer:
              reflection.SERVICE_NAME],
             server,
         )
+        metrics_host = cfg.metrics_host or cfg.host
+        check_port_free("port", cfg.host, cfg.port)
+        if cfg.metrics_port is not None:
+            check_port_free("metrics_port", metrics_host, cfg.metrics_port)
         address = f"{cfg.host}:{cfg.port}"
-        if self._credentials is None:
-            self.port = server.add_insecure_port(address)
-        else:
-            self.port = server.add_secure_port(address, self._credentials)
-        if self.port == 0:
-            raise OSError(f"could not bind the gRPC port {address}")
+        try:
+            if self._credentials is None:
+                self.port = server.add_insecure_port(address)
+            else:
+                self.port = server.add_secure_port(address, self._credentials)
+        except RuntimeError:  # taken between the probe and here
+            raise _unavailable("port", cfg.host, cfg.port, "gRPC failed to bind it") from None
+        if cfg.metrics_port is not None:
+            try:
+                self.metrics_port = self.metrics.serve_http(metrics_host, cfg.metrics_port)
+            except OSError as err:
+                await server.stop(None)
+                raise _unavailable("metrics_port", metrics_host, cfg.metrics_port,
+                                   err.strerror or str(err)) from None
         await server.start()
         self._server = server
         await self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
-        if cfg.metrics_port is not None:
-            self.metrics_port = self.metrics.serve_http(cfg.metrics_host or cfg.host,
-                                                        cfg.metrics_port)
         log.info(
-            "netmoe serve: gRPC on %s:%d (%s), metrics on %s", cfg.host, self.port,
+            "netmoe serve: gRPC on %s:%d (%s), %s", cfg.host, self.port,
             "TLS" if self._credentials else "plaintext",
-            f"http://{cfg.metrics_host or cfg.host}:{self.metrics_port}/metrics"
-            if self.metrics_port is not None else "disabled",
+            f"metrics on http://{metrics_host}:{self.metrics_port}/metrics"
+            if self.metrics_port is not None else "metrics disabled",
         )
         log.info("netmoe serve: authentication: %s", security.describe(cfg))
         security.warn_if_exposed(cfg)
@@ -216,22 +256,28 @@ def start(
 
 
 def serve(config: ServerConfig, **kwargs: object) -> int:
-    """Runs until SIGTERM or SIGINT, then drains. Returns the exit code."""
+    """Runs until SIGTERM or SIGINT, then drains. Returns the exit code: 0 after SIGTERM (an
+    orderly stop), 130 after SIGINT (Ctrl-C, as shells report an interrupted command)."""
+    signals: list[signal.Signals] = []
 
     async def main() -> None:
         server = PlacementServer(config, **kwargs)  # type: ignore[arg-type]
-        await server.start()
         loop = asyncio.get_running_loop()
         draining: list[asyncio.Task[None]] = []
 
         def on_signal(sig: signal.Signals) -> None:
             log.info("netmoe serve: got %s", sig.name)
+            signals.append(sig)
             if not draining:
                 draining.append(loop.create_task(server.drain()))
 
+        # Before start: a signal right after the startup log line must drain, not kill.
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, on_signal, sig)
+        await server.start()
+        if draining:  # the signal came while starting, when there was nothing to drain yet
+            await server.drain()
         await server.wait_stopped()
 
     asyncio.run(main())
-    return 0
+    return 130 if signals[:1] == [signal.SIGINT] else 0

@@ -134,6 +134,12 @@ def run(args: argparse.Namespace) -> int:
 
     from netmoe.server.app import serve
 
-    level = args.log_level or os.environ.get(env_name("--log-level"), "INFO")
+    source, level = "--log-level", args.log_level
+    if level is None:
+        source, level = env_name("--log-level"), os.environ.get(env_name("--log-level"), "INFO")
+    names = [n for n in logging.getLevelNamesMapping() if n not in ("NOTSET", "WARN", "FATAL")]
+    if level.upper() not in names:
+        raise ValueError(f"{source}={level!r} is not a log level (one of {', '.join(names)})")
+    config = config_from_args(args)
     logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(message)s")
-    return serve(config_from_args(args))
+    return serve(config)

@@ -93,6 +93,9 @@ class ServerConfig:
                 continue
             if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 65535:
                 raise ValueError(f"{name} must be an integer port in [0, 65535], got {value!r}")
+        if self.port and self.metrics_port == self.port and self.metrics_host in (None, self.host):
+            raise ValueError(f"metrics_port={self.metrics_port} equals port: the metrics endpoint "
+                             f"needs a port of its own")
         for name in ("max_message_bytes", "solver_threads", "max_jobs", "max_pending_rounds",
                      "finished_memory", "max_world_size", "max_report_cells",
                      "expert_window_steps", "expert_window_bytes"):
@@ -115,4 +118,6 @@ class ServerConfig:
             # Workers may ping idle streams between steps; do not GOAWAY them for it.
             ("grpc.http2.min_ping_interval_without_data_ms", 5000),
             ("grpc.keepalive_permit_without_calls", 1),
+            # Off: with SO_REUSEPORT a second server on a taken port starts and splits the jobs.
+            ("grpc.so_reuseport", 0),
         ]

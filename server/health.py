@@ -1,8 +1,8 @@
 """``netmoe health``: gRPC health probe of a running service (Docker HEALTHCHECK, kubelet exec).
 
 Exit code 0 when the service answers SERVING within the timeout, 1 otherwise (NOT_SERVING while
-draining, unreachable, TLS or auth failure), 2 for bad options. The address defaults to
-127.0.0.1:$NETMOE_PORT, so a container probes whatever port its server was configured with.
+draining, unreachable, TLS or auth failure), 2 for bad options. The address (--server) defaults
+to 127.0.0.1:$NETMOE_PORT, so a container probes whatever port its server was configured with.
 The token options read the same variables as ``netmoe serve``; TLS options have their own
 (NETMOE_HEALTH_TLS_*), since the probe is a client and verifies the server.
 """
@@ -25,7 +25,7 @@ _OPTIONS: list[tuple[str, str, str]] = [
     ("--tls-cert", "NETMOE_HEALTH_TLS_CERT", "PEM client certificate (mutual TLS)"),
     ("--tls-key", "NETMOE_HEALTH_TLS_KEY", "PEM client key (mutual TLS)"),
     ("--tls-server-name", "NETMOE_HEALTH_TLS_SERVER_NAME",
-     "name to check the server certificate against (default: the host of --addr)"),
+     "name to check the server certificate against (default: the host of --server)"),
 ]
 
 
@@ -35,13 +35,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description=__doc__,
     )
     parser.add_argument(
-        "--addr", default=None,
-        help="HOST:PORT of the service [env NETMOE_HEALTH_ADDR, default 127.0.0.1:$NETMOE_PORT "
+        "--server", default=None, metavar="HOST:PORT",
+        help="the service [env NETMOE_HEALTH_SERVER, default 127.0.0.1:$NETMOE_PORT "
              f"or 127.0.0.1:{DEFAULT_PORT}]",
     )
     parser.add_argument("--service", default="",
                         help="service name to check (default: the whole server)")
-    parser.add_argument("--timeout", type=float, default=3.0, help="seconds (default 3)")
+    parser.add_argument("--timeout", type=float, default=3.0, help="seconds to wait for the answer")
     for flag, env, text in _OPTIONS:
         parser.add_argument(flag, default=None, help=f"{text} [env {env}]")
     parser.set_defaults(func=run)
@@ -62,13 +62,19 @@ def _read(flag: str, path: str | None) -> bytes | None:
         raise ValueError(f"{flag}={path!r} cannot be read: {err}") from None
 
 
+def _env_port() -> str:
+    raw = os.environ.get("NETMOE_PORT") or DEFAULT_PORT
+    if not raw.isdigit() or not 0 < int(raw) <= 65535:
+        raise ValueError(f"NETMOE_PORT={raw!r} is not a port (1..65535)")
+    return raw
+
+
 def run(args: argparse.Namespace) -> int:
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     opts = {flag: _option(args, flag, env) for flag, env, _ in _OPTIONS}
-    addr = (args.addr or os.environ.get("NETMOE_HEALTH_ADDR")
-            or f"127.0.0.1:{os.environ.get('NETMOE_PORT') or DEFAULT_PORT}")
+    addr = args.server or os.environ.get("NETMOE_HEALTH_SERVER") or f"127.0.0.1:{_env_port()}"
     if not args.timeout > 0:
         raise ValueError(f"--timeout must be positive, got {args.timeout}")
     token, token_file = opts["--auth-token"], opts["--auth-token-file"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hmac
 import logging
+import ssl
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -88,11 +89,33 @@ def server_credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
     cert = _read("tls_cert", config.tls_cert)
     key = _read("tls_key", config.tls_key)
     ca = None if config.tls_client_ca is None else _read("tls_client_ca", config.tls_client_ca)
+    check_pem(config)
     return grpc.ssl_server_credentials(
         [(key, cert)],
         root_certificates=ca,
         require_client_auth=ca is not None,
     )
+
+
+def _why(err: ssl.SSLError) -> str:
+    return f" ({err.reason.lower().replace('_', ' ')})" if err.reason else ""
+
+
+def check_pem(config: ServerConfig) -> None:
+    """ValueError naming the option when the PEM files are not a certificate chain with its
+    private key (and a CA bundle): gRPC only reports "Failed to bind" for them."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        context.load_cert_chain(config.tls_cert or "", config.tls_key)
+    except ssl.SSLError as err:
+        raise ValueError(f"--tls-cert {config.tls_cert!r} and --tls-key {config.tls_key!r} are "
+                         f"not a PEM certificate chain and its private key{_why(err)}") from None
+    if config.tls_client_ca is not None:
+        try:
+            context.load_verify_locations(cafile=config.tls_client_ca)
+        except ssl.SSLError as err:
+            raise ValueError(f"--tls-client-ca {config.tls_client_ca!r} is not a PEM CA "
+                             f"bundle{_why(err)}") from None
 
 
 def describe(config: ServerConfig) -> str:

@@ -37,13 +37,13 @@ TRAINING_QUICK_SIZES = (8192, 262144)
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("cluster", help="measured All-to-All time on an emulated multi-node "
                                        "cluster (needs root)", description=__doc__)
-    p.add_argument("--nodes", type=int, default=2)
-    p.add_argument("--gpus-per-node", type=int, default=4)
+    p.add_argument("--nodes", type=int, default=2, help="emulated nodes (network namespaces)")
+    p.add_argument("--gpus-per-node", type=int, default=4, help="training ranks per node")
     p.add_argument("--ratio", type=float, default=4.0,
                    help="intra-node : inter-node bandwidth (lo of each node is shaped to "
                         "ratio x rate)")
     p.add_argument("--workload", choices=("training", "synthetic"), default="training",
-                   help="real training of the demo model (default) or synthetic routing")
+                   help="real training of the demo model or synthetic routing")
     p.add_argument("--rate", type=float, default=None,
                    help="inter-node link rate per node and direction, Mbit/s (default: 40 for "
                         "training, 200 for synthetic, so the link, not the 2 CPU cores, is the "
@@ -55,9 +55,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--objective", choices=("volume", "bottleneck", "both"), default="volume",
                    help="placement objective; 'both' runs each placed mode under each objective "
                         "and reports which wins on measured time (training only)")
-    p.add_argument("--samples-per-device", type=int, default=4)
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--tokens", type=int, default=None,
+    p.add_argument("--samples-per-device", type=int, default=4,
+                   help="samples each rank holds per step")
+    p.add_argument("--layers", type=int, default=4, help="MoE layers per step")
+    p.add_argument("--seq-len", type=int, default=None,
                    help="tokens per sample (default 64 for training, the demo's, 128 synthetic)")
     p.add_argument("--bytes-per-route", type=int, default=1024,
                    help="synthetic: bytes of one (token, top-k slot); training uses d_model x 4")
@@ -72,7 +73,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="training: cache of corpus, checkpoint, expert fit and calibration")
     p.add_argument("--locality", type=float, default=0.6,
                    help="share of routes to the sample's domain experts (synthetic routing)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the model, data and routing")
     p.add_argument("--out", type=Path, default=None, help="folder for report.md and plots")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--quick", action="store_true",
@@ -85,9 +86,9 @@ def _check(args: argparse.Namespace) -> None:
     training = args.workload == "training"
     if args.rate is None:
         args.rate = 40.0 if training else 200.0
-    if args.tokens is None:
-        args.tokens = 64 if training else 128
-    for name in ("nodes", "gpus_per_node", "steps", "samples_per_device", "layers", "tokens",
+    if args.seq_len is None:
+        args.seq_len = 64 if training else 128
+    for name in ("nodes", "gpus_per_node", "steps", "samples_per_device", "layers", "seq_len",
                  "bytes_per_route", "fit_steps", "repeats"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
@@ -174,7 +175,7 @@ def _run_training(args: argparse.Namespace) -> int:
     steps = min(args.steps, 4) if args.quick else args.steps
     base = TrainConfig(
         nodes=args.nodes, gpus_per_node=args.gpus_per_node, steps=steps,
-        samples_per_device=args.samples_per_device, seq_len=args.tokens, layers=args.layers,
+        samples_per_device=args.samples_per_device, seq_len=args.seq_len, layers=args.layers,
         seed=args.seed, cache_dir=args.cache_dir,
     )  # fmt: skip
     objectives = ("volume", "bottleneck") if args.objective == "both" else (args.objective,)
@@ -208,7 +209,7 @@ def _run_synthetic(args: argparse.Namespace) -> int:
                     bytes_per_route=args.bytes_per_route)
     rng = np.random.default_rng(args.seed)
     counts = planted_counts(rng, args.samples_per_device * world, topo.experts,
-                            layers=args.layers, tokens=args.tokens, top_k=2,
+                            layers=args.layers, tokens=args.seq_len, top_k=2,
                             domains=args.nodes * 2, locality=args.locality)
     modes = {m: step_traffic(topo, counts, m, args.objective) for m in MODES}
     calls = calibration_calls(args.nodes, g, sizes)
@@ -243,7 +244,7 @@ def _run_synthetic(args: argparse.Namespace) -> int:
         "config": {"nodes": args.nodes, "gpus_per_node": g, "rate_mbit": args.rate,
                    "intra_rate_mbit": args.rate * args.ratio, "steps": steps,
                    "samples_per_device": args.samples_per_device, "layers": args.layers,
-                   "tokens": args.tokens, "bytes_per_route": args.bytes_per_route,
+                   "tokens": args.seq_len, "bytes_per_route": args.bytes_per_route,
                    "locality": args.locality, "seed": args.seed},
         "calibration": calibration_dict(cal),
         "measured_ratio": cal.intra.bandwidth / cal.inter.bandwidth,

@@ -18,6 +18,10 @@ from typing import Any
 
 import numpy as np
 
+from netmoe.bench.stats import spread, tail
+from netmoe.cli import non_negative, positive
+from netmoe.text import plural
+
 
 def _serve_child(conn: Connection, config: Any) -> None:
     """Runs the server in a child process until the parent says stop."""
@@ -57,9 +61,11 @@ def make_rounds(
 def _spec(args: argparse.Namespace) -> Any:
     from netmoe.protos import placement_pb2 as pb
 
-    j, spd = args.nodes * args.gpus, args.samples // (args.nodes * args.gpus)
+    j = args.nodes * args.gpus_per_node
+    spd = args.samples // j
     return pb.JobSpec(
-        topology=pb.Topology(nodes=args.nodes, gpus_per_node=args.gpus, experts=args.experts,
+        topology=pb.Topology(nodes=args.nodes, gpus_per_node=args.gpus_per_node,
+                             experts=args.experts,
                              bw_intra=400e9, bw_inter=100e9, bytes_per_route=8192),
         world_size=j, samples_per_device=spd, deadline_ms=args.deadline_ms,
     )
@@ -80,9 +86,10 @@ async def _drive(
     from netmoe.protos import placement_pb2 as pb
     from netmoe.protos import placement_pb2_grpc
 
-    j = args.nodes * args.gpus
+    j = args.nodes * args.gpus_per_node
     spd = args.samples // j
-    data = make_rounds(args.distinct, args.nodes, args.gpus, args.experts, spd, args.seed)
+    data = make_rounds(args.distinct, args.nodes, args.gpus_per_node, args.experts, spd,
+                       args.seed)
     total = args.warmup + args.rounds
     sent = np.zeros((total, len(ranks)))
     got = np.zeros((total, len(ranks)))
@@ -108,8 +115,9 @@ async def _drive(
                 got[k, slot] = time.perf_counter()
                 if r == 0:
                     solve_s[k] = plan.solve_seconds
-                    key = plan.reason or "solved"
-                    reasons[key] = reasons.get(key, 0) + 1
+                    if k >= args.warmup:  # outcomes of the timed rounds only
+                        key = plan.reason or "solved"
+                        reasons[key] = reasons.get(key, 0) + 1
             await stream.done_writing()
 
         await asyncio.gather(*(rank(slot, r) for slot, r in enumerate(ranks)))
@@ -131,7 +139,7 @@ def _measure(address: str, args: argparse.Namespace) -> dict[str, Any]:
     """Drives all ranks from --client-procs processes and summarizes the timed rounds."""
     import asyncio
 
-    j = args.nodes * args.gpus
+    j = args.nodes * args.gpus_per_node
     groups = [list(range(j))[p::args.client_procs] for p in range(args.client_procs)]
     start = time.perf_counter()
     if args.client_procs == 1:
@@ -159,32 +167,46 @@ def _measure(address: str, args: argparse.Namespace) -> dict[str, Any]:
     solve_ms = first["solve_s"][keep] * 1e3
     overhead = rtt - solve_ms
     total = args.warmup + args.rounds
+    stats = {name: spread(values) for name, values in
+             (("rtt", rtt), ("solve", solve_ms), ("overhead", overhead))}
     return {
         "ranks": j, "samples": args.samples, "experts": args.experts, "rounds": args.rounds,
         "server": args.server or ("embedded" if args.embedded else "process"),
         "client_procs": args.client_procs,
-        "rtt_ms_median": float(np.median(rtt)), "rtt_ms_p99": float(np.percentile(rtt, 99)),
-        "solve_ms_median": float(np.median(solve_ms)),
-        "solve_ms_p99": float(np.percentile(solve_ms, 99)),
-        "overhead_ms_median": float(np.median(overhead)),
-        "overhead_ms_p99": float(np.percentile(overhead, 99)),
+        **{f"{name}_ms_{k}": v for name, st in stats.items() for k, v in st.items() if k != "n"},
         # Includes starting the client processes: a lower bound on steady throughput.
         "rounds_per_s": total / wall,
         "outcomes": first["reasons"],
     }
 
 
+def _check_reachable(address: str, timeout: float = 5.0) -> None:
+    """ValueError naming --server when no gRPC service answers a health check at address."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel(address) as channel:
+        try:
+            health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(),
+                                                      timeout=timeout)
+        except grpc.RpcError as err:
+            raise ValueError(f"--server {address}: no placement service answers there "
+                             f"({err.code().name})") from None
+
+
 def run(args: argparse.Namespace) -> int:
     from netmoe.server.config import ServerConfig
 
-    j = args.nodes * args.gpus
-    if args.client_procs < 1 or args.client_procs > j:
-        raise ValueError(f"--client-procs={args.client_procs} must be in 1..{j}")
+    j = args.nodes * args.gpus_per_node
+    if args.client_procs > j:
+        raise ValueError(f"--client-procs {args.client_procs}: more processes than the {j} ranks "
+                         f"(--nodes x --gpus-per-node)")
     if args.samples % j or args.experts % j:
-        raise ValueError(f"--samples={args.samples} and --experts={args.experts} must be "
-                         f"multiples of nodes x gpus = {j}")
+        raise ValueError(f"--samples {args.samples} and --experts {args.experts} must be "
+                         f"multiples of --nodes x --gpus-per-node = {j}")
     config = ServerConfig(port=0, metrics_port=None, grace_seconds=1.0)
     if args.server:
+        _check_reachable(args.server)
         result = _measure(args.server, args)
     elif args.embedded:
         from netmoe.server.app import start
@@ -211,34 +233,37 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(result))
         return 0
     r = result
-    print(f"solver service, {r['ranks']} ranks in lockstep from {r['client_procs']} client "
-          f"process(es), I={r['samples']}, E={r['experts']}, {r['rounds']} rounds, server in "
-          f"{r['server']}")
-    print(f"  round trip (last report -> last plan): median {r['rtt_ms_median']:.2f} ms, "
-          f"p99 {r['rtt_ms_p99']:.2f} ms")
-    print(f"  pure solve (server-measured):          median {r['solve_ms_median']:.2f} ms, "
-          f"p99 {r['solve_ms_p99']:.2f} ms")
-    print(f"  service overhead (round trip - solve): median {r['overhead_ms_median']:.2f} ms, "
-          f"p99 {r['overhead_ms_p99']:.2f} ms")
+    print(f"solver service, {r['ranks']} ranks in lockstep from "
+          f"{plural(r['client_procs'], 'client process', 'client processes')}, I={r['samples']}, "
+          f"E={r['experts']}, {plural(r['rounds'], 'round')}, server: {r['server']}")
+    for name, text in (("rtt", "round trip (last report -> last plan)"),
+                       ("solve", "pure solve (server-measured)"),
+                       ("overhead", "service overhead (round trip - solve)")):
+        st = {k: r[f"{name}_ms_{k}"] for k in ("median", "p99", "max")} | {"n": r["rounds"]}
+        print(f"  {text + ':':<39} median {st['median']:.2f} ms, {tail(st, 2)} ms")
     print(f"  throughput: {r['rounds_per_s']:.1f} rounds/s; outcomes {r['outcomes']}")
     return 0
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("service", help="round trip and overhead of the gRPC solver service")
-    p.add_argument("--nodes", type=int, default=4)
-    p.add_argument("--gpus", type=int, default=8, help="GPUs per node")
-    p.add_argument("--samples", type=int, default=128, help="I, samples per round")
-    p.add_argument("--experts", type=int, default=64, help="E")
-    p.add_argument("--layers", type=int, default=4, help="MoE layers per step (rounds per step)")
-    p.add_argument("--rounds", type=int, default=200, help="timed rounds")
-    p.add_argument("--warmup", type=int, default=20)
-    p.add_argument("--distinct", type=int, default=16, help="distinct count sets, cycled")
-    p.add_argument("--deadline-ms", type=int, default=1000)
+    p.add_argument("--nodes", type=positive, default=4, help="nodes of the emulated job")
+    p.add_argument("--gpus-per-node", type=positive, default=8, help="GPUs (ranks) per node")
+    p.add_argument("--samples", type=positive, default=128, help="I, samples per round")
+    p.add_argument("--experts", type=positive, default=64, help="E, experts per layer")
+    p.add_argument("--layers", type=positive, default=4,
+                   help="MoE layers per step (rounds per step)")
+    p.add_argument("--rounds", type=positive, default=200, help="timed rounds")
+    p.add_argument("--warmup", type=non_negative, default=20,
+                   help="rounds before the timed ones (not counted in any figure)")
+    p.add_argument("--distinct", type=positive, default=16, help="distinct count sets, cycled")
+    p.add_argument("--deadline-ms", type=positive, default=1000,
+                   help="the job's plan deadline per round")
     p.add_argument("--embedded", action="store_true", help="server in a thread of this process")
-    p.add_argument("--server", default="", help="measure a running service at HOST:PORT")
-    p.add_argument("--client-procs", type=int, default=1,
+    p.add_argument("--server", default="", metavar="HOST:PORT",
+                   help="measure a running service (default: start one in a child process)")
+    p.add_argument("--client-procs", type=positive, default=1,
                    help="processes the ranks are spread over (training ranks are processes)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--seed", type=int, default=0, help="seed of the synthetic counts")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=run)

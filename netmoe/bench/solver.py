@@ -11,6 +11,10 @@ from typing import Any
 
 import numpy as np
 
+from netmoe.bench.stats import spread, tail
+from netmoe.cli import non_negative, positive, positive_float
+from netmoe.text import table
+
 SIZES_I = (32, 64, 128, 256, 384, 1024, 4096)
 SIZES_J = (16, 32, 64, 256)
 
@@ -47,14 +51,19 @@ def expanded_two_stage(topo: Any, counts: np.ndarray) -> np.ndarray:
     return device
 
 
-def _times(fn: Any, repeats: int) -> tuple[float, float]:
-    """(median, p99) wall time of fn() in milliseconds."""
+def _times(fn: Any, repeats: int) -> dict[str, Any]:
+    """netmoe.bench.stats.spread of the wall time of fn() in milliseconds."""
     out = []
     for _ in range(repeats):
         start = time.perf_counter()
         fn()
         out.append((time.perf_counter() - start) * 1e3)
-    return float(np.median(out)), float(np.percentile(out, 99))
+    return spread(out)
+
+
+def _rounded(prefix: str, stats: dict[str, Any]) -> dict[str, Any]:
+    return {f"{prefix}_ms_{k}": None if v is None else round(v, 3)
+            for k, v in stats.items() if k != "n"} | {f"{prefix}_repeats": stats["n"]}
 
 
 def bench_sizes(
@@ -71,23 +80,22 @@ def bench_sizes(
             topo = Topology(j // 8, 8, 2 * j)
             counts = planted_counts(np.random.default_rng(seed), samples, 2 * j, domains=j // 8)
             reps = repeats if samples <= 1024 else max(3, repeats // 10)
-            med, p99 = _times(lambda t=topo, c=counts: solve(t, c[0], c[1]), reps)
+            ours = _times(lambda t=topo, c=counts: solve(t, c[0], c[1]), reps)
             row: dict[str, Any] = {
-                "samples": samples, "devices": j, "experts": 2 * j,
-                "two_stage_ms_median": round(med, 3), "two_stage_ms_p99": round(p99, 3),
+                "samples": samples, "devices": j, "experts": 2 * j, **_rounded("two_stage", ours),
             }
             if samples <= max_expanded:
                 ereps = max(3, reps // 5) if samples > 256 else reps
-                emed, ep99 = _times(
+                theirs = _times(
                     lambda t=topo, c=counts: expanded_two_stage(t, c[0] + c[1]), ereps
                 )
-                ours = solve(topo, counts[0], counts[1])
-                theirs = expanded_two_stage(topo, counts[0] + counts[1])
-                paper = traffic(topo, theirs, counts[0], counts[1])
+                plan = solve(topo, counts[0], counts[1])
+                paper = traffic(topo, expanded_two_stage(topo, counts[0] + counts[1]),
+                                counts[0], counts[1])
                 row.update(
-                    expanded_ms_median=round(emed, 3), expanded_ms_p99=round(ep99, 3),
-                    speedup=round(emed / med, 1),
-                    same_inter=ours.after.inter == paper.inter,
+                    **_rounded("expanded", theirs),
+                    speedup=round(theirs["median"] / ours["median"], 1),
+                    same_inter=plan.after.inter == paper.inter,
                 )
             rows.append(row)
     return rows
@@ -119,23 +127,32 @@ def bench_gap(seed: int, time_limit: float) -> list[dict[str, Any]]:
 def run(args: argparse.Namespace) -> int:
     sizes_i = tuple(args.samples) if args.samples else SIZES_I
     sizes_j = tuple(args.devices) if args.devices else SIZES_J
+    for j in sizes_j:
+        if j % 8:
+            raise ValueError(f"--devices {j}: must be a multiple of 8 (nodes of 8 GPUs)")
+    for i in sizes_i:
+        if not any(i % j == 0 and i >= j for j in sizes_j):
+            raise ValueError(f"--samples {i}: fits none of --devices {' '.join(map(str, sizes_j))}"
+                             f" (I must be a multiple of J, at least J)")
     rows = bench_sizes(sizes_i, sizes_j, args.repeats, args.max_expanded, args.seed)
     gap = bench_gap(args.seed, args.time_limit) if not args.no_gap else []
     if args.json:
         print(json.dumps({"sizes": rows, "two_stage_gap": gap}))
         return 0
-    print("solve time, ms (median / p99): exact two-stage min-cost flow vs the paper's expanded "
-          "I x I assignment")
-    head = ("I", "J", "E", "two-stage", "expanded", "speedup")
-    print("{:>6} {:>5} {:>5} {:>18} {:>20} {:>8} same inter".format(*head))
+    print("solve time, ms (median, then p99, or the max when there are fewer than 100 repeats): "
+          "exact two-stage min-cost flow vs the paper's expanded I x I assignment")
+    body = []
     for r in rows:
-        ours = f"{r['two_stage_ms_median']:.3f} / {r['two_stage_ms_p99']:.3f}"
+        row = [r["samples"], r["devices"], r["experts"],
+               f"{r['two_stage_ms_median']:.3f}, {tail(_stats(r, 'two_stage'))}"]
         if "expanded_ms_median" in r:
-            exp = f"{r['expanded_ms_median']:.2f} / {r['expanded_ms_p99']:.2f}"
-            extra = f"{r['speedup']:>7.1f}x {r['same_inter']}"
+            row += [f"{r['expanded_ms_median']:.2f}, {tail(_stats(r, 'expanded'), 2)}",
+                    f"{r['speedup']:.1f}x", r["same_inter"]]
         else:
-            exp, extra = "skipped", ""
-        print(f"{r['samples']:>6} {r['devices']:>5} {r['experts']:>5} {ours:>18} {exp:>20} {extra}")
+            row += ["skipped", "", ""]
+        body.append(row)
+    print("\n".join(table(("I", "J", "E", "two-stage", "expanded", "speedup", "same inter"), body,
+                          indent=0, left=0)))
     if gap:
         print("two-stage gap to the CP-SAT joint optimum (modelled All-to-All time, 2 x 4 GPUs)")
         for r in gap:
@@ -146,15 +163,25 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _stats(row: dict[str, Any], prefix: str) -> dict[str, Any]:
+    return {"p99": row[f"{prefix}_ms_p99"], "max": row[f"{prefix}_ms_max"],
+            "n": row[f"{prefix}_repeats"]}
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("solver", help="solver time vs the paper's expanded assignment")
-    p.add_argument("--samples", type=int, nargs="*", help=f"values of I (default {SIZES_I})")
-    p.add_argument("--devices", type=int, nargs="*", help=f"values of J (default {SIZES_J})")
-    p.add_argument("--repeats", type=int, default=50)
-    p.add_argument("--max-expanded", type=int, default=1024,
+    p.add_argument("--samples", type=positive, nargs="*", metavar="I",
+                   help=f"values of I, samples per batch (default {' '.join(map(str, SIZES_I))})")
+    p.add_argument("--devices", type=positive, nargs="*", metavar="J",
+                   help=f"values of J, devices in nodes of 8 (default "
+                        f"{' '.join(map(str, SIZES_J))})")
+    p.add_argument("--repeats", type=positive, default=50,
+                   help="timed solves per size (a tenth, at least 3, above I = 1024)")
+    p.add_argument("--max-expanded", type=non_negative, default=1024,
                    help="largest I for the expanded I x I assignment (it grows as I^2 arcs)")
-    p.add_argument("--time-limit", type=float, default=10.0, help="CP-SAT seconds for the gap")
+    p.add_argument("--time-limit", type=positive_float, default=10.0,
+                   help="CP-SAT seconds for the gap")
     p.add_argument("--no-gap", action="store_true", help="skip the CP-SAT gap instances")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--seed", type=int, default=0, help="seed of the synthetic counts")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=run)

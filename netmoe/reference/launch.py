@@ -12,13 +12,13 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from netmoe.reference.train import TrainConfig
+from netmoe.reference.train import PROGRESS_FILE, TrainConfig
 
 
 def free_port() -> int:
@@ -68,10 +68,20 @@ class _Interrupts:
             raise KeyboardInterrupt(f"signal {self._pending}")
 
 
-def run_ranks(cfg: TrainConfig, timeout: float = 600.0) -> list[dict[str, Any]]:
+def _steps_done(path: Path) -> int:
+    try:
+        return int(path.read_text() or 0)
+    except (FileNotFoundError, ValueError):
+        return 0
+
+
+def run_ranks(
+    cfg: TrainConfig, timeout: float = 600.0, progress: Callable[[int], None] | None = None
+) -> list[dict[str, Any]]:
     """Starts cfg.world processes of ``python -m netmoe.reference.train``; returns their results
     ordered by rank. Raises RuntimeError (with the failing rank's stderr) if any rank fails;
-    every process is gone when this returns or raises, also on SIGINT or SIGTERM."""
+    every process is gone when this returns or raises, also on SIGINT or SIGTERM.
+    progress, if given, is called with the steps rank 0 has finished while they run."""
     config = json.dumps(dataclasses.asdict(cfg))
     port = free_port()
     interrupts = _Interrupts()
@@ -84,6 +94,8 @@ def run_ranks(cfg: TrainConfig, timeout: float = 600.0) -> list[dict[str, Any]]:
                            MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
                            OMP_NUM_THREADS=str(cfg.threads))  # fmt: skip
                 env.setdefault("GLOO_SOCKET_IFNAME", "lo")
+                if rank == 0 and progress is not None:
+                    env[PROGRESS_FILE] = str(Path(tmp) / "progress")
                 err = open(Path(tmp) / f"rank{rank}.err", "w+")  # noqa: SIM115 (closed below)
                 cmd = [sys.executable, "-m", "netmoe.reference.train", "--config", config,
                        "--out", str(Path(tmp) / f"rank{rank}.json")]  # fmt: skip
@@ -100,6 +112,8 @@ def run_ranks(cfg: TrainConfig, timeout: float = 600.0) -> list[dict[str, Any]]:
                     raise RuntimeError(f"training ranks did not finish within {timeout:.0f} s")
                 if any(p.returncode not in (None, 0) for p, _ in procs):
                     break  # one rank died: the others would hang in a collective
+                if progress is not None:
+                    progress(_steps_done(Path(tmp) / "progress"))
                 time.sleep(0.05)
             for rank, (p, err) in enumerate(procs):
                 if p.poll() not in (None, 0):
@@ -108,6 +122,8 @@ def run_ranks(cfg: TrainConfig, timeout: float = 600.0) -> list[dict[str, Any]]:
             if failed:
                 rank, text = failed[0]
                 raise RuntimeError(f"training rank {rank} failed:\n{text}")
+            if progress is not None:
+                progress(cfg.steps)
             return [json.loads((Path(tmp) / f"rank{r}.json").read_text()) for r in range(cfg.world)]
         finally:
             for p, err in procs:

@@ -30,6 +30,9 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 PLACEMENTS = ("home", "service", "random")
+# Environment variable naming a file where rank 0 keeps the count of finished steps (launchers
+# show progress from it).
+PROGRESS_FILE = "NETMOE_PROGRESS_FILE"
 EXPERT_PLACEMENTS = ("auto", "force")
 
 
@@ -252,6 +255,7 @@ def _train_steps(run: _Run) -> dict[str, Any]:
     hook: Any = run.placement
     experts_info: dict[str, Any] = {}
     step_routes, routes_so_far = [], np.zeros((cfg.layers, 3), dtype=np.int64)
+    progress_file = os.environ.get(PROGRESS_FILE, "")
     dist.barrier()
     for step in range(cfg.steps):
         if cfg.adopt_experts_at and step == cfg.adopt_experts_at:
@@ -266,6 +270,8 @@ def _train_steps(run: _Run) -> dict[str, Any]:
         totals = _route_totals(run.comm.routes, rank, cfg.gpus_per_node, cfg.layers)
         step_routes.append((totals - routes_so_far).tolist())
         routes_so_far = totals
+        if progress_file:
+            _write_atomic(progress_file, str(step + 1))
     if run.recorder is not None:
         run.recorder.save(cfg.record_trace, group_rank=rank)
     # Keyed by original expert id, so runs with and without moved experts compare.
@@ -440,6 +446,12 @@ def _checksum(state: dict[str, Any]) -> dict[str, list[float]]:
     }
 
 
+def _write_atomic(path: str, text: str) -> None:
+    tmp = f"{path}.{os.getpid()}.tmp"
+    Path(tmp).write_text(text)
+    os.replace(tmp, path)
+
+
 def _save_checkpoint(state: dict[str, Any], path: str) -> None:
     """Saves this rank's state dict; experts are keyed by global id, so shards can be merged."""
     import torch
@@ -475,10 +487,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     text = Path(args.config[1:]).read_text() if args.config.startswith("@") else args.config
     cfg = TrainConfig.from_dict(json.loads(text))
-    result = train(cfg)
-    tmp = f"{args.out}.tmp"
-    Path(tmp).write_text(json.dumps(result))
-    os.replace(tmp, args.out)
+    _write_atomic(args.out, json.dumps(train(cfg)))
     return 0
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -49,7 +50,64 @@ def test_text_output_and_bottleneck(capsys: pytest.CaptureFixture[str]) -> None:
                  "--nodes", "4", "--gpus-per-node", "2", "--objective", "bottleneck"]) == 0
     out = capsys.readouterr().out
     assert "16 samples, 64 experts, 4 nodes x 2 GPUs" in out
-    assert "total: inter-node routes" in out
+    assert "total: inter-node " in out and "modelled All-to-All time" in out
+
+
+def test_text_table_is_aligned_and_numbers_the_traces_layers(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert main(["evaluate", "--trace", str(FLAME), "--tokens-per-sample", "32",
+                 "--expert-placement", "fit"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.lstrip().startswith("layers"))
+    head, rows = lines[start], lines[start + 1:start + 8]
+    # The fixture holds MoE layers 2..9 of the model (its layer_ids).
+    assert [r.split()[0] for r in rows] == [f"{n},{n + 1}" for n in range(2, 9)]
+    # Right-aligned columns: every header ends where the values under it end.
+    ends = [m.end() for m in re.finditer(r"\S+(?: \S+)*", head)]
+    for row in rows:
+        assert [m.end() for m in re.finditer(r"\S+", row)][1:] == ends[1:]
+    assert head.split("  ")[-3:] == ["inter fit", "fit saved", "ms fit"]
+    saved = [float(r.split()[-2].rstrip("%")) for r in rows]
+    assert all(0 < x < 100 for x in saved)
+
+
+def test_bytes_and_modelled_time_follow_hidden_size_dtype_and_bandwidth(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    args = ["--trace", str(FLAME), "--tokens-per-sample", "64"]
+    rep = run_json(capsys, *args)
+    assert rep["bytes_per_route"] == 4096 * 2 and (rep["bw_intra"], rep["bw_inter"]) == (4e11, 1e11)
+    fp32 = run_json(capsys, *args, "--hidden-size", "1024", "--dtype", "fp32",
+                    "--bw-intra", "200", "--bw-inter", "25")
+    assert fp32["bytes_per_route"] == 4096
+    counts = sample_counts(load_trace(FLAME), 64, 64)
+    topo = Topology(2, 4, 64, bw_intra=200e9, bw_inter=25e9, bytes_per_route=4096)
+    for p in fp32["pairs"]:
+        layer, base = p["layer"], p["baseline"]
+        assert p["layers"] == [layer + 2, layer + 3]
+        assert base["inter_bytes"] == base["inter"] * 4096
+        assert base["intra_bytes"] == base["intra"] * 4096
+        home = traffic(topo, np.arange(32) // 4, counts[layer], counts[layer + 1])
+        assert base["ms"] == pytest.approx(home.seconds * 1e3, rel=1e-6)
+        placed = traffic(topo, np.array(p["placement"]), counts[layer], counts[layer + 1])
+        assert p["netmoe"]["ms"] == pytest.approx(placed.seconds * 1e3, rel=1e-6)
+    # Same routes, half the bytes per route over a quarter of the bandwidth: twice the time.
+    assert fp32["total"]["baseline"]["ms"] == pytest.approx(2 * rep["total"]["baseline"]["ms"],
+                                                            rel=1e-6)
+
+
+def test_layer_ids_default_to_positions(tmp_path: Path,
+                                        capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "t.npz"
+    save_trace(path, np.random.default_rng(2).integers(0, 8, (3, 32, 2)), num_experts=8)
+    rep = run_json(capsys, "--trace", str(path), "--tokens-per-sample", "4",
+                   "--nodes", "2", "--gpus-per-node", "2")
+    assert [p["layers"] for p in rep["pairs"]] == [[0, 1], [1, 2]]
+    save_trace(path, np.zeros((3, 32, 2), dtype=int), num_experts=8, layer_ids=[5, 7, 9])
+    rep = run_json(capsys, "--trace", str(path), "--tokens-per-sample", "4",
+                   "--nodes", "2", "--gpus-per-node", "2")
+    assert [p["layers"] for p in rep["pairs"]] == [[5, 7], [7, 9]]
 
 
 def test_sample_ids_define_samples(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -89,13 +147,15 @@ def test_single_layer_trace_costs_one_all_to_all(
         ({"topk_ids": np.full((2, 8, 2), 9), "num_experts": np.asarray(8)}, [],
          "holds expert 9, but num_experts=8"),
         ({"topk_ids": np.zeros((2, 8, 2), dtype=int)}, ["--tokens-per-sample", "3"],
-         "tokens=8 is not divisible by tokens_per_sample=3"),
-        ({"topk_ids": np.zeros((2, 8, 2), dtype=int)}, [], "pass a positive tokens_per_sample"),
+         "--tokens-per-sample 3 does not divide the trace's 8 tokens"),
+        ({"topk_ids": np.zeros((2, 8, 2), dtype=int)}, [], "pass --tokens-per-sample"),
         ({"topk_ids": np.zeros((2, 12, 2), dtype=int)},
          ["--tokens-per-sample", "2", "--experts", "8"],
          "samples=6 is not divisible by devices=8"),
         ({"topk_ids": np.full((2, 8, 2), 9)}, ["--tokens-per-sample", "1", "--experts", "4"],
-         "trace names expert 9, but experts=4"),
+         "--experts 4, but the trace names expert 9"),
+        ({"topk_ids": np.zeros((2, 8, 2), dtype=int), "layer_ids": np.array([3, 3])}, [],
+         "layer_ids must be 2 increasing layer numbers"),
     ],
 )
 def test_bad_traces_exit_2_naming_the_field(
@@ -104,7 +164,8 @@ def test_bad_traces_exit_2_naming_the_field(
     path = tmp_path / "bad.npz"
     np.savez(path, **arrays)
     assert main(["evaluate", "--trace", str(path), *args]) == 2
-    assert message in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
 
 
 def test_missing_file_is_a_clear_error(capsys: pytest.CaptureFixture[str]) -> None:

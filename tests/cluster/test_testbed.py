@@ -147,7 +147,8 @@ def test_bench_cluster_cli_measures_both_modes_and_cleans_up(tmp_path: Path) -> 
     out = subprocess.run(
         [sys.executable, "-m", "netmoe.cli", "bench", "cluster", "--workload", "synthetic",
          "--quick", "--json", "--gpus-per-node", "2", "--steps", "2", "--layers", "2",
-         "--tokens", "64", "--rate", "300", "--locality", "0.9", "--out", str(tmp_path / "report")],
+         "--seq-len", "64", "--rate", "300", "--locality", "0.9",
+         "--out", str(tmp_path / "report")],
         capture_output=True, text=True, timeout=300, check=False)
     assert out.returncode == 0, out.stderr
     r = json.loads(out.stdout)

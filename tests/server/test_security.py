@@ -181,8 +181,8 @@ def test_tls_serves_trusting_clients_only(pki: Path) -> None:
                 check(channel)
             assert err.value.code() == grpc.StatusCode.UNAVAILABLE
         ca = str(pki / "ca.pem")
-        assert main(["health", "--addr", handle.address, "--tls-ca", ca]) == 0
-        assert main(["health", "--addr", handle.address, "--timeout", "2"]) == 1  # plaintext
+        assert main(["health", "--server", handle.address, "--tls-ca", ca]) == 0
+        assert main(["health", "--server", handle.address, "--timeout", "2"]) == 1  # plaintext
     finally:
         handle.stop()
 
@@ -198,7 +198,7 @@ def test_mutual_tls_needs_a_client_certificate_from_the_client_ca(pki: Path) -> 
                     pytest.raises(grpc.RpcError) as err:
                 check(channel)
             assert err.value.code() == grpc.StatusCode.UNAVAILABLE, client
-        probe = ["health", "--addr", f"localhost:{handle.port}", "--tls-ca", str(pki / "ca.pem")]
+        probe = ["health", "--server", f"localhost:{handle.port}", "--tls-ca", str(pki / "ca.pem")]
         assert main([*probe, "--timeout", "2"]) == 1  # no client certificate
         client = ["--tls-cert", str(pki / "client.pem"), "--tls-key", str(pki / "client.key")]
         assert main([*probe, *client]) == 0
@@ -332,7 +332,7 @@ def test_a_stream_only_gets_plans_of_its_own_job_and_metrics_carry_no_sample_dat
             w0, w1 = Worker(stub), Worker(stub)
             w0.send(a[0])
             intruder = w0.ask(b[1])  # a stream bound to job a tries to report for job b
-            assert intruder.status == pb.PLAN_STATUS_INVALID and intruder.job == "a"  # the stream's job, not the claim
+            assert intruder.status == pb.PLAN_STATUS_INVALID and intruder.job == "a"
             assert "differs from ('a', 0) this stream is bound to" in intruder.error
             assert not intruder.held_ids and not intruder.dest
             w1.send(a[1])

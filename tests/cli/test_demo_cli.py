@@ -1,0 +1,70 @@
+"""`netmoe demo` as a user runs it: progress while training, a loud failure when the placement
+service is unreachable, and Ctrl-C ending with exit code 130 and no traceback or stray ranks."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+TINY = ["--warmup-steps", "0", "--nodes", "1", "--gpus-per-node", "2", "--layers", "1",
+        "--seq-len", "8", "--samples-per-device", "2"]
+
+
+def demo(*args: str) -> list[str]:
+    return [sys.executable, "-m", "netmoe.cli", "demo", *TINY, *args]
+
+
+def test_unreachable_server_is_an_error_and_progress_is_shown() -> None:
+    with socket.socket() as sock:  # a port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    out = subprocess.run(demo("--steps", "2", "--server", f"127.0.0.1:{port}"),
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 1, out.stderr
+    err = out.stderr.splitlines()
+    assert "netmoe demo: home run: step 2/2" in "\n".join(err)
+    assert "netmoe demo: netmoe run: step 2/2" in "\n".join(err)
+    assert err[-1].startswith(f"netmoe demo: error: the netmoe run got no plan from the "
+                              f"placement service at 127.0.0.1:{port}: all 2 layers fell back")
+    assert "Traceback" not in out.stderr
+    assert "0.0% fewer than home" in out.stdout and "2 fallbacks" in out.stdout
+
+
+def children(pid: int) -> set[int]:
+    found = set()
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        found |= {int(c) for c in (task / "children").read_text().split()}
+    return found
+
+
+def test_ctrl_c_ends_with_130_without_traceback_or_stray_ranks() -> None:
+    proc = subprocess.Popen(demo("--steps", "500"), stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    assert proc.stderr is not None
+    seen = ""
+    try:
+        while "netmoe demo: home run: step " not in seen:
+            line = proc.stderr.readline()
+            assert line, f"demo ended early: {seen}"
+            seen += line
+        ranks = children(proc.pid)
+        assert len(ranks) == 2
+        os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
+        rest = proc.stderr.read()
+        code = proc.wait(60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert code == 130, seen + rest
+    # The embedded service's metrics URL is given while it is alive, not after the end.
+    assert re.search(r"^netmoe demo: placement service on 127\.0\.0\.1:\d+, metrics on "
+                     r"http://127\.0\.0\.1:\d+/metrics until the demo ends$", seen, re.M)
+    assert "Traceback" not in rest
+    assert rest.splitlines()[-1] == "netmoe demo: interrupted"
+    assert not any(Path(f"/proc/{pid}").exists() for pid in ranks)
