@@ -68,10 +68,12 @@ class _Interrupts:
             raise KeyboardInterrupt(f"signal {self._pending}")
 
 
-def run_ranks(cfg: TrainConfig, timeout: float = 600.0) -> list[dict[str, Any]]:
-    """Starts cfg.world processes of ``python -m netmoe.reference.train``; returns their results
-    ordered by rank. Raises RuntimeError (with the failing rank's stderr) if any rank fails;
-    every process is gone when this returns or raises, also on SIGINT or SIGTERM."""
+def run_ranks(cfg: TrainConfig, timeout: float = 600.0, module: str = "netmoe.reference.train"
+              ) -> list[dict[str, Any]]:
+    """Starts cfg.world processes of ``python -m MODULE --config JSON --out FILE`` (any config
+    dataclass with ``world`` and ``threads``); returns their results ordered by rank. Raises
+    RuntimeError (with the failing rank's stderr) if any rank fails; every process is gone when
+    this returns or raises, also on SIGINT or SIGTERM."""
     config = json.dumps(dataclasses.asdict(cfg))
     port = free_port()
     interrupts = _Interrupts()
@@ -85,7 +87,7 @@ def run_ranks(cfg: TrainConfig, timeout: float = 600.0) -> list[dict[str, Any]]:
                            OMP_NUM_THREADS=str(cfg.threads))  # fmt: skip
                 env.setdefault("GLOO_SOCKET_IFNAME", "lo")
                 err = open(Path(tmp) / f"rank{rank}.err", "w+")  # noqa: SIM115 (closed below)
-                cmd = [sys.executable, "-m", "netmoe.reference.train", "--config", config,
+                cmd = [sys.executable, "-m", module, "--config", config,
                        "--out", str(Path(tmp) / f"rank{rank}.json")]  # fmt: skip
                 try:
                     with interrupts.deferred():
