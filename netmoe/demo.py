@@ -69,6 +69,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="steps before the experts move (default: half of --steps)")
     p.add_argument("--expert-horizon", type=int, default=1000,
                    help="steps the saving must pay for the move within (auto)")
+    p.add_argument("--hf-model", default="", metavar="DIR",
+                   help="train this local Hugging Face MoE checkpoint instead (config + weights; "
+                   "see docs/huggingface.md)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=run)
 
@@ -139,6 +142,10 @@ def _pretrain(cfg: Any, steps: int) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.hf_model:
+        from netmoe.reference.hf_demo import run_demo
+
+        return run_demo(args)
     from netmoe.reference.data import load_corpus
     from netmoe.reference.launch import run_ranks
     from netmoe.reference.train import TrainConfig

@@ -267,6 +267,8 @@ def run_demo(args: argparse.Namespace) -> int:
     from netmoe.demo import _print, max_rel_diff, summarize
     from netmoe.reference.launch import run_ranks
 
+    if args.expert_placement:
+        raise ValueError("--expert-placement is not supported with --hf-model")
     cfg = HFTrainConfig(model_dir=args.hf_model, nodes=args.nodes,
                         gpus_per_node=args.gpus_per_node, steps=args.steps,
                         samples_per_device=args.samples_per_device, seq_len=args.seq_len,

@@ -9,15 +9,20 @@ holding, for home placement, random plans (every sample moves) and a non-contigu
 from __future__ import annotations
 
 import copy
+import json
 import os
 import traceback
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
+import numpy as np
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from netmoe.cli import main
 from netmoe.reference.launch import free_port
 
 WORLD, GPUS, EXPERTS, SAMPLES, SEQ, VOCAB = 4, 2, 8, 2, 8, 96
@@ -81,9 +86,16 @@ def _check(model_type: str, rank: int, placement: str, expert_map: list[int] | N
         assert err < 1e-5, (name, err)
 
 
-def _param_counts(model_type: str, rank: int) -> None:
+def _param_counts_and_bad_input(model_type: str, rank: int) -> None:
     from netmoe.client.hf import parallelize
 
+    with pytest.raises(ValueError, match="experts=6 is not divisible by world size 4"):
+        parallelize(tiny_model(model_type, experts=6))
+    with pytest.raises(ValueError, match=r"expert_map\[1\]=4 names a missing device: ranks are "
+                       r"0\.\.3"):
+        parallelize(tiny_model(model_type), expert_map=[0, 4, 1, 1, 2, 2, 3, 3])
+    with pytest.raises(ValueError, match=r"each rank 2 experts, got \[3, 1, 2, 2\]"):
+        parallelize(tiny_model(model_type), expert_map=[0, 0, 0, 1, 2, 2, 3, 3])
     full = tiny_model(model_type)
     total = sum(p.numel() for p in full.parameters())
     experts = [p for n, p in full.named_parameters() if ".experts." in n]
@@ -100,7 +112,7 @@ def _worker(rank: int, port: int, errors: Any, runs: list[Any]) -> None:
         torch.set_num_threads(1)
         dist.init_process_group("gloo", rank=rank, world_size=WORLD)
         try:
-            _param_counts("mixtral", rank)
+            _param_counts_and_bad_input("mixtral", rank)
             for model_type, placement, expert_map in runs:
                 try:
                     _check(model_type, rank, placement, expert_map)
@@ -144,3 +156,54 @@ def test_sharded_loss_and_gradients_equal_the_unsharded_model() -> None:
     runs: list[Any] = [(t, p, None) for t in TYPES for p in ("home", "random")]
     runs.append(("mixtral", "random", SCATTERED))
     _spawn(_worker, runs)
+
+
+def test_unsupported_model_type_lists_the_supported_ones() -> None:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from netmoe.client.hf import parallelize
+
+    cfg = AutoConfig.for_model("llama", vocab_size=32, hidden_size=16, intermediate_size=16,
+                               num_hidden_layers=1, num_attention_heads=2)
+    with pytest.raises(ValueError, match="model type 'llama' is not supported; supported: "
+                       "mixtral, olmoe, qwen2_moe, qwen3_moe"):
+        parallelize(AutoModelForCausalLM.from_config(cfg))
+
+
+def test_demo_trains_a_saved_checkpoint_home_and_with_the_service(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``netmoe demo --hf-model`` on a checkpoint saved by ``write_tiny``: 10 steps home, then 10
+    with plans of a real embedded placement service (4 ranks, 2 nodes x 2)."""
+    from netmoe.reference.hf_demo import write_tiny
+
+    model = write_tiny(tmp_path / "tiny", "qwen3_moe", experts=8)
+    args = ["demo", "--hf-model", str(model), "--nodes", "2", "--gpus-per-node", "2", "--steps",
+            "10", "--samples-per-device", "2", "--seq-len", "16", "--cache-dir",
+            str(tmp_path / "cache"), "--json"]  # fmt: skip
+    assert main(args) == 0
+    rep = json.loads(capsys.readouterr().out)
+    home, net = rep["home"], rep["netmoe"]
+    assert len(home["loss"]) == len(net["loss"]) == 10
+    np.testing.assert_allclose(net["loss"], home["loss"], rtol=1e-5)
+    assert rep["max_loss_rel_diff"] < 1e-5
+    assert net["fallbacks"] == 0, net["fallback_reasons"]
+    assert net["moved_per_plan"] > 0
+    # Same routes in total (routing does not depend on placement), fewer across nodes.
+    total = lambda r: r["inter_routes"] + r["intra_routes"] + r["local_routes"]  # noqa: E731
+    assert total(net) == total(home)
+    assert net["inter_routes"] < home["inter_routes"], (net["inter_routes"], home["inter_routes"])
+    assert rep["config"]["model_type"] == "qwen3_moe" and rep["config"]["layers"] == 4
+
+
+def test_demo_rejects_a_vocabulary_that_does_not_cover_the_demo_ids(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from netmoe.reference.hf_demo import tiny_config
+
+    tiny_config("mixtral", vocab=VOCAB, hidden=16).save_pretrained(tmp_path)
+    assert main(["demo", "--hf-model", str(tmp_path), "--cache-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"netmoe demo: error: {tmp_path} has no tokenizer and its vocab_size={VOCAB} "
+                   "does not cover the demo's 2048 token ids: give the checkpoint a tokenizer or "
+                   "a vocab_size >= 2048"], err
+    assert main(["demo", "--hf-model", str(tmp_path / "missing")]) == 2
+    assert "holds no config.json" in capsys.readouterr().err
