@@ -24,6 +24,7 @@ import torch.multiprocessing as mp
 
 from netmoe.cli import main
 from netmoe.reference.launch import free_port
+from netmoe.trace import load_trace
 
 WORLD, GPUS, EXPERTS, SAMPLES, SEQ, VOCAB = 4, 2, 8, 2, 8, 96
 TYPES = ("mixtral", "qwen3_moe", "olmoe", "qwen2_moe")
@@ -40,24 +41,26 @@ def tiny_model(model_type: str, experts: int = EXPERTS, seed: int = 0) -> torch.
     return AutoModelForCausalLM.from_config(cfg, experts_implementation="eager").double()
 
 
-def _batch() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Global batch: ids [I, S], right-padded mask [I, S], labels [I, S] (-100 on padding)."""
+def _batch() -> tuple[torch.Tensor, ...]:
+    """Global batch: ids [I, S], right-padded mask [I, S], labels [I, S] (-100 on padding) and
+    position ids [I, S] starting at a per-sample offset (as for a continued document)."""
     gen = torch.Generator().manual_seed(3)
     big_i = WORLD * SAMPLES
     ids = torch.randint(0, VOCAB, (big_i, SEQ), generator=gen)
     length = torch.randint(SEQ // 2, SEQ + 1, (big_i,), generator=gen)
     mask = (torch.arange(SEQ)[None] < length[:, None]).long()
-    return ids, mask, ids.masked_fill(mask == 0, -100)
+    positions = torch.arange(SEQ)[None] + torch.randint(0, 5, (big_i, 1), generator=gen)
+    return ids, mask, ids.masked_fill(mask == 0, -100), positions
 
 
 def _check(model_type: str, rank: int, placement: str, expert_map: list[int] | None) -> None:
     from netmoe.client.hf import parallelize
     from netmoe.client.planning import Placement, RandomPlans
 
-    ids, mask, labels = _batch()
+    ids, mask, labels, positions = _batch()
     ref_model = tiny_model(model_type)
     ep_model = copy.deepcopy(ref_model)
-    ref = ref_model(input_ids=ids, attention_mask=mask, labels=labels)
+    ref = ref_model(input_ids=ids, attention_mask=mask, position_ids=positions, labels=labels)
     ref.loss.backward()
     assert ref.aux_loss is not None and float(ref.aux_loss) > 0
     hook = None
@@ -65,7 +68,8 @@ def _check(model_type: str, rank: int, placement: str, expert_map: list[int] | N
         hook = Placement(RandomPlans(rank, WORLD, SAMPLES, seed=11), rank, WORLD, SAMPLES, 5.0)
     ep = parallelize(ep_model, expert_map=expert_map, placement=hook, gpus_per_node=GPUS)
     mine = slice(rank * SAMPLES, (rank + 1) * SAMPLES)
-    out = ep(ids[mine], attention_mask=mask[mine], labels=labels[mine])
+    out = ep(ids[mine], attention_mask=mask[mine], position_ids=positions[mine],
+             labels=labels[mine])
     out.loss.backward()
     loss, aux = ep.all_reduce_gradients(out.loss, out.aux_loss)
     assert abs(float(loss) / float(ref.loss) - 1) < 1e-5, (float(loss), float(ref.loss))
@@ -75,6 +79,9 @@ def _check(model_type: str, rank: int, placement: str, expert_map: list[int] | N
         assert any(p.moves for p in out.plans) and hook is not None and hook.stats.fallbacks == 0
         assert holds != list(range(mine.start, mine.stop))
     torch.testing.assert_close(out.logits, ref.logits[holds], rtol=1e-5, atol=1e-8)
+    # Labels followed their samples: each held row's labels are its sample's, shifted.
+    torch.testing.assert_close(out.labels[:, :-1], labels[holds, 1:])
+    assert (out.labels[:, -1] == -100).all()
     ref_grads = dict(ref_model.named_parameters())
     local = ep.local_experts
     for name, p in ep.model.named_parameters():
@@ -179,9 +186,12 @@ def test_demo_trains_a_saved_checkpoint_home_and_with_the_service(
     model = write_tiny(tmp_path / "tiny", "qwen3_moe", experts=8)
     args = ["demo", "--hf-model", str(model), "--nodes", "2", "--gpus-per-node", "2", "--steps",
             "10", "--samples-per-device", "2", "--seq-len", "16", "--cache-dir",
-            str(tmp_path / "cache"), "--json"]  # fmt: skip
+            str(tmp_path / "cache"), "--record-trace", str(tmp_path / "home.npz"),
+            "--json"]  # fmt: skip
     assert main(args) == 0
     rep = json.loads(capsys.readouterr().out)
+    trace = load_trace(tmp_path / "home.npz")
+    assert trace.topk_ids.shape == (4, 10 * 8 * 16, 2)
     home, net = rep["home"], rep["netmoe"]
     assert len(home["loss"]) == len(net["loss"]) == 10
     np.testing.assert_allclose(net["loss"], home["loss"], rtol=1e-5)
