@@ -217,3 +217,24 @@ def test_demo_rejects_a_vocabulary_that_does_not_cover_the_demo_ids(
                    "a vocab_size >= 2048"], err
     assert main(["demo", "--hf-model", str(tmp_path / "missing")]) == 2
     assert "holds no config.json" in capsys.readouterr().err
+
+
+def test_demo_corpus_is_tokenised_by_the_checkpoint_tokenizer(tmp_path: Path) -> None:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    from netmoe.reference.data import DOMAINS, _raw_texts
+    from netmoe.reference.hf_demo import load_hf_corpus, tiny_config
+
+    words = ["[UNK]", "def", "the", "self", "return", "(", ")", ":", "=", "a", "of", "to", "in"]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]").save_pretrained(tmp_path)
+    tiny_config("mixtral", vocab=VOCAB, hidden=16).save_pretrained(tmp_path)
+    corpus = load_hf_corpus(str(tmp_path), VOCAB, str(tmp_path / "cache"))
+    want = AutoTokenizer.from_pretrained(tmp_path)(_raw_texts()["docs"])["input_ids"]
+    assert corpus.streams["docs"].tolist() == want
+    assert set(corpus.streams) == set(DOMAINS)
+    with pytest.raises(ValueError, match=r"tokenizer gives ids up to 12, beyond its model's "
+                       r"vocab_size=10"):
+        load_hf_corpus(str(tmp_path), 10, str(tmp_path / "cache"))
