@@ -80,6 +80,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="steps before the experts move (default: half of --steps)")
     p.add_argument("--expert-horizon", type=positive, default=1000,
                    help="steps the saving must pay for the move within (auto)")
+    p.add_argument("--hf-model", default="", metavar="DIR",
+                   help="train this local Hugging Face MoE checkpoint instead (config + weights; "
+                   "see docs/huggingface.md)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=run)
 
@@ -156,6 +159,10 @@ def _train(label: str, cfg: Any) -> list[dict[str, Any]]:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.hf_model:
+        from netmoe.reference.hf_demo import run_demo
+
+        return run_demo(args)
     from netmoe.reference.data import load_corpus
     from netmoe.reference.train import TrainConfig
 

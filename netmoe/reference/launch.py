@@ -76,12 +76,14 @@ def _steps_done(path: Path) -> int:
 
 
 def run_ranks(
-    cfg: TrainConfig, timeout: float = 600.0, progress: Callable[[int], None] | None = None
+    cfg: TrainConfig, timeout: float = 600.0, progress: Callable[[int], None] | None = None,
+    module: str = "netmoe.reference.train",
 ) -> list[dict[str, Any]]:
-    """Starts cfg.world processes of ``python -m netmoe.reference.train``; returns their results
-    ordered by rank. Raises RuntimeError (with the failing rank's stderr) if any rank fails;
-    every process is gone when this returns or raises, also on SIGINT or SIGTERM.
-    progress, if given, is called with the steps rank 0 has finished while they run."""
+    """Starts cfg.world processes of ``python -m MODULE --config JSON --out FILE`` (any config
+    dataclass with ``world`` and ``threads``); returns their results ordered by rank. Raises
+    RuntimeError (with the failing rank's stderr) if any rank fails; every process is gone when
+    this returns or raises, also on SIGINT or SIGTERM. progress, if given, is called with the
+    steps rank 0 has finished while they run (the module writes them to $NETMOE_PROGRESS_FILE)."""
     config = json.dumps(dataclasses.asdict(cfg))
     port = free_port()
     interrupts = _Interrupts()
@@ -97,7 +99,7 @@ def run_ranks(
                 if rank == 0 and progress is not None:
                     env[PROGRESS_FILE] = str(Path(tmp) / "progress")
                 err = open(Path(tmp) / f"rank{rank}.err", "w+")  # noqa: SIM115 (closed below)
-                cmd = [sys.executable, "-m", "netmoe.reference.train", "--config", config,
+                cmd = [sys.executable, "-m", module, "--config", config,
                        "--out", str(Path(tmp) / f"rank{rank}.json")]  # fmt: skip
                 try:
                     with interrupts.deferred():
