@@ -1,8 +1,14 @@
-"""Balanced transportation problems as OR-Tools min-cost flow.
+"""Balanced transportation problems, solved exactly: OR-Tools min-cost flow, a closed form for
+two columns, and column pricing for many rows.
 
 The paper expands each bin into one slot per unit of capacity and runs Kuhn-Munkres on the
 resulting I x I matrix. A transportation problem over I x C arcs has the same optimum and is far
 smaller: 1024 samples on 8 nodes is 8k arcs instead of 1M.
+
+With few columns (C << R) the dual has only C prices. `_priced` guesses them from a quarter of
+the rows, solves the flow on the arcs whose reduced cost is near zero, and proves the result
+optimal for every arc from the column graph's shortest-path potentials (LP duality); arcs that
+break the proof are added and the flow solved again.
 """
 
 from __future__ import annotations
@@ -12,14 +18,64 @@ from ortools.graph.python import min_cost_flow
 
 # Costs must stay well inside int64 after the solver adds them up along paths.
 _MAX_COST = 2**62
+# Pricing pays off only on large problems (measured: 4096 x 32 about 3x faster than one flow;
+# 2048 x 32 and 4096 x 8 no faster).
+_PRICED_ROWS = 4096
+_PRICED_COLS = 32
+# Pricing rounds before giving up on a sparse proof and solving the flow over every arc.
+_PRICED_ROUNDS = 4
 
 
 def transport(cost: np.ndarray, capacity: np.ndarray) -> np.ndarray:
     """Assigns each row to one column, column c taking exactly capacity[c] rows, at least cost.
 
     cost: [R, C] int64 (non-negative); capacity: [C] int64 summing to R.
-    Returns [R] int64, the column of each row. Deterministic for a given input.
+    Returns [R] int64, the column of each row. Deterministic for a given input. This general
+    min-cost flow is the reference the faster paths of transport_blocks are tested against.
     """
+    rows = cost.shape[0]
+    return _flow(cost, np.zeros(rows, dtype=np.int64), capacity[None, :])
+
+
+def transport_blocks(cost: np.ndarray, block: np.ndarray, capacity: np.ndarray) -> np.ndarray:
+    """Independent transportation problems at once: row r may only take columns of its block.
+
+    cost: [R, C] int64 (non-negative), row r's cost for column c of block[r]; block: [R] int64 in
+    [0, B); capacity: [B, C] int64, block b's rows summing to capacity[b].sum().
+    Returns [R] int64, the column (0..C-1, within its block) of each row, of least total cost.
+    C = 2 has a closed form (each block takes the rows cheapest to put in column 0 relative to
+    column 1); otherwise all blocks go to one min-cost flow.
+    """
+    rows, cols = cost.shape
+    sizes = np.bincount(block, minlength=capacity.shape[0])
+    if (capacity.sum(axis=1) != sizes).any():
+        b = int(np.flatnonzero(capacity.sum(axis=1) != sizes)[0])
+        raise ValueError(
+            f"block {b}: capacities sum to {int(capacity[b].sum())}, need one slot per row "
+            f"({int(sizes[b])})"
+        )
+    if cols == 1 or rows == 0:
+        return np.zeros(rows, dtype=np.int64)
+    if cols == 2:
+        return _two_columns(cost, block, capacity[:, 0])
+    if capacity.shape[0] == 1 and rows >= _PRICED_ROWS and cols >= _PRICED_COLS:
+        return _priced(cost, capacity[0])
+    return _flow(cost, block, capacity)
+
+
+def _two_columns(cost: np.ndarray, block: np.ndarray, first: np.ndarray) -> np.ndarray:
+    """transport_blocks for C = 2: block b puts in column 0 its first[b] rows of least
+    cost[:, 0] - cost[:, 1] (an exchange argument: any other choice swaps in a dearer row)."""
+    gain = cost[:, 0] - cost[:, 1]
+    order = np.lexsort((np.arange(len(gain)), gain, block))  # by block, then gain, then row
+    counts = np.bincount(block, minlength=len(first))
+    starts = np.cumsum(counts) - counts
+    rank = np.empty(len(gain), dtype=np.int64)
+    rank[order] = np.arange(len(gain)) - starts[block[order]]
+    return (rank >= first[block]).astype(np.int64)
+
+
+def _flow(cost: np.ndarray, block: np.ndarray, capacity: np.ndarray) -> np.ndarray:
     rows, cols = cost.shape
     if int(capacity.sum()) != rows:
         raise ValueError(f"capacities sum to {int(capacity.sum())}, need one slot per row ({rows})")
@@ -29,16 +85,107 @@ def transport(cost: np.ndarray, capacity: np.ndarray) -> np.ndarray:
         raise ValueError(f"costs up to {int(cost.max())} over {rows} rows would overflow int64")
     flow = min_cost_flow.SimpleMinCostFlow()
     tails = np.repeat(np.arange(rows, dtype=np.int64), cols)
-    heads = rows + np.tile(np.arange(cols, dtype=np.int64), rows)
+    heads = (rows + block[:, None] * cols + np.arange(cols, dtype=np.int64)[None, :]).ravel()
     arcs = flow.add_arcs_with_capacity_and_unit_cost(
         tails, heads, np.ones(rows * cols, dtype=np.int64), cost.astype(np.int64).ravel()
     )
     flow.set_nodes_supplies(
-        np.arange(rows + cols, dtype=np.int64),
-        np.concatenate([np.ones(rows, dtype=np.int64), -capacity.astype(np.int64)]),
+        np.arange(rows + capacity.size, dtype=np.int64),
+        np.concatenate([np.ones(rows, dtype=np.int64), -capacity.astype(np.int64).ravel()]),
     )
     status = flow.solve()
     if status != flow.OPTIMAL:
         raise RuntimeError(f"min-cost flow failed with status {status}")
     chosen = flow.flows(arcs).reshape(rows, cols)
     return np.argmax(chosen, axis=1).astype(np.int64)
+
+
+def _priced(cost: np.ndarray, capacity: np.ndarray) -> np.ndarray:
+    """transport() for one block of many rows: the same optimal cost, by column pricing.
+
+    cost: [R, C] int64; capacity: [C] int64. Prices come from the same problem on every 4th row
+    (capacities scaled), recursively; the restricted flow keeps each row's arcs within a margin
+    of its best priced column, plus one arc of a fixed feasible assignment so it always has a
+    solution. Returns [R] int64.
+    """
+    rows, cols = cost.shape
+    if int(cost.max()) * rows >= _MAX_COST:
+        raise ValueError(f"costs up to {int(cost.max())} over {rows} rows would overflow int64")
+    sub = np.arange(0, rows, 4)
+    sub_cap = _scaled(capacity, len(sub))
+    sub_cost = cost[sub]
+    sub_col = transport_blocks(sub_cost, np.zeros(len(sub), dtype=np.int64), sub_cap[None, :])
+    price = _potentials(sub_cost, sub_col, np.ones(sub_cost.shape, dtype=bool))
+    margin = max(1, int(cost.max()) // 128)
+    seed = np.repeat(np.arange(cols, dtype=np.int64), capacity)
+    arcs = np.zeros((rows, cols), dtype=bool)
+    arcs[np.arange(rows), seed] = True
+    reduced = cost - price
+    arcs |= reduced - reduced.min(axis=1, keepdims=True) <= margin
+    for _ in range(_PRICED_ROUNDS):
+        col = _restricted(cost, capacity, arcs, seed)
+        price = _potentials(cost, col, arcs)
+        reduced = cost - price
+        reduced -= reduced[np.arange(rows), col][:, None]
+        if reduced.min() >= 0:  # dual feasible for every arc: col is optimal
+            return col
+        arcs |= reduced <= margin
+    return _flow(cost, np.zeros(rows, dtype=np.int64), capacity[None, :])
+
+
+def _scaled(capacity: np.ndarray, total: int) -> np.ndarray:
+    """[C] int64 near capacity * total / capacity.sum(), summing to total."""
+    share = capacity * total / capacity.sum()
+    out = np.floor(share).astype(np.int64)
+    out[np.argsort(out - share)[: total - int(out.sum())]] += 1
+    return out
+
+
+def _restricted(cost: np.ndarray, capacity: np.ndarray, arcs: np.ndarray,
+                seed: np.ndarray) -> np.ndarray:
+    """Least-cost assignment using only arcs ([R, C] bool, holding seed, a feasible assignment).
+    Rows with one arc take it; the flow sees only the others."""
+    cols = cost.shape[1]
+    free = arcs.sum(axis=1) > 1
+    col = seed.copy()
+    left = capacity - np.bincount(seed[~free], minlength=cols)
+    index = np.flatnonzero(free)
+    r, c = np.nonzero(arcs[index])
+    flow = min_cost_flow.SimpleMinCostFlow()
+    ids = flow.add_arcs_with_capacity_and_unit_cost(
+        r, len(index) + c, np.ones(len(r), dtype=np.int64), cost[index[r], c]
+    )
+    flow.set_nodes_supplies(
+        np.arange(len(index) + cols, dtype=np.int64),
+        np.concatenate([np.ones(len(index), dtype=np.int64), -left]),
+    )
+    status = flow.solve()
+    if status != flow.OPTIMAL:
+        raise RuntimeError(f"min-cost flow failed with status {status}")
+    used = flow.flows(ids) > 0
+    col[index[r[used]]] = c[used]
+    return col
+
+
+def _potentials(cost: np.ndarray, col: np.ndarray, arcs: np.ndarray) -> np.ndarray:
+    """[C] int64 prices p with cost[i, c] - p[c] >= cost[i, col[i]] - p[col[i]] on every arc.
+
+    col must be optimal among assignments using arcs ([R, C] bool): then the column graph
+    (edge a -> b: the cheapest move of a row from a to b) has no negative cycle, and its
+    shortest-path distances from a virtual source are such prices (Bellman-Ford, C nodes).
+    """
+    rows, cols = cost.shape
+    move = np.where(arcs, cost - cost[np.arange(rows), col][:, None], _MAX_COST)
+    order = np.argsort(col, kind="stable")
+    counts = np.bincount(col, minlength=cols)
+    edge = np.full((cols, cols), _MAX_COST, dtype=np.int64)
+    held = counts > 0
+    edge[held] = np.minimum.reduceat(move[order], (np.cumsum(counts) - counts)[held], axis=0)
+    np.fill_diagonal(edge, 0)
+    dist = np.zeros(cols, dtype=np.int64)
+    for _ in range(cols):
+        nxt = np.minimum(dist, (dist[:, None] + edge).min(axis=0))
+        if (nxt == dist).all():
+            break
+        dist = nxt
+    return dist
