@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .topology import Topology
+from .topology import Topology, check_devices
 
 # Route counts are bounded so that every cost the solvers build (counts x tie-break weights)
 # stays well inside int64.
@@ -83,13 +83,7 @@ def check_placement(name: str, device: object, *, samples: int, devices: int) ->
     arr = np.asarray(device)
     if arr.shape != (samples,):
         raise ValueError(f"{name} must have shape ({samples},), got shape {arr.shape}")
-    if samples and not np.issubdtype(arr.dtype, np.integer):
-        raise ValueError(f"{name} must hold integer device ids, got dtype {arr.dtype}")
-    bad = np.flatnonzero((arr < 0) | (arr >= devices))
-    if bad.size:
-        i = int(bad[0])
-        raise ValueError(f"{name}[{i}]={int(arr[i])} is not a device (devices 0..{devices - 1})")
-    return arr.astype(np.int64)
+    return check_devices(name, arr, devices)
 
 
 def _group_sums(counts: np.ndarray, size: int) -> np.ndarray:

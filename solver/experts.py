@@ -29,7 +29,7 @@ from typing import Literal
 import numpy as np
 
 from .cost import channel_routes, check_counts, device_counts, traffic_of
-from .topology import Topology, home_placement, positive_int
+from .topology import Topology, check_devices, home_placement, positive_int
 from .transport import transport
 from .two_stage import place_two_stage
 
@@ -221,16 +221,7 @@ def check_maps(name: str, maps: object, topo: Topology, layers: int) -> np.ndarr
             f"{name} must have shape ({layers}, {topo.experts}) or ({topo.experts},), "
             f"got shape {np.asarray(maps).shape}"
         )
-    if not np.issubdtype(arr.dtype, np.integer):
-        raise ValueError(f"{name} must hold integer device ids, got dtype {arr.dtype}")
-    bad = np.argwhere((arr < 0) | (arr >= topo.devices))
-    if bad.size:
-        layer, e = (int(v) for v in bad[0])
-        raise ValueError(
-            f"{name}[{layer}][{e}]={int(arr[layer, e])} is not a device "
-            f"(devices 0..{topo.devices - 1})"
-        )
-    return arr.astype(np.int64)
+    return check_devices(name, arr, topo.devices)
 
 
 def check_capacity(capacity: object, topo: Topology) -> np.ndarray:

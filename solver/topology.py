@@ -15,6 +15,22 @@ def positive_int(name: str, value: object, *, minimum: int = 1) -> int:
     return int(value)
 
 
+def check_devices(name: str, values: object, devices: int) -> np.ndarray:
+    """values (any shape) as int64 device ids, or ValueError naming the first entry outside
+    0..devices-1. The one device-id check of the solver: placements, expert maps."""
+    arr = np.asarray(values)
+    if arr.size and not np.issubdtype(arr.dtype, np.integer):
+        raise ValueError(f"{name} must hold integer device ids, got dtype {arr.dtype}")
+    bad = np.argwhere((arr < 0) | (arr >= devices))
+    if bad.size:
+        at = tuple(int(v) for v in bad[0])
+        raise ValueError(
+            f"{name}{''.join(f'[{v}]' for v in at)}={int(arr[at])} is not a device "
+            f"(devices 0..{devices - 1})"
+        )
+    return arr.astype(np.int64)
+
+
 def _finite(name: str, value: float, *, positive: bool) -> float:
     v = float(value)
     if not np.isfinite(v) or v < 0 or (positive and v == 0):
@@ -68,16 +84,7 @@ class Topology:
                     f"expert_device must have shape ({experts},) for experts={experts}, "
                     f"got shape {raw.shape}"
                 )
-            if raw.size and not np.issubdtype(raw.dtype, np.integer):
-                raise ValueError(f"expert_device must hold integers, got dtype {raw.dtype}")
-            bad = np.flatnonzero((raw < 0) | (raw >= j))
-            if bad.size:
-                e = int(bad[0])
-                raise ValueError(
-                    f"expert_device[{e}]={int(raw[e])} names a device that does not exist "
-                    f"(devices 0..{j - 1})"
-                )
-            emap = raw.astype(np.int64)
+            emap = check_devices("expert_device", raw, j)
         emap.setflags(write=False)
         dnode = np.arange(j, dtype=np.int64) // gpus
         dnode.setflags(write=False)

@@ -205,7 +205,7 @@ def test_bad_input_is_named(kwargs: dict, match: str) -> None:
     [
         ({"nodes": 0}, r"nodes must be a positive integer, got 0"),
         ({"experts": 6}, r"experts=6 is not divisible by devices=4"),
-        ({"expert_device": [0, 1, 2, 4]}, r"expert_device\[3\]=4 names a device that does not"),
+        ({"expert_device": [0, 1, 2, 4]}, r"expert_device\[3\]=4 is not a device \(devices 0..3\)"),
         ({"expert_device": [0, 1]}, r"expert_device must have shape \(4,\)"),
         ({"bw_inter": 0}, r"bw_inter must be a finite positive number, got 0"),
         ({"alpha_intra": float("nan")}, r"alpha_intra must be a finite non-negative number"),
