@@ -60,9 +60,16 @@ def check_counts(name: str, counts: object, *, samples: int | None, experts: int
             raise ValueError(f"{name}[{i}, {e}]={arr[i, e].item()!r} is not a whole number")
     if not arr.size:
         return arr.astype(np.int64)
-    signed = not np.issubdtype(arr.dtype, np.unsignedinteger)
-    top = arr.max()
-    if (signed and arr.min() < 0) or top > MAX_ROUTES:
+    if arr.dtype == np.int64:
+        # Read as uint64 a negative count exceeds 2**63: one pass checks both ends of the range.
+        top = int(arr.view(np.uint64).max())
+        bad_range = top > MAX_ROUTES
+    else:
+        top = arr.max()
+        bad_range = top > MAX_ROUTES or (
+            not np.issubdtype(arr.dtype, np.unsignedinteger) and arr.min() < 0
+        )
+    if bad_range:
         bad = (arr < 0) | (arr > MAX_ROUTES)
         i, e = (int(v) for v in np.argwhere(bad)[0])
         raise ValueError(
