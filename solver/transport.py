@@ -141,21 +141,19 @@ def _jacobi(cost: np.ndarray, capacity: np.ndarray, price: np.ndarray) -> np.nda
     cost: [R, C] int64, capacity, price: [C] int64. A heuristic: any prices make a valid start."""
     rows, cols = cost.shape
     value = cost - price
-    best = value.argmin(axis=1)
     r = np.arange(rows)
-    first = value[r, best]
-    value[r, best] = _MAX_COST
-    second = value.min(axis=1)
-    # Row i chooses column c iff price[c] > cost[i, c] - (its best value among other columns).
-    other = np.where(best[:, None] == np.arange(cols)[None, :], second[:, None], first[:, None])
-    bar = cost - other
+    best = value.argmin(axis=1)
+    two = np.partition(value, 1, axis=1)  # [:, 0] the best value, [:, 1] the second
+    # Row i chooses column c iff price[c] > bar[i, c] = cost[i, c] - (its best value elsewhere).
+    bar = (cost - two[:, :1]).T.copy()  # [C, R], rows contiguous for the partition below
+    bar[best, r] += two[:, 0] - two[:, 1]
     kth = np.clip(capacity, 1, rows - 1)
     if (kth == kth[0]).all():
-        ranked = np.partition(bar, [kth[0] - 1, kth[0]], axis=0)
-        low, high = ranked[kth[0] - 1], ranked[kth[0]]
+        ranked = np.partition(bar, [kth[0] - 1, kth[0]], axis=1)
+        low, high = ranked[:, kth[0] - 1], ranked[:, kth[0]]
     else:
-        ranked = np.sort(bar, axis=0)
-        low, high = ranked[kth - 1, np.arange(cols)], ranked[kth, np.arange(cols)]
+        ranked = np.sort(bar, axis=1)
+        low, high = ranked[np.arange(cols), kth - 1], ranked[np.arange(cols), kth]
     return (low + high) // 2
 
 
