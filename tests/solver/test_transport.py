@@ -144,3 +144,17 @@ def test_equal_costs_keep_every_sample_home(nodes: int, per_device: int) -> None
     home = np.random.default_rng(0).permutation(np.arange(len(counts)) // per_device)
     plan = solve(topo, counts, counts, home=home)
     assert plan.moved == 0
+
+
+@pytest.mark.parametrize(
+    ("rows", "cols", "high"), [(2048, 16, 3), (1024, 32, 10**6), (4096, 32, 40)]
+)
+def test_large_problems_take_the_priced_path_and_match_the_flow(rows: int, cols: int,
+                                                                high: int) -> None:
+    rng = np.random.default_rng(rows + cols)
+    cost = rng.integers(0, high, (rows, cols))
+    capacity = rng.multinomial(rows, np.ones(cols) / cols)
+    assert rows * cols >= tr._PRICED_ARCS and cols >= tr._PRICED_COLS
+    col = tr.transport_blocks(cost, np.zeros(rows, dtype=np.int64), capacity[None, :])
+    assert (np.bincount(col, minlength=cols) == capacity).all()
+    assert _cost_of(cost, col) == _cost_of(cost, tr.transport(cost, capacity))
