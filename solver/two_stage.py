@@ -25,13 +25,15 @@ def per_device(topo: Topology, counts: np.ndarray) -> np.ndarray:
     return device_counts(topo, counts)
 
 
-def with_tiebreak(cost: np.ndarray, stay: np.ndarray) -> np.ndarray:
+def with_tiebreak(cost: np.ndarray, stay: np.ndarray, rows: int | None = None) -> np.ndarray:
     """Scales cost so that the number of samples kept home only ever breaks ties.
 
-    stay: [R, C] bool, True where column c is row r's home. With weight R + 1 per unit of
-    cost, no number of kept-home samples (at most R) can outweigh one route.
+    stay: [R, C] bool, True where column c is row r's home. rows: the most rows of one
+    problem (default R; less when cost stacks independent problems). With weight rows + 1 per
+    unit of cost, no number of kept-home samples (at most rows) can outweigh one route.
     """
-    return cost * (cost.shape[0] + 1) + (~stay).astype(np.int64)
+    weight = (cost.shape[0] if rows is None else rows) + 1
+    return cost * weight + (~stay).astype(np.int64)
 
 
 def place_two_stage(
@@ -58,4 +60,5 @@ def place_two_stage(
     r = np.arange(rows)
     intra = on_node[r, node][:, None] - on_dev.reshape(rows, nodes, gpus)[r, node]  # [R, G]
     stay = (home - node * gpus)[:, None] == np.arange(gpus)[None, :]
-    return node * gpus + transport_blocks(with_tiebreak(intra, stay), node, dev_cap)
+    largest = int(dev_cap.sum(axis=1).max())  # rows of the fullest node
+    return node * gpus + transport_blocks(with_tiebreak(intra, stay, largest), node, dev_cap)
