@@ -106,19 +106,29 @@ def rows_held(dest: np.ndarray, devices: int, home: np.ndarray | None = None
     return np.split(order, ends[:-1])
 
 
+def check_devices(name: str, values: object, devices: int) -> np.ndarray:
+    """values (any shape) as int64 device ids, or ValueError naming the first entry outside
+    0..devices-1. The one device-id check: placements, plans, expert maps."""
+    arr = np.asarray(values)
+    if arr.size and not np.issubdtype(arr.dtype, np.integer):
+        raise ValueError(f"{name} must hold integer device ids, got dtype {arr.dtype}")
+    bad = np.argwhere((arr < 0) | (arr >= devices))
+    if bad.size:
+        at = tuple(int(v) for v in bad[0])
+        raise ValueError(
+            f"{name}{''.join(f'[{v}]' for v in at)}={int(arr[at])} is not a device "
+            f"(devices 0..{devices - 1})"
+        )
+    return arr.astype(np.int64)
+
+
 def check_dest(name: str, dest: object, *, devices: int, per_device: int | None = None
                ) -> np.ndarray:
     """dest as [I] int64, or ValueError naming name and the offending entry unless every entry
     is a device in [0, devices) and, with per_device, each device receives exactly that many."""
-    arr = np.asarray(dest)
-    if arr.ndim != 1 or (arr.size and not np.issubdtype(arr.dtype, np.integer)):
-        raise ValueError(f"{name} must be a 1-D array of integer devices, got shape {arr.shape} "
-                         f"dtype {arr.dtype}")
-    arr = arr.astype(np.int64, copy=False)
-    bad = (arr < 0) | (arr >= devices)
-    if bad.any():
-        i = int(np.flatnonzero(bad)[0])
-        raise ValueError(f"{name}[{i}]={int(arr[i])} is not a device in [0, {devices})")
+    if np.ndim(dest) != 1:
+        raise ValueError(f"{name} must be a 1-D array of devices, got shape {np.shape(dest)}")
+    arr = check_devices(name, dest, devices)
     if per_device is not None:
         if len(arr) != devices * per_device:
             raise ValueError(f"{name} has {len(arr)} entries, need devices x per device = "

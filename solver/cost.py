@@ -11,7 +11,7 @@ import numpy as np
 
 from netmoe.round import Traffic
 
-from .topology import Topology
+from .topology import Topology, check_devices
 
 # Route counts are bounded so that every cost the solvers build (counts x tie-break weights)
 # stays well inside int64.
@@ -38,7 +38,18 @@ def check_counts(name: str, counts: object, *, samples: int | None, experts: int
         if bad.any():
             i, e = (int(v) for v in np.argwhere(bad)[0])
             raise ValueError(f"{name}[{i}, {e}]={arr[i, e].item()!r} is not a whole number")
-    if arr.size and (arr.min() < 0 or arr.max() > MAX_ROUTES):
+    if not arr.size:
+        return arr.astype(np.int64)
+    if arr.dtype == np.int64:
+        # Read as uint64 a negative count exceeds 2**63: one pass checks both ends of the range.
+        top = int(arr.view(np.uint64).max())
+        bad_range = top > MAX_ROUTES
+    else:
+        top = arr.max()
+        bad_range = top > MAX_ROUTES or (
+            not np.issubdtype(arr.dtype, np.unsignedinteger) and arr.min() < 0
+        )
+    if bad_range:
         bad = (arr < 0) | (arr > MAX_ROUTES)
         i, e = (int(v) for v in np.argwhere(bad)[0])
         raise ValueError(
@@ -46,9 +57,11 @@ def check_counts(name: str, counts: object, *, samples: int | None, experts: int
             f"(counts must be in 0..{MAX_ROUTES})"
         )
     out = arr.astype(np.int64, copy=False)
-    total = float(out.sum(dtype=np.float64))
-    if total > MAX_ROUTES:
-        raise ValueError(f"{name} sums to {total:.0f} routes, more than {MAX_ROUTES}")
+    # The sum is needed only when the largest entry does not already bound it.
+    if float(top) * arr.size > MAX_ROUTES:
+        total = float(out.sum(dtype=np.float64))
+        if total > MAX_ROUTES:
+            raise ValueError(f"{name} sums to {total:.0f} routes, more than {MAX_ROUTES}")
     return out
 
 
@@ -57,20 +70,16 @@ def check_placement(name: str, device: object, *, samples: int, devices: int) ->
     arr = np.asarray(device)
     if arr.shape != (samples,):
         raise ValueError(f"{name} must have shape ({samples},), got shape {arr.shape}")
-    if samples and not np.issubdtype(arr.dtype, np.integer):
-        raise ValueError(f"{name} must hold integer device ids, got dtype {arr.dtype}")
-    bad = np.flatnonzero((arr < 0) | (arr >= devices))
-    if bad.size:
-        i = int(bad[0])
-        raise ValueError(f"{name}[{i}]={int(arr[i])} is not a device (devices 0..{devices - 1})")
-    return arr.astype(np.int64)
+    return check_devices(name, arr, devices)
 
 
 def _group_sums(counts: np.ndarray, size: int) -> np.ndarray:
     """[I, C / size]: sums of consecutive column groups of `size`. Adding `size` strided views
     beats np.add.reduceat along a row by 5x or more for small groups."""
-    out = counts[:, 0::size].copy()
-    for k in range(1, size):
+    if size == 1:
+        return counts.copy()
+    out = counts[:, 0::size] + counts[:, 1::size]
+    for k in range(2, size):
         out += counts[:, k::size]
     return out
 
@@ -100,27 +109,32 @@ def node_counts(topo: Topology, dev_counts: np.ndarray) -> np.ndarray:
 
 
 def channel_routes(
-    topo: Topology, device: np.ndarray, dev_counts: np.ndarray
+    topo: Topology, device: np.ndarray, dev_counts: np.ndarray, total: int | None = None
 ) -> tuple[int, int, int]:
     """(inter, intra, local) routes of one All-to-All.
 
-    device: [I] int64 placement; dev_counts: [I, J] int64 from device_counts.
+    device: [I] int64 placement; dev_counts: [I, J] int64 from device_counts; total: its sum,
+    when the caller has it (it does not depend on the placement).
     """
     rows = np.arange(len(device))
-    local = int(dev_counts[rows, device].sum())
     g = topo.gpus_per_node
-    own_node = (device // g * g)[:, None] + np.arange(g)[None, :]  # [I, G] devices of own node
-    on_own_node = int(dev_counts[rows[:, None], own_node].sum())
-    return int(dev_counts.sum()) - on_own_node, on_own_node - local, local
+    own = dev_counts.reshape(len(device), topo.nodes, g)[rows, device // g]  # [I, G] own node
+    local = int(own[rows, device % g].sum())
+    on_own_node = int(own.sum())
+    if total is None:
+        total = int(dev_counts.sum())
+    return total - on_own_node, on_own_node - local, local
 
 
-def traffic_of(topo: Topology, device: np.ndarray, mats: list[np.ndarray]) -> Traffic:
+def traffic_of(
+    topo: Topology, device: np.ndarray, mats: list[np.ndarray], totals: list[int] | None = None
+) -> Traffic:
     """traffic() for checked inputs: device [I] int64, mats the [I, J] device_counts of each
-    All-to-All."""
+    All-to-All, totals their sums if known."""
     inter = intra = local = 0
     t_intra = t_inter = seconds = 0.0
-    for dev_counts in mats:
-        e, a, lo = channel_routes(topo, device, dev_counts)
+    for k, dev_counts in enumerate(mats):
+        e, a, lo = channel_routes(topo, device, dev_counts, None if totals is None else totals[k])
         ti = topo.alpha_intra + a * topo.bytes_per_route / topo.bw_intra
         te = topo.alpha_inter + e * topo.bytes_per_route / topo.bw_inter
         inter, intra, local = inter + e, intra + a, local + lo

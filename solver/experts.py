@@ -9,7 +9,7 @@ layers, and samples are placed per pair and per round.
 
 The fit alternates two exact transportation problems, node stage then device stage, like the
 paper's sample placement:
-  samples given experts: `solve_two_stage` per round and pair;
+  samples given experts: `place_two_stage` per round and pair;
   experts given samples: expert e of layer l on device d costs its routes to samples off d's node,
     then off d, over every round and pair layer l takes part in; capacity[d] experts per device.
 A step is kept only if it lowers (inter, intra) on the fit window, so the recorded objective
@@ -29,9 +29,9 @@ from typing import Literal
 import numpy as np
 
 from .cost import channel_routes, check_counts, device_counts, traffic_of
-from .topology import Topology, home_placement, positive_int
+from .topology import Topology, check_devices, home_placement, positive_int
 from .transport import transport
-from .two_stage import place_two_stage, with_tiebreak
+from .two_stage import place_two_stage
 
 Unit = Literal["seconds", "bytes"]
 UNITS = ("seconds", "bytes")
@@ -221,16 +221,7 @@ def check_maps(name: str, maps: object, topo: Topology, layers: int) -> np.ndarr
             f"{name} must have shape ({layers}, {topo.experts}) or ({topo.experts},), "
             f"got shape {np.asarray(maps).shape}"
         )
-    if not np.issubdtype(arr.dtype, np.integer):
-        raise ValueError(f"{name} must hold integer device ids, got dtype {arr.dtype}")
-    bad = np.argwhere((arr < 0) | (arr >= topo.devices))
-    if bad.size:
-        layer, e = (int(v) for v in bad[0])
-        raise ValueError(
-            f"{name}[{layer}][{e}]={int(arr[layer, e])} is not a device "
-            f"(devices 0..{topo.devices - 1})"
-        )
-    return arr.astype(np.int64)
+    return check_devices(name, arr, topo.devices)
 
 
 def check_capacity(capacity: object, topo: Topology) -> np.ndarray:
@@ -297,20 +288,7 @@ def _assign_experts(
     capacity-per-node experts on each node minimizing routes off node; stage 2 fills each node's
     devices minimizing routes off device. Ties go to prefer [E] (node, then device).
     """
-    nodes, gpus = topo.nodes, topo.gpus_per_node
-    experts = with_device.shape[0]
-    on_node = with_device.reshape(experts, nodes, gpus).sum(axis=2)
-    off_node = with_device.sum(axis=1, keepdims=True) - on_node
-    stay = topo.device_node[prefer][:, None] == np.arange(nodes)[None, :]
-    node = transport(with_tiebreak(off_node, stay), capacity.reshape(nodes, gpus).sum(axis=1))
-    device = np.empty(experts, dtype=np.int64)
-    for n in range(nodes):
-        rows = np.flatnonzero(node == n)
-        devs = np.arange(n * gpus, (n + 1) * gpus)
-        off_dev = on_node[rows, n][:, None] - with_device[np.ix_(rows, devs)]
-        stay = prefer[rows][:, None] == devs[None, :]
-        device[rows] = devs[transport(with_tiebreak(off_dev, stay), capacity[devs])]
-    return device
+    return place_two_stage(topo, with_device, prefer, capacity)
 
 
 def _place_experts(

@@ -115,7 +115,8 @@ def solve(
         # Every cost depends on the counts only through routes per device, so with two expert
         # maps the exact models run on the device counts, one pseudo-expert per device.
         topo, mats = _per_device(topo), dev_mats
-    device = place_two_stage(topo, sum(dev_mats), base)
+    both = dev_mats[0] if len(dev_mats) == 1 else dev_mats[0] + dev_mats[1]
+    device = place_two_stage(topo, both, base)
     optimal, gap, used = True, 0.0, method
     if objective == "bottleneck":
         res = solve_bottleneck(topo, mats, base, device, time_limit, workers)
@@ -131,7 +132,8 @@ def solve(
         optimal, gap = res.optimal, res.gap
     elapsed = time.perf_counter() - start
 
-    after = traffic_of(topo, device, dev_mats)
+    totals = [int(m.sum()) for m in dev_mats]
+    after = traffic_of(topo, device, dev_mats, totals)
     if objective == "volume":
         value = after.seconds
     else:
@@ -141,7 +143,7 @@ def solve(
         home=tuple(base.tolist()),
         moved=int((device != base).sum()),
         rows_held=tuple(rows_held(device, j, base)),
-        before=traffic_of(topo, base, dev_mats),
+        before=traffic_of(topo, base, dev_mats, totals),
         after=after,
         objective=objective,
         method=used,

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from netmoe.round import BW_INTER, BW_INTRA, home_dest
+from netmoe.round import BW_INTER, BW_INTRA, check_devices, home_dest
 
 
 def positive_int(name: str, value: object, *, minimum: int = 1) -> int:
@@ -70,16 +70,7 @@ class Topology:
                     f"expert_device must have shape ({experts},) for experts={experts}, "
                     f"got shape {raw.shape}"
                 )
-            if raw.size and not np.issubdtype(raw.dtype, np.integer):
-                raise ValueError(f"expert_device must hold integers, got dtype {raw.dtype}")
-            bad = np.flatnonzero((raw < 0) | (raw >= j))
-            if bad.size:
-                e = int(bad[0])
-                raise ValueError(
-                    f"expert_device[{e}]={int(raw[e])} names a device that does not exist "
-                    f"(devices 0..{j - 1})"
-                )
-            emap = raw.astype(np.int64)
+            emap = check_devices("expert_device", raw, j)
         emap.setflags(write=False)
         dnode = np.arange(j, dtype=np.int64) // gpus
         dnode.setflags(write=False)

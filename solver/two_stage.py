@@ -1,9 +1,9 @@
 """The paper's two-stage placement, each stage solved exactly as a transportation problem.
 
-Stage 1 puts I/N samples on each node, minimizing inter-node routes of gather(l) + scatter(l+1).
-Stage 2 puts I/J of each node's samples on each of its devices, minimizing intra-node routes;
-nodes are independent. In both stages a sample prefers its home (node, then device) among
-equal-cost choices, so samples move only when moving saves routes.
+Stage 1 puts each node's share of the rows on it, minimizing routes off node. Stage 2 fills the
+devices of each node, minimizing routes to other devices of the node; nodes are independent, so
+all of them go to one transportation call. In both stages a row prefers its home (node, then
+device) among equal-cost choices, so rows move only when moving saves routes.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import numpy as np
 
 from .cost import device_counts, node_counts
 from .topology import Topology
-from .transport import transport
+from .transport import transport_blocks
 
 
 def per_node(topo: Topology, counts: np.ndarray) -> np.ndarray:
@@ -25,38 +25,40 @@ def per_device(topo: Topology, counts: np.ndarray) -> np.ndarray:
     return device_counts(topo, counts)
 
 
-def with_tiebreak(cost: np.ndarray, stay: np.ndarray) -> np.ndarray:
+def with_tiebreak(cost: np.ndarray, stay: np.ndarray, rows: int | None = None) -> np.ndarray:
     """Scales cost so that the number of samples kept home only ever breaks ties.
 
-    stay: [R, C] bool, True where column c is row r's home. With weight R + 1 per unit of
-    cost, no number of kept-home samples (at most R) can outweigh one route.
+    stay: [R, C] bool, True where column c is row r's home. rows: the most rows of one
+    problem (default R; less when cost stacks independent problems). With weight rows + 1 per
+    unit of cost, no number of kept-home samples (at most rows) can outweigh one route.
     """
-    return cost * (cost.shape[0] + 1) + (~stay).astype(np.int64)
+    weight = (cost.shape[0] if rows is None else rows) + 1
+    return cost * weight + (~stay).astype(np.int64)
 
 
-def solve_two_stage(topo: Topology, counts: np.ndarray, home: np.ndarray) -> np.ndarray:
-    """Device of each sample, [I] int64. counts: [I, E] int64 routes of both All-to-Alls summed;
-    home: [I] int64 current device of each sample."""
-    return place_two_stage(topo, device_counts(topo, counts), home)
+def place_two_stage(
+    topo: Topology, on_dev: np.ndarray, home: np.ndarray, capacity: np.ndarray | None = None
+) -> np.ndarray:
+    """Device of each row, [R] int64, by the two stages.
 
-
-def place_two_stage(topo: Topology, on_dev: np.ndarray, home: np.ndarray) -> np.ndarray:
-    """solve_two_stage from device_counts: on_dev [I, J] int64 routes of each sample to the
-    experts of each device. Returns [I] int64."""
-    samples = on_dev.shape[0]
+    on_dev: [R, J] int64 routes of each row with each device (a sample's routes to the experts
+    of each device, or an expert's routes with the samples on each device); home: [R] int64 the
+    device each row prefers among equal costs; capacity: [J] int64 rows each device takes,
+    summing to R (default R / J on every device).
+    """
+    rows = on_dev.shape[0]
     nodes, gpus = topo.nodes, topo.gpus_per_node
+    if capacity is None:
+        capacity = np.full(topo.devices, rows // topo.devices, dtype=np.int64)
+    dev_cap = capacity.reshape(nodes, gpus)
     on_node = node_counts(topo, on_dev)
-    home_node = topo.device_node[home]
     inter = on_dev.sum(axis=1, keepdims=True) - on_node
-    stay = home_node[:, None] == np.arange(nodes)[None, :]
-    node = transport(with_tiebreak(inter, stay), np.full(nodes, samples // nodes))
-
-    device = np.empty(samples, dtype=np.int64)
-    per_dev = samples // topo.devices
-    for n in range(nodes):
-        rows = np.flatnonzero(node == n)
-        devs = np.arange(n * gpus, (n + 1) * gpus)
-        intra = on_node[rows, n][:, None] - on_dev[np.ix_(rows, devs)]
-        stay = home[rows][:, None] == devs[None, :]
-        device[rows] = devs[transport(with_tiebreak(intra, stay), np.full(gpus, per_dev))]
-    return device
+    stay = topo.device_node[home][:, None] == np.arange(nodes)[None, :]
+    node = transport_blocks(
+        with_tiebreak(inter, stay), np.zeros(rows, dtype=np.int64), dev_cap.sum(axis=1)[None, :]
+    )
+    r = np.arange(rows)
+    intra = on_node[r, node][:, None] - on_dev.reshape(rows, nodes, gpus)[r, node]  # [R, G]
+    stay = (home - node * gpus)[:, None] == np.arange(gpus)[None, :]
+    largest = int(dev_cap.sum(axis=1).max())  # rows of the fullest node
+    return node * gpus + transport_blocks(with_tiebreak(intra, stay, largest), node, dev_cap)

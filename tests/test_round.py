@@ -26,7 +26,7 @@ def test_sample_plan_rows_held_follow_all_to_all_order() -> None:
     [
         ((0, 0, 0, 1), 2, "unbalanced: device 0 receives 3"),
         ((0, 1, 2), 2, "multiple of devices"),
-        ((0, 3, 1, 1), 2, r"dest\[1\]=3 is not a device in \[0, 2\)"),
+        ((0, 3, 1, 1), 2, r"dest\[1\]=3 is not a device \(devices 0..1\)"),
         ((0, 1), 0, "devices must be a positive integer"),
     ],
 )
@@ -46,7 +46,7 @@ def test_rows_held_orders_by_home_device_then_row() -> None:
 def test_check_dest_names_the_entry() -> None:
     with pytest.raises(ValueError, match=r"home\[2\]=-1 is not a device"):
         check_dest("home", [0, 1, -1, 0], devices=2)
-    with pytest.raises(ValueError, match="integer devices"):
+    with pytest.raises(ValueError, match="integer device ids"):
         check_dest("home", [0.5, 1.0], devices=2)
     assert check_dest("home", np.array([1, 0], dtype=np.int32), devices=2, per_device=1
                       ).dtype == np.int64

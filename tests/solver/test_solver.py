@@ -180,6 +180,9 @@ def test_traffic_channels_and_time() -> None:
         ({"scatter": np.zeros((7, 4))}, r"scatter must have shape \(8, 4\)"),
         ({"gather": np.zeros((6, 4))}, r"samples=6 must be a positive multiple of devices=4"),
         ({"gather": -np.ones((8, 4))}, r"gather\[0, 0\]=-1.0 is out of range"),
+        ({"gather": np.eye(8, 4, k=2, dtype=np.int64) * -3}, r"gather\[0, 2\]=-3 is out of range"),
+        ({"gather": -np.ones((8, 4), dtype=np.int8)}, r"gather\[0, 0\]=-1 is out of range"),
+        ({"gather": np.full((8, 4), 2**63, dtype=np.uint64)}, r"gather\[0, 0\]=\d+ is out of"),
         ({"gather": np.full((8, 4), 0.5)}, r"gather\[0, 0\]=.*0.5 is not a whole number"),
         ({"gather": np.full((8, 4), np.nan)}, r"gather\[0, 0\]=.*nan is not a whole number"),
         ({"gather": np.full((8, 4), 2**41)}, r"out of range"),
@@ -205,7 +208,7 @@ def test_bad_input_is_named(kwargs: dict, match: str) -> None:
     [
         ({"nodes": 0}, r"nodes must be a positive integer, got 0"),
         ({"experts": 6}, r"experts=6 is not divisible by devices=4"),
-        ({"expert_device": [0, 1, 2, 4]}, r"expert_device\[3\]=4 names a device that does not"),
+        ({"expert_device": [0, 1, 2, 4]}, r"expert_device\[3\]=4 is not a device \(devices 0..3\)"),
         ({"expert_device": [0, 1]}, r"expert_device must have shape \(4,\)"),
         ({"bw_inter": 0}, r"bw_inter must be a finite positive number, got 0"),
         ({"alpha_intra": float("nan")}, r"alpha_intra must be a finite non-negative number"),
