@@ -170,6 +170,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         raise ValueError(f"WORLD_SIZE={world} but nodes x gpus_per_node = {cfg.world}")
     dist.init_process_group("gloo", init_method="env://", rank=rank, world_size=world,
                             timeout=timedelta(seconds=120))  # fmt: skip
+    client = None  # before the try, so that an early failure is not masked in `finally`
     try:
         corpus = load_corpus(cfg.vocab, cfg.cache_dir or None)
         layout = Layout(rank, world, cfg.gpus_per_node, cfg.experts, cfg.samples_per_device,
@@ -185,7 +186,6 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         meter = _LinkMeter(rank % cfg.gpus_per_node == 0) if cfg.link_counters else None
         dispatcher = TokenDispatcher(layout, comm)
         placement = None
-        client = None
         if cfg.placement == "random":
             source = RandomPlans(rank, world, cfg.samples_per_device, cfg.seed)
             placement = Placement(source, rank, world, cfg.samples_per_device, cfg.plan_timeout)
