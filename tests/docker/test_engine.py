@@ -33,7 +33,7 @@ def engine_problem() -> str | None:
         return "no docker client (.ci/run installs docker.io)"
     info = subprocess.run(["docker", "info"], capture_output=True, text=True, timeout=60)
     if info.returncode != 0:
-        return f"dockerd is not running: {info.stderr.strip().splitlines()[-1:]}"
+        return f"dockerd is not running ({(info.stderr.strip().splitlines() or ['?'])[-1]})"
     return None
 
 
