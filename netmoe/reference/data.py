@@ -13,6 +13,7 @@ Everything is deterministic: the same inputs give the same vocabulary and ids on
 from __future__ import annotations
 
 import ast
+import logging
 import os
 import re
 import sysconfig
@@ -21,6 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+log = logging.getLogger(__name__)
 
 DOMAINS = ("code", "docstrings", "docs")
 _SPLIT = re.compile(r"[A-Za-z_]+|\d|[^\w\s]|\n|[ \t]+|\w")
@@ -151,8 +154,12 @@ def load_corpus(vocab_size: int = 2048, cache_dir: Path | str | None = None) -> 
         with np.load(path, allow_pickle=False) as z:
             return Corpus(tuple(str(t) for t in z["vocab"]), {d: z[d] for d in DOMAINS})
     corpus = build_corpus(vocab_size)
-    cache.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".{os.getpid()}.tmp.npz")
-    np.savez(tmp, vocab=np.asarray(corpus.vocab), **corpus.streams)
-    os.replace(tmp, path)
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp.npz")
+        np.savez(tmp, vocab=np.asarray(corpus.vocab), **corpus.streams)
+        os.replace(tmp, path)
+    except OSError as err:  # e.g. HOME=/ under a uid without passwd entry: train uncached
+        log.warning("corpus cache %s is not writable (%s); set --cache-dir or NETMOE_CACHE",
+                    cache, err)
     return corpus
