@@ -296,3 +296,22 @@ class ServerProcess:
         return code
 
 
+
+
+# --- the emulated cluster ------------------------------------------------------------------------
+
+_TESTBED_LINK = re.compile(r"(n|p)\d+|br0")  # the names netmoe.cluster.testbed gives its links
+
+
+def root_links() -> set[str]:
+    """Names of the links in the root network namespace."""
+    import json
+
+    out = subprocess.run(["ip", "-j", "link", "show"], capture_output=True, text=True, check=True)
+    return {link["ifname"] for link in json.loads(out.stdout)}
+
+
+def leaked_links(before: set[str]) -> set[str]:
+    """Testbed links in the root namespace that were not there before. Only the testbed's own
+    names count: a container engine may add and remove its veths meanwhile."""
+    return {name for name in root_links() - before if _TESTBED_LINK.fullmatch(name)}

@@ -18,6 +18,8 @@ from netmoe.reference.model import relabel_state
 from netmoe.reference.train import TrainConfig
 from netmoe.trace import save_trace
 
+from support import leaked_links, root_links
+
 needs_root = pytest.mark.skipif(
     os.geteuid() != 0 or shutil.which("ip") is None or shutil.which("tc") is None,
     reason="needs root and iproute2 (ip, tc) for network namespaces")
@@ -106,18 +108,13 @@ def test_relabel_state_moves_experts_and_router_rows_to_slots() -> None:
     assert float(out["head.weight"]) == 7.0
 
 
-def _root_links() -> list[str]:
-    out = subprocess.run(["ip", "-j", "link", "show"], capture_output=True, text=True, check=True)
-    return sorted(link["ifname"] for link in json.loads(out.stdout))
-
-
 @pytest.mark.root
 @needs_root
 def test_training_on_emulated_cluster_three_modes_equal_losses_and_cleanup(
         tmp_path: Path) -> None:
     from netmoe.cluster.testbed import existing_namespaces
 
-    links, before = _root_links(), set(existing_namespaces())
+    links, before = root_links(), set(existing_namespaces())
     out = subprocess.run(
         [sys.executable, "-m", "netmoe.cli", "bench", "cluster", "--quick", "--json",
          "--gpus-per-node", "2", "--steps", "2", "--warmup-steps", "0", "--fit-steps", "2",
@@ -149,4 +146,4 @@ def test_training_on_emulated_cluster_three_modes_equal_losses_and_cleanup(
         "report.md", "result.json", "step_time.png", "inter_bytes.png", "predicted.png"}
     assert "## Gaps to the targets" in (tmp_path / "report" / "report.md").read_text()
     assert set(existing_namespaces()) <= before  # nothing of this run is left
-    assert _root_links() == links
+    assert not leaked_links(links)

@@ -18,6 +18,8 @@ from netmoe.cluster.calibrate import channel_bytes, pattern
 from netmoe.cluster.probe import write_workload
 from netmoe.cluster.testbed import Testbed, TestbedConfig, TestbedError, existing_namespaces
 
+from support import leaked_links, root_links
+
 pytestmark = [
     pytest.mark.root,
     pytest.mark.skipif(os.geteuid() != 0 or shutil.which("ip") is None
@@ -28,11 +30,6 @@ pytestmark = [
 NODES, G = 2, 2
 
 
-def _root_links() -> list[str]:
-    out = subprocess.run(["ip", "-j", "link", "show"], capture_output=True, text=True, check=True)
-    return sorted(link["ifname"] for link in json.loads(out.stdout))
-
-
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -41,14 +38,14 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _assert_gone(namespaces: tuple[str, ...], pids: tuple[int, ...], links: list[str]) -> None:
+def _assert_gone(namespaces: tuple[str, ...], pids: tuple[int, ...], links: set[str]) -> None:
     assert not set(namespaces) & set(existing_namespaces())
     assert not [pid for pid in pids if _alive(pid)]
-    assert _root_links() == links
+    assert not leaked_links(links)
 
 
 def test_all_to_all_bytes_on_veths_match_inter_node_payload(tmp_path: Path) -> None:
-    links = _root_links()
+    links = root_links()
     per_peer = 256 * 1024
     inter = pattern(NODES, G, per_peer, "inter")
     intra = pattern(NODES, G, per_peer, "intra")
@@ -87,7 +84,7 @@ def test_all_to_all_bytes_on_veths_match_inter_node_payload(tmp_path: Path) -> N
 
 
 def test_failing_rank_ends_all_and_cleans_up(tmp_path: Path) -> None:
-    links = _root_links()
+    links = root_links()
     # Ranks 0, 2, 3 block in the rendezvous waiting for rank 1, which fails.
     code = textwrap.dedent("""
         import os, sys, torch.distributed as dist
@@ -106,7 +103,7 @@ def test_failing_rank_ends_all_and_cleans_up(tmp_path: Path) -> None:
 
 
 def test_sigterm_tears_down(tmp_path: Path) -> None:
-    links = _root_links()
+    links = root_links()
     script = textwrap.dedent("""
         import json, sys, time
         from netmoe.cluster.testbed import Testbed, TestbedConfig
@@ -131,18 +128,18 @@ def test_sigterm_tears_down(tmp_path: Path) -> None:
 
 
 def test_build_failure_removes_what_was_built() -> None:
-    links = _root_links()
+    links = root_links()
     before = set(existing_namespaces())
     # an unknown congestion control fails after the first namespace exists
     with pytest.raises(TestbedError, match="congestion_control"), \
             Testbed(TestbedConfig(nodes=2, congestion="nosuchcc")):
         pass
     assert set(existing_namespaces()) <= before  # nothing of this run is left
-    assert _root_links() == links
+    assert not leaked_links(links)
 
 
 def test_bench_cluster_cli_measures_both_modes_and_cleans_up(tmp_path: Path) -> None:
-    links = _root_links()
+    links = root_links()
     before = set(existing_namespaces())
     out = subprocess.run(
         [sys.executable, "-m", "netmoe.cli", "bench", "cluster", "--workload", "synthetic",
@@ -164,4 +161,4 @@ def test_bench_cluster_cli_measures_both_modes_and_cleans_up(tmp_path: Path) -> 
     assert {p.name for p in (tmp_path / "report").iterdir()} == {
         "report.md", "result.json", "step_time.png", "inter_bytes.png", "predicted.png"}
     assert set(existing_namespaces()) <= before  # nothing of this run is left
-    assert _root_links() == links
+    assert not leaked_links(links)
