@@ -308,10 +308,13 @@ class TokenDispatcher:
         """The combine's one control exchange: every rank's offer and per-sample route counts.
         Returns the settled plan and counts [I, J] int64: routes of row i that rank r holds."""
         lay = self.layout
-        offer = agreement.offer().to(torch.int64).reshape(-1)
+        # On the routes' device: NCCL exchanges device tensors only; the table is small.
+        dev = routes.sample_routes.device
+        offer = agreement.offer().to(device=dev, dtype=torch.int64).reshape(-1)
         m = offer.numel()
-        mine = torch.cat([offer, routes.sample_routes.reshape(-1).cpu()])
+        mine = torch.cat([offer, routes.sample_routes.reshape(-1)])
         table, seconds = self._control(layer, "combine", mine.expand(lay.world, -1).contiguous())
+        table = table.cpu()
         try:
             plan = agreement.settle(table[:, :m], seconds)
         except RuntimeError as err:
