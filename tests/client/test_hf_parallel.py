@@ -10,21 +10,17 @@ from __future__ import annotations
 
 import copy
 import json
-import os
-import traceback
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from netmoe.cli import main
-from netmoe.reference.launch import free_port
 from netmoe.trace import load_trace
+
+from support import gloo_group, spawn_ranks
 
 WORLD, GPUS, EXPERTS, SAMPLES, SEQ, VOCAB = 4, 2, 8, 2, 8, 96
 TYPES = ("mixtral", "qwen3_moe", "olmoe", "qwen2_moe")
@@ -113,45 +109,15 @@ def _param_counts_and_bad_input(model_type: str, rank: int) -> None:
     assert ep.local_experts == list(range(rank * 2, rank * 2 + 2))
 
 
-def _worker(rank: int, port: int, errors: Any, runs: list[Any]) -> None:
-    try:
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-        torch.set_num_threads(1)
-        dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-        try:
-            _param_counts_and_bad_input("mixtral", rank)
-            for model_type, placement, expert_map in runs:
-                try:
-                    _check(model_type, rank, placement, expert_map)
-                except Exception as err:
-                    raise AssertionError(f"{model_type}, {placement} plans, expert map "
-                                         f"{expert_map}") from err
-        finally:
-            dist.destroy_process_group()
-    except BaseException:
-        errors.put(f"rank {rank}:\n{traceback.format_exc()}")
-        raise
-
-
-def _spawn(target: Callable[..., None], *args: Any) -> None:
-    ctx = mp.get_context("spawn")
-    errors = ctx.Queue()
-    port = free_port()
-    procs = [ctx.Process(target=target, args=(r, port, errors, *args)) for r in range(WORLD)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=300)
-    alive = [p for p in procs if p.is_alive()]
-    for p in alive:
-        p.kill()
-        p.join()
-    msgs = []
-    while not errors.empty():
-        msgs.append(errors.get())
-    assert not msgs, "\n".join(msgs)
-    assert not alive, "a rank hung"
-    assert all(p.exitcode == 0 for p in procs)
+def _worker(rank: int, port: int, runs: list[Any]) -> None:
+    with gloo_group(rank, WORLD, port):
+        _param_counts_and_bad_input("mixtral", rank)
+        for model_type, placement, expert_map in runs:
+            try:
+                _check(model_type, rank, placement, expert_map)
+            except Exception as err:
+                raise AssertionError(f"{model_type}, {placement} plans, expert map "
+                                     f"{expert_map}") from err
 
 
 # A non-contiguous map: every rank holds two experts from both halves of the id range.
@@ -162,7 +128,7 @@ def test_sharded_loss_and_gradients_equal_the_unsharded_model() -> None:
     # One spawn for every family: starting 4 processes that import transformers dominates.
     runs: list[Any] = [(t, p, None) for t in TYPES for p in ("home", "random")]
     runs.append(("mixtral", "random", SCATTERED))
-    _spawn(_worker, runs)
+    spawn_ranks(_worker, WORLD, runs, timeout=300)
 
 
 def test_unsupported_model_type_lists_the_supported_ones() -> None:

@@ -78,7 +78,7 @@ def wait_until(what: str, ready, timeout: float = 60) -> None:
 
 
 def health(addr: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([str(BIN / "netmoe"), "health", "--addr", addr, "--timeout", "2"],
+    return subprocess.run([str(BIN / "netmoe"), "health", "--server", addr, "--timeout", "2"],
                           capture_output=True, text=True, timeout=30)
 
 

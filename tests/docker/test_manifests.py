@@ -191,7 +191,7 @@ def scraped(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, list
                             text=True)
     try:
         deadline = time.monotonic() + 60
-        while subprocess.run([str(BIN / "netmoe"), "health", "--addr",
+        while subprocess.run([str(BIN / "netmoe"), "health", "--server",
                               f"127.0.0.1:{grpc_port}"], capture_output=True,
                              timeout=30).returncode:
             assert proc.poll() is None and time.monotonic() < deadline, "netmoe serve died"
@@ -200,6 +200,7 @@ def scraped(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, list
                              "placement": "service", "server": f"127.0.0.1:{grpc_port}",
                              "job": "dashboard", "adopt_experts_at": 2,
                              "expert_placement": "force",
+                             "unregister": False,  # its per-job series are scraped below
                              "cache_dir": str(tmp_path_factory.mktemp("cache"))})
         results = run_ranks(cfg, timeout=300)
         assert results[0]["experts"]["adopted"] and results[0]["fallbacks"] == 0
