@@ -1,0 +1,84 @@
+"""PlacementClient against a real service: a job that ends cleanly frees its id for a restart with
+another spec; a restart that collides with a job still registered gets a clear, final error
+instead of reconnecting for ever."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+
+from netmoe.client.placement_client import PlacementClient, job_spec
+from netmoe.client.planning import NoPlan
+from netmoe.round import RoundCounts
+from netmoe.server.app import ServerHandle, start
+from netmoe.server.config import ServerConfig
+
+
+@pytest.fixture
+def server() -> Iterator[ServerHandle]:
+    handle = start(ServerConfig(port=0, metrics_port=None, grace_seconds=1.0))
+    yield handle
+    handle.stop()
+
+
+def _round(clients: list[PlacementClient], spd: int, experts: int = 4) -> list[object]:
+    """Every rank reports step 0, layer 0; each rank's plan or the exception it got."""
+    rng = np.random.default_rng(0)
+    futures = [c.submit(0, 0, RoundCounts(
+        np.arange(r * spd, (r + 1) * spd, dtype=np.uint64),
+        rng.integers(0, 5, (spd, experts)), None)) for r, c in enumerate(clients)]
+    out: list[object] = []
+    for f in futures:
+        try:
+            out.append(f.result(timeout=10))
+        except Exception as err:
+            out.append(err)
+    return out
+
+
+def _clients(handle: ServerHandle, spd: int) -> list[PlacementClient]:
+    spec = job_spec(1, 2, 4, spd, hidden_size=8, deadline_ms=2000)
+    return [PlacementClient(handle.address, "restart", r, spec, connect_timeout=10.0,
+                            backoff=(0.05, 0.2)) for r in range(2)]
+
+
+def test_clean_close_frees_the_job_id_for_a_restart_with_another_spec(server: ServerHandle
+                                                                      ) -> None:
+    first = _clients(server, spd=2)
+    assert all(p.solved for p in _round(first, spd=2))  # type: ignore[attr-defined]
+    first[1].close()
+    first[0].close(unregister=True)  # the last rank out forgets the job
+    second = _clients(server, spd=4)
+    try:
+        plans = _round(second, spd=4)
+        assert all(p.solved and len(p.dest) == 4 for p in plans)  # type: ignore[attr-defined]
+        assert not any(c.rejected for c in second)
+    finally:
+        for c in second:
+            c.close(unregister=c.rank == 0)
+
+
+def test_restart_over_a_live_job_gets_a_final_clear_error(server: ServerHandle) -> None:
+    first = _clients(server, spd=2)  # still registered: this run never unregisters
+    try:
+        t0 = time.monotonic()
+        second = _clients(server, spd=4)
+        assert time.monotonic() - t0 < 10  # no waiting out the connect timeout
+        try:
+            assert all("ALREADY_EXISTS" in c.rejected for c in second), [c.rejected for c in second]
+            plans = _round(second, spd=4)
+            assert all(isinstance(p, NoPlan) and "rejected: ALREADY_EXISTS" in str(p)
+                       for p in plans), plans
+            reconnects = [c.reconnects for c in second]
+            time.sleep(0.5)
+            assert [c.reconnects for c in second] == reconnects == [0, 0]  # it stopped trying
+        finally:
+            for c in second:
+                c.close()
+        assert all(p.solved for p in _round(first, spd=2))  # type: ignore[attr-defined]
+    finally:
+        for c in first:
+            c.close(unregister=c.rank == 0)
