@@ -23,8 +23,8 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
+from netmoe.protos import convert, placement_pb2_grpc
 from netmoe.protos import placement_pb2 as pb
-from netmoe.protos import placement_pb2_grpc
 from netmoe.server.app import ServerHandle
 from netmoe.solver import Topology, solve
 
@@ -116,11 +116,10 @@ def stub_for(handle: ServerHandle) -> tuple[grpc.Channel, placement_pb2_grpc.Pla
 
 
 def job_spec(nodes: int = 2, gpus: int = 4, experts: int = 16, spd: int = 4,
-             deadline_ms: int = 5000, **extra: object) -> pb.JobSpec:
-    topo = pb.Topology(nodes=nodes, gpus_per_node=gpus, experts=experts, bw_intra=400e9,
-                       bw_inter=100e9, bytes_per_route=8192)
-    return pb.JobSpec(topology=topo, world_size=nodes * gpus, samples_per_device=spd,
-                      deadline_ms=deadline_ms, **extra)
+             deadline_ms: int = 5000, **extra: Any) -> pb.JobSpec:
+    """A test job's spec (bf16 routes of hidden size 4096, the paper's links)."""
+    return convert.job_spec(nodes, gpus, experts, spd, hidden_size=4096, deadline_ms=deadline_ms,
+                            **extra)
 
 
 def counts(rng: np.random.Generator, samples: int, nodes: int, experts: int) -> np.ndarray:

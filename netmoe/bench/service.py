@@ -59,16 +59,11 @@ def make_rounds(
 
 
 def _spec(args: argparse.Namespace) -> Any:
-    from netmoe.protos import placement_pb2 as pb
+    from netmoe.protos.convert import job_spec
 
-    j = args.nodes * args.gpus_per_node
-    spd = args.samples // j
-    return pb.JobSpec(
-        topology=pb.Topology(nodes=args.nodes, gpus_per_node=args.gpus_per_node,
-                             experts=args.experts,
-                             bw_intra=400e9, bw_inter=100e9, bytes_per_route=8192),
-        world_size=j, samples_per_device=spd, deadline_ms=args.deadline_ms,
-    )
+    spd = args.samples // (args.nodes * args.gpus_per_node)
+    return job_spec(args.nodes, args.gpus_per_node, args.experts, spd, hidden_size=4096,
+                    deadline_ms=args.deadline_ms)
 
 
 async def _drive(
