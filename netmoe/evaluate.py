@@ -64,7 +64,6 @@ def evaluate_joint(
     on device k // (held-out count / J)). counts: [L, I, E] int64.
     Returns the held-out counts [L, I - I/2, E] and the held-out pair results."""
     from netmoe.solver import Topology
-
     from netmoe.solver.experts import evaluate_experts, fit_experts
 
     samples = counts.shape[1]
@@ -93,6 +92,37 @@ def evaluate_joint(
     return held, out
 
 
+def evaluate_replicated(
+    counts: np.ndarray, nodes: int, gpus_per_node: int, pairs: list[PairResult], budget: int
+) -> tuple[list[PairResult], dict[str, Any]]:
+    """Adds copies to evaluate_joint's result: chosen on the fit half (the lower sample ids of
+    counts [L, I, E]) with `budget` copies per device and layer, replayed on the held-out half.
+    Returns the pairs with a `replicated` entry and the top-level `expert_maps` and `replicas`."""
+    from netmoe.solver import Topology
+    from netmoe.solver.replicas import evaluate_replicas, fit_replicas
+
+    topo = Topology(nodes, gpus_per_node, counts.shape[2])
+    if isinstance(pairs[0].joint, dict) and len(pairs) + 1 == counts.shape[0]:
+        maps = [p.joint["experts"][0] for p in pairs] + [pairs[-1].joint["experts"][1]]
+    else:
+        raise ValueError("--replica-budget needs a trace with at least 2 MoE layers")
+    half = counts.shape[1] // 2
+    try:
+        fit = fit_replicas(topo, [counts[:, :half]], np.array(maps), slots=budget)
+    except ValueError as err:
+        raise ValueError(f"--replica-budget={budget}: {err}") from None
+    ev = evaluate_replicas(topo, [counts[:, half:]], np.array(maps), fit.copies)
+    out = [
+        PairResult(p.layer, p.placement, p.baseline, p.netmoe, p.solve_ms,
+                   p.joint | {"replicated": {"inter": r.inter, "intra": r.intra,
+                                             "placement": list(dev)}})
+        for p, r, dev in zip(pairs, ev.replicated, ev.replicated_devices[0], strict=True)
+    ]
+    extra = {"expert_maps": [list(m) for m in maps],
+             "replicas": [[list(c) for c in layer] for layer in fit.copies]}
+    return out, extra
+
+
 def report(counts: np.ndarray, nodes: int, gpus: int, pairs: list[PairResult]) -> dict[str, Any]:
     """The --json object. counts: [L, I, E] of the samples the pairs describe."""
     base = sum(p.baseline[0] for p in pairs)
@@ -106,6 +136,11 @@ def report(counts: np.ndarray, nodes: int, gpus: int, pairs: list[PairResult]) -
         joint = sum(p.joint["inter"] for p in pairs)
         total["joint"] = {"inter": joint, "intra": sum(p.joint["intra"] for p in pairs)}
         total["joint_inter_reduction"] = 0.0 if base == 0 else 1.0 - joint / base
+    if pairs and pairs[0].joint is not None and "replicated" in pairs[0].joint:
+        rep = sum(p.joint["replicated"]["inter"] for p in pairs)
+        total["replicated"] = {"inter": rep,
+                               "intra": sum(p.joint["replicated"]["intra"] for p in pairs)}
+        total["replicated_inter_reduction"] = 0.0 if base == 0 else 1.0 - rep / base
     return {
         "devices": nodes * gpus,
         "nodes": nodes,
@@ -154,6 +189,12 @@ def _text(rep: dict[str, Any]) -> str:
             f"routes {t['baseline']['inter']} -> {t['joint']['inter']} "
             f"({t['joint_inter_reduction']:.1%} less), intra-node {t['joint']['intra']}"
         )
+    if "replicated" in t:
+        lines.append(
+            f"with the copies (--replica-budget): inter-node routes {t['baseline']['inter']} -> "
+            f"{t['replicated']['inter']} ({t['replicated_inter_reduction']:.1%} less), "
+            f"intra-node {t['replicated']['intra']}"
+        )
     return "\n".join(lines)
 
 
@@ -161,11 +202,21 @@ def run(args: argparse.Namespace) -> int:
     trace = load_trace(args.trace)
     experts = args.experts or trace.num_experts or int(trace.topk_ids.max()) + 1
     counts = sample_counts(trace, experts, args.tokens_per_sample)
+    budget = args.replica_budget
+    if budget is not None and args.expert_placement != "fit":
+        raise ValueError("--replica-budget needs --expert-placement fit")
+    if budget is not None and budget < 0:
+        raise ValueError(f"--replica-budget must be >= 0 copies per device, got {budget}")
+    extra: dict[str, Any] = {}
     if args.expert_placement == "fit":
+        full = counts
         counts, pairs = evaluate_joint(counts, args.nodes, args.gpus_per_node, args.objective)
+        if budget is not None:
+            pairs, extra = evaluate_replicated(full, args.nodes, args.gpus_per_node, pairs,
+                                               budget)
     else:
         pairs = evaluate(counts, args.nodes, args.gpus_per_node, args.objective)
-    rep = report(counts, args.nodes, args.gpus_per_node, pairs)
+    rep = report(counts, args.nodes, args.gpus_per_node, pairs) | extra
     print(json.dumps(rep) if args.json else _text(rep))
     return 0
 
@@ -190,5 +241,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--expert-placement", choices=("current", "fit"), default="current",
                    help="fit: fit expert placement on the lower half of the sample ids and "
                    "report home, sample-only and joint placement on the held-out rest")
+    p.add_argument("--replica-budget", type=int, default=None, metavar="K",
+                   help="with --expert-placement fit: also choose up to K expert copies per "
+                   "device and layer on the fit half (0 = none) and report the held-out routes "
+                   "with them (`replicated` per pair, `expert_maps`, `replicas`)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=run)
