@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from netmoe.solver import Topology
+from netmoe.solver import Topology, solve
 from netmoe.solver.cost import traffic
 from netmoe.solver.experts import _place_samples, evaluate_experts, fit_experts
 from netmoe.solver.replicas import (
@@ -23,6 +23,7 @@ from netmoe.solver.replicas import (
     route_table,
     served,
     slots_for_bytes,
+    solve_replicated,
 )
 from netmoe.trace import load_trace, sample_counts
 
@@ -108,6 +109,34 @@ def test_routes_follow_the_table_and_cost_as_counted(seed):
     inter, intra = _channels(2, dev[None], holders, counts)
     t = traffic(Topology(2, 2, 4), dev, by_dev)
     assert (t.inter, t.intra) == (int(inter[0]), int(intra[0]))
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_solve_replicated_is_solve_without_copies_and_counts_with_them(seed):
+    rng = np.random.default_rng(seed)
+    topo = Topology(2, 2, 8)
+    maps = np.stack([rng.permutation(topo.expert_device) for _ in range(2)])
+    gather, scatter = rng.integers(0, 5, (2, 8, 8))
+    home = np.arange(8) // 2
+    owners = check_copies("copies", [[], []], topo, maps)
+    gtopo, stopo = topo.with_experts(maps[0]), topo.with_experts(maps[1])
+    bare = solve_replicated(gtopo, gather, scatter, (owners[0], owners[1]), home=home,
+                            scatter_topology=stopo)
+    want = solve(gtopo, gather, scatter, scatter_topology=stopo)
+    assert (bare.device, bare.before, bare.after) == (want.device, want.before, want.after)
+
+    holders = _random_holders(rng, topo, maps, copies=3)
+    plan = solve_replicated(gtopo, gather, scatter, (holders[0], holders[1]), home=home,
+                            scatter_topology=stopo)
+    assert list(plan.device) == place_replicated(topo, [gather, scatter], holders, home).tolist()
+    for dev, got in ((np.array(plan.device), plan.after), (home, plan.before)):
+        parts = [_channels(2, dev[None], holders[q], c) for q, c in ((0, gather), (1, scatter))]
+        assert (got.inter, got.intra) == (sum(int(p[0][0]) for p in parts),
+                                          sum(int(p[1][0]) for p in parts))
+    assert plan.after.inter <= bare.after.inter
+    last = solve_replicated(gtopo, gather, None, (holders[0], None), home=home)
+    assert last.after.inter == int(_channels(2, np.array(last.device)[None], holders[0],
+                                             gather)[0][0])
 
 
 def _inter_fixed(topo: Topology, rounds: list[np.ndarray], place: list[list[np.ndarray]],
