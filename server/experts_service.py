@@ -27,6 +27,26 @@ def _maps(rows: tuple[tuple[int, ...], ...] | np.ndarray) -> list[pb.ExpertMap]:
     return [pb.ExpertMap(device=[int(d) for d in row]) for row in rows]
 
 
+def _copies(layers: tuple[tuple[tuple[int, int], ...], ...]) -> list[pb.LayerCopies]:
+    return [pb.LayerCopies(copies=[pb.ExpertCopy(expert=e, device=d) for e, d in layer])
+            for layer in layers]
+
+
+def _replicas(advice: ExpertAdvice) -> pb.ReplicaAdvice | None:
+    rec, ev = advice.replicas, advice.replica_evaluation
+    if rec is None or ev is None:
+        return None
+    total = ev.total
+    return pb.ReplicaAdvice(
+        adopt=rec.adopt, reason=rec.reason, copies=_copies(rec.copies),
+        replicated=pb.Routes(inter=total.inter, intra=total.intra, seconds=total.seconds),
+        saving_per_step=rec.saving_per_step, sync_per_step=rec.sync_per_step,
+        net_per_step=rec.net_per_step, migration_cost=rec.migration_cost,
+        break_even_steps=rec.break_even_steps, memory_bytes=rec.memory_bytes,
+        max_device_bytes=rec.max_device_bytes, cross_node_copies=rec.cross_node_copies,
+    )
+
+
 def advice_to_proto(job: str, advice: ExpertAdvice) -> pb.RecommendExpertsResponse:
     rec, ev = advice.recommendation, advice.evaluation
 
@@ -43,7 +63,7 @@ def advice_to_proto(job: str, advice: ExpertAdvice) -> pb.RecommendExpertsRespon
         home=routes("home"), sample_only=routes("sample_only"), joint=routes("joint"),
         fit_first_step=advice.fit_steps[0], fit_last_step=advice.fit_steps[1],
         held_out_first_step=advice.held_out_steps[0], held_out_last_step=advice.held_out_steps[1],
-        window_bytes=advice.window_bytes,
+        window_bytes=advice.window_bytes, replicas=_replicas(advice),
     )
 
 
@@ -68,6 +88,7 @@ class ExpertPlacementRPCs:
                 horizon_steps=request.horizon_steps, bytes_per_expert=request.bytes_per_expert,
                 held_out_steps=request.held_out_steps, unit=request.unit or "seconds",
                 starts=request.starts or DEFAULT_STARTS, seed=request.seed,
+                replica_slots=request.replica_slots, grad_bytes=request.grad_bytes_per_expert,
             )
 
         try:
@@ -78,6 +99,9 @@ class ExpertPlacementRPCs:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
         self._metrics.expert_predicted_saving.labels(request.job).set(
             advice.predicted_inter_saving_per_step)
+        if advice.predicted_copies_saving_per_step is not None:
+            self._metrics.replica_predicted_saving.labels(request.job).set(
+                advice.predicted_copies_saving_per_step)
         return advice_to_proto(request.job, advice)
 
     async def ConfirmExperts(
@@ -91,8 +115,9 @@ class ExpertPlacementRPCs:
                                 f"{adv.topology.experts} in every layer")
         maps = np.array([list(m.device) for m in request.maps], dtype=np.int64).reshape(
             len(request.maps), lengths.pop() if lengths else adv.topology.experts)
+        copies = [[(c.expert, c.device) for c in layer.copies] for layer in request.copies]
         try:
-            adv.confirm(request.step, maps)
+            adv.confirm(request.step, maps, copies if request.copies else None)
         except ConfirmError as err:
             code = (grpc.StatusCode.FAILED_PRECONDITION if err.field == "step"
                     else grpc.StatusCode.INVALID_ARGUMENT)

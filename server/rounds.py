@@ -548,10 +548,13 @@ class Coordinator:
         home = np.repeat(np.arange(spec.world_size, dtype=np.int64), spec.samples_per_device)
         topo, scatter_topo = self.experts.topologies(spec.job, key) or (spec.topology, None)
         extra = {} if scatter_topo is None else {"scatter_topology": scatter_topo}
-        plan = self._solve_fn(
-            topo, gather, scatter, home=home, objective=spec.objective,
-            method=spec.method, time_limit=spec.deadline, **extra,
-        )
+        # Confirmed copies change every route's cost: such rounds take the replica-aware solver.
+        plan = self.experts.solve_with_copies(spec.job, key, gather, scatter, home)
+        if plan is None:
+            plan = self._solve_fn(
+                topo, gather, scatter, home=home, objective=spec.objective,
+                method=spec.method, time_limit=spec.deadline, **extra,
+            )
         self.experts.observe(spec.job, key, mats[0], gather, scatter, plan.after)
         return plan
 
