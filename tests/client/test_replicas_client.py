@@ -1,6 +1,6 @@
-"""Expert copies on real gloo groups (4 processes, 2 nodes x 2): created and dropped with their
-Adam state, routes served by the copy on their sample's node, gradients summed over the copies;
-training equals a run without copies and copies stay bit-identical to their owners."""
+"""Expert copies on real gloo groups (4 and 8 processes, 2 ranks per node): created and dropped
+with their Adam state, routes served by the copy on their sample's node, gradients summed over
+the copies; training equals a run without copies and copies stay bit-identical to their owners."""
 
 from __future__ import annotations
 
@@ -20,17 +20,18 @@ from netmoe.client.replicas import CopyTable, adopt_copies, route_tables, sync_g
 from netmoe.reference.launch import free_port
 from netmoe.reference.model import ModelConfig, MoEGPT
 
-WORLD, GPUS, SPD, STEPS, ADOPT_AT, CHANGE_AT = 4, 2, 2, 6, 1, 4
-# Labels 0..3 live on node 0 (ranks 0, 1), 4..7 on node 1. Layer 0 first copies every node-0
-# label onto node 1, so no route from node 1 leaves it; later it keeps one copy, layer 1 swaps.
+GPUS, SPD, STEPS, ADOPT_AT, CHANGE_AT = 2, 2, 6, 1, 4
+# Two labels per rank: labels 0..3 live on node 0 (ranks 0, 1), 4..7 on node 1. Layer 0 first
+# copies every node-0 label onto node 1 (ranks 2, 3), so no route from node 1 goes to node 0;
+# later it keeps one copy, and layer 1 swaps its copy for another.
 FIRST = (((0, 2), (1, 2), (2, 3), (3, 3)), ((5, 0),), ())
 LATER = (((0, 2),), ((6, 1),), ())
 
 
-def _step(model, opt, disp, tokens, copies: CopyTable | None) -> float:
+def _step(model, opt, disp, tokens, world: int, copies: CopyTable | None) -> float:
     result = model(tokens[:, :-1], disp)
     loss = F.cross_entropy(result.logits, tokens[:, 1:].reshape(-1), reduction="sum")
-    loss = loss / (WORLD * tokens[:, 1:].numel())
+    loss = loss / (world * tokens[:, 1:].numel())
     opt.zero_grad(set_to_none=False)
     loss.backward()
     dense = model.dense_parameters()
@@ -46,7 +47,7 @@ def _step(model, opt, disp, tokens, copies: CopyTable | None) -> float:
     return float(flat[-1])
 
 
-def _check_copies_identical(model, opt, copies: CopyTable) -> None:
+def _check_copies_identical(model, opt, copies: CopyTable, world: int) -> None:
     """Every holder of a replicated label has the same parameters and Adam state, bit for bit."""
     mine = {}
     for layer, block in enumerate(model.blocks):
@@ -56,7 +57,7 @@ def _check_copies_identical(model, opt, copies: CopyTable) -> None:
                 mine[(layer, label)] = [t.detach().clone() for p in module.parameters()
                                         for t in (p, opt.state[p]["exp_avg"],
                                                   opt.state[p]["exp_avg_sq"])]
-    everyone = [None] * WORLD
+    everyone = [None] * world
     dist.all_gather_object(everyone, mine)
     for layer, pairs in enumerate(copies.copies):
         for label, where in pairs:
@@ -65,21 +66,21 @@ def _check_copies_identical(model, opt, copies: CopyTable) -> None:
             assert all(torch.equal(a, b) for a, b in zip(owner, copy, strict=True)), (layer, label)
 
 
-def _worker(rank: int, port: int, errors: mp.Queue) -> None:
+def _worker(rank: int, world: int, port: int, errors: mp.Queue) -> None:
     try:
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
         torch.set_num_threads(1)
-        dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-        cfg = ModelConfig(vocab=64, d_model=16, heads=2, layers=3, ffn=24, experts=8, top_k=2,
-                          seq_len=8)
-        layout = Layout(rank, WORLD, GPUS, cfg.experts, SPD, cfg.seq_len)
+        dist.init_process_group("gloo", rank=rank, world_size=world)
+        cfg = ModelConfig(vocab=64, d_model=16, heads=2, layers=3, ffn=24, experts=2 * world,
+                          top_k=2, seq_len=8)
+        layout = Layout(rank, world, GPUS, cfg.experts, SPD, cfg.seq_len)
         plain_disp, disp = TokenDispatcher(layout), TokenDispatcher(layout, CommStats())
         plain = MoEGPT(cfg, layout.local_experts, seed=5)
         model = MoEGPT(cfg, layout.local_experts, seed=5)
         opt_p = torch.optim.AdamW(plain.parameters(), lr=1e-2)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-        table = ExpertTable.identity(cfg.layers, cfg.experts, WORLD)
-        copies = CopyTable.none(cfg.layers, cfg.experts, WORLD, GPUS)
+        table = ExpertTable.identity(cfg.layers, cfg.experts, world)
+        copies = CopyTable.none(cfg.layers, cfg.experts, world, GPUS)
         for step in range(STEPS):
             if step in (ADOPT_AT, CHANGE_AT):
                 new = CopyTable.from_original(table, FIRST if step == ADOPT_AT else LATER, GPUS)
@@ -89,7 +90,7 @@ def _worker(rank: int, port: int, errors: mp.Queue) -> None:
                 assert (sent > 0) == any(a // 2 == rank for a, _ in created)
                 copies = new
                 disp.routes = route_tables(copies)
-                _check_copies_identical(model, opt, copies)
+                _check_copies_identical(model, opt, copies, world)
                 # The optimizer tracks exactly the model's parameters.
                 tracked = {id(p) for g in opt.param_groups for p in g["params"]}
                 assert tracked == {id(p) for p in model.parameters()}
@@ -98,13 +99,13 @@ def _worker(rank: int, port: int, errors: mp.Queue) -> None:
                 want = set(layout.local_experts) | {a for a, r in copies.copies[0] if r == rank}
                 assert held == want
             gen = torch.Generator().manual_seed(step)
-            batch = torch.randint(0, cfg.vocab, (WORLD * SPD, cfg.seq_len + 1), generator=gen)
+            batch = torch.randint(0, cfg.vocab, (world * SPD, cfg.seq_len + 1), generator=gen)
             tokens = batch[rank * SPD:(rank + 1) * SPD]
-            sent_before = disp.stats.routes.get((0, "dispatch"), np.zeros(WORLD, np.int64))
-            loss = _step(model, opt, disp, tokens, copies)
-            loss_p = _step(plain, opt_p, plain_disp, tokens, None)
+            sent_before = disp.stats.routes.get((0, "dispatch"), np.zeros(world, np.int64))
+            loss = _step(model, opt, disp, tokens, world, copies)
+            loss_p = _step(plain, opt_p, plain_disp, tokens, world, None)
             assert abs(loss - loss_p) <= 1e-5 * abs(loss_p), (step, loss, loss_p)
-            _check_copies_identical(model, opt, copies)
+            _check_copies_identical(model, opt, copies, world)
             sent = disp.stats.routes[(0, "dispatch")] - sent_before
             if ADOPT_AT <= step < CHANGE_AT and rank // GPUS == 1:
                 assert sent[:GPUS].sum() == 0, sent  # every node-0 label has a copy here
@@ -115,11 +116,13 @@ def _worker(rank: int, port: int, errors: mp.Queue) -> None:
         raise
 
 
-def test_copies_keep_training_identical_and_stay_bit_identical() -> None:
+@pytest.mark.parametrize("world", [4, 8])
+def test_copies_keep_training_identical_and_stay_bit_identical(world: int) -> None:
     ctx = mp.get_context("spawn")
     errors = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=_worker, args=(r, port, errors)) for r in range(WORLD)]
+    procs = [ctx.Process(target=_worker, args=(r, world, port, errors))
+             for r in range(world)]
     for p in procs:
         p.start()
     for p in procs:
@@ -133,7 +136,7 @@ def test_copies_keep_training_identical_and_stay_bit_identical() -> None:
         failures.append(errors.get())
     assert not failures, failures[0]
     assert not alive, "a rank hung"
-    assert [p.exitcode for p in procs] == [0] * WORLD
+    assert [p.exitcode for p in procs] == [0] * world
 
 
 def test_copy_table_names_bad_copies() -> None:
