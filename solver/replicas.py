@@ -521,7 +521,10 @@ def recommend_replicas(
     memo = (f"memory +{memory} bytes (+{memory / expert_memory:.1%} of expert memory, "
             f"{max_device} on the busiest device)")
     if n_copies == 0:
-        adopt, reason = False, "no copy pays on the fit window: nothing to create"
+        adopt, reason = False, (
+            "no copy pays on the fit window: nothing to create" if grad == 0 else
+            f"no copy saves more route bytes on the fit window than its gradient sync costs "
+            f"(2 x {grad} inter-node bytes per copy and step): nothing to create")
     elif saving <= 0:
         adopt, reason = False, (
             f"no saving on {rounds} held-out rounds: per step the {n_copies} copies save "
