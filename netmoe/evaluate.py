@@ -94,10 +94,11 @@ def evaluate_joint(
 
 def evaluate_replicated(
     counts: np.ndarray, nodes: int, gpus_per_node: int, pairs: list[PairResult], budget: int
-) -> tuple[list[PairResult], dict[str, Any]]:
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Adds copies to evaluate_joint's result: chosen on the fit half (the lower sample ids of
     counts [L, I, E]) with `budget` copies per device and layer, replayed on the held-out half.
-    Returns the pairs with a `replicated` entry and the top-level `expert_maps` and `replicas`."""
+    Returns each pair's `replicated` (inter, intra, placement) and the top-level `expert_maps`
+    and `replicas`."""
     from netmoe.solver import Topology
     from netmoe.solver.replicas import evaluate_replicas, fit_replicas
 
@@ -112,15 +113,25 @@ def evaluate_replicated(
     except ValueError as err:
         raise ValueError(f"--replica-budget={budget}: {err}") from None
     ev = evaluate_replicas(topo, [counts[:, half:]], np.array(maps), fit.copies)
-    out = [
-        PairResult(p.layer, p.placement, p.baseline, p.netmoe, p.solve_ms,
-                   p.joint | {"replicated": {"inter": r.inter, "intra": r.intra,
-                                             "placement": list(dev)}})
-        for p, r, dev in zip(pairs, ev.replicated, ev.replicated_devices[0], strict=True)
-    ]
+    per_pair = [{"inter": r.inter, "intra": r.intra, "placement": list(dev)}
+                for r, dev in zip(ev.replicated, ev.replicated_devices[0], strict=True)]
     extra = {"expert_maps": [list(m) for m in maps],
              "replicas": [[list(c) for c in layer] for layer in fit.copies]}
-    return out, extra
+    return per_pair, extra
+
+
+def add_replicated(rep: dict[str, Any], per_pair: list[dict[str, Any]],
+                   extra: dict[str, Any]) -> dict[str, Any]:
+    """The --json object with evaluate_replicated's result: `replicated` in every pair and in
+    the total (with its inter-node reduction against home), `expert_maps` and `replicas`."""
+    for pair, replicated in zip(rep["pairs"], per_pair, strict=True):
+        pair["replicated"] = replicated
+    total = rep["total"]
+    inter = sum(r["inter"] for r in per_pair)
+    base = total["baseline"]["inter"]
+    total["replicated"] = {"inter": inter, "intra": sum(r["intra"] for r in per_pair)}
+    total["replicated_inter_reduction"] = 0.0 if base == 0 else 1.0 - inter / base
+    return rep | extra
 
 
 def report(counts: np.ndarray, nodes: int, gpus: int, pairs: list[PairResult]) -> dict[str, Any]:
@@ -136,11 +147,6 @@ def report(counts: np.ndarray, nodes: int, gpus: int, pairs: list[PairResult]) -
         joint = sum(p.joint["inter"] for p in pairs)
         total["joint"] = {"inter": joint, "intra": sum(p.joint["intra"] for p in pairs)}
         total["joint_inter_reduction"] = 0.0 if base == 0 else 1.0 - joint / base
-    if pairs and pairs[0].joint is not None and "replicated" in pairs[0].joint:
-        rep = sum(p.joint["replicated"]["inter"] for p in pairs)
-        total["replicated"] = {"inter": rep,
-                               "intra": sum(p.joint["replicated"]["intra"] for p in pairs)}
-        total["replicated_inter_reduction"] = 0.0 if base == 0 else 1.0 - rep / base
     return {
         "devices": nodes * gpus,
         "nodes": nodes,
@@ -207,16 +213,15 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("--replica-budget needs --expert-placement fit")
     if budget is not None and budget < 0:
         raise ValueError(f"--replica-budget must be >= 0 copies per device, got {budget}")
-    extra: dict[str, Any] = {}
+    full = counts
     if args.expert_placement == "fit":
-        full = counts
         counts, pairs = evaluate_joint(counts, args.nodes, args.gpus_per_node, args.objective)
-        if budget is not None:
-            pairs, extra = evaluate_replicated(full, args.nodes, args.gpus_per_node, pairs,
-                                               budget)
     else:
         pairs = evaluate(counts, args.nodes, args.gpus_per_node, args.objective)
-    rep = report(counts, args.nodes, args.gpus_per_node, pairs) | extra
+    rep = report(counts, args.nodes, args.gpus_per_node, pairs)
+    if budget is not None:
+        rep = add_replicated(rep, *evaluate_replicated(full, args.nodes, args.gpus_per_node,
+                                                       pairs, budget))
     print(json.dumps(rep) if args.json else _text(rep))
     return 0
 

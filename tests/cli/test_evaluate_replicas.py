@@ -46,7 +46,7 @@ def test_replicas_are_reported_and_recount(capsys: pytest.CaptureFixture[str]) -
         assert all(maps[layer][e] != d for e, d in copies)
     held = sample_counts(load_trace(FLAME), 64, 64)[:, 16:]
     for p in rep["pairs"]:
-        layer, got = p["layer"], p["joint"]["replicated"]
+        layer, got = p["layer"], p["replicated"]
         placement = np.array(got["placement"])
         assert np.bincount(placement, minlength=8).tolist() == [2] * 8
         both = [_recount(held[q], maps[q], replicas[q], placement, 4) for q in (layer, layer + 1)]
@@ -62,7 +62,7 @@ def test_budget_zero_is_joint_placement(capsys: pytest.CaptureFixture[str]) -> N
     rep = json.loads(capsys.readouterr().out)
     assert rep["replicas"] == [[]] * 8
     for p in rep["pairs"]:
-        got = p["joint"]["replicated"]
+        got = p["replicated"]
         assert (got["inter"], got["intra"], got["placement"]) == (
             p["joint"]["inter"], p["joint"]["intra"], p["joint"]["placement"])
 
