@@ -259,6 +259,7 @@ def _replica_report(home: list[dict[str, Any]], replicated: list[dict[str, Any]]
         "replicated": routes,
         "replicated_reduction": 1 - routes["inter"] / base,
         "recommendation": info.get("replicas", {}),
+        "grad_bytes_weighed": info.get("grad_bytes_weighed", 0),
         "error": info.get("error", ""),
         "adopted": bool(info.get("copies_adopted")),
         "copies": info.get("copies", []),
@@ -277,7 +278,10 @@ def _print_replicas(x: dict[str, Any]) -> None:
     if x["error"]:
         print(f"  service: {x['error']}")
     if rec:
-        print(f"  recommended: {'create' if rec['recommended'] else 'none'} ({rec['reason']})")
+        weighed = ("" if x["grad_bytes_weighed"] else
+                   "; chosen and weighed without their gradient sync (force), measured below")
+        print(f"  recommended: {'create' if rec['recommended'] else 'none'} ({rec['reason']})"
+              f"{weighed}")
     print(f"  adopted: {'yes' if x['adopted'] else 'no'}; {sum(map(len, x['copies']))} copies, "
           f"{x['copy_bytes']} bytes sent in {x['copy_seconds']:.3f} s; gradient sync "
           f"{x['sync_seconds']:.3f} s per rank")

@@ -187,20 +187,26 @@ def _node_holders(topo: Topology, holders: np.ndarray) -> np.ndarray:
         .astype(np.int64)
 
 
-def replica_costs(topo: Topology, counts: np.ndarray, holders: np.ndarray) -> np.ndarray:
+def replica_costs(topo: Topology, pair: Sequence[np.ndarray],
+                  holders: Sequence[np.ndarray]) -> np.ndarray:
     """[I, J] int64 matrix X such that place_two_stage(topo, X, home) is the exact two-stage
-    placement for replica-aware costs. counts: [I, E] int64; holders: [E, J] bool.
+    placement for replica-aware costs. pair: counts [I, E] int64 of each All-to-All (gather l,
+    scatter l+1); holders: their [E, J] bool holders.
 
     With on_dev[i, d] routes of sample i to experts held on d and on_node[i, n] to experts held
-    on node n (counted once however many holders n has), X[i, d] = G * on_dev[i, d] -
-    (sum of on_dev[i] over d's node - on_node[i, node(d)]). Then X's node sums are G * on_node,
-    so stage 1 costs G * (inter-node routes) plus a per-sample constant, and stage 2 costs
-    G * (intra-node routes) plus a per-sample constant: the same optima and tie-breaks.
+    on node n (counted once however many holders n has), both summed over the pair: when no node
+    holds an expert twice (never, for copies fit_replicas makes), on_dev's node sums are on_node
+    and X = on_dev. Otherwise X[i, d] = G * on_dev[i, d] - (sum of on_dev[i] over d's node -
+    on_node[i, node(d)]): X's node sums are G * on_node, so stage 1 costs G * (inter-node
+    routes) plus a per-sample constant and stage 2 costs G * (intra-node routes) plus a
+    per-sample constant: the same optima and tie-breaks.
     """
     g = topo.gpus_per_node
-    on_dev = counts @ holders.astype(np.int64)
-    on_node = counts @ _node_holders(topo, holders)
-    overlap = on_dev.reshape(len(counts), topo.nodes, g).sum(axis=2) - on_node  # [I, N] >= 0
+    on_dev = sum(c @ h.astype(np.int64) for c, h in zip(pair, holders, strict=True))
+    on_node = sum(c @ _node_holders(topo, h) for c, h in zip(pair, holders, strict=True))
+    overlap = on_dev.reshape(len(on_dev), topo.nodes, g).sum(axis=2) - on_node  # [I, N] >= 0
+    if not overlap.any():
+        return on_dev
     return g * on_dev - np.repeat(overlap, g, axis=1)
 
 
@@ -233,8 +239,7 @@ def place_replicated(topo: Topology, pair: Sequence[np.ndarray], holders: Sequen
                      home: np.ndarray) -> np.ndarray:
     """[I] int64 two-stage placement of one pair: pair [2] counts [I, E] of layers l, l+1,
     holders [2] their [E, J] bool holders."""
-    cost = sum(replica_costs(topo, c, h) for c, h in zip(pair, holders, strict=True))
-    return place_two_stage(topo, cost, home)
+    return place_two_stage(topo, replica_costs(topo, pair, holders), home)
 
 
 def solve_replicated(
