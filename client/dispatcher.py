@@ -207,7 +207,12 @@ class Dispatched:
 
 
 class TokenDispatcher:
-    """Dispatch and combine for one rank; stateless between calls except for ``stats``."""
+    """Dispatch and combine for one rank; stateless between calls except for ``stats``.
+
+    routes: layer -> [E, J] int64 route table, the rank serving label a for a sample on rank d
+    (expert copies, see netmoe.client.replicas); layers without one send label a to its owner
+    a // (E / J). Set it on every rank alike.
+    """
 
     def __init__(
         self, layout: Layout, stats: CommStats | None = None, group: dist.ProcessGroup | None = None
@@ -215,6 +220,9 @@ class TokenDispatcher:
         self.layout = layout
         self.stats = stats if stats is not None else CommStats()
         self.group = group
+        # layer -> [E, J] int64: the rank that serves expert a for a sample on rank d, when
+        # expert copies are in force (netmoe.client.replicas.route_tables); else e // (E / J).
+        self.route_tables: dict[int, torch.Tensor] = {}
 
     def _control(self, layer: int, phase: str, rows: torch.Tensor) -> tuple[torch.Tensor, float]:
         """One small control exchange: rows [J, m] int64, row j goes to rank j; returns the
@@ -246,7 +254,8 @@ class TokenDispatcher:
         expert = topk_ids.reshape(-1)
         token = torch.arange(lay.tokens, device=h.device).repeat_interleave(k)
         slot = torch.arange(k, device=h.device).repeat(lay.tokens)
-        dest = expert // lay.experts_per_rank
+        table = self.route_tables.get(layer)
+        dest = expert // lay.experts_per_rank if table is None else table[expert, lay.rank]
         order = torch.argsort(dest, stable=True)
         send_counts = torch.bincount(dest, minlength=lay.world)
         sample_routes = torch.bincount(

@@ -7,7 +7,8 @@ counts come from the split sizes of the real All-to-All calls of every rank.
 
 With --expert-placement a third run (joint placement) asks the service for expert maps after
 --adopt-after steps, moves the experts and goes on with plans for the new maps; home, sample-only
-and joint are then compared on the steps after the move.
+and joint are then compared on the steps after the move. With --replica-budget K a fourth run
+also creates the expert copies the service recommends (K per device and layer) with the maps.
 """
 
 from __future__ import annotations
@@ -83,6 +84,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--hf-model", default="", metavar="DIR",
                    help="train this local Hugging Face MoE checkpoint instead (config + weights; "
                    "see docs/huggingface.md)")
+    p.add_argument("--replica-budget", type=non_negative, default=None, metavar="K",
+                   help="with --expert-placement: a fourth run that also creates up to K expert "
+                   "copies per device and layer with the maps (as the service recommends; "
+                   "force: always), compared on the same steps")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=run)
 
@@ -177,6 +182,11 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--adopt-after must leave at least 2 steps before the move (one to fit, "
                          f"one held out) and 1 after it, in [2, {args.steps - 1}] for --steps "
                          f"{args.steps}, got {adopt_at}")
+    if args.replica_budget is not None and not args.expert_placement:
+        raise ValueError("--replica-budget needs --expert-placement")
+    if args.replica_budget is not None and args.replica_budget < 0:
+        raise ValueError(f"--replica-budget must be >= 0 copies per device, got "
+                         f"{args.replica_budget}")
     load_corpus(cfg.vocab, cfg.cache_dir or None)  # build once here, ranks read the cache
     if args.warmup_steps:
         cfg = dataclasses.replace(cfg, init_checkpoint=_pretrain(cfg, args.warmup_steps))
@@ -204,6 +214,12 @@ def run(args: argparse.Namespace) -> int:
                 cfg, placement="service", server=address, job=f"{job}-joint-{os.getpid()}",
                 adopt_experts_at=adopt_at, expert_placement=args.expert_placement,
                 expert_horizon=args.expert_horizon))  # fmt: skip
+        replica_ranks = None
+        if args.replica_budget is not None:
+            replica_ranks = _train("replicas run", dataclasses.replace(
+                cfg, placement="service", server=address, job=f"{job}-replicas-{os.getpid()}",
+                adopt_experts_at=adopt_at, expert_placement=args.expert_placement,
+                expert_horizon=args.expert_horizon, replica_budget=args.replica_budget))
     finally:
         if handle is not None:
             handle.stop()
@@ -220,6 +236,8 @@ def run(args: argparse.Namespace) -> int:
     if joint_ranks is not None:
         report["expert_placement"] = _expert_report(home_ranks, sample_ranks, joint_ranks,
                                                     adopt_at, cfg.steps - 1)
+    if replica_ranks is not None:
+        report["replicas"] = _replica_report(home_ranks, replica_ranks, adopt_at, cfg.steps - 1)
     if args.json:
         print(json.dumps(report))
     else:
@@ -274,6 +292,50 @@ def _expert_report(home: list[dict[str, Any]], sample: list[dict[str, Any]],
         "max_loss_rel_diff": max(max_rel_diff(home[0]["loss"], rs[0]["loss"])
                                  for rs in (sample, joint)),
     }
+
+
+def _replica_report(home: list[dict[str, Any]], replicated: list[dict[str, Any]], first: int,
+                    last: int) -> dict[str, Any]:
+    """Routes with maps and copies on steps first..last, the service's answer about the copies
+    as rank 0 got it, bytes and time to create them, gradient sync time, the loss check."""
+    routes = routes_between(replicated, first, last)
+    base = max(routes_between(home, first, last)["inter"], 1)
+    info = replicated[0]["experts"]
+    return {
+        "steps": [first, last],
+        "replicated": routes,
+        "replicated_reduction": 1 - routes["inter"] / base,
+        "recommendation": info.get("replicas", {}),
+        "grad_bytes_weighed": info.get("grad_bytes_weighed", 0),
+        "error": info.get("error", ""),
+        "adopted": bool(info.get("copies_adopted")),
+        "copies": info.get("copies", []),
+        "copy_bytes": sum(r["experts"].get("copy_sent_bytes", 0) for r in replicated),
+        "copy_seconds": max(r["experts"].get("copy_seconds", 0.0) for r in replicated),
+        "sync_seconds": statistics.fmean(r["copy_sync_seconds"] for r in replicated),
+        "a2a_seconds": statistics.fmean(r["a2a_seconds"] for r in replicated),
+        "max_loss_rel_diff": max_rel_diff(home[0]["loss"], replicated[0]["loss"]),
+    }
+
+
+def _print_replicas(x: dict[str, Any]) -> None:
+    first, last = x["steps"]
+    rec = x["recommendation"]
+    print(f"expert copies: created with the maps after step {first - 1}")
+    if x["error"]:
+        print(f"  service: {x['error']}")
+    if rec:
+        weighed = ("" if x["grad_bytes_weighed"] else
+                   "; chosen and weighed without their gradient sync (force), measured below")
+        print(f"  recommended: {'create' if rec['recommended'] else 'none'} ({rec['reason']})"
+              f"{weighed}")
+    print(f"  adopted: {'yes' if x['adopted'] else 'no'}; {sum(map(len, x['copies']))} copies, "
+          f"{x['copy_bytes']} bytes sent in {x['copy_seconds']:.3f} s; gradient sync "
+          f"{x['sync_seconds']:.3f} s per rank")
+    r = x["replicated"]
+    print(f"  routes on steps {first}..{last} with copies: inter {r['inter']}, intra "
+          f"{r['intra']} ({100 * x['replicated_reduction']:.1f}% fewer inter-node routes than "
+          f"home); losses equal within {x['max_loss_rel_diff']:.1e} relative")
 
 
 def _print_experts(x: dict[str, Any]) -> None:
@@ -351,3 +413,5 @@ def _print(r: dict[str, Any]) -> None:
     )
     if "expert_placement" in r:
         _print_experts(r["expert_placement"])
+    if "replicas" in r:
+        _print_replicas(r["replicas"])

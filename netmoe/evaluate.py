@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from netmoe.cli import positive, positive_float
+from netmoe.cli import non_negative, positive, positive_float
 from netmoe.convert import add_source_arguments, read_trace
 from netmoe.round import BW_INTER, BW_INTRA
 from netmoe.text import human_bytes, plural, table
@@ -118,6 +118,48 @@ def evaluate_joint(
     return held, out
 
 
+def evaluate_replicated(
+    counts: np.ndarray, nodes: int, gpus_per_node: int, pairs: list[PairResult], budget: int
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Adds copies to evaluate_joint's result: chosen on the fit half (the lower sample ids of
+    counts [L, I, E]) with `budget` copies per device and layer, replayed on the held-out half.
+    Returns each pair's `replicated` (inter, intra, placement) and the top-level `expert_maps`
+    and `replicas`."""
+    from netmoe.solver import Topology
+    from netmoe.solver.replicas import evaluate_replicas, fit_replicas
+
+    topo = Topology(nodes, gpus_per_node, counts.shape[2])
+    if isinstance(pairs[0].joint, dict) and len(pairs) + 1 == counts.shape[0]:
+        maps = [p.joint["experts"][0] for p in pairs] + [pairs[-1].joint["experts"][1]]
+    else:
+        raise ValueError("--replica-budget needs a trace with at least 2 MoE layers")
+    half = counts.shape[1] // 2
+    try:
+        fit = fit_replicas(topo, [counts[:, :half]], np.array(maps), slots=budget)
+    except ValueError as err:
+        raise ValueError(f"--replica-budget={budget}: {err}") from None
+    ev = evaluate_replicas(topo, [counts[:, half:]], np.array(maps), fit.copies)
+    per_pair = [{"inter": r.inter, "intra": r.intra, "placement": list(dev)}
+                for r, dev in zip(ev.replicated, ev.replicated_devices[0], strict=True)]
+    extra = {"expert_maps": [list(m) for m in maps],
+             "replicas": [[list(c) for c in layer] for layer in fit.copies]}
+    return per_pair, extra
+
+
+def add_replicated(rep: dict[str, Any], per_pair: list[dict[str, Any]],
+                   extra: dict[str, Any]) -> dict[str, Any]:
+    """The --json object with evaluate_replicated's result: `replicated` in every pair and in
+    the total (with its inter-node reduction against home), `expert_maps` and `replicas`."""
+    for pair, replicated in zip(rep["pairs"], per_pair, strict=True):
+        pair["replicated"] = replicated
+    total = rep["total"]
+    inter = sum(r["inter"] for r in per_pair)
+    base = total["baseline"]["inter"]
+    total["replicated"] = {"inter": inter, "intra": sum(r["intra"] for r in per_pair)}
+    total["replicated_inter_reduction"] = 0.0 if base == 0 else 1.0 - inter / base
+    return rep | extra
+
+
 def _routes(inter: int, intra: int, ms: float, links: Links) -> dict[str, Any]:
     return {"inter": inter, "intra": intra, "inter_bytes": inter * links.bytes_per_route,
             "intra_bytes": intra * links.bytes_per_route, "ms": round(ms, 6)}
@@ -210,6 +252,12 @@ def _text(rep: dict[str, Any]) -> str:
             f"{human_bytes(j['inter_bytes'])} ({t['joint_inter_reduction']:.1%} less than home), "
             f"intra-node {human_bytes(j['intra_bytes'])}; modelled time {j['ms']:.3f} ms"
         )
+    if "replicated" in t:
+        lines.append(
+            f"with the copies (--replica-budget): inter-node routes {t['baseline']['inter']} -> "
+            f"{t['replicated']['inter']} ({t['replicated_inter_reduction']:.1%} less), "
+            f"intra-node {t['replicated']['intra']}"
+        )
     return "\n".join(lines)
 
 
@@ -243,12 +291,19 @@ def run(args: argparse.Namespace) -> int:
     if experts % devices:
         raise ValueError(f"{experts} experts do not spread evenly over --nodes {args.nodes} x "
                          f"--gpus-per-node {args.gpus_per_node} = {devices} devices")
+    budget = args.replica_budget
+    if budget is not None and args.expert_placement != "fit":
+        raise ValueError("--replica-budget needs --expert-placement fit")
+    full = counts
     if args.expert_placement == "fit":
         counts, pairs = evaluate_joint(counts, args.nodes, args.gpus_per_node, args.objective,
                                        links)
     else:
         pairs = evaluate(counts, args.nodes, args.gpus_per_node, args.objective, links)
     rep = report(counts, args.nodes, args.gpus_per_node, pairs, links, trace.layer_ids)
+    if budget is not None:
+        rep = add_replicated(rep, *evaluate_replicated(full, args.nodes, args.gpus_per_node,
+                                                       pairs, budget))
     print(json.dumps(rep) if args.json else _text(rep))
     return 0
 
@@ -288,5 +343,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="current: experts where expert parallelism puts them (expert e on device "
                    "e // (E/J)); fit: fit expert placement on the lower half of the sample ids "
                    "and report home, sample-only and joint placement on the held-out rest")
+    p.add_argument("--replica-budget", type=non_negative, default=None, metavar="K",
+                   help="with --expert-placement fit: also choose up to K expert copies per "
+                   "device and layer on the fit half (0 = none) and report the held-out routes "
+                   "with them (`replicated` per pair, `expert_maps`, `replicas`)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=run)

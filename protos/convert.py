@@ -94,6 +94,17 @@ def maps_from_proto(maps: list[pb.ExpertMap], experts: int) -> np.ndarray:
     return np.array([list(m.device) for m in maps], dtype=np.int64).reshape(len(maps), experts)
 
 
+def copies_to_proto(layers: object) -> list[pb.LayerCopies]:
+    """[L] lists of (expert, device) copies -> one LayerCopies per layer."""
+    return [pb.LayerCopies(copies=[pb.ExpertCopy(expert=int(e), device=int(d)) for e, d in layer])
+            for layer in layers]  # type: ignore[attr-defined]
+
+
+def copies_from_proto(layers: list[pb.LayerCopies]) -> list[list[tuple[int, int]]]:
+    """One LayerCopies per layer -> [L] lists of (expert, device) copies."""
+    return [[(c.expert, c.device) for c in layer.copies] for layer in layers]
+
+
 def job_spec(
     nodes: int,
     gpus_per_node: int,

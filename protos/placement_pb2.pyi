@@ -165,7 +165,7 @@ class ExpertMap(_message.Message):
     def __init__(self, device: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class RecommendExpertsRequest(_message.Message):
-    __slots__ = ("job", "horizon_steps", "bytes_per_expert", "held_out_steps", "unit", "starts", "seed")
+    __slots__ = ("job", "horizon_steps", "bytes_per_expert", "held_out_steps", "unit", "starts", "seed", "replica_slots", "grad_bytes_per_expert")
     JOB_FIELD_NUMBER: _ClassVar[int]
     HORIZON_STEPS_FIELD_NUMBER: _ClassVar[int]
     BYTES_PER_EXPERT_FIELD_NUMBER: _ClassVar[int]
@@ -173,6 +173,8 @@ class RecommendExpertsRequest(_message.Message):
     UNIT_FIELD_NUMBER: _ClassVar[int]
     STARTS_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
+    REPLICA_SLOTS_FIELD_NUMBER: _ClassVar[int]
+    GRAD_BYTES_PER_EXPERT_FIELD_NUMBER: _ClassVar[int]
     job: str
     horizon_steps: int
     bytes_per_expert: int
@@ -180,10 +182,54 @@ class RecommendExpertsRequest(_message.Message):
     unit: str
     starts: int
     seed: int
-    def __init__(self, job: _Optional[str] = ..., horizon_steps: _Optional[int] = ..., bytes_per_expert: _Optional[int] = ..., held_out_steps: _Optional[int] = ..., unit: _Optional[str] = ..., starts: _Optional[int] = ..., seed: _Optional[int] = ...) -> None: ...
+    replica_slots: int
+    grad_bytes_per_expert: int
+    def __init__(self, job: _Optional[str] = ..., horizon_steps: _Optional[int] = ..., bytes_per_expert: _Optional[int] = ..., held_out_steps: _Optional[int] = ..., unit: _Optional[str] = ..., starts: _Optional[int] = ..., seed: _Optional[int] = ..., replica_slots: _Optional[int] = ..., grad_bytes_per_expert: _Optional[int] = ...) -> None: ...
+
+class ExpertCopy(_message.Message):
+    __slots__ = ("expert", "device")
+    EXPERT_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    expert: int
+    device: int
+    def __init__(self, expert: _Optional[int] = ..., device: _Optional[int] = ...) -> None: ...
+
+class LayerCopies(_message.Message):
+    __slots__ = ("copies",)
+    COPIES_FIELD_NUMBER: _ClassVar[int]
+    copies: _containers.RepeatedCompositeFieldContainer[ExpertCopy]
+    def __init__(self, copies: _Optional[_Iterable[_Union[ExpertCopy, _Mapping]]] = ...) -> None: ...
+
+class ReplicaAdvice(_message.Message):
+    __slots__ = ("adopt", "reason", "copies", "replicated", "saving_per_step", "sync_per_step", "net_per_step", "migration_cost", "break_even_steps", "memory_bytes", "max_device_bytes", "cross_node_copies")
+    ADOPT_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    COPIES_FIELD_NUMBER: _ClassVar[int]
+    REPLICATED_FIELD_NUMBER: _ClassVar[int]
+    SAVING_PER_STEP_FIELD_NUMBER: _ClassVar[int]
+    SYNC_PER_STEP_FIELD_NUMBER: _ClassVar[int]
+    NET_PER_STEP_FIELD_NUMBER: _ClassVar[int]
+    MIGRATION_COST_FIELD_NUMBER: _ClassVar[int]
+    BREAK_EVEN_STEPS_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MAX_DEVICE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    CROSS_NODE_COPIES_FIELD_NUMBER: _ClassVar[int]
+    adopt: bool
+    reason: str
+    copies: _containers.RepeatedCompositeFieldContainer[LayerCopies]
+    replicated: Routes
+    saving_per_step: float
+    sync_per_step: float
+    net_per_step: float
+    migration_cost: float
+    break_even_steps: float
+    memory_bytes: int
+    max_device_bytes: int
+    cross_node_copies: int
+    def __init__(self, adopt: _Optional[bool] = ..., reason: _Optional[str] = ..., copies: _Optional[_Iterable[_Union[LayerCopies, _Mapping]]] = ..., replicated: _Optional[_Union[Routes, _Mapping]] = ..., saving_per_step: _Optional[float] = ..., sync_per_step: _Optional[float] = ..., net_per_step: _Optional[float] = ..., migration_cost: _Optional[float] = ..., break_even_steps: _Optional[float] = ..., memory_bytes: _Optional[int] = ..., max_device_bytes: _Optional[int] = ..., cross_node_copies: _Optional[int] = ...) -> None: ...
 
 class RecommendExpertsResponse(_message.Message):
-    __slots__ = ("job", "adopt", "reason", "maps", "current", "moved_experts", "moved_inter", "migration_bytes", "migration_seconds", "unit", "saving_per_step", "migration_cost", "break_even_steps", "home", "sample_only", "joint", "fit_first_step", "fit_last_step", "held_out_first_step", "held_out_last_step", "window_bytes")
+    __slots__ = ("job", "adopt", "reason", "maps", "current", "moved_experts", "moved_inter", "migration_bytes", "migration_seconds", "unit", "saving_per_step", "migration_cost", "break_even_steps", "home", "sample_only", "joint", "fit_first_step", "fit_last_step", "held_out_first_step", "held_out_last_step", "window_bytes", "replicas")
     JOB_FIELD_NUMBER: _ClassVar[int]
     ADOPT_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
@@ -205,6 +251,7 @@ class RecommendExpertsResponse(_message.Message):
     HELD_OUT_FIRST_STEP_FIELD_NUMBER: _ClassVar[int]
     HELD_OUT_LAST_STEP_FIELD_NUMBER: _ClassVar[int]
     WINDOW_BYTES_FIELD_NUMBER: _ClassVar[int]
+    REPLICAS_FIELD_NUMBER: _ClassVar[int]
     job: str
     adopt: bool
     reason: str
@@ -226,17 +273,20 @@ class RecommendExpertsResponse(_message.Message):
     held_out_first_step: int
     held_out_last_step: int
     window_bytes: int
-    def __init__(self, job: _Optional[str] = ..., adopt: _Optional[bool] = ..., reason: _Optional[str] = ..., maps: _Optional[_Iterable[_Union[ExpertMap, _Mapping]]] = ..., current: _Optional[_Iterable[_Union[ExpertMap, _Mapping]]] = ..., moved_experts: _Optional[int] = ..., moved_inter: _Optional[int] = ..., migration_bytes: _Optional[int] = ..., migration_seconds: _Optional[float] = ..., unit: _Optional[str] = ..., saving_per_step: _Optional[float] = ..., migration_cost: _Optional[float] = ..., break_even_steps: _Optional[float] = ..., home: _Optional[_Union[Routes, _Mapping]] = ..., sample_only: _Optional[_Union[Routes, _Mapping]] = ..., joint: _Optional[_Union[Routes, _Mapping]] = ..., fit_first_step: _Optional[int] = ..., fit_last_step: _Optional[int] = ..., held_out_first_step: _Optional[int] = ..., held_out_last_step: _Optional[int] = ..., window_bytes: _Optional[int] = ...) -> None: ...
+    replicas: ReplicaAdvice
+    def __init__(self, job: _Optional[str] = ..., adopt: _Optional[bool] = ..., reason: _Optional[str] = ..., maps: _Optional[_Iterable[_Union[ExpertMap, _Mapping]]] = ..., current: _Optional[_Iterable[_Union[ExpertMap, _Mapping]]] = ..., moved_experts: _Optional[int] = ..., moved_inter: _Optional[int] = ..., migration_bytes: _Optional[int] = ..., migration_seconds: _Optional[float] = ..., unit: _Optional[str] = ..., saving_per_step: _Optional[float] = ..., migration_cost: _Optional[float] = ..., break_even_steps: _Optional[float] = ..., home: _Optional[_Union[Routes, _Mapping]] = ..., sample_only: _Optional[_Union[Routes, _Mapping]] = ..., joint: _Optional[_Union[Routes, _Mapping]] = ..., fit_first_step: _Optional[int] = ..., fit_last_step: _Optional[int] = ..., held_out_first_step: _Optional[int] = ..., held_out_last_step: _Optional[int] = ..., window_bytes: _Optional[int] = ..., replicas: _Optional[_Union[ReplicaAdvice, _Mapping]] = ...) -> None: ...
 
 class ConfirmExpertsRequest(_message.Message):
-    __slots__ = ("job", "step", "maps")
+    __slots__ = ("job", "step", "maps", "copies")
     JOB_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     MAPS_FIELD_NUMBER: _ClassVar[int]
+    COPIES_FIELD_NUMBER: _ClassVar[int]
     job: str
     step: int
     maps: _containers.RepeatedCompositeFieldContainer[ExpertMap]
-    def __init__(self, job: _Optional[str] = ..., step: _Optional[int] = ..., maps: _Optional[_Iterable[_Union[ExpertMap, _Mapping]]] = ...) -> None: ...
+    copies: _containers.RepeatedCompositeFieldContainer[LayerCopies]
+    def __init__(self, job: _Optional[str] = ..., step: _Optional[int] = ..., maps: _Optional[_Iterable[_Union[ExpertMap, _Mapping]]] = ..., copies: _Optional[_Iterable[_Union[LayerCopies, _Mapping]]] = ...) -> None: ...
 
 class ConfirmExpertsResponse(_message.Message):
     __slots__ = ("job", "step")

@@ -122,6 +122,8 @@ class PlacementServiceServicer:
         of moving expert parameters and optimizer state. Expert ids in maps are the ids the reports
         use. Unknown job: NOT_FOUND; bad arguments: INVALID_ARGUMENT naming the field and the value;
         a window without a complete fit part and held-out part: FAILED_PRECONDITION saying what lacks.
+        With replica_slots > 0 the answer also proposes copies of experts on top of the fitted maps
+        (`replicas`), weighing their held-out route saving against their sync, memory and creation.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -132,6 +134,8 @@ class PlacementServiceServicer:
         solved with layer l's map for its gather and layer l+1's for its scatter. `step` must come
         after every step the job has reported (plans already sent are never re-solved), else
         FAILED_PRECONDITION. Maps must keep each device's number of experts (INVALID_ARGUMENT).
+        Copies, when given, must name existing experts and devices, never the owner's device under
+        the confirmed maps, one per (expert, device) (INVALID_ARGUMENT).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -15,7 +15,8 @@ replayed samples sit at home in id order, which changes no optimal route count.
 
 Confirmed maps: from a step on, round (step', l) is solved with layer l's map for its gather and
 layer l+1's for its scatter. Counts stay in the reports' expert ids, so the window stays valid
-across confirmations.
+across confirmations. Confirmed copies (netmoe.solver.replicas) come with their maps: rounds
+under them are solved with replica-aware costs.
 
 Off the critical path: the coordinator tells the advisors about a solved round after its plans
 went out (``ExpertAdvisors.solved``); window updates, the realised-saving metric and fits run in
@@ -48,6 +49,15 @@ from netmoe.solver.experts import (
     fit_experts,
     recommend,
 )
+from netmoe.solver.replicas import (
+    ReplicaEvaluation,
+    ReplicaRecommendation,
+    check_copies,
+    evaluate_replicas,
+    fit_replicas,
+    recommend_replicas,
+    solve_replicated,
+)
 from netmoe.solver.topology import positive_int
 
 from .errors import FieldError, NotEnoughData
@@ -56,6 +66,7 @@ if TYPE_CHECKING:
     from .rounds import JobSpec
 
 log = logging.getLogger(__name__)
+Holders = tuple[np.ndarray, np.ndarray | None]  # [E, J] bool of layer l and of l+1 (or None)
 MAX_CONFIRMED = 8  # map versions remembered per job; older ones no round can need any more
 T = TypeVar("T")
 
@@ -79,18 +90,32 @@ class Realized:
 
     joint_inter: int
     sample_only_inter: int
+    # With copies in force: the inter-node routes the same maps would have got without them.
+    without_copies_inter: int | None = None
 
 
 @dataclass(frozen=True)
 class ExpertAdvice:
     """RecommendExperts' answer. fit_steps, held_out_steps: (first, last) window steps; the
-    evaluation's rounds are held-out training steps."""
+    evaluation's rounds are held-out training steps. replicas, replica_evaluation: the copies'
+    decision and held-out replay when copies were asked for."""
 
     recommendation: Recommendation
     evaluation: ExpertEvaluation
     fit_steps: tuple[int, int]
     held_out_steps: tuple[int, int]
     window_bytes: int
+    replicas: ReplicaRecommendation | None = None
+    replica_evaluation: ReplicaEvaluation | None = None
+
+    @property
+    def predicted_copies_saving_per_step(self) -> float | None:
+        """Inter-node routes per training step (forward pass) the copies save over joint
+        placement alone on the held-out steps; None without copies."""
+        ev = self.replica_evaluation
+        if ev is None:
+            return None
+        return (ev.experts.joint.inter - ev.total.inter) / ev.experts.rounds
 
     @property
     def predicted_inter_saving_per_step(self) -> float:
@@ -118,8 +143,9 @@ class ExpertAdvisor:
         self._bytes = 0
         self._layers = 0  # MoE layers seen (1 + highest layer, + 1 if it sent a scatter)
         self._last_step = -1  # highest step reported to the service (solved or not)
-        # (first step, [L, E] maps, per-layer Topology) in step order
-        self._confirmed: list[tuple[int, np.ndarray, tuple[Topology, ...]]] = []
+        # (first step, [L, E] maps, per-layer Topology, [L, E, J] holders or None) in step order
+        self._confirmed: list[tuple[int, np.ndarray, tuple[Topology, ...],
+                                    np.ndarray | None]] = []
 
     # ------------------------------------------------------------------------------ the window
 
@@ -189,7 +215,7 @@ class ExpertAdvisor:
             return self._maps_at(self._last_step + 1, max(self._layers, 2))
 
     def _maps_at(self, step: int, layers: int) -> np.ndarray:
-        for first, maps, _ in reversed(self._confirmed):
+        for first, maps, *_ in reversed(self._confirmed):
             if first <= step:
                 return maps
         return np.tile(self.topology.expert_device, (layers, 1))
@@ -198,17 +224,30 @@ class ExpertAdvisor:
         """(gather topology, scatter topology or None for "the same") of round (step, layer)."""
         step, layer = key
         with self._lock:
-            for first, _, topos in reversed(self._confirmed):
+            for first, _, topos, _ in reversed(self._confirmed):
                 if first <= step:
                     if layer >= len(topos):
                         break
                     return topos[layer], topos[layer + 1] if layer + 1 < len(topos) else None
         return self.topology, None
 
-    def confirm(self, step: int, maps: object) -> None:
-        """Puts maps ([L, E] device of each expert per layer) in force from step on. Raises
-        FieldError naming the field when step is not after every reported step, or maps have
-        fewer layers than reported, or change a device's number of experts."""
+    def holders(self, key: Key) -> Holders | None:
+        """Holders (owners and copies, [E, J] bool) of round (step, layer)'s gather layer and
+        scatter layer (None for the last layer); None when no copies are in force."""
+        step, layer = key
+        with self._lock:
+            for first, _, topos, held in reversed(self._confirmed):
+                if first <= step:
+                    if held is None or layer >= len(topos):
+                        return None
+                    return held[layer], held[layer + 1] if layer + 1 < len(topos) else None
+        return None
+
+    def confirm(self, step: int, maps: object, copies: object | None = None) -> None:
+        """Puts maps ([L, E] device of each expert per layer) in force from step on, with copies
+        ([L] (expert, device) lists, or None) on top. Raises FieldError naming the field when
+        step is not after every reported step, or maps have fewer layers than reported, or
+        change a device's number of experts, or copies do not fit the maps."""
         topo = self.topology
         with self._lock:
             if step <= self._last_step:
@@ -232,10 +271,17 @@ class ExpertAdvisor:
                     raise FieldError(
                         "maps", f"maps[{layer}] puts {int(have[d])} experts on device {d}, the "
                                 f"job's topology has {int(want[d])} there")
+            held = None
+            if copies is not None:
+                try:
+                    held = check_copies("copies", copies, topo, checked)
+                except ValueError as err:
+                    raise FieldError("copies", str(err)) from None
+                held.setflags(write=False)
             checked.setflags(write=False)
             topos = tuple(topo.with_experts(m) for m in checked)
             self._confirmed = [c for c in self._confirmed if c[0] < step]
-            self._confirmed.append((step, checked, topos))
+            self._confirmed.append((step, checked, topos, held))
             # Rounds run forward, so only the latest versions can still be needed.
             del self._confirmed[:-MAX_CONFIRMED]
 
@@ -249,7 +295,21 @@ class ExpertAdvisor:
             return None
         base = solve(self.topology, counts.gather, counts.scatter, objective=spec.objective,
                      method=spec.method, time_limit=spec.deadline)
-        return Realized(plan.after.inter, base.after.inter)
+        if self.holders(key) is None:
+            return Realized(plan.after.inter, base.after.inter)
+        bare = solve(gtopo, counts.gather, counts.scatter, scatter_topology=stopo,
+                     objective=spec.objective, method=spec.method, time_limit=spec.deadline)
+        return Realized(plan.after.inter, base.after.inter, bare.after.inter)
+
+    def solve_with_copies(self, key: Key, gather: np.ndarray, scatter: np.ndarray | None,
+                          home: np.ndarray) -> Plan | None:
+        """Round (step, layer) solved with replica-aware costs when copies are in force for it,
+        else None (the caller solves it as usual). gather, scatter: [I, E]; home: [I]."""
+        held = self.holders(key)
+        if held is None:
+            return None
+        gtopo, stopo = self.topologies(key)
+        return solve_replicated(gtopo, gather, scatter, held, home=home, scatter_topology=stopo)
 
     # -------------------------------------------------------------------------------- the fit
 
@@ -262,14 +322,20 @@ class ExpertAdvisor:
         unit: str = "seconds",
         starts: int = 4,
         seed: int = 0,
+        replica_slots: int = 0,
+        grad_bytes: int = 0,
     ) -> ExpertAdvice:
         """Fits maps on the window's earlier steps, replays the latest held_out_steps (0: half)
-        and weighs the saving against the migration (netmoe.solver.experts.recommend).
+        and weighs the saving against the migration (netmoe.solver.experts.recommend). With
+        replica_slots > 0, also chooses copies on the fit steps for the fitted maps and weighs
+        them (netmoe.solver.replicas; grad_bytes: one expert's gradient, for their sync).
         Raises ValueError naming a bad argument, NotEnoughData when the window is too thin."""
         horizon_steps = positive_int("horizon_steps", horizon_steps)
         bytes_per_expert = positive_int("bytes_per_expert", bytes_per_expert)
         held_out_steps = positive_int("held_out_steps", held_out_steps, minimum=0)
         starts = positive_int("starts", starts, minimum=0)
+        replica_slots = positive_int("replica_slots", replica_slots, minimum=0)
+        grad_bytes = positive_int("grad_bytes_per_expert", grad_bytes, minimum=0)
         if unit not in UNITS:
             raise ValueError(f"unit must be one of {UNITS}, got {unit!r}")
         with self._lock:
@@ -294,12 +360,28 @@ class ExpertAdvisor:
         fit_steps, held_steps = steps[:-held], steps[-held:]
         fit = fit_experts(self.topology, [rounds[s] for s in fit_steps], current=current,
                           starts=starts, seed=seed)
-        evaluation = evaluate_experts(self.topology, [rounds[s] for s in held_steps],
-                                      fit.array(), current=current)
+        held_rounds = [rounds[s] for s in held_steps]
+        replicas = replayed = None
+        if replica_slots:
+            try:
+                copies = fit_replicas(self.topology, [rounds[s] for s in fit_steps], fit.array(),
+                                      slots=replica_slots, grad_bytes=grad_bytes).copies
+            except ValueError as err:
+                raise ValueError(f"replica_slots={replica_slots}: {err}") from None
+            replayed = evaluate_replicas(self.topology, held_rounds, fit.array(), copies,
+                                         current=current)
+            evaluation = replayed.experts
+            replicas = recommend_replicas(
+                self.topology, replayed, bytes_per_expert=bytes_per_expert,
+                grad_bytes=grad_bytes, horizon_steps=horizon_steps,
+                unit=unit)  # type: ignore[arg-type]
+        else:
+            evaluation = evaluate_experts(self.topology, held_rounds, fit.array(),
+                                          current=current)
         rec = recommend(self.topology, evaluation, bytes_per_expert=bytes_per_expert,
                         horizon_steps=horizon_steps, unit=unit)  # type: ignore[arg-type]
         return ExpertAdvice(rec, evaluation, (fit_steps[0], fit_steps[-1]),
-                            (held_steps[0], held_steps[-1]), size)
+                            (held_steps[0], held_steps[-1]), size, replicas, replayed)
 
 
 class AdvisorObserver(Protocol):
@@ -337,6 +419,12 @@ class ExpertAdvisors:
         adv = self._jobs.get(job)
         if adv is not None:
             adv.saw_step(step)
+
+    def solve_with_copies(self, job: str, key: Key, gather: np.ndarray,
+                          scatter: np.ndarray | None, home: np.ndarray) -> Plan | None:
+        """ExpertAdvisor.solve_with_copies; None when the job has no advisor."""
+        adv = self._jobs.get(job)
+        return None if adv is None else adv.solve_with_copies(key, gather, scatter, home)
 
     def topologies(self, job: str, key: Key) -> tuple[Topology, Topology | None] | None:
         """None when the job has no advisor (the registered topology applies)."""

@@ -13,7 +13,12 @@ import grpc
 import grpc.aio
 
 from netmoe.protos import placement_pb2 as pb
-from netmoe.protos.convert import maps_from_proto, maps_to_proto
+from netmoe.protos.convert import (
+    copies_from_proto,
+    copies_to_proto,
+    maps_from_proto,
+    maps_to_proto,
+)
 from netmoe.solver.experts import Routes
 
 from .advisor import ExpertAdvice, ExpertAdvisor, ExpertAdvisors
@@ -25,6 +30,21 @@ DEFAULT_STARTS = 4
 
 def _routes(r: Routes) -> pb.Routes:
     return pb.Routes(inter=r.inter, intra=r.intra, seconds=r.seconds)
+
+
+def _replicas(advice: ExpertAdvice) -> pb.ReplicaAdvice | None:
+    rec, ev = advice.replicas, advice.replica_evaluation
+    if rec is None or ev is None:
+        return None
+    total = ev.total
+    return pb.ReplicaAdvice(
+        adopt=rec.adopt, reason=rec.reason, copies=copies_to_proto(rec.copies),
+        replicated=pb.Routes(inter=total.inter, intra=total.intra, seconds=total.seconds),
+        saving_per_step=rec.saving_per_step, sync_per_step=rec.sync_per_step,
+        net_per_step=rec.net_per_step, migration_cost=rec.migration_cost,
+        break_even_steps=rec.break_even_steps, memory_bytes=rec.memory_bytes,
+        max_device_bytes=rec.max_device_bytes, cross_node_copies=rec.cross_node_copies,
+    )
 
 
 def advice_to_proto(job: str, advice: ExpertAdvice) -> pb.RecommendExpertsResponse:
@@ -39,7 +59,7 @@ def advice_to_proto(job: str, advice: ExpertAdvice) -> pb.RecommendExpertsRespon
         home=_routes(ev.home), sample_only=_routes(ev.sample_only), joint=_routes(ev.joint),
         fit_first_step=advice.fit_steps[0], fit_last_step=advice.fit_steps[1],
         held_out_first_step=advice.held_out_steps[0], held_out_last_step=advice.held_out_steps[1],
-        window_bytes=advice.window_bytes,
+        window_bytes=advice.window_bytes, replicas=_replicas(advice),
     )
 
 
@@ -63,6 +83,7 @@ class ExpertPlacementRPCs:
                 horizon_steps=request.horizon_steps, bytes_per_expert=request.bytes_per_expert,
                 held_out_steps=request.held_out_steps, unit=request.unit or "seconds",
                 starts=request.starts or DEFAULT_STARTS, seed=request.seed,
+                replica_slots=request.replica_slots, grad_bytes=request.grad_bytes_per_expert,
             )
 
         try:
@@ -71,14 +92,19 @@ class ExpertPlacementRPCs:
             await abort(context, status_of(err), str(err))
         self._metrics.expert_predicted_saving.labels(request.job).set(
             advice.predicted_inter_saving_per_step)
+        if advice.predicted_copies_saving_per_step is not None:
+            self._metrics.replica_predicted_saving.labels(request.job).set(
+                advice.predicted_copies_saving_per_step)
         return advice_to_proto(request.job, advice)
 
     async def ConfirmExperts(
         self, request: pb.ConfirmExpertsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ConfirmExpertsResponse:
         adv = await self._advisor(request.job, context)
+        copies = copies_from_proto(request.copies) if request.copies else None
         try:
-            adv.confirm(request.step, maps_from_proto(request.maps, adv.topology.experts))
+            maps = maps_from_proto(request.maps, adv.topology.experts)
+            adv.confirm(request.step, maps, copies)
         except FieldError as err:
             # A step already reported is the job's state at fault, not the request's shape.
             code = (grpc.StatusCode.FAILED_PRECONDITION if err.field == "step"

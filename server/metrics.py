@@ -78,6 +78,17 @@ class Metrics:
             "plans the registered expert map would have got (sample_only).",
             ["job", "placement"], registry=reg,
         )
+        self.replica_predicted_saving = Gauge(
+            "netmoe_replica_predicted_saving_routes",
+            "Inter-node routes per step (forward) the last recommended expert copies save over "
+            "joint placement without them on held-out rounds.", ["job"], registry=reg,
+        )
+        self.replica_realized = Counter(
+            "netmoe_replica_realized_routes",
+            "Inter-node routes of rounds solved under confirmed copies (replicated) and of the "
+            "plans the same maps would have got without copies (joint).",
+            ["job", "placement"], registry=reg,
+        )
         self._http: tuple[WSGIServer, threading.Thread] | None = None
 
     def round_finished(
@@ -100,14 +111,19 @@ class Metrics:
     def round_realized(self, job: str, realized: Realized) -> None:
         self.expert_realized.labels(job, "joint").inc(realized.joint_inter)
         self.expert_realized.labels(job, "sample_only").inc(realized.sample_only_inter)
+        if realized.without_copies_inter is not None:
+            self.replica_realized.labels(job, "replicated").inc(realized.joint_inter)
+            self.replica_realized.labels(job, "joint").inc(realized.without_copies_inter)
 
     def forget_job(self, job: str) -> None:
         """Drops a job's label sets so unregistered jobs do not accumulate series."""
         for gauge in (self.expert_window_bytes, self.expert_window_steps,
-                      self.expert_predicted_saving):
+                      self.expert_predicted_saving, self.replica_predicted_saving):
             _remove(gauge, job)
         for placement in ("joint", "sample_only"):
             _remove(self.expert_realized, job, placement)
+        for placement in ("replicated", "joint"):
+            _remove(self.replica_realized, job, placement)
         for outcome in OUTCOMES:
             _remove(self.rounds, job, outcome)
         for channel in ("inter", "intra"):

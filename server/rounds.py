@@ -158,6 +158,11 @@ class RoundHooks(Protocol):
         """(gather topology, scatter topology or None for the same) in force for the round;
         None for the registered topology."""
 
+    def solve_with_copies(self, job: str, key: Key, gather: np.ndarray,
+                          scatter: np.ndarray | None, home: np.ndarray) -> Plan | None:
+        """The round's plan when confirmed expert copies are in force (replica-aware costs);
+        None to solve as usual. Runs in a solver thread."""
+
     def solved(self, spec: JobSpec, key: Key, counts: RoundCounts, plan: Plan) -> None: ...
 
 
@@ -172,6 +177,10 @@ class NoHooks:
         pass
 
     def topologies(self, job: str, key: Key) -> tuple[Topology, Topology | None] | None:
+        return None
+
+    def solve_with_copies(self, job: str, key: Key, gather: np.ndarray,
+                          scatter: np.ndarray | None, home: np.ndarray) -> Plan | None:
         return None
 
     def solved(self, spec: JobSpec, key: Key, counts: RoundCounts, plan: Plan) -> None:
@@ -530,11 +539,16 @@ class Coordinator:
         counts = rnd.counts
         topo, scatter_topo = self._hooks.topologies(spec.job, rnd.key) or (spec.topology, None)
         extra = {} if scatter_topo is None else {"scatter_topology": scatter_topo}
-        return self._solve_fn(
-            topo, counts.gather, counts.scatter,
-            home=home_dest(spec.world_size, spec.samples_per_device),
-            objective=spec.objective, method=spec.method, time_limit=spec.deadline, **extra,
-        )
+        home = home_dest(spec.world_size, spec.samples_per_device)
+        # Confirmed copies change every route's cost: such rounds take the replica-aware solver.
+        plan = self._hooks.solve_with_copies(spec.job, rnd.key, counts.gather, counts.scatter,
+                                             home)
+        if plan is None:
+            plan = self._solve_fn(
+                topo, counts.gather, counts.scatter, home=home, objective=spec.objective,
+                method=spec.method, time_limit=spec.deadline, **extra,
+            )
+        return plan
 
     @staticmethod
     def _home_traffic(spec: JobSpec, counts: RoundCounts) -> Traffic:

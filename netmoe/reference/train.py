@@ -81,6 +81,11 @@ class TrainConfig:
     # After the last step rank 0 unregisters the job from the service (False keeps the job, its
     # expert window and its metrics, for inspection).
     unregister: bool = True
+    # With adopt_experts_at: expert copies per device and layer the service may add on top of
+    # the maps (netmoe.solver.replicas), created with the maps when recommended. "force" creates
+    # them anyway and has them chosen on routes alone (their gradient sync not weighed), since on
+    # a tiny model the sync outweighs every route a copy saves.
+    replica_budget: int = 0
     a2a_sync: bool = False  # barrier before each timed exchange (CommStats.sync)
     link_counters: bool = False  # first rank of a node reads GLOO_SOCKET_IFNAME's byte counters
 
@@ -105,13 +110,16 @@ class TrainConfig:
             raise ValueError(f"placement must be one of {PLACEMENTS}, got {self.placement!r}")
         if self.placement == "service" and not self.server:
             raise ValueError("placement='service' needs server (host:port), got ''")
-        for name in ("adopt_experts_at", "expert_held_out"):
+        for name in ("adopt_experts_at", "expert_held_out", "replica_budget"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
         if self.adopt_experts_at and self.placement != "service":
             raise ValueError(f"adopt_experts_at={self.adopt_experts_at} needs placement='service' "
                              f"(the service fits the expert maps), got {self.placement!r}")
+        if self.replica_budget and not self.adopt_experts_at:
+            raise ValueError(f"replica_budget={self.replica_budget} needs adopt_experts_at (copies "
+                             f"come with the expert maps)")
         if self.expert_placement not in EXPERT_PLACEMENTS:
             raise ValueError(f"expert_placement must be one of {EXPERT_PLACEMENTS}, got "
                              f"{self.expert_placement!r}")
@@ -254,6 +262,8 @@ def _train_steps(run: _Run) -> dict[str, Any]:
     table = ExpertTable.identity(cfg.layers, cfg.experts, cfg.world)
     hook: Any = run.placement
     experts_info: dict[str, Any] = {}
+    copies = None  # CopyTable once expert copies are in force
+    sync_seconds = 0.0
     step_routes, routes_so_far = [], np.zeros((cfg.layers, 3), dtype=np.int64)
     progress_file = os.environ.get(PROGRESS_FILE, "")
     dist.barrier()
@@ -262,10 +272,13 @@ def _train_steps(run: _Run) -> dict[str, Any]:
             table, experts_info = _adopt_experts(cfg, run.model, run.opt, run.client, table,
                                                  rank, step)
             hook = OriginalIds(run.placement, table)
+            copies = _adopt_copies(cfg, run.model, run.opt, run.dispatcher, table, experts_info,
+                                   rank)
         t_step = time.perf_counter()
-        loss, seconds = _step(run, step, hook, table)
+        loss, seconds, synced = _step(run, step, hook, table, copies)
         losses.append(loss)
         allreduce_seconds += seconds
+        sync_seconds += synced
         step_seconds.append(time.perf_counter() - t_step)
         totals = _route_totals(run.comm.routes, rank, cfg.gpus_per_node, cfg.layers)
         step_routes.append((totals - routes_so_far).tolist())
@@ -274,8 +287,10 @@ def _train_steps(run: _Run) -> dict[str, Any]:
             _write_atomic(progress_file, str(step + 1))
     if run.recorder is not None:
         run.recorder.save(cfg.record_trace, group_rank=rank)
-    # Keyed by original expert id, so runs with and without moved experts compare.
-    state = relabel_state(run.model.state_dict(), table.label)
+    # Keyed by original expert id, so runs with and without moved experts compare; copies are
+    # their owners' business.
+    state = relabel_state(_owned(run.model.state_dict(), run.dispatcher.layout.local_experts),
+                          table.label)
     if cfg.save_checkpoint:
         _save_checkpoint(state, cfg.save_checkpoint)
     out: dict[str, Any] = {
@@ -285,6 +300,7 @@ def _train_steps(run: _Run) -> dict[str, Any]:
         "a2a_seconds": run.comm.a2a_seconds,
         "control_seconds": run.comm.control_seconds,
         "allreduce_seconds": allreduce_seconds,
+        "copy_sync_seconds": sync_seconds,
         "routes": routes_so_far.tolist(),
         "step_routes": step_routes,
         "experts": experts_info,
@@ -309,8 +325,10 @@ def _train_steps(run: _Run) -> dict[str, Any]:
     return out
 
 
-def _step(run: _Run, step: int, hook: Any, table: Any) -> tuple[float, float]:
-    """One training step; returns (global mean loss, seconds in the gradient all-reduce)."""
+def _step(run: _Run, step: int, hook: Any, table: Any, copies: Any
+          ) -> tuple[float, float, float]:
+    """One training step; returns (global mean loss, seconds in the gradient all-reduce,
+    seconds summing the gradients of expert copies)."""
     import torch
     import torch.distributed as dist
     import torch.nn.functional as F
@@ -343,12 +361,19 @@ def _step(run: _Run, step: int, hook: Any, table: Any) -> tuple[float, float]:
     for p in run.dense:
         p.grad.copy_(flat[offset : offset + p.numel()].view_as(p))
         offset += p.numel()
+    synced = 0.0
+    if copies is not None:
+        from netmoe.client.replicas import sync_grads
+
+        t0 = time.perf_counter()
+        sync_grads(run.model.blocks, copies)
+        synced = time.perf_counter() - t0
     run.opt.step()
     if run.recorder is not None:
         originals = torch.as_tensor(table.originals())
         topk = tuple(originals[layer][ids] for layer, ids in enumerate(result.topk))
         run.recorder.record(step, big_i, rank * n, n, s, result.plans, topk)
-    return float(flat[-1]), seconds
+    return float(flat[-1]), seconds, synced
 
 
 def _adopt_experts(cfg: TrainConfig, model: Any, opt: Any, client: Any, table: Any, rank: int,
@@ -365,7 +390,8 @@ def _adopt_experts(cfg: TrainConfig, model: Any, opt: Any, client: Any, table: A
     info: dict[str, Any] = {}
     if rank == 0:
         expert = next(iter(model.blocks[0].moe.experts.values()))
-        info = _ask_experts(cfg, client, state_bytes(expert, opt), step)
+        grad_bytes = sum(p.numel() * p.element_size() for p in expert.parameters())
+        info = _ask_experts(cfg, client, state_bytes(expert, opt), step, grad_bytes)
     box = [info]
     dist.broadcast_object_list(box, src=0)
     info = box[0]
@@ -378,15 +404,46 @@ def _adopt_experts(cfg: TrainConfig, model: Any, opt: Any, client: Any, table: A
     return new, info
 
 
-def _ask_experts(cfg: TrainConfig, client: Any, bytes_per_expert: int, step: int
-                 ) -> dict[str, Any]:
+def _owned(state: dict[str, Any], local: range) -> dict[str, Any]:
+    """state without the entries of expert copies (labels this rank does not own)."""
+    def copy_key(key: str) -> bool:
+        parts = key.split(".")
+        return len(parts) > 4 and parts[2:4] == ["moe", "experts"] and int(parts[4]) not in local
+
+    return {k: v for k, v in state.items() if not copy_key(k)}
+
+
+def _adopt_copies(cfg: TrainConfig, model: Any, opt: Any, dispatcher: Any, table: Any,
+                  info: dict[str, Any], rank: int) -> Any:
+    """After the maps (collective): creates the copies rank 0 confirmed (info["copies"], by
+    original id) and routes to them. Returns the CopyTable in force, or None."""
+    from netmoe.client.replicas import CopyTable, adopt_copies, route_tables
+
+    if not info.get("copies_adopted"):
+        return None
+    copies = CopyTable.from_original(table, [[tuple(c) for c in layer]
+                                             for layer in info["copies"]], cfg.gpus_per_node)
+    none = CopyTable.none(cfg.layers, cfg.experts, cfg.world, cfg.gpus_per_node)
+    t0 = time.perf_counter()
+    info["copy_sent_bytes"] = adopt_copies(model.blocks, opt, none, copies, rank)
+    info["copy_seconds"] = time.perf_counter() - t0
+    dispatcher.route_tables = route_tables(copies)
+    return copies
+
+
+def _ask_experts(cfg: TrainConfig, client: Any, bytes_per_expert: int, step: int,
+                 grad_bytes: int = 0) -> dict[str, Any]:
     """Rank 0's RecommendExperts (and ConfirmExperts from `step` when adopting)."""
     import grpc
 
     info: dict[str, Any] = {"step": step, "bytes_per_expert": bytes_per_expert,
                             "adopted": False, "error": ""}
     try:
-        rec = client.recommend_experts(cfg.expert_horizon, bytes_per_expert, cfg.expert_held_out)
+        weighed = 0 if cfg.expert_placement == "force" else grad_bytes
+        info["grad_bytes_weighed"] = weighed
+        rec = client.recommend_experts(cfg.expert_horizon, bytes_per_expert, cfg.expert_held_out,
+                                       replica_slots=cfg.replica_budget,
+                                       grad_bytes_per_expert=weighed)
     except grpc.RpcError as err:
         info["error"] = f"RecommendExperts: {err.code().name}: {err.details()}"
         log.warning("step %d: %s; experts stay", step, info["error"])
@@ -404,15 +461,26 @@ def _ask_experts(cfg: TrainConfig, client: Any, bytes_per_expert: int, step: int
         fit_steps=[rec.fit_first_step, rec.fit_last_step],
         held_out_steps=[rec.held_out_first_step, rec.held_out_last_step],
     )
+    copies = None
+    if rec.HasField("replicas"):
+        r = rec.replicas
+        info["copies"] = [[[c.expert, c.device] for c in layer.copies] for layer in r.copies]
+        info["replicas"] = dict(
+            recommended=r.adopt, reason=r.reason, saving_per_step=r.saving_per_step,
+            sync_per_step=r.sync_per_step, memory_bytes=r.memory_bytes,
+            held_out_inter=r.replicated.inter, cross_node_copies=r.cross_node_copies)
+        if (r.adopt or cfg.expert_placement == "force") and any(info["copies"]):
+            copies = info["copies"]
     if not (rec.adopt or cfg.expert_placement == "force"):
         return info
     try:
-        client.confirm_experts(step, maps)
+        client.confirm_experts(step, maps, copies=copies)
     except grpc.RpcError as err:
         info["error"] = f"ConfirmExperts: {err.code().name}: {err.details()}"
         log.warning("step %d: %s; experts stay", step, info["error"])
         return info
     info["adopted"] = True
+    info["copies_adopted"] = copies is not None
     return info
 
 

@@ -1,0 +1,193 @@
+"""Expert copies in a training job: create and drop them, route to them, keep them identical.
+
+A copy is a full replica of one expert (parameters and optimizer state) on another rank, under the
+expert's label (see netmoe.client.experts: labels are model slots, label a is owned by rank
+a // (E / J)). With copies in force
+  - the dispatcher sends each route to the copy on its sample's node when there is one, else to
+    the owner (``TokenDispatcher.routes``, tables from ``route_tables``); the expert side computes
+    every label it holds, so the combine returns the outputs from wherever they were computed;
+  - after backward, ``sync_grads`` sums each replicated label's gradient over its holders (one
+    bucketed all-reduce per layer), so owner and copies take the same optimizer step and stay
+    bit-identical;
+  - ``adopt_copies`` creates new copies from their owners (one all_to_all_single per layer) and
+    drops old ones, optimizer state included.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from netmoe.client.experts import ExpertTable, _expert_tensors
+
+Copies = tuple[tuple[tuple[int, int], ...], ...]  # [L] sorted (label, rank) copies
+
+
+@dataclass(frozen=True)
+class CopyTable:
+    """copies[l]: sorted (label, rank) copies of layer l, never on the label's owner rank.
+    world: J ranks, gpus_per_node: G, experts: E labels per layer."""
+
+    copies: Copies
+    world: int
+    gpus_per_node: int
+    experts: int
+
+    def __post_init__(self) -> None:
+        per = self.experts // self.world
+        for layer, pairs in enumerate(self.copies):
+            if len(set(pairs)) != len(pairs):
+                raise ValueError(f"copies[{layer}] lists a copy twice: {list(pairs)}")
+            for label, rank in pairs:
+                if not (0 <= label < self.experts and 0 <= rank < self.world):
+                    raise ValueError(f"copies[{layer}] has ({label}, {rank}): labels are "
+                                     f"0..{self.experts - 1}, ranks 0..{self.world - 1}")
+                if label // per == rank:
+                    raise ValueError(f"copies[{layer}] puts label {label} on its owner rank "
+                                     f"{rank}")
+
+    @classmethod
+    def none(cls, layers: int, experts: int, world: int, gpus_per_node: int) -> CopyTable:
+        return cls(((),) * layers, world, gpus_per_node, experts)
+
+    @classmethod
+    def from_original(cls, table: ExpertTable, copies: Sequence[Sequence[tuple[int, int]]],
+                      gpus_per_node: int) -> CopyTable:
+        """Copies named by original expert id (the service's) translated to labels."""
+        if len(copies) != len(table.label):
+            raise ValueError(f"copies must list {len(table.label)} layers, got {len(copies)}")
+        return cls(tuple(tuple(sorted((table.label[layer][e], d) for e, d in pairs))
+                         for layer, pairs in enumerate(copies)),
+                   table.world, gpus_per_node, len(table.label[0]))
+
+    def holders(self, layer: int) -> np.ndarray:
+        """[E, J] bool: owner and copies of each label."""
+        per = self.experts // self.world
+        out = np.zeros((self.experts, self.world), dtype=bool)
+        out[np.arange(self.experts), np.arange(self.experts) // per] = True
+        for label, rank in self.copies[layer]:
+            out[label, rank] = True
+        return out
+
+
+def route_tables(copies: CopyTable) -> dict[int, torch.Tensor]:
+    """For TokenDispatcher.routes: layer -> [E, J] int64 rank serving label a for a sample on
+    rank d, for the layers that have copies."""
+    from netmoe.solver import Topology
+    from netmoe.solver.replicas import route_table
+
+    topo = Topology(copies.world // copies.gpus_per_node, copies.gpus_per_node, copies.experts)
+    return {layer: torch.as_tensor(route_table(topo, copies.holders(layer), topo.expert_device))
+            for layer, pairs in enumerate(copies.copies) if pairs}
+
+
+def _group_of(optimizer: torch.optim.Optimizer, p: torch.Tensor) -> dict:
+    return next(g for g in optimizer.param_groups if any(q is p for q in g["params"]))
+
+
+def adopt_copies(
+    blocks: nn.ModuleList,
+    optimizer: torch.optim.Optimizer | None,
+    old: CopyTable,
+    new: CopyTable,
+    rank: int,
+    group: dist.ProcessGroup | None = None,
+) -> int:
+    """Creates the copies new has and old lacks, from their owners, and drops those old has and
+    new lacks (collective: all ranks call it with the same tables). A created copy gets its
+    owner's parameters and Adam state, in the owner's optimizer group settings; a dropped one
+    leaves the model and the optimizer. blocks: block l has .moe.experts (ModuleDict by label).
+    Returns the bytes this rank sent."""
+    per = new.experts // new.world
+    sent_bytes = 0
+    for layer, block in enumerate(blocks):
+        experts = block.moe.experts
+        before, after = set(old.copies[layer]), set(new.copies[layer])
+        for label, where in sorted(before - after):
+            if where == rank:
+                module = experts[str(label)]
+                if optimizer is not None:
+                    for p in module.parameters():
+                        g = _group_of(optimizer, p)
+                        g["params"] = [q for q in g["params"] if q is not p]
+                        optimizer.state.pop(p, None)
+                    optimizer.param_groups[:] = [g for g in optimizer.param_groups
+                                                 if g["params"]]
+                del experts[str(label)]
+        created = sorted(after - before, key=lambda c: (c[0] // per, c[1], c[0]))
+        if not created:
+            continue
+        template = experts[next(iter(experts.keys()))]
+        size = sum(t.numel() for t in _expert_tensors(template, optimizer))
+        mine = sorted((c for c in created if c[0] // per == rank), key=lambda c: (c[1], c[0]))
+        send = torch.stack([
+            torch.cat([t.reshape(-1).to(torch.float64)
+                       for t in _expert_tensors(experts[str(label)], optimizer)])
+            for label, _ in mine
+        ]) if mine else torch.zeros((0, size), dtype=torch.float64)
+        send_splits = np.bincount([d for _, d in mine], minlength=new.world).tolist()
+        incoming = sorted((c for c in created if c[1] == rank), key=lambda c: (c[0] // per, c[0]))
+        recv_splits = np.bincount([a // per for a, _ in incoming], minlength=new.world).tolist()
+        recv = send.new_empty((len(incoming), size))
+        dist.all_to_all_single(recv, send, recv_splits, send_splits, group=group)
+        sent_bytes += len(mine) * sum(t.numel() * t.element_size()
+                                      for t in _expert_tensors(template, optimizer))
+        for row, (label, _) in enumerate(incoming):
+            module = copy.deepcopy(template)
+            for p in module.parameters():
+                p.grad = None  # deepcopy carries the template's gradient along
+            experts[str(label)] = module
+            if optimizer is not None:
+                settings = {k: v for k, v in _group_of(optimizer, next(template.parameters()))
+                            .items() if k != "params"}
+                optimizer.add_param_group({"params": list(module.parameters()), **settings})
+            offset = 0
+            for t in _expert_tensors(module, optimizer):
+                t.copy_(recv[row, offset:offset + t.numel()].view_as(t).to(t.dtype))
+                offset += t.numel()
+    return sent_bytes
+
+
+def sync_grads(blocks: nn.ModuleList, copies: CopyTable,
+               group: dist.ProcessGroup | None = None) -> None:
+    """Sums each replicated label's parameter gradients over its holders, in place (collective).
+
+    One all-reduce per layer with copies, over a bucket [labels with copies, parameters + 1];
+    the last column counts the holders that have a gradient at all, so a label no route reached
+    keeps grad None everywhere, as without copies. Non-holders contribute zeros.
+    """
+    for layer, block in enumerate(blocks):
+        labels = sorted({label for label, _ in copies.copies[layer]})
+        if not labels:
+            continue
+        experts = block.moe.experts
+        template = experts[next(iter(experts.keys()))]
+        shapes = [p.shape for p in template.parameters()]
+        size = sum(int(np.prod(s)) for s in shapes)
+        bucket = torch.zeros((len(labels), size + 1), dtype=next(template.parameters()).dtype)
+        for row, label in enumerate(labels):
+            if str(label) not in experts:
+                continue
+            grads = [p.grad for p in experts[str(label)].parameters()]
+            if all(g is not None for g in grads):
+                bucket[row, :size] = torch.cat([g.reshape(-1) for g in grads])
+                bucket[row, size] = 1
+        dist.all_reduce(bucket, group=group)
+        for row, label in enumerate(labels):
+            if str(label) not in experts or bucket[row, size] == 0:
+                continue
+            offset = 0
+            for p in experts[str(label)].parameters():
+                value = bucket[row, offset:offset + p.numel()].view_as(p)
+                if p.grad is None:
+                    p.grad = value.clone()
+                else:
+                    p.grad.copy_(value)
+                offset += p.numel()
+
