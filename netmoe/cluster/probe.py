@@ -50,10 +50,19 @@ def _counters(dev: str) -> tuple[int, int]:
 
 def run(workload: dict, iters: int, warmup: int) -> dict | None:
     """Execute the workload on this rank; returns the result on rank 0, else None."""
-    import torch
     import torch.distributed as dist
 
     dist.init_process_group("gloo")
+    try:
+        return _measure(workload, iters, warmup)
+    finally:
+        dist.destroy_process_group()
+
+
+def _measure(workload: dict, iters: int, warmup: int) -> dict | None:
+    import torch
+    import torch.distributed as dist
+
     rank, world = dist.get_rank(), dist.get_world_size()
     g = int(workload["gpus_per_node"])
     calls = workload["calls"]
@@ -92,7 +101,7 @@ def run(workload: dict, iters: int, warmup: int) -> dict | None:
     mine = torch.from_numpy(np.concatenate([times, link.astype(np.float64)]))
     gathered = [torch.empty_like(mine) for _ in range(world)]
     dist.all_gather(gathered, mine)
-    dist.destroy_process_group()
+    dist.barrier()  # no rank tears down the group while a peer still talks to it
     if rank != 0:
         return None
     every = torch.stack(gathered).numpy()  # [ranks, 4, calls, iters]

@@ -4,21 +4,18 @@ the copies; training equals a run without copies and copies stay bit-identical t
 
 from __future__ import annotations
 
-import os
-import traceback
-
 import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from netmoe.client.dispatcher import CommStats, Layout, TokenDispatcher
 from netmoe.client.experts import ExpertTable
 from netmoe.client.replicas import CopyTable, adopt_copies, route_tables, sync_grads
-from netmoe.reference.launch import free_port
 from netmoe.reference.model import ModelConfig, MoEGPT
+
+from support import gloo_group, spawn_ranks
 
 GPUS, SPD, STEPS, ADOPT_AT, CHANGE_AT = 2, 2, 6, 1, 4
 # Two labels per rank: labels 0..3 live on node 0 (ranks 0, 1), 4..7 on node 1. Layer 0 first
@@ -66,11 +63,8 @@ def _check_copies_identical(model, opt, copies: CopyTable, world: int) -> None:
             assert all(torch.equal(a, b) for a, b in zip(owner, copy, strict=True)), (layer, label)
 
 
-def _worker(rank: int, world: int, port: int, errors: mp.Queue) -> None:
-    try:
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-        torch.set_num_threads(1)
-        dist.init_process_group("gloo", rank=rank, world_size=world)
+def _worker(rank: int, port: int, world: int) -> None:
+    with gloo_group(rank, world, port):
         cfg = ModelConfig(vocab=64, d_model=16, heads=2, layers=3, ffn=24, experts=2 * world,
                           top_k=2, seq_len=8)
         layout = Layout(rank, world, GPUS, cfg.experts, SPD, cfg.seq_len)
@@ -110,33 +104,11 @@ def _worker(rank: int, world: int, port: int, errors: mp.Queue) -> None:
             if ADOPT_AT <= step < CHANGE_AT and rank // GPUS == 1:
                 assert sent[:GPUS].sum() == 0, sent  # every node-0 label has a copy here
             assert sent.sum() == SPD * cfg.seq_len * cfg.top_k
-        dist.destroy_process_group()
-    except BaseException:
-        errors.put(f"rank {rank}: {traceback.format_exc()}")
-        raise
 
 
 @pytest.mark.parametrize("world", [4, 8])
 def test_copies_keep_training_identical_and_stay_bit_identical(world: int) -> None:
-    ctx = mp.get_context("spawn")
-    errors = ctx.Queue()
-    port = free_port()
-    procs = [ctx.Process(target=_worker, args=(r, world, port, errors))
-             for r in range(world)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(120)
-    alive = [p for p in procs if p.is_alive()]
-    for p in alive:
-        p.kill()
-        p.join()
-    failures = []
-    while not errors.empty():
-        failures.append(errors.get())
-    assert not failures, failures[0]
-    assert not alive, "a rank hung"
-    assert [p.exitcode for p in procs] == [0] * world
+    spawn_ranks(_worker, world, world)
 
 
 def test_copy_table_names_bad_copies() -> None:
