@@ -314,3 +314,34 @@ def leaked_links(before: set[str]) -> set[str]:
     """Testbed links in the root namespace that were not there before. Only the testbed's own
     names count: a container engine may add and remove its veths meanwhile."""
     return {name for name in root_links() - before if _TESTBED_LINK.fullmatch(name)}
+
+
+# --- the reference model on gloo ranks -----------------------------------------------------------
+
+def train_step(model: Any, opt: Any, dispatcher: Any, tokens: Any, world: int, hook: Any = None,
+               copies: Any = None) -> float:
+    """One step of the reference MoE on this rank: loss over the global token count, replicated
+    gradients all-reduced, expert copies' gradients summed (netmoe.client.replicas), Adam step.
+    tokens: [n, S + 1] int64 local samples. Returns the global loss."""
+    import torch
+    import torch.distributed as dist
+    import torch.nn.functional as F
+
+    result = model(tokens[:, :-1], dispatcher, hook)
+    loss = F.cross_entropy(result.logits, tokens[:, 1:].reshape(-1), reduction="sum")
+    loss = loss / (world * tokens[:, 1:].numel())
+    opt.zero_grad(set_to_none=False)
+    loss.backward()
+    dense = model.dense_parameters()
+    flat = torch.cat([p.grad.reshape(-1) for p in dense] + [loss.detach().reshape(1)])
+    dist.all_reduce(flat)
+    offset = 0
+    for p in dense:
+        p.grad.copy_(flat[offset:offset + p.numel()].view_as(p))
+        offset += p.numel()
+    if copies is not None:
+        from netmoe.client.replicas import sync_grads
+
+        sync_grads(model.blocks, copies)
+    opt.step()
+    return float(flat[-1])

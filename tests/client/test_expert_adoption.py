@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from netmoe.client.dispatcher import Layout, TokenDispatcher
 from netmoe.client.experts import ExpertTable, OriginalIds, adopt
@@ -15,7 +14,7 @@ from netmoe.client.planning import FixedPlan
 from netmoe.reference.model import ModelConfig, MoEGPT
 from netmoe.round import SamplePlan
 
-from support import gloo_group, spawn_ranks
+from support import gloo_group, spawn_ranks, train_step
 
 SPD, STEPS, ADOPT_AT = 2, 5, 2
 
@@ -40,23 +39,6 @@ def _adam(opt: torch.optim.Optimizer, expert: torch.nn.Module) -> list[torch.Ten
                               "step": torch.zeros(())}
     return [w.detach().clone(), st["exp_avg"].clone(), st["exp_avg_sq"].clone(),
             st["step"].clone()]
-
-
-def _step(model, opt, disp, tokens, world, hook=None) -> float:
-    result = model(tokens[:, :-1], disp, hook)
-    loss = F.cross_entropy(result.logits, tokens[:, 1:].reshape(-1), reduction="sum")
-    loss = loss / (world * tokens[:, 1:].numel())
-    opt.zero_grad(set_to_none=False)
-    loss.backward()
-    dense = model.dense_parameters()
-    flat = torch.cat([p.grad.reshape(-1) for p in dense] + [loss.detach().reshape(1)])
-    dist.all_reduce(flat)
-    offset = 0
-    for p in dense:
-        p.grad.copy_(flat[offset:offset + p.numel()].view_as(p))
-        offset += p.numel()
-    opt.step()
-    return float(flat[-1])
 
 
 def _worker(rank: int, port: int, world: int) -> None:
@@ -106,8 +88,8 @@ def _worker(rank: int, port: int, world: int) -> None:
                             here = moved.blocks[layer].moe.experts[str(new.label[layer][e])]
                             for got, want in zip(_adam(opt_m, here), merged[e], strict=True):
                                 torch.testing.assert_close(got, want, rtol=0, atol=0)
-            loss_m = _step(moved, opt_m, disp, tokens, world)
-            loss_s = _step(still, opt_s, disp, tokens, world)
+            loss_m = train_step(moved, opt_m, disp, tokens, world)
+            loss_s = train_step(still, opt_s, disp, tokens, world)
             assert abs(loss_m - loss_s) <= 1e-5 * abs(loss_s), (step, loss_m, loss_s)
         # After training on, every expert's parameters match the unmoved run's (by original id);
         # Adam divides by sqrt(exp_avg_sq), which magnifies summation-order noise of tiny grads.

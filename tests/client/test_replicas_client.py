@@ -8,14 +8,13 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from netmoe.client.dispatcher import CommStats, Layout, TokenDispatcher
 from netmoe.client.experts import ExpertTable
-from netmoe.client.replicas import CopyTable, adopt_copies, route_tables, sync_grads
+from netmoe.client.replicas import CopyTable, adopt_copies, route_tables
 from netmoe.reference.model import ModelConfig, MoEGPT
 
-from support import gloo_group, spawn_ranks
+from support import gloo_group, spawn_ranks, train_step
 
 GPUS, SPD, STEPS, ADOPT_AT, CHANGE_AT = 2, 2, 6, 1, 4
 # Two labels per rank: labels 0..3 live on node 0 (ranks 0, 1), 4..7 on node 1. Layer 0 first
@@ -23,25 +22,6 @@ GPUS, SPD, STEPS, ADOPT_AT, CHANGE_AT = 2, 2, 6, 1, 4
 # later it keeps one copy, and layer 1 swaps its copy for another.
 FIRST = (((0, 2), (1, 2), (2, 3), (3, 3)), ((5, 0),), ())
 LATER = (((0, 2),), ((6, 1),), ())
-
-
-def _step(model, opt, disp, tokens, world: int, copies: CopyTable | None) -> float:
-    result = model(tokens[:, :-1], disp)
-    loss = F.cross_entropy(result.logits, tokens[:, 1:].reshape(-1), reduction="sum")
-    loss = loss / (world * tokens[:, 1:].numel())
-    opt.zero_grad(set_to_none=False)
-    loss.backward()
-    dense = model.dense_parameters()
-    flat = torch.cat([p.grad.reshape(-1) for p in dense] + [loss.detach().reshape(1)])
-    dist.all_reduce(flat)
-    offset = 0
-    for p in dense:
-        p.grad.copy_(flat[offset:offset + p.numel()].view_as(p))
-        offset += p.numel()
-    if copies is not None:
-        sync_grads(model.blocks, copies)
-    opt.step()
-    return float(flat[-1])
 
 
 def _check_copies_identical(model, opt, copies: CopyTable, world: int) -> None:
@@ -96,8 +76,8 @@ def _worker(rank: int, port: int, world: int) -> None:
             batch = torch.randint(0, cfg.vocab, (world * SPD, cfg.seq_len + 1), generator=gen)
             tokens = batch[rank * SPD:(rank + 1) * SPD]
             sent_before = disp.stats.routes.get((0, "dispatch"), np.zeros(world, np.int64))
-            loss = _step(model, opt, disp, tokens, world, copies)
-            loss_p = _step(plain, opt_p, plain_disp, tokens, world, None)
+            loss = train_step(model, opt, disp, tokens, world, copies=copies)
+            loss_p = train_step(plain, opt_p, plain_disp, tokens, world)
             assert abs(loss - loss_p) <= 1e-5 * abs(loss_p), (step, loss, loss_p)
             _check_copies_identical(model, opt, copies, world)
             sent = disp.stats.routes[(0, "dispatch")] - sent_before
