@@ -67,12 +67,14 @@ class RegisterJobRequest(_message.Message):
     def __init__(self, job: _Optional[str] = ..., spec: _Optional[_Union[JobSpec, _Mapping]] = ...) -> None: ...
 
 class RegisterJobResponse(_message.Message):
-    __slots__ = ("job", "created")
+    __slots__ = ("job", "created", "generation")
     JOB_FIELD_NUMBER: _ClassVar[int]
     CREATED_FIELD_NUMBER: _ClassVar[int]
+    GENERATION_FIELD_NUMBER: _ClassVar[int]
     job: str
     created: bool
-    def __init__(self, job: _Optional[str] = ..., created: _Optional[bool] = ...) -> None: ...
+    generation: int
+    def __init__(self, job: _Optional[str] = ..., created: _Optional[bool] = ..., generation: _Optional[int] = ...) -> None: ...
 
 class UnregisterJobRequest(_message.Message):
     __slots__ = ("job",)
@@ -87,7 +89,7 @@ class UnregisterJobResponse(_message.Message):
     def __init__(self, job: _Optional[str] = ...) -> None: ...
 
 class Report(_message.Message):
-    __slots__ = ("job", "step", "layer", "rank", "sample_ids", "gather", "scatter")
+    __slots__ = ("job", "step", "layer", "rank", "sample_ids", "gather", "scatter", "generation")
     JOB_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     LAYER_FIELD_NUMBER: _ClassVar[int]
@@ -95,6 +97,7 @@ class Report(_message.Message):
     SAMPLE_IDS_FIELD_NUMBER: _ClassVar[int]
     GATHER_FIELD_NUMBER: _ClassVar[int]
     SCATTER_FIELD_NUMBER: _ClassVar[int]
+    GENERATION_FIELD_NUMBER: _ClassVar[int]
     job: str
     step: int
     layer: int
@@ -102,7 +105,8 @@ class Report(_message.Message):
     sample_ids: _containers.RepeatedScalarFieldContainer[int]
     gather: _containers.RepeatedScalarFieldContainer[int]
     scatter: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, job: _Optional[str] = ..., step: _Optional[int] = ..., layer: _Optional[int] = ..., rank: _Optional[int] = ..., sample_ids: _Optional[_Iterable[int]] = ..., gather: _Optional[_Iterable[int]] = ..., scatter: _Optional[_Iterable[int]] = ...) -> None: ...
+    generation: int
+    def __init__(self, job: _Optional[str] = ..., step: _Optional[int] = ..., layer: _Optional[int] = ..., rank: _Optional[int] = ..., sample_ids: _Optional[_Iterable[int]] = ..., gather: _Optional[_Iterable[int]] = ..., scatter: _Optional[_Iterable[int]] = ..., generation: _Optional[int] = ...) -> None: ...
 
 class Routes(_message.Message):
     __slots__ = ("inter", "intra", "local", "seconds")

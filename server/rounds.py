@@ -25,7 +25,7 @@ from netmoe.round import Key, RankPlan, RoundCounts, Traffic, home_dest
 from netmoe.solver import METHODS, OBJECTIVES, Plan, Topology, solve, traffic
 from netmoe.solver.topology import positive_int
 
-from .errors import FieldError, JobConflict, JobLimit
+from .errors import FieldError, JobConflict, JobLimit, RankBound, StaleGeneration
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +94,7 @@ class Report:
 
     sample_ids: [n] uint64 global ids in local order. gather, scatter: [n * E] int64 row-major
     routes of each local sample to each expert; scatter is empty when there is no next layer.
+    generation: the job registration the sender knows (0: whichever is current).
     """
 
     job: str
@@ -103,6 +104,7 @@ class Report:
     sample_ids: np.ndarray
     gather: np.ndarray
     scatter: np.ndarray
+    generation: int = 0
 
     @property
     def key(self) -> Key:
@@ -269,12 +271,26 @@ class _Round:
         return self.outcome is not None
 
 
+@dataclass(frozen=True)
+class Binding:
+    """A stream's (job, rank) in one registration (generation) of the job id."""
+
+    job: str
+    rank: int
+    generation: int
+
+
 @dataclass(eq=False)
 class _Job:
+    """bound: rank -> the owner (an opaque stream token) of the one stream reporting for it."""
+
     spec: JobSpec
+    generation: int
     pending: dict[Key, _Round] = field(default_factory=dict)
     finished: OrderedDict[Key, Outcome] = field(default_factory=OrderedDict)
     last: dict[int, Key] = field(default_factory=dict)
+    bound: dict[int, object] = field(default_factory=dict)
+    unary: set[_Round] = field(default_factory=set)  # rounds of Solve calls in flight
 
 
 class Coordinator:
@@ -311,6 +327,7 @@ class Coordinator:
         self._max_report_cells = positive_int("max_report_cells", max_report_cells)
         self._observer: RoundObserver = observer or NullObserver()
         self._jobs: dict[str, _Job] = {}
+        self._generation = 0  # of the last registration; unique over the server's life
         self._tasks: set[asyncio.Task[None]] = set()
 
     @property
@@ -320,8 +337,13 @@ class Coordinator:
     def pending_rounds(self, job: str) -> int:
         return len(self._jobs[job].pending)
 
+    def generation(self, job: str) -> int:
+        """The registration number of a registered job (KeyError if unknown)."""
+        return self._jobs[job].generation
+
     def register(self, spec: JobSpec) -> bool:
-        """Adds a job; False if it exists with the same spec. Raises JobConflict / JobLimit."""
+        """Adds a job; False if it exists with the same spec. Raises JobConflict / JobLimit.
+        Each new registration of a job id gets a new generation (``generation``)."""
         t = spec.topology
         self.check_limits(spec.job, world_size=spec.world_size, devices=t.devices,
                           samples_per_device=spec.samples_per_device, experts=t.experts)
@@ -332,7 +354,8 @@ class Coordinator:
             return False
         if len(self._jobs) >= self._max_jobs:
             raise JobLimit(f"job {spec.job!r}: the server already holds max_jobs={self._max_jobs}")
-        self._jobs[spec.job] = _Job(spec)
+        self._generation += 1
+        self._jobs[spec.job] = _Job(spec, self._generation)
         self._hooks.added(spec)
         return True
 
@@ -356,7 +379,7 @@ class Coordinator:
     def unregister(self, job: str) -> None:
         """Forgets a job; its waiting ranks get fallbacks. Raises KeyError if unknown."""
         state = self._jobs[job]
-        for rnd in list(state.pending.values()):
+        for rnd in [*state.pending.values(), *state.unary]:
             self._finish(state, rnd, Outcome(UNREGISTERED, f"job {job!r} was unregistered"))
         del self._jobs[job]
         self._hooks.removed(job)
@@ -386,13 +409,54 @@ class Coordinator:
             )
         return spec
 
-    def submit(self, report: Report, deliver: Deliver) -> None:
-        """Queues a report; ``deliver`` gets its plan once (possibly right away) when its round
-        finishes. Raises FieldError if the report is rejected (then ``deliver`` is not called);
-        a rejected report with valid coordinates ends its round as invalid for the other ranks.
+    def bind(self, report: Report, owner: object, generation: int = 0) -> Binding:
+        """Binds (report.job, report.rank) to the stream ``owner`` until ``release``.
+
+        generation: the registration the stream's client knows (0: the current one). Raises
+        FieldError (unknown job, rank out of range), StaleGeneration (the job id was registered
+        anew since) or RankBound (another open stream holds the rank).
         """
         spec = self.check_binding(report)
         state = self._jobs[report.job]
+        self._check_generation(state, generation)
+        holder = state.bound.get(report.rank)
+        if holder is not None and holder is not owner:
+            raise RankBound(f"rank {report.rank} of job {spec.job!r} is already bound to another "
+                            f"open stream (one stream per rank; close it first)")
+        state.bound[report.rank] = owner
+        return Binding(spec.job, report.rank, state.generation)
+
+    def release(self, binding: Binding, owner: object) -> None:
+        """Frees the rank of a closed stream. The rank's next stream starts afresh: its steps
+        may restart (a worker resumed from a checkpoint), rounds still refuse a second report."""
+        state = self._jobs.get(binding.job)
+        if state is None or state.generation != binding.generation:
+            return
+        if state.bound.get(binding.rank) is owner:
+            del state.bound[binding.rank]
+            state.last.pop(binding.rank, None)
+
+    @staticmethod
+    def _check_generation(state: _Job, generation: int) -> None:
+        if generation and generation != state.generation:
+            raise StaleGeneration(
+                f"generation {generation} of job {state.spec.job!r} was unregistered; the job "
+                f"id is now generation {state.generation} (register again)")
+
+    def submit(self, report: Report, deliver: Deliver, binding: Binding | None = None) -> None:
+        """Queues a report; ``deliver`` gets its plan once (possibly right away) when its round
+        finishes. Raises FieldError if the report is rejected (then ``deliver`` is not called);
+        a rejected report with valid coordinates ends its round as invalid for the other ranks.
+        binding: the stream's, whose generation must still be registered (else StaleGeneration).
+        """
+        spec = self.check_binding(report)
+        state = self._jobs[report.job]
+        if binding is not None:
+            if state.generation != binding.generation:
+                raise StaleGeneration(
+                    f"generation {binding.generation} of job {spec.job!r} was unregistered; "
+                    f"the job id is now generation {state.generation}")
+            self._check_generation(state, report.generation)
         key, rank = report.key, report.rank
         last = state.last.get(rank)
         if last is not None and key <= last:
@@ -403,6 +467,8 @@ class Coordinator:
             )
         rnd = state.pending.get(key)
         done = state.finished.get(key)
+        if rnd is not None and rank in rnd.parts:
+            raise FieldError("step", f"rank {rank} already reported step/layer {key}")
         try:
             part = check_report(spec, report)
         except FieldError as err:
@@ -427,9 +493,10 @@ class Coordinator:
             raise FieldError("reports", "reports is empty, need one report per rank")
         head = reports[0]
         spec = self.spec(head.job)
+        self._check_generation(self._jobs[head.job], head.generation)
         parts: dict[int, RoundCounts] = {}
         for k, rep in enumerate(reports):
-            for name in ("job", "step", "layer"):
+            for name in ("job", "step", "layer", "generation"):
                 if getattr(rep, name) != getattr(head, name):
                     raise FieldError(
                         f"reports[{k}].{name}",
@@ -475,6 +542,8 @@ class Coordinator:
         )
         if streamed:
             state.pending[key] = rnd
+        else:
+            state.unary.add(rnd)
         return rnd
 
     def _add(self, state: _Job, rnd: _Round, rank: int, part: RoundCounts,
@@ -545,6 +614,7 @@ class Coordinator:
         rnd.outcome = outcome
         if rnd.timer is not None:
             rnd.timer.cancel()
+        state.unary.discard(rnd)
         if rnd.streamed:
             state.pending.pop(rnd.key, None)
             if outcome.plan is None:
@@ -552,7 +622,8 @@ class Coordinator:
                 while len(state.finished) > self._finished_memory:
                     state.finished.popitem(last=False)
         after = outcome.plan.after if outcome.plan is not None else outcome.before
-        self._observer.round_finished(state.spec.job, outcome.kind, outcome.before, after)
+        if self._jobs.get(state.spec.job) is state:  # a gone job's series stay removed
+            self._observer.round_finished(state.spec.job, outcome.kind, outcome.before, after)
         for rank, ids, deliver in rnd.waiters:
             deliver(rank_plan(state.spec, rnd.key, outcome, rank, ids))
         rnd.waiters.clear()

@@ -20,11 +20,11 @@ from netmoe.round import RankPlan
 from netmoe.solver import Topology
 
 from .advisor import ExpertAdvisors
-from .errors import FieldError, JobConflict, JobLimit, abort, status_of
+from .errors import FieldError, JobConflict, JobLimit, RankBound, StaleGeneration, abort, status_of
 from .experts_service import ExpertPlacementRPCs
 from .interceptors import MalformedRequest
 from .metrics import Metrics
-from .rounds import Coordinator, JobSpec, Report
+from .rounds import Binding, Coordinator, JobSpec, Report
 
 
 def spec_from_proto(job: str, msg: pb.JobSpec) -> JobSpec:
@@ -50,7 +50,7 @@ def spec_from_proto(job: str, msg: pb.JobSpec) -> JobSpec:
 def report_from_proto(msg: pb.Report) -> Report:
     ids, gather, scatter = report_arrays(msg)
     return Report(job=msg.job, step=msg.step, layer=msg.layer, rank=msg.rank, sample_ids=ids,
-                  gather=gather, scatter=scatter)
+                  gather=gather, scatter=scatter, generation=msg.generation)
 
 
 def invalid_plan(msg: pb.Report, error: str, job: str) -> pb.Plan:
@@ -90,7 +90,8 @@ class PlacementServicer(ExpertPlacementRPCs, placement_pb2_grpc.PlacementService
         except (JobConflict, JobLimit, ValueError) as err:
             await abort(context, status_of(err), str(err))
         self._metrics.active_jobs.set(self._coord.jobs)
-        return pb.RegisterJobResponse(job=request.job, created=created)
+        return pb.RegisterJobResponse(job=request.job, created=created,
+                                      generation=self._coord.generation(request.job))
 
     async def UnregisterJob(
         self, request: pb.UnregisterJobRequest, context: grpc.aio.ServicerContext
@@ -110,15 +111,17 @@ class PlacementServicer(ExpertPlacementRPCs, placement_pb2_grpc.PlacementService
     ) -> pb.SolveResponse:
         try:
             plans = await self._coord.solve_now([report_from_proto(r) for r in request.reports])
-        except FieldError as err:
-            await abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(err))
+        except (FieldError, StaleGeneration) as err:
+            await abort(context, status_of(err), str(err))
         return pb.SolveResponse(plans=[plan_to_proto(request.reports[0].job, p) for p in plans])
 
     async def Stream(
         self, request_iterator: AsyncIterator[pb.Report], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.Plan]:
         queue: asyncio.Queue[pb.Plan | _StreamEnd | _StreamAbort] = asyncio.Queue()
-        reader = asyncio.get_running_loop().create_task(self._read(request_iterator, queue))
+        binding: list[Binding] = []  # set by the first report; the queue is the stream's token
+        reader = asyncio.get_running_loop().create_task(
+            self._read(request_iterator, queue, binding))
 
         def reader_done(task: asyncio.Task[None]) -> None:
             if not task.cancelled() and task.exception() is not None:
@@ -138,14 +141,18 @@ class PlacementServicer(ExpertPlacementRPCs, placement_pb2_grpc.PlacementService
                 yield item
         finally:
             reader.cancel()
+            if binding:
+                self._coord.release(binding[0], queue)
             self._metrics.active_streams.dec()
 
     async def _read(
         self,
         request_iterator: AsyncIterator[pb.Report],
         queue: asyncio.Queue[pb.Plan | _StreamEnd | _StreamAbort],
+        binding: list[Binding],
     ) -> None:
-        """Feeds reports to the coordinator; plans go to ``queue`` as rounds finish."""
+        """Feeds reports to the coordinator; plans go to ``queue`` as rounds finish. The first
+        report binds the stream (``binding`` gets it; ``queue`` is the owner token)."""
         bound: tuple[str, int] | None = None
         outstanding = 0
         all_answered = asyncio.Event()
@@ -163,9 +170,9 @@ class PlacementServicer(ExpertPlacementRPCs, placement_pb2_grpc.PlacementService
                 report = report_from_proto(msg)
                 if bound is None:
                     try:
-                        self._coord.check_binding(report)
-                    except FieldError as err:
-                        queue.put_nowait(_StreamAbort(grpc.StatusCode.INVALID_ARGUMENT,
+                        binding.append(self._coord.bind(report, queue, report.generation))
+                    except (FieldError, RankBound, StaleGeneration) as err:
+                        queue.put_nowait(_StreamAbort(status_of(err),
                                                       f"first report of the stream: {err}"))
                         return
                     bound = (report.job, report.rank)
@@ -178,7 +185,10 @@ class PlacementServicer(ExpertPlacementRPCs, placement_pb2_grpc.PlacementService
                 outstanding += 1
                 all_answered.clear()
                 try:
-                    self._coord.submit(report, deliver)
+                    self._coord.submit(report, deliver, binding[0])
+                except StaleGeneration as err:
+                    queue.put_nowait(_StreamAbort(status_of(err), str(err)))
+                    return
                 except FieldError as err:
                     outstanding -= 1
                     if outstanding == 0:
