@@ -24,47 +24,47 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19netmoe/v1/placement.proto\x12\tnetmoe.v1\"\xbf\x01\n\x08Topology\x12\r\n\x05nodes\x18\x01 \x01(\r\x12\x15\n\rgpus_per_node\x18\x02 \x01(\r\x12\x0f\n\x07\x65xperts\x18\x03 \x01(\r\x12\x15\n\rexpert_device\x18\x04 \x03(\r\x12\x13\n\x0b\x61lpha_intra\x18\x05 \x01(\x01\x12\x13\n\x0b\x61lpha_inter\x18\x06 \x01(\x01\x12\x10\n\x08\x62w_intra\x18\x07 \x01(\x01\x12\x10\n\x08\x62w_inter\x18\x08 \x01(\x01\x12\x17\n\x0f\x62ytes_per_route\x18\t \x01(\x04\"\x98\x01\n\x07JobSpec\x12%\n\x08topology\x18\x01 \x01(\x0b\x32\x13.netmoe.v1.Topology\x12\x12\n\nworld_size\x18\x02 \x01(\r\x12\x1a\n\x12samples_per_device\x18\x03 \x01(\r\x12\x11\n\tobjective\x18\x04 \x01(\t\x12\x0e\n\x06method\x18\x05 \x01(\t\x12\x13\n\x0b\x64\x65\x61\x64line_ms\x18\x06 \x01(\r\"C\n\x12RegisterJobRequest\x12\x0b\n\x03job\x18\x01 \x01(\t\x12 \n\x04spec\x18\x02 \x01(\x0b\x32\x12.netmoe.v1.JobSpec\"G\n\x13RegisterJobResponse\x12\x0b\n\x03job\x18\x01 \x01(\t\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x08\x12\x12\n\ngeneration\x18\x03 \x01(\x04\"#\n\x14UnregisterJobRequest\x12\x0b\n\x03job\x18\x01 \x01(\t\"$\n\x15UnregisterJobResponse\x12\x0b\n\x03job\x18\x01 \x01(\t\"\x89\x01\n\x06Report\x12\x0b\n\x03job\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x04\x12\r\n\x05layer\x18\x03 \x01(\r\x12\x0c\n\x04rank\x18\x04 \x01(\r\x12\x12\n\nsample_ids\x18\x05 \x03(\x04\x12\x0e\n\x06gather\x18\x06 \x03(\r\x12\x0f\n\x07scatter\x18\x07 \x03(\r\x12\x12\n\ngeneration\x18\x08 \x01(\x04\"F\n\x06Routes\x12\r\n\x05inter\x18\x01 \x01(\x04\x12\r\n\x05intra\x18\x02 \x01(\x04\x12\r\n\x05local\x18\x03 \x01(\x04\x12\x0f\n\x07seconds\x18\x04 \x01(\x01\"\x8f\x02\n\x04Plan\x12\x0b\n\x03job\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x04\x12\r\n\x05layer\x18\x03 \x01(\r\x12\x0c\n\x04rank\x18\x04 \x01(\r\x12\x0c\n\x04\x64\x65st\x18\x05 \x03(\r\x12\x10\n\x08held_ids\x18\x06 \x03(\x04\x12!\n\x06\x62\x65\x66ore\x18\x07 \x01(\x0b\x32\x11.netmoe.v1.Routes\x12 \n\x05\x61\x66ter\x18\x08 \x01(\x0b\x32\x11.netmoe.v1.Routes\x12%\n\x06status\x18\t \x01(\x0e\x32\x15.netmoe.v1.PlanStatus\x12\x0e\n\x06reason\x18\n \x01(\t\x12\r\n\x05\x65rror\x18\x0b \x01(\t\x12\x15\n\rsolve_seconds\x18\x0c \x01(\x01\x12\r\n\x05moved\x18\r \x01(\r\"2\n\x0cSolveRequest\x12\"\n\x07reports\x18\x01 \x03(\x0b\x32\x11.netmoe.v1.Report\"/\n\rSolveResponse\x12\x1e\n\x05plans\x18\x01 \x03(\x0b\x32\x0f.netmoe.v1.Plan\"\x1b\n\tExpertMap\x12\x0e\n\x06\x64\x65vice\x18\x01 \x03(\r\"\x9b\x01\n\x17RecommendExpertsRequest\x12\x0b\n\x03job\x18\x01 \x01(\t\x12\x15\n\rhorizon_steps\x18\x02 \x01(\r\x12\x18\n\x10\x62ytes_per_expert\x18\x03 \x01(\x04\x12\x16\n\x0eheld_out_steps\x18\x04 \x01(\r\x12\x0c\n\x04unit\x18\x05 \x01(\t\x12\x0e\n\x06starts\x18\x06 \x01(\r\x12\x0c\n\x04seed\x18\x07 \x01(\r\"\xb3\x04\n\x18RecommendExpertsResponse\x12\x0b\n\x03job\x18\x01 \x01(\t\x12\r\n\x05\x61\x64opt\x18\x02 \x01(\x08\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\"\n\x04maps\x18\x04 \x03(\x0b\x32\x14.netmoe.v1.ExpertMap\x12%\n\x07\x63urrent\x18\x05 \x03(\x0b\x32\x14.netmoe.v1.ExpertMap\x12\x15\n\rmoved_experts\x18\x06 \x01(\r\x12\x13\n\x0bmoved_inter\x18\x07 \x01(\r\x12\x17\n\x0fmigration_bytes\x18\x08 \x01(\x04\x12\x19\n\x11migration_seconds\x18\t \x01(\x01\x12\x0c\n\x04unit\x18\n \x01(\t\x12\x17\n\x0fsaving_per_step\x18\x0b \x01(\x01\x12\x16\n\x0emigration_cost\x18\x0c \x01(\x01\x12\x18\n\x10\x62reak_even_steps\x18\r \x01(\x01\x12\x1f\n\x04home\x18\x0e \x01(\x0b\x32\x11.netmoe.v1.Routes\x12&\n\x0bsample_only\x18\x0f \x01(\x0b\x32\x11.netmoe.v1.Routes\x12 \n\x05joint\x18\x10 \x01(\x0b\x32\x11.netmoe.v1.Routes\x12\x16\n\x0e\x66it_first_step\x18\x11 \x01(\x04\x12\x15\n\rfit_last_step\x18\x12 \x01(\x04\x12\x1b\n\x13held_out_first_step\x18\x13 \x01(\x04\x12\x1a\n\x12held_out_last_step\x18\x14 \x01(\x04\x12\x14\n\x0cwindow_bytes\x18\x15 \x01(\x04\"V\n\x15\x43onfirmExpertsRequest\x12\x0b\n\x03job\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x04\x12\"\n\x04maps\x18\x03 \x03(\x0b\x32\x14.netmoe.v1.ExpertMap\"3\n\x16\x43onfirmExpertsResponse\x12\x0b\n\x03job\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x04*\x8f\x01\n\nPlanStatus\x12\x1b\n\x17PLAN_STATUS_UNSPECIFIED\x10\x00\x12\x17\n\x13PLAN_STATUS_OPTIMAL\x10\x01\x12\x18\n\x14PLAN_STATUS_FEASIBLE\x10\x02\x12\x18\n\x14PLAN_STATUS_FALLBACK\x10\x03\x12\x17\n\x13PLAN_STATUS_INVALID\x10\x04\x32\xd6\x03\n\x10PlacementService\x12L\n\x0bRegisterJob\x12\x1d.netmoe.v1.RegisterJobRequest\x1a\x1e.netmoe.v1.RegisterJobResponse\x12R\n\rUnregisterJob\x12\x1f.netmoe.v1.UnregisterJobRequest\x1a .netmoe.v1.UnregisterJobResponse\x12\x30\n\x06Stream\x12\x11.netmoe.v1.Report\x1a\x0f.netmoe.v1.Plan(\x01\x30\x01\x12:\n\x05Solve\x12\x17.netmoe.v1.SolveRequest\x1a\x18.netmoe.v1.SolveResponse\x12[\n\x10RecommendExperts\x12\".netmoe.v1.RecommendExpertsRequest\x1a#.netmoe.v1.RecommendExpertsResponse\x12U\n\x0e\x43onfirmExperts\x12 .netmoe.v1.ConfirmExpertsRequest\x1a!.netmoe.v1.ConfirmExpertsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19netmoe/v1/placement.proto\x12\tnetmoe.v1\"\xbf\x01\n\x08Topology\x12\r\n\x05nodes\x18\x01 \x01(\r\x12\x15\n\rgpus_per_node\x18\x02 \x01(\r\x12\x0f\n\x07\x65xperts\x18\x03 \x01(\r\x12\x15\n\rexpert_device\x18\x04 \x03(\r\x12\x13\n\x0b\x61lpha_intra\x18\x05 \x01(\x01\x12\x13\n\x0b\x61lpha_inter\x18\x06 \x01(\x01\x12\x10\n\x08\x62w_intra\x18\x07 \x01(\x01\x12\x10\n\x08\x62w_inter\x18\x08 \x01(\x01\x12\x17\n\x0f\x62ytes_per_route\x18\t \x01(\x04\"\xa8\x01\n\x07JobSpec\x12%\n\x08topology\x18\x01 \x01(\x0b\x32\x13.netmoe.v1.Topology\x12\x12\n\nworld_size\x18\x02 \x01(\r\x12\x1a\n\x12samples_per_device\x18\x03 \x01(\r\x12\x11\n\tobjective\x18\x04 \x01(\t\x12\x0e\n\x06method\x18\x05 \x01(\t\x12\x13\n\x0b\x64\x65\x61\x64line_ms\x18\x06 \x01(\r\x12\x0e\n\x06layers\x18\x07 \x01(\r\"C\n\x12RegisterJobRequest\x12\x0b\n\x03job\x18\x01 \x01(\t\x12 \n\x04spec\x18\x02 \x01(\x0b\x32\x12.netmoe.v1.JobSpec\"G\n\x13RegisterJobResponse\x12\x0b\n\x03job\x18\x01 \x01(\t\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x08\x12\x12\n\ngeneration\x18\x03 \x01(\x04\"#\n\x14UnregisterJobRequest\x12\x0b\n\x03job\x18\x01 \x01(\t\"$\n\x15UnregisterJobResponse\x12\x0b\n\x03job\x18\x01 \x01(\t\"\x89\x01\n\x06Report\x12\x0b\n\x03job\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x04\x12\r\n\x05layer\x18\x03 \x01(\r\x12\x0c\n\x04rank\x18\x04 \x01(\r\x12\x12\n\nsample_ids\x18\x05 \x03(\x04\x12\x0e\n\x06gather\x18\x06 \x03(\r\x12\x0f\n\x07scatter\x18\x07 \x03(\r\x12\x12\n\ngeneration\x18\x08 \x01(\x04\"F\n\x06Routes\x12\r\n\x05inter\x18\x01 \x01(\x04\x12\r\n\x05intra\x18\x02 \x01(\x04\x12\r\n\x05local\x18\x03 \x01(\x04\x12\x0f\n\x07seconds\x18\x04 \x01(\x01\"\x8f\x02\n\x04Plan\x12\x0b\n\x03job\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x04\x12\r\n\x05layer\x18\x03 \x01(\r\x12\x0c\n\x04rank\x18\x04 \x01(\r\x12\x0c\n\x04\x64\x65st\x18\x05 \x03(\r\x12\x10\n\x08held_ids\x18\x06 \x03(\x04\x12!\n\x06\x62\x65\x66ore\x18\x07 \x01(\x0b\x32\x11.netmoe.v1.Routes\x12 \n\x05\x61\x66ter\x18\x08 \x01(\x0b\x32\x11.netmoe.v1.Routes\x12%\n\x06status\x18\t \x01(\x0e\x32\x15.netmoe.v1.PlanStatus\x12\x0e\n\x06reason\x18\n \x01(\t\x12\r\n\x05\x65rror\x18\x0b \x01(\t\x12\x15\n\rsolve_seconds\x18\x0c \x01(\x01\x12\r\n\x05moved\x18\r \x01(\r\"2\n\x0cSolveRequest\x12\"\n\x07reports\x18\x01 \x03(\x0b\x32\x11.netmoe.v1.Report\"/\n\rSolveResponse\x12\x1e\n\x05plans\x18\x01 \x03(\x0b\x32\x0f.netmoe.v1.Plan\"\x1b\n\tExpertMap\x12\x0e\n\x06\x64\x65vice\x18\x01 \x03(\r\"\x9b\x01\n\x17RecommendExpertsRequest\x12\x0b\n\x03job\x18\x01 \x01(\t\x12\x15\n\rhorizon_steps\x18\x02 \x01(\r\x12\x18\n\x10\x62ytes_per_expert\x18\x03 \x01(\x04\x12\x16\n\x0eheld_out_steps\x18\x04 \x01(\r\x12\x0c\n\x04unit\x18\x05 \x01(\t\x12\x0e\n\x06starts\x18\x06 \x01(\r\x12\x0c\n\x04seed\x18\x07 \x01(\r\"\xb3\x04\n\x18RecommendExpertsResponse\x12\x0b\n\x03job\x18\x01 \x01(\t\x12\r\n\x05\x61\x64opt\x18\x02 \x01(\x08\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\"\n\x04maps\x18\x04 \x03(\x0b\x32\x14.netmoe.v1.ExpertMap\x12%\n\x07\x63urrent\x18\x05 \x03(\x0b\x32\x14.netmoe.v1.ExpertMap\x12\x15\n\rmoved_experts\x18\x06 \x01(\r\x12\x13\n\x0bmoved_inter\x18\x07 \x01(\r\x12\x17\n\x0fmigration_bytes\x18\x08 \x01(\x04\x12\x19\n\x11migration_seconds\x18\t \x01(\x01\x12\x0c\n\x04unit\x18\n \x01(\t\x12\x17\n\x0fsaving_per_step\x18\x0b \x01(\x01\x12\x16\n\x0emigration_cost\x18\x0c \x01(\x01\x12\x18\n\x10\x62reak_even_steps\x18\r \x01(\x01\x12\x1f\n\x04home\x18\x0e \x01(\x0b\x32\x11.netmoe.v1.Routes\x12&\n\x0bsample_only\x18\x0f \x01(\x0b\x32\x11.netmoe.v1.Routes\x12 \n\x05joint\x18\x10 \x01(\x0b\x32\x11.netmoe.v1.Routes\x12\x16\n\x0e\x66it_first_step\x18\x11 \x01(\x04\x12\x15\n\rfit_last_step\x18\x12 \x01(\x04\x12\x1b\n\x13held_out_first_step\x18\x13 \x01(\x04\x12\x1a\n\x12held_out_last_step\x18\x14 \x01(\x04\x12\x14\n\x0cwindow_bytes\x18\x15 \x01(\x04\"V\n\x15\x43onfirmExpertsRequest\x12\x0b\n\x03job\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x04\x12\"\n\x04maps\x18\x03 \x03(\x0b\x32\x14.netmoe.v1.ExpertMap\"3\n\x16\x43onfirmExpertsResponse\x12\x0b\n\x03job\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x04*\x8f\x01\n\nPlanStatus\x12\x1b\n\x17PLAN_STATUS_UNSPECIFIED\x10\x00\x12\x17\n\x13PLAN_STATUS_OPTIMAL\x10\x01\x12\x18\n\x14PLAN_STATUS_FEASIBLE\x10\x02\x12\x18\n\x14PLAN_STATUS_FALLBACK\x10\x03\x12\x17\n\x13PLAN_STATUS_INVALID\x10\x04\x32\xd6\x03\n\x10PlacementService\x12L\n\x0bRegisterJob\x12\x1d.netmoe.v1.RegisterJobRequest\x1a\x1e.netmoe.v1.RegisterJobResponse\x12R\n\rUnregisterJob\x12\x1f.netmoe.v1.UnregisterJobRequest\x1a .netmoe.v1.UnregisterJobResponse\x12\x30\n\x06Stream\x12\x11.netmoe.v1.Report\x1a\x0f.netmoe.v1.Plan(\x01\x30\x01\x12:\n\x05Solve\x12\x17.netmoe.v1.SolveRequest\x1a\x18.netmoe.v1.SolveResponse\x12[\n\x10RecommendExperts\x12\".netmoe.v1.RecommendExpertsRequest\x1a#.netmoe.v1.RecommendExpertsResponse\x12U\n\x0e\x43onfirmExperts\x12 .netmoe.v1.ConfirmExpertsRequest\x1a!.netmoe.v1.ConfirmExpertsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'netmoe.v1.placement_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_PLANSTATUS']._serialized_start=2088
-  _globals['_PLANSTATUS']._serialized_end=2231
+  _globals['_PLANSTATUS']._serialized_start=2104
+  _globals['_PLANSTATUS']._serialized_end=2247
   _globals['_TOPOLOGY']._serialized_start=41
   _globals['_TOPOLOGY']._serialized_end=232
   _globals['_JOBSPEC']._serialized_start=235
-  _globals['_JOBSPEC']._serialized_end=387
-  _globals['_REGISTERJOBREQUEST']._serialized_start=389
-  _globals['_REGISTERJOBREQUEST']._serialized_end=456
-  _globals['_REGISTERJOBRESPONSE']._serialized_start=458
-  _globals['_REGISTERJOBRESPONSE']._serialized_end=529
-  _globals['_UNREGISTERJOBREQUEST']._serialized_start=531
-  _globals['_UNREGISTERJOBREQUEST']._serialized_end=566
-  _globals['_UNREGISTERJOBRESPONSE']._serialized_start=568
-  _globals['_UNREGISTERJOBRESPONSE']._serialized_end=604
-  _globals['_REPORT']._serialized_start=607
-  _globals['_REPORT']._serialized_end=744
-  _globals['_ROUTES']._serialized_start=746
-  _globals['_ROUTES']._serialized_end=816
-  _globals['_PLAN']._serialized_start=819
-  _globals['_PLAN']._serialized_end=1090
-  _globals['_SOLVEREQUEST']._serialized_start=1092
-  _globals['_SOLVEREQUEST']._serialized_end=1142
-  _globals['_SOLVERESPONSE']._serialized_start=1144
-  _globals['_SOLVERESPONSE']._serialized_end=1191
-  _globals['_EXPERTMAP']._serialized_start=1193
-  _globals['_EXPERTMAP']._serialized_end=1220
-  _globals['_RECOMMENDEXPERTSREQUEST']._serialized_start=1223
-  _globals['_RECOMMENDEXPERTSREQUEST']._serialized_end=1378
-  _globals['_RECOMMENDEXPERTSRESPONSE']._serialized_start=1381
-  _globals['_RECOMMENDEXPERTSRESPONSE']._serialized_end=1944
-  _globals['_CONFIRMEXPERTSREQUEST']._serialized_start=1946
-  _globals['_CONFIRMEXPERTSREQUEST']._serialized_end=2032
-  _globals['_CONFIRMEXPERTSRESPONSE']._serialized_start=2034
-  _globals['_CONFIRMEXPERTSRESPONSE']._serialized_end=2085
-  _globals['_PLACEMENTSERVICE']._serialized_start=2234
-  _globals['_PLACEMENTSERVICE']._serialized_end=2704
+  _globals['_JOBSPEC']._serialized_end=403
+  _globals['_REGISTERJOBREQUEST']._serialized_start=405
+  _globals['_REGISTERJOBREQUEST']._serialized_end=472
+  _globals['_REGISTERJOBRESPONSE']._serialized_start=474
+  _globals['_REGISTERJOBRESPONSE']._serialized_end=545
+  _globals['_UNREGISTERJOBREQUEST']._serialized_start=547
+  _globals['_UNREGISTERJOBREQUEST']._serialized_end=582
+  _globals['_UNREGISTERJOBRESPONSE']._serialized_start=584
+  _globals['_UNREGISTERJOBRESPONSE']._serialized_end=620
+  _globals['_REPORT']._serialized_start=623
+  _globals['_REPORT']._serialized_end=760
+  _globals['_ROUTES']._serialized_start=762
+  _globals['_ROUTES']._serialized_end=832
+  _globals['_PLAN']._serialized_start=835
+  _globals['_PLAN']._serialized_end=1106
+  _globals['_SOLVEREQUEST']._serialized_start=1108
+  _globals['_SOLVEREQUEST']._serialized_end=1158
+  _globals['_SOLVERESPONSE']._serialized_start=1160
+  _globals['_SOLVERESPONSE']._serialized_end=1207
+  _globals['_EXPERTMAP']._serialized_start=1209
+  _globals['_EXPERTMAP']._serialized_end=1236
+  _globals['_RECOMMENDEXPERTSREQUEST']._serialized_start=1239
+  _globals['_RECOMMENDEXPERTSREQUEST']._serialized_end=1394
+  _globals['_RECOMMENDEXPERTSRESPONSE']._serialized_start=1397
+  _globals['_RECOMMENDEXPERTSRESPONSE']._serialized_end=1960
+  _globals['_CONFIRMEXPERTSREQUEST']._serialized_start=1962
+  _globals['_CONFIRMEXPERTSREQUEST']._serialized_end=2048
+  _globals['_CONFIRMEXPERTSRESPONSE']._serialized_start=2050
+  _globals['_CONFIRMEXPERTSRESPONSE']._serialized_end=2101
+  _globals['_PLACEMENTSERVICE']._serialized_start=2250
+  _globals['_PLACEMENTSERVICE']._serialized_end=2720
 # @@protoc_insertion_point(module_scope)

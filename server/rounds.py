@@ -32,6 +32,8 @@ log = logging.getLogger(__name__)
 SolveFn = Callable[..., Plan]  # the signature of netmoe.solver.solve
 MAX_DEADLINE_S = 60.0
 MAX_JOB_ID = 128
+MAX_LAYERS = 1024
+MAX_STEP = (1 << 63) - 1  # steps index int64 arrays downstream (expert windows)
 
 # Round outcomes (metrics label values and Plan.reason of fallbacks).
 SOLVED = "solved"
@@ -50,6 +52,7 @@ class JobSpec:
 
     world_size must equal topology.devices; every rank reports samples_per_device samples.
     deadline: seconds from a round's first report until its ranks get the home placement.
+    layers: MoE layers of the model; reports name layers in [0, layers).
     """
 
     job: str
@@ -59,6 +62,7 @@ class JobSpec:
     objective: str = "volume"
     method: str = "two_stage"
     deadline: float = 0.05
+    layers: int = MAX_LAYERS
 
     def __post_init__(self) -> None:
         if not isinstance(self.job, str) or not self.job or len(self.job) > MAX_JOB_ID:
@@ -77,6 +81,8 @@ class JobSpec:
             raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        if not 1 <= positive_int("layers", self.layers) <= MAX_LAYERS:
+            raise ValueError(f"layers must be in [1, {MAX_LAYERS}], got {self.layers!r}")
         if not 0 < self.deadline <= MAX_DEADLINE_S:
             raise ValueError(
                 f"deadline must be in (0, {MAX_DEADLINE_S:g}] seconds, got {self.deadline!r}"
@@ -409,6 +415,17 @@ class Coordinator:
             )
         return spec
 
+    @staticmethod
+    def check_coordinates(spec: JobSpec, report: Report) -> None:
+        """Raises FieldError unless layer and step are in range; checked before any round is
+        opened, so out-of-range coordinates touch no round."""
+        if not 0 <= report.layer < spec.layers:
+            raise FieldError(
+                "layer", f"layer {report.layer} is outside [0, {spec.layers}) for job "
+                         f"{spec.job!r} (spec.layers)")
+        if not 0 <= report.step <= MAX_STEP:
+            raise FieldError("step", f"step {report.step} exceeds {MAX_STEP}")
+
     def bind(self, report: Report, owner: object, generation: int = 0) -> Binding:
         """Binds (report.job, report.rank) to the stream ``owner`` until ``release``.
 
@@ -457,6 +474,7 @@ class Coordinator:
                     f"generation {binding.generation} of job {spec.job!r} was unregistered; "
                     f"the job id is now generation {state.generation}")
             self._check_generation(state, report.generation)
+        self.check_coordinates(spec, report)
         key, rank = report.key, report.rank
         last = state.last.get(rank)
         if last is not None and key <= last:
@@ -506,6 +524,10 @@ class Coordinator:
             if not 0 <= rep.rank < spec.world_size:
                 raise FieldError(f"reports[{k}].rank", f"reports[{k}].rank={rep.rank} is outside "
                                  f"[0, {spec.world_size}) for job {spec.job!r}")
+            try:
+                self.check_coordinates(spec, rep)
+            except FieldError as err:
+                raise FieldError(f"reports[{k}].{err.field}", f"reports[{k}].{err}") from None
             if rep.rank in parts:
                 first = next(i for i, r in enumerate(reports) if r.rank == rep.rank)
                 raise FieldError(f"reports[{k}].rank", f"reports[{k}].rank={rep.rank} repeats "

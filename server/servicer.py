@@ -7,6 +7,7 @@ what an error does to an RPC (see the service comments in placement.proto).
 from __future__ import annotations
 
 import asyncio
+import math
 from collections.abc import AsyncIterator
 
 import grpc
@@ -24,13 +25,44 @@ from .errors import FieldError, JobConflict, JobLimit, RankBound, StaleGeneratio
 from .experts_service import ExpertPlacementRPCs
 from .interceptors import MalformedRequest
 from .metrics import Metrics
-from .rounds import Binding, Coordinator, JobSpec, Report
+from .rounds import MAX_DEADLINE_S, MAX_LAYERS, Binding, Coordinator, JobSpec, Report
+
+MAX_ALPHA_S = 60.0
+MAX_BYTES_PER_ROUTE = 1 << 32
+MAX_COUNT = (1 << 32) - 1  # a count on the wire is a uint32
+
+
+def check_modelled_times(msg: pb.JobSpec) -> None:
+    """Raises ValueError naming spec.topology.<field> unless the modelled time of the largest
+    round the job can report (every count at its maximum, gather and scatter) is finite."""
+    t = msg.topology
+    for name in ("alpha_intra", "alpha_inter"):
+        value = getattr(t, name)
+        if not 0 <= value <= MAX_ALPHA_S:
+            raise ValueError(f"spec.topology.{name} must be in [0, {MAX_ALPHA_S:g}] seconds, "
+                             f"got {value!r}")
+    if t.bytes_per_route > MAX_BYTES_PER_ROUTE:
+        raise ValueError(f"spec.topology.bytes_per_route must be at most {MAX_BYTES_PER_ROUTE}, "
+                         f"got {t.bytes_per_route}")
+    routes = 2.0 * msg.world_size * msg.samples_per_device * t.experts * MAX_COUNT
+    for name, alpha in (("bw_intra", t.alpha_intra), ("bw_inter", t.alpha_inter)):
+        bw = getattr(t, name)
+        if bw > 0 and not math.isfinite(2 * alpha + routes * t.bytes_per_route / bw):
+            raise ValueError(f"spec.topology.{name}={bw!r} bytes/s makes the modelled time of a "
+                             f"round overflow (infinite seconds)")
 
 
 def spec_from_proto(job: str, msg: pb.JobSpec) -> JobSpec:
     """Raises ValueError naming the field and the value."""
     if not msg.HasField("topology"):
         raise ValueError("spec.topology is missing")
+    if not 1 <= msg.deadline_ms <= MAX_DEADLINE_S * 1000:
+        raise ValueError(f"spec.deadline_ms must be in [1, {MAX_DEADLINE_S * 1000:.0f}], "
+                         f"got {msg.deadline_ms}")
+    if msg.layers > MAX_LAYERS:
+        raise ValueError(f"spec.layers must be in [1, {MAX_LAYERS}] (0: {MAX_LAYERS}), "
+                         f"got {msg.layers}")
+    check_modelled_times(msg)
     t = msg.topology
     topo = Topology(
         nodes=t.nodes, gpus_per_node=t.gpus_per_node, experts=t.experts,
@@ -38,12 +70,11 @@ def spec_from_proto(job: str, msg: pb.JobSpec) -> JobSpec:
         alpha_intra=t.alpha_intra, alpha_inter=t.alpha_inter,
         bw_intra=t.bw_intra, bw_inter=t.bw_inter, bytes_per_route=t.bytes_per_route,
     )
-    if msg.deadline_ms == 0:
-        raise ValueError("spec.deadline_ms must be positive, got 0")
     return JobSpec(
         job=job, topology=topo, world_size=msg.world_size,
         samples_per_device=msg.samples_per_device, objective=msg.objective or "volume",
         method=msg.method or "two_stage", deadline=msg.deadline_ms / 1000.0,
+        layers=msg.layers or MAX_LAYERS,
     )
 
 

@@ -12,6 +12,7 @@ from netmoe.protos import placement_pb2 as pb
 from netmoe.protos import placement_pb2_grpc
 from netmoe.server.app import ServerHandle, start
 from netmoe.server.config import ServerConfig
+from netmoe.server.rounds import MAX_STEP
 
 from support import MARGIN_S, Worker, check_round, job_spec, round_reports, wait_for
 
@@ -56,7 +57,7 @@ def test_second_stream_for_a_bound_rank_is_refused_and_never_joins_a_round(
     err = refused(Worker(stub), fake)
     assert err.code() == grpc.StatusCode.ABORTED
     assert "rank 2 of job 'id' is already bound" in err.details()
-    huge = pb.Report(job="id", step=U64_MAX, layer=0, rank=2)
+    huge = pb.Report(job="id", step=MAX_STEP, layer=0, rank=2)
     assert refused(Worker(stub), huge).code() == grpc.StatusCode.ABORTED
     for r in (0, 1, 3):
         workers[r].send(reports[r])
@@ -86,7 +87,7 @@ def test_invalid_report_with_a_huge_step_does_not_block_its_rank(
     spec = job_spec(nodes=2, gpus=1, experts=4, spd=2, deadline_ms=2000)
     stub.RegisterJob(pb.RegisterJobRequest(job="s", spec=spec), timeout=10)
     workers = [Worker(stub) for _ in range(2)]
-    bad = pb.Report(job="s", step=U64_MAX, layer=0, rank=1, sample_ids=[1])  # too few ids
+    bad = pb.Report(job="s", step=MAX_STEP, layer=0, rank=1, sample_ids=[1])  # too few ids
     plan = workers[1].ask(bad)
     assert plan.status == pb.PLAN_STATUS_INVALID and "sample_ids" in plan.error
     reports = round_reports("s", spec, 0, 0, seed=4)
@@ -138,3 +139,57 @@ def test_old_generation_never_touches_the_reregistered_job(
     for w in workers:
         assert w.close() == []
     old[1].hang_up()
+
+
+def test_layer_and_step_bounds_touch_no_round(
+    server: ServerHandle, stub: placement_pb2_grpc.PlacementServiceStub
+) -> None:
+    spec = job_spec(nodes=2, gpus=1, experts=4, spd=2, deadline_ms=2000, layers=2)
+    stub.RegisterJob(pb.RegisterJobRequest(job="b", spec=spec), timeout=10)
+    coord = server.server.coordinator
+    assert coord is not None
+    workers = [Worker(stub) for _ in range(2)]
+    reports = round_reports("b", spec, 0, 0, seed=8)
+    workers[0].send(reports[0])
+    wait_for(lambda: coord.pending_rounds("b") == 1)
+    for layer, step, error in ((2, 0, "layer 2 is outside [0, 2) for job 'b' (spec.layers)"),
+                               ((1 << 32) - 1, 0, "layer 4294967295 is outside"),
+                               (0, U64_MAX, f"step {U64_MAX} exceeds {MAX_STEP}")):
+        bad = pb.Report(**{**{f.name: v for f, v in reports[1].ListFields()},
+                           "layer": layer, "step": step})
+        plan = workers[1].ask(bad)
+        assert plan.status == pb.PLAN_STATUS_INVALID and error in plan.error, plan.error
+    assert coord.pending_rounds("b") == 1  # no round opened, the real one still waits
+    workers[1].send(reports[1])
+    check_round(spec, reports, [w.recv() for w in workers])
+    with pytest.raises(grpc.RpcError) as err:
+        stub.RegisterJob(pb.RegisterJobRequest(job="c", spec=job_spec(layers=1025)), timeout=10)
+    assert "spec.layers must be in [1, 1024] (0: 1024), got 1025" in err.value.details()
+    for w in workers:
+        assert w.close() == []
+
+
+@pytest.mark.parametrize(("field", "value", "error"), [
+    ("alpha_intra", 1e308, "spec.topology.alpha_intra must be in [0, 60] seconds, got 1e+308"),
+    ("alpha_inter", float("inf"), "spec.topology.alpha_inter must be in [0, 60] seconds"),
+    ("bw_inter", 5e-324, "spec.topology.bw_inter=5e-324 bytes/s makes the modelled time"),
+    ("bytes_per_route", U64_MAX, f"spec.topology.bytes_per_route must be at most {1 << 32}"),
+])
+def test_modelled_time_overflow_refused_at_registration(
+    stub: placement_pb2_grpc.PlacementServiceStub, field: str, value: float, error: str
+) -> None:
+    spec = job_spec()
+    setattr(spec.topology, field, value)
+    with pytest.raises(grpc.RpcError) as err:
+        stub.RegisterJob(pb.RegisterJobRequest(job="o", spec=spec), timeout=10)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert error in err.value.details()
+
+
+def test_deadline_error_names_the_spec_field(
+    stub: placement_pb2_grpc.PlacementServiceStub
+) -> None:
+    with pytest.raises(grpc.RpcError) as err:
+        stub.RegisterJob(pb.RegisterJobRequest(job="d", spec=job_spec(deadline_ms=60001)),
+                         timeout=10)
+    assert err.value.details() == "spec.deadline_ms must be in [1, 60000], got 60001"
