@@ -39,7 +39,7 @@ from .config import ServerConfig
 from .interceptors import MetricsInterceptor, StrictParsingInterceptor
 from .metrics import Metrics
 from .rounds import Coordinator, SolveFn
-from .servicer import PlacementServicer
+from .servicer import PlacementServicer, StreamLimits
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +93,8 @@ class PlacementServer:
             solver_threads=config.solver_threads, max_jobs=config.max_jobs,
             max_pending=config.max_pending_rounds, finished_memory=config.finished_memory,
             max_world_size=config.max_world_size, max_report_cells=config.max_report_cells,
-            observer=self.metrics, **kwargs,
+            max_job_pending_bytes=config.max_job_pending_bytes,
+            max_pending_bytes=config.max_pending_bytes, observer=self.metrics, **kwargs,
         )
         self.advisors = ExpertAdvisors(
             WindowLimits(config.expert_window_steps, config.expert_window_bytes),
@@ -117,9 +118,12 @@ class PlacementServer:
     async def start(self) -> None:
         cfg = self.config
         self.coordinator = Coordinator(**self._coordinator_args, hooks=self.advisors)
+        coordinator = self.coordinator
+        self.metrics.pending_bytes.set_function(lambda: coordinator.pending_bytes)
         server = grpc.aio.server(interceptors=self._interceptors, options=cfg.grpc_options())
         placement_pb2_grpc.add_PlacementServiceServicer_to_server(
-            PlacementServicer(self.coordinator, self.advisors, self.metrics), server
+            PlacementServicer(self.coordinator, self.advisors, self.metrics, StreamLimits(
+                cfg.stream_backlog_bytes, cfg.max_streams, cfg.stream_idle_seconds)), server
         )
         self.health = HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)

@@ -16,6 +16,10 @@ class FieldError(ValueError):
         self.field = field
 
 
+class OverLimit(FieldError):
+    """Accepting this input would exceed a server limit on held bytes; ``field`` names it."""
+
+
 class JobConflict(Exception):
     """A job id is already registered with a different spec."""
 
@@ -48,7 +52,7 @@ def status_of(err: Exception) -> grpc.StatusCode:
         return grpc.StatusCode.ABORTED  # retryable: a reconnecting worker's old stream may linger
     if isinstance(err, JobConflict):
         return grpc.StatusCode.ALREADY_EXISTS
-    if isinstance(err, JobLimit):
+    if isinstance(err, (JobLimit, OverLimit)):
         return grpc.StatusCode.RESOURCE_EXHAUSTED
     if isinstance(err, (NotEnoughData, StaleGeneration)):
         return grpc.StatusCode.FAILED_PRECONDITION

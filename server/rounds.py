@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -25,7 +26,7 @@ from netmoe.round import Key, RankPlan, RoundCounts, Traffic, home_dest
 from netmoe.solver import METHODS, OBJECTIVES, Plan, Topology, solve, traffic
 from netmoe.solver.topology import positive_int
 
-from .errors import FieldError, JobConflict, JobLimit, RankBound, StaleGeneration
+from .errors import FieldError, JobConflict, JobLimit, OverLimit, RankBound, StaleGeneration
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +34,8 @@ SolveFn = Callable[..., Plan]  # the signature of netmoe.solver.solve
 MAX_DEADLINE_S = 60.0
 MAX_JOB_ID = 128
 MAX_LAYERS = 1024
+SEND_MARGIN_S = 0.25
+MIN_BUDGET_S = 0.001
 MAX_STEP = (1 << 63) - 1  # steps index int64 arrays downstream (expert windows)
 
 # Round outcomes (metrics label values and Plan.reason of fallbacks).
@@ -235,7 +238,27 @@ def assemble(spec: JobSpec, parts: Sequence[RoundCounts]) -> RoundCounts:
         raise FieldError(
             "scatter", f"scatter: ranks {with_scatter} sent one but ranks {without} did not"
         )
-    return RoundCounts.concat(parts)
+    scatters = None if parts[0].scatter is None else [p.scatter for p in parts]
+    # Parts stay compact while pending; the solve (and the expert side) gets int64.
+    return RoundCounts(
+        ids, np.concatenate([p.gather for p in parts], dtype=np.int64),
+        None if scatters is None else np.concatenate(scatters, dtype=np.int64),
+    )
+
+
+def solve_budget(spec: JobSpec, rnd: _Round) -> float:
+    """Seconds the solver may take: what is left of the round's deadline minus a margin (a fifth
+    of the deadline, at most 0.25 s) for the plans to reach the ranks, so a time-limited solve
+    returns its best (FEASIBLE) plan before the deadline instead of being overrun."""
+    margin = min(0.2 * spec.deadline, SEND_MARGIN_S)
+    left = rnd.opened + spec.deadline - time.monotonic()
+    return max(left - margin, MIN_BUDGET_S)
+
+
+def part_bytes(part: RoundCounts) -> int:
+    """Bytes a pending report holds."""
+    scatter = 0 if part.scatter is None else part.scatter.nbytes
+    return part.sample_ids.nbytes + part.gather.nbytes + scatter
 
 
 def rank_plan(spec: JobSpec, key: Key, outcome: Outcome, rank: int, ids: np.ndarray,
@@ -271,6 +294,7 @@ class _Round:
     outcome: Outcome | None = None
     finished: asyncio.Event = field(default_factory=asyncio.Event)
     solving: bool = False
+    opened: float = field(default_factory=time.monotonic)  # the deadline counts from here
 
     @property
     def done(self) -> bool:
@@ -297,6 +321,9 @@ class _Job:
     last: dict[int, Key] = field(default_factory=dict)
     bound: dict[int, object] = field(default_factory=dict)
     unary: set[_Round] = field(default_factory=set)  # rounds of Solve calls in flight
+    pending_bytes: int = 0  # of the reports its open rounds hold
+    # One solve of the job at a time: a job's slow rounds never hold more than one solver thread.
+    solver_turn: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 
 class Coordinator:
@@ -311,12 +338,14 @@ class Coordinator:
         self,
         *,
         solve_fn: SolveFn = solve,
-        solver_threads: int = 1,
+        solver_threads: int = 4,
         max_jobs: int = 64,
         max_pending: int = 16,
         finished_memory: int = 256,
         max_world_size: int = 1024,
         max_report_cells: int = 1 << 20,
+        max_job_pending_bytes: int = 256 << 20,
+        max_pending_bytes: int = 1 << 30,
         observer: RoundObserver | None = None,
         hooks: RoundHooks | None = None,
     ) -> None:
@@ -331,6 +360,9 @@ class Coordinator:
         self._finished_memory = positive_int("finished_memory", finished_memory)
         self._max_world_size = positive_int("max_world_size", max_world_size)
         self._max_report_cells = positive_int("max_report_cells", max_report_cells)
+        self._max_job_bytes = positive_int("max_job_pending_bytes", max_job_pending_bytes)
+        self._max_bytes = positive_int("max_pending_bytes", max_pending_bytes)
+        self._pending_bytes = 0
         self._observer: RoundObserver = observer or NullObserver()
         self._jobs: dict[str, _Job] = {}
         self._generation = 0  # of the last registration; unique over the server's life
@@ -494,6 +526,8 @@ class Coordinator:
                 self._finish(state, rnd or self._open(state, key),
                              Outcome(INVALID, f"rank {rank}: {err}"))
             raise
+        if done is None:
+            self._check_bytes(state, part_bytes(part))
         state.last[rank] = key
         if done is not None:
             deliver(rank_plan(spec, key, done, rank, part.sample_ids,
@@ -533,6 +567,7 @@ class Coordinator:
                 raise FieldError(f"reports[{k}].rank", f"reports[{k}].rank={rep.rank} repeats "
                                  f"reports[{first}].rank")
             parts[rep.rank] = check_report(spec, rep, f"reports[{k}].")
+        self._check_bytes(self._jobs[head.job], sum(part_bytes(p) for p in parts.values()))
         if len(parts) != spec.world_size:
             missing = sorted(set(range(spec.world_size)) - set(parts))
             raise FieldError("reports", f"reports lacks ranks {missing} of job {spec.job!r}")
@@ -568,9 +603,29 @@ class Coordinator:
             state.unary.add(rnd)
         return rnd
 
+    @property
+    def pending_bytes(self) -> int:
+        """Bytes of the reports all open rounds hold."""
+        return self._pending_bytes
+
+    def _check_bytes(self, state: _Job, size: int) -> None:
+        """Raises OverLimit naming the limit a report of ``size`` bytes would exceed."""
+        job = state.spec.job
+        if state.pending_bytes + size > self._max_job_bytes:
+            raise OverLimit("max_job_pending_bytes", (
+                f"job {job!r} holds {state.pending_bytes} bytes of pending reports; {size} more "
+                f"exceed max_job_pending_bytes={self._max_job_bytes}"))
+        if self._pending_bytes + size > self._max_bytes:
+            raise OverLimit("max_pending_bytes", (
+                f"the server holds {self._pending_bytes} bytes of pending reports; {size} more "
+                f"(job {job!r}) exceed max_pending_bytes={self._max_bytes}"))
+
     def _add(self, state: _Job, rnd: _Round, rank: int, part: RoundCounts,
              deliver: Deliver) -> None:
         """One rank's checked counts join the round; the last one starts the solve."""
+        size = part_bytes(part)
+        state.pending_bytes += size
+        self._pending_bytes += size
         rnd.parts[rank] = part
         rnd.waiters.append((rank, part.sample_ids, deliver))
         if len(rnd.parts) == state.spec.world_size:
@@ -599,7 +654,8 @@ class Coordinator:
             return
         loop = asyncio.get_running_loop()
         try:
-            plan = await loop.run_in_executor(self._executor, self._run_solver, spec, rnd)
+            async with state.solver_turn:
+                plan = await loop.run_in_executor(self._executor, self._run_solver, spec, rnd)
         except ValueError as err:
             outcome = Outcome(INVALID, f"solver rejected the round: {err}")
         except Exception as err:  # a solver bug must not leave ranks waiting for the deadline
@@ -624,7 +680,8 @@ class Coordinator:
         return self._solve_fn(
             topo, counts.gather, counts.scatter,
             home=home_dest(spec.world_size, spec.samples_per_device),
-            objective=spec.objective, method=spec.method, time_limit=spec.deadline, **extra,
+            objective=spec.objective, method=spec.method, time_limit=solve_budget(spec, rnd),
+            **extra,
         )
 
     @staticmethod
@@ -649,5 +706,8 @@ class Coordinator:
         for rank, ids, deliver in rnd.waiters:
             deliver(rank_plan(state.spec, rnd.key, outcome, rank, ids))
         rnd.waiters.clear()
+        size = sum(part_bytes(p) for p in rnd.parts.values())
+        state.pending_bytes -= size
+        self._pending_bytes -= size
         rnd.parts.clear()
         rnd.finished.set()

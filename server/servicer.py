@@ -7,8 +7,11 @@ what an error does to an RPC (see the service comments in placement.proto).
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import math
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 
 import grpc
 import grpc.aio
@@ -26,6 +29,8 @@ from .experts_service import ExpertPlacementRPCs
 from .interceptors import MalformedRequest
 from .metrics import Metrics
 from .rounds import MAX_DEADLINE_S, MAX_LAYERS, Binding, Coordinator, JobSpec, Report
+
+log = logging.getLogger(__name__)
 
 MAX_ALPHA_S = 60.0
 MAX_BYTES_PER_ROUTE = 1 << 32
@@ -84,9 +89,9 @@ def report_from_proto(msg: pb.Report) -> Report:
                   gather=gather, scatter=scatter, generation=msg.generation)
 
 
-def invalid_plan(msg: pb.Report, error: str, job: str) -> pb.Plan:
+def invalid_plan(report: Report, error: str, job: str) -> pb.Plan:
     """The answer to a report that failed validation (job: the stream's, never the caller's)."""
-    return plan_to_proto(job, RankPlan.rejected(msg.step, msg.layer, msg.rank, error))
+    return plan_to_proto(job, RankPlan.rejected(report.step, report.layer, report.rank, error))
 
 
 class _StreamEnd:
@@ -99,12 +104,55 @@ class _StreamAbort:
         self.message = message
 
 
+class _Outbox(asyncio.Queue):
+    """A stream's outbound queue, bounded in bytes of plans not yet written. Past the bound it
+    drops what it holds, refuses more plans and calls ``overflow`` with the reason."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__()
+        self.limit = limit
+        self.bytes = 0
+        self.cut = False
+        self.overflow: Callable[[str], None] = lambda reason: None
+
+    def put_nowait(self, item: object) -> None:
+        if isinstance(item, pb.Plan):
+            if self.cut:
+                return
+            self.bytes += item.ByteSize()
+            if self.bytes > self.limit:
+                self.cut = True
+                while not self.empty():
+                    self.get_nowait()
+                self.overflow(f"the client did not read its plans: more than "
+                              f"stream_backlog_bytes={self.limit} bytes queued")
+                return
+        super().put_nowait(item)
+
+    def sent(self, item: pb.Plan) -> None:
+        self.bytes -= item.ByteSize()
+
+
+@dataclass(frozen=True)
+class StreamLimits:
+    """backlog_bytes: plans queued for one stream (its client not reading) before it is cut;
+    max_streams: open streams at once; idle_seconds: a stream sending nothing this long is
+    closed."""
+
+    backlog_bytes: int = 8 << 20
+    max_streams: int = 4096
+    idle_seconds: float = 600.0
+
+
 class PlacementServicer(ExpertPlacementRPCs, placement_pb2_grpc.PlacementServiceServicer):
     def __init__(self, coordinator: Coordinator, advisors: ExpertAdvisors,
-                 metrics: Metrics) -> None:
+                 metrics: Metrics, limits: StreamLimits | None = None) -> None:
         self._coord = coordinator
         self._advisors = advisors
         self._metrics = metrics
+        self._limits = limits or StreamLimits()
+        self._streams = 0
+        self._cuts: set[asyncio.Task[None]] = set()
 
     async def RegisterJob(
         self, request: pb.RegisterJobRequest, context: grpc.aio.ServicerContext
@@ -149,10 +197,33 @@ class PlacementServicer(ExpertPlacementRPCs, placement_pb2_grpc.PlacementService
     async def Stream(
         self, request_iterator: AsyncIterator[pb.Report], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.Plan]:
-        queue: asyncio.Queue[pb.Plan | _StreamEnd | _StreamAbort] = asyncio.Queue()
+        limits = self._limits
+        if self._streams >= limits.max_streams:
+            await abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED,
+                        f"the server already holds max_streams={limits.max_streams} open streams")
+        queue = _Outbox(limits.backlog_bytes)
         binding: list[Binding] = []  # set by the first report; the queue is the stream's token
         reader = asyncio.get_running_loop().create_task(
             self._read(request_iterator, queue, binding))
+        handler = asyncio.current_task()
+        assert handler is not None
+        # A client gone (or cut) while a plan is being written: end the handler quietly rather
+        # than let the failed write log a traceback.
+        context.add_done_callback(lambda _: handler.cancel())
+
+        def overflow(reason: str) -> None:
+            # The handler may sit in a write the client never takes: stop reading reports, free
+            # the rank, and send the status (the client sees it after the plans in flight).
+            who = f"of job {binding[0].job!r} rank {binding[0].rank}" if binding else "unbound"
+            log.warning("stream %s disconnected: %s", who, reason)
+            reader.cancel()
+            if binding:
+                self._coord.release(binding[0], queue)
+            cut = asyncio.get_running_loop().create_task(self._cut(context, reason))
+            self._cuts.add(cut)
+            cut.add_done_callback(self._cuts.discard)
+
+        queue.overflow = overflow
 
         def reader_done(task: asyncio.Task[None]) -> None:
             if not task.cancelled() and task.exception() is not None:
@@ -161,6 +232,7 @@ class PlacementServicer(ExpertPlacementRPCs, placement_pb2_grpc.PlacementService
                                               f"{type(err).__name__}: {err}"))
 
         reader.add_done_callback(reader_done)
+        self._streams += 1
         self._metrics.active_streams.inc()
         try:
             while True:
@@ -170,16 +242,25 @@ class PlacementServicer(ExpertPlacementRPCs, placement_pb2_grpc.PlacementService
                 if isinstance(item, _StreamAbort):
                     await abort(context, item.code, item.message)
                 yield item
+                queue.sent(item)
+                if queue.cut:
+                    return
         finally:
+            self._streams -= 1
             reader.cancel()
             if binding:
                 self._coord.release(binding[0], queue)
             self._metrics.active_streams.dec()
 
+    @staticmethod
+    async def _cut(context: grpc.aio.ServicerContext, reason: str) -> None:
+        with contextlib.suppress(Exception):  # abort raises once the status is on its way
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, reason)
+
     async def _read(
         self,
         request_iterator: AsyncIterator[pb.Report],
-        queue: asyncio.Queue[pb.Plan | _StreamEnd | _StreamAbort],
+        queue: _Outbox,
         binding: list[Binding],
     ) -> None:
         """Feeds reports to the coordinator; plans go to ``queue`` as rounds finish. The first
@@ -196,9 +277,22 @@ class PlacementServicer(ExpertPlacementRPCs, placement_pb2_grpc.PlacementService
             if outstanding == 0:
                 all_answered.set()
 
+        idle = self._limits.idle_seconds
+        reports = aiter(request_iterator)
         try:
-            async for msg in request_iterator:
+            while True:
+                try:
+                    msg = await asyncio.wait_for(anext(reports), idle)
+                except StopAsyncIteration:
+                    break
+                except TimeoutError:
+                    if outstanding:
+                        continue
+                    queue.put_nowait(_StreamAbort(grpc.StatusCode.DEADLINE_EXCEEDED, (
+                        f"the stream sent no report for stream_idle_seconds={idle:g} s")))
+                    return
                 report = report_from_proto(msg)
+                msg = None  # the counts live on in the report's compact arrays only
                 if bound is None:
                     try:
                         binding.append(self._coord.bind(report, queue, report.generation))
@@ -208,7 +302,7 @@ class PlacementServicer(ExpertPlacementRPCs, placement_pb2_grpc.PlacementService
                         return
                     bound = (report.job, report.rank)
                 elif (report.job, report.rank) != bound:
-                    queue.put_nowait(invalid_plan(msg, (
+                    queue.put_nowait(invalid_plan(report, (
                         f"job/rank ({report.job!r}, {report.rank}) differs from ({bound[0]!r}, "
                         f"{bound[1]}) this stream is bound to by its first report"
                     ), bound[0]))
@@ -224,7 +318,7 @@ class PlacementServicer(ExpertPlacementRPCs, placement_pb2_grpc.PlacementService
                     outstanding -= 1
                     if outstanding == 0:
                         all_answered.set()
-                    queue.put_nowait(invalid_plan(msg, str(err), bound[0]))
+                    queue.put_nowait(invalid_plan(report, str(err), bound[0]))
         except MalformedRequest as err:  # bytes that are no Report: nothing to answer on
             queue.put_nowait(_StreamAbort(grpc.StatusCode.INVALID_ARGUMENT, str(err)))
             return
