@@ -19,6 +19,7 @@ import asyncio
 import concurrent.futures
 import errno
 import logging
+import os
 import signal
 import socket
 import threading
@@ -263,9 +264,11 @@ def serve(config: ServerConfig, **kwargs: object) -> int:
     """Runs until SIGTERM or SIGINT, then drains. Returns the exit code: 0 after SIGTERM (an
     orderly stop), 130 after SIGINT (Ctrl-C, as shells report an interrupted command)."""
     signals: list[signal.Signals] = []
+    servers: list[PlacementServer] = []
 
     async def main() -> None:
         server = PlacementServer(config, **kwargs)  # type: ignore[arg-type]
+        servers.append(server)
         loop = asyncio.get_running_loop()
         draining: list[asyncio.Task[None]] = []
 
@@ -284,4 +287,12 @@ def serve(config: ServerConfig, **kwargs: object) -> int:
         await server.wait_stopped()
 
     asyncio.run(main())
-    return 130 if signals[:1] == [signal.SIGINT] else 0
+    code = 130 if signals[:1] == [signal.SIGINT] else 0
+    coord = servers[0].coordinator if servers else None
+    if coord is not None and coord.solving:
+        # A solve (CP-SAT up to the deadline) was abandoned: exit now, as drain + grace promised,
+        # rather than wait in interpreter teardown for native solver threads.
+        log.info("netmoe serve: exiting with %d solve(s) abandoned", coord.solving)
+        logging.shutdown()
+        os._exit(code)
+    return code

@@ -53,7 +53,7 @@ class ServerConfig:
     max_jobs: int = 64
     max_pending_rounds: int = 16
     finished_memory: int = 256
-    drain_seconds: float = 0.0
+    drain_seconds: float = 1.0  # a 1 s health probe sees NOT_SERVING before RPCs stop
     grace_seconds: float = 5.0
     # Security. Binding a non-loopback address (gRPC or metrics) needs allow_remote.
     allow_remote: bool = False

@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import queue
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -189,6 +191,46 @@ class NoHooks:
         pass
 
 
+class SolverThreads:
+    """Daemon threads running solves. Shut down, queued solves are cancelled and a running one is
+    abandoned: the process exits without waiting for it (a CP-SAT run may take the deadline)."""
+
+    def __init__(self, threads: int) -> None:
+        self._queue: queue.SimpleQueue[tuple[Future, Callable[[], object]] | None] = (
+            queue.SimpleQueue())
+        self._threads = [threading.Thread(target=self._work, name=f"netmoe-solver-{k}",
+                                          daemon=True) for k in range(threads)]
+        self.running = 0  # solves under way (read across threads: a hint, not a lock)
+        for t in self._threads:
+            t.start()
+
+    def submit(self, fn: Callable[[], object]) -> Future:
+        fut: Future = Future()
+        self._queue.put((fut, fn))
+        return fut
+
+    def shutdown(self) -> None:
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if item is not None:
+                item[0].cancel()
+        for _ in self._threads:
+            self._queue.put(None)
+
+    def _work(self) -> None:
+        while (item := self._queue.get()) is not None:
+            fut, fn = item
+            if not fut.set_running_or_notify_cancel():
+                continue
+            try:
+                fut.set_result(fn())
+            except BaseException as err:
+                fut.set_exception(err)
+
+
 def check_report(spec: JobSpec, report: Report, prefix: str = "") -> RoundCounts:
     """The report's counts shaped [n, E], or FieldError unless its ids and counts fit the job."""
     n, e = spec.samples_per_device, spec.topology.experts
@@ -351,10 +393,8 @@ class Coordinator:
     ) -> None:
         self._solve_fn = solve_fn
         self._hooks: RoundHooks = hooks if hooks is not None else NoHooks()
-        self._executor = ThreadPoolExecutor(
-            max_workers=positive_int("solver_threads", solver_threads),
-            thread_name_prefix="netmoe-solver",
-        )
+        self._solvers = SolverThreads(positive_int("solver_threads", solver_threads))
+        self._closed = False
         self._max_jobs = positive_int("max_jobs", max_jobs)
         self._max_pending = positive_int("max_pending", max_pending)
         self._finished_memory = positive_int("finished_memory", finished_memory)
@@ -423,13 +463,15 @@ class Coordinator:
         self._hooks.removed(job)
 
     def close(self) -> None:
-        """Answers every waiting rank with a fallback and stops the solver threads."""
+        """Answers every waiting rank with a fallback and stops the solver threads; rounds
+        reported from now on get the fallback "shutdown" at once."""
+        self._closed = True
         for state in self._jobs.values():
             for rnd in list(state.pending.values()):
                 self._finish(state, rnd, Outcome(SHUTDOWN, "the server is shutting down"))
         for task in self._tasks:
             task.cancel()
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        self._solvers.shutdown()
 
     def spec(self, job: str) -> JobSpec:
         state = self._jobs.get(job)
@@ -604,6 +646,11 @@ class Coordinator:
         return rnd
 
     @property
+    def solving(self) -> int:
+        """Solves running in solver threads now (after ``close``: the abandoned ones)."""
+        return self._solvers.running
+
+    @property
     def pending_bytes(self) -> int:
         """Bytes of the reports all open rounds hold."""
         return self._pending_bytes
@@ -628,7 +675,9 @@ class Coordinator:
         self._pending_bytes += size
         rnd.parts[rank] = part
         rnd.waiters.append((rank, part.sample_ids, deliver))
-        if len(rnd.parts) == state.spec.world_size:
+        if self._closed:
+            self._finish(state, rnd, Outcome(SHUTDOWN, "the server is shutting down"))
+        elif len(rnd.parts) == state.spec.world_size:
             rnd.solving = True
             task = asyncio.get_running_loop().create_task(self._solve_round(state, rnd))
             self._tasks.add(task)
@@ -652,10 +701,14 @@ class Coordinator:
         except FieldError as err:
             self._finish(state, rnd, Outcome(INVALID, str(err)))
             return
-        loop = asyncio.get_running_loop()
         try:
             async with state.solver_turn:
-                plan = await loop.run_in_executor(self._executor, self._run_solver, spec, rnd)
+                plan = await asyncio.wrap_future(
+                    self._solvers.submit(lambda: self._run_solver(spec, rnd)))
+        except asyncio.CancelledError:
+            if self._closed:  # close() cancelled the queued solve and answered the round
+                return
+            raise
         except ValueError as err:
             outcome = Outcome(INVALID, f"solver rejected the round: {err}")
         except Exception as err:  # a solver bug must not leave ranks waiting for the deadline
