@@ -182,6 +182,9 @@ class PlacementServicer(ExpertPlacementRPCs, placement_pb2_grpc.PlacementService
                 context, grpc.StatusCode.NOT_FOUND, f"job {request.job!r} is not registered"
             )
         self._metrics.forget_job(request.job)
+        # Rounds handed to the advisor thread before the job went may still export its window
+        # series: forget them again once that thread got past them.
+        await asyncio.wrap_future(self._advisors.run(lambda: self._metrics.forget_job(request.job)))
         self._metrics.active_jobs.set(self._coord.jobs)
         return pb.UnregisterJobResponse(job=request.job)
 

@@ -4,6 +4,7 @@ pending report bytes) against real servers on loopback. Figures are printed (``p
 from __future__ import annotations
 
 import time
+import urllib.request
 
 import grpc
 import numpy as np
@@ -15,7 +16,15 @@ from netmoe.server.app import start
 from netmoe.server.config import ServerConfig
 from netmoe.solver import solve
 
-from support import ServerProcess, Worker, job_spec, round_reports, short_and_long, wait_for
+from support import (
+    ServerProcess,
+    Worker,
+    job_spec,
+    round_reports,
+    scrape,
+    short_and_long,
+    wait_for,
+)
 
 
 @short_and_long("reports", 1500, 6000)
@@ -223,6 +232,52 @@ def test_slow_solve_of_one_job_never_delays_another(rounds: int) -> None:
               f"rounds (report to last plan, in-process server)")
         for w in (*slow_workers, *workers):
             assert w.close() == []
+    finally:
+        channel.close()
+        handle.stop()
+
+
+@short_and_long("ids", 200, 1000)
+def test_metrics_bounded_when_jobs_go_with_solves_in_flight(ids: int) -> None:
+    """Each job id: a unary Solve in flight (a 20 ms solve), then UnregisterJob. No series of a
+    gone job stays on /metrics, whatever was in flight."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def solve_fn(*args, **kw):
+        time.sleep(0.02)
+        return solve(*args, **kw)
+
+    handle = start(ServerConfig(port=0, metrics_port=0, grace_seconds=1.0), solve_fn=solve_fn)
+    channel = grpc.insecure_channel(handle.address)
+    spec = job_spec(nodes=2, gpus=1, experts=4, spd=2, deadline_ms=5000)
+    try:
+        stub = placement_pb2_grpc.PlacementServiceStub(channel)
+
+        def one(k: int) -> str:
+            job = f"job-{k}"
+            stub.RegisterJob(pb.RegisterJobRequest(job=job, spec=spec), timeout=30)
+            call = stub.Solve.future(pb.SolveRequest(reports=round_reports(job, spec, 0, 0, k)),
+                                     timeout=30)
+            time.sleep(0.01 * (k % 3))  # before, during or after the solve
+            stub.UnregisterJob(pb.UnregisterJobRequest(job=job), timeout=30)
+            try:
+                return call.result().plans[0].reason or "solved"
+            except grpc.RpcError as err:  # the job was gone before the call reached it
+                assert err.code() == grpc.StatusCode.INVALID_ARGUMENT, err
+                return "not registered"
+
+        with ThreadPoolExecutor(8) as pool:
+            outcomes = list(pool.map(one, range(ids)))
+        samples = scrape(handle.metrics_port)
+        left = {labels for (name, labels) in samples if any(k == "job" for k, _ in labels)}
+        assert not left, sorted(left)[:5]
+        with urllib.request.urlopen(f"http://127.0.0.1:{handle.metrics_port}/metrics",
+                                    timeout=10) as resp:
+            size = len(resp.read())
+        assert size < 32_000, size
+        counts = {o: outcomes.count(o) for o in set(outcomes)}
+        print(f"\n{ids} job ids, Solve in flight at unregister: outcomes {counts}; /metrics "
+              f"{size / 1000:.1f} kB after, no per-job series left")
     finally:
         channel.close()
         handle.stop()
