@@ -36,7 +36,7 @@ SolveFn = Callable[..., Plan]  # the signature of netmoe.solver.solve
 MAX_DEADLINE_S = 60.0
 MAX_JOB_ID = 128
 MAX_LAYERS = 1024
-SEND_MARGIN_S = 0.25
+SOLVE_MARGIN = 0.2  # of the deadline, kept free of solving
 MIN_BUDGET_S = 0.001
 MAX_STEP = (1 << 63) - 1  # steps index int64 arrays downstream (expert windows)
 
@@ -290,9 +290,10 @@ def assemble(spec: JobSpec, parts: Sequence[RoundCounts]) -> RoundCounts:
 
 def solve_budget(spec: JobSpec, rnd: _Round) -> float:
     """Seconds the solver may take: what is left of the round's deadline minus a margin (a fifth
-    of the deadline, at most 0.25 s) for the plans to reach the ranks, so a time-limited solve
-    returns its best (FEASIBLE) plan before the deadline instead of being overrun."""
-    margin = min(0.2 * spec.deadline, SEND_MARGIN_S)
+    of the deadline: the time limit bounds the search, not the model building, and the plans
+    must still reach the ranks), so a time-limited solve returns its best (FEASIBLE) plan before
+    the deadline instead of being overrun."""
+    margin = SOLVE_MARGIN * spec.deadline
     left = rnd.opened + spec.deadline - time.monotonic()
     return max(left - margin, MIN_BUDGET_S)
 

@@ -226,7 +226,7 @@ def test_slow_solve_of_one_job_never_delays_another(rounds: int) -> None:
         slow_plans = [[w.recv() for w in slow_workers] for _ in range(3)]
         assert all(p.status == pb.PLAN_STATUS_OPTIMAL for ps in slow_plans for p in ps)
         assert all(0 < t <= 1.0 - 0.2 for t in limits[16])  # fast: 1 s deadline, 0.2 s margin
-        assert all(0 < t <= 10.0 - 0.25 for t in limits[12])
+        assert all(0 < t <= 10.0 - 2.0 for t in limits[12])
         print(f"\ncross-job latency while another job's 2 s solves run: median "
               f"{np.median(took) * 1000:.1f} ms, max {max(took) * 1000:.1f} ms over {rounds} "
               f"rounds (report to last plan, in-process server)")
@@ -278,6 +278,34 @@ def test_metrics_bounded_when_jobs_go_with_solves_in_flight(ids: int) -> None:
         counts = {o: outcomes.count(o) for o in set(outcomes)}
         print(f"\n{ids} job ids, Solve in flight at unregister: outcomes {counts}; /metrics "
               f"{size / 1000:.1f} kB after, no per-job series left")
+    finally:
+        channel.close()
+        handle.stop()
+
+
+def test_time_limited_joint_solve_returns_feasible_before_the_deadline() -> None:
+    """A CP-SAT (joint, bottleneck) round that may not be proven optimal in its 3 s deadline: the
+    solver stops at the margin and the ranks get its plan (FEASIBLE), not a "timeout" fallback."""
+    handle = start(ServerConfig(port=0, metrics_port=None, grace_seconds=1.0))
+    channel = grpc.insecure_channel(handle.address)
+    try:
+        stub = placement_pb2_grpc.PlacementServiceStub(channel)
+        spec = job_spec(nodes=2, gpus=4, experts=64, spd=64, deadline_ms=3000, method="joint",
+                        objective="bottleneck")
+        stub.RegisterJob(pb.RegisterJobRequest(job="cp", spec=spec), timeout=10)
+        workers = [Worker(stub) for _ in range(8)]
+        t0 = time.monotonic()
+        for w, r in zip(workers, round_reports("cp", spec, 0, 0, seed=1), strict=True):
+            w.send(r)
+        plans = [w.recv() for w in workers]
+        took = time.monotonic() - t0
+        assert {p.status for p in plans} <= {pb.PLAN_STATUS_FEASIBLE, pb.PLAN_STATUS_OPTIMAL}, (
+            plans[0].reason, plans[0].error)
+        assert took < 3.0
+        print(f"\njoint bottleneck round, 3 s deadline: {pb.PlanStatus.Name(plans[0].status)} "
+              f"after {took:.2f} s (solve {plans[0].solve_seconds:.2f} s)")
+        for w in workers:
+            assert w.close() == []
     finally:
         channel.close()
         handle.stop()
