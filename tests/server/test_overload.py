@@ -309,3 +309,25 @@ def test_time_limited_joint_solve_returns_feasible_before_the_deadline() -> None
     finally:
         channel.close()
         handle.stop()
+
+
+def test_client_gone_mid_write_logs_no_traceback() -> None:
+    server = ServerProcess()
+    try:
+        spd = 2000
+        with grpc.insecure_channel(server.address) as channel:
+            stub = placement_pb2_grpc.PlacementServiceStub(channel)
+            stub.RegisterJob(pb.RegisterJobRequest(job="gone", spec=job_spec(
+                nodes=1, gpus=1, experts=1, spd=spd)), timeout=10)
+            worker = Worker(stub)
+            ids, gather = list(range(spd)), [1] * spd
+            for step in range(300):
+                worker.send(pb.Report(job="gone", step=step, layer=0, rank=0, sample_ids=ids,
+                                      gather=gather))
+            worker.recv()
+            time.sleep(1.0)  # the server is writing plans the client never reads
+        wait_for(lambda: server.samples("netmoe_active_streams") == {(): 0.0}, timeout=30)
+    finally:
+        assert server.stop() == 0
+    log = "".join(server.log)
+    assert "Traceback" not in log and "ExecuteBatchError" not in log, log
