@@ -89,6 +89,7 @@ class PlacementClient:
         tls_key: str | None = None,
     ) -> None:
         self.address, self.job, self.rank, self.spec = address, job, rank, spec
+        self._generation = 0  # of the job's registration this client made (reports carry it)
         token = token if token is not None else os.environ.get("NETMOE_AUTH_TOKEN")
         self._metadata = (("authorization", f"Bearer {token}"),) if token else None
         self.experts = spec.topology.experts
@@ -157,6 +158,7 @@ class PlacementClient:
                 raise ValueError(f"{name} counts must be non-negative, got min {arr.min()}")
         fut: Future[RankPlan | None] = Future()
         report = report_to_proto(self.job, step, layer, self.rank, counts)
+        report.generation = self._generation
         with self._lock:
             if self.rejected:
                 fut.set_exception(NoPlan(f"rejected: {self.rejected}"))
@@ -195,8 +197,9 @@ class PlacementClient:
         delay = self._backoff[0]
         while not self._closed.is_set():
             try:
-                self._stub.RegisterJob(pb.RegisterJobRequest(job=self.job, spec=self.spec),
-                                       timeout=5.0, metadata=self._metadata)  # fmt: skip
+                reply = self._stub.RegisterJob(pb.RegisterJobRequest(job=self.job, spec=self.spec),
+                                               timeout=5.0, metadata=self._metadata)
+                self._generation = reply.generation
                 q: queue.SimpleQueue[pb.Report | None] = queue.SimpleQueue()
                 call = self._stub.Stream(self._requests_of(q), metadata=self._metadata)
                 with self._lock:

@@ -86,6 +86,13 @@ class RoundCounts:
         )
 
 
+def compact_counts(counts: np.ndarray) -> np.ndarray:
+    """counts (any shape, non-negative ints) in the smallest unsigned dtype holding them: routes
+    per sample are small, so held counts take about the bytes they take on the wire."""
+    top = int(counts.max()) if counts.size else 0
+    return counts.astype(np.min_scalar_type(top), copy=False)
+
+
 def home_dest(devices: int, per_device: int) -> np.ndarray:
     """[devices * per_device] int64: every row stays on its current device (row r on r // n)."""
     return np.repeat(np.arange(devices, dtype=np.int64), per_device)

@@ -9,7 +9,15 @@ from __future__ import annotations
 
 import numpy as np
 
-from netmoe.round import BW_INTER, BW_INTRA, STATUSES, RankPlan, RoundCounts, Traffic
+from netmoe.round import (
+    BW_INTER,
+    BW_INTRA,
+    STATUSES,
+    RankPlan,
+    RoundCounts,
+    Traffic,
+    compact_counts,
+)
 
 from . import placement_pb2 as pb
 
@@ -34,11 +42,12 @@ def report_to_proto(job: str, step: int, layer: int, rank: int, counts: RoundCou
 
 
 def report_arrays(msg: pb.Report) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(sample_ids [n] uint64, gather [m] int64, scatter [m'] int64) as on the wire, flat."""
+    """(sample_ids [n] uint64, gather [m], scatter [m']) as on the wire, flat; counts in the
+    smallest unsigned dtype holding them (``compact_counts``), about their wire bytes."""
     return (
         np.fromiter(msg.sample_ids, dtype=np.uint64, count=len(msg.sample_ids)),
-        np.fromiter(msg.gather, dtype=np.int64, count=len(msg.gather)),
-        np.fromiter(msg.scatter, dtype=np.int64, count=len(msg.scatter)),
+        compact_counts(np.fromiter(msg.gather, dtype=np.uint32, count=len(msg.gather))),
+        compact_counts(np.fromiter(msg.scatter, dtype=np.uint32, count=len(msg.scatter))),
     )
 
 

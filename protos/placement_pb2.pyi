@@ -43,20 +43,22 @@ class Topology(_message.Message):
     def __init__(self, nodes: _Optional[int] = ..., gpus_per_node: _Optional[int] = ..., experts: _Optional[int] = ..., expert_device: _Optional[_Iterable[int]] = ..., alpha_intra: _Optional[float] = ..., alpha_inter: _Optional[float] = ..., bw_intra: _Optional[float] = ..., bw_inter: _Optional[float] = ..., bytes_per_route: _Optional[int] = ...) -> None: ...
 
 class JobSpec(_message.Message):
-    __slots__ = ("topology", "world_size", "samples_per_device", "objective", "method", "deadline_ms")
+    __slots__ = ("topology", "world_size", "samples_per_device", "objective", "method", "deadline_ms", "layers")
     TOPOLOGY_FIELD_NUMBER: _ClassVar[int]
     WORLD_SIZE_FIELD_NUMBER: _ClassVar[int]
     SAMPLES_PER_DEVICE_FIELD_NUMBER: _ClassVar[int]
     OBJECTIVE_FIELD_NUMBER: _ClassVar[int]
     METHOD_FIELD_NUMBER: _ClassVar[int]
     DEADLINE_MS_FIELD_NUMBER: _ClassVar[int]
+    LAYERS_FIELD_NUMBER: _ClassVar[int]
     topology: Topology
     world_size: int
     samples_per_device: int
     objective: str
     method: str
     deadline_ms: int
-    def __init__(self, topology: _Optional[_Union[Topology, _Mapping]] = ..., world_size: _Optional[int] = ..., samples_per_device: _Optional[int] = ..., objective: _Optional[str] = ..., method: _Optional[str] = ..., deadline_ms: _Optional[int] = ...) -> None: ...
+    layers: int
+    def __init__(self, topology: _Optional[_Union[Topology, _Mapping]] = ..., world_size: _Optional[int] = ..., samples_per_device: _Optional[int] = ..., objective: _Optional[str] = ..., method: _Optional[str] = ..., deadline_ms: _Optional[int] = ..., layers: _Optional[int] = ...) -> None: ...
 
 class RegisterJobRequest(_message.Message):
     __slots__ = ("job", "spec")
@@ -67,12 +69,14 @@ class RegisterJobRequest(_message.Message):
     def __init__(self, job: _Optional[str] = ..., spec: _Optional[_Union[JobSpec, _Mapping]] = ...) -> None: ...
 
 class RegisterJobResponse(_message.Message):
-    __slots__ = ("job", "created")
+    __slots__ = ("job", "created", "generation")
     JOB_FIELD_NUMBER: _ClassVar[int]
     CREATED_FIELD_NUMBER: _ClassVar[int]
+    GENERATION_FIELD_NUMBER: _ClassVar[int]
     job: str
     created: bool
-    def __init__(self, job: _Optional[str] = ..., created: _Optional[bool] = ...) -> None: ...
+    generation: int
+    def __init__(self, job: _Optional[str] = ..., created: _Optional[bool] = ..., generation: _Optional[int] = ...) -> None: ...
 
 class UnregisterJobRequest(_message.Message):
     __slots__ = ("job",)
@@ -87,7 +91,7 @@ class UnregisterJobResponse(_message.Message):
     def __init__(self, job: _Optional[str] = ...) -> None: ...
 
 class Report(_message.Message):
-    __slots__ = ("job", "step", "layer", "rank", "sample_ids", "gather", "scatter")
+    __slots__ = ("job", "step", "layer", "rank", "sample_ids", "gather", "scatter", "generation")
     JOB_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     LAYER_FIELD_NUMBER: _ClassVar[int]
@@ -95,6 +99,7 @@ class Report(_message.Message):
     SAMPLE_IDS_FIELD_NUMBER: _ClassVar[int]
     GATHER_FIELD_NUMBER: _ClassVar[int]
     SCATTER_FIELD_NUMBER: _ClassVar[int]
+    GENERATION_FIELD_NUMBER: _ClassVar[int]
     job: str
     step: int
     layer: int
@@ -102,7 +107,8 @@ class Report(_message.Message):
     sample_ids: _containers.RepeatedScalarFieldContainer[int]
     gather: _containers.RepeatedScalarFieldContainer[int]
     scatter: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, job: _Optional[str] = ..., step: _Optional[int] = ..., layer: _Optional[int] = ..., rank: _Optional[int] = ..., sample_ids: _Optional[_Iterable[int]] = ..., gather: _Optional[_Iterable[int]] = ..., scatter: _Optional[_Iterable[int]] = ...) -> None: ...
+    generation: int
+    def __init__(self, job: _Optional[str] = ..., step: _Optional[int] = ..., layer: _Optional[int] = ..., rank: _Optional[int] = ..., sample_ids: _Optional[_Iterable[int]] = ..., gather: _Optional[_Iterable[int]] = ..., scatter: _Optional[_Iterable[int]] = ..., generation: _Optional[int] = ...) -> None: ...
 
 class Routes(_message.Message):
     __slots__ = ("inter", "intra", "local", "seconds")

@@ -90,7 +90,11 @@ class PlacementServiceServicer:
     def Stream(self, request_iterator, context):
         """One stream per worker for the whole run. The first report binds the stream to its (job, rank);
         if that first report names an unknown job or a rank outside [0, world_size), the stream is
-        aborted with INVALID_ARGUMENT (nothing else could be served on it). After that, the stream is
+        aborted with INVALID_ARGUMENT (nothing else could be served on it). A (job, rank) is bound to
+        one open stream at a time: a second stream for it is aborted with ABORTED and its
+        reports never reach a round. A stream bound to a registration (generation) of the job that was
+        since unregistered, or a report naming another generation, is aborted with
+        FAILED_PRECONDITION: nothing of an old generation touches the new one. After that, the stream is
         never aborted for a bad report: each report gets exactly one Plan, and a report that fails
         validation gets a Plan with status PLAN_STATUS_INVALID and `error` naming the field and the
         value, while the stream (and every other worker's stream) goes on. A report whose content is

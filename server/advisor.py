@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Protocol, TypeVar
 
 import numpy as np
 
-from netmoe.round import Key, RoundCounts
+from netmoe.round import Key, RoundCounts, compact_counts
 from netmoe.solver import Plan, Topology, solve
 from netmoe.solver.experts import (
     UNITS,
@@ -124,12 +124,6 @@ class ExpertAdvice:
         return self.evaluation.inter_saving_per_step
 
 
-def _compact(counts: np.ndarray) -> np.ndarray:
-    """The smallest unsigned dtype holding counts [I, E] (routes per sample are small)."""
-    top = int(counts.max()) if counts.size else 0
-    return counts.astype(np.min_scalar_type(top), copy=False)
-
-
 class ExpertAdvisor:
     """One job: its window, its confirmed maps. topology: the registered one (its map is in
     force until a confirmation)."""
@@ -167,7 +161,7 @@ class ExpertAdvisor:
         rank-major); has_next: the round had a scatter (a next MoE layer). Evicts the oldest steps
         beyond the limits; a step older than a full window's oldest is ignored."""
         step, layer = key
-        g = _compact(gather)
+        g = compact_counts(gather)
         ids = np.asarray(ids, dtype=np.uint64)
         size = g.nbytes + ids.nbytes
         with self._lock:

@@ -19,6 +19,7 @@ import asyncio
 import concurrent.futures
 import errno
 import logging
+import os
 import signal
 import socket
 import threading
@@ -39,7 +40,7 @@ from .config import ServerConfig
 from .interceptors import MetricsInterceptor, StrictParsingInterceptor
 from .metrics import Metrics
 from .rounds import Coordinator, SolveFn
-from .servicer import PlacementServicer
+from .servicer import PlacementServicer, StreamLimits
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +94,8 @@ class PlacementServer:
             solver_threads=config.solver_threads, max_jobs=config.max_jobs,
             max_pending=config.max_pending_rounds, finished_memory=config.finished_memory,
             max_world_size=config.max_world_size, max_report_cells=config.max_report_cells,
-            observer=self.metrics, **kwargs,
+            max_job_pending_bytes=config.max_job_pending_bytes,
+            max_pending_bytes=config.max_pending_bytes, observer=self.metrics, **kwargs,
         )
         self.advisors = ExpertAdvisors(
             WindowLimits(config.expert_window_steps, config.expert_window_bytes),
@@ -117,9 +119,12 @@ class PlacementServer:
     async def start(self) -> None:
         cfg = self.config
         self.coordinator = Coordinator(**self._coordinator_args, hooks=self.advisors)
+        coordinator = self.coordinator
+        self.metrics.pending_bytes.set_function(lambda: coordinator.pending_bytes)
         server = grpc.aio.server(interceptors=self._interceptors, options=cfg.grpc_options())
         placement_pb2_grpc.add_PlacementServiceServicer_to_server(
-            PlacementServicer(self.coordinator, self.advisors, self.metrics), server
+            PlacementServicer(self.coordinator, self.advisors, self.metrics, StreamLimits(
+                cfg.stream_backlog_bytes, cfg.max_streams, cfg.stream_idle_seconds)), server
         )
         self.health = HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
@@ -259,9 +264,11 @@ def serve(config: ServerConfig, **kwargs: object) -> int:
     """Runs until SIGTERM or SIGINT, then drains. Returns the exit code: 0 after SIGTERM (an
     orderly stop), 130 after SIGINT (Ctrl-C, as shells report an interrupted command)."""
     signals: list[signal.Signals] = []
+    servers: list[PlacementServer] = []
 
     async def main() -> None:
         server = PlacementServer(config, **kwargs)  # type: ignore[arg-type]
+        servers.append(server)
         loop = asyncio.get_running_loop()
         draining: list[asyncio.Task[None]] = []
 
@@ -280,4 +287,12 @@ def serve(config: ServerConfig, **kwargs: object) -> int:
         await server.wait_stopped()
 
     asyncio.run(main())
-    return 130 if signals[:1] == [signal.SIGINT] else 0
+    code = 130 if signals[:1] == [signal.SIGINT] else 0
+    coord = servers[0].coordinator if servers else None
+    if coord is not None and coord.solving:
+        # A solve (CP-SAT up to the deadline) was abandoned: exit now, as drain + grace promised,
+        # rather than wait in interpreter teardown for native solver threads.
+        log.info("netmoe serve: exiting with %d solve(s) abandoned", coord.solving)
+        logging.shutdown()
+        os._exit(code)
+    return code

@@ -49,11 +49,11 @@ class ServerConfig:
     max_message_bytes: int = 16 * MiB
     keepalive_time_s: float = 30.0
     keepalive_timeout_s: float = 10.0
-    solver_threads: int = 1
+    solver_threads: int = 4  # jobs solved in parallel (each job one round at a time)
     max_jobs: int = 64
     max_pending_rounds: int = 16
     finished_memory: int = 256
-    drain_seconds: float = 0.0
+    drain_seconds: float = 1.0  # a 1 s health probe sees NOT_SERVING before RPCs stop
     grace_seconds: float = 5.0
     # Security. Binding a non-loopback address (gRPC or metrics) needs allow_remote.
     allow_remote: bool = False
@@ -64,6 +64,12 @@ class ServerConfig:
     # Limits on what one job may ask of the server.
     max_world_size: int = 1024
     max_report_cells: int = 1 << 20  # samples_per_device x experts of one report
+    # Memory held for clients, in bytes and streams.
+    max_job_pending_bytes: int = 256 * MiB  # reports of one job's open rounds
+    max_pending_bytes: int = 1024 * MiB  # reports of all open rounds
+    stream_backlog_bytes: int = 8 * MiB  # plans queued for a stream whose client does not read
+    max_streams: int = 4096
+    stream_idle_seconds: float = 600.0  # a stream that sends nothing for this long is closed
     # Expert placement window per job (netmoe.server.advisor.WindowLimits).
     expert_window_steps: int = 32
     expert_window_bytes: int = 32 * MiB
@@ -98,11 +104,13 @@ class ServerConfig:
                              f"needs a port of its own")
         for name in ("max_message_bytes", "solver_threads", "max_jobs", "max_pending_rounds",
                      "finished_memory", "max_world_size", "max_report_cells",
+                     "max_job_pending_bytes", "max_pending_bytes", "stream_backlog_bytes",
+                     "max_streams",
                      "expert_window_steps", "expert_window_bytes"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        for name in ("keepalive_time_s", "keepalive_timeout_s"):
+        for name in ("keepalive_time_s", "keepalive_timeout_s", "stream_idle_seconds"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}")
         for name in ("drain_seconds", "grace_seconds"):

@@ -16,12 +16,24 @@ class FieldError(ValueError):
         self.field = field
 
 
+class OverLimit(FieldError):
+    """Accepting this input would exceed a server limit on held bytes; ``field`` names it."""
+
+
 class JobConflict(Exception):
     """A job id is already registered with a different spec."""
 
 
 class JobLimit(Exception):
     """Registering one more job (or a job this large) would exceed the server's caps."""
+
+
+class RankBound(Exception):
+    """A (job, rank) is already bound to another open stream."""
+
+
+class StaleGeneration(Exception):
+    """A stream or report belongs to an earlier registration of its job id."""
 
 
 class NotEnoughData(Exception):
@@ -34,12 +46,14 @@ async def abort(context: grpc.aio.ServicerContext, code: grpc.StatusCode, messag
     raise AssertionError("context.abort returned")  # it always raises; tells type checkers so
 
 
-def status_of(err: JobConflict | JobLimit | NotEnoughData | ValueError) -> grpc.StatusCode:
+def status_of(err: Exception) -> grpc.StatusCode:
     """The status code a domain error maps to (see the service comments in placement.proto)."""
+    if isinstance(err, RankBound):
+        return grpc.StatusCode.ABORTED  # retryable: a reconnecting worker's old stream may linger
     if isinstance(err, JobConflict):
         return grpc.StatusCode.ALREADY_EXISTS
-    if isinstance(err, JobLimit):
+    if isinstance(err, (JobLimit, OverLimit)):
         return grpc.StatusCode.RESOURCE_EXHAUSTED
-    if isinstance(err, NotEnoughData):
+    if isinstance(err, (NotEnoughData, StaleGeneration)):
         return grpc.StatusCode.FAILED_PRECONDITION
     return grpc.StatusCode.INVALID_ARGUMENT

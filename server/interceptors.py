@@ -142,7 +142,11 @@ class StrictParsingInterceptor(grpc.aio.ServerInterceptor):
 
         async def parsed(raw_iterator: AsyncIterator[bytes]) -> AsyncIterator[Any]:
             async for raw in raw_iterator:
-                yield parse(raw)
+                # Hold neither the bytes nor the message while suspended: a stream sends one
+                # report a round, and each of its messages would stay alive until the next.
+                box = [parse(raw)]
+                raw = None
+                yield box.pop()
 
         def request_of(raw: Any) -> Any:
             return parsed(raw) if handler.request_streaming else parse(raw)

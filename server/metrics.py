@@ -48,6 +48,9 @@ class Metrics:
         self.active_streams = Gauge(
             "netmoe_active_streams", "Open worker report streams.", registry=reg
         )
+        self.pending_bytes = Gauge(
+            "netmoe_pending_report_bytes", "Bytes of the reports open rounds hold.", registry=reg
+        )
         self.grpc_started = Counter(
             "grpc_server_started", "RPCs started on the server.", GRPC_LABELS, registry=reg
         )

@@ -13,9 +13,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import queue
+import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -25,13 +28,17 @@ from netmoe.round import Key, RankPlan, RoundCounts, Traffic, home_dest
 from netmoe.solver import METHODS, OBJECTIVES, Plan, Topology, solve, traffic
 from netmoe.solver.topology import positive_int
 
-from .errors import FieldError, JobConflict, JobLimit
+from .errors import FieldError, JobConflict, JobLimit, OverLimit, RankBound, StaleGeneration
 
 log = logging.getLogger(__name__)
 
 SolveFn = Callable[..., Plan]  # the signature of netmoe.solver.solve
 MAX_DEADLINE_S = 60.0
 MAX_JOB_ID = 128
+MAX_LAYERS = 1024
+SOLVE_MARGIN = 0.2  # of the deadline, kept free of solving
+MIN_BUDGET_S = 0.001
+MAX_STEP = (1 << 63) - 1  # steps index int64 arrays downstream (expert windows)
 
 # Round outcomes (metrics label values and Plan.reason of fallbacks).
 SOLVED = "solved"
@@ -50,6 +57,7 @@ class JobSpec:
 
     world_size must equal topology.devices; every rank reports samples_per_device samples.
     deadline: seconds from a round's first report until its ranks get the home placement.
+    layers: MoE layers of the model; reports name layers in [0, layers).
     """
 
     job: str
@@ -59,6 +67,7 @@ class JobSpec:
     objective: str = "volume"
     method: str = "two_stage"
     deadline: float = 0.05
+    layers: int = MAX_LAYERS
 
     def __post_init__(self) -> None:
         if not isinstance(self.job, str) or not self.job or len(self.job) > MAX_JOB_ID:
@@ -77,6 +86,8 @@ class JobSpec:
             raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        if not 1 <= positive_int("layers", self.layers) <= MAX_LAYERS:
+            raise ValueError(f"layers must be in [1, {MAX_LAYERS}], got {self.layers!r}")
         if not 0 < self.deadline <= MAX_DEADLINE_S:
             raise ValueError(
                 f"deadline must be in (0, {MAX_DEADLINE_S:g}] seconds, got {self.deadline!r}"
@@ -94,6 +105,7 @@ class Report:
 
     sample_ids: [n] uint64 global ids in local order. gather, scatter: [n * E] int64 row-major
     routes of each local sample to each expert; scatter is empty when there is no next layer.
+    generation: the job registration the sender knows (0: whichever is current).
     """
 
     job: str
@@ -103,6 +115,7 @@ class Report:
     sample_ids: np.ndarray
     gather: np.ndarray
     scatter: np.ndarray
+    generation: int = 0
 
     @property
     def key(self) -> Key:
@@ -187,6 +200,46 @@ class NoHooks:
         pass
 
 
+class SolverThreads:
+    """Daemon threads running solves. Shut down, queued solves are cancelled and a running one is
+    abandoned: the process exits without waiting for it (a CP-SAT run may take the deadline)."""
+
+    def __init__(self, threads: int) -> None:
+        self._queue: queue.SimpleQueue[tuple[Future, Callable[[], object]] | None] = (
+            queue.SimpleQueue())
+        self._threads = [threading.Thread(target=self._work, name=f"netmoe-solver-{k}",
+                                          daemon=True) for k in range(threads)]
+        self.running = 0  # solves under way (read across threads: a hint, not a lock)
+        for t in self._threads:
+            t.start()
+
+    def submit(self, fn: Callable[[], object]) -> Future:
+        fut: Future = Future()
+        self._queue.put((fut, fn))
+        return fut
+
+    def shutdown(self) -> None:
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if item is not None:
+                item[0].cancel()
+        for _ in self._threads:
+            self._queue.put(None)
+
+    def _work(self) -> None:
+        while (item := self._queue.get()) is not None:
+            fut, fn = item
+            if not fut.set_running_or_notify_cancel():
+                continue
+            try:
+                fut.set_result(fn())
+            except BaseException as err:
+                fut.set_exception(err)
+
+
 def check_report(spec: JobSpec, report: Report, prefix: str = "") -> RoundCounts:
     """The report's counts shaped [n, E], or FieldError unless its ids and counts fit the job."""
     n, e = spec.samples_per_device, spec.topology.experts
@@ -236,7 +289,28 @@ def assemble(spec: JobSpec, parts: Sequence[RoundCounts]) -> RoundCounts:
         raise FieldError(
             "scatter", f"scatter: ranks {with_scatter} sent one but ranks {without} did not"
         )
-    return RoundCounts.concat(parts)
+    scatters = None if parts[0].scatter is None else [p.scatter for p in parts]
+    # Parts stay compact while pending; the solve (and the expert side) gets int64.
+    return RoundCounts(
+        ids, np.concatenate([p.gather for p in parts], dtype=np.int64),
+        None if scatters is None else np.concatenate(scatters, dtype=np.int64),
+    )
+
+
+def solve_budget(spec: JobSpec, rnd: _Round) -> float:
+    """Seconds the solver may take: what is left of the round's deadline minus a margin (a fifth
+    of the deadline: the time limit bounds the search, not the model building, and the plans
+    must still reach the ranks), so a time-limited solve returns its best (FEASIBLE) plan before
+    the deadline instead of being overrun."""
+    margin = SOLVE_MARGIN * spec.deadline
+    left = rnd.opened + spec.deadline - time.monotonic()
+    return max(left - margin, MIN_BUDGET_S)
+
+
+def part_bytes(part: RoundCounts) -> int:
+    """Bytes a pending report holds."""
+    scatter = 0 if part.scatter is None else part.scatter.nbytes
+    return part.sample_ids.nbytes + part.gather.nbytes + scatter
 
 
 def rank_plan(spec: JobSpec, key: Key, outcome: Outcome, rank: int, ids: np.ndarray,
@@ -272,18 +346,36 @@ class _Round:
     outcome: Outcome | None = None
     finished: asyncio.Event = field(default_factory=asyncio.Event)
     solving: bool = False
+    opened: float = field(default_factory=time.monotonic)  # the deadline counts from here
 
     @property
     def done(self) -> bool:
         return self.outcome is not None
 
 
+@dataclass(frozen=True)
+class Binding:
+    """A stream's (job, rank) in one registration (generation) of the job id."""
+
+    job: str
+    rank: int
+    generation: int
+
+
 @dataclass(eq=False)
 class _Job:
+    """bound: rank -> the owner (an opaque stream token) of the one stream reporting for it."""
+
     spec: JobSpec
+    generation: int
     pending: dict[Key, _Round] = field(default_factory=dict)
     finished: OrderedDict[Key, Outcome] = field(default_factory=OrderedDict)
     last: dict[int, Key] = field(default_factory=dict)
+    bound: dict[int, object] = field(default_factory=dict)
+    unary: set[_Round] = field(default_factory=set)  # rounds of Solve calls in flight
+    pending_bytes: int = 0  # of the reports its open rounds hold
+    # One solve of the job at a time: a job's slow rounds never hold more than one solver thread.
+    solver_turn: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 
 class Coordinator:
@@ -298,28 +390,32 @@ class Coordinator:
         self,
         *,
         solve_fn: SolveFn = solve,
-        solver_threads: int = 1,
+        solver_threads: int = 4,
         max_jobs: int = 64,
         max_pending: int = 16,
         finished_memory: int = 256,
         max_world_size: int = 1024,
         max_report_cells: int = 1 << 20,
+        max_job_pending_bytes: int = 256 << 20,
+        max_pending_bytes: int = 1 << 30,
         observer: RoundObserver | None = None,
         hooks: RoundHooks | None = None,
     ) -> None:
         self._solve_fn = solve_fn
         self._hooks: RoundHooks = hooks if hooks is not None else NoHooks()
-        self._executor = ThreadPoolExecutor(
-            max_workers=positive_int("solver_threads", solver_threads),
-            thread_name_prefix="netmoe-solver",
-        )
+        self._solvers = SolverThreads(positive_int("solver_threads", solver_threads))
+        self._closed = False
         self._max_jobs = positive_int("max_jobs", max_jobs)
         self._max_pending = positive_int("max_pending", max_pending)
         self._finished_memory = positive_int("finished_memory", finished_memory)
         self._max_world_size = positive_int("max_world_size", max_world_size)
         self._max_report_cells = positive_int("max_report_cells", max_report_cells)
+        self._max_job_bytes = positive_int("max_job_pending_bytes", max_job_pending_bytes)
+        self._max_bytes = positive_int("max_pending_bytes", max_pending_bytes)
+        self._pending_bytes = 0
         self._observer: RoundObserver = observer or NullObserver()
         self._jobs: dict[str, _Job] = {}
+        self._generation = 0  # of the last registration; unique over the server's life
         self._tasks: set[asyncio.Task[None]] = set()
 
     @property
@@ -329,8 +425,13 @@ class Coordinator:
     def pending_rounds(self, job: str) -> int:
         return len(self._jobs[job].pending)
 
+    def generation(self, job: str) -> int:
+        """The registration number of a registered job (KeyError if unknown)."""
+        return self._jobs[job].generation
+
     def register(self, spec: JobSpec) -> bool:
-        """Adds a job; False if it exists with the same spec. Raises JobConflict / JobLimit."""
+        """Adds a job; False if it exists with the same spec. Raises JobConflict / JobLimit.
+        Each new registration of a job id gets a new generation (``generation``)."""
         t = spec.topology
         self.check_limits(spec.job, world_size=spec.world_size, devices=t.devices,
                           samples_per_device=spec.samples_per_device, experts=t.experts)
@@ -341,7 +442,8 @@ class Coordinator:
             return False
         if len(self._jobs) >= self._max_jobs:
             raise JobLimit(f"job {spec.job!r}: the server already holds max_jobs={self._max_jobs}")
-        self._jobs[spec.job] = _Job(spec)
+        self._generation += 1
+        self._jobs[spec.job] = _Job(spec, self._generation)
         self._hooks.added(spec)
         return True
 
@@ -365,19 +467,21 @@ class Coordinator:
     def unregister(self, job: str) -> None:
         """Forgets a job; its waiting ranks get fallbacks. Raises KeyError if unknown."""
         state = self._jobs[job]
-        for rnd in list(state.pending.values()):
+        for rnd in [*state.pending.values(), *state.unary]:
             self._finish(state, rnd, Outcome(UNREGISTERED, f"job {job!r} was unregistered"))
         del self._jobs[job]
         self._hooks.removed(job)
 
     def close(self) -> None:
-        """Answers every waiting rank with a fallback and stops the solver threads."""
+        """Answers every waiting rank with a fallback and stops the solver threads; rounds
+        reported from now on get the fallback "shutdown" at once."""
+        self._closed = True
         for state in self._jobs.values():
             for rnd in list(state.pending.values()):
                 self._finish(state, rnd, Outcome(SHUTDOWN, "the server is shutting down"))
         for task in self._tasks:
             task.cancel()
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        self._solvers.shutdown()
 
     def spec(self, job: str) -> JobSpec:
         state = self._jobs.get(job)
@@ -395,13 +499,66 @@ class Coordinator:
             )
         return spec
 
-    def submit(self, report: Report, deliver: Deliver) -> None:
-        """Queues a report; ``deliver`` gets its plan once (possibly right away) when its round
-        finishes. Raises FieldError if the report is rejected (then ``deliver`` is not called);
-        a rejected report with valid coordinates ends its round as invalid for the other ranks.
+    @staticmethod
+    def check_coordinates(spec: JobSpec, report: Report) -> None:
+        """Raises FieldError unless layer and step are in range; checked before any round is
+        opened, so out-of-range coordinates touch no round."""
+        if not 0 <= report.layer < spec.layers:
+            raise FieldError(
+                "layer", f"layer {report.layer} is outside [0, {spec.layers}) for job "
+                         f"{spec.job!r} (spec.layers)")
+        if not 0 <= report.step <= MAX_STEP:
+            raise FieldError("step", f"step {report.step} exceeds {MAX_STEP}")
+
+    def bind(self, report: Report, owner: object, generation: int = 0) -> Binding:
+        """Binds (report.job, report.rank) to the stream ``owner`` until ``release``.
+
+        generation: the registration the stream's client knows (0: the current one). Raises
+        FieldError (unknown job, rank out of range), StaleGeneration (the job id was registered
+        anew since) or RankBound (another open stream holds the rank).
         """
         spec = self.check_binding(report)
         state = self._jobs[report.job]
+        self._check_generation(state, generation)
+        holder = state.bound.get(report.rank)
+        if holder is not None and holder is not owner:
+            raise RankBound(f"rank {report.rank} of job {spec.job!r} is already bound to another "
+                            f"open stream (one stream per rank; close it first)")
+        state.bound[report.rank] = owner
+        return Binding(spec.job, report.rank, state.generation)
+
+    def release(self, binding: Binding, owner: object) -> None:
+        """Frees the rank of a closed stream. The rank's next stream starts afresh: its steps
+        may restart (a worker resumed from a checkpoint), rounds still refuse a second report."""
+        state = self._jobs.get(binding.job)
+        if state is None or state.generation != binding.generation:
+            return
+        if state.bound.get(binding.rank) is owner:
+            del state.bound[binding.rank]
+            state.last.pop(binding.rank, None)
+
+    @staticmethod
+    def _check_generation(state: _Job, generation: int) -> None:
+        if generation and generation != state.generation:
+            raise StaleGeneration(
+                f"generation {generation} of job {state.spec.job!r} was unregistered; the job "
+                f"id is now generation {state.generation} (register again)")
+
+    def submit(self, report: Report, deliver: Deliver, binding: Binding | None = None) -> None:
+        """Queues a report; ``deliver`` gets its plan once (possibly right away) when its round
+        finishes. Raises FieldError if the report is rejected (then ``deliver`` is not called);
+        a rejected report with valid coordinates ends its round as invalid for the other ranks.
+        binding: the stream's, whose generation must still be registered (else StaleGeneration).
+        """
+        spec = self.check_binding(report)
+        state = self._jobs[report.job]
+        if binding is not None:
+            if state.generation != binding.generation:
+                raise StaleGeneration(
+                    f"generation {binding.generation} of job {spec.job!r} was unregistered; "
+                    f"the job id is now generation {state.generation}")
+            self._check_generation(state, report.generation)
+        self.check_coordinates(spec, report)
         key, rank = report.key, report.rank
         last = state.last.get(rank)
         if last is not None and key <= last:
@@ -412,6 +569,8 @@ class Coordinator:
             )
         rnd = state.pending.get(key)
         done = state.finished.get(key)
+        if rnd is not None and rank in rnd.parts:
+            raise FieldError("step", f"rank {rank} already reported step/layer {key}")
         try:
             part = check_report(spec, report)
         except FieldError as err:
@@ -419,6 +578,8 @@ class Coordinator:
                 self._finish(state, rnd or self._open(state, key),
                              Outcome(INVALID, f"rank {rank}: {err}"))
             raise
+        if done is None:
+            self._check_bytes(state, part_bytes(part))
         state.last[rank] = key
         if done is not None:
             deliver(rank_plan(spec, key, done, rank, part.sample_ids,
@@ -436,9 +597,10 @@ class Coordinator:
             raise FieldError("reports", "reports is empty, need one report per rank")
         head = reports[0]
         spec = self.spec(head.job)
+        self._check_generation(self._jobs[head.job], head.generation)
         parts: dict[int, RoundCounts] = {}
         for k, rep in enumerate(reports):
-            for name in ("job", "step", "layer"):
+            for name in ("job", "step", "layer", "generation"):
                 if getattr(rep, name) != getattr(head, name):
                     raise FieldError(
                         f"reports[{k}].{name}",
@@ -448,11 +610,16 @@ class Coordinator:
             if not 0 <= rep.rank < spec.world_size:
                 raise FieldError(f"reports[{k}].rank", f"reports[{k}].rank={rep.rank} is outside "
                                  f"[0, {spec.world_size}) for job {spec.job!r}")
+            try:
+                self.check_coordinates(spec, rep)
+            except FieldError as err:
+                raise FieldError(f"reports[{k}].{err.field}", f"reports[{k}].{err}") from None
             if rep.rank in parts:
                 first = next(i for i, r in enumerate(reports) if r.rank == rep.rank)
                 raise FieldError(f"reports[{k}].rank", f"reports[{k}].rank={rep.rank} repeats "
                                  f"reports[{first}].rank")
             parts[rep.rank] = check_report(spec, rep, f"reports[{k}].")
+        self._check_bytes(self._jobs[head.job], sum(part_bytes(p) for p in parts.values()))
         if len(parts) != spec.world_size:
             missing = sorted(set(range(spec.world_size)) - set(parts))
             raise FieldError("reports", f"reports lacks ranks {missing} of job {spec.job!r}")
@@ -484,14 +651,43 @@ class Coordinator:
         )
         if streamed:
             state.pending[key] = rnd
+        else:
+            state.unary.add(rnd)
         return rnd
+
+    @property
+    def solving(self) -> int:
+        """Solves running in solver threads now (after ``close``: the abandoned ones)."""
+        return self._solvers.running
+
+    @property
+    def pending_bytes(self) -> int:
+        """Bytes of the reports all open rounds hold."""
+        return self._pending_bytes
+
+    def _check_bytes(self, state: _Job, size: int) -> None:
+        """Raises OverLimit naming the limit a report of ``size`` bytes would exceed."""
+        job = state.spec.job
+        if state.pending_bytes + size > self._max_job_bytes:
+            raise OverLimit("max_job_pending_bytes", (
+                f"job {job!r} holds {state.pending_bytes} bytes of pending reports; {size} more "
+                f"exceed max_job_pending_bytes={self._max_job_bytes}"))
+        if self._pending_bytes + size > self._max_bytes:
+            raise OverLimit("max_pending_bytes", (
+                f"the server holds {self._pending_bytes} bytes of pending reports; {size} more "
+                f"(job {job!r}) exceed max_pending_bytes={self._max_bytes}"))
 
     def _add(self, state: _Job, rnd: _Round, rank: int, part: RoundCounts,
              deliver: Deliver) -> None:
         """One rank's checked counts join the round; the last one starts the solve."""
+        size = part_bytes(part)
+        state.pending_bytes += size
+        self._pending_bytes += size
         rnd.parts[rank] = part
         rnd.waiters.append((rank, part.sample_ids, deliver))
-        if len(rnd.parts) == state.spec.world_size:
+        if self._closed:
+            self._finish(state, rnd, Outcome(SHUTDOWN, "the server is shutting down"))
+        elif len(rnd.parts) == state.spec.world_size:
             rnd.solving = True
             task = asyncio.get_running_loop().create_task(self._solve_round(state, rnd))
             self._tasks.add(task)
@@ -515,9 +711,14 @@ class Coordinator:
         except FieldError as err:
             self._finish(state, rnd, Outcome(INVALID, str(err)))
             return
-        loop = asyncio.get_running_loop()
         try:
-            plan = await loop.run_in_executor(self._executor, self._run_solver, spec, rnd)
+            async with state.solver_turn:
+                plan = await asyncio.wrap_future(
+                    self._solvers.submit(lambda: self._run_solver(spec, rnd)))
+        except asyncio.CancelledError:
+            if self._closed:  # close() cancelled the queued solve and answered the round
+                return
+            raise
         except ValueError as err:
             outcome = Outcome(INVALID, f"solver rejected the round: {err}")
         except Exception as err:  # a solver bug must not leave ranks waiting for the deadline
@@ -546,7 +747,7 @@ class Coordinator:
         if plan is None:
             plan = self._solve_fn(
                 topo, counts.gather, counts.scatter, home=home, objective=spec.objective,
-                method=spec.method, time_limit=spec.deadline, **extra,
+                method=spec.method, time_limit=solve_budget(spec, rnd), **extra,
             )
         return plan
 
@@ -559,6 +760,7 @@ class Coordinator:
         rnd.outcome = outcome
         if rnd.timer is not None:
             rnd.timer.cancel()
+        state.unary.discard(rnd)
         if rnd.streamed:
             state.pending.pop(rnd.key, None)
             if outcome.plan is None:
@@ -566,9 +768,13 @@ class Coordinator:
                 while len(state.finished) > self._finished_memory:
                     state.finished.popitem(last=False)
         after = outcome.plan.after if outcome.plan is not None else outcome.before
-        self._observer.round_finished(state.spec.job, outcome.kind, outcome.before, after)
+        if self._jobs.get(state.spec.job) is state:  # a gone job's series stay removed
+            self._observer.round_finished(state.spec.job, outcome.kind, outcome.before, after)
         for rank, ids, deliver in rnd.waiters:
             deliver(rank_plan(state.spec, rnd.key, outcome, rank, ids))
         rnd.waiters.clear()
+        size = sum(part_bytes(p) for p in rnd.parts.values())
+        state.pending_bytes -= size
+        self._pending_bytes -= size
         rnd.parts.clear()
         rnd.finished.set()

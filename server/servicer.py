@@ -7,7 +7,11 @@ what an error does to an RPC (see the service comments in placement.proto).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+import contextlib
+import logging
+import math
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 
 import grpc
 import grpc.aio
@@ -20,17 +24,50 @@ from netmoe.round import RankPlan
 from netmoe.solver import Topology
 
 from .advisor import ExpertAdvisors
-from .errors import FieldError, JobConflict, JobLimit, abort, status_of
+from .errors import FieldError, JobConflict, JobLimit, RankBound, StaleGeneration, abort, status_of
 from .experts_service import ExpertPlacementRPCs
 from .interceptors import MalformedRequest
 from .metrics import Metrics
-from .rounds import Coordinator, JobSpec, Report
+from .rounds import MAX_DEADLINE_S, MAX_LAYERS, Binding, Coordinator, JobSpec, Report
+
+log = logging.getLogger(__name__)
+
+MAX_ALPHA_S = 60.0
+MAX_BYTES_PER_ROUTE = 1 << 32
+MAX_COUNT = (1 << 32) - 1  # a count on the wire is a uint32
+
+
+def check_modelled_times(msg: pb.JobSpec) -> None:
+    """Raises ValueError naming spec.topology.<field> unless the modelled time of the largest
+    round the job can report (every count at its maximum, gather and scatter) is finite."""
+    t = msg.topology
+    for name in ("alpha_intra", "alpha_inter"):
+        value = getattr(t, name)
+        if not 0 <= value <= MAX_ALPHA_S:
+            raise ValueError(f"spec.topology.{name} must be in [0, {MAX_ALPHA_S:g}] seconds, "
+                             f"got {value!r}")
+    if t.bytes_per_route > MAX_BYTES_PER_ROUTE:
+        raise ValueError(f"spec.topology.bytes_per_route must be at most {MAX_BYTES_PER_ROUTE}, "
+                         f"got {t.bytes_per_route}")
+    routes = 2.0 * msg.world_size * msg.samples_per_device * t.experts * MAX_COUNT
+    for name, alpha in (("bw_intra", t.alpha_intra), ("bw_inter", t.alpha_inter)):
+        bw = getattr(t, name)
+        if bw > 0 and not math.isfinite(2 * alpha + routes * t.bytes_per_route / bw):
+            raise ValueError(f"spec.topology.{name}={bw!r} bytes/s makes the modelled time of a "
+                             f"round overflow (infinite seconds)")
 
 
 def spec_from_proto(job: str, msg: pb.JobSpec) -> JobSpec:
     """Raises ValueError naming the field and the value."""
     if not msg.HasField("topology"):
         raise ValueError("spec.topology is missing")
+    if not 1 <= msg.deadline_ms <= MAX_DEADLINE_S * 1000:
+        raise ValueError(f"spec.deadline_ms must be in [1, {MAX_DEADLINE_S * 1000:.0f}], "
+                         f"got {msg.deadline_ms}")
+    if msg.layers > MAX_LAYERS:
+        raise ValueError(f"spec.layers must be in [1, {MAX_LAYERS}] (0: {MAX_LAYERS}), "
+                         f"got {msg.layers}")
+    check_modelled_times(msg)
     t = msg.topology
     topo = Topology(
         nodes=t.nodes, gpus_per_node=t.gpus_per_node, experts=t.experts,
@@ -38,24 +75,23 @@ def spec_from_proto(job: str, msg: pb.JobSpec) -> JobSpec:
         alpha_intra=t.alpha_intra, alpha_inter=t.alpha_inter,
         bw_intra=t.bw_intra, bw_inter=t.bw_inter, bytes_per_route=t.bytes_per_route,
     )
-    if msg.deadline_ms == 0:
-        raise ValueError("spec.deadline_ms must be positive, got 0")
     return JobSpec(
         job=job, topology=topo, world_size=msg.world_size,
         samples_per_device=msg.samples_per_device, objective=msg.objective or "volume",
         method=msg.method or "two_stage", deadline=msg.deadline_ms / 1000.0,
+        layers=msg.layers or MAX_LAYERS,
     )
 
 
 def report_from_proto(msg: pb.Report) -> Report:
     ids, gather, scatter = report_arrays(msg)
     return Report(job=msg.job, step=msg.step, layer=msg.layer, rank=msg.rank, sample_ids=ids,
-                  gather=gather, scatter=scatter)
+                  gather=gather, scatter=scatter, generation=msg.generation)
 
 
-def invalid_plan(msg: pb.Report, error: str, job: str) -> pb.Plan:
+def invalid_plan(report: Report, error: str, job: str) -> pb.Plan:
     """The answer to a report that failed validation (job: the stream's, never the caller's)."""
-    return plan_to_proto(job, RankPlan.rejected(msg.step, msg.layer, msg.rank, error))
+    return plan_to_proto(job, RankPlan.rejected(report.step, report.layer, report.rank, error))
 
 
 class _StreamEnd:
@@ -68,12 +104,55 @@ class _StreamAbort:
         self.message = message
 
 
+class _Outbox(asyncio.Queue):
+    """A stream's outbound queue, bounded in bytes of plans not yet written. Past the bound it
+    drops what it holds, refuses more plans and calls ``overflow`` with the reason."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__()
+        self.limit = limit
+        self.bytes = 0
+        self.cut = False
+        self.overflow: Callable[[str], None] = lambda reason: None
+
+    def put_nowait(self, item: object) -> None:
+        if isinstance(item, pb.Plan):
+            if self.cut:
+                return
+            self.bytes += item.ByteSize()
+            if self.bytes > self.limit:
+                self.cut = True
+                while not self.empty():
+                    self.get_nowait()
+                self.overflow(f"the client did not read its plans: more than "
+                              f"stream_backlog_bytes={self.limit} bytes queued")
+                return
+        super().put_nowait(item)
+
+    def sent(self, item: pb.Plan) -> None:
+        self.bytes -= item.ByteSize()
+
+
+@dataclass(frozen=True)
+class StreamLimits:
+    """backlog_bytes: plans queued for one stream (its client not reading) before it is cut;
+    max_streams: open streams at once; idle_seconds: a stream sending nothing this long is
+    closed."""
+
+    backlog_bytes: int = 8 << 20
+    max_streams: int = 4096
+    idle_seconds: float = 600.0
+
+
 class PlacementServicer(ExpertPlacementRPCs, placement_pb2_grpc.PlacementServiceServicer):
     def __init__(self, coordinator: Coordinator, advisors: ExpertAdvisors,
-                 metrics: Metrics) -> None:
+                 metrics: Metrics, limits: StreamLimits | None = None) -> None:
         self._coord = coordinator
         self._advisors = advisors
         self._metrics = metrics
+        self._limits = limits or StreamLimits()
+        self._streams = 0
+        self._cuts: set[asyncio.Task[None]] = set()
 
     async def RegisterJob(
         self, request: pb.RegisterJobRequest, context: grpc.aio.ServicerContext
@@ -90,7 +169,8 @@ class PlacementServicer(ExpertPlacementRPCs, placement_pb2_grpc.PlacementService
         except (JobConflict, JobLimit, ValueError) as err:
             await abort(context, status_of(err), str(err))
         self._metrics.active_jobs.set(self._coord.jobs)
-        return pb.RegisterJobResponse(job=request.job, created=created)
+        return pb.RegisterJobResponse(job=request.job, created=created,
+                                      generation=self._coord.generation(request.job))
 
     async def UnregisterJob(
         self, request: pb.UnregisterJobRequest, context: grpc.aio.ServicerContext
@@ -102,6 +182,9 @@ class PlacementServicer(ExpertPlacementRPCs, placement_pb2_grpc.PlacementService
                 context, grpc.StatusCode.NOT_FOUND, f"job {request.job!r} is not registered"
             )
         self._metrics.forget_job(request.job)
+        # Rounds handed to the advisor thread before the job went may still export its window
+        # series: forget them again once that thread got past them.
+        await asyncio.wrap_future(self._advisors.run(lambda: self._metrics.forget_job(request.job)))
         self._metrics.active_jobs.set(self._coord.jobs)
         return pb.UnregisterJobResponse(job=request.job)
 
@@ -110,15 +193,40 @@ class PlacementServicer(ExpertPlacementRPCs, placement_pb2_grpc.PlacementService
     ) -> pb.SolveResponse:
         try:
             plans = await self._coord.solve_now([report_from_proto(r) for r in request.reports])
-        except FieldError as err:
-            await abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(err))
+        except (FieldError, StaleGeneration) as err:
+            await abort(context, status_of(err), str(err))
         return pb.SolveResponse(plans=[plan_to_proto(request.reports[0].job, p) for p in plans])
 
     async def Stream(
         self, request_iterator: AsyncIterator[pb.Report], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.Plan]:
-        queue: asyncio.Queue[pb.Plan | _StreamEnd | _StreamAbort] = asyncio.Queue()
-        reader = asyncio.get_running_loop().create_task(self._read(request_iterator, queue))
+        limits = self._limits
+        if self._streams >= limits.max_streams:
+            await abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED,
+                        f"the server already holds max_streams={limits.max_streams} open streams")
+        queue = _Outbox(limits.backlog_bytes)
+        binding: list[Binding] = []  # set by the first report; the queue is the stream's token
+        reader = asyncio.get_running_loop().create_task(
+            self._read(request_iterator, queue, binding))
+        handler = asyncio.current_task()
+        assert handler is not None
+        # A client gone (or cut) while a plan is being written: end the handler quietly rather
+        # than let the failed write log a traceback.
+        context.add_done_callback(lambda _: handler.cancel())
+
+        def overflow(reason: str) -> None:
+            # The handler may sit in a write the client never takes: stop reading reports, free
+            # the rank, and send the status (the client sees it after the plans in flight).
+            who = f"of job {binding[0].job!r} rank {binding[0].rank}" if binding else "unbound"
+            log.warning("stream %s disconnected: %s", who, reason)
+            reader.cancel()
+            if binding:
+                self._coord.release(binding[0], queue)
+            cut = asyncio.get_running_loop().create_task(self._cut(context, reason))
+            self._cuts.add(cut)
+            cut.add_done_callback(self._cuts.discard)
+
+        queue.overflow = overflow
 
         def reader_done(task: asyncio.Task[None]) -> None:
             if not task.cancelled() and task.exception() is not None:
@@ -127,6 +235,7 @@ class PlacementServicer(ExpertPlacementRPCs, placement_pb2_grpc.PlacementService
                                               f"{type(err).__name__}: {err}"))
 
         reader.add_done_callback(reader_done)
+        self._streams += 1
         self._metrics.active_streams.inc()
         try:
             while True:
@@ -136,16 +245,29 @@ class PlacementServicer(ExpertPlacementRPCs, placement_pb2_grpc.PlacementService
                 if isinstance(item, _StreamAbort):
                     await abort(context, item.code, item.message)
                 yield item
+                queue.sent(item)
+                if queue.cut:
+                    return
         finally:
+            self._streams -= 1
             reader.cancel()
+            if binding:
+                self._coord.release(binding[0], queue)
             self._metrics.active_streams.dec()
+
+    @staticmethod
+    async def _cut(context: grpc.aio.ServicerContext, reason: str) -> None:
+        with contextlib.suppress(Exception):  # abort raises once the status is on its way
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, reason)
 
     async def _read(
         self,
         request_iterator: AsyncIterator[pb.Report],
-        queue: asyncio.Queue[pb.Plan | _StreamEnd | _StreamAbort],
+        queue: _Outbox,
+        binding: list[Binding],
     ) -> None:
-        """Feeds reports to the coordinator; plans go to ``queue`` as rounds finish."""
+        """Feeds reports to the coordinator; plans go to ``queue`` as rounds finish. The first
+        report binds the stream (``binding`` gets it; ``queue`` is the owner token)."""
         bound: tuple[str, int] | None = None
         outstanding = 0
         all_answered = asyncio.Event()
@@ -158,19 +280,32 @@ class PlacementServicer(ExpertPlacementRPCs, placement_pb2_grpc.PlacementService
             if outstanding == 0:
                 all_answered.set()
 
+        idle = self._limits.idle_seconds
+        reports = aiter(request_iterator)
         try:
-            async for msg in request_iterator:
+            while True:
+                try:
+                    msg = await asyncio.wait_for(anext(reports), idle)
+                except StopAsyncIteration:
+                    break
+                except TimeoutError:
+                    if outstanding:
+                        continue
+                    queue.put_nowait(_StreamAbort(grpc.StatusCode.DEADLINE_EXCEEDED, (
+                        f"the stream sent no report for stream_idle_seconds={idle:g} s")))
+                    return
                 report = report_from_proto(msg)
+                msg = None  # the counts live on in the report's compact arrays only
                 if bound is None:
                     try:
-                        self._coord.check_binding(report)
-                    except FieldError as err:
-                        queue.put_nowait(_StreamAbort(grpc.StatusCode.INVALID_ARGUMENT,
+                        binding.append(self._coord.bind(report, queue, report.generation))
+                    except (FieldError, RankBound, StaleGeneration) as err:
+                        queue.put_nowait(_StreamAbort(status_of(err),
                                                       f"first report of the stream: {err}"))
                         return
                     bound = (report.job, report.rank)
                 elif (report.job, report.rank) != bound:
-                    queue.put_nowait(invalid_plan(msg, (
+                    queue.put_nowait(invalid_plan(report, (
                         f"job/rank ({report.job!r}, {report.rank}) differs from ({bound[0]!r}, "
                         f"{bound[1]}) this stream is bound to by its first report"
                     ), bound[0]))
@@ -178,12 +313,15 @@ class PlacementServicer(ExpertPlacementRPCs, placement_pb2_grpc.PlacementService
                 outstanding += 1
                 all_answered.clear()
                 try:
-                    self._coord.submit(report, deliver)
+                    self._coord.submit(report, deliver, binding[0])
+                except StaleGeneration as err:
+                    queue.put_nowait(_StreamAbort(status_of(err), str(err)))
+                    return
                 except FieldError as err:
                     outstanding -= 1
                     if outstanding == 0:
                         all_answered.set()
-                    queue.put_nowait(invalid_plan(msg, str(err), bound[0]))
+                    queue.put_nowait(invalid_plan(report, str(err), bound[0]))
         except MalformedRequest as err:  # bytes that are no Report: nothing to answer on
             queue.put_nowait(_StreamAbort(grpc.StatusCode.INVALID_ARGUMENT, str(err)))
             return

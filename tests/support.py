@@ -271,8 +271,9 @@ class ServerProcess:
         assert match, log
         self.port, self.metrics_url = int(match[1]), match[2]
         self.address = f"127.0.0.1:{self.port}"
-        # Keep draining stderr so the server never blocks on a full pipe.
-        self._drain = threading.Thread(target=lambda: [None for _ in self.proc.stderr],
+        # Keep draining stderr (into ``log``) so the server never blocks on a full pipe.
+        self.log = [log]
+        self._drain = threading.Thread(target=lambda: self.log.extend(self.proc.stderr),
                                        daemon=True)
         self._drain.start()
 
