@@ -1,7 +1,7 @@
 """Server lifecycle: grpc.aio server, health, reflection, metrics endpoint, graceful drain.
 
 Two ways to run it:
-- ``serve(config)`` blocks in the calling thread until SIGTERM / SIGINT, then drains
+- ``serve(config)`` blocks in the calling thread until SIGTERM / SIGINT, then drains and exits
   (``netmoe serve``).
 - ``start(config) -> ServerHandle`` runs it on its own event loop in a daemon thread, for
   embedding in another process (demo, tests); port 0 picks an ephemeral port.
@@ -22,8 +22,10 @@ import logging
 import os
 import signal
 import socket
+import sys
 import threading
 from collections.abc import Sequence
+from typing import NoReturn
 
 import grpc
 import grpc.aio
@@ -173,11 +175,13 @@ class PlacementServer:
         await self.health.enter_graceful_shutdown()
         await asyncio.sleep(self.config.drain_seconds)
         stopping = asyncio.ensure_future(self._server.stop(self.config.grace_seconds))
+        # The metrics server notices a shutdown only at its next poll (up to 0.5 s): in the
+        # grace period, not after it.
+        http = asyncio.ensure_future(asyncio.to_thread(self.metrics.stop_http))
         # Answer every waiting rank now so open streams can end cleanly within the grace period.
         self.coordinator.close()
         self.advisors.close()
-        await stopping
-        self.metrics.stop_http()
+        await asyncio.gather(stopping, http)
         self._stopped.set()
         log.info("netmoe serve: stopped")
 
@@ -260,9 +264,9 @@ def start(
     return ServerHandle(server, loop, thread)
 
 
-def serve(config: ServerConfig, **kwargs: object) -> int:
-    """Runs until SIGTERM or SIGINT, then drains. Returns the exit code: 0 after SIGTERM (an
-    orderly stop), 130 after SIGINT (Ctrl-C, as shells report an interrupted command)."""
+def serve(config: ServerConfig, **kwargs: object) -> NoReturn:
+    """Runs until SIGTERM or SIGINT, then drains and ends the process: exit code 0 after SIGTERM
+    (an orderly stop), 130 after SIGINT (Ctrl-C, as shells report an interrupted command)."""
     signals: list[signal.Signals] = []
     servers: list[PlacementServer] = []
 
@@ -290,9 +294,11 @@ def serve(config: ServerConfig, **kwargs: object) -> int:
     code = 130 if signals[:1] == [signal.SIGINT] else 0
     coord = servers[0].coordinator if servers else None
     if coord is not None and coord.solving:
-        # A solve (CP-SAT up to the deadline) was abandoned: exit now, as drain + grace promised,
-        # rather than wait in interpreter teardown for native solver threads.
         log.info("netmoe serve: exiting with %d solve(s) abandoned", coord.solving)
-        logging.shutdown()
-        os._exit(code)
-    return code
+    # Drained: every RPC ended, every waiting rank answered. Exit now, as drain + grace
+    # promised: interpreter teardown (OR-Tools, gRPC) takes up to a second on a busy machine
+    # and would wait for native solver threads still running an abandoned solve.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
