@@ -582,8 +582,9 @@ class Coordinator:
             self._check_bytes(state, part_bytes(part))
         state.last[rank] = key
         if done is not None:
+            # Not "late": the round may have ended early because of another rank's report.
             deliver(rank_plan(spec, key, done, rank, part.sample_ids,
-                              f"report came after its round had finished ({done.kind}: "
+                              f"its round had already ended before this report ({done.kind}: "
                               f"{done.error})"))
             return
         if rnd is None:
