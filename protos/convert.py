@@ -129,6 +129,7 @@ def job_spec(
     objective: str = "volume",
     method: str = "two_stage",
     deadline_ms: int = 50,
+    layers: int = 0,
 ) -> pb.JobSpec:
     """A job's spec from plain numbers.
 
@@ -136,7 +137,8 @@ def job_spec(
     Bandwidths in bytes/s per channel, alphas in seconds per All-to-All; the defaults are the
     paper's cluster (400 GB/s NVLink, 100 GB/s InfiniBand, latency ignored). Only their ratio
     matters to the "volume" objective's choice; they scale the modelled times the service
-    reports. deadline_ms: per-round deadline counted from the round's first report.
+    reports. deadline_ms: per-round deadline counted from the round's first report. layers:
+    the model's MoE layers (reports name layers below it; 0: the service's limit).
     """
     return pb.JobSpec(
         topology=pb.Topology(
@@ -149,4 +151,5 @@ def job_spec(
         objective=objective,
         method=method,
         deadline_ms=deadline_ms,
+        layers=layers,
     )

@@ -346,3 +346,9 @@ def train_step(model: Any, opt: Any, dispatcher: Any, tokens: Any, world: int, h
         sync_grads(model.blocks, copies)
     opt.step()
     return float(flat[-1])
+
+
+def advisor_settled(handle: ServerHandle) -> None:
+    """Waits until the service's advisor thread has processed every round solved so far (the
+    expert windows and the realised-saving metrics are fed there, after the plans went out)."""
+    handle.server.advisors.run(lambda: None).result(timeout=60)

@@ -243,7 +243,7 @@ def _setup(cfg: TrainConfig, rank: int) -> _Run:
 
         spec = job_spec(cfg.nodes, cfg.gpus_per_node, cfg.experts, cfg.samples_per_device,
                         hidden_size=cfg.d_model, dtype_bytes=4, objective=cfg.objective,
-                        deadline_ms=cfg.deadline_ms)
+                        deadline_ms=cfg.deadline_ms, layers=cfg.layers)
         run.client = PlacementClient(cfg.server, cfg.job, rank, spec)
         run.placement = Placement(run.client, rank, world, cfg.samples_per_device,
                                   cfg.plan_timeout)

@@ -21,7 +21,7 @@ from netmoe.reference.train import TrainConfig
 from netmoe.server.cli import config_from_args
 from netmoe.trace import load_trace
 
-from support import scrape
+from support import advisor_settled, scrape
 
 STEPS, ADOPT_AT, WINDOW = 6, 4, 3
 TINY = dict(nodes=2, gpus_per_node=2, steps=STEPS, samples_per_device=2, seq_len=16, d_model=32,
@@ -50,6 +50,7 @@ def test_adopting_experts_mid_run_keeps_training_identical(tmp_path: Path) -> No
             cfg, placement="service", server=server.address, job=job, adopt_experts_at=ADOPT_AT,
             expert_placement="force", record_trace=str(tmp_path / "joint.npz"),
             unregister=False))  # fmt: skip
+        advisor_settled(server)
         metrics = scrape(server.metrics_port)
         advisor = server.server.advisors.get(job)
         window = {step: advisor._round(per_layer, cfg.layers)  # [L, I, E] rows by sample id

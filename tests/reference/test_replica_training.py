@@ -5,28 +5,21 @@ same function, so losses and parameters (by original expert id) equal the home r
 from __future__ import annotations
 
 import dataclasses
-import urllib.request
 from pathlib import Path
 
 import numpy as np
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from netmoe.cli import main
 from netmoe.reference.data import load_corpus
 from netmoe.reference.launch import run_ranks
 from netmoe.reference.train import TrainConfig
 
+from support import advisor_settled, scrape
+
 STEPS, ADOPT_AT = 6, 4
 TINY = dict(nodes=2, gpus_per_node=2, steps=STEPS, samples_per_device=2, seq_len=16, d_model=32,
             heads=2, layers=3, ffn=32, vocab=512)  # fmt: skip
-
-
-def _scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
-        text = resp.read().decode()
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for fam in text_string_to_metric_families(text) for s in fam.samples}
 
 
 def test_copies_adopted_mid_run_keep_training_identical(tmp_path: Path) -> None:
@@ -41,8 +34,10 @@ def test_copies_adopted_mid_run_keep_training_identical(tmp_path: Path) -> None:
     with start(ServerConfig(port=0, metrics_port=0)) as server:
         runs = run_ranks(dataclasses.replace(
             cfg, placement="service", server=server.address, job=job, adopt_experts_at=ADOPT_AT,
-            expert_placement="force", replica_budget=1))  # fmt: skip
-        metrics = _scrape(server.metrics_port)
+            expert_placement="force", replica_budget=1,
+            unregister=False))  # fmt: skip  (its metrics are read below)
+        advisor_settled(server)
+        metrics = scrape(server.metrics_port)
 
     info = runs[0]["experts"]
     assert info["adopted"] and info["copies_adopted"] and not info["error"], info
@@ -79,5 +74,8 @@ def test_replica_options_are_checked(capsys: pytest.CaptureFixture[str]) -> None
         TrainConfig(replica_budget=-1)
     assert main(["demo", "--replica-budget", "1"]) == 2
     assert "--replica-budget needs --expert-placement" in capsys.readouterr().err
-    assert main(["demo", "--expert-placement", "--replica-budget", "-1"]) == 2
-    assert "--replica-budget must be >= 0 copies per device, got -1" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:  # argparse's own check
+        main(["demo", "--expert-placement", "--replica-budget", "-1"])
+    assert exit_.value.code == 2
+    assert "--replica-budget: must be a non-negative integer, got '-1'" in (
+        capsys.readouterr().err)

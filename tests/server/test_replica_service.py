@@ -5,13 +5,11 @@ on an ephemeral loopback port."""
 from __future__ import annotations
 
 import math
-import urllib.request
 from collections.abc import Iterator
 
 import grpc
 import numpy as np
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from netmoe.protos import placement_pb2 as pb
 from netmoe.protos import placement_pb2_grpc
@@ -20,6 +18,8 @@ from netmoe.server.app import ServerHandle, start
 from netmoe.server.config import ServerConfig
 from netmoe.server.errors import FieldError
 from netmoe.solver import Topology, solve
+
+from support import advisor_settled, scrape
 
 NODES, GPUS, EXPERTS, SPD, LAYERS = 2, 2, 8, 2, 3
 TOPO = Topology(NODES, GPUS, EXPERTS, bytes_per_route=8192)
@@ -150,14 +150,6 @@ def _solve_step(stub: placement_pb2_grpc.PlacementServiceStub, job: str, step: i
     return out
 
 
-def _scrape(handle: ServerHandle) -> dict[tuple[str, tuple], float]:
-    url = f"http://127.0.0.1:{handle.metrics_port}/metrics"
-    with urllib.request.urlopen(url, timeout=10) as resp:
-        text = resp.read().decode()
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for fam in text_string_to_metric_families(text) for s in fam.samples}
-
-
 def test_recommend_confirm_copies_and_replica_aware_rounds(server: ServerHandle) -> None:
     job = "replicas"
     with grpc.insecure_channel(server.address) as channel:
@@ -218,7 +210,8 @@ def test_recommend_confirm_copies_and_replica_aware_rounds(server: ServerHandle)
             replicated, joint = replicated + after, joint + bare.after.inter
         assert replicated < joint
 
-        metrics = _scrape(server)
+        advisor_settled(server)
+        metrics = scrape(server.metrics_port)
         key = (("job", job),)
         assert metrics[("netmoe_replica_predicted_saving_routes", key)] == pytest.approx(
             (rec.joint.inter - rep.replicated.inter) / 3)
@@ -227,5 +220,6 @@ def test_recommend_confirm_copies_and_replica_aware_rounds(server: ServerHandle)
                for p in ("replicated", "joint")}
         assert got == {"replicated": replicated, "joint": joint}
         stub.UnregisterJob(pb.UnregisterJobRequest(job=job))
+        advisor_settled(server)
         assert not any(name.startswith("netmoe_replica") and dict(labels).get("job") == job
-                       for name, labels in _scrape(server))
+                       for name, labels in scrape(server.metrics_port))
