@@ -352,3 +352,18 @@ def advisor_settled(handle: ServerHandle) -> None:
     """Waits until the service's advisor thread has processed every round solved so far (the
     expert windows and the realised-saving metrics are fed there, after the plans went out)."""
     handle.server.advisors.run(lambda: None).result(timeout=60)
+
+
+def shuffled_reports(routes: np.ndarray, step: int
+                     ) -> list[tuple[np.ndarray, np.ndarray, np.ndarray | None]]:
+    """One step's rounds for the expert window from routes [L, I, E] (row i = sample id 10 i):
+    per layer (ids [I], gather [I, E], scatter [I, E] or None), rows shuffled per layer as if
+    samples had moved, ids following them; the scatter is layer l+1's routing of the same rows."""
+    rng = np.random.default_rng(1000 + step)
+    layers = routes.shape[0]
+    out = []
+    for layer in range(layers):
+        rows = rng.permutation(routes.shape[1])
+        nxt = routes[layer + 1, rows] if layer + 1 < layers else None
+        out.append((10 * rows, routes[layer, rows], nxt))
+    return out

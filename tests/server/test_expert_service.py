@@ -18,7 +18,7 @@ from netmoe.server.config import ServerConfig
 from netmoe.server.errors import FieldError, NotEnoughData
 from netmoe.solver import Topology, solve, traffic
 
-from support import scrape
+from support import scrape, shuffled_reports
 
 NODES, GPUS, EXPERTS, SPD, LAYERS = 2, 2, 8, 2, 3
 TOPO = Topology(NODES, GPUS, EXPERTS, bw_intra=400e9, bw_inter=100e9, bytes_per_route=8192)
@@ -42,16 +42,7 @@ def step_routes(step: int) -> np.ndarray:
 
 
 def step_reports(step: int) -> list[tuple[np.ndarray, np.ndarray, np.ndarray | None]]:
-    """Per layer (ids [I], gather [I, E], scatter [I, E] or None), rows shuffled per layer as
-    if samples had moved; the scatter is layer l+1's real routing of the same rows."""
-    routes = step_routes(step)
-    rng = np.random.default_rng(1000 + step)
-    out = []
-    for layer in range(LAYERS):
-        rows = rng.permutation(routes.shape[1])
-        nxt = routes[layer + 1, rows] if layer + 1 < LAYERS else None
-        out.append((10 * rows, routes[layer, rows], nxt))
-    return out
+    return shuffled_reports(step_routes(step), step)
 
 
 # ------------------------------------------------------------------------------- pure advisor

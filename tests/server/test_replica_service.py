@@ -19,7 +19,7 @@ from netmoe.server.config import ServerConfig
 from netmoe.server.errors import FieldError
 from netmoe.solver import Topology, solve
 
-from support import advisor_settled, scrape
+from support import advisor_settled, scrape, shuffled_reports
 
 NODES, GPUS, EXPERTS, SPD, LAYERS = 2, 2, 8, 2, 3
 TOPO = Topology(NODES, GPUS, EXPERTS, bytes_per_route=8192)
@@ -40,16 +40,7 @@ def step_routes(step: int) -> np.ndarray:
 
 
 def step_reports(step: int) -> list[tuple[np.ndarray, np.ndarray, np.ndarray | None]]:
-    """Per layer (ids [I], gather [I, E], scatter [I, E] or None), rows shuffled per layer as if
-    samples had moved; ids follow the samples."""
-    routes = step_routes(step)
-    rng = np.random.default_rng(1000 + step)
-    out = []
-    for layer in range(LAYERS):
-        rows = rng.permutation(routes.shape[1])
-        nxt = routes[layer + 1, rows] if layer + 1 < LAYERS else None
-        out.append((10 * rows, routes[layer, rows], nxt))
-    return out
+    return shuffled_reports(step_routes(step), step)
 
 
 def _fill(adv: ExpertAdvisor, steps: int) -> None:
