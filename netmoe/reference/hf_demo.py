@@ -25,8 +25,8 @@ from typing import Any
 import numpy as np
 
 from netmoe.reference.data import DOMAINS, Corpus
+from netmoe.reference.train import check_run
 
-PLACEMENTS = ("home", "service", "random")
 DEMO_VOCAB = 2048  # the reference demo's vocabulary: the ids a checkpoint without tokenizer sees
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json",
                     "merges.txt", "special_tokens_map.json")  # fmt: skip
@@ -56,14 +56,7 @@ class HFTrainConfig:
     record_trace: str = ""
 
     def __post_init__(self) -> None:
-        for name in ("nodes", "gpus_per_node", "steps", "samples_per_device", "seq_len"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if self.placement not in PLACEMENTS:
-            raise ValueError(f"placement must be one of {PLACEMENTS}, got {self.placement!r}")
-        if self.placement == "service" and not self.server:
-            raise ValueError("placement='service' needs server (host:port)")
+        check_run(self, ("steps",))
         if not (Path(self.model_dir) / "config.json").is_file():
             raise ValueError(f"model_dir {self.model_dir!r} holds no config.json (a checkpoint "
                              "saved with save_pretrained)")

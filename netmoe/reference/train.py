@@ -36,6 +36,21 @@ PROGRESS_FILE = "NETMOE_PROGRESS_FILE"
 EXPERT_PLACEMENTS = ("auto", "force")
 
 
+def check_run(cfg: Any, positive: tuple[str, ...] = ()) -> None:
+    """Raises ValueError naming the field and value unless a run config's common fields hold:
+    nodes, gpus_per_node, samples_per_device, seq_len, threads and `positive` are positive
+    integers; placement is known and has a server when it is "service"."""
+    for name in ("nodes", "gpus_per_node", "samples_per_device", "seq_len", "threads",
+                 *positive):
+        value = getattr(cfg, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    if cfg.placement not in PLACEMENTS:
+        raise ValueError(f"placement must be one of {PLACEMENTS}, got {cfg.placement!r}")
+    if cfg.placement == "service" and not cfg.server:
+        raise ValueError("placement='service' needs server (host:port), got ''")
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """A training run. placement: "home" (no plans), "service" (gRPC placement service at
@@ -97,19 +112,10 @@ class TrainConfig:
         ):
             raise ValueError(f"expert_order must be {self.layers} permutations of "
                              f"range({self.experts}), got {self.expert_order!r}")
-        for name in (
-            "nodes", "gpus_per_node", "samples_per_device", "seq_len", "d_model", "heads",
-            "layers", "ffn", "experts_per_device", "top_k", "vocab", "threads",
-        ):  # fmt: skip
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        check_run(self, ("d_model", "heads", "layers", "ffn", "experts_per_device", "top_k",
+                         "vocab"))
         if self.steps < 0:
             raise ValueError(f"steps must be >= 0, got {self.steps}")
-        if self.placement not in PLACEMENTS:
-            raise ValueError(f"placement must be one of {PLACEMENTS}, got {self.placement!r}")
-        if self.placement == "service" and not self.server:
-            raise ValueError("placement='service' needs server (host:port), got ''")
         for name in ("adopt_experts_at", "expert_held_out", "replica_budget"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
