@@ -43,7 +43,16 @@ def test_client_that_never_reads_is_cut_with_a_reason(reports: int) -> None:
         for step in range(reports):
             deaf.send(pb.Report(job="deaf", step=step, layer=0, rank=0, sample_ids=ids,
                                 gather=gather))
-        time.sleep(2.0)  # let the server take in what the client sent
+        # Let the server take in what the client sent: until its solved rounds stop growing
+        # (all of them, or the stream was cut), however busy the machine.
+        def solved() -> float:
+            return sum(v for labels, v in server.samples("netmoe_rounds_total").items()
+                       if ("job", "deaf") in labels and ("outcome", "solved") in labels)
+
+        seen, deadline = -1.0, time.monotonic() + 300
+        while (now := solved()) != seen and time.monotonic() < deadline:
+            seen = now
+            time.sleep(3.0)
         grown = (server.rss_kib() - rss0) / 1024
         got = 0
         with pytest.raises(grpc.RpcError) as err:
