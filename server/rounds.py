@@ -19,6 +19,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -38,6 +39,9 @@ MAX_JOB_ID = 128
 MAX_LAYERS = 1024
 SOLVE_MARGIN = 0.2  # of the deadline, kept free of solving
 MIN_BUDGET_S = 0.001
+# Rounds whose solve may hold a thread longer than this share all solver threads but one, so
+# short rounds (the plans a layer waits for) always find a thread free.
+LONG_SOLVE_S = 0.25
 MAX_STEP = (1 << 63) - 1  # steps index int64 arrays downstream (expert windows)
 
 # Round outcomes (metrics label values and Plan.reason of fallbacks).
@@ -299,9 +303,9 @@ def assemble(spec: JobSpec, parts: Sequence[RoundCounts]) -> RoundCounts:
 
 def solve_budget(spec: JobSpec, rnd: _Round) -> float:
     """Seconds the solver may take: what is left of the round's deadline minus a margin (a fifth
-    of the deadline: the time limit bounds the search, not the model building, and the plans
-    must still reach the ranks), so a time-limited solve returns its best (FEASIBLE) plan before
-    the deadline instead of being overrun."""
+    of the deadline: CP-SAT may overrun its limit a little, the plans must still be built and
+    reach the ranks), so a time-limited solve returns its best (FEASIBLE) plan before the
+    deadline instead of being overrun."""
     margin = SOLVE_MARGIN * spec.deadline
     left = rnd.opened + spec.deadline - time.monotonic()
     return max(left - margin, MIN_BUDGET_S)
@@ -404,6 +408,7 @@ class Coordinator:
         self._solve_fn = solve_fn
         self._hooks: RoundHooks = hooks if hooks is not None else NoHooks()
         self._solvers = SolverThreads(positive_int("solver_threads", solver_threads))
+        self._long_lane = asyncio.Semaphore(solver_threads - 1) if solver_threads > 1 else None
         self._closed = False
         self._max_jobs = positive_int("max_jobs", max_jobs)
         self._max_pending = positive_int("max_pending", max_pending)
@@ -712,8 +717,9 @@ class Coordinator:
         except FieldError as err:
             self._finish(state, rnd, Outcome(INVALID, str(err)))
             return
+        long = self._long_lane is not None and solve_budget(spec, rnd) > LONG_SOLVE_S
         try:
-            async with state.solver_turn:
+            async with state.solver_turn, self._long_lane if long else nullcontext():
                 plan = await asyncio.wrap_future(
                     self._solvers.submit(lambda: self._run_solver(spec, rnd)))
         except asyncio.CancelledError:

@@ -9,6 +9,7 @@ answer so a time limit still returns something at least as good.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from fractions import Fraction
 
@@ -17,6 +18,8 @@ from ortools.sat.python import cp_model
 
 from .topology import Topology
 from .two_stage import per_device, per_node
+
+MIN_SEARCH_S = 0.001  # CP-SAT still runs its presolve and checks the hint
 
 
 @dataclass(frozen=True)
@@ -90,11 +93,12 @@ class _Model:
         return len(self.x) - sum(self.x[i][int(home[i])] for i in range(len(self.x)))
 
     def solve(
-        self, time_limit: float, workers: int, fallback: np.ndarray, scale: int
+        self, until: float, workers: int, fallback: np.ndarray, scale: int
     ) -> ExactResult:
-        """scale: weight of the primary term in the objective; lower terms only break ties."""
+        """until: time.perf_counter() by which to stop; CP-SAT gets what building the model left.
+        scale: weight of the primary term in the objective; lower terms only break ties."""
         solver = cp_model.CpSolver()
-        solver.parameters.max_time_in_seconds = float(time_limit)
+        solver.parameters.max_time_in_seconds = max(until - time.perf_counter(), MIN_SEARCH_S)
         solver.parameters.num_workers = int(workers)
         # Determinism: with one worker and a fixed seed the same input gives the same answer.
         solver.parameters.random_seed = 0
@@ -118,7 +122,7 @@ def solve_joint(
     mats: list[np.ndarray],
     home: np.ndarray,
     hint: np.ndarray,
-    time_limit: float,
+    until: float,
     workers: int,
 ) -> ExactResult:
     """Minimizes the modelled time: sum over All-to-Alls of max(t_intra, t_inter).
@@ -136,7 +140,7 @@ def solve_joint(
         times.append(t)
     scale = len(home) + 1
     model.m.minimize(sum(times) * scale + model.moved(home))
-    return model.solve(time_limit, workers, hint, scale)
+    return model.solve(until, workers, hint, scale)
 
 
 def solve_bottleneck(
@@ -144,7 +148,7 @@ def solve_bottleneck(
     mats: list[np.ndarray],
     home: np.ndarray,
     hint: np.ndarray,
-    time_limit: float,
+    until: float,
     workers: int,
 ) -> ExactResult:
     """Minimizes, summed over the All-to-Alls, the busiest node's inter-node routes (sent +
@@ -177,4 +181,4 @@ def solve_bottleneck(
     w_inter = samples + 1
     w_peak = w_inter * (total_routes + 1)
     model.m.minimize(w_peak * sum(loads) + w_inter * sum(inters) + model.moved(home))
-    return model.solve(time_limit, workers, hint, w_peak)
+    return model.solve(until, workers, hint, w_peak)

@@ -76,8 +76,9 @@ def solve(
     device of each sample, balanced (default sample i on device i // (I/J)).
     objective "volume" with method "two_stage" is the paper's problem solved exactly by two
     transportation problems; method "joint" solves the full time objective with CP-SAT.
-    objective "bottleneck" minimizes the busiest node's inter-node routes with CP-SAT. CP-SAT
-    runs at most time_limit seconds on `workers` threads, warm-started from two-stage.
+    objective "bottleneck" minimizes the busiest node's inter-node routes with CP-SAT, on
+    `workers` threads, warm-started from two-stage. time_limit bounds the whole call: CP-SAT
+    searches for what checking the input and building its model left of it.
     scatter_topology: the same cluster with layer l+1's expert map, when the two layers' experts
     live on different devices (default: topo's map for both); scatter is costed with it.
     """
@@ -87,6 +88,7 @@ def solve(
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     if not time_limit > 0:
         raise ValueError(f"time_limit must be positive, got {time_limit!r}")
+    until = time.perf_counter() + time_limit
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise ValueError(f"workers must be a positive integer, got {workers!r}")
     g = check_counts("gather", gather, samples=None, experts=topo.experts)
@@ -119,13 +121,13 @@ def solve(
     device = place_two_stage(topo, both, base)
     optimal, gap, used = True, 0.0, method
     if objective == "bottleneck":
-        res = solve_bottleneck(topo, mats, base, device, time_limit, workers)
+        res = solve_bottleneck(topo, mats, base, device, until, workers)
         used = "cp-sat"
         if bottleneck_routes(topo, res.device, *mats) <= bottleneck_routes(topo, device, *mats):
             device = res.device
         optimal, gap = res.optimal, res.gap
     elif method == "joint":
-        res = solve_joint(topo, mats, base, device, time_limit, workers)
+        res = solve_joint(topo, mats, base, device, until, workers)
         found = traffic_of(topo, res.device, dev_mats).seconds
         if found <= traffic_of(topo, device, dev_mats).seconds:
             device = res.device
