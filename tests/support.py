@@ -107,7 +107,10 @@ def scrape(port: int | None) -> Samples:
 
 # --- the placement service: real streams and reports ------------------------------------------
 
-MARGIN_S = 1.0  # slack on top of a deadline for the loopback round trip on a busy 2-core box
+# Slack on top of a deadline for the loopback round trip: a 2-core box at load 12 overran 1 s.
+# Still far below what a deadline not applied would show (the held solves take 10 s; a round
+# never closed blocks the recv).
+MARGIN_S = 4.0
 
 
 def stub_for(handle: ServerHandle) -> tuple[grpc.Channel, placement_pb2_grpc.PlacementServiceStub]:
