@@ -93,7 +93,8 @@ class PlacementServer:
         self.metrics = Metrics()
         kwargs = {} if solve_fn is None else {"solve_fn": solve_fn}
         self._coordinator_args = dict(
-            solver_threads=config.solver_threads, max_jobs=config.max_jobs,
+            solver_threads=config.solver_threads, process_rows=config.process_solve_rows,
+            max_jobs=config.max_jobs,
             max_pending=config.max_pending_rounds, finished_memory=config.finished_memory,
             max_world_size=config.max_world_size, max_report_cells=config.max_report_cells,
             max_job_pending_bytes=config.max_job_pending_bytes,

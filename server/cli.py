@@ -40,6 +40,8 @@ _FLAGS: list[tuple[str, str, Callable[[str], Any], str]] = [
     ("--keepalive-time", "keepalive_time_s", float, "seconds between keepalive pings"),
     ("--keepalive-timeout", "keepalive_timeout_s", float, "seconds to wait for a ping ack"),
     ("--solver-threads", "solver_threads", int, "threads solving rounds in parallel"),
+    ("--process-solve-rows", "process_solve_rows", int,
+     "rounds of at least this many samples are solved in a child process (0: never)"),
     ("--max-jobs", "max_jobs", int, "jobs registered at once"),
     ("--max-pending-rounds", "max_pending_rounds", int, "open rounds per job"),
     ("--finished-memory", "finished_memory", int,

@@ -50,6 +50,9 @@ class ServerConfig:
     keepalive_time_s: float = 30.0
     keepalive_timeout_s: float = 10.0
     solver_threads: int = 4  # jobs solved in parallel (each job one round at a time)
+    # Rounds of at least this many samples are solved in a child process of their solver
+    # thread (min-cost flow holds the GIL); 0: every round in the server's process.
+    process_solve_rows: int = 2048
     max_jobs: int = 64
     max_pending_rounds: int = 16
     finished_memory: int = 256
@@ -113,6 +116,9 @@ class ServerConfig:
         for name in ("keepalive_time_s", "keepalive_timeout_s", "stream_idle_seconds"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}")
+        rows = self.process_solve_rows
+        if isinstance(rows, bool) or not isinstance(rows, int) or rows < 0:
+            raise ValueError(f"process_solve_rows must be a non-negative integer, got {rows!r}")
         for name in ("drain_seconds", "grace_seconds"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"{name} must be non-negative, got {getattr(self, name)!r}")

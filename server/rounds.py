@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import pickle
 import queue
 import threading
 import time
@@ -25,11 +26,12 @@ from typing import Protocol
 
 import numpy as np
 
-from netmoe.round import Key, RankPlan, RoundCounts, Traffic, home_dest
+from netmoe.round import Key, RankPlan, RoundCounts, Traffic, compact_counts, home_dest
 from netmoe.solver import METHODS, OBJECTIVES, Plan, Topology, solve, traffic
 from netmoe.solver.topology import positive_int
 
 from .errors import FieldError, JobConflict, JobLimit, OverLimit, RankBound, StaleGeneration
+from .solver_process import SolverGone, SolverProcess
 
 log = logging.getLogger(__name__)
 
@@ -206,14 +208,22 @@ class NoHooks:
 
 class SolverThreads:
     """Daemon threads running solves. Shut down, queued solves are cancelled and a running one is
-    abandoned: the process exits without waiting for it (a CP-SAT run may take the deadline)."""
+    abandoned: the process exits without waiting for it (a CP-SAT run may take the deadline).
+
+    Each thread may hand its solves to its own SolverProcess (``in_process``); shutdown kills
+    those, so an abandoned solve there stops at once.
+    """
 
     def __init__(self, threads: int) -> None:
         self._queue: queue.SimpleQueue[tuple[Future, Callable[[], object]] | None] = (
             queue.SimpleQueue())
-        self._threads = [threading.Thread(target=self._work, name=f"netmoe-solver-{k}",
-                                          daemon=True) for k in range(threads)]
-        self.running = 0  # solves under way (read across threads: a hint, not a lock)
+        self._procs = [SolverProcess() for _ in range(threads)]
+        self._threads = [threading.Thread(target=self._work, args=(proc,),
+                                          name=f"netmoe-solver-{k}", daemon=True)
+                         for k, proc in enumerate(self._procs)]
+        self._lock = threading.Lock()
+        self._local = threading.local()
+        self.running = 0  # solves under way
         for t in self._threads:
             t.start()
 
@@ -221,6 +231,15 @@ class SolverThreads:
         fut: Future = Future()
         self._queue.put((fut, fn))
         return fut
+
+    def warm(self) -> None:
+        """Starts every thread's process (a job whose rounds go there registered)."""
+        for proc in self._procs:
+            proc.start()
+
+    def in_process(self, fn: Callable[..., Plan], *args: object, **kwargs: object) -> Plan:
+        """fn(*args, **kwargs) in the calling solver thread's process."""
+        return self._local.proc.call(fn, *args, **kwargs)
 
     def shutdown(self) -> None:
         while True:
@@ -232,16 +251,32 @@ class SolverThreads:
                 item[0].cancel()
         for _ in self._threads:
             self._queue.put(None)
+        for proc in self._procs:
+            proc.kill()
 
-    def _work(self) -> None:
+    def _work(self, proc: SolverProcess) -> None:
+        self._local.proc = proc
         while (item := self._queue.get()) is not None:
             fut, fn = item
             if not fut.set_running_or_notify_cancel():
                 continue
+            with self._lock:
+                self.running += 1
             try:
                 fut.set_result(fn())
             except BaseException as err:
                 fut.set_exception(err)
+            finally:
+                with self._lock:
+                    self.running -= 1
+
+
+def _picklable(fn: Callable[..., object]) -> bool:
+    try:
+        pickle.dumps(fn)
+    except (pickle.PicklingError, AttributeError, TypeError):
+        return False
+    return True
 
 
 def check_report(spec: JobSpec, report: Report, prefix: str = "") -> RoundCounts:
@@ -395,6 +430,7 @@ class Coordinator:
         *,
         solve_fn: SolveFn = solve,
         solver_threads: int = 4,
+        process_rows: int = 2048,
         max_jobs: int = 64,
         max_pending: int = 16,
         finished_memory: int = 256,
@@ -409,6 +445,10 @@ class Coordinator:
         self._hooks: RoundHooks = hooks if hooks is not None else NoHooks()
         self._solvers = SolverThreads(positive_int("solver_threads", solver_threads))
         self._long_lane = asyncio.Semaphore(solver_threads - 1) if solver_threads > 1 else None
+        if isinstance(process_rows, bool) or not isinstance(process_rows, int) or process_rows < 0:
+            raise ValueError(f"process_rows must be a non-negative integer, got {process_rows!r}")
+        # Injected solvers (tests' closures) cannot be sent to a process: they run in the thread.
+        self._process_rows = process_rows if _picklable(solve_fn) else 0
         self._closed = False
         self._max_jobs = positive_int("max_jobs", max_jobs)
         self._max_pending = positive_int("max_pending", max_pending)
@@ -449,6 +489,8 @@ class Coordinator:
             raise JobLimit(f"job {spec.job!r}: the server already holds max_jobs={self._max_jobs}")
         self._generation += 1
         self._jobs[spec.job] = _Job(spec, self._generation)
+        if 0 < self._process_rows <= spec.world_size * spec.samples_per_device:
+            self._solvers.warm()
         self._hooks.added(spec)
         return True
 
@@ -726,6 +768,11 @@ class Coordinator:
             if self._closed:  # close() cancelled the queued solve and answered the round
                 return
             raise
+        except SolverGone as err:
+            if self._closed:  # close() killed the process; the round got "shutdown"
+                return
+            log.error("job %r round %s: %s", spec.job, rnd.key, err)
+            outcome = Outcome(ERROR, str(err))
         except ValueError as err:
             outcome = Outcome(INVALID, f"solver rejected the round: {err}")
         except Exception as err:  # a solver bug must not leave ranks waiting for the deadline
@@ -751,12 +798,16 @@ class Coordinator:
         # Confirmed copies change every route's cost: such rounds take the replica-aware solver.
         plan = self._hooks.solve_with_copies(spec.job, rnd.key, counts.gather, counts.scatter,
                                              home)
-        if plan is None:
-            plan = self._solve_fn(
-                topo, counts.gather, counts.scatter, home=home, objective=spec.objective,
-                method=spec.method, time_limit=solve_budget(spec, rnd), **extra,
-            )
-        return plan
+        if plan is not None:
+            return plan
+        kwargs = dict(home=home, objective=spec.objective, method=spec.method,
+                      time_limit=solve_budget(spec, rnd), **extra)
+        if 0 < self._process_rows <= len(home):
+            # Compact counts: the pipe carries about the report bytes, not int64 copies.
+            scatter = None if counts.scatter is None else compact_counts(counts.scatter)
+            return self._solvers.in_process(self._solve_fn, topo, compact_counts(counts.gather),
+                                            scatter, **kwargs)
+        return self._solve_fn(topo, counts.gather, counts.scatter, **kwargs)
 
     @staticmethod
     def _home_traffic(spec: JobSpec, counts: RoundCounts) -> Traffic:

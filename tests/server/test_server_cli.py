@@ -41,6 +41,10 @@ def test_bad_values_name_the_variable_or_field() -> None:
         config_from_args(parse("--port", "70000"), {})
     with pytest.raises(ValueError, match="solver_threads must be a positive integer, got 0"):
         config_from_args(parse(), {"NETMOE_SOLVER_THREADS": "0"})
+    with pytest.raises(ValueError, match="process_solve_rows must be a non-negative integer, "
+                                         "got -1"):
+        config_from_args(parse("--process-solve-rows", "-1"), {})
+    assert config_from_args(parse("--process-solve-rows", "0"), {}).process_solve_rows == 0
 
 
 def test_serve_listens_answers_and_drains_on_sigterm() -> None:
