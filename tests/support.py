@@ -306,6 +306,19 @@ class ServerProcess:
 _TESTBED_LINK = re.compile(r"(n|p)\d+|br0")  # the names netmoe.cluster.testbed gives its links
 
 
+def run_cleanly(argv: list[str], timeout: float) -> subprocess.CompletedProcess[str]:
+    """subprocess.run(argv) with output captured, but a run past timeout gets SIGTERM (the
+    testbed then deletes its namespaces) before the test fails, never a bare SIGKILL."""
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.terminate()
+        out, err = proc.communicate(timeout=120)
+        pytest.fail(f"{argv[2:5]} still ran after {timeout} s; stopped it: {err[-3000:]}")
+    return subprocess.CompletedProcess(argv, proc.returncode, out, err)
+
+
 def root_links() -> set[str]:
     """Names of the links in the root network namespace."""
     import json

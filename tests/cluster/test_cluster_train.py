@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -18,7 +17,7 @@ from netmoe.reference.model import relabel_state
 from netmoe.reference.train import TrainConfig
 from netmoe.trace import save_trace
 
-from support import leaked_links, root_links
+from support import leaked_links, root_links, run_cleanly
 
 needs_root = pytest.mark.skipif(
     os.geteuid() != 0 or shutil.which("ip") is None or shutil.which("tc") is None,
@@ -115,11 +114,10 @@ def test_training_on_emulated_cluster_three_modes_equal_losses_and_cleanup(
     from netmoe.cluster.testbed import existing_namespaces
 
     links, before = root_links(), set(existing_namespaces())
-    out = subprocess.run(
+    out = run_cleanly(
         [sys.executable, "-m", "netmoe.cli", "bench", "cluster", "--quick", "--json",
          "--gpus-per-node", "2", "--steps", "2", "--warmup-steps", "0", "--fit-steps", "2",
-         "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "report")],
-        capture_output=True, text=True, timeout=300, check=False)
+         "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "report")], timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
     r = json.loads(out.stdout)
     assert set(r["modes"]) == {"home", "sample", "experts"}
