@@ -182,7 +182,6 @@ class CopyGroups:
                  timeout: timedelta | None = None) -> None:
         self.group = group
         self.timeout = timeout
-        self.copies: CopyTable | None = None  # the table update() was last given
         # Global holder ranks -> their group (GroupMember.NON_GROUP_MEMBER on other ranks).
         self._groups: dict[tuple[int, ...], dist.ProcessGroup] = {}
         # This rank's buckets under `copies`: (holders' group, their (layer, label) entries).
@@ -214,7 +213,6 @@ class CopyGroups:
                 self._groups[ranks] = dist.new_group(list(ranks), timeout=self.timeout,
                                                      group_desc="netmoe_copies")
         me = dist.get_rank()
-        self.copies = copies
         self.buckets = tuple((self._groups[ranks], entries) for ranks, entries in sets.items()
                              if me in ranks)
 
@@ -222,7 +220,7 @@ class CopyGroups:
         """Destroys every group (local; idempotent)."""
         for ranks in sorted(self._groups):
             dist.destroy_process_group(self._groups.pop(ranks))
-        self.copies, self.buckets = None, ()
+        self.buckets = ()
 
     def __enter__(self) -> CopyGroups:
         return self
