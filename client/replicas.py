@@ -6,9 +6,12 @@ a // (E / J)). With copies in force
   - the dispatcher sends each route to the copy on its sample's node when there is one, else to
     the owner (``TokenDispatcher.routes``, tables from ``route_tables``); the expert side computes
     every label it holds, so the combine returns the outputs from wherever they were computed;
-  - after backward, ``sync_grads`` sums each replicated label's gradient over its holders (one
-    bucketed all-reduce per layer), so owner and copies take the same optimizer step and stay
-    bit-identical;
+  - after backward, ``sync_grads`` sums each replicated label's gradient over its holders only:
+    one bucketed all-reduce per distinct holder set (all layers' labels held by exactly those
+    ranks), in that set's own process group, so a rank moves bytes only for the labels it holds
+    and owner and copies take the same optimizer step and stay bit-identical;
+  - ``CopyGroups`` keeps those process groups: ``update`` (at adopt time) creates the holder sets
+    new to a CopyTable and destroys those no longer needed, ``close`` destroys them all;
   - ``adopt_copies`` creates new copies from their owners (one all_to_all_single per layer) and
     drops old ones, optimizer state included.
 """
@@ -16,8 +19,11 @@ a // (E / J)). With copies in force
 from __future__ import annotations
 
 import copy
+from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import timedelta
+from types import TracebackType
 
 import numpy as np
 import torch
@@ -74,6 +80,16 @@ class CopyTable:
         for label, rank in self.copies[layer]:
             out[label, rank] = True
         return out
+
+    def holder_sets(self) -> dict[tuple[int, ...], tuple[tuple[int, int], ...]]:
+        """The replicated labels of all layers grouped by their holders: sorted holder ranks ->
+        sorted (layer, label) entries; keys in sorted order (the order every rank syncs them)."""
+        sets: dict[tuple[int, ...], list[tuple[int, int]]] = defaultdict(list)
+        for layer, pairs in enumerate(self.copies):
+            held = self.holders(layer)
+            for label in sorted({label for label, _ in pairs}):
+                sets[tuple(np.flatnonzero(held[label]).tolist())].append((layer, label))
+        return {ranks: tuple(sets[ranks]) for ranks in sorted(sets)}
 
 
 def route_tables(copies: CopyTable) -> dict[int, torch.Tensor]:
@@ -154,40 +170,98 @@ def adopt_copies(
     return sent_bytes
 
 
-def sync_grads(blocks: nn.ModuleList, copies: CopyTable,
-               group: dist.ProcessGroup | None = None) -> None:
-    """Sums each replicated label's parameter gradients over its holders, in place (collective).
+class CopyGroups:
+    """The process groups of sync_grads: one per distinct holder set of the CopyTable in force,
+    cached by its tuple of global ranks (a plain cache, not a plan: it owns process groups).
 
-    One all-reduce per layer with copies, over a bucket [labels with copies, parameters + 1];
-    the last column counts the holders that have a gradient at all, so a label no route reached
-    keeps grad None everywhere, as without copies. Non-holders contribute zeros.
+    group: the ranks the tables' ranks are ranks of (a sub-world such as an EP group; None: the
+    default group). timeout: of each created group's collectives (None: the backend's default).
     """
-    for layer, block in enumerate(blocks):
-        labels = sorted({label for label, _ in copies.copies[layer]})
-        if not labels:
-            continue
-        experts = block.moe.experts
-        template = experts[next(iter(experts.keys()))]
-        shapes = [p.shape for p in template.parameters()]
-        size = sum(int(np.prod(s)) for s in shapes)
-        bucket = torch.zeros((len(labels), size + 1), dtype=next(template.parameters()).dtype)
-        for row, label in enumerate(labels):
-            if str(label) not in experts:
-                continue
-            grads = [p.grad for p in experts[str(label)].parameters()]
-            if all(g is not None for g in grads):
-                bucket[row, :size] = torch.cat([g.reshape(-1) for g in grads])
-                bucket[row, size] = 1
-        dist.all_reduce(bucket, group=group)
-        for row, label in enumerate(labels):
-            if str(label) not in experts or bucket[row, size] == 0:
-                continue
-            offset = 0
-            for p in experts[str(label)].parameters():
-                value = bucket[row, offset:offset + p.numel()].view_as(p)
-                if p.grad is None:
-                    p.grad = value.clone()
-                else:
-                    p.grad.copy_(value)
-                offset += p.numel()
 
+    def __init__(self, group: dist.ProcessGroup | None = None,
+                 timeout: timedelta | None = None) -> None:
+        self.group = group
+        self.timeout = timeout
+        # Global holder ranks -> their group (GroupMember.NON_GROUP_MEMBER on other ranks).
+        self._groups: dict[tuple[int, ...], dist.ProcessGroup] = {}
+        # This rank's buckets under `copies`: (holders' group, their (layer, label) entries).
+        self.buckets: tuple[tuple[dist.ProcessGroup, tuple[tuple[int, int], ...]], ...] = ()
+
+    @property
+    def by_ranks(self) -> dict[tuple[int, ...], dist.ProcessGroup]:
+        """The live groups by holder set (sorted tuples of global ranks), in sorted order."""
+        return dict(sorted(self._groups.items()))
+
+    def update(self, copies: CopyTable) -> None:
+        """Makes the groups those of `copies`: creates the holder sets new to it and destroys
+        those no longer needed. Collective over the default group (dist.new_group is): every
+        rank of the job calls it, each with the table of its own `group`; every rank creates
+        the union of all ranks' holder sets in one sorted order."""
+        world_ranks = dist.get_process_group_ranks(self.group)  # group rank -> global rank
+        if len(world_ranks) != copies.world:
+            raise ValueError(f"copies.world={copies.world} but the group has "
+                             f"{len(world_ranks)} ranks")
+        sets = {tuple(world_ranks[r] for r in ranks): entries
+                for ranks, entries in copies.holder_sets().items()}
+        everyone: list[list[tuple[int, ...]] | None] = [None] * dist.get_world_size()
+        dist.all_gather_object(everyone, sorted(sets))
+        needed = sorted({ranks for theirs in everyone for ranks in theirs or ()})
+        for ranks in sorted(set(self._groups) - set(needed)):
+            dist.destroy_process_group(self._groups.pop(ranks))
+        for ranks in needed:
+            if ranks not in self._groups:
+                self._groups[ranks] = dist.new_group(list(ranks), timeout=self.timeout,
+                                                     group_desc="netmoe_copies")
+        me = dist.get_rank()
+        self.buckets = tuple((self._groups[ranks], entries) for ranks, entries in sets.items()
+                             if me in ranks)
+
+    def close(self) -> None:
+        """Destroys every group (local; idempotent)."""
+        for ranks in sorted(self._groups):
+            dist.destroy_process_group(self._groups.pop(ranks))
+        self.buckets = ()
+
+    def __enter__(self) -> CopyGroups:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, err: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+
+def sync_grads(blocks: nn.ModuleList, groups: CopyGroups) -> None:
+    """Sums each replicated label's parameter gradients over its holders, in place: one
+    all-reduce per holder set this rank belongs to (groups.buckets, after groups.update), over
+    that set's group; a rank holding none of the replicated labels makes no call. Collective
+    among each set's holders.
+
+    A bucket is 1-D, in the gradients' dtype and device: per (layer, label) entry its
+    parameters' gradients flattened, then 1 if this holder has them all (else zeros and 0). That
+    count keeps a label no route reached with grad None on every holder, as without copies.
+    blocks: block l has .moe.experts (ModuleDict by label).
+    """
+    for group, entries in groups.buckets:
+        modules = [blocks[layer].moe.experts[str(label)] for layer, label in entries]
+        parts, count_at, size = [], [], 0
+        for module in modules:
+            params = list(module.parameters())
+            have = all(p.grad is not None for p in params)
+            parts.extend(p.grad.reshape(-1) if have else p.new_zeros(p.numel()) for p in params)
+            parts.append(params[0].new_full((1,), float(have)))
+            size += sum(p.numel() for p in params) + 1
+            count_at.append(size - 1)
+        bucket = torch.cat(parts)
+        dist.all_reduce(bucket, group=group)
+        counts = bucket[count_at].tolist()  # one device-to-host copy per bucket
+        offset = 0
+        for module, count in zip(modules, counts, strict=True):
+            for p in module.parameters():
+                if count:
+                    value = bucket[offset:offset + p.numel()].view_as(p)
+                    if p.grad is None:
+                        p.grad = value.clone()
+                    else:
+                        p.grad.copy_(value)
+                offset += p.numel()
+            offset += 1

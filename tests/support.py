@@ -14,6 +14,7 @@ import traceback
 import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -34,16 +35,18 @@ TINY_TRAIN = dict(steps=3, samples_per_device=2, seq_len=16, d_model=32, heads=2
 
 
 @contextmanager
-def gloo_group(rank: int, world: int, port: int) -> Iterator[None]:
+def gloo_group(rank: int, world: int, port: int,
+               timeout: timedelta | None = None) -> Iterator[None]:
     """A default gloo process group on 127.0.0.1 for one spawned rank. On a clean exit every rank
     passes a barrier before the group is destroyed, so no rank tears its group down while a peer
-    still talks to it; the group is destroyed on every exit."""
+    still talks to it; the group is destroyed on every exit. timeout: of its collectives (None:
+    gloo's 30 minutes), so a collective a rank never enters fails instead of hanging."""
     import torch
     import torch.distributed as dist
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timeout)
     clean = False
     try:
         yield

@@ -186,6 +186,7 @@ class _Run:
     client: Any = None
     recorder: Any = None
     meter: _LinkMeter | None = None
+    copy_groups: Any = None  # CopyGroups once expert copies are in force
 
 
 def train(cfg: TrainConfig) -> dict[str, Any]:
@@ -213,6 +214,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             run.client.close(unregister=clean and rank == 0 and cfg.unregister)
         if clean:
             dist.barrier()  # no rank tears down the group while a peer still talks to it
+        if run is not None and run.copy_groups is not None:
+            run.copy_groups.close()
         dist.destroy_process_group()
 
 
@@ -278,8 +281,7 @@ def _train_steps(run: _Run) -> dict[str, Any]:
             table, experts_info = _adopt_experts(cfg, run.model, run.opt, run.client, table,
                                                  rank, step)
             hook = OriginalIds(run.placement, table)
-            copies = _adopt_copies(cfg, run.model, run.opt, run.dispatcher, table, experts_info,
-                                   rank)
+            copies = _adopt_copies(run, table, experts_info)
         t_step = time.perf_counter()
         loss, seconds, synced = _step(run, step, hook, table, copies)
         losses.append(loss)
@@ -372,7 +374,7 @@ def _step(run: _Run, step: int, hook: Any, table: Any, copies: Any
         from netmoe.client.replicas import sync_grads
 
         t0 = time.perf_counter()
-        sync_grads(run.model.blocks, copies)
+        sync_grads(run.model.blocks, run.copy_groups)
         synced = time.perf_counter() - t0
     run.opt.step()
     if run.recorder is not None:
@@ -419,21 +421,24 @@ def _owned(state: dict[str, Any], local: range) -> dict[str, Any]:
     return {k: v for k, v in state.items() if not copy_key(k)}
 
 
-def _adopt_copies(cfg: TrainConfig, model: Any, opt: Any, dispatcher: Any, table: Any,
-                  info: dict[str, Any], rank: int) -> Any:
+def _adopt_copies(run: _Run, table: Any, info: dict[str, Any]) -> Any:
     """After the maps (collective): creates the copies rank 0 confirmed (info["copies"], by
-    original id) and routes to them. Returns the CopyTable in force, or None."""
-    from netmoe.client.replicas import CopyTable, adopt_copies, route_tables
+    original id), the process groups among their holders (run.copy_groups) and routes to them.
+    Returns the CopyTable in force, or None."""
+    from netmoe.client.replicas import CopyGroups, CopyTable, adopt_copies, route_tables
 
     if not info.get("copies_adopted"):
         return None
+    cfg = run.cfg
     copies = CopyTable.from_original(table, [[tuple(c) for c in layer]
                                              for layer in info["copies"]], cfg.gpus_per_node)
     none = CopyTable.none(cfg.layers, cfg.experts, cfg.world, cfg.gpus_per_node)
     t0 = time.perf_counter()
-    info["copy_sent_bytes"] = adopt_copies(model.blocks, opt, none, copies, rank)
+    info["copy_sent_bytes"] = adopt_copies(run.model.blocks, run.opt, none, copies, run.rank)
+    run.copy_groups = CopyGroups()
+    run.copy_groups.update(copies)
     info["copy_seconds"] = time.perf_counter() - t0
-    dispatcher.route_tables = route_tables(copies)
+    run.dispatcher.route_tables = route_tables(copies)
     return copies
 
 
