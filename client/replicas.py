@@ -210,8 +210,8 @@ class CopyGroups:
             dist.destroy_process_group(self._groups.pop(ranks))
         for ranks in needed:
             if ranks not in self._groups:
-                self._groups[ranks] = dist.new_group(list(ranks), timeout=self.timeout,
-                                                     group_desc="netmoe_copies")
+                # No group_desc: torch < 2.4 (the package takes >= 2.1) does not know it.
+                self._groups[ranks] = dist.new_group(list(ranks), timeout=self.timeout)
         me = dist.get_rank()
         self.buckets = tuple((self._groups[ranks], entries) for ranks, entries in sets.items()
                              if me in ranks)
