@@ -106,6 +106,17 @@ def _check(args: argparse.Namespace) -> None:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
     if not args.ratio > 0 or not args.rate > 0:
         raise ValueError(f"--ratio and --rate must be > 0, got {args.ratio}, {args.rate}")
+    if training and args.replica_budget:
+        from netmoe.reference.train import TrainConfig
+        from netmoe.solver import Topology
+        from netmoe.solver.replicas import check_slots
+
+        world = args.nodes * args.gpus_per_node
+        topo = Topology(args.nodes, args.gpus_per_node, TrainConfig.experts_per_device * world)
+        try:
+            check_slots(args.replica_budget, topo, np.tile(topo.expert_device, (args.layers, 1)))
+        except ValueError as err:
+            raise ValueError(f"--replica-budget {args.replica_budget}: {err}") from None
     if args.objective == "both" and not training:
         raise ValueError("--objective both needs --workload training")
 

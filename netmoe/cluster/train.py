@@ -1,4 +1,5 @@
-"""Real MoE training on the emulated cluster: home, sample placement, expert + sample placement.
+"""Real MoE training on the emulated cluster: home, sample placement, expert + sample placement,
+and the latter plus expert copies.
 
 The bench process (server side, it may use the solver) prepares and measures; the training ranks
 run ``python -m netmoe.reference.train`` inside the node namespaces of a
@@ -21,6 +22,12 @@ run ``python -m netmoe.reference.train`` inside the node namespaces of a
    service's default expert layout is exactly the fitted map and the function is unchanged.
 5. The first home run records its routing; the exact optimum on it (locality_bound) is how much
    any placement could cut on these held-out steps.
+6. "replicas" (replica_slots > 0): the experts mode plus copies chosen by
+   ``netmoe.solver.replicas.fit_replicas`` on the fit trace (fit_copies), created from their
+   owners before the first step and confirmed with the service (TrainConfig.copies); the
+   trainer sums their gradients every step (``netmoe.client.replicas.sync_grads``, timed).
+   replica_decision replays the measured steps' routing with the calibrated model and says
+   whether the copies pay; replica_report sets that against the measured step.
 
 Each rank records every tagged All-to-All (CommStats.calls, with a barrier before it so rank
 skew is not counted); a call's wall time is max(end) - min(start) over ranks. The first rank of

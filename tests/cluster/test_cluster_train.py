@@ -149,6 +149,25 @@ def test_replica_decision_weighs_the_calibrated_sync(tmp_path: Path) -> None:
     assert not dear["pays"] and "sync costs more than they save" in dear["reason"]
 
 
+@pytest.mark.parametrize(("value", "message"), [
+    ("-1", "--replica-budget must be >= 0, got -1"),
+    ("15", "--replica-budget 15: slots=15 copies per device do not fit"),
+])
+def test_bad_replica_budget_exits_2_with_one_line(value: str, message: str) -> None:
+    out = subprocess.run([sys.executable, "-m", "netmoe.cli", "bench", "cluster",
+                          "--replica-budget", value], capture_output=True, text=True,
+                         timeout=60, check=False)
+    assert out.returncode == 2
+    assert message in out.stderr and len(out.stderr.strip().splitlines()) == 1
+
+
+def test_copies_of_a_run_must_cover_its_layers() -> None:
+    with pytest.raises(ValueError, match="copies must list 4 layers"):
+        TrainConfig(copies=[[(0, 2)]])
+    with pytest.raises(ValueError, match="adopt_experts_at=1"):
+        TrainConfig(copies=[[]] * 4, adopt_experts_at=1, placement="service", server="x:1")
+
+
 def _replica_modes(experts_step: float, replicas_step: float) -> dict:
     def mode(step: float, sync: float) -> dict:
         return {"a2a_seconds_per_step": step / 2, "step_seconds": step,
