@@ -14,6 +14,7 @@ import traceback
 import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -312,6 +313,29 @@ def root_links() -> set[str]:
 
     out = subprocess.run(["ip", "-j", "link", "show"], capture_output=True, text=True, check=True)
     return {link["ifname"] for link in json.loads(out.stdout)}
+
+
+@dataclass(frozen=True)
+class BenchRun:
+    """A finished bench subprocess: its pid names its testbed's namespaces (netmoe<pid>x...)."""
+
+    pid: int
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def run_bench(argv: list[str], timeout: float = 300) -> BenchRun:
+    """Runs argv to its end (killed after timeout seconds), keeping its pid, so a test can check
+    that its own run left no namespace while other benches run on the machine."""
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        raise
+    return BenchRun(proc.pid, proc.returncode, out, err)
 
 
 def leaked_links(before: set[str]) -> set[str]:
