@@ -14,6 +14,7 @@ import traceback
 import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -309,8 +310,27 @@ class ServerProcess:
 _TESTBED_LINK = re.compile(r"(n|p)\d+|br0")  # the names netmoe.cluster.testbed gives its links
 
 
-def run_cleanly(argv: list[str], timeout: float) -> subprocess.CompletedProcess[str]:
-    """subprocess.run(argv) with output captured, but a run past timeout gets SIGTERM (the
+def root_links() -> set[str]:
+    """Names of the links in the root network namespace."""
+    import json
+
+    out = subprocess.run(["ip", "-j", "link", "show"], capture_output=True, text=True, check=True)
+    return {link["ifname"] for link in json.loads(out.stdout)}
+
+
+@dataclass(frozen=True)
+class BenchRun:
+    """A finished bench subprocess: its pid names its testbed's namespaces (netmoe<pid>x...)."""
+
+    pid: int
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def run_bench(argv: list[str], timeout: float = 900) -> BenchRun:
+    """Runs argv to its end, keeping its pid, so a test can check that its own run left no
+    namespace while other benches run on the machine. A run past timeout gets SIGTERM (the
     testbed then deletes its namespaces) before the test fails, never a bare SIGKILL."""
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -319,15 +339,7 @@ def run_cleanly(argv: list[str], timeout: float) -> subprocess.CompletedProcess[
         proc.terminate()
         out, err = proc.communicate(timeout=120)
         pytest.fail(f"{argv[2:5]} still ran after {timeout} s; stopped it: {err[-3000:]}")
-    return subprocess.CompletedProcess(argv, proc.returncode, out, err)
-
-
-def root_links() -> set[str]:
-    """Names of the links in the root network namespace."""
-    import json
-
-    out = subprocess.run(["ip", "-j", "link", "show"], capture_output=True, text=True, check=True)
-    return {link["ifname"] for link in json.loads(out.stdout)}
+    return BenchRun(proc.pid, proc.returncode, out, err)
 
 
 def leaked_links(before: set[str]) -> set[str]:

@@ -1,8 +1,10 @@
 """`netmoe bench cluster`: real All-to-All time with and without placement on an emulated cluster.
 
 Default workload "training": the reference MoE (the demo's model, data and cached warm-up
-checkpoint) trains K steps in the node namespaces in three modes, home, sample placement and
-expert + sample placement (netmoe.cluster.train). Workload "synthetic" replays planted routing:
+checkpoint) trains K steps in the node namespaces in four modes, home, sample placement, expert +
+sample placement, and the latter plus expert copies ("replicas", --replica-budget, with their
+gradient sync timed and the model's verdict on them) (netmoe.cluster.train). Workload
+"synthetic" replays planted routing:
 
 Builds the testbed (netmoe.cluster.testbed: node namespaces, shaped veths, ``lo`` shaped to
 ``ratio`` times the inter-node rate), calibrates the alpha-beta model there
@@ -69,6 +71,13 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "measured ones)")
     p.add_argument("--fit-starts", type=int, default=4,
                    help="training: random starts of the expert fit besides the current map")
+    p.add_argument("--replica-budget", type=int, default=1,
+                   help="training: expert copies per device and layer of the 'replicas' mode "
+                        "(the experts mode plus copies chosen by the replica solver on the fit "
+                        "steps; 0: no replicas mode)")
+    p.add_argument("--replica-fit", choices=("sync", "routes"), default="sync",
+                   help="training: choose copies whose saved routes outweigh their gradient "
+                        "sync (sync), or fill the budget on routes alone (routes)")
     p.add_argument("--cache-dir", default="",
                    help="training: cache of corpus, checkpoint, expert fit and calibration")
     p.add_argument("--locality", type=float, default=0.6,
@@ -92,11 +101,22 @@ def _check(args: argparse.Namespace) -> None:
                  "bytes_per_route", "fit_steps", "repeats"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    for name in ("warmup_steps", "fit_starts"):
+    for name in ("warmup_steps", "fit_starts", "replica_budget"):
         if getattr(args, name) < 0:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
     if not args.ratio > 0 or not args.rate > 0:
         raise ValueError(f"--ratio and --rate must be > 0, got {args.ratio}, {args.rate}")
+    if training and args.replica_budget:
+        from netmoe.reference.train import TrainConfig
+        from netmoe.solver import Topology
+        from netmoe.solver.replicas import check_slots
+
+        world = args.nodes * args.gpus_per_node
+        topo = Topology(args.nodes, args.gpus_per_node, TrainConfig.experts_per_device * world)
+        try:
+            check_slots(args.replica_budget, topo, np.tile(topo.expert_device, (args.layers, 1)))
+        except ValueError as err:
+            raise ValueError(f"--replica-budget {args.replica_budget}: {err}") from None
     if args.objective == "both" and not training:
         raise ValueError("--objective both needs --workload training")
 
@@ -187,6 +207,7 @@ def _run_training(args: argparse.Namespace) -> int:
             else args.fit_starts, sizes=TRAINING_QUICK_SIZES if args.quick
             else TRAINING_SIZES, calibration_iters=5 if args.quick else 6,
             repeats=1 if args.quick else args.repeats, reuse_calibration=args.quick,
+            replica_slots=args.replica_budget, replica_weigh_sync=args.replica_fit == "sync",
         )  # fmt: skip
     except TestbedError as err:
         print(f"netmoe bench cluster: {err}", file=sys.stderr)
@@ -275,12 +296,20 @@ def _print(r: dict[str, Any]) -> None:
             if "plan_wait_fraction" in m:
                 line += (f", plan wait {m['plan_wait_seconds_per_step'] * 1e3:.1f} ms/step "
                          f"({m['plan_wait_fraction']:.1%} of step)")
+            if m["copy_sync_seconds_per_step"]:
+                line += f", copies' sync {m['copy_sync_seconds_per_step'] * 1e3:.0f} ms/step"
         print(line)
     if r["workload"] == "training":
         print(f"best mode {r['best_mode']}; losses equal across modes within "
               f"{max(m['max_loss_rel_diff'] for m in r['modes'].values()):.1e} relative; "
               f"objective winner {r['objective_winner'] or r['objective']}; targets "
               f"{r['targets']}")
+        if "replicas" in r:
+            from netmoe.cluster.train import replica_verdict
+
+            rep = r["replicas"]
+            print(f"replicas: {rep['n_copies']} copies (at most {rep['slots']} per device and "
+                  f"layer); {replica_verdict(rep)}")
         b = r["locality_bound"]
         print(f"locality bound (exact optimum on the held-out steps): inter-node routes "
               f"-{b['sample_inter_reduction']:.1%} sample, -{b['experts_inter_reduction']:.1%} "

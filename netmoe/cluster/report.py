@@ -196,6 +196,8 @@ def _markdown_training(r: dict[str, Any]) -> str:
                          f"{m['plan_reply_seconds_per_step'] * 1e3:.1f} | "
                          f"{m['plan_agree_seconds_per_step'] * 1e3:.1f} | "
                          f"{m['solver_ms_median']:.2f} | {m['fallbacks']} |")
+    if "replicas" in r:
+        lines += _replicas(r)
     fit = r["expert_fit"]
     lines += _gaps(r)
     lines += ["", f"Expert fit: {fit['rounds']} rounds, objective (inter, intra) per "
@@ -208,6 +210,37 @@ def _markdown_training(r: dict[str, Any]) -> str:
               "![time per step](step_time.png)", "", "![inter-node bytes](inter_bytes.png)", "",
               "![model vs measured](predicted.png)", ""]
     return "\n".join(lines)
+
+
+def _replicas(r: dict[str, Any]) -> list[str]:
+    """The replicas mode against home and experts: times, the copies' sync, the model's verdict."""
+    from netmoe.cluster.train import replica_verdict
+
+    rep, modes = r["replicas"], r["modes"]
+    d = rep["decision"]
+    lines = ["", "## Expert copies (replicas mode: experts plus copies)", "",
+             f"{rep['n_copies']} copies (at most {rep['slots']} per device and layer, per layer "
+             f"{[len(layer) for layer in rep['copies']]}, {d['cross_node_copies']} across nodes), "
+             f"chosen on the {rep['rounds']} fit steps "
+             + ("weighing each copy's gradient sync" if rep["weighed_sync"] else
+                "on routes alone (sync not weighed)")
+             + f"; created in {rep['creation_seconds'] * 1e3:.0f} ms before the first step"
+             + ("" if rep["confirmed"] else f" (the service was not told: {rep['error']})")
+             + ". Held-out inter-node routes (measured steps, exact placement): joint "
+             f"{d['held_out_inter_routes']['joint']}, with the copies "
+             f"{d['held_out_inter_routes']['replicated']}.", "",
+             "| mode | a2a ms/step | step ms | copies' sync ms/step | sync link MB/step |",
+             "|---|---|---|---|---|"]
+    for name in ("home", "experts", "replicas"):
+        m = modes[name]
+        lines.append(f"| {name} | {m['a2a_seconds_per_step'] * 1e3:.0f} | "
+                     f"{m['step_seconds'] * 1e3:.0f} | "
+                     f"{m['copy_sync_seconds_per_step'] * 1e3:.0f} | "
+                     f"{m['between_steps_inter_node_bytes'] / 1e6:.3f} |")
+    lines += ["", "Sync link MB: veth bytes between a step's gradient all-reduce and the next "
+              "step (the copies' sync; barrier and gRPC bytes in the other modes).", "",
+              replica_verdict(rep) + "."]
+    return lines
 
 
 def _gaps(r: dict[str, Any]) -> list[str]:

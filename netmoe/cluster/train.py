@@ -1,4 +1,5 @@
-"""Real MoE training on the emulated cluster: home, sample placement, expert + sample placement.
+"""Real MoE training on the emulated cluster: home, sample placement, expert + sample placement,
+and the latter plus expert copies.
 
 The bench process (server side, it may use the solver) prepares and measures; the training ranks
 run ``python -m netmoe.reference.train`` inside the node namespaces of a
@@ -21,6 +22,12 @@ run ``python -m netmoe.reference.train`` inside the node namespaces of a
    service's default expert layout is exactly the fitted map and the function is unchanged.
 5. The first home run records its routing; the exact optimum on it (locality_bound) is how much
    any placement could cut on these held-out steps.
+6. "replicas" (replica_slots > 0): the experts mode plus copies chosen by
+   ``netmoe.solver.replicas.fit_replicas`` on the fit trace (fit_copies), created from their
+   owners before the first step and confirmed with the service (TrainConfig.copies); the
+   trainer sums their gradients every step (``netmoe.client.replicas.sync_grads``, timed).
+   replica_decision replays the measured steps' routing with the calibrated model and says
+   whether the copies pay; replica_report sets that against the measured step.
 
 Each rank records every tagged All-to-All (CommStats.calls, with a barrier before it so rank
 skew is not counted); a call's wall time is max(end) - min(start) over ranks. The first rank of
@@ -34,6 +41,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -140,6 +148,9 @@ def summarize_mode(results: Sequence[dict[str, Any]], cal: Any, gpus_per_node: i
     link = np.asarray(heads, dtype=np.int64).reshape(len(heads), steps, 3, 2)
     fwd_bwd = (link[:, :, 1] - link[:, :, 0])[..., 0].sum(axis=0)  # tx over nodes, per step
     allreduce = (link[:, :, 2] - link[:, :, 1])[..., 0].sum(axis=0)
+    # From the last mark of step s to the first of step s + 1 only the copies' gradient sync
+    # (when there are copies) crosses nodes, besides barrier and gRPC bytes.
+    between = (link[:, 1:, 0] - link[:, :-1, 2])[..., 0].sum(axis=0)
     measured = float(np.median(per_step))
     model = float(np.median(predicted))
     out: dict[str, Any] = {
@@ -151,6 +162,9 @@ def summarize_mode(results: Sequence[dict[str, Any]], cal: Any, gpus_per_node: i
         "inter_node_bytes_per_link": [int(x) for x in
                                       np.median(link[:, :, 1, 0] - link[:, :, 0, 0], axis=1)],
         "allreduce_inter_node_bytes": int(np.median(allreduce)),
+        "between_steps_inter_node_bytes": int(np.median(between)) if steps > 1 else 0,
+        # the slowest rank's mean per step (the trainer sums it over steps); in step_seconds
+        "copy_sync_seconds_per_step": max(r["copy_sync_seconds"] for r in results) / steps,
         "payload_inter_bytes": int(np.median(inter_payload)),
         "payload_intra_bytes": int(np.median(intra_payload)),
         "predicted_a2a_seconds": model,
@@ -262,6 +276,68 @@ def locality_bound(trace_path: Path, cfg: Any, maps: Sequence[Sequence[int]]) ->
             "experts_inter_reduction": 1.0 - inter["joint"] / inter["home"]}
 
 
+def expert_grad_bytes(cfg: Any) -> int:
+    """Gradient bytes of one expert of cfg's model (float32, the size of its parameters)."""
+    from netmoe.client.experts import state_bytes
+    from netmoe.reference.model import Expert
+
+    return state_bytes(Expert(cfg.d_model, cfg.ffn), None)
+
+
+def fit_copies(trace_path: Path, cfg: Any, maps: Sequence[Sequence[int]],
+               order: Sequence[Sequence[int]], slots: int, grad_bytes: int) -> dict[str, Any]:
+    """Copies for the replicas mode, on top of the fitted maps [L, E]: fit_replicas on the fit
+    trace's rounds, at most ``slots`` per device and layer, each copy's gradient sync weighed
+    (2 x grad_bytes inter-node bytes per step). Returns "copies" ([L] (expert, device) by
+    original id), "labels" (the same by slot of ``order``: TrainConfig.copies of a run built
+    with expert_order=order), "objective_history" and "rounds"."""
+    from netmoe.solver import Topology
+    from netmoe.solver.replicas import fit_replicas
+
+    topo = Topology(nodes=cfg.nodes, gpus_per_node=cfg.gpus_per_node, experts=cfg.experts,
+                    bytes_per_route=cfg.d_model * 4)
+    fit = fit_replicas(topo, trace_rounds(trace_path, cfg), np.asarray(maps), slots=slots,
+                       grad_bytes=grad_bytes)
+    slot_of = [{e: v for v, e in enumerate(o)} for o in order]
+    labels = [sorted((slot_of[layer][e], d) for e, d in pairs)
+              for layer, pairs in enumerate(fit.copies)]
+    return {"slots": slots, "copies": [[list(c) for c in layer] for layer in fit.copies],
+            "labels": [[list(c) for c in layer] for layer in labels],
+            "objective_history": [list(h) for h in fit.history], "rounds": fit.rounds}
+
+
+def replica_decision(trace_path: Path, cfg: Any, maps: Sequence[Sequence[int]],
+                     copies: Sequence[Sequence[Sequence[int]]], cal: Any, grad_bytes: int,
+                     horizon_steps: int) -> dict[str, Any]:
+    """The model's verdict on the copies for the measured (held-out) steps' real routing:
+    recommend_replicas in seconds with the calibrated alpha-beta channels (bytes over the whole
+    machine, as the calibration). The saving is joint + copies against joint placement alone,
+    both passes; the sync one all-reduce per layer with cross-node copies. Memory and creation
+    count an expert's parameters plus AdamW's two moments (3 x grad_bytes)."""
+    from netmoe.solver import Topology
+    from netmoe.solver.replicas import evaluate_replicas, recommend_replicas
+
+    topo = Topology(nodes=cfg.nodes, gpus_per_node=cfg.gpus_per_node, experts=cfg.experts,
+                    alpha_intra=cal.intra.alpha, alpha_inter=cal.inter.alpha,
+                    bw_intra=cal.intra.bandwidth, bw_inter=cal.inter.bandwidth,
+                    bytes_per_route=cfg.d_model * 4)
+    ev = evaluate_replicas(topo, trace_rounds(trace_path, cfg), np.asarray(maps),
+                           [[tuple(c) for c in layer] for layer in copies])
+    rec = recommend_replicas(topo, ev, bytes_per_expert=3 * grad_bytes, grad_bytes=grad_bytes,
+                             horizon_steps=horizon_steps, unit="seconds")
+    return {"pays": rec.adopt, "reason": rec.reason, "rounds": ev.experts.rounds,
+            "predicted_saving_seconds_per_step": rec.saving_per_step,
+            "predicted_sync_seconds_per_step": rec.sync_per_step,
+            "predicted_net_seconds_per_step": rec.net_per_step,
+            "predicted_creation_seconds": rec.migration_cost,
+            "break_even_steps": rec.break_even_steps if np.isfinite(rec.break_even_steps)
+            else None, "horizon_steps": horizon_steps,
+            "n_copies": rec.n_copies, "cross_node_copies": rec.cross_node_copies,
+            "memory_bytes": rec.memory_bytes, "grad_bytes_per_expert": grad_bytes,
+            "held_out_inter_routes": {"joint": ev.experts.joint.inter,
+                                      "replicated": ev.total.inter}}
+
+
 def _record_fit_trace(cfg: Any, steps: int, path: Path) -> None:
     """Trains ``steps`` steps in one process from cfg's checkpoint, recording the routing."""
     from netmoe.reference.launch import run_ranks
@@ -276,9 +352,10 @@ def _record_fit_trace(cfg: Any, steps: int, path: Path) -> None:
 
 
 def _cached_fit(cfg: Any, fit_steps: int, starts: int, work: Path,
-                ) -> tuple[tuple[tuple[int, ...], ...], dict[str, Any]]:
-    """The fitted expert order, from the cache when the same checkpoint, data, shape and seed
-    were fitted before (the fit trace is deterministic, so the cached fit is exact)."""
+                ) -> tuple[tuple[tuple[int, ...], ...], dict[str, Any], Path]:
+    """The fitted expert order, its info and the fit trace (the copies are fitted on it), from
+    the cache when the same checkpoint, data, shape and seed were fitted before (the fit trace
+    is deterministic, so the cached fit is exact)."""
     from netmoe.reference.data import default_cache_dir
 
     key = json.dumps([cfg.init_checkpoint, cfg.data_offset, fit_steps, starts, cfg.seed,
@@ -286,16 +363,21 @@ def _cached_fit(cfg: Any, fit_steps: int, starts: int, work: Path,
                       cfg.layers, cfg.experts_per_device, cfg.top_k, cfg.vocab])
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
     path = (Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()) / f"fit-{digest}.json"
-    if path.exists():
+    trace = path.with_suffix(".npz")
+    if path.exists() and trace.exists():
         cached = json.loads(path.read_text())
         info = {**cached["info"], "cached": True, "seconds": 0.0}
-        return tuple(tuple(o) for o in cached["order"]), info
+        return tuple(tuple(o) for o in cached["order"]), info, trace
     t0 = time.monotonic()
     _record_fit_trace(cfg, fit_steps, work / "fit-trace.npz")
     order, info = fit_order(work / "fit-trace.npz", cfg, starts)
     info.update(cached=False, seconds=time.monotonic() - t0)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = trace.with_name(f"{trace.stem}.{os.getpid()}.tmp.npz")
+    shutil.copyfile(work / "fit-trace.npz", tmp)
+    os.replace(tmp, trace)
     _write_atomic(path, {"key": key, "order": order, "info": info})
-    return order, info
+    return order, info, trace
 
 
 def _write_atomic(path: Path, obj: Any) -> None:
@@ -368,12 +450,16 @@ def _calibrate(tb: Any, work: Path, g: int, sizes: Sequence[int], iters: int, ca
 def run_bench(base: Any, *, rate_mbit: float, ratio: float, warmup_steps: int, fit_steps: int,
               objectives: Sequence[str], starts: int, sizes: Sequence[int],
               calibration_iters: int, repeats: int = 1,
-              reuse_calibration: bool = False) -> dict[str, Any]:
+              reuse_calibration: bool = False, replica_slots: int = 0,
+              replica_weigh_sync: bool = True) -> dict[str, Any]:
     """The whole training bench; base: TrainConfig of the measured runs (steps, shape, seed).
 
     Modes run interleaved ``repeats`` times (home, sample, experts, home, ...) in one launch of
     the ranks; figures are medians over repeats of the per-launch medians over steps.
     reuse_calibration: take the cached calibration of this testbed shape when there is one.
+    replica_slots > 0 adds the "replicas" mode: the experts mode plus copies (fit_copies, at
+    most replica_slots per device and layer, their sync weighed unless not replica_weigh_sync)
+    in force from the start; the report's "replicas" holds the model's verdict on them.
     Returns the report dict (see netmoe.bench.cluster for the keys)."""
     from netmoe.cluster.calibrate import calibration_dict
     from netmoe.cluster.testbed import Testbed, TestbedConfig
@@ -398,7 +484,10 @@ def run_bench(base: Any, *, rate_mbit: float, ratio: float, warmup_steps: int, f
     with tempfile.TemporaryDirectory(prefix="netmoe-cluster-train-") as tmp:
         work = Path(tmp)
         t0 = time.monotonic()
-        order, fit_info = _cached_fit(cfg, fit_steps, starts, work)
+        order, fit_info, fit_trace = _cached_fit(cfg, fit_steps, starts, work)
+        grad_bytes = expert_grad_bytes(cfg)
+        copies = fit_copies(fit_trace, cfg, fit_info["maps"], order, replica_slots,
+                            grad_bytes if replica_weigh_sync else 0) if replica_slots else None
         phases["expert_fit"] = time.monotonic() - t0
         tb_cfg = TestbedConfig(nodes=cfg.nodes, rate_mbit=rate_mbit,
                                intra_rate_mbit=rate_mbit * ratio)
@@ -418,6 +507,9 @@ def run_bench(base: Any, *, rate_mbit: float, ratio: float, warmup_steps: int, f
                 modes.append((f"sample{suffix}", place))
                 modes.append((f"experts{suffix}",
                               dataclasses.replace(place, expert_order=order)))
+            if copies is not None:  # replica-aware rounds ignore the objective
+                modes.insert(3, ("replicas", dataclasses.replace(modes[2][1],
+                                                                 copies=copies["labels"])))
             trace = work / "held-out-trace.npz"
             runs = [(f"{name}#{rep}", dataclasses.replace(
                 mode_cfg, job=f"{name}-{rep}", record_trace=str(trace)
@@ -432,12 +524,64 @@ def run_bench(base: Any, *, rate_mbit: float, ratio: float, warmup_steps: int, f
         for name, mode_cfg in modes:
             per_mode[name]["objective"] = mode_cfg.objective if name != "home" else None
         bound = locality_bound(trace, cfg, fit_info["maps"])
+        if copies is not None:
+            copies.update(weighed_sync=replica_weigh_sync, decision=replica_decision(
+                trace, cfg, fit_info["maps"], copies["copies"], cal, grad_bytes,
+                cfg.expert_horizon))
+            first = results["replicas#0"][0]["experts"]
+            copies.update(confirmed=first.get("copies_confirmed", False),
+                          error=first.get("error", ""),
+                          creation_seconds=max(r["experts"].get("copy_seconds", 0.0)
+                                               for r in results["replicas#0"]))
     report = _report(per_mode, cal, calibration_dict(cal), cfg, fit_info, rate_mbit, ratio,
                      warmup_steps, fit_steps, time.monotonic() - started)
+    if copies is not None:
+        report["replicas"] = replica_report(per_mode, copies)
     report.update(repeats=repeats, locality_bound=bound, phase_seconds=phases,
                   calibration_meta=cal_meta,
                   load_average={"start": load_start[0], "end": os.getloadavg()[0]})
     return report
+
+
+def replica_report(modes: dict[str, dict[str, Any]], copies: dict[str, Any]) -> dict[str, Any]:
+    """The replicas mode against the experts mode (merged figures of both): the copies, the
+    model's verdict (copies["decision"]), measured All-to-All, step and sync time per step, and
+    whether the step got faster exactly when the model said the copies pay."""
+    exp, rep = modes["experts"], modes["replicas"]
+    step_saving = exp["step_seconds"] - rep["step_seconds"]
+    spread = max((max(t) - min(t)) / statistics.median(t) for t in (
+        [x["step_seconds"] for x in m["repeats"]] for m in (exp, rep)))
+    return {
+        **copies,
+        "n_copies": sum(len(layer) for layer in copies["copies"]),
+        "measured_a2a_saving_seconds_per_step": exp["a2a_seconds_per_step"]
+        - rep["a2a_seconds_per_step"],
+        "measured_step_saving_seconds_per_step": step_saving,
+        "measured_sync_seconds_per_step": rep["copy_sync_seconds_per_step"],
+        "sync_inter_node_bytes_per_step": rep["between_steps_inter_node_bytes"],
+        # the calibrated model on the calls' real bytes (the decision models held-out routes)
+        "predicted_a2a_saving_seconds_per_step_measured_bytes": exp["predicted_a2a_seconds"]
+        - rep["predicted_a2a_seconds"],
+        "step_faster": step_saving > 0,
+        "step_launch_spread": spread,
+        "agrees": copies["decision"]["pays"] == (step_saving > 0),
+    }
+
+
+def replica_verdict(r: dict[str, Any]) -> str:
+    """One line: the model's decision on the copies (report["replicas"]) with its numbers, then
+    the measured outcome against the experts mode."""
+    d = r["decision"]
+    saving, sync = d["predicted_saving_seconds_per_step"], d["predicted_sync_seconds_per_step"]
+    said = "copies pay" if d["pays"] else "copies do not pay"
+    step = r["measured_step_saving_seconds_per_step"]
+    return (f"model: {said} (per step {saving * 1e3:.1f} ms of All-to-All saved vs "
+            f"{sync * 1e3:.1f} ms of gradient sync; {d['reason']}); measured vs experts: step "
+            f"{abs(step) * 1e3:.0f} ms {'faster' if step > 0 else 'slower'} (spread between "
+            f"launches {r['step_launch_spread']:.0%}), All-to-All "
+            f"{r['measured_a2a_saving_seconds_per_step'] * 1e3:+.0f} ms saved, sync "
+            f"{r['measured_sync_seconds_per_step'] * 1e3:.0f} ms/step: "
+            f"{'agrees' if r['agrees'] else 'disagrees'} with the model")
 
 
 def _report(modes: dict[str, dict[str, Any]], cal: Any, cal_dict: dict, cfg: Any,

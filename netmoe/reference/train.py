@@ -101,11 +101,17 @@ class TrainConfig:
     # them anyway and has them chosen on routes alone (their gradient sync not weighed), since on
     # a tiny model the sync outweighs every route a copy saves.
     replica_budget: int = 0
+    # Expert copies in force from step 0 (netmoe bench cluster's replicas mode): [layers]
+    # (expert, device) lists by the ids the service knows (slots when expert_order is set),
+    # created from their owners before the first step and confirmed with the service from step 0.
+    copies: tuple[tuple[tuple[int, int], ...], ...] = ()
     a2a_sync: bool = False  # barrier before each timed exchange (CommStats.sync)
     link_counters: bool = False  # first rank of a node reads GLOO_SOCKET_IFNAME's byte counters
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "expert_order", tuple(tuple(o) for o in self.expert_order))
+        object.__setattr__(self, "copies", tuple(tuple((int(e), int(d)) for e, d in layer)
+                                                 for layer in self.copies))
         if self.expert_order and (
             len(self.expert_order) != self.layers
             or any(sorted(o) != list(range(self.experts)) for o in self.expert_order)
@@ -126,6 +132,10 @@ class TrainConfig:
         if self.replica_budget and not self.adopt_experts_at:
             raise ValueError(f"replica_budget={self.replica_budget} needs adopt_experts_at (copies "
                              f"come with the expert maps)")
+        if self.copies and (len(self.copies) != self.layers or self.adopt_experts_at):
+            raise ValueError(f"copies must list {self.layers} layers and exclude adopt_experts_at "
+                             f"(copies chosen later), got {len(self.copies)} layers and "
+                             f"adopt_experts_at={self.adopt_experts_at}")
         if self.expert_placement not in EXPERT_PLACEMENTS:
             raise ValueError(f"expert_placement must be one of {EXPERT_PLACEMENTS}, got "
                              f"{self.expert_placement!r}")
@@ -275,7 +285,10 @@ def _train_steps(run: _Run) -> dict[str, Any]:
     sync_seconds = 0.0
     step_routes, routes_so_far = [], np.zeros((cfg.layers, 3), dtype=np.int64)
     progress_file = os.environ.get(PROGRESS_FILE, "")
-    dist.barrier()
+    if cfg.copies:
+        experts_info = _confirm_copies(cfg, run.client, rank)
+        copies = _adopt_copies(run, table, experts_info)
+    dist.barrier()  # with copies: rank 0 confirmed them before any rank reports step 0
     for step in range(cfg.steps):
         if cfg.adopt_experts_at and step == cfg.adopt_experts_at:
             table, experts_info = _adopt_experts(cfg, run.model, run.opt, run.client, table,
@@ -440,6 +453,26 @@ def _adopt_copies(run: _Run, table: Any, info: dict[str, Any]) -> Any:
     info["copy_seconds"] = time.perf_counter() - t0
     run.dispatcher.route_tables = route_tables(copies)
     return copies
+
+
+def _confirm_copies(cfg: TrainConfig, client: Any, rank: int) -> dict[str, Any]:
+    """cfg.copies in force from step 0: rank 0 confirms them with the registered maps (rounds
+    are then solved replica-aware); returns the info _adopt_copies takes. A failed call leaves
+    the service unaware of the copies (plans ignore them, results do not change)."""
+    import grpc
+
+    info: dict[str, Any] = {"copies": [[list(c) for c in layer] for layer in cfg.copies],
+                            "copies_adopted": True, "copies_confirmed": False, "error": ""}
+    if rank == 0 and client is not None:
+        per = cfg.experts_per_device
+        maps = [[e // per for e in range(cfg.experts)]] * cfg.layers
+        try:
+            client.confirm_experts(0, maps, copies=cfg.copies)
+            info["copies_confirmed"] = True
+        except grpc.RpcError as err:
+            info["error"] = f"ConfirmExperts: {err.code().name}: {err.details()}"
+            log.warning("copies: %s; plans ignore them", info["error"])
+    return info
 
 
 def _ask_experts(cfg: TrainConfig, client: Any, bytes_per_expert: int, step: int,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -12,12 +13,21 @@ import numpy as np
 import pytest
 import torch
 
-from netmoe.cluster.train import align_calls, expert_order, locality_bound, merge_repeats
+from netmoe.cluster.train import (
+    align_calls,
+    expert_order,
+    fit_copies,
+    locality_bound,
+    merge_repeats,
+    replica_decision,
+    replica_report,
+    replica_verdict,
+)
 from netmoe.reference.model import relabel_state
 from netmoe.reference.train import TrainConfig
 from netmoe.trace import save_trace
 
-from support import leaked_links, root_links, run_cleanly
+from support import leaked_links, root_links, run_bench
 
 needs_root = pytest.mark.skipif(
     os.geteuid() != 0 or shutil.which("ip") is None or shutil.which("tc") is None,
@@ -93,6 +103,100 @@ def test_locality_bound_finds_the_exact_cut_on_a_recorded_trace(tmp_path: Path) 
     assert b["experts_inter_reduction"] == 1.0  # same map: same optimum
 
 
+def _split_routing_trace(path: Path, cfg: TrainConfig, steps: int = 2) -> None:
+    """Every token of every sample routes top-2 to experts 0 and E/2: whatever the placement,
+    with the home map, half the routes cross nodes; copies of the two serve them locally."""
+    big_i = cfg.global_samples
+    topk = np.zeros((cfg.layers, steps * big_i * cfg.seq_len, 2), dtype=np.int64)
+    topk[..., 1] = cfg.experts // 2
+    sample_ids = np.repeat(np.arange(steps * big_i), cfg.seq_len)
+    save_trace(path, topk, sample_ids, cfg.experts)
+
+
+def test_fit_copies_names_each_copy_by_its_slot_in_the_expert_order(tmp_path: Path) -> None:
+    cfg = TrainConfig(nodes=2, gpus_per_node=2, samples_per_device=2, seq_len=4, layers=3)
+    _split_routing_trace(tmp_path / "t.npz", cfg)
+    maps = np.array([[2, 2, 3, 3, 0, 0, 1, 1], [1, 0, 3, 2, 1, 0, 3, 2], [0, 0, 1, 1, 2, 2, 3, 3]])
+    order = expert_order(maps)
+    free = fit_copies(tmp_path / "t.npz", cfg, maps.tolist(), order, 1, 0)
+    assert [sorted(e for e, _ in layer) for layer in free["copies"]] == [[0, 4]] * cfg.layers
+    for layer, (pairs, labels) in enumerate(zip(free["copies"], free["labels"], strict=True)):
+        assert sorted((order[layer][v], d) for v, d in labels) == sorted(map(tuple, pairs))
+        # a copy sits on the node its expert is not on
+        assert all(v // 2 // 2 != d // 2 for v, d in labels)
+    # a sync dearer than every route a copy saves: no copy
+    dear = fit_copies(tmp_path / "t.npz", cfg, maps.tolist(), order, 1, 10**9)
+    assert dear["copies"] == [[]] * cfg.layers
+
+
+def test_replica_decision_weighs_the_calibrated_sync(tmp_path: Path) -> None:
+    from netmoe.cluster.calibrate import Calibration, ChannelFit
+
+    cfg = TrainConfig(nodes=2, gpus_per_node=2, samples_per_device=2, seq_len=4, layers=3)
+    _split_routing_trace(tmp_path / "t.npz", cfg)
+    maps = [[e // 2 for e in range(cfg.experts)]] * cfg.layers
+    copies = fit_copies(tmp_path / "t.npz", cfg, maps, expert_order(np.array(maps)), 1, 0)
+    intra, inter = ChannelFit(0.0, 1e9, 1.0), ChannelFit(0.0, 1e6, 1.0)
+    cheap = replica_decision(tmp_path / "t.npz", cfg, maps, copies["copies"],
+                             Calibration(intra, inter, ()), 100, 1000)
+    assert cheap["n_copies"] == cheap["cross_node_copies"] == 2 * cfg.layers
+    assert cheap["held_out_inter_routes"]["replicated"] < cheap["held_out_inter_routes"]["joint"]
+    assert cheap["predicted_sync_seconds_per_step"] == pytest.approx(
+        cfg.layers * 2 * 2 * 100 / 1e6)  # per layer 2 cross-node copies, 2 x grad bytes each
+    assert cheap["pays"] and cheap["predicted_net_seconds_per_step"] > 0
+    slow = Calibration(intra, ChannelFit(1.0, 1e6, 1.0), ())  # a 1 s sync all-reduce
+    dear = replica_decision(tmp_path / "t.npz", cfg, maps, copies["copies"], slow, 100, 1000)
+    assert not dear["pays"] and "sync costs more than they save" in dear["reason"]
+
+
+@pytest.mark.parametrize(("value", "message"), [
+    ("-1", "--replica-budget must be >= 0, got -1"),
+    ("15", "--replica-budget 15: slots=15 copies per device do not fit"),
+])
+def test_bad_replica_budget_exits_2_with_one_line(value: str, message: str) -> None:
+    out = subprocess.run([sys.executable, "-m", "netmoe.cli", "bench", "cluster",
+                          "--replica-budget", value], capture_output=True, text=True,
+                         timeout=60, check=False)
+    assert out.returncode == 2
+    assert message in out.stderr and len(out.stderr.strip().splitlines()) == 1
+
+
+def test_copies_of_a_run_must_cover_its_layers() -> None:
+    with pytest.raises(ValueError, match="copies must list 4 layers"):
+        TrainConfig(copies=[[(0, 2)]])
+    with pytest.raises(ValueError, match="adopt_experts_at=1"):
+        TrainConfig(copies=[[]] * 4, adopt_experts_at=1, placement="service", server="x:1")
+
+
+def _replica_modes(experts_step: float, replicas_step: float) -> dict:
+    def mode(step: float, sync: float) -> dict:
+        return {"a2a_seconds_per_step": step / 2, "step_seconds": step,
+                "predicted_a2a_seconds": step / 3, "copy_sync_seconds_per_step": sync,
+                "between_steps_inter_node_bytes": int(sync * 1e6),
+                "repeats": [{"step_seconds": step}, {"step_seconds": step * 1.1}]}
+
+    return {"experts": mode(experts_step, 0.0), "replicas": mode(replicas_step, 0.05)}
+
+
+def test_replica_verdict_states_the_model_and_whether_the_step_agrees() -> None:
+    decision = {"pays": True, "reason": "why", "predicted_saving_seconds_per_step": 0.2,
+                "predicted_sync_seconds_per_step": 0.05}
+    copies = {"copies": [[[0, 2]], []], "decision": decision}
+    faster = replica_report(_replica_modes(1.0, 0.8), copies)
+    assert faster["n_copies"] == 1 and faster["step_faster"] and faster["agrees"]
+    assert faster["measured_step_saving_seconds_per_step"] == pytest.approx(0.2)
+    assert faster["step_launch_spread"] == pytest.approx(0.1 / 1.05)
+    text = replica_verdict(faster)
+    assert text.startswith("model: copies pay (per step 200.0 ms of All-to-All saved vs 50.0 ms")
+    assert "step 200 ms faster" in text and text.endswith("agrees with the model")
+    slower = replica_report(_replica_modes(1.0, 1.3), {**copies, "decision": {
+        **decision, "pays": False}})
+    assert not slower["step_faster"] and slower["agrees"]
+    assert replica_verdict(slower).startswith("model: copies do not pay (")
+    wrong = replica_report(_replica_modes(1.0, 1.3), copies)
+    assert not wrong["agrees"] and replica_verdict(wrong).endswith("disagrees with the model")
+
+
 def test_relabel_state_moves_experts_and_router_rows_to_slots() -> None:
     state = {
         "blocks.0.moe.router.weight": torch.arange(6.0).reshape(3, 2),
@@ -109,18 +213,19 @@ def test_relabel_state_moves_experts_and_router_rows_to_slots() -> None:
 
 @pytest.mark.root
 @needs_root
-def test_training_on_emulated_cluster_three_modes_equal_losses_and_cleanup(
+def test_training_on_emulated_cluster_four_modes_equal_losses_and_cleanup(
         tmp_path: Path) -> None:
     from netmoe.cluster.testbed import existing_namespaces
 
-    links, before = root_links(), set(existing_namespaces())
-    out = run_cleanly(
+    links = root_links()
+    out = run_bench(
         [sys.executable, "-m", "netmoe.cli", "bench", "cluster", "--quick", "--json",
          "--gpus-per-node", "2", "--steps", "2", "--warmup-steps", "0", "--fit-steps", "2",
-         "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "report")], timeout=900)
+         "--replica-fit", "routes",  # a budget of copies whatever the sync costs
+         "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "report")])
     assert out.returncode == 0, out.stderr[-3000:]
     r = json.loads(out.stdout)
-    assert set(r["modes"]) == {"home", "sample", "experts"}
+    assert set(r["modes"]) == {"home", "sample", "experts", "replicas"}
     home = r["modes"]["home"]
     assert len(home["loss"]) == 2
     for name, m in r["modes"].items():
@@ -130,7 +235,7 @@ def test_training_on_emulated_cluster_three_modes_equal_losses_and_cleanup(
         assert m["inter_node_bytes"] >= m["payload_inter_bytes"] > 0
         assert {c["phase"] for c in m["calls"]} >= {"dispatch", "combine", "dispatch_bwd",
                                                     "combine_bwd"}
-    for name in ("sample", "experts"):
+    for name in ("sample", "experts", "replicas"):
         m = r["modes"][name]
         assert m["fallbacks"] == 0, m["fallback_reasons"]
         assert 0 <= m["plan_reply_seconds_per_step"] <= m["plan_wait_seconds_per_step"]
@@ -140,8 +245,33 @@ def test_training_on_emulated_cluster_three_modes_equal_losses_and_cleanup(
     # the fitted map is in force: the experts run routes differently from the sample run
     assert r["modes"]["experts"]["payload_inter_bytes"] != r["modes"]["sample"][
         "payload_inter_bytes"]
+    _check_replicas(r, (tmp_path / "report" / "report.md").read_text())
     assert {p.name for p in (tmp_path / "report").iterdir()} == {
         "report.md", "result.json", "step_time.png", "inter_bytes.png", "predicted.png"}
     assert "## Gaps to the targets" in (tmp_path / "report" / "report.md").read_text()
-    assert set(existing_namespaces()) <= before  # nothing of this run is left
+    # nothing of this run is left (other benches may run meanwhile: theirs carry their pid)
+    assert not [ns for ns in existing_namespaces() if ns.startswith(f"netmoe{out.pid}x")]
     assert not leaked_links(links)
+
+
+def _check_replicas(r: dict, report_md: str) -> None:
+    """The replicas mode had copies in force, timed their sync, and its verdict follows the
+    model's numbers (the losses are checked with every mode's)."""
+    rep, modes = r["replicas"], r["modes"]
+    assert rep["n_copies"] > 0 and rep["confirmed"] and not rep["error"]
+    assert rep["n_copies"] == rep["decision"]["n_copies"]
+    for name, m in modes.items():
+        assert (m["copy_sync_seconds_per_step"] > 0) == (name == "replicas"), name
+    # the copies serve routes where the experts mode crossed nodes or devices
+    assert modes["replicas"]["payload_inter_bytes"] != modes["experts"]["payload_inter_bytes"]
+    d = rep["decision"]
+    assert d["predicted_net_seconds_per_step"] == pytest.approx(
+        d["predicted_saving_seconds_per_step"] - d["predicted_sync_seconds_per_step"])
+    pays = d["predicted_net_seconds_per_step"] > 0 and (
+        d["predicted_net_seconds_per_step"] * d["horizon_steps"] > d["predicted_creation_seconds"])
+    assert d["pays"] == pays
+    assert rep["measured_step_saving_seconds_per_step"] == pytest.approx(
+        modes["experts"]["step_seconds"] - modes["replicas"]["step_seconds"])
+    assert rep["agrees"] == (d["pays"] == (rep["measured_step_saving_seconds_per_step"] > 0))
+    assert replica_verdict(rep) in report_md
+    assert ("model: copies pay (" in report_md) == d["pays"]
