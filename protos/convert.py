@@ -40,19 +40,20 @@ _COUNTS_DTYPES = {
 MAX_COUNT = (1 << 32) - 1  # of the widest wire dtype
 
 
-def counts_to_pb(counts: object) -> pb.Counts:
+def counts_to_pb(counts: object, field: str = "counts") -> pb.Counts:
     """counts [n, E] non-negative ints (any integer dtype, at most 2^32 - 1) -> Counts: the
     row-major little-endian bytes of the narrowest unsigned dtype holding the largest count.
 
-    Raises ValueError for another rank, a non-integer dtype or counts out of range.
+    Raises ValueError naming ``field`` for another rank, a non-integer dtype or counts out of
+    range.
     """
     arr = np.asarray(counts)
     if arr.ndim != 2 or arr.dtype.kind not in "iu":
-        raise ValueError(f"counts must be a [samples, experts] integer array, got shape "
+        raise ValueError(f"{field} must be a [samples, experts] integer array, got shape "
                          f"{list(arr.shape)} of {arr.dtype}")
     low, top = (int(arr.min()), int(arr.max())) if arr.size else (0, 0)
     if low < 0 or top > MAX_COUNT:
-        raise ValueError(f"counts must lie in [0, {MAX_COUNT}], got [{low}, {top}]")
+        raise ValueError(f"{field} must lie in [0, {MAX_COUNT}], got [{low}, {top}]")
     code, dtype = next((c, d) for c, d in _COUNTS_DTYPES.items() if top <= np.iinfo(d).max)
     return pb.Counts(data=arr.astype(dtype, copy=False).tobytes(), dtype=code, shape=arr.shape)
 
@@ -85,12 +86,13 @@ def counts_from_pb(msg: pb.Counts, field: str) -> np.ndarray:
 
 
 def report_to_proto(job: str, step: int, layer: int, rank: int, counts: RoundCounts) -> pb.Report:
-    """One rank's report; counts.gather / scatter [n, E] non-negative ints (``counts_to_pb``)."""
+    """One rank's report; counts.gather / scatter [n, E] non-negative ints (``counts_to_pb``:
+    ValueError naming the field otherwise)."""
     return pb.Report(
         job=job, step=step, layer=layer, rank=rank,
         sample_ids=np.asarray(counts.sample_ids, dtype=np.uint64).tolist(),
-        gather=counts_to_pb(counts.gather),
-        scatter=None if counts.scatter is None else counts_to_pb(counts.scatter),
+        gather=counts_to_pb(counts.gather, "gather"),
+        scatter=None if counts.scatter is None else counts_to_pb(counts.scatter, "scatter"),
     )
 
 

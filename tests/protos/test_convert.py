@@ -62,14 +62,15 @@ def test_counts_from_pb_is_a_read_only_view_of_the_wire_bytes() -> None:
 
 
 @pytest.mark.parametrize(("counts", "error"), [
-    (np.array([[1, -1]]), r"counts must lie in \[0, 4294967295\], got \[-1, 1\]"),
+    (np.array([[1, -1]]), r"^gather must lie in \[0, 4294967295\], got \[-1, 1\]"),
     (np.array([[2**32]]), r"got \[4294967296, 4294967296\]"),
-    (np.arange(4), r"\[samples, experts\] integer array, got shape \[4\] of int64"),
+    (np.arange(4), r"^gather must be a \[samples, experts\] integer array, got shape \[4\] of "
+                   r"int64"),
     (np.ones((2, 2)), r"got shape \[2, 2\] of float64"),
 ])
 def test_counts_to_pb_refuses_what_the_wire_cannot_carry(counts: np.ndarray, error: str) -> None:
     with pytest.raises(ValueError, match=error):
-        counts_to_pb(counts)
+        counts_to_pb(counts, "gather")
 
 
 @pytest.mark.parametrize(("fields", "error"), [
