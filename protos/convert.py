@@ -37,7 +37,9 @@ _COUNTS_DTYPES = {
     pb.COUNTS_DTYPE_UINT16: np.dtype("<u2"),
     pb.COUNTS_DTYPE_UINT32: np.dtype("<u4"),
 }
-MAX_COUNT = (1 << 32) - 1  # of the widest wire dtype
+# (largest count, wire code, dtype), narrowest first: looked up per report, so precomputed.
+_NARROWEST = [(int(np.iinfo(d).max), c, d) for c, d in _COUNTS_DTYPES.items()]
+MAX_COUNT = _NARROWEST[-1][0]  # of the widest wire dtype
 
 
 def counts_to_pb(counts: object, field: str = "counts") -> pb.Counts:
@@ -51,10 +53,11 @@ def counts_to_pb(counts: object, field: str = "counts") -> pb.Counts:
     if arr.ndim != 2 or arr.dtype.kind not in "iu":
         raise ValueError(f"{field} must be a [samples, experts] integer array, got shape "
                          f"{list(arr.shape)} of {arr.dtype}")
-    low, top = (int(arr.min()), int(arr.max())) if arr.size else (0, 0)
+    top = int(arr.max()) if arr.size else 0
+    low = int(arr.min()) if arr.size and arr.dtype.kind == "i" else 0
     if low < 0 or top > MAX_COUNT:
         raise ValueError(f"{field} must lie in [0, {MAX_COUNT}], got [{low}, {top}]")
-    code, dtype = next((c, d) for c, d in _COUNTS_DTYPES.items() if top <= np.iinfo(d).max)
+    _, code, dtype = next(n for n in _NARROWEST if top <= n[0])
     return pb.Counts(data=arr.astype(dtype, copy=False).tobytes(), dtype=code, shape=arr.shape)
 
 

@@ -108,10 +108,11 @@ class Report:
     """One rank's report as received, its shapes not yet checked against the job
     (``check_report`` does).
 
-    sample_ids: [n] uint64 global ids in local order. gather, scatter: [rows, cols] unsigned
-    routes of each local sample to each expert as sent (None: absent; scatter is absent when
-    there is no next layer). generation: the job registration the sender knows (0: whichever is
-    current). counts_error: why the counts on the wire did not decode (raised by check_report).
+    sample_ids: [n] uint64 global ids in local order. gather, scatter: [rows, cols] routes of
+    each local sample to each expert in the smallest unsigned dtype holding them, shaped as sent
+    (None: absent; scatter is absent when there is no next layer). generation: the job
+    registration the sender knows (0: whichever is current). counts_error: why the counts on the
+    wire did not decode (raised by check_report).
     """
 
     job: str
