@@ -146,7 +146,8 @@ class PlacementClient:
         self._stub.ConfirmExperts(request, timeout=timeout, metadata=self._metadata)
 
     def submit(self, step: int, layer: int, counts: RoundCounts) -> Future[RankPlan | None]:
-        """Report one round. counts.gather / scatter: [n, E] non-negative int counts."""
+        """Report one round. counts.gather / scatter: [n, E] int counts in [0, 2^32 - 1]
+        (ValueError naming the field otherwise)."""
         n = counts.samples
         for name, arr in (("gather", counts.gather), ("scatter", counts.scatter)):
             if arr is None and name == "scatter":
@@ -154,10 +155,8 @@ class PlacementClient:
             if arr is None or arr.shape != (n, self.experts):
                 shape = None if arr is None else arr.shape
                 raise ValueError(f"{name} must be [{n}, {self.experts}], got shape {shape}")
-            if arr.size and arr.min() < 0:
-                raise ValueError(f"{name} counts must be non-negative, got min {arr.min()}")
         fut: Future[RankPlan | None] = Future()
-        report = report_to_proto(self.job, step, layer, self.rank, counts)
+        report = report_to_proto(self.job, step, layer, self.rank, counts)  # checks the values
         report.generation = self._generation
         with self._lock:
             if self.rejected:

@@ -1,8 +1,9 @@
 """Conversions between the round contract (``netmoe.round``) and its wire form (``netmoe.v1``).
 
 Both directions live here, used by the service's servicer and by the client, so the two sides
-cannot drift apart. Counts stay flat on the wire (row-major [n, E]); the service checks their
-length against the job before reshaping (``netmoe.server.rounds.check_report``).
+cannot drift apart. Counts travel as raw little-endian bytes with a dtype and a shape
+(``Counts``): one array write on the sender, one copy-free view on the receiver. Their shape is
+checked against the job by the service (``netmoe.server.rounds.check_report``).
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ from netmoe.round import (
     RankPlan,
     RoundCounts,
     Traffic,
-    compact_counts,
 )
 
 from . import placement_pb2 as pb
@@ -31,23 +31,71 @@ _FROM_WIRE = {v: k for k, v in _TO_WIRE.items()}
 assert set(_TO_WIRE) == set(STATUSES)
 
 
+# Wire dtypes of Counts, narrowest first.
+_COUNTS_DTYPES = {
+    pb.COUNTS_DTYPE_UINT8: np.dtype("<u1"),
+    pb.COUNTS_DTYPE_UINT16: np.dtype("<u2"),
+    pb.COUNTS_DTYPE_UINT32: np.dtype("<u4"),
+}
+# (largest count, wire code, dtype), narrowest first: looked up per report, so precomputed.
+_NARROWEST = [(int(np.iinfo(d).max), c, d) for c, d in _COUNTS_DTYPES.items()]
+MAX_COUNT = _NARROWEST[-1][0]  # of the widest wire dtype
+
+
+def counts_to_pb(counts: object, field: str = "counts") -> pb.Counts:
+    """counts [n, E] non-negative ints (any integer dtype, at most 2^32 - 1) -> Counts: the
+    row-major little-endian bytes of the narrowest unsigned dtype holding the largest count.
+
+    Raises ValueError naming ``field`` for another rank, a non-integer dtype or counts out of
+    range.
+    """
+    arr = np.asarray(counts)
+    if arr.ndim != 2 or arr.dtype.kind not in "iu":
+        raise ValueError(f"{field} must be a [samples, experts] integer array, got shape "
+                         f"{list(arr.shape)} of {arr.dtype}")
+    top = int(arr.max()) if arr.size else 0
+    low = int(arr.min()) if arr.size and arr.dtype.kind == "i" else 0
+    if low < 0 or top > MAX_COUNT:
+        raise ValueError(f"{field} must lie in [0, {MAX_COUNT}], got [{low}, {top}]")
+    _, code, dtype = next(n for n in _NARROWEST if top <= n[0])
+    return pb.Counts(data=arr.astype(dtype, copy=False).tobytes(), dtype=code, shape=arr.shape)
+
+
+def counts_from_pb(msg: pb.Counts, field: str) -> np.ndarray:
+    """A read-only [shape[0], shape[1]] view of msg.data in its wire dtype (uint8, 16 or 32):
+    no copy, no object per count.
+
+    Raises ValueError naming ``field`` and the value unless the dtype is known, the shape has
+    two dimensions and data holds exactly shape[0] x shape[1] counts; all checked on the
+    message's numbers before any array exists.
+    """
+    dtype = _COUNTS_DTYPES.get(msg.dtype)
+    if dtype is None:
+        known = ", ".join(pb.CountsDtype.Name(c) for c in _COUNTS_DTYPES)
+        name = (pb.CountsDtype.Name(msg.dtype) if msg.dtype in pb.CountsDtype.values()
+                else "not a CountsDtype")
+        raise ValueError(f"{field}.dtype={msg.dtype} ({name}), need one of {known}")
+    if len(msg.shape) != 2:
+        shown = list(msg.shape[:4]) + (["..."] if len(msg.shape) > 4 else [])
+        raise ValueError(f"{field}.shape {shown} has {len(msg.shape)} dimensions, need 2 "
+                         f"([samples, experts])")
+    rows, cols = msg.shape
+    data = msg.data  # one copy out of the message; the view below keeps it alive
+    need = rows * cols * dtype.itemsize  # Python ints: no overflow, whatever the shape
+    if len(data) != need:
+        raise ValueError(f"{field}.data has {len(data)} bytes, shape [{rows}, {cols}] x "
+                         f"{dtype.name} needs {need}")
+    return np.frombuffer(data, dtype=dtype).reshape(rows, cols)
+
+
 def report_to_proto(job: str, step: int, layer: int, rank: int, counts: RoundCounts) -> pb.Report:
-    """One rank's report; counts.gather / scatter [n, E] non-negative ints."""
+    """One rank's report; counts.gather / scatter [n, E] non-negative ints (``counts_to_pb``:
+    ValueError naming the field otherwise)."""
     return pb.Report(
         job=job, step=step, layer=layer, rank=rank,
         sample_ids=np.asarray(counts.sample_ids, dtype=np.uint64).tolist(),
-        gather=np.asarray(counts.gather).reshape(-1).tolist(),
-        scatter=[] if counts.scatter is None else np.asarray(counts.scatter).reshape(-1).tolist(),
-    )
-
-
-def report_arrays(msg: pb.Report) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(sample_ids [n] uint64, gather [m], scatter [m']) as on the wire, flat; counts in the
-    smallest unsigned dtype holding them (``compact_counts``), about their wire bytes."""
-    return (
-        np.fromiter(msg.sample_ids, dtype=np.uint64, count=len(msg.sample_ids)),
-        compact_counts(np.fromiter(msg.gather, dtype=np.uint32, count=len(msg.gather))),
-        compact_counts(np.fromiter(msg.scatter, dtype=np.uint32, count=len(msg.scatter))),
+        gather=counts_to_pb(counts.gather, "gather"),
+        scatter=None if counts.scatter is None else counts_to_pb(counts.scatter, "scatter"),
     )
 
 

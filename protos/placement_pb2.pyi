@@ -7,6 +7,13 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class CountsDtype(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    COUNTS_DTYPE_UNSPECIFIED: _ClassVar[CountsDtype]
+    COUNTS_DTYPE_UINT8: _ClassVar[CountsDtype]
+    COUNTS_DTYPE_UINT16: _ClassVar[CountsDtype]
+    COUNTS_DTYPE_UINT32: _ClassVar[CountsDtype]
+
 class PlanStatus(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     PLAN_STATUS_UNSPECIFIED: _ClassVar[PlanStatus]
@@ -14,6 +21,10 @@ class PlanStatus(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     PLAN_STATUS_FEASIBLE: _ClassVar[PlanStatus]
     PLAN_STATUS_FALLBACK: _ClassVar[PlanStatus]
     PLAN_STATUS_INVALID: _ClassVar[PlanStatus]
+COUNTS_DTYPE_UNSPECIFIED: CountsDtype
+COUNTS_DTYPE_UINT8: CountsDtype
+COUNTS_DTYPE_UINT16: CountsDtype
+COUNTS_DTYPE_UINT32: CountsDtype
 PLAN_STATUS_UNSPECIFIED: PlanStatus
 PLAN_STATUS_OPTIMAL: PlanStatus
 PLAN_STATUS_FEASIBLE: PlanStatus
@@ -105,10 +116,20 @@ class Report(_message.Message):
     layer: int
     rank: int
     sample_ids: _containers.RepeatedScalarFieldContainer[int]
-    gather: _containers.RepeatedScalarFieldContainer[int]
-    scatter: _containers.RepeatedScalarFieldContainer[int]
+    gather: Counts
+    scatter: Counts
     generation: int
-    def __init__(self, job: _Optional[str] = ..., step: _Optional[int] = ..., layer: _Optional[int] = ..., rank: _Optional[int] = ..., sample_ids: _Optional[_Iterable[int]] = ..., gather: _Optional[_Iterable[int]] = ..., scatter: _Optional[_Iterable[int]] = ..., generation: _Optional[int] = ...) -> None: ...
+    def __init__(self, job: _Optional[str] = ..., step: _Optional[int] = ..., layer: _Optional[int] = ..., rank: _Optional[int] = ..., sample_ids: _Optional[_Iterable[int]] = ..., gather: _Optional[_Union[Counts, _Mapping]] = ..., scatter: _Optional[_Union[Counts, _Mapping]] = ..., generation: _Optional[int] = ...) -> None: ...
+
+class Counts(_message.Message):
+    __slots__ = ("data", "dtype", "shape")
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    data: bytes
+    dtype: CountsDtype
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, data: _Optional[bytes] = ..., dtype: _Optional[_Union[CountsDtype, str]] = ..., shape: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class Routes(_message.Message):
     __slots__ = ("inter", "intra", "local", "seconds")

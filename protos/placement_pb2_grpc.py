@@ -98,8 +98,8 @@ class PlacementServiceServicer:
         never aborted for a bad report: each report gets exactly one Plan, and a report that fails
         validation gets a Plan with status PLAN_STATUS_INVALID and `error` naming the field and the
         value, while the stream (and every other worker's stream) goes on. A report whose content is
-        invalid (shapes, ids, duplicates) also ends its round early: the other ranks of that round get
-        the home placement with reason "invalid". Plans arrive when their round finishes, so with
+        invalid (counts: dtype, shape, byte length; ids, duplicates) also ends its round early: the
+        other ranks of that round get the home placement with reason "invalid". Plans arrive when their round finishes, so with
         several rounds in flight they may arrive out of report order; match them by (step, layer).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)

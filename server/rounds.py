@@ -107,11 +107,14 @@ class JobSpec:
 
 @dataclass(frozen=True, eq=False)
 class Report:
-    """One rank's report as received: counts still flat, checked by ``check_report``.
+    """One rank's report as received, its shapes not yet checked against the job
+    (``check_report`` does).
 
-    sample_ids: [n] uint64 global ids in local order. gather, scatter: [n * E] int64 row-major
-    routes of each local sample to each expert; scatter is empty when there is no next layer.
-    generation: the job registration the sender knows (0: whichever is current).
+    sample_ids: [n] uint64 global ids in local order. gather, scatter: [rows, cols] routes of
+    each local sample to each expert in the smallest unsigned dtype holding them, shaped as sent
+    (None: absent; scatter is absent when there is no next layer). generation: the job
+    registration the sender knows (0: whichever is current). counts_error: why the counts on the
+    wire did not decode (raised by check_report).
     """
 
     job: str
@@ -119,9 +122,10 @@ class Report:
     layer: int
     rank: int
     sample_ids: np.ndarray
-    gather: np.ndarray
-    scatter: np.ndarray
+    gather: np.ndarray | None
+    scatter: np.ndarray | None
     generation: int = 0
+    counts_error: FieldError | None = None
 
     @property
     def key(self) -> Key:
@@ -280,7 +284,8 @@ def _picklable(fn: Callable[..., object]) -> bool:
 
 
 def check_report(spec: JobSpec, report: Report, prefix: str = "") -> RoundCounts:
-    """The report's counts shaped [n, E], or FieldError unless its ids and counts fit the job."""
+    """The report's ids and counts ([n, E] each, as received), or FieldError unless they fit
+    the job: n = samples_per_device unique ids, counts that decoded, shaped [n, E]."""
     n, e = spec.samples_per_device, spec.topology.experts
     ids = report.sample_ids
     if len(ids) != n:
@@ -294,20 +299,18 @@ def check_report(spec: JobSpec, report: Report, prefix: str = "") -> RoundCounts
         dup = next(i for k, i in enumerate(seen) if i in seen[:k])
         raise FieldError(f"{prefix}sample_ids",
                          f"{prefix}sample_ids repeats id {dup} (rank {report.rank})")
-    if len(report.gather) != n * e:
-        raise FieldError(
-            f"{prefix}gather",
-            f"{prefix}gather has {len(report.gather)} counts, need samples_per_device x experts "
-            f"= {n} x {e} = {n * e}",
-        )
-    if len(report.scatter) not in (0, n * e):
-        raise FieldError(
-            f"{prefix}scatter",
-            f"{prefix}scatter has {len(report.scatter)} counts, need 0 (no next layer) or "
-            f"samples_per_device x experts = {n} x {e} = {n * e}",
-        )
-    scatter = report.scatter.reshape(n, e) if len(report.scatter) else None
-    return RoundCounts(ids, report.gather.reshape(n, e), scatter)
+    if report.counts_error is not None:
+        err = report.counts_error
+        raise FieldError(f"{prefix}{err.field}", f"{prefix}{err}")
+    need = f"[samples_per_device, experts] = [{n}, {e}] for job {spec.job!r}"
+    if report.gather is None:
+        raise FieldError(f"{prefix}gather", f"{prefix}gather is missing, need {need}")
+    for name, counts in (("gather", report.gather), ("scatter", report.scatter)):
+        if counts is not None and counts.shape != (n, e):
+            absent = " (or absent: no next layer)" if name == "scatter" else ""
+            raise FieldError(f"{prefix}{name}", f"{prefix}{name}.shape is {list(counts.shape)}, "
+                                                f"need {need}{absent}")
+    return RoundCounts(ids, report.gather, report.scatter)
 
 
 def assemble(spec: JobSpec, parts: Sequence[RoundCounts]) -> RoundCounts:

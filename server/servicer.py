@@ -19,8 +19,8 @@ import numpy as np
 
 from netmoe.protos import placement_pb2 as pb
 from netmoe.protos import placement_pb2_grpc
-from netmoe.protos.convert import plan_to_proto, report_arrays
-from netmoe.round import RankPlan
+from netmoe.protos.convert import MAX_COUNT, counts_from_pb, plan_to_proto
+from netmoe.round import RankPlan, compact_counts
 from netmoe.solver import Topology
 
 from .advisor import ExpertAdvisors
@@ -34,7 +34,6 @@ log = logging.getLogger(__name__)
 
 MAX_ALPHA_S = 60.0
 MAX_BYTES_PER_ROUTE = 1 << 32
-MAX_COUNT = (1 << 32) - 1  # a count on the wire is a uint32
 
 
 def check_modelled_times(msg: pb.JobSpec) -> None:
@@ -84,9 +83,23 @@ def spec_from_proto(job: str, msg: pb.JobSpec) -> JobSpec:
 
 
 def report_from_proto(msg: pb.Report) -> Report:
-    ids, gather, scatter = report_arrays(msg)
-    return Report(job=msg.job, step=msg.step, layer=msg.layer, rank=msg.rank, sample_ids=ids,
-                  gather=gather, scatter=scatter, generation=msg.generation)
+    """The report with its counts decoded (``counts_from_pb``) and compacted. Counts that do
+    not decode become ``Report.counts_error``: ``check_report`` raises it, so such a report is
+    answered and ends its round like any other invalid content."""
+    counts: dict[str, np.ndarray | None] = {"gather": None, "scatter": None}
+    error = None
+    for name in counts:
+        if msg.HasField(name):
+            try:
+                counts[name] = compact_counts(counts_from_pb(getattr(msg, name), name))
+            except ValueError as err:
+                error = FieldError(name, str(err))
+                break
+    return Report(job=msg.job, step=msg.step, layer=msg.layer, rank=msg.rank,
+                  sample_ids=np.fromiter(msg.sample_ids, dtype=np.uint64,
+                                         count=len(msg.sample_ids)),
+                  gather=counts["gather"], scatter=counts["scatter"], generation=msg.generation,
+                  counts_error=error)
 
 
 def invalid_plan(report: Report, error: str, job: str) -> pb.Plan:

@@ -150,8 +150,8 @@ def round_reports(job: str, spec: pb.JobSpec, step: int, layer: int, seed: int,
     return [
         pb.Report(job=job, step=step, layer=layer, rank=r,
                   sample_ids=ids[r * n:(r + 1) * n].tolist(),
-                  gather=gather[r * n:(r + 1) * n].ravel().tolist(),
-                  scatter=scatter[r * n:(r + 1) * n].ravel().tolist())
+                  gather=convert.counts_to_pb(gather[r * n:(r + 1) * n]),
+                  scatter=convert.counts_to_pb(scatter[r * n:(r + 1) * n]))
         for r in range(j)
     ]
 
@@ -201,8 +201,8 @@ def check_round(spec: pb.JobSpec, reports: list[pb.Report], plans: list[pb.Plan]
     assert len({(p.before.inter, p.after.inter, p.after.intra) for p in plans}) == 1
     t = spec.topology
     topo = Topology(t.nodes, t.gpus_per_node, t.experts)
-    gather = np.concatenate([np.array(r.gather).reshape(n, -1) for r in reports])
-    scatter = np.concatenate([np.array(r.scatter).reshape(n, -1) for r in reports])
+    gather = np.concatenate([convert.counts_from_pb(r.gather, "gather") for r in reports])
+    scatter = np.concatenate([convert.counts_from_pb(r.scatter, "scatter") for r in reports])
     ref = solve(topo, gather, scatter, home=np.repeat(np.arange(j), n))
     assert [d for p in plans for d in p.dest] == list(ref.dest)
     assert plans[0].after.inter == ref.after.inter < plans[0].before.inter == ref.before.inter

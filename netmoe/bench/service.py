@@ -20,6 +20,7 @@ import numpy as np
 
 from netmoe.bench.stats import spread, tail
 from netmoe.cli import non_negative, positive
+from netmoe.round import RoundCounts
 from netmoe.text import plural
 
 
@@ -35,8 +36,9 @@ def _serve_child(conn: Connection, config: Any) -> None:
 
 def make_rounds(
     distinct: int, nodes: int, gpus: int, experts: int, spd: int, seed: int
-) -> list[list[dict[str, Any]]]:
-    """distinct rounds of per-rank report fields (ids, gather, scatter with node locality)."""
+) -> list[list[RoundCounts]]:
+    """distinct rounds of per-rank counts (ids, gather and scatter [spd, experts] int64 with
+    node locality)."""
     rng = np.random.default_rng(seed)
     j = nodes * gpus
     samples, per_node = j * spd, experts // nodes
@@ -49,12 +51,8 @@ def make_rounds(
                 c[i, n * per_node:(n + 1) * per_node] += rng.poisson(6.0, per_node)
             mats.append(c)
         ids = rng.permutation(samples)
-        out.append([
-            {"sample_ids": ids[r * spd:(r + 1) * spd].tolist(),
-             "gather": mats[0][r * spd:(r + 1) * spd].ravel().tolist(),
-             "scatter": mats[1][r * spd:(r + 1) * spd].ravel().tolist()}
-            for r in range(j)
-        ])
+        rows = [slice(r * spd, (r + 1) * spd) for r in range(j)]
+        out.append([RoundCounts(ids[k], mats[0][k], mats[1][k]) for k in rows])
     return out
 
 
@@ -80,6 +78,7 @@ async def _drive(
 
     from netmoe.protos import placement_pb2 as pb
     from netmoe.protos import placement_pb2_grpc
+    from netmoe.protos.convert import report_to_proto
 
     j = args.nodes * args.gpus_per_node
     spd = args.samples // j
@@ -102,8 +101,9 @@ async def _drive(
         async def rank(slot: int, r: int) -> None:
             stream = streams[slot]
             for k in range(total):
-                report = pb.Report(job="bench", step=k // args.layers, layer=k % args.layers,
-                                   rank=r, **data[k % len(data)][r])
+                # Built per round from arrays, as a training rank does.
+                report = report_to_proto("bench", k // args.layers, k % args.layers, r,
+                                         data[k % len(data)][r])
                 sent[k, slot] = time.perf_counter()
                 await stream.write(report)
                 plan = await stream.read()

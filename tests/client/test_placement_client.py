@@ -82,3 +82,24 @@ def test_restart_over_a_live_job_gets_a_final_clear_error(server: ServerHandle) 
     finally:
         for c in first:
             c.close(unregister=c.rank == 0)
+
+
+def test_submit_refuses_counts_the_wire_cannot_carry_and_sends_wide_ones(server: ServerHandle
+                                                                         ) -> None:
+    clients = _clients(server, spd=2)
+    try:
+        ids = np.arange(2, dtype=np.uint64)
+        ok = np.ones((2, 4), dtype=np.int64)
+        for gather, scatter, error in (
+                (np.ones((2, 3), dtype=np.int64), None, r"gather must be \[2, 4\], got shape"),
+                (ok - 2, None, r"^gather must lie in \[0, 4294967295\], got \[-1, -1\]"),
+                (ok, ok << 32, r"^scatter must lie in \[0, 4294967295\], got \[4294967296, ")):
+            with pytest.raises(ValueError, match=error):
+                clients[0].submit(0, 0, RoundCounts(ids, gather, scatter))
+        # Counts past uint8 and uint16 travel in wider dtypes and solve like any others.
+        futures = [c.submit(0, 0, RoundCounts(ids + 2 * r, ok * (300 + 70_000 * r), ok))
+                   for r, c in enumerate(clients)]
+        assert all(f.result(timeout=10).solved for f in futures)
+    finally:
+        for c in clients:
+            c.close(unregister=c.rank == 0)

@@ -7,12 +7,13 @@ import pytest
 
 from netmoe.protos import placement_pb2 as pb
 from netmoe.protos.convert import (
+    counts_from_pb,
+    counts_to_pb,
     job_spec,
     maps_from_proto,
     maps_to_proto,
     plan_from_proto,
     plan_to_proto,
-    report_arrays,
     report_to_proto,
 )
 from netmoe.round import RankPlan, RoundCounts, Traffic
@@ -24,12 +25,72 @@ def test_report_round_trip_keeps_ids_and_counts_row_major() -> None:
     msg = report_to_proto("job", 5, 1, 3, counts)
     wire = pb.Report.FromString(msg.SerializeToString())
     assert (wire.job, wire.step, wire.layer, wire.rank) == ("job", 5, 1, 3)
-    ids, gather, scatter = report_arrays(wire)
-    assert ids.dtype == np.uint64 and ids.tolist() == [7, 2**63]
-    assert gather.tolist() == [0, 1, 2, 3, 4, 5] and scatter.size == 0
+    assert list(wire.sample_ids) == [7, 2**63]
+    assert wire.gather.data == bytes(range(6)) and list(wire.gather.shape) == [2, 3]
+    assert counts_from_pb(wire.gather, "gather").tolist() == [[0, 1, 2], [3, 4, 5]]
+    assert not wire.HasField("scatter")  # absent: no next layer
     with_next = report_to_proto("job", 5, 1, 3, RoundCounts(counts.sample_ids, counts.gather,
                                                             counts.gather + 1))
-    assert report_arrays(with_next)[2].tolist() == [1, 2, 3, 4, 5, 6]
+    assert counts_from_pb(with_next.scatter, "scatter").tolist() == [[1, 2, 3], [4, 5, 6]]
+
+
+@pytest.mark.parametrize(("top", "dtype", "itemsize"), [
+    (0, pb.COUNTS_DTYPE_UINT8, 1), (255, pb.COUNTS_DTYPE_UINT8, 1),
+    (256, pb.COUNTS_DTYPE_UINT16, 2), (65535, pb.COUNTS_DTYPE_UINT16, 2),
+    (65536, pb.COUNTS_DTYPE_UINT32, 4), (2**32 - 1, pb.COUNTS_DTYPE_UINT32, 4),
+])
+def test_counts_take_the_narrowest_dtype_little_endian(top: int, dtype: int, itemsize: int
+                                                       ) -> None:
+    counts = np.array([[top, 1, 0], [2, 0, top]], dtype=np.int64)
+    msg = counts_to_pb(counts)
+    assert msg.dtype == dtype and list(msg.shape) == [2, 3]
+    assert len(msg.data) == 6 * itemsize
+    assert msg.data[:itemsize] == top.to_bytes(itemsize, "little")  # row-major, little-endian
+    back = counts_from_pb(pb.Counts.FromString(msg.SerializeToString()), "gather")
+    assert back.tolist() == counts.tolist() and back.dtype.itemsize == itemsize
+
+
+def test_counts_from_pb_is_a_read_only_view_of_the_wire_bytes() -> None:
+    msg = counts_to_pb(np.full((64, 32), 3, dtype=np.int32))
+    arr = counts_from_pb(msg, "gather")
+    assert isinstance(arr.base.base, bytes) and not arr.flags.owndata  # no copy
+    assert not arr.flags.writeable
+    with pytest.raises(ValueError, match="read-only"):
+        arr[0, 0] = 1
+    empty = counts_from_pb(counts_to_pb(np.zeros((0, 4), dtype=np.int64)), "gather")
+    assert empty.shape == (0, 4)
+
+
+@pytest.mark.parametrize(("counts", "error"), [
+    (np.array([[1, -1]]), r"^gather must lie in \[0, 4294967295\], got \[-1, 1\]"),
+    (np.array([[2**32]]), r"got \[4294967296, 4294967296\]"),
+    (np.arange(4), r"^gather must be a \[samples, experts\] integer array, got shape \[4\] of "
+                   r"int64"),
+    (np.ones((2, 2)), r"got shape \[2, 2\] of float64"),
+])
+def test_counts_to_pb_refuses_what_the_wire_cannot_carry(counts: np.ndarray, error: str) -> None:
+    with pytest.raises(ValueError, match=error):
+        counts_to_pb(counts, "gather")
+
+
+@pytest.mark.parametrize(("fields", "error"), [
+    (dict(data=b"\0" * 1000, dtype=pb.COUNTS_DTYPE_UINT16, shape=[4, 64]),
+     r"^gather.data has 1000 bytes, shape \[4, 64\] x uint16 needs 512$"),
+    (dict(data=b"", dtype=pb.COUNTS_DTYPE_UINT8, shape=[2**32 - 1, 2**32 - 1]),
+     r"gather.data has 0 bytes, shape \[4294967295, 4294967295\] x uint8 needs "
+     r"18446744065119617025$"),
+    (dict(data=b"\0" * 4, shape=[2, 2]),
+     r"^gather.dtype=0 \(COUNTS_DTYPE_UNSPECIFIED\), need one of COUNTS_DTYPE_UINT8, "
+     r"COUNTS_DTYPE_UINT16, COUNTS_DTYPE_UINT32$"),
+    (dict(data=b"\0" * 4, dtype=17, shape=[2, 2]), r"^gather.dtype=17 \(not a CountsDtype\)"),
+    (dict(data=b"\0" * 4, dtype=pb.COUNTS_DTYPE_UINT8, shape=[4]),
+     r"^gather.shape \[4\] has 1 dimensions, need 2 \(\[samples, experts\]\)$"),
+    (dict(data=b"\0" * 4, dtype=pb.COUNTS_DTYPE_UINT8, shape=[1] * 9),
+     r"^gather.shape \[1, 1, 1, 1, '...'\] has 9 dimensions"),
+])
+def test_counts_from_pb_names_the_field_and_the_value(fields: dict, error: str) -> None:
+    with pytest.raises(ValueError, match=error):
+        counts_from_pb(pb.Counts(**fields), "gather")
 
 
 def test_plan_round_trip_for_solved_fallback_and_invalid() -> None:

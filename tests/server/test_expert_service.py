@@ -12,6 +12,8 @@ import pytest
 
 from netmoe.protos import placement_pb2 as pb
 from netmoe.protos import placement_pb2_grpc
+from netmoe.protos.convert import report_to_proto
+from netmoe.round import RoundCounts
 from netmoe.server.advisor import ExpertAdvisor, WindowLimits
 from netmoe.server.app import ServerHandle, start
 from netmoe.server.config import ServerConfig
@@ -164,11 +166,9 @@ def _solve_step(stub: placement_pb2_grpc.PlacementServiceStub, job: str, step: i
     out = []
     j, n = NODES * GPUS, SPD
     for layer, (ids, g, s) in enumerate(step_reports(step)):
-        reports = [pb.Report(job=job, step=step, layer=layer, rank=r,
-                             sample_ids=ids[r * n:(r + 1) * n].tolist(),
-                             gather=g[r * n:(r + 1) * n].ravel().tolist(),
-                             scatter=[] if s is None else s[r * n:(r + 1) * n].ravel().tolist())
-                   for r in range(j)]
+        rows = [slice(r * n, (r + 1) * n) for r in range(j)]
+        reports = [report_to_proto(job, step, layer, r, RoundCounts(
+            ids[rows[r]], g[rows[r]], None if s is None else s[rows[r]])) for r in range(j)]
         out.append(stub.Solve(pb.SolveRequest(reports=reports)))
     return out
 

@@ -6,6 +6,7 @@ Short versions run by default; ``--runslow`` runs more examples."""
 from __future__ import annotations
 
 import logging
+import math
 import threading
 from collections.abc import Iterator
 
@@ -108,21 +109,56 @@ specs = st.builds(
 )
 
 
+ITEMSIZE = {pb.COUNTS_DTYPE_UINT8: 1, pb.COUNTS_DTYPE_UINT16: 2, pb.COUNTS_DTYPE_UINT32: 4}
+
+
+@st.composite
+def counts_msgs(draw: st.DrawFn) -> pb.Counts | None:
+    """Absent, valid for the fuzz job ([2, 4] in a known dtype), or Counts whose dtype (known,
+    UNSPECIFIED or any int32, as enums are), shape (any rank, huge sizes) and byte length (often
+    consistent, sometimes off by a few) are drawn independently."""
+    kind = draw(st.sampled_from(["absent", "valid", "valid", "fuzzed", "fuzzed", "fuzzed"]))
+    if kind == "absent":
+        return None
+    if kind == "valid":
+        dtype = draw(st.sampled_from(list(ITEMSIZE)))
+        size = 8 * ITEMSIZE[dtype]
+        return pb.Counts(data=draw(st.binary(min_size=size, max_size=size)), dtype=dtype,
+                         shape=[2, 4])
+    dim = st.one_of(st.integers(0, 6), u32)
+    shape = draw(st.one_of(st.lists(dim, min_size=2, max_size=2), st.lists(dim, max_size=4)))
+    dtype = draw(st.one_of(st.sampled_from([0, *ITEMSIZE]), st.integers(-(2**31), 2**31 - 1)))
+    size = math.prod(shape) * ITEMSIZE.get(dtype, 1)
+    if size <= 256 and draw(st.booleans()):
+        size = max(size + draw(st.sampled_from([0, 0, -1, 1, 3])), 0)
+        data = draw(st.binary(min_size=size, max_size=size))
+    else:
+        data = draw(st.binary(max_size=64))
+    return pb.Counts(data=data, dtype=dtype, shape=shape)
+
+
 def reports_for(job: st.SearchStrategy[str]) -> st.SearchStrategy[pb.Report]:
-    counts = st.lists(st.one_of(st.integers(0, 5), u32), max_size=40)
     return st.builds(
         pb.Report, job=job, step=st.one_of(st.integers(0, 3), u64),
         layer=st.one_of(st.integers(0, 3), u32), rank=st.one_of(st.integers(0, 3), u32),
-        sample_ids=st.lists(st.one_of(st.integers(0, 20), u64), max_size=12),
-        gather=counts, scatter=counts,
+        # Often the fuzz job's two unique ids, so the counts get checked too.
+        sample_ids=st.one_of(st.lists(st.integers(0, 20), min_size=2, max_size=2, unique=True),
+                             st.lists(st.one_of(st.integers(0, 20), u64), max_size=12)),
+        gather=counts_msgs(), scatter=counts_msgs(),
     )
 
 
-# The fuzz target job: 2 ranks x 2 samples x 4 experts, so random 8-long counts can be valid.
+# The fuzz target job: 2 ranks x 2 samples x 4 experts, so [2, 4] counts can be valid.
 FUZZ_SPEC = job_spec(nodes=2, gpus=1, experts=4, spd=2, deadline_ms=50)
 
 
-def check_plan(plan: pb.Plan) -> None:
+def check_plan(plan: pb.Plan, seen: dict[str, int]) -> None:
+    """Checks a plan's status and form; seen counts plans by status and, for INVALID ones, by
+    the field their error names first."""
+    kind = pb.PlanStatus.Name(plan.status)
+    if plan.status == pb.PLAN_STATUS_INVALID:
+        kind += " " + plan.error.split(" ", 1)[0].split("=")[0]
+    seen[kind] = seen.get(kind, 0) + 1
     if plan.status == pb.PLAN_STATUS_INVALID:
         assert plan.error and not plan.held_ids
     else:
@@ -147,6 +183,7 @@ def test_fuzz_proto_fields(fuzz_server: ServerHandle, examples: int) -> None:
     stub = placement_pb2_grpc.PlacementServiceStub(channel)
     counter = iter(range(10**9))
     tried = {"RegisterJob": 0, "Solve": 0, "Stream": 0, "UnregisterJob": 0, "valid specs": 0}
+    plans: dict[str, int] = {}
 
     @settings(max_examples=examples, deadline=None, database=None,
               suppress_health_check=list(HealthCheck))
@@ -170,9 +207,10 @@ def test_fuzz_proto_fields(fuzz_server: ServerHandle, examples: int) -> None:
         stub.RegisterJob(pb.RegisterJobRequest(job=job, spec=FUZZ_SPEC), timeout=10)
         try:
             expect_handled(register)
-            expect_handled(lambda: [check_plan(p) for p in stub.Solve(
+            expect_handled(lambda: [check_plan(p, plans) for p in stub.Solve(
                 pb.SolveRequest(reports=reports), timeout=10).plans])
-            expect_handled(lambda: [check_plan(p) for p in stub.Stream(iter(stream), timeout=10)])
+            expect_handled(lambda: [check_plan(p, plans)
+                                    for p in stub.Stream(iter(stream), timeout=10)])
             expect_handled(lambda: stub.UnregisterJob(pb.UnregisterJobRequest(job=gone),
                                                       timeout=10))
         finally:
@@ -190,7 +228,7 @@ def test_fuzz_proto_fields(fuzz_server: ServerHandle, examples: int) -> None:
         bystander.stop()
         channel.close()
     assert bystander.rounds > 0 and bystander.statuses == {pb.PLAN_STATUS_OPTIMAL}
-    print(f"\nfuzz proto fields: {examples} examples, calls {tried}; "
+    print(f"\nfuzz proto fields: {examples} examples, calls {tried}; plans {plans}; "
           f"bystander job solved {bystander.rounds} rounds meanwhile, all optimal")
 
 

@@ -13,6 +13,7 @@ import numpy as np
 
 from netmoe.protos import placement_pb2 as pb
 from netmoe.protos import placement_pb2_grpc
+from netmoe.protos.convert import counts_to_pb
 
 from support import ServerProcess, Worker, job_spec, short_and_long
 
@@ -44,8 +45,8 @@ def test_load_64_ranks_memory_bounded_nothing_lost(rounds: int) -> None:
                     report = pb.Report(
                         job="load", step=k, layer=0, rank=rank,
                         sample_ids=(k * ranks * n + rank * n + np.arange(n)).tolist(),
-                        gather=rng.poisson(1.0, n * e).tolist(),
-                        scatter=rng.poisson(1.0, n * e).tolist())
+                        gather=counts_to_pb(rng.poisson(1.0, (n, e))),
+                        scatter=counts_to_pb(rng.poisson(1.0, (n, e))))
                     results[rank].append(worker.ask(report))
                 assert worker.close() == []
         except BaseException as err:

@@ -13,6 +13,7 @@ import pytest
 
 from netmoe.protos import placement_pb2 as pb
 from netmoe.protos import placement_pb2_grpc
+from netmoe.protos.convert import counts_to_pb
 from netmoe.server.app import start
 from netmoe.server.config import ServerConfig
 from netmoe.solver import solve
@@ -40,7 +41,7 @@ def test_client_that_never_reads_is_cut_with_a_reason(reports: int) -> None:
             nodes=1, gpus=1, experts=1, spd=spd)), timeout=10)
         deaf = Worker(stub)
         rss0 = server.rss_kib()
-        ids, gather = list(range(spd)), [1] * spd
+        ids, gather = list(range(spd)), counts_to_pb(np.ones((spd, 1), dtype=np.uint8))
         for step in range(reports):
             deaf.send(pb.Report(job="deaf", step=step, layer=0, rank=0, sample_ids=ids,
                                 gather=gather))
@@ -169,8 +170,8 @@ def test_rss_per_pending_report_near_its_wire_bytes(ranks: int) -> None:
             ids = rng.permutation(ranks * spd)
             reports = [pb.Report(job="big", step=step, layer=0, rank=r,
                                  sample_ids=ids[r * spd:(r + 1) * spd].tolist(),
-                                 gather=rng.poisson(0.5, spd * experts).tolist(),
-                                 scatter=rng.poisson(0.5, spd * experts).tolist())
+                                 gather=counts_to_pb(rng.poisson(0.5, (spd, experts))),
+                                 scatter=counts_to_pb(rng.poisson(0.5, (spd, experts))))
                        for r in range(ranks - 1)]
             wire.append(sum(r.ByteSize() for r in reports))
             for w, r in zip(workers, reports, strict=True):
@@ -354,7 +355,7 @@ def test_client_gone_mid_write_logs_no_traceback() -> None:
             stub.RegisterJob(pb.RegisterJobRequest(job="gone", spec=job_spec(
                 nodes=1, gpus=1, experts=1, spd=spd)), timeout=10)
             worker = Worker(stub)
-            ids, gather = list(range(spd)), [1] * spd
+            ids, gather = list(range(spd)), counts_to_pb(np.ones((spd, 1), dtype=np.uint8))
             for step in range(300):
                 worker.send(pb.Report(job="gone", step=step, layer=0, rank=0, sample_ids=ids,
                                       gather=gather))

@@ -13,6 +13,8 @@ import pytest
 
 from netmoe.protos import placement_pb2 as pb
 from netmoe.protos import placement_pb2_grpc
+from netmoe.protos.convert import report_to_proto
+from netmoe.round import RoundCounts
 from netmoe.server.advisor import ExpertAdvisor, WindowLimits
 from netmoe.server.app import ServerHandle, start
 from netmoe.server.config import ServerConfig
@@ -132,11 +134,10 @@ def _solve_step(stub: placement_pb2_grpc.PlacementServiceStub, job: str, step: i
                 ) -> list[pb.SolveResponse]:
     out = []
     for layer, (ids, g, s) in enumerate(step_reports(step)):
-        reports = [pb.Report(job=job, step=step, layer=layer, rank=r,
-                             sample_ids=ids[r * SPD:(r + 1) * SPD].tolist(),
-                             gather=g[r * SPD:(r + 1) * SPD].ravel().tolist(),
-                             scatter=[] if s is None else s[r * SPD:(r + 1) * SPD].ravel().tolist())
-                   for r in range(NODES * GPUS)]
+        rows = [slice(r * SPD, (r + 1) * SPD) for r in range(NODES * GPUS)]
+        reports = [report_to_proto(job, step, layer, r, RoundCounts(
+            ids[rows[r]], g[rows[r]], None if s is None else s[rows[r]]))
+            for r in range(NODES * GPUS)]
         out.append(stub.Solve(pb.SolveRequest(reports=reports)))
     return out
 

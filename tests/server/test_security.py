@@ -365,6 +365,7 @@ def _client_round(handle: ServerHandle, **security_kw: str) -> list[object]:
     import numpy as np
 
     from netmoe.client.placement_client import PlacementClient
+    from netmoe.protos.convert import counts_from_pb
     from netmoe.round import RoundCounts
 
     spec = job_spec(nodes=1, gpus=2, experts=4, spd=2)
@@ -373,8 +374,9 @@ def _client_round(handle: ServerHandle, **security_kw: str) -> list[object]:
                                backoff=(0.05, 0.2), **security_kw) for r in range(2)]
     try:
         futures = [
-            c.submit(0, 0, RoundCounts(np.array(rep.sample_ids), np.array(rep.gather).reshape(2, 4),
-                                       np.array(rep.scatter).reshape(2, 4)))
+            c.submit(0, 0, RoundCounts(np.array(rep.sample_ids),
+                                       counts_from_pb(rep.gather, "gather"),
+                                       counts_from_pb(rep.scatter, "scatter")))
             for c, rep in zip(clients, reports, strict=True)
         ]
         out: list[object] = []

@@ -7,11 +7,13 @@ import time
 from collections.abc import Callable, Iterator
 
 import grpc
+import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from netmoe.protos import placement_pb2 as pb
+from netmoe.protos.convert import counts_from_pb, counts_to_pb
 from netmoe.server.app import SERVICE_NAME, ServerHandle, start
 from netmoe.server.config import ServerConfig
 from netmoe.solver import solve
@@ -209,6 +211,10 @@ def test_malformed_reports_on_a_stream_get_invalid_plans_and_stream_goes_on(
             if isinstance(value, list):
                 r.ClearField(name)
                 getattr(r, name).extend(value)
+            elif isinstance(value, pb.Counts):
+                getattr(r, name).CopyFrom(value)
+            elif value is None:
+                r.ClearField(name)
             else:
                 setattr(r, name, value)
         return r
@@ -219,8 +225,10 @@ def test_malformed_reports_on_a_stream_get_invalid_plans_and_stream_goes_on(
     assert "sample_ids has 3 ids" in first.error and "samples_per_device=4" in first.error
     cases = {
         "repeats id 9": variant(step=6, sample_ids=[9, 9, 10, 11]),
-        "gather has 5 counts": variant(step=7, gather=[1] * 5),
-        "scatter has 3 counts": variant(step=8, scatter=[1] * 3),
+        "gather.shape is [5, 16], need [samples_per_device, experts] = [4, 16] for job 'm'":
+            variant(step=7, gather=counts_to_pb(np.ones((5, 16), dtype=np.int64))),
+        "scatter.shape is [4, 3]": variant(step=8, scatter=counts_to_pb(np.ones((4, 3), int))),
+        "gather is missing": variant(step=10, gather=None),
         "job/rank ('other', 0)": variant(step=9, job="other"),
         "job/rank ('m', 1)": variant(step=9, rank=1),
     }
@@ -255,7 +263,7 @@ def test_invalid_report_ends_its_round_for_everyone_and_next_round_solves(
     channel, stub = stub_for(server)
     stub.RegisterJob(pb.RegisterJobRequest(job="r", spec=spec))
     bad_round = round_reports("r", spec, 0, 0, seed=6)
-    bad_round[3].gather.append(1)
+    bad_round[3].gather.data += b"\x01"
     dup_round = round_reports("r", spec, 0, 1, seed=7)
     dup_round[5].sample_ids[0] = dup_round[2].sample_ids[1]
     good_round = round_reports("r", spec, 1, 0, seed=8)
@@ -270,7 +278,8 @@ def test_invalid_report_ends_its_round_for_everyone_and_next_round_solves(
     results = run_ranks(server, per_rank, spec.world_size)
     for rank, ((bad, t_bad), (dup, _), _) in enumerate(results):
         if rank == 3:
-            assert bad.status == pb.PLAN_STATUS_INVALID and "gather has 65 counts" in bad.error
+            assert bad.status == pb.PLAN_STATUS_INVALID and (
+                "gather.data has 65 bytes, shape [4, 16] x uint8 needs 64" in bad.error)
         else:
             assert bad.status == pb.PLAN_STATUS_FALLBACK and bad.reason == "invalid"
             assert "rank 3" in bad.error and list(bad.held_ids) == list(bad_round[rank].sample_ids)
@@ -278,6 +287,76 @@ def test_invalid_report_ends_its_round_for_everyone_and_next_round_solves(
         assert dup.status == pb.PLAN_STATUS_FALLBACK and dup.reason == "invalid"
         assert f"id {dup_round[2].sample_ids[1]} is reported by ranks [2, 5]" in dup.error
     check_round(spec, good_round, [res[2][0] for res in results])
+    channel.close()
+
+
+def _widened(counts: pb.Counts, dtype: int) -> pb.Counts:
+    """The same counts sent in a wider dtype than the narrowest (allowed)."""
+    wide = {pb.COUNTS_DTYPE_UINT16: "<u2", pb.COUNTS_DTYPE_UINT32: "<u4"}[dtype]
+    arr = counts_from_pb(counts, "counts").astype(wide)
+    return pb.Counts(data=arr.tobytes(), dtype=dtype, shape=arr.shape)
+
+
+# Faults of one report's counts: (field, change, what the INVALID plan's error says).
+COUNTS_FAULTS = [
+    ("gather", lambda c: setattr(c, "data", c.data + b"\0"),
+     "gather.data has 17 bytes, shape [2, 8] x uint8 needs 16"),
+    ("scatter", lambda c: setattr(c, "data", c.data[:-2]),
+     "scatter.data has 14 bytes, shape [2, 8] x uint8 needs 16"),
+    ("gather", lambda c: setattr(c, "dtype", pb.COUNTS_DTYPE_UINT16),
+     "gather.data has 16 bytes, shape [2, 8] x uint16 needs 32"),
+    ("gather", lambda c: setattr(c, "dtype", 0),
+     "gather.dtype=0 (COUNTS_DTYPE_UNSPECIFIED), need one of COUNTS_DTYPE_UINT8, "
+     "COUNTS_DTYPE_UINT16, COUNTS_DTYPE_UINT32"),
+    ("scatter", lambda c: setattr(c, "dtype", 9), "scatter.dtype=9 (not a CountsDtype)"),
+    ("gather", lambda c: c.shape.append(1), "gather.shape [2, 8, 1] has 3 dimensions, need 2"),
+    ("gather", lambda c: c.ClearField("shape"), "gather.shape [] has 0 dimensions"),
+    ("scatter", lambda c: c.shape.__setitem__(slice(None), [2**32 - 1] * 2),
+     f"scatter.data has 16 bytes, shape [{2**32 - 1}, {2**32 - 1}] x uint8 needs "
+     f"{(2**32 - 1) ** 2}"),
+    ("gather", lambda c: c.shape.__setitem__(slice(None), [1, 16]),
+     "gather.shape is [1, 16], need [samples_per_device, experts] = [2, 8] for job 'c'"),
+]
+
+
+def test_bad_counts_end_their_round_early_and_every_stream_goes_on(server: ServerHandle) -> None:
+    """One counts fault per round, each from another rank: that rank gets INVALID naming the
+    field and the value, the others the home placement ("invalid") at once, and every stream
+    carries on to the next round, which solves (with counts sent wider than needed, too)."""
+    spec = job_spec(nodes=2, gpus=2, experts=8, spd=2, deadline_ms=5000)
+    channel, stub = stub_for(server)
+    stub.RegisterJob(pb.RegisterJobRequest(job="c", spec=spec))
+    rounds = []
+    for step, (field, change, _) in enumerate(COUNTS_FAULTS):
+        reports = round_reports("c", spec, step, 0, seed=step)
+        change(getattr(reports[step % 4], field))
+        rounds.append(reports)
+    good = round_reports("c", spec, len(COUNTS_FAULTS), 0, seed=99)
+    good[1].gather.CopyFrom(_widened(good[1].gather, pb.COUNTS_DTYPE_UINT16))
+    good[2].scatter.CopyFrom(_widened(good[2].scatter, pb.COUNTS_DTYPE_UINT32))
+
+    def per_rank(rank: int, worker: Worker) -> list[tuple[pb.Plan, float]]:
+        out = []
+        for reports in (*rounds, good):
+            start_t = time.monotonic()
+            out.append((worker.ask(reports[rank]), time.monotonic() - start_t))
+        return out
+
+    results = run_ranks(server, per_rank, spec.world_size)
+    for step, (_, _, needle) in enumerate(COUNTS_FAULTS):
+        bad = step % 4
+        for rank in range(spec.world_size):
+            plan, took = results[rank][step]
+            assert plan.step == step
+            if rank == bad:
+                assert plan.status == pb.PLAN_STATUS_INVALID and needle in plan.error, plan.error
+                assert not plan.held_ids
+            else:
+                assert plan.status == pb.PLAN_STATUS_FALLBACK and plan.reason == "invalid"
+                assert f"rank {bad}: {needle}" in plan.error, plan.error
+                assert list(plan.held_ids) == list(rounds[step][rank].sample_ids)
+                assert took < 5.0  # ended early, not at the deadline
+    check_round(spec, good, [res[-1][0] for res in results])
     channel.close()
 
 
@@ -308,9 +387,10 @@ def test_malformed_unary_solve_is_invalid_argument(server: ServerHandle) -> None
         assert code == grpc.StatusCode.INVALID_ARGUMENT, needle
         assert needle in details, details
     short = with_change(4)
-    del short[4].gather[-1]
+    short[4].gather.shape[1] = 15
     code, details = _code(lambda: stub.Solve(pb.SolveRequest(reports=short)))
-    assert code == grpc.StatusCode.INVALID_ARGUMENT and "reports[4].gather has 63" in details
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    assert "reports[4].gather.data has 64 bytes, shape [4, 15] x uint8 needs 60" in details
     assert _health(server, SERVICE_NAME) == health_pb2.HealthCheckResponse.SERVING
     channel.close()
 

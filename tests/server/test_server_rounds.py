@@ -22,9 +22,9 @@ def spec(job: str = "j", deadline: float = 5.0, spd: int = 2) -> JobSpec:
 
 def report(rank: int, step: int, layer: int = 0, job: str = "j") -> Report:
     ids = np.array([10 * rank, 10 * rank + 1], dtype=np.uint64)
-    gather = np.arange(8, dtype=np.int64) + rank
+    gather = (np.arange(8, dtype=np.uint8) + rank).reshape(2, 4)
     return Report(job=job, step=step, layer=layer, rank=rank, sample_ids=ids, gather=gather,
-                  scatter=np.zeros(0, dtype=np.int64))
+                  scatter=None)
 
 
 @pytest.mark.parametrize(("kwargs", "needle"), [
