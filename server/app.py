@@ -127,7 +127,8 @@ class PlacementServer:
         server = grpc.aio.server(interceptors=self._interceptors, options=cfg.grpc_options())
         placement_pb2_grpc.add_PlacementServiceServicer_to_server(
             PlacementServicer(self.coordinator, self.advisors, self.metrics, StreamLimits(
-                cfg.stream_backlog_bytes, cfg.max_streams, cfg.stream_idle_seconds)), server
+                cfg.stream_backlog_bytes, cfg.max_streams, cfg.stream_idle_seconds),
+                security.JobOwners() if cfg.bind_jobs_to_certs else None), server
         )
         self.health = HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)

@@ -57,6 +57,9 @@ _FLAGS: list[tuple[str, str, Callable[[str], Any], str]] = [
     ("--tls-key", "tls_key", str, "PEM private key of the server"),
     ("--tls-client-ca", "tls_client_ca", str,
      "PEM CA bundle: require client certificates signed by it (mutual TLS)"),
+    ("--bind-jobs-to-certs", "bind_jobs_to_certs", boolean,
+     "mutual TLS: only clients with the certificate (common name) that registered a job may "
+     "act for it"),
     ("--max-world-size", "max_world_size", int, "largest world size a job may register"),
     ("--max-report-cells", "max_report_cells", int,
      "largest samples_per_device x experts of one report"),

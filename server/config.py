@@ -64,6 +64,8 @@ class ServerConfig:
     tls_cert: str | None = None  # PEM files; cert and key together enable TLS
     tls_key: str | None = None
     tls_client_ca: str | None = None  # requires client certificates signed by it (mutual TLS)
+    # With mutual TLS: a job belongs to the certificate (common name) that registered it.
+    bind_jobs_to_certs: bool = False
     # Limits on what one job may ask of the server.
     max_world_size: int = 1024
     max_report_cells: int = 1 << 20  # samples_per_device x experts of one report
@@ -96,6 +98,9 @@ class ServerConfig:
         if self.tls_client_ca is not None and self.tls_cert is None:
             raise ValueError(f"tls_client_ca={self.tls_client_ca!r} needs tls_cert and tls_key "
                              f"(mutual TLS is TLS first)")
+        if self.bind_jobs_to_certs and self.tls_client_ca is None:
+            raise ValueError("bind_jobs_to_certs needs mutual TLS (tls_client_ca, tls_cert and "
+                             "tls_key): jobs are bound to client certificates")
         for name in ("port", "metrics_port"):
             value = getattr(self, name)
             if value is None and name == "metrics_port":

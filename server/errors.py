@@ -36,6 +36,10 @@ class StaleGeneration(Exception):
     """A stream or report belongs to an earlier registration of its job id."""
 
 
+class NotOwner(Exception):
+    """With jobs bound to client certificates: the caller's certificate is not the job's."""
+
+
 class NotEnoughData(Exception):
     """The expert window cannot support a fit and a held-out evaluation (the message says why)."""
 
@@ -54,6 +58,8 @@ def status_of(err: Exception) -> grpc.StatusCode:
         return grpc.StatusCode.ALREADY_EXISTS
     if isinstance(err, (JobLimit, OverLimit)):
         return grpc.StatusCode.RESOURCE_EXHAUSTED
+    if isinstance(err, NotOwner):
+        return grpc.StatusCode.PERMISSION_DENIED
     if isinstance(err, (NotEnoughData, StaleGeneration)):
         return grpc.StatusCode.FAILED_PRECONDITION
     return grpc.StatusCode.INVALID_ARGUMENT

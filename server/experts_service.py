@@ -22,8 +22,9 @@ from netmoe.protos.convert import (
 from netmoe.solver.experts import Routes
 
 from .advisor import ExpertAdvice, ExpertAdvisor, ExpertAdvisors
-from .errors import FieldError, NotEnoughData, abort, status_of
+from .errors import FieldError, NotEnoughData, NotOwner, abort, status_of
 from .metrics import Metrics
+from .security import JobOwners
 
 DEFAULT_STARTS = 4
 
@@ -66,8 +67,19 @@ def advice_to_proto(job: str, advice: ExpertAdvice) -> pb.RecommendExpertsRespon
 class ExpertPlacementRPCs:
     _advisors: ExpertAdvisors
     _metrics: Metrics
+    _owners: JobOwners | None
+
+    async def _check_owner(self, job: str, context: grpc.aio.ServicerContext) -> None:
+        """PERMISSION_DENIED unless the caller may act for job (jobs bound to certificates)."""
+        if self._owners is None:
+            return
+        try:
+            self._owners.check(job, context)
+        except NotOwner as err:
+            await abort(context, status_of(err), str(err))
 
     async def _advisor(self, job: str, context: grpc.aio.ServicerContext) -> ExpertAdvisor:
+        await self._check_owner(job, context)
         adv = self._advisors.get(job)
         if adv is None:
             await abort(context, grpc.StatusCode.NOT_FOUND, f"job {job!r} is not registered")

@@ -18,6 +18,7 @@ import grpc
 import grpc.aio
 
 from .config import ServerConfig, is_loopback
+from .errors import NotOwner
 
 log = logging.getLogger(__name__)
 
@@ -136,3 +137,36 @@ def warn_if_exposed(config: ServerConfig) -> None:
             "reaches it can register jobs and read plans; set --auth-token-file or "
             "--tls-client-ca", config.host,
         )
+
+
+class JobOwners:
+    """With ``bind_jobs_to_certs`` (mutual TLS): each job belongs to the client certificate that
+    registered it, named by its subject common name. Every rank of a job presents that
+    certificate (one client certificate per job, shared by its ranks); any other client gets
+    PERMISSION_DENIED for that job's reports, solves, expert calls and unregistration."""
+
+    def __init__(self) -> None:
+        self._owner: dict[str, str] = {}
+
+    @staticmethod
+    def identity(context: grpc.aio.ServicerContext) -> str:
+        names = context.auth_context().get("x509_common_name") or []
+        if not names:
+            raise NotOwner("jobs are bound to client certificates: the call presented none "
+                           "with a common name")
+        return names[0].decode(errors="replace")
+
+    def take(self, job: str, context: grpc.aio.ServicerContext) -> None:
+        """After RegisterJob (checked first) created the job: it is the caller's."""
+        self._owner.setdefault(job, self.identity(context))
+
+    def check(self, job: str, context: grpc.aio.ServicerContext) -> None:
+        """Raises NotOwner unless the caller may act for job (held by its certificate, or by
+        none yet)."""
+        owner = self._owner.get(job)
+        if owner is not None and (who := self.identity(context)) != owner:
+            raise NotOwner(f"job {job!r} belongs to client certificate CN={owner!r}, not "
+                           f"CN={who!r}")
+
+    def forget(self, job: str) -> None:
+        self._owner.pop(job, None)

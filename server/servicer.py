@@ -24,11 +24,21 @@ from netmoe.round import RankPlan, compact_counts
 from netmoe.solver import Topology
 
 from .advisor import ExpertAdvisors
-from .errors import FieldError, JobConflict, JobLimit, RankBound, StaleGeneration, abort, status_of
+from .errors import (
+    FieldError,
+    JobConflict,
+    JobLimit,
+    NotOwner,
+    RankBound,
+    StaleGeneration,
+    abort,
+    status_of,
+)
 from .experts_service import ExpertPlacementRPCs
 from .interceptors import MalformedRequest
 from .metrics import Metrics
 from .rounds import MAX_DEADLINE_S, MAX_LAYERS, Binding, Coordinator, JobSpec, Report
+from .security import JobOwners
 
 log = logging.getLogger(__name__)
 
@@ -159,9 +169,11 @@ class StreamLimits:
 
 class PlacementServicer(ExpertPlacementRPCs, placement_pb2_grpc.PlacementServiceServicer):
     def __init__(self, coordinator: Coordinator, advisors: ExpertAdvisors,
-                 metrics: Metrics, limits: StreamLimits | None = None) -> None:
+                 metrics: Metrics, limits: StreamLimits | None = None,
+                 owners: JobOwners | None = None) -> None:
         self._coord = coordinator
         self._advisors = advisors
+        self._owners = owners
         self._metrics = metrics
         self._limits = limits or StreamLimits()
         self._streams = 0
@@ -178,9 +190,13 @@ class PlacementServicer(ExpertPlacementRPCs, placement_pb2_grpc.PlacementService
                 samples_per_device=request.spec.samples_per_device, experts=t.experts,
             )
             spec = spec_from_proto(request.job, request.spec)
+            if self._owners is not None:
+                self._owners.check(request.job, context)
             created = self._coord.register(spec)
-        except (JobConflict, JobLimit, ValueError) as err:
+        except (JobConflict, JobLimit, NotOwner, ValueError) as err:
             await abort(context, status_of(err), str(err))
+        if self._owners is not None:
+            self._owners.take(request.job, context)
         self._metrics.active_jobs.set(self._coord.jobs)
         return pb.RegisterJobResponse(job=request.job, created=created,
                                       generation=self._coord.generation(request.job))
@@ -188,12 +204,15 @@ class PlacementServicer(ExpertPlacementRPCs, placement_pb2_grpc.PlacementService
     async def UnregisterJob(
         self, request: pb.UnregisterJobRequest, context: grpc.aio.ServicerContext
     ) -> pb.UnregisterJobResponse:
+        await self._check_owner(request.job, context)
         try:
             self._coord.unregister(request.job)
         except KeyError:
             await abort(
                 context, grpc.StatusCode.NOT_FOUND, f"job {request.job!r} is not registered"
             )
+        if self._owners is not None:
+            self._owners.forget(request.job)
         self._metrics.forget_job(request.job)
         # Rounds handed to the advisor thread before the job went may still export its window
         # series: forget them again once that thread got past them.
@@ -204,6 +223,8 @@ class PlacementServicer(ExpertPlacementRPCs, placement_pb2_grpc.PlacementService
     async def Solve(
         self, request: pb.SolveRequest, context: grpc.aio.ServicerContext
     ) -> pb.SolveResponse:
+        for job in sorted({r.job for r in request.reports}):
+            await self._check_owner(job, context)
         try:
             plans = await self._coord.solve_now([report_from_proto(r) for r in request.reports])
         except (FieldError, StaleGeneration) as err:
@@ -219,8 +240,10 @@ class PlacementServicer(ExpertPlacementRPCs, placement_pb2_grpc.PlacementService
                         f"the server already holds max_streams={limits.max_streams} open streams")
         queue = _Outbox(limits.backlog_bytes)
         binding: list[Binding] = []  # set by the first report; the queue is the stream's token
+        may: Callable[[str], None] = (lambda job: None) if self._owners is None else (
+            lambda job: self._owners.check(job, context))  # type: ignore[union-attr]
         reader = asyncio.get_running_loop().create_task(
-            self._read(request_iterator, queue, binding))
+            self._read(request_iterator, queue, binding, may))
         handler = asyncio.current_task()
         assert handler is not None
         # A client gone (or cut) while a plan is being written: end the handler quietly rather
@@ -278,9 +301,11 @@ class PlacementServicer(ExpertPlacementRPCs, placement_pb2_grpc.PlacementService
         request_iterator: AsyncIterator[pb.Report],
         queue: _Outbox,
         binding: list[Binding],
+        may: Callable[[str], None],
     ) -> None:
         """Feeds reports to the coordinator; plans go to ``queue`` as rounds finish. The first
-        report binds the stream (``binding`` gets it; ``queue`` is the owner token)."""
+        report binds the stream (``binding`` gets it; ``queue`` is the owner token) if the
+        caller ``may`` act for its job (it raises NotOwner otherwise)."""
         bound: tuple[str, int] | None = None
         outstanding = 0
         all_answered = asyncio.Event()
@@ -311,8 +336,9 @@ class PlacementServicer(ExpertPlacementRPCs, placement_pb2_grpc.PlacementService
                 msg = None  # the counts live on in the report's compact arrays only
                 if bound is None:
                     try:
+                        may(report.job)
                         binding.append(self._coord.bind(report, queue, report.generation))
-                    except (FieldError, RankBound, StaleGeneration) as err:
+                    except (FieldError, NotOwner, RankBound, StaleGeneration) as err:
                         queue.put_nowait(_StreamAbort(status_of(err),
                                                       f"first report of the stream: {err}"))
                         return

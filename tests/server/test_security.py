@@ -23,7 +23,7 @@ from netmoe.server.app import SERVICE_NAME, ServerHandle, start
 from netmoe.server.cli import config_from_args
 from netmoe.server.config import ServerConfig
 
-from support import Worker, job_spec, round_reports
+from support import Worker, check_round, job_spec, round_reports
 
 TOKEN = "s3cret-Token_42"
 REFLECTION = "grpc.reflection.v1alpha.ServerReflection"
@@ -140,7 +140,8 @@ def _leaf(d: Path, name: str, ca: str, ext: str) -> None:
 
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """ca signs server (127.0.0.1, localhost) and client; rogue signs rogue-client."""
+    """ca signs server (127.0.0.1, localhost), client and other-client; rogue signs
+    rogue-client."""
     if shutil.which("openssl") is None:
         pytest.skip("needs the openssl CLI to make a throwaway CA")
     d = tmp_path_factory.mktemp("pki")
@@ -149,6 +150,7 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
     _leaf(d, "server", "ca", "subjectAltName=IP:127.0.0.1,DNS:localhost\n"
                              "extendedKeyUsage=serverAuth")
     _leaf(d, "client", "ca", "extendedKeyUsage=clientAuth")
+    _leaf(d, "other-client", "ca", "extendedKeyUsage=clientAuth")
     _leaf(d, "rogue-client", "rogue", "extendedKeyUsage=clientAuth")
     return d
 
@@ -204,6 +206,53 @@ def test_mutual_tls_needs_a_client_certificate_from_the_client_ca(pki: Path) -> 
         assert main([*probe, *client]) == 0
     finally:
         handle.stop()
+
+
+def test_jobs_bound_to_certificates_refuse_other_clients(pki: Path) -> None:
+    """--bind-jobs-to-certs: job "j" belongs to the certificate that registered it (CN=client);
+    a client of the same CA with another certificate can do nothing to it, but registers and runs
+    its own job; the owner's round is solved as usual."""
+    handle = start(cfg(tls_cert=str(pki / "server.pem"), tls_key=str(pki / "server.key"),
+                       tls_client_ca=str(pki / "ca.pem"), bind_jobs_to_certs=True))
+    spec = job_spec(nodes=2, gpus=2, experts=8, spd=4, deadline_ms=30000)
+    reports = round_reports("j", spec, 0, 0, seed=0)
+    try:
+        with tls_channel(handle, pki, client="client") as owner, \
+                tls_channel(handle, pki, client="other-client") as other:
+            mine = placement_pb2_grpc.PlacementServiceStub(owner)
+            theirs = placement_pb2_grpc.PlacementServiceStub(other)
+            assert mine.RegisterJob(pb.RegisterJobRequest(job="j", spec=spec)).created
+            denied = "job 'j' belongs to client certificate CN='client', not CN='other-client'"
+            calls = [
+                lambda: theirs.RegisterJob(pb.RegisterJobRequest(job="j", spec=spec)),
+                lambda: theirs.Solve(pb.SolveRequest(reports=reports)),
+                lambda: theirs.RecommendExperts(pb.RecommendExpertsRequest(job="j")),
+                lambda: theirs.ConfirmExperts(pb.ConfirmExpertsRequest(job="j")),
+                lambda: theirs.UnregisterJob(pb.UnregisterJobRequest(job="j")),
+                lambda: next(theirs.Stream(iter([reports[0]]))),
+            ]
+            for call in calls:
+                with pytest.raises(grpc.RpcError) as err:
+                    call()
+                assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+                assert denied in err.value.details()
+            workers = [Worker(mine) for _ in reports]
+            for w, r in zip(workers, reports, strict=True):
+                w.send(r)
+            check_round(spec, reports, [w.recv() for w in workers])
+            for w in workers:
+                assert w.close() == []
+            assert theirs.RegisterJob(pb.RegisterJobRequest(job="k", spec=spec)).created
+            with pytest.raises(grpc.RpcError) as err:
+                mine.UnregisterJob(pb.UnregisterJobRequest(job="k"))
+            assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+            mine.UnregisterJob(pb.UnregisterJobRequest(job="j"))
+            # Gone, the id is free: the other certificate may now take it.
+            assert theirs.RegisterJob(pb.RegisterJobRequest(job="j", spec=spec)).created
+    finally:
+        handle.stop()
+    with pytest.raises(ValueError, match="bind_jobs_to_certs needs mutual TLS"):
+        cfg(bind_jobs_to_certs=True)
 
 
 def test_tls_and_token_together(pki: Path) -> None:
