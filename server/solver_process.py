@@ -11,6 +11,7 @@ shuts down.
 
 from __future__ import annotations
 
+import signal
 import socket
 import subprocess
 import sys
@@ -113,4 +114,7 @@ def _serve(conn: Connection) -> None:
 
 
 if __name__ == "__main__":
+    # Ctrl-C reaches the whole process group: the server shuts down and kills this process;
+    # a KeyboardInterrupt traceback here would only be noise.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     _serve(Connection(int(sys.argv[1])))
