@@ -35,10 +35,18 @@ def solver_children() -> list[int]:
     return sorted(pids)
 
 
-def heavy_spec() -> pb.JobSpec:
-    """A CP-SAT round that takes seconds: something in flight to kill."""
-    return job_spec(nodes=2, gpus=4, experts=64, spd=64, deadline_ms=30000, method="joint",
+def heavy_round(stub: placement_pb2_grpc.PlacementServiceStub) -> tuple[list[Worker], int]:
+    """Registers job "heavy" and reports a CP-SAT round that takes seconds (something in flight
+    to kill) on a server with one solver thread; returns its ranks and the solver process."""
+    spec = job_spec(nodes=2, gpus=4, experts=64, spd=64, deadline_ms=30000, method="joint",
                     objective="bottleneck")
+    stub.RegisterJob(pb.RegisterJobRequest(job="heavy", spec=spec), timeout=10)
+    ranks = [Worker(stub) for _ in range(spec.world_size)]
+    for w, r in zip(ranks, round_reports("heavy", spec, 0, 0, seed=1), strict=True):
+        w.send(r)
+    wait_for(lambda: len(solver_children()) == 1)
+    (child,) = solver_children()
+    return ranks, child
 
 
 def test_rounds_solved_in_solver_processes_match_the_solver() -> None:
@@ -74,15 +82,9 @@ def test_killed_solver_process_fails_its_round_and_the_next_is_solved() -> None:
     channel = grpc.insecure_channel(handle.address)
     try:
         stub = placement_pb2_grpc.PlacementServiceStub(channel)
-        heavy = heavy_spec()
         light = job_spec(nodes=2, gpus=2, experts=8, spd=4, deadline_ms=30000)
-        stub.RegisterJob(pb.RegisterJobRequest(job="heavy", spec=heavy), timeout=10)
         stub.RegisterJob(pb.RegisterJobRequest(job="light", spec=light), timeout=10)
-        heavy_ranks = [Worker(stub) for _ in range(heavy.world_size)]
-        for w, r in zip(heavy_ranks, round_reports("heavy", heavy, 0, 0, seed=1), strict=True):
-            w.send(r)
-        wait_for(lambda: len(solver_children()) == 1)
-        (killed,) = solver_children()
+        heavy_ranks, killed = heavy_round(stub)
         os.kill(killed, signal.SIGKILL)
         plans = [w.recv() for w in heavy_ranks]
         assert {(p.status, p.reason) for p in plans} == {(pb.PLAN_STATUS_FALLBACK, "error")}
@@ -106,14 +108,7 @@ def test_shutdown_kills_a_solve_in_flight() -> None:
                                 solver_threads=1, process_solve_rows=1))
     channel = grpc.insecure_channel(handle.address)
     try:
-        stub = placement_pb2_grpc.PlacementServiceStub(channel)
-        spec = heavy_spec()
-        stub.RegisterJob(pb.RegisterJobRequest(job="heavy", spec=spec), timeout=10)
-        ranks = [Worker(stub) for _ in range(spec.world_size)]
-        for w, r in zip(ranks, round_reports("heavy", spec, 0, 0, seed=1), strict=True):
-            w.send(r)
-        wait_for(lambda: len(solver_children()) == 1)
-        (child,) = solver_children()
+        ranks, child = heavy_round(placement_pb2_grpc.PlacementServiceStub(channel))
         handle.stop()
         plans = [w.recv() for w in ranks]
         assert {(p.status, p.reason) for p in plans} == {(pb.PLAN_STATUS_FALLBACK, "shutdown")}
