@@ -448,8 +448,7 @@ class Coordinator:
         self._hooks: RoundHooks = hooks if hooks is not None else NoHooks()
         self._solvers = SolverThreads(positive_int("solver_threads", solver_threads))
         self._long_lane = asyncio.Semaphore(solver_threads - 1) if solver_threads > 1 else None
-        if isinstance(process_rows, bool) or not isinstance(process_rows, int) or process_rows < 0:
-            raise ValueError(f"process_rows must be a non-negative integer, got {process_rows!r}")
+        process_rows = positive_int("process_rows", process_rows, minimum=0)
         # Injected solvers (tests' closures) cannot be sent to a process: they run in the thread.
         self._process_rows = process_rows if _picklable(solve_fn) else 0
         self._closed = False

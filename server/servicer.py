@@ -240,10 +240,8 @@ class PlacementServicer(ExpertPlacementRPCs, placement_pb2_grpc.PlacementService
                         f"the server already holds max_streams={limits.max_streams} open streams")
         queue = _Outbox(limits.backlog_bytes)
         binding: list[Binding] = []  # set by the first report; the queue is the stream's token
-        may: Callable[[str], None] = (lambda job: None) if self._owners is None else (
-            lambda job: self._owners.check(job, context))  # type: ignore[union-attr]
         reader = asyncio.get_running_loop().create_task(
-            self._read(request_iterator, queue, binding, may))
+            self._read(request_iterator, queue, binding, context))
         handler = asyncio.current_task()
         assert handler is not None
         # A client gone (or cut) while a plan is being written: end the handler quietly rather
@@ -301,11 +299,11 @@ class PlacementServicer(ExpertPlacementRPCs, placement_pb2_grpc.PlacementService
         request_iterator: AsyncIterator[pb.Report],
         queue: _Outbox,
         binding: list[Binding],
-        may: Callable[[str], None],
+        context: grpc.aio.ServicerContext,
     ) -> None:
         """Feeds reports to the coordinator; plans go to ``queue`` as rounds finish. The first
         report binds the stream (``binding`` gets it; ``queue`` is the owner token) if the
-        caller ``may`` act for its job (it raises NotOwner otherwise)."""
+        caller may act for its job (jobs bound to certificates)."""
         bound: tuple[str, int] | None = None
         outstanding = 0
         all_answered = asyncio.Event()
@@ -336,7 +334,8 @@ class PlacementServicer(ExpertPlacementRPCs, placement_pb2_grpc.PlacementService
                 msg = None  # the counts live on in the report's compact arrays only
                 if bound is None:
                     try:
-                        may(report.job)
+                        if self._owners is not None:
+                            self._owners.check(report.job, context)
                         binding.append(self._coord.bind(report, queue, report.generation))
                     except (FieldError, NotOwner, RankBound, StaleGeneration) as err:
                         queue.put_nowait(_StreamAbort(status_of(err),

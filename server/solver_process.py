@@ -39,11 +39,6 @@ class SolverProcess:
         self._proc: subprocess.Popen | None = None
         self._conn: Connection | None = None
 
-    @property
-    def pid(self) -> int | None:
-        proc = self._proc
-        return None if proc is None else proc.pid
-
     def start(self) -> None:
         """Starts the child unless it runs (it imports the solver before its first call)."""
         with self._lock:

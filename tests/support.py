@@ -351,7 +351,7 @@ def leaked_links(before: set[str]) -> set[str]:
 # --- the reference model on gloo ranks -----------------------------------------------------------
 
 def train_step(model: Any, opt: Any, dispatcher: Any, tokens: Any, world: int, hook: Any = None,
-               copies: Any = None) -> float:
+               copy_groups: Any = None) -> float:
     """One step of the reference MoE on this rank: loss over the global token count, replicated
     gradients all-reduced, expert copies' gradients summed (netmoe.client.replicas), Adam step.
     tokens: [n, S + 1] int64 local samples. Returns the global loss."""
@@ -371,10 +371,10 @@ def train_step(model: Any, opt: Any, dispatcher: Any, tokens: Any, world: int, h
     for p in dense:
         p.grad.copy_(flat[offset:offset + p.numel()].view_as(p))
         offset += p.numel()
-    if copies is not None:
+    if copy_groups is not None:
         from netmoe.client.replicas import sync_grads
 
-        sync_grads(model.blocks, copies)
+        sync_grads(model.blocks, copy_groups)
     opt.step()
     return float(flat[-1])
 

@@ -508,8 +508,9 @@ def run_bench(base: Any, *, rate_mbit: float, ratio: float, warmup_steps: int, f
                 modes.append((f"experts{suffix}",
                               dataclasses.replace(place, expert_order=order)))
             if copies is not None:  # replica-aware rounds ignore the objective
-                modes.insert(3, ("replicas", dataclasses.replace(modes[2][1],
-                                                                 copies=copies["labels"])))
+                experts = dict(modes)["experts"]
+                modes.insert(modes.index(("experts", experts)) + 1, (
+                    "replicas", dataclasses.replace(experts, copies=copies["labels"])))
             trace = work / "held-out-trace.npz"
             runs = [(f"{name}#{rep}", dataclasses.replace(
                 mode_cfg, job=f"{name}-{rep}", record_trace=str(trace)

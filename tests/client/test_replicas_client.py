@@ -97,7 +97,7 @@ def _worker(rank: int, port: int, world: int) -> None:
             # A rank holding no replicated label skips the sync: a collective involving it
             # would wait for it (and time out).
             mine = groups if _holds_any(copies, rank) else None
-            loss = train_step(model, opt, disp, tokens, world, copies=mine)
+            loss = train_step(model, opt, disp, tokens, world, copy_groups=mine)
             loss_p = train_step(plain, opt_p, plain_disp, tokens, world)
             assert abs(loss - loss_p) <= 1e-5 * abs(loss_p), (step, loss, loss_p)
             _check_copies_identical(model, opt, copies, world)

@@ -7,14 +7,12 @@ import os
 import signal
 from pathlib import Path
 
-import grpc
-
 from netmoe.protos import placement_pb2 as pb
 from netmoe.protos import placement_pb2_grpc
 from netmoe.server.app import start
 from netmoe.server.config import ServerConfig
 
-from support import Worker, check_round, job_spec, round_reports, wait_for
+from support import Worker, check_round, job_spec, round_reports, stub_for, wait_for
 
 
 def solver_children() -> list[int]:
@@ -52,9 +50,8 @@ def heavy_round(stub: placement_pb2_grpc.PlacementServiceStub) -> tuple[list[Wor
 def test_rounds_solved_in_solver_processes_match_the_solver() -> None:
     handle = start(ServerConfig(port=0, metrics_port=None, grace_seconds=1.0,
                                 process_solve_rows=1))
-    channel = grpc.insecure_channel(handle.address)
+    channel, stub = stub_for(handle)
     try:
-        stub = placement_pb2_grpc.PlacementServiceStub(channel)
         # Deadlines a busy machine cannot overrun: the test is about the plans.
         specs = {"a": job_spec(nodes=2, gpus=2, experts=8, spd=4, deadline_ms=30000),
                  "b": job_spec(nodes=2, gpus=4, experts=16, spd=8, deadline_ms=30000)}
@@ -79,9 +76,8 @@ def test_rounds_solved_in_solver_processes_match_the_solver() -> None:
 def test_killed_solver_process_fails_its_round_and_the_next_is_solved() -> None:
     handle = start(ServerConfig(port=0, metrics_port=None, grace_seconds=1.0, solver_threads=1,
                                 process_solve_rows=1))
-    channel = grpc.insecure_channel(handle.address)
+    channel, stub = stub_for(handle)
     try:
-        stub = placement_pb2_grpc.PlacementServiceStub(channel)
         light = job_spec(nodes=2, gpus=2, experts=8, spd=4, deadline_ms=30000)
         stub.RegisterJob(pb.RegisterJobRequest(job="light", spec=light), timeout=10)
         heavy_ranks, killed = heavy_round(stub)
@@ -106,9 +102,9 @@ def test_killed_solver_process_fails_its_round_and_the_next_is_solved() -> None:
 def test_shutdown_kills_a_solve_in_flight() -> None:
     handle = start(ServerConfig(port=0, metrics_port=None, drain_seconds=0.0, grace_seconds=1.0,
                                 solver_threads=1, process_solve_rows=1))
-    channel = grpc.insecure_channel(handle.address)
+    channel, stub = stub_for(handle)
     try:
-        ranks, child = heavy_round(placement_pb2_grpc.PlacementServiceStub(channel))
+        ranks, child = heavy_round(stub)
         handle.stop()
         plans = [w.recv() for w in ranks]
         assert {(p.status, p.reason) for p in plans} == {(pb.PLAN_STATUS_FALLBACK, "shutdown")}
