@@ -107,8 +107,9 @@ class PlacementServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Solve(self, request, context):
-        """Solves one pre-gathered round (all ranks' reports in one request, for jobs that gather on rank
-        0 themselves) and returns one plan per report, in request order. The job must be registered.
+        """Solves one pre-gathered round (the reports of every rank of one or more whole groups in one
+        request, for jobs that gather themselves; each group solved as its own round) and returns one
+        plan per report, in request order. The job must be registered.
         Any invalid report fails the whole call with INVALID_ARGUMENT naming the field and the value.
         A solve that overruns the job's deadline returns home placements with reason "timeout".
         """
@@ -118,7 +119,8 @@ class PlacementServiceServicer:
 
     def RecommendExperts(self, request, context):
         """Expert placement advisor. The service keeps, per job, a bounded window of the counts of its
-        recent rounds (the reports above: gather of layer l, predicted scatter of l+1, per sample).
+        recent rounds (the reports above: gather of layer l, predicted scatter of l+1, per sample; every
+        group's rounds, as one map serves all groups). Per-step figures are per group's step.
         RecommendExperts splits the window by step into an earlier fit part and a later held-out
         part, fits one expert-to-device map per layer on the fit part (keeping each device's number
         of experts), replays the held-out rounds with home, sample-only and joint placement, and

@@ -132,8 +132,9 @@ class ExpertAdvisor:
         self.topology = topology
         self.limits = limits
         self._lock = threading.Lock()
-        # step -> layer -> (sample ids [I] uint64, gather [I, E] in a compact dtype)
-        self._window: OrderedDict[int, dict[int, tuple[np.ndarray, np.ndarray]]] = OrderedDict()
+        # step -> (group, layer) -> (sample ids [I] uint64, gather [I, E] in a compact dtype)
+        self._window: OrderedDict[int, dict[tuple[int, int], tuple[np.ndarray, np.ndarray]]] = (
+            OrderedDict())
         self._bytes = 0
         self._layers = 0  # MoE layers seen (1 + highest layer, + 1 if it sent a scatter)
         self._last_step = -1  # highest step reported to the service (solved or not)
@@ -156,10 +157,12 @@ class ExpertAdvisor:
         with self._lock:
             self._last_step = max(self._last_step, step)
 
-    def observe(self, key: Key, ids: np.ndarray, gather: np.ndarray, has_next: bool) -> None:
-        """Adds round (step, layer)'s ids [I] uint64 and gather routes [I, E] int64 (rows
-        rank-major); has_next: the round had a scatter (a next MoE layer). Evicts the oldest steps
-        beyond the limits; a step older than a full window's oldest is ignored."""
+    def observe(self, key: Key, ids: np.ndarray, gather: np.ndarray, has_next: bool,
+                group: int = 0) -> None:
+        """Adds round (step, layer) of expert-parallel group ``group``: ids [I] uint64 and gather
+        routes [I, E] int64 (rows rank-major); has_next: the round had a scatter (a next MoE
+        layer). Evicts the oldest steps beyond the limits; a step older than a full window's
+        oldest is ignored."""
         step, layer = key
         g = compact_counts(gather)
         ids = np.asarray(ids, dtype=np.uint64)
@@ -172,10 +175,10 @@ class ExpertAdvisor:
                     len(self._window) >= self.limits.max_steps):
                 return
             per_step = self._window.setdefault(step, {})
-            old = per_step.get(layer)
+            old = per_step.get((group, layer))
             if old is not None:
                 self._bytes -= old[0].nbytes + old[1].nbytes
-            per_step[layer] = (ids, g)
+            per_step[group, layer] = (ids, g)
             self._bytes += size
             self._layers = max(self._layers, layer + 1 + bool(has_next))
             if len(self._window) > 1 and step < next(reversed(self._window)):
@@ -184,11 +187,20 @@ class ExpertAdvisor:
                 _, dropped = self._window.popitem(last=False)
                 self._bytes -= sum(a.nbytes + b.nbytes for a, b in dropped.values())
 
+    @classmethod
+    def _rounds(cls, per_step: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]], layers: int
+                ) -> list[np.ndarray]:
+        """The complete groups' rounds of one step: [L, I, E] int64 each (``_round``)."""
+        groups = sorted({g for g, _ in per_step})
+        rounds = [cls._round({layer: v for (h, layer), v in per_step.items() if h == g}, layers)
+                  for g in groups]
+        return [r for r in rounds if r is not None]
+
     @staticmethod
     def _round(per_layer: dict[int, tuple[np.ndarray, np.ndarray]], layers: int
                ) -> np.ndarray | None:
-        """[L, I, E] int64 routes of one step, rows by sample id; None if a layer is missing or
-        the layers' ids differ."""
+        """[L, I, E] int64 routes of one group's step, rows by sample id; None if a layer is
+        missing or the layers' ids differ."""
         if sorted(per_layer) != list(range(layers)):
             return None
         first = np.sort(per_layer[0][0])
@@ -340,8 +352,9 @@ class ExpertAdvisor:
         if layers < 2:
             raise NotEnoughData(f"the job reported {layers} MoE layer(s); expert placement "
                                 f"needs rounds of at least 2 layers")
-        rounds = {step: self._round(window[step], layers) for step in sorted(window)}
-        steps = [step for step, r in rounds.items() if r is not None]
+        # A step's rounds: one per expert-parallel group that reported all its layers.
+        rounds = {step: self._rounds(window[step], layers) for step in sorted(window)}
+        steps = [step for step, r in rounds.items() if r]
         if len(steps) < 2:
             raise NotEnoughData(
                 f"the window holds {len(steps)} complete step(s) (all {layers} layers reported "
@@ -352,13 +365,13 @@ class ExpertAdvisor:
             raise ValueError(f"held_out_steps={held_out_steps} leaves nothing to fit: the window "
                              f"holds {len(steps)} complete steps")
         fit_steps, held_steps = steps[:-held], steps[-held:]
-        fit = fit_experts(self.topology, [rounds[s] for s in fit_steps], current=current,
-                          starts=starts, seed=seed)
-        held_rounds = [rounds[s] for s in held_steps]
+        fit_rounds = [r for s in fit_steps for r in rounds[s]]
+        fit = fit_experts(self.topology, fit_rounds, current=current, starts=starts, seed=seed)
+        held_rounds = [r for s in held_steps for r in rounds[s]]
         replicas = replayed = None
         if replica_slots:
             try:
-                copies = fit_replicas(self.topology, [rounds[s] for s in fit_steps], fit.array(),
+                copies = fit_replicas(self.topology, fit_rounds, fit.array(),
                                       slots=replica_slots, grad_bytes=grad_bytes).copies
             except ValueError as err:
                 raise ValueError(f"replica_slots={replica_slots}: {err}") from None
@@ -425,12 +438,13 @@ class ExpertAdvisors:
         adv = self._jobs.get(job)
         return None if adv is None else adv.topologies(key)
 
-    def solved(self, spec: JobSpec, key: Key, counts: RoundCounts, plan: Plan) -> None:
-        """A round's plans went out: feed its counts (rows rank-major) to the job's window and
-        its realised saving to the metrics, on the advisor thread."""
+    def solved(self, spec: JobSpec, key: Key, counts: RoundCounts, plan: Plan, group: int
+               ) -> None:
+        """A group's round's plans went out: feed its counts (rows rank-major) to the job's
+        window and its realised saving to the metrics, on the advisor thread."""
         adv = self._jobs.get(spec.job)
         if adv is not None:
-            self._thread.submit(self._observe, adv, spec, key, counts, plan)
+            self._thread.submit(self._observe, adv, spec, key, counts, plan, group)
 
     def run(self, fn: Callable[[], T]) -> Future[T]:
         """Runs fn on the advisor thread, after every round handed over before it."""
@@ -440,15 +454,15 @@ class ExpertAdvisors:
         self._thread.shutdown(wait=False, cancel_futures=True)
 
     def _observe(self, adv: ExpertAdvisor, spec: JobSpec, key: Key, counts: RoundCounts,
-                 plan: Plan) -> None:
+                 plan: Plan, group: int) -> None:
         try:
-            self._feed(adv, spec, key, counts, plan)
+            self._feed(adv, spec, key, counts, plan, group)
         except Exception:  # a metrics re-solve failing must not stop the windows of other rounds
             log.exception("expert advisor failed on job %r round %s", spec.job, key)
 
     def _feed(self, adv: ExpertAdvisor, spec: JobSpec, key: Key, counts: RoundCounts,
-              plan: Plan) -> None:
-        adv.observe(key, counts.sample_ids, counts.gather, counts.scatter is not None)
+              plan: Plan, group: int) -> None:
+        adv.observe(key, counts.sample_ids, counts.gather, counts.scatter is not None, group)
         if self._observer is None:
             return
         self._observer.window_changed(spec.job, adv.window_bytes, adv.window_steps)

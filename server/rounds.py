@@ -1,4 +1,6 @@
-"""Rounds: collect one report per rank for a (job, step, layer), solve once, answer every rank.
+"""Rounds: collect one report per rank of an expert-parallel group for a (job, step, layer),
+solve once, answer every rank of the group. The groups of a job round independently: each has
+its own deadline, fallback and solver turn.
 
 The data plane of the service, free of gRPC: asyncio for deadlines, numpy for the counts and a
 thread pool for the solver so the event loop keeps serving while a round is solved. All methods of
@@ -26,6 +28,7 @@ from typing import Protocol
 
 import numpy as np
 
+from netmoe.groups import EPGroups
 from netmoe.round import Key, RankPlan, RoundCounts, Traffic, compact_counts, home_dest
 from netmoe.solver import METHODS, OBJECTIVES, Plan, Topology, solve, traffic
 from netmoe.solver.topology import positive_int
@@ -61,9 +64,11 @@ OUTCOMES = (SOLVED, TIMEOUT, INCOMPLETE, INVALID, ERROR, UNREGISTERED, SHUTDOWN)
 class JobSpec:
     """A registered job: topology, balance and how to solve its rounds.
 
-    world_size must equal topology.devices; every rank reports samples_per_device samples.
-    deadline: seconds from a round's first report until its ranks get the home placement.
-    layers: MoE layers of the model; reports name layers in [0, layers).
+    topology: one expert-parallel group's (its nodes x ranks per node, expert map in the
+    group's devices); every group solves its rounds on it. ep_groups: the job's groups (None:
+    one group of world_size = topology.devices ranks). Every rank reports samples_per_device
+    samples. deadline: seconds from a round's first report until its ranks get the home
+    placement. layers: MoE layers of the model; reports name layers in [0, layers).
     """
 
     job: str
@@ -74,6 +79,7 @@ class JobSpec:
     method: str = "two_stage"
     deadline: float = 0.05
     layers: int = MAX_LAYERS
+    ep_groups: EPGroups | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.job, str) or not self.job or len(self.job) > MAX_JOB_ID:
@@ -83,11 +89,22 @@ class JobSpec:
             raise ValueError(f"job must be printable, got {self.job!r}")
         positive_int("world_size", self.world_size)
         positive_int("samples_per_device", self.samples_per_device)
-        if self.world_size != self.topology.devices:
-            raise ValueError(
-                f"world_size={self.world_size} must equal nodes x gpus_per_node = "
-                f"{self.topology.nodes} x {self.topology.gpus_per_node} = {self.topology.devices}"
-            )
+        t = self.topology
+        if self.ep_groups is None:
+            if self.world_size != t.devices:
+                raise ValueError(
+                    f"world_size={self.world_size} must equal nodes x gpus_per_node = "
+                    f"{t.nodes} x {t.gpus_per_node} = {t.devices}"
+                )
+            object.__setattr__(self, "ep_groups",
+                               EPGroups.contiguous(self.world_size, t.gpus_per_node))
+        groups = self.groups
+        if groups.world != self.world_size:
+            raise ValueError(f"ep_groups cover {groups.world} ranks, world_size is "
+                             f"{self.world_size}")
+        if (groups.nodes, groups.gpus) != (t.nodes, t.gpus_per_node):
+            raise ValueError(f"a group spans {groups.nodes} nodes x {groups.gpus} ranks, the "
+                             f"topology {t.nodes} x {t.gpus_per_node}")
         if self.objective not in OBJECTIVES:
             raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
         if self.method not in METHODS:
@@ -100,9 +117,19 @@ class JobSpec:
             )
 
     @property
+    def groups(self) -> EPGroups:
+        assert self.ep_groups is not None  # set by __post_init__
+        return self.ep_groups
+
+    @property
+    def ep_size(self) -> int:
+        """J, the ranks of one group."""
+        return self.topology.devices
+
+    @property
     def samples(self) -> int:
-        """I, the samples of one round."""
-        return self.world_size * self.samples_per_device
+        """I, the samples of one round (of one group)."""
+        return self.ep_size * self.samples_per_device
 
 
 @dataclass(frozen=True, eq=False)
@@ -186,7 +213,9 @@ class RoundHooks(Protocol):
         """The round's plan when confirmed expert copies are in force (replica-aware costs);
         None to solve as usual. Runs in a solver thread."""
 
-    def solved(self, spec: JobSpec, key: Key, counts: RoundCounts, plan: Plan) -> None: ...
+    def solved(self, spec: JobSpec, key: Key, counts: RoundCounts, plan: Plan, group: int
+               ) -> None:
+        """Group ``group``'s round ``key`` was solved (counts: its rows, rank-major)."""
 
 
 class NoHooks:
@@ -206,7 +235,8 @@ class NoHooks:
                           scatter: np.ndarray | None, home: np.ndarray) -> Plan | None:
         return None
 
-    def solved(self, spec: JobSpec, key: Key, counts: RoundCounts, plan: Plan) -> None:
+    def solved(self, spec: JobSpec, key: Key, counts: RoundCounts, plan: Plan, group: int
+               ) -> None:
         pass
 
 
@@ -313,21 +343,21 @@ def check_report(spec: JobSpec, report: Report, prefix: str = "") -> RoundCounts
     return RoundCounts(ids, report.gather, report.scatter)
 
 
-def assemble(spec: JobSpec, parts: Sequence[RoundCounts]) -> RoundCounts:
-    """The round's rows from every rank's checked counts (in rank order), rank-major.
+def assemble(parts: Sequence[RoundCounts], ranks: Sequence[int]) -> RoundCounts:
+    """The round's rows from every rank's checked counts (in device order), rank-major.
 
-    Raises FieldError for ids repeated across ranks or ranks disagreeing on whether scatter is
-    sent.
+    ranks: the global rank of each part, for the errors. Raises FieldError for ids repeated
+    across ranks or ranks disagreeing on whether scatter is sent.
     """
     ids = np.concatenate([p.sample_ids for p in parts])
     uniq, counts = np.unique(ids, return_counts=True)
     if len(uniq) != len(ids):
         dup = uniq[counts > 1][0]
-        ranks = [r for r, p in enumerate(parts) if dup in p.sample_ids]
-        raise FieldError("sample_ids", f"sample_ids: id {int(dup)} is reported by ranks {ranks}")
-    with_scatter = [r for r, p in enumerate(parts) if p.scatter is not None]
+        named = [r for r, p in zip(ranks, parts, strict=True) if dup in p.sample_ids]
+        raise FieldError("sample_ids", f"sample_ids: id {int(dup)} is reported by ranks {named}")
+    with_scatter = [r for r, p in zip(ranks, parts, strict=True) if p.scatter is not None]
     if with_scatter and len(with_scatter) != len(parts):
-        without = [r for r, p in enumerate(parts) if p.scatter is None]
+        without = [r for r, p in zip(ranks, parts, strict=True) if p.scatter is None]
         raise FieldError(
             "scatter", f"scatter: ranks {with_scatter} sent one but ranks {without} did not"
         )
@@ -357,17 +387,18 @@ def part_bytes(part: RoundCounts) -> int:
 
 def rank_plan(spec: JobSpec, key: Key, outcome: Outcome, rank: int, ids: np.ndarray,
               error: str = "") -> RankPlan:
-    """Rank ``rank``'s part of a round's outcome (ids [n]: its report's sample ids); fallbacks
-    keep every sample at home."""
+    """Rank ``rank``'s part of its group's round outcome (ids [n]: its report's sample ids);
+    fallbacks keep every sample at home. dest and held rows are the group's devices and rows."""
     plan, counts = outcome.plan, outcome.counts
     step, layer = key
     if plan is None or counts is None:
         return RankPlan.stay(step, layer, rank, ids, outcome.kind, error or outcome.error,
                              outcome.before)
     n = spec.samples_per_device
+    _, d = spec.groups.locate(rank)
     return RankPlan(
-        step, layer, rank, plan.status, np.asarray(plan.dest[rank * n:(rank + 1) * n]),
-        counts.sample_ids[plan.rows_held[rank]], error=error, solve_seconds=plan.solve_seconds,
+        step, layer, rank, plan.status, np.asarray(plan.dest[d * n:(d + 1) * n]),
+        counts.sample_ids[plan.rows_held[d]], error=error, solve_seconds=plan.solve_seconds,
         moved=plan.moved, before=plan.before, after=plan.after,
     )
 
@@ -377,9 +408,11 @@ Deliver = Callable[[RankPlan], None]
 
 @dataclass(eq=False)
 class _Round:
-    """streamed: reports arrive one by one on streams (False: one unary Solve request)."""
+    """One group's round. parts: device in the group -> its rank's counts. streamed: reports
+    arrive one by one on streams (False: one unary Solve request)."""
 
     key: Key
+    group: int = 0
     streamed: bool = True
     timer: asyncio.TimerHandle | None = None
     parts: dict[int, RoundCounts] = field(default_factory=dict)
@@ -405,19 +438,33 @@ class Binding:
 
 
 @dataclass(eq=False)
+class _Group:
+    """One expert-parallel group's open rounds, remembered outcomes and solver turn."""
+
+    pending: dict[Key, _Round] = field(default_factory=dict)
+    finished: OrderedDict[Key, Outcome] = field(default_factory=OrderedDict)
+    # One solve of the group at a time: its slow rounds never hold more than one solver thread.
+    solver_turn: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+
+@dataclass(eq=False)
 class _Job:
-    """bound: rank -> the owner (an opaque stream token) of the one stream reporting for it."""
+    """bound: rank -> the owner (an opaque stream token) of the one stream reporting for it.
+    groups: one _Group per expert-parallel group of the spec."""
 
     spec: JobSpec
     generation: int
-    pending: dict[Key, _Round] = field(default_factory=dict)
-    finished: OrderedDict[Key, Outcome] = field(default_factory=OrderedDict)
+    groups: list[_Group] = field(default_factory=list)
     last: dict[int, Key] = field(default_factory=dict)
     bound: dict[int, object] = field(default_factory=dict)
     unary: set[_Round] = field(default_factory=set)  # rounds of Solve calls in flight
     pending_bytes: int = 0  # of the reports its open rounds hold
-    # One solve of the job at a time: a job's slow rounds never hold more than one solver thread.
-    solver_turn: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    def __post_init__(self) -> None:
+        self.groups = [_Group() for _ in range(self.spec.groups.count)]
+
+    def open_rounds(self) -> list[_Round]:
+        return [rnd for g in self.groups for rnd in g.pending.values()]
 
 
 class Coordinator:
@@ -470,7 +517,7 @@ class Coordinator:
         return len(self._jobs)
 
     def pending_rounds(self, job: str) -> int:
-        return len(self._jobs[job].pending)
+        return len(self._jobs[job].open_rounds())
 
     def generation(self, job: str) -> int:
         """The registration number of a registered job (KeyError if unknown)."""
@@ -491,7 +538,7 @@ class Coordinator:
             raise JobLimit(f"job {spec.job!r}: the server already holds max_jobs={self._max_jobs}")
         self._generation += 1
         self._jobs[spec.job] = _Job(spec, self._generation)
-        if 0 < self._process_rows <= spec.world_size * spec.samples_per_device:
+        if 0 < self._process_rows <= spec.samples:
             self._solvers.warm()
         self._hooks.added(spec)
         return True
@@ -516,7 +563,7 @@ class Coordinator:
     def unregister(self, job: str) -> None:
         """Forgets a job; its waiting ranks get fallbacks. Raises KeyError if unknown."""
         state = self._jobs[job]
-        for rnd in [*state.pending.values(), *state.unary]:
+        for rnd in [*state.open_rounds(), *state.unary]:
             self._finish(state, rnd, Outcome(UNREGISTERED, f"job {job!r} was unregistered"))
         del self._jobs[job]
         self._hooks.removed(job)
@@ -526,7 +573,7 @@ class Coordinator:
         reported from now on get the fallback "shutdown" at once."""
         self._closed = True
         for state in self._jobs.values():
-            for rnd in list(state.pending.values()):
+            for rnd in state.open_rounds():
                 self._finish(state, rnd, Outcome(SHUTDOWN, "the server is shutting down"))
         for task in self._tasks:
             task.cancel()
@@ -609,6 +656,8 @@ class Coordinator:
             self._check_generation(state, report.generation)
         self.check_coordinates(spec, report)
         key, rank = report.key, report.rank
+        g, d = spec.groups.locate(rank)
+        group = state.groups[g]
         last = state.last.get(rank)
         if last is not None and key <= last:
             raise FieldError(
@@ -616,15 +665,15 @@ class Coordinator:
                 f"step/layer {key} of rank {rank} does not come after {last}, already reported "
                 f"(steps must not go backwards, a round takes one report per rank)",
             )
-        rnd = state.pending.get(key)
-        done = state.finished.get(key)
-        if rnd is not None and rank in rnd.parts:
+        rnd = group.pending.get(key)
+        done = group.finished.get(key)
+        if rnd is not None and d in rnd.parts:
             raise FieldError("step", f"rank {rank} already reported step/layer {key}")
         try:
             part = check_report(spec, report)
         except FieldError as err:
             if done is None:
-                self._finish(state, rnd or self._open(state, key),
+                self._finish(state, rnd or self._open(state, g, key),
                              Outcome(INVALID, f"rank {rank}: {err}"))
             raise
         if done is None:
@@ -637,12 +686,13 @@ class Coordinator:
                               f"{done.error})"))
             return
         if rnd is None:
-            rnd = self._open(state, key)
+            rnd = self._open(state, g, key)
         self._add(state, rnd, rank, part, deliver)
 
     async def solve_now(self, reports: Sequence[Report]) -> list[RankPlan]:
-        """Solves one pre-gathered round: one report per rank, any order. Returns the plans in
-        request order. Raises FieldError naming the field (``reports[k].field``) and value."""
+        """Solves one pre-gathered round of one or more whole groups: one report per rank of
+        each, any order; each group is solved as its own round. Returns the plans in request
+        order. Raises FieldError naming the field (``reports[k].field``) and value."""
         if not reports:
             raise FieldError("reports", "reports is empty, need one report per rank")
         head = reports[0]
@@ -670,37 +720,45 @@ class Coordinator:
                                  f"reports[{first}].rank")
             parts[rep.rank] = check_report(spec, rep, f"reports[{k}].")
         self._check_bytes(self._jobs[head.job], sum(part_bytes(p) for p in parts.values()))
-        if len(parts) != spec.world_size:
-            missing = sorted(set(range(spec.world_size)) - set(parts))
-            raise FieldError("reports", f"reports lacks ranks {missing} of job {spec.job!r}")
+        groups = sorted({spec.groups.locate(r)[0] for r in parts})
+        for g in groups:
+            missing = [r for r in spec.groups.ranks[g] if r not in parts]
+            if missing:
+                of = f"group {g} of " if spec.groups.count > 1 else ""
+                raise FieldError("reports", f"reports lacks ranks {missing} of {of}job "
+                                            f"{spec.job!r}")
         state = self._jobs[head.job]
-        rnd = self._open(state, head.key, streamed=False)
         plans: dict[int, RankPlan] = {}
 
         def deliver(plan: RankPlan) -> None:
             plans[plan.rank] = plan
 
-        for rank in sorted(parts):
-            self._add(state, rnd, rank, parts[rank], deliver)
-        await rnd.finished.wait()
-        assert rnd.outcome is not None
-        if rnd.outcome.kind == INVALID:
-            raise FieldError("reports", rnd.outcome.error)
+        rounds = [self._open(state, g, head.key, streamed=False) for g in groups]
+        for rnd in rounds:
+            for rank in spec.groups.ranks[rnd.group]:
+                self._add(state, rnd, rank, parts[rank], deliver)
+        for rnd in rounds:
+            await rnd.finished.wait()
+            assert rnd.outcome is not None
+            if rnd.outcome.kind == INVALID:
+                raise FieldError("reports", rnd.outcome.error)
         return [plans[rep.rank] for rep in reports]
 
-    def _open(self, state: _Job, key: Key, streamed: bool = True) -> _Round:
-        while streamed and len(state.pending) >= self._max_pending:
-            oldest = next(iter(state.pending.values()))
+    def _open(self, state: _Job, g: int, key: Key, streamed: bool = True) -> _Round:
+        pending = state.groups[g].pending
+        while streamed and len(pending) >= self._max_pending:
+            oldest = next(iter(pending.values()))
+            of = f"group {g} of " if state.spec.groups.count > 1 else ""
             self._finish(state, oldest, Outcome(
-                INCOMPLETE, f"evicted: job {state.spec.job!r} has max_pending={self._max_pending} "
-                            f"open rounds"))
-        rnd = _Round(key, streamed)
+                INCOMPLETE, f"evicted: {of}job {state.spec.job!r} has max_pending="
+                            f"{self._max_pending} open rounds"))
+        rnd = _Round(key, g, streamed)
         self._hooks.saw_step(state.spec.job, key[0])
         rnd.timer = asyncio.get_running_loop().call_later(
             state.spec.deadline, self._expire, state, rnd
         )
         if streamed:
-            state.pending[key] = rnd
+            pending[key] = rnd
         else:
             state.unary.add(rnd)
         return rnd
@@ -733,11 +791,11 @@ class Coordinator:
         size = part_bytes(part)
         state.pending_bytes += size
         self._pending_bytes += size
-        rnd.parts[rank] = part
+        rnd.parts[state.spec.groups.locate(rank)[1]] = part
         rnd.waiters.append((rank, part.sample_ids, deliver))
         if self._closed:
             self._finish(state, rnd, Outcome(SHUTDOWN, "the server is shutting down"))
-        elif len(rnd.parts) == state.spec.world_size:
+        elif len(rnd.parts) == state.spec.ep_size:
             rnd.solving = True
             task = asyncio.get_running_loop().create_task(self._solve_round(state, rnd))
             self._tasks.add(task)
@@ -750,20 +808,23 @@ class Coordinator:
             before = self._home_traffic(state.spec, rnd.counts) if rnd.counts else None
             self._finish(state, rnd, Outcome(TIMEOUT, "solve overran the deadline", before))
         else:
-            missing = sorted(set(range(state.spec.world_size)) - set(rnd.parts))
+            ranks = state.spec.groups.ranks[rnd.group]
+            missing = [r for d, r in enumerate(ranks) if d not in rnd.parts]
             shown = missing[:8] + (["..."] if len(missing) > 8 else [])
             self._finish(state, rnd, Outcome(INCOMPLETE, f"no report from ranks {shown}"))
 
     async def _solve_round(self, state: _Job, rnd: _Round) -> None:
         spec = state.spec
+        ranks = spec.groups.ranks[rnd.group]
         try:
-            counts = rnd.counts = assemble(spec, [rnd.parts[r] for r in range(spec.world_size)])
+            counts = rnd.counts = assemble([rnd.parts[d] for d in range(len(ranks))], ranks)
         except FieldError as err:
             self._finish(state, rnd, Outcome(INVALID, str(err)))
             return
         long = self._long_lane is not None and solve_budget(spec, rnd) > LONG_SOLVE_S
+        turn = state.groups[rnd.group].solver_turn
         try:
-            async with state.solver_turn, self._long_lane if long else nullcontext():
+            async with turn, self._long_lane if long else nullcontext():
                 plan = await asyncio.wrap_future(
                     self._solvers.submit(lambda: self._run_solver(spec, rnd)))
         except asyncio.CancelledError:
@@ -788,7 +849,7 @@ class Coordinator:
         if not rnd.done:
             self._finish(state, rnd, outcome)
         if outcome.plan is not None and self._jobs.get(spec.job) is state:
-            self._hooks.solved(spec, rnd.key, counts, outcome.plan)
+            self._hooks.solved(spec, rnd.key, counts, outcome.plan, rnd.group)
 
     def _run_solver(self, spec: JobSpec, rnd: _Round) -> Plan | None:
         if rnd.done or rnd.counts is None:
@@ -796,7 +857,7 @@ class Coordinator:
         counts = rnd.counts
         topo, scatter_topo = self._hooks.topologies(spec.job, rnd.key) or (spec.topology, None)
         extra = {} if scatter_topo is None else {"scatter_topology": scatter_topo}
-        home = home_dest(spec.world_size, spec.samples_per_device)
+        home = home_dest(spec.ep_size, spec.samples_per_device)
         # Confirmed copies change every route's cost: such rounds take the replica-aware solver.
         plan = self._hooks.solve_with_copies(spec.job, rnd.key, counts.gather, counts.scatter,
                                              home)
@@ -813,7 +874,7 @@ class Coordinator:
 
     @staticmethod
     def _home_traffic(spec: JobSpec, counts: RoundCounts) -> Traffic:
-        home = home_dest(spec.world_size, spec.samples_per_device)
+        home = home_dest(spec.ep_size, spec.samples_per_device)
         return traffic(spec.topology, home, counts.gather, counts.scatter)
 
     def _finish(self, state: _Job, rnd: _Round, outcome: Outcome) -> None:
@@ -822,11 +883,12 @@ class Coordinator:
             rnd.timer.cancel()
         state.unary.discard(rnd)
         if rnd.streamed:
-            state.pending.pop(rnd.key, None)
+            group = state.groups[rnd.group]
+            group.pending.pop(rnd.key, None)
             if outcome.plan is None:
-                state.finished[rnd.key] = outcome
-                while len(state.finished) > self._finished_memory:
-                    state.finished.popitem(last=False)
+                group.finished[rnd.key] = outcome
+                while len(group.finished) > self._finished_memory:
+                    group.finished.popitem(last=False)
         after = outcome.plan.after if outcome.plan is not None else outcome.before
         if self._jobs.get(state.spec.job) is state:  # a gone job's series stay removed
             self._observer.round_finished(state.spec.job, outcome.kind, outcome.before, after)

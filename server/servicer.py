@@ -17,6 +17,7 @@ import grpc
 import grpc.aio
 import numpy as np
 
+from netmoe.groups import EPGroups
 from netmoe.protos import placement_pb2 as pb
 from netmoe.protos import placement_pb2_grpc
 from netmoe.protos.convert import MAX_COUNT, counts_from_pb, plan_to_proto
@@ -78,8 +79,9 @@ def spec_from_proto(job: str, msg: pb.JobSpec) -> JobSpec:
                          f"got {msg.layers}")
     check_modelled_times(msg)
     t = msg.topology
+    groups = ep_groups_from_proto(msg)
     topo = Topology(
-        nodes=t.nodes, gpus_per_node=t.gpus_per_node, experts=t.experts,
+        nodes=groups.nodes, gpus_per_node=groups.gpus, experts=t.experts,
         expert_device=np.asarray(t.expert_device, dtype=np.int64) if t.expert_device else None,
         alpha_intra=t.alpha_intra, alpha_inter=t.alpha_inter,
         bw_intra=t.bw_intra, bw_inter=t.bw_inter, bytes_per_route=t.bytes_per_route,
@@ -88,8 +90,25 @@ def spec_from_proto(job: str, msg: pb.JobSpec) -> JobSpec:
         job=job, topology=topo, world_size=msg.world_size,
         samples_per_device=msg.samples_per_device, objective=msg.objective or "volume",
         method=msg.method or "two_stage", deadline=msg.deadline_ms / 1000.0,
-        layers=msg.layers or MAX_LAYERS,
+        layers=msg.layers or MAX_LAYERS, ep_groups=groups,
     )
+
+
+def ep_groups_from_proto(msg: pb.JobSpec) -> EPGroups:
+    """The job's expert-parallel groups; ValueError naming spec.<field> and the value (for a
+    layout: the group and the offending rank)."""
+    t = msg.topology
+    if msg.world_size != t.nodes * t.gpus_per_node:
+        raise ValueError(f"spec.world_size={msg.world_size} must equal spec.topology.nodes x "
+                         f"gpus_per_node = {t.nodes} x {t.gpus_per_node}")
+    if not msg.groups:
+        return EPGroups.contiguous(msg.world_size, t.gpus_per_node, msg.ep_size, "spec.")
+    groups = EPGroups.explicit(msg.world_size, t.gpus_per_node,
+                               [g.ranks for g in msg.groups], "spec.")
+    if msg.ep_size and msg.ep_size != groups.size:
+        raise ValueError(f"spec.ep_size={msg.ep_size} differs from the {groups.size} ranks of "
+                         f"each of spec.groups")
+    return groups
 
 
 def report_from_proto(msg: pb.Report) -> Report:

@@ -53,8 +53,8 @@ def test_adopting_experts_mid_run_keeps_training_identical(tmp_path: Path) -> No
         advisor_settled(server)
         metrics = scrape(server.metrics_port)
         advisor = server.server.advisors.get(job)
-        window = {step: advisor._round(per_layer, cfg.layers)  # [L, I, E] rows by sample id
-                  for step, per_layer in advisor._window.items()}
+        window = {step: advisor._rounds(per_step, cfg.layers)[0]  # [L, I, E] rows by sample id
+                  for step, per_step in advisor._window.items()}
 
     info = joint[0]["experts"]
     assert info["adopted"] and not info["error"], info
