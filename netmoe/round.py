@@ -259,9 +259,12 @@ class RankPlan:
 
     @classmethod
     def stay(cls, step: int, layer: int, rank: int, ids: np.ndarray, reason: str,
-             error: str = "", before: Traffic | None = None) -> RankPlan:
-        """The no-move answer for a rank holding ids [n]."""
-        return cls(step, layer, rank, FALLBACK, np.full(len(ids), rank, dtype=np.int64),
+             error: str = "", before: Traffic | None = None, device: int | None = None
+             ) -> RankPlan:
+        """The no-move answer for a rank holding ids [n]; device: the rank's own device in its
+        expert-parallel group (default: rank, one group)."""
+        home = rank if device is None else device
+        return cls(step, layer, rank, FALLBACK, np.full(len(ids), home, dtype=np.int64),
                    np.asarray(ids, dtype=np.uint64), reason, error, before=before, after=before)
 
     @classmethod

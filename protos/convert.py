@@ -8,6 +8,8 @@ checked against the job by the service (``netmoe.server.rounds.check_report``).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 
 from netmoe.round import (
@@ -178,6 +180,8 @@ def job_spec(
     method: str = "two_stage",
     deadline_ms: int = 50,
     layers: int = 0,
+    ep_size: int = 0,
+    groups: Sequence[Sequence[int]] = (),
 ) -> pb.JobSpec:
     """A job's spec from plain numbers.
 
@@ -186,7 +190,10 @@ def job_spec(
     paper's cluster (400 GB/s NVLink, 100 GB/s InfiniBand, latency ignored). Only their ratio
     matters to the "volume" objective's choice; they scale the modelled times the service
     reports. deadline_ms: per-round deadline counted from the round's first report. layers:
-    the model's MoE layers (reports name layers below it; 0: the service's limit).
+    the model's MoE layers (reports name layers below it; 0: the service's limit). ep_size:
+    ranks per expert-parallel group (0: all ranks one group), groups of consecutive ranks unless
+    ``groups`` lists each group's global ranks (``netmoe.groups``); experts are spread over one
+    group's devices.
     """
     return pb.JobSpec(
         topology=pb.Topology(
@@ -200,4 +207,6 @@ def job_spec(
         method=method,
         deadline_ms=deadline_ms,
         layers=layers,
+        ep_size=ep_size,
+        groups=[pb.RankGroup(ranks=list(g)) for g in groups],
     )

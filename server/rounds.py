@@ -391,11 +391,11 @@ def rank_plan(spec: JobSpec, key: Key, outcome: Outcome, rank: int, ids: np.ndar
     fallbacks keep every sample at home. dest and held rows are the group's devices and rows."""
     plan, counts = outcome.plan, outcome.counts
     step, layer = key
+    _, d = spec.groups.locate(rank)
     if plan is None or counts is None:
         return RankPlan.stay(step, layer, rank, ids, outcome.kind, error or outcome.error,
-                             outcome.before)
+                             outcome.before, d)
     n = spec.samples_per_device
-    _, d = spec.groups.locate(rank)
     return RankPlan(
         step, layer, rank, plan.status, np.asarray(plan.dest[d * n:(d + 1) * n]),
         counts.sample_ids[plan.rows_held[d]], error=error, solve_seconds=plan.solve_seconds,
