@@ -27,6 +27,8 @@ from typing import Any
 
 import numpy as np
 
+from netmoe.groups import EPGroups
+
 log = logging.getLogger(__name__)
 
 PLACEMENTS = ("home", "service", "random")
@@ -105,6 +107,10 @@ class TrainConfig:
     # (expert, device) lists by the ids the service knows (slots when expert_order is set),
     # created from their owners before the first step and confirmed with the service from step 0.
     copies: tuple[tuple[tuple[int, int], ...], ...] = ()
+    # Ranks per expert-parallel group (0: all ranks one group). Groups are consecutive ranks
+    # (netmoe.groups.EPGroups.contiguous); each holds every expert, trains on its own samples and
+    # asks the service for its own plans; expert gradients are summed across the groups.
+    ep_size: int = 0
     a2a_sync: bool = False  # barrier before each timed exchange (CommStats.sync)
     link_counters: bool = False  # first rank of a node reads GLOO_SOCKET_IFNAME's byte counters
 
@@ -147,14 +153,32 @@ class TrainConfig:
             raise ValueError(f"d_model={self.d_model} is not divisible by heads={self.heads}")
         if self.top_k > self.experts:
             raise ValueError(f"top_k={self.top_k} exceeds experts={self.experts}")
+        if self.ep < self.world:
+            one_group = {"adopt_experts_at": self.adopt_experts_at, "copies": self.copies,
+                         "record_trace": self.record_trace, "link_counters": self.link_counters,
+                         "expert_order": self.expert_order}
+            used = [f"{k}={v!r}" for k, v in one_group.items() if v]
+            if used:
+                raise ValueError(f"ep_size={self.ep_size} (several expert-parallel groups) does "
+                                 f"not support {', '.join(used)}")
 
     @property
     def world(self) -> int:
         return self.nodes * self.gpus_per_node
 
     @property
+    def groups(self) -> EPGroups:
+        """The expert-parallel groups (ValueError naming ep_size when they do not fit)."""
+        return EPGroups.contiguous(self.world, self.gpus_per_node, self.ep_size)
+
+    @property
+    def ep(self) -> int:
+        """Ranks per expert-parallel group."""
+        return self.groups.size
+
+    @property
     def experts(self) -> int:
-        return self.experts_per_device * self.world
+        return self.experts_per_device * self.ep
 
     @property
     def global_samples(self) -> int:
@@ -197,6 +221,12 @@ class _Run:
     recorder: Any = None
     meter: _LinkMeter | None = None
     copy_groups: Any = None  # CopyGroups once expert copies are in force
+    # The rank's device in its expert-parallel group, the group's process group (None: the
+    # world) and the group of the ranks holding the same experts in the other groups (None: one
+    # group), over which expert gradients are summed.
+    device: int = 0
+    ep_group: Any = None
+    expert_dp: Any = None
 
 
 def train(cfg: TrainConfig) -> dict[str, Any]:
@@ -231,6 +261,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 
 def _setup(cfg: TrainConfig, rank: int) -> _Run:
     import torch
+    import torch.distributed as dist
 
     from netmoe.client.dispatcher import CommStats, Layout, TokenDispatcher
     from netmoe.client.planning import Placement, RandomPlans
@@ -238,8 +269,16 @@ def _setup(cfg: TrainConfig, rank: int) -> _Run:
     from netmoe.reference.data import load_corpus
     from netmoe.reference.model import ModelConfig, MoEGPT
 
-    world = cfg.world
-    layout = Layout(rank, world, cfg.gpus_per_node, cfg.experts, cfg.samples_per_device,
+    groups = cfg.groups
+    world = groups.size
+    g, device = groups.locate(rank)
+    ep_group = expert_dp = None
+    if groups.count > 1:
+        # Every rank creates every group, in one order (new_group is collective).
+        ep_groups = [dist.new_group(list(ranks)) for ranks in groups.ranks]
+        peers = [dist.new_group([ranks[d] for ranks in groups.ranks]) for d in range(world)]
+        ep_group, expert_dp = ep_groups[g], peers[device]
+    layout = Layout(device, world, groups.gpus, cfg.experts, cfg.samples_per_device,
                     cfg.seq_len)  # fmt: skip
     mcfg = ModelConfig(cfg.vocab, cfg.d_model, cfg.heads, cfg.layers, cfg.ffn, cfg.experts,
                        cfg.top_k, cfg.seq_len)  # fmt: skip
@@ -249,22 +288,24 @@ def _setup(cfg: TrainConfig, rank: int) -> _Run:
     comm = CommStats(sync=cfg.a2a_sync)
     run = _Run(
         cfg, rank, model, torch.optim.AdamW(model.parameters(), lr=cfg.lr),
-        model.dense_parameters(), comm, TokenDispatcher(layout, comm),
+        model.dense_parameters(), comm, TokenDispatcher(layout, comm, ep_group),
         load_corpus(cfg.vocab, cfg.cache_dir or None),
         meter=_LinkMeter(rank % cfg.gpus_per_node == 0) if cfg.link_counters else None,
         recorder=TraceRecorder(cfg.layers, cfg.experts) if cfg.record_trace else None,
+        device=device, ep_group=ep_group, expert_dp=expert_dp,
     )
     if cfg.placement == "random":
-        source = RandomPlans(rank, world, cfg.samples_per_device, cfg.seed)
-        run.placement = Placement(source, rank, world, cfg.samples_per_device, cfg.plan_timeout)
+        source = RandomPlans(device, world, cfg.samples_per_device, cfg.seed + g)
+        run.placement = Placement(source, device, world, cfg.samples_per_device,
+                                  cfg.plan_timeout)
     elif cfg.placement == "service":
         from netmoe.client.placement_client import PlacementClient, job_spec
 
         spec = job_spec(cfg.nodes, cfg.gpus_per_node, cfg.experts, cfg.samples_per_device,
                         hidden_size=cfg.d_model, dtype_bytes=4, objective=cfg.objective,
-                        deadline_ms=cfg.deadline_ms, layers=cfg.layers)
+                        deadline_ms=cfg.deadline_ms, layers=cfg.layers, ep_size=cfg.ep_size)
         run.client = PlacementClient(cfg.server, cfg.job, rank, spec)
-        run.placement = Placement(run.client, rank, world, cfg.samples_per_device,
+        run.placement = Placement(run.client, device, world, cfg.samples_per_device,
                                   cfg.plan_timeout)
     return run
 
@@ -278,7 +319,7 @@ def _train_steps(run: _Run) -> dict[str, Any]:
     cfg, rank = run.cfg, run.rank
     losses, step_seconds, allreduce_seconds = [], [], 0.0
     # Expert ids the service and traces know: the model's labels until experts move.
-    table = ExpertTable.identity(cfg.layers, cfg.experts, cfg.world)
+    table = ExpertTable.identity(cfg.layers, cfg.experts, cfg.ep)
     hook: Any = run.placement
     experts_info: dict[str, Any] = {}
     copies = None  # CopyTable once expert copies are in force
@@ -301,7 +342,8 @@ def _train_steps(run: _Run) -> dict[str, Any]:
         allreduce_seconds += seconds
         sync_seconds += synced
         step_seconds.append(time.perf_counter() - t_step)
-        totals = _route_totals(run.comm.routes, rank, cfg.gpus_per_node, cfg.layers)
+        totals = _route_totals(run.comm.routes, run.device, run.dispatcher.layout.gpus_per_node,
+                               cfg.layers)
         step_routes.append((totals - routes_so_far).tolist())
         routes_so_far = totals
         if progress_file:
@@ -366,7 +408,7 @@ def _step(run: _Run, step: int, hook: Any, table: Any, copies: Any
     result = run.model(local[:, :-1], run.dispatcher, hook, step)
     labels = local[:, 1:]
     for plan in result.plans:
-        labels = move_samples(labels, plan, rank, run.comm)
+        labels = move_samples(labels, plan, run.device, run.comm, run.ep_group)
     loss = F.cross_entropy(result.logits, labels.reshape(-1), reduction="sum") / (big_i * s)
     run.opt.zero_grad(set_to_none=False)
     loss.backward()
@@ -382,6 +424,16 @@ def _step(run: _Run, step: int, hook: Any, table: Any, copies: Any
     for p in run.dense:
         p.grad.copy_(flat[offset : offset + p.numel()].view_as(p))
         offset += p.numel()
+    if run.expert_dp is not None:
+        t0 = time.perf_counter()
+        experts = [p.grad for name, p in run.model.named_parameters() if ".experts." in name]
+        bucket = torch.cat([grad.reshape(-1) for grad in experts])
+        dist.all_reduce(bucket, group=run.expert_dp)
+        offset = 0
+        for grad in experts:
+            grad.copy_(bucket[offset : offset + grad.numel()].view_as(grad))
+            offset += grad.numel()
+        seconds += time.perf_counter() - t0
     synced = 0.0
     if copies is not None:
         from netmoe.client.replicas import sync_grads

@@ -99,3 +99,25 @@ def test_eight_processes_random_plans_equal_home(cache: str) -> None:
     rnd = run_ranks(dataclasses.replace(cfg, placement="random"))
     _assert_same_training(home, rnd)
     assert rnd[0]["moved"] > 0
+
+
+def test_two_expert_parallel_groups_train_like_home_with_the_service(cache: str, server: Any
+                                                                     ) -> None:
+    """8 ranks on 4 nodes x 2 as two EP groups of 4 (2 nodes each), data parallel across them:
+    each group gets its own plans, losses and parameters equal home, and the ranks holding the
+    same experts in the two groups end with the same weights (their gradients were summed).
+    Two steps, like the 8-process test above: parameters whose gradient is zero analytically
+    (attention key biases) take Adam steps from float summation noise, which grows per step."""
+    cfg = TrainConfig(nodes=4, gpus_per_node=2, ep_size=4, cache_dir=cache,  # type: ignore[arg-type]
+                      **{**TINY, "steps": 2})
+    home = run_ranks(cfg)
+    net = run_ranks(dataclasses.replace(cfg, placement="service", server=server.address,
+                                        job="test-ep"))
+    _assert_same_training(home, net)
+    assert all(r["fallbacks"] == 0 and r["plans"] == cfg.steps * cfg.layers for r in net), [
+        (r["fallbacks"], r["fallback_reasons"]) for r in net]
+    assert sum(r["moved"] for r in net) > 0
+    for d in range(4):
+        assert net[d]["param_checksum"] == net[4 + d]["param_checksum"]
+    inter = lambda rs: sum(np.asarray(r["routes"])[:, 0].sum() for r in rs)  # noqa: E731
+    assert inter(net) <= inter(home)
