@@ -1,10 +1,12 @@
 """`netmoe bench service`: what the solver service adds on top of the pure solve.
 
 J ranks (one gRPC channel and one long-lived stream each, all driven from one asyncio loop) report
-their counts for many rounds in lockstep, like training workers do per MoE layer. The server runs
-in its own process (as a sidecar would) or, with --embedded, in a thread of this process. Per
-round: round trip = last plan received - last report sent; overhead = round trip - the pure solve
-time the server measured for that round.
+their counts for many rounds in lockstep, like training workers do per MoE layer. With --ep-size
+the ranks form expert-parallel groups of consecutive ranks, each its own placement problem of
+--samples / groups samples. The server runs in its own process (as a sidecar would) or, with
+--embedded, in a thread of this process. Per round: round trip = last plan received (of any
+group) - last report sent; solve = the slowest group's pure solve time as the server measured
+it; overhead = round trip - solve.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import numpy as np
 
 from netmoe.bench.stats import spread, tail
 from netmoe.cli import non_negative, positive
+from netmoe.groups import EPGroups
 from netmoe.round import RoundCounts
 from netmoe.text import plural
 
@@ -61,7 +64,16 @@ def _spec(args: argparse.Namespace) -> Any:
 
     spd = args.samples // (args.nodes * args.gpus_per_node)
     return job_spec(args.nodes, args.gpus_per_node, args.experts, spd, hidden_size=4096,
-                    deadline_ms=args.deadline_ms)
+                    deadline_ms=args.deadline_ms, ep_size=args.ep_size)
+
+
+def _groups(args: argparse.Namespace) -> EPGroups:
+    """The job's EP groups; ValueError naming --ep-size when they do not fit the machine."""
+    try:
+        return EPGroups.contiguous(args.nodes * args.gpus_per_node, args.gpus_per_node,
+                                   args.ep_size)
+    except ValueError as err:
+        raise ValueError(f"--ep-size {args.ep_size}: {err}") from None
 
 
 async def _drive(
@@ -70,8 +82,9 @@ async def _drive(
     """Runs `ranks` (one channel and stream each) in lockstep on one event loop.
 
     Returns per round and rank the send time of the report and the receive time of the plan
-    (time.perf_counter, CLOCK_MONOTONIC: comparable across processes of one machine) and, when
-    rank 0 is among them, the server's pure solve seconds per round."""
+    (time.perf_counter, CLOCK_MONOTONIC: comparable across processes of one machine) and, per
+    round and group whose first rank is among them, the server's pure solve seconds (NaN for
+    the other groups) and the outcomes of the timed rounds."""
     import asyncio
 
     import grpc.aio
@@ -80,14 +93,15 @@ async def _drive(
     from netmoe.protos import placement_pb2_grpc
     from netmoe.protos.convert import report_to_proto
 
-    j = args.nodes * args.gpus_per_node
-    spd = args.samples // j
-    data = make_rounds(args.distinct, args.nodes, args.gpus_per_node, args.experts, spd,
-                       args.seed)
+    groups = _groups(args)
+    spd = args.samples // groups.world
+    # Each group's own counts, with locality to the nodes of that group.
+    data = [make_rounds(args.distinct, groups.nodes, groups.gpus, args.experts, spd,
+                        args.seed + g) for g in range(groups.count)]
     total = args.warmup + args.rounds
     sent = np.zeros((total, len(ranks)))
     got = np.zeros((total, len(ranks)))
-    solve_s = np.zeros(total)
+    solve_s = np.full((total, groups.count), np.nan)
     reasons: dict[str, int] = {}
     channels = [grpc.aio.insecure_channel(address) for _ in ranks]
     try:
@@ -100,16 +114,17 @@ async def _drive(
 
         async def rank(slot: int, r: int) -> None:
             stream = streams[slot]
+            g, d = groups.locate(r)
             for k in range(total):
                 # Built per round from arrays, as a training rank does.
                 report = report_to_proto("bench", k // args.layers, k % args.layers, r,
-                                         data[k % len(data)][r])
+                                         data[g][k % args.distinct][d])
                 sent[k, slot] = time.perf_counter()
                 await stream.write(report)
                 plan = await stream.read()
                 got[k, slot] = time.perf_counter()
-                if r == 0:
-                    solve_s[k] = plan.solve_seconds
+                if d == 0:
+                    solve_s[k, g] = plan.solve_seconds
                     if k >= args.warmup:  # outcomes of the timed rounds only
                         key = plan.reason or "solved"
                         reasons[key] = reasons.get(key, 0) + 1
@@ -119,8 +134,7 @@ async def _drive(
     finally:
         for c in channels:
             await c.close()
-    return {"sent": sent, "got": got, "solve_s": solve_s, "reasons": reasons,
-            "has_rank0": 0 in ranks}
+    return {"sent": sent, "got": got, "solve_s": solve_s, "reasons": reasons}
 
 
 def _client_child(conn: Connection, address: str, args: argparse.Namespace,
@@ -156,10 +170,14 @@ def _measure(address: str, args: argparse.Namespace) -> dict[str, Any]:
     wall = time.perf_counter() - start
     sent = np.concatenate([p["sent"] for p in parts], axis=1)
     got = np.concatenate([p["got"] for p in parts], axis=1)
-    first = next(p for p in parts if p["has_rank0"])
     keep = slice(args.warmup, None)
     rtt = (got.max(axis=1) - sent.max(axis=1))[keep] * 1e3
-    solve_ms = first["solve_s"][keep] * 1e3
+    # Every group's first rank is in exactly one part: the others hold NaN there.
+    solve_ms = np.nanmax(np.stack([p["solve_s"] for p in parts]), axis=0).max(axis=1)[keep] * 1e3
+    outcomes: dict[str, int] = {}
+    for p in parts:
+        for key, count in p["reasons"].items():
+            outcomes[key] = outcomes.get(key, 0) + count
     overhead = rtt - solve_ms
     total = args.warmup + args.rounds
     stats = {name: spread(values) for name, values in
@@ -167,11 +185,13 @@ def _measure(address: str, args: argparse.Namespace) -> dict[str, Any]:
     return {
         "ranks": j, "samples": args.samples, "experts": args.experts, "rounds": args.rounds,
         "server": args.server or ("embedded" if args.embedded else "process"),
-        "client_procs": args.client_procs,
+        "client_procs": args.client_procs, "ep_size": _groups(args).size, "report_by": "rank",
+        "streams": j,
         **{f"{name}_ms_{k}": v for name, st in stats.items() for k, v in st.items() if k != "n"},
         # Includes starting the client processes: a lower bound on steady throughput.
         "rounds_per_s": total / wall,
-        "outcomes": first["reasons"],
+        # One per group and timed round.
+        "outcomes": outcomes,
     }
 
 
@@ -196,9 +216,12 @@ def run(args: argparse.Namespace) -> int:
     if args.client_procs > j:
         raise ValueError(f"--client-procs {args.client_procs}: more processes than the {j} ranks "
                          f"(--nodes x --gpus-per-node)")
-    if args.samples % j or args.experts % j:
-        raise ValueError(f"--samples {args.samples} and --experts {args.experts} must be "
-                         f"multiples of --nodes x --gpus-per-node = {j}")
+    if args.samples % j:
+        raise ValueError(f"--samples {args.samples} must be a multiple of --nodes x "
+                         f"--gpus-per-node = {j}")
+    ep = _groups(args).size
+    if args.experts % ep:
+        raise ValueError(f"--experts {args.experts} must be a multiple of the EP size {ep}")
     config = ServerConfig(port=0, metrics_port=None, grace_seconds=1.0)
     if args.server:
         _check_reachable(args.server)
@@ -228,9 +251,11 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(result))
         return 0
     r = result
+    groups = r["ranks"] // r["ep_size"]
     print(f"solver service, {r['ranks']} ranks in lockstep from "
           f"{plural(r['client_procs'], 'client process', 'client processes')}, I={r['samples']}, "
-          f"E={r['experts']}, {plural(r['rounds'], 'round')}, server: {r['server']}")
+          f"E={r['experts']}, {plural(groups, 'EP group')} of {r['ep_size']}, "
+          f"{plural(r['rounds'], 'round')}, server: {r['server']}")
     for name, text in (("rtt", "round trip (last report -> last plan)"),
                        ("solve", "pure solve (server-measured)"),
                        ("overhead", "service overhead (round trip - solve)")):
@@ -244,7 +269,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("service", help="round trip and overhead of the gRPC solver service")
     p.add_argument("--nodes", type=positive, default=4, help="nodes of the emulated job")
     p.add_argument("--gpus-per-node", type=positive, default=8, help="GPUs (ranks) per node")
-    p.add_argument("--samples", type=positive, default=128, help="I, samples per round")
+    p.add_argument("--samples", type=positive, default=128,
+                   help="I, the job's samples per round (split evenly over its EP groups)")
+    p.add_argument("--ep-size", type=non_negative, default=0,
+                   help="ranks per expert-parallel group, consecutive ranks (0: all one group)")
     p.add_argument("--experts", type=positive, default=64, help="E, experts per layer")
     p.add_argument("--layers", type=positive, default=4,
                    help="MoE layers per step (rounds per step)")

@@ -104,6 +104,8 @@ ROWS: list[tuple[str, Callable[[Path], list[str]], dict[str, str], list[str]]] =
      ["--samples 63", "fits none of --devices"]),
     ("bench-service-nodes-0", fixed("bench", "service", "--nodes", "0"), {},
      ["--nodes", "'0'"]),
+    ("bench-service-ep-size-3", fixed("bench", "service", "--ep-size", "3"), {},
+     ["--ep-size 3", "ep_size=3 does not divide world_size=32"]),
     ("bench-service-server-unreachable", None, {}, ["--server 127.0.0.1:", "no placement"]),
 ]
 

@@ -93,6 +93,17 @@ def test_bench_service_counts_only_timed_rounds(capsys: pytest.CaptureFixture[st
     assert rep["rtt_ms_p99"] is None and rep["rtt_ms_max"] >= rep["rtt_ms_median"] > 0
 
 
+def test_bench_service_with_ep_groups_counts_every_groups_rounds(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["bench", "service", "--embedded", "--nodes", "2", "--gpus-per-node", "2",
+                 "--ep-size", "2", "--samples", "8", "--experts", "4", "--layers", "2",
+                 "--rounds", "4", "--warmup", "2", "--distinct", "2", "--json"]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    assert (rep["ep_size"], rep["streams"], rep["report_by"]) == (2, 4, "rank")
+    assert rep["outcomes"] == {"solved": 8}  # 4 timed rounds x 2 groups
+    assert rep["solve_ms_median"] > 0
+
+
 def test_bench_solver_reports_no_p99_over_few_repeats(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["bench", "solver", "--samples", "32", "--devices", "16", "--repeats", "3",
                  "--no-gap"]) == 0
