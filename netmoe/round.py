@@ -237,7 +237,9 @@ class RankPlan:
     report was rejected, see error; dest and held_ids are then empty).
     dest: [n] int64 destination device of each local sample; held_ids: [n] uint64 sample ids held
     after the move, in arrival order. before / after: whole-round routes at home and with this
-    plan, None when unknown. moved: samples of the round that change device.
+    plan, None when unknown. moved: samples of the round that change device. ranks: for the
+    answer to a node report, the ranks it carried (rank first; dest [len(ranks) * n] and held_ids
+    n per rank in turn); () for one rank.
     """
 
     step: int
@@ -252,6 +254,7 @@ class RankPlan:
     moved: int = 0
     before: Traffic | None = None
     after: Traffic | None = None
+    ranks: tuple[int, ...] = ()
 
     @property
     def solved(self) -> bool:

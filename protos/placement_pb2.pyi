@@ -112,7 +112,7 @@ class UnregisterJobResponse(_message.Message):
     def __init__(self, job: _Optional[str] = ...) -> None: ...
 
 class Report(_message.Message):
-    __slots__ = ("job", "step", "layer", "rank", "sample_ids", "gather", "scatter", "generation")
+    __slots__ = ("job", "step", "layer", "rank", "sample_ids", "gather", "scatter", "generation", "ranks")
     JOB_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     LAYER_FIELD_NUMBER: _ClassVar[int]
@@ -121,6 +121,7 @@ class Report(_message.Message):
     GATHER_FIELD_NUMBER: _ClassVar[int]
     SCATTER_FIELD_NUMBER: _ClassVar[int]
     GENERATION_FIELD_NUMBER: _ClassVar[int]
+    RANKS_FIELD_NUMBER: _ClassVar[int]
     job: str
     step: int
     layer: int
@@ -129,7 +130,8 @@ class Report(_message.Message):
     gather: Counts
     scatter: Counts
     generation: int
-    def __init__(self, job: _Optional[str] = ..., step: _Optional[int] = ..., layer: _Optional[int] = ..., rank: _Optional[int] = ..., sample_ids: _Optional[_Iterable[int]] = ..., gather: _Optional[_Union[Counts, _Mapping]] = ..., scatter: _Optional[_Union[Counts, _Mapping]] = ..., generation: _Optional[int] = ...) -> None: ...
+    ranks: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, job: _Optional[str] = ..., step: _Optional[int] = ..., layer: _Optional[int] = ..., rank: _Optional[int] = ..., sample_ids: _Optional[_Iterable[int]] = ..., gather: _Optional[_Union[Counts, _Mapping]] = ..., scatter: _Optional[_Union[Counts, _Mapping]] = ..., generation: _Optional[int] = ..., ranks: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class Counts(_message.Message):
     __slots__ = ("data", "dtype", "shape")
@@ -154,7 +156,7 @@ class Routes(_message.Message):
     def __init__(self, inter: _Optional[int] = ..., intra: _Optional[int] = ..., local: _Optional[int] = ..., seconds: _Optional[float] = ...) -> None: ...
 
 class Plan(_message.Message):
-    __slots__ = ("job", "step", "layer", "rank", "dest", "held_ids", "before", "after", "status", "reason", "error", "solve_seconds", "moved")
+    __slots__ = ("job", "step", "layer", "rank", "dest", "held_ids", "before", "after", "status", "reason", "error", "solve_seconds", "moved", "ranks")
     JOB_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     LAYER_FIELD_NUMBER: _ClassVar[int]
@@ -168,6 +170,7 @@ class Plan(_message.Message):
     ERROR_FIELD_NUMBER: _ClassVar[int]
     SOLVE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     MOVED_FIELD_NUMBER: _ClassVar[int]
+    RANKS_FIELD_NUMBER: _ClassVar[int]
     job: str
     step: int
     layer: int
@@ -181,7 +184,8 @@ class Plan(_message.Message):
     error: str
     solve_seconds: float
     moved: int
-    def __init__(self, job: _Optional[str] = ..., step: _Optional[int] = ..., layer: _Optional[int] = ..., rank: _Optional[int] = ..., dest: _Optional[_Iterable[int]] = ..., held_ids: _Optional[_Iterable[int]] = ..., before: _Optional[_Union[Routes, _Mapping]] = ..., after: _Optional[_Union[Routes, _Mapping]] = ..., status: _Optional[_Union[PlanStatus, str]] = ..., reason: _Optional[str] = ..., error: _Optional[str] = ..., solve_seconds: _Optional[float] = ..., moved: _Optional[int] = ...) -> None: ...
+    ranks: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, job: _Optional[str] = ..., step: _Optional[int] = ..., layer: _Optional[int] = ..., rank: _Optional[int] = ..., dest: _Optional[_Iterable[int]] = ..., held_ids: _Optional[_Iterable[int]] = ..., before: _Optional[_Union[Routes, _Mapping]] = ..., after: _Optional[_Union[Routes, _Mapping]] = ..., status: _Optional[_Union[PlanStatus, str]] = ..., reason: _Optional[str] = ..., error: _Optional[str] = ..., solve_seconds: _Optional[float] = ..., moved: _Optional[int] = ..., ranks: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class SolveRequest(_message.Message):
     __slots__ = ("reports",)

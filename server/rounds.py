@@ -14,6 +14,7 @@ rounds (the oldest is closed as incomplete to make room) and remembers the outco
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import pickle
 import queue
@@ -134,11 +135,13 @@ class JobSpec:
 
 @dataclass(frozen=True, eq=False)
 class Report:
-    """One rank's report as received, its shapes not yet checked against the job
-    (``check_report`` does).
+    """One rank's report (or a node report of several ranks) as received, its shapes not yet
+    checked against the job (``check_report`` does).
 
-    sample_ids: [n] uint64 global ids in local order. gather, scatter: [rows, cols] routes of
-    each local sample to each expert in the smallest unsigned dtype holding them, shaped as sent
+    ranks: a node report's ranks, rank first (``check_members`` checks them); () for rank alone.
+    sample_ids: [n] uint64 global ids in local order (n per member in turn). gather, scatter:
+    [rows, cols] routes of each local sample to each expert in the smallest unsigned dtype
+    holding them, shaped as sent
     (None: absent; scatter is absent when there is no next layer). generation: the job
     registration the sender knows (0: whichever is current). counts_error: why the counts on the
     wire did not decode (raised by check_report).
@@ -153,10 +156,16 @@ class Report:
     scatter: np.ndarray | None
     generation: int = 0
     counts_error: FieldError | None = None
+    ranks: tuple[int, ...] = ()
 
     @property
     def key(self) -> Key:
         return (self.step, self.layer)
+
+    @property
+    def members(self) -> tuple[int, ...]:
+        """The ranks whose samples the report carries, in row order."""
+        return self.ranks or (self.rank,)
 
 
 @dataclass(frozen=True, eq=False)
@@ -313,16 +322,40 @@ def _picklable(fn: Callable[..., object]) -> bool:
     return True
 
 
-def check_report(spec: JobSpec, report: Report, prefix: str = "") -> RoundCounts:
+def check_members(spec: JobSpec, report: Report) -> tuple[int, ...]:
+    """A node report's ranks (``Report.members``), or FieldError naming ``ranks`` unless they
+    are ``rank`` first, then the other ranks of its group on its node, each once."""
+    if not report.ranks:
+        return (report.rank,)
+    ranks, gpn = report.ranks, spec.groups.gpus_per_node
+    if ranks[0] != report.rank:
+        raise FieldError("ranks", f"ranks starts with {ranks[0]}, need the reporting rank "
+                                  f"{report.rank} first")
+    g, _ = spec.groups.locate(report.rank)
+    node = report.rank // gpn
+    want = [r for r in spec.groups.ranks[g] if r // gpn == node]
+    if sorted(ranks) != want:
+        extra = sorted(set(ranks) - set(want)) or sorted(r for r in set(ranks)
+                                                         if ranks.count(r) > 1)
+        missing = sorted(set(want) - set(ranks))
+        raise FieldError("ranks", (
+            f"ranks {list(ranks)[:16]} must be the {len(want)} ranks of group {g} on node "
+            f"{node}, {want[:16]}" + (f"; not those: {extra[:8]}" if extra else "")
+            + (f"; missing {missing[:8]}" if missing else "")))
+    return tuple(ranks)
+
+
+def check_report(spec: JobSpec, report: Report, prefix: str = "", members: int = 1
+                 ) -> RoundCounts:
     """The report's ids and counts ([n, E] each, as received), or FieldError unless they fit
-    the job: n = samples_per_device unique ids, counts that decoded, shaped [n, E]."""
-    n, e = spec.samples_per_device, spec.topology.experts
+    the job: n = members x samples_per_device unique ids, counts that decoded, shaped [n, E]."""
+    n, e = spec.samples_per_device * members, spec.topology.experts
     ids = report.sample_ids
     if len(ids) != n:
-        raise FieldError(
-            f"{prefix}sample_ids",
-            f"{prefix}sample_ids has {len(ids)} ids, job {spec.job!r} needs samples_per_device={n}",
-        )
+        need = (f"samples_per_device={n}" if members == 1 else
+                f"samples_per_device x ranks = {spec.samples_per_device} x {members} = {n}")
+        raise FieldError(f"{prefix}sample_ids",
+                         f"{prefix}sample_ids has {len(ids)} ids, job {spec.job!r} needs {need}")
     seen = ids.tolist()
     # A set of n Python ints is ~30x cheaper than np.unique at the few ids a rank holds.
     if len(set(seen)) != n:
@@ -332,7 +365,8 @@ def check_report(spec: JobSpec, report: Report, prefix: str = "") -> RoundCounts
     if report.counts_error is not None:
         err = report.counts_error
         raise FieldError(f"{prefix}{err.field}", f"{prefix}{err}")
-    need = f"[samples_per_device, experts] = [{n}, {e}] for job {spec.job!r}"
+    rows = "samples_per_device" if members == 1 else "samples_per_device x ranks"
+    need = f"[{rows}, experts] = [{n}, {e}] for job {spec.job!r}"
     if report.gather is None:
         raise FieldError(f"{prefix}gather", f"{prefix}gather is missing, need {need}")
     for name, counts in (("gather", report.gather), ("scatter", report.scatter)):
@@ -385,6 +419,21 @@ def part_bytes(part: RoundCounts) -> int:
     return part.sample_ids.nbytes + part.gather.nbytes + scatter
 
 
+def members_plan(spec: JobSpec, key: Key, outcome: Outcome, members: tuple[int, ...],
+                 ids: np.ndarray, error: str = "") -> RankPlan:
+    """The answer to a report of ``members`` (one rank, or a node report: rank first): each
+    member's ``rank_plan`` (ids [n per member]), joined in member order for a node report."""
+    if len(members) == 1:
+        return rank_plan(spec, key, outcome, members[0], ids, error)
+    n = spec.samples_per_device
+    parts = [rank_plan(spec, key, outcome, r, ids[k * n:(k + 1) * n], error)
+             for k, r in enumerate(members)]
+    head = parts[0]
+    return dataclasses.replace(
+        head, dest=np.concatenate([p.dest for p in parts]),
+        held_ids=np.concatenate([p.held_ids for p in parts]), ranks=members)
+
+
 def rank_plan(spec: JobSpec, key: Key, outcome: Outcome, rank: int, ids: np.ndarray,
               error: str = "") -> RankPlan:
     """Rank ``rank``'s part of its group's round outcome (ids [n]: its report's sample ids);
@@ -416,7 +465,8 @@ class _Round:
     streamed: bool = True
     timer: asyncio.TimerHandle | None = None
     parts: dict[int, RoundCounts] = field(default_factory=dict)
-    waiters: list[tuple[int, np.ndarray, Deliver]] = field(default_factory=list)
+    # (ranks of a report, its ids, where its answer goes)
+    waiters: list[tuple[tuple[int, ...], np.ndarray, Deliver]] = field(default_factory=list)
     counts: RoundCounts | None = None
     outcome: Outcome | None = None
     finished: asyncio.Event = field(default_factory=asyncio.Event)
@@ -624,14 +674,15 @@ class Coordinator:
         return Binding(spec.job, report.rank, state.generation)
 
     def release(self, binding: Binding, owner: object) -> None:
-        """Frees the rank of a closed stream. The rank's next stream starts afresh: its steps
-        may restart (a worker resumed from a checkpoint), rounds still refuse a second report."""
+        """Frees the ranks of a closed stream (its own and those its node reports carried). The
+        ranks' next streams start afresh: their steps may restart (a worker resumed from a
+        checkpoint), rounds still refuse a second report."""
         state = self._jobs.get(binding.job)
         if state is None or state.generation != binding.generation:
             return
-        if state.bound.get(binding.rank) is owner:
-            del state.bound[binding.rank]
-            state.last.pop(binding.rank, None)
+        for rank in [r for r, o in state.bound.items() if o is owner]:
+            del state.bound[rank]
+            state.last.pop(rank, None)
 
     @staticmethod
     def _check_generation(state: _Job, generation: int) -> None:
@@ -656,21 +707,33 @@ class Coordinator:
             self._check_generation(state, report.generation)
         self.check_coordinates(spec, report)
         key, rank = report.key, report.rank
-        g, d = spec.groups.locate(rank)
+        g, _ = spec.groups.locate(rank)
         group = state.groups[g]
-        last = state.last.get(rank)
-        if last is not None and key <= last:
-            raise FieldError(
-                "step",
-                f"step/layer {key} of rank {rank} does not come after {last}, already reported "
-                f"(steps must not go backwards, a round takes one report per rank)",
-            )
         rnd = group.pending.get(key)
         done = group.finished.get(key)
-        if rnd is not None and d in rnd.parts:
-            raise FieldError("step", f"rank {rank} already reported step/layer {key}")
         try:
-            part = check_report(spec, report)
+            members = check_members(spec, report)
+        except FieldError as err:
+            if done is None:
+                self._finish(state, rnd or self._open(state, g, key),
+                             Outcome(INVALID, f"rank {rank}: {err}"))
+            raise
+        owner = state.bound.get(rank)
+        for r in members:
+            last = state.last.get(r)
+            if last is not None and key <= last:
+                raise FieldError(
+                    "step",
+                    f"step/layer {key} of rank {r} does not come after {last}, already reported "
+                    f"(steps must not go backwards, a round takes one report per rank)",
+                )
+            if rnd is not None and spec.groups.locate(r)[1] in rnd.parts:
+                raise FieldError("step", f"rank {r} already reported step/layer {key}")
+            if r != rank and binding is not None and state.bound.get(r, owner) is not owner:
+                raise FieldError("ranks", f"rank {r} reports on a stream of its own; a node "
+                                          f"report may carry only ranks without one")
+        try:
+            part = check_report(spec, report, members=len(members))
         except FieldError as err:
             if done is None:
                 self._finish(state, rnd or self._open(state, g, key),
@@ -678,16 +741,19 @@ class Coordinator:
             raise
         if done is None:
             self._check_bytes(state, part_bytes(part))
-        state.last[rank] = key
+        for r in members:
+            state.last[r] = key
+            if binding is not None:
+                state.bound[r] = owner  # the node's ranks belong to this stream now
         if done is not None:
             # Not "late": the round may have ended early because of another rank's report.
-            deliver(rank_plan(spec, key, done, rank, part.sample_ids,
-                              f"its round had already ended before this report ({done.kind}: "
-                              f"{done.error})"))
+            deliver(members_plan(spec, key, done, members, part.sample_ids,
+                                 f"its round had already ended before this report ({done.kind}: "
+                                 f"{done.error})"))
             return
         if rnd is None:
             rnd = self._open(state, g, key)
-        self._add(state, rnd, rank, part, deliver)
+        self._add(state, rnd, members, part, deliver)
 
     async def solve_now(self, reports: Sequence[Report]) -> list[RankPlan]:
         """Solves one pre-gathered round of one or more whole groups: one report per rank of
@@ -714,6 +780,9 @@ class Coordinator:
                 self.check_coordinates(spec, rep)
             except FieldError as err:
                 raise FieldError(f"reports[{k}].{err.field}", f"reports[{k}].{err}") from None
+            if rep.ranks:
+                raise FieldError(f"reports[{k}].ranks", f"reports[{k}].ranks={list(rep.ranks)}: "
+                                 f"Solve takes one report per rank (node reports go on streams)")
             if rep.rank in parts:
                 first = next(i for i, r in enumerate(reports) if r.rank == rep.rank)
                 raise FieldError(f"reports[{k}].rank", f"reports[{k}].rank={rep.rank} repeats "
@@ -736,7 +805,7 @@ class Coordinator:
         rounds = [self._open(state, g, head.key, streamed=False) for g in groups]
         for rnd in rounds:
             for rank in spec.groups.ranks[rnd.group]:
-                self._add(state, rnd, rank, parts[rank], deliver)
+                self._add(state, rnd, (rank,), parts[rank], deliver)
         for rnd in rounds:
             await rnd.finished.wait()
             assert rnd.outcome is not None
@@ -785,14 +854,20 @@ class Coordinator:
                 f"the server holds {self._pending_bytes} bytes of pending reports; {size} more "
                 f"(job {job!r}) exceed max_pending_bytes={self._max_bytes}"))
 
-    def _add(self, state: _Job, rnd: _Round, rank: int, part: RoundCounts,
+    def _add(self, state: _Job, rnd: _Round, members: tuple[int, ...], part: RoundCounts,
              deliver: Deliver) -> None:
-        """One rank's checked counts join the round; the last one starts the solve."""
+        """A report's checked counts (rows of ``members`` in turn) join the round; the last
+        rank's start the solve."""
         size = part_bytes(part)
         state.pending_bytes += size
         self._pending_bytes += size
-        rnd.parts[state.spec.groups.locate(rank)[1]] = part
-        rnd.waiters.append((rank, part.sample_ids, deliver))
+        n = state.spec.samples_per_device
+        for k, r in enumerate(members):
+            rows = slice(k * n, (k + 1) * n)
+            rnd.parts[state.spec.groups.locate(r)[1]] = RoundCounts(
+                part.sample_ids[rows], part.gather[rows],
+                None if part.scatter is None else part.scatter[rows])
+        rnd.waiters.append((members, part.sample_ids, deliver))
         if self._closed:
             self._finish(state, rnd, Outcome(SHUTDOWN, "the server is shutting down"))
         elif len(rnd.parts) == state.spec.ep_size:
@@ -892,8 +967,8 @@ class Coordinator:
         after = outcome.plan.after if outcome.plan is not None else outcome.before
         if self._jobs.get(state.spec.job) is state:  # a gone job's series stay removed
             self._observer.round_finished(state.spec.job, outcome.kind, outcome.before, after)
-        for rank, ids, deliver in rnd.waiters:
-            deliver(rank_plan(state.spec, rnd.key, outcome, rank, ids))
+        for members, ids, deliver in rnd.waiters:
+            deliver(members_plan(state.spec, rnd.key, outcome, members, ids))
         rnd.waiters.clear()
         size = sum(part_bytes(p) for p in rnd.parts.values())
         state.pending_bytes -= size
