@@ -3,10 +3,11 @@
 J ranks (one gRPC channel and one long-lived stream each, all driven from one asyncio loop) report
 their counts for many rounds in lockstep, like training workers do per MoE layer. With --ep-size
 the ranks form expert-parallel groups of consecutive ranks, each its own placement problem of
---samples / groups samples. The server runs in its own process (as a sidecar would) or, with
---embedded, in a thread of this process. Per round: round trip = last plan received (of any
-group) - last report sent; solve = the slowest group's pure solve time as the server measured
-it; overhead = round trip - solve.
+--samples / groups samples; with --report-by node the ranks of a group on one node send one node
+report on one stream (2N messages per round instead of 2J). The server runs in its own process
+(as a sidecar would) or, with --embedded, in a thread of this process. Per round: round trip =
+last plan received (of any group) - last report sent; solve = the slowest group's pure solve
+time as the server measured it; overhead = round trip - solve.
 """
 
 from __future__ import annotations
@@ -67,6 +68,17 @@ def _spec(args: argparse.Namespace) -> Any:
                     deadline_ms=args.deadline_ms, ep_size=args.ep_size)
 
 
+def _streams(args: argparse.Namespace) -> list[tuple[int, ...]]:
+    """The ranks each stream reports for: one each, or (--report-by node) the ranks of a group
+    on one node, its first rank the reporting one."""
+    groups = _groups(args)
+    if args.report_by == "rank":
+        return [(r,) for r in range(groups.world)]
+    gpn = groups.gpus_per_node
+    return [tuple(r for r in ranks if r // gpn == node)
+            for ranks in groups.ranks for node in sorted({r // gpn for r in ranks})]
+
+
 def _groups(args: argparse.Namespace) -> EPGroups:
     """The job's EP groups; ValueError naming --ep-size when they do not fit the machine."""
     try:
@@ -77,11 +89,12 @@ def _groups(args: argparse.Namespace) -> EPGroups:
 
 
 async def _drive(
-    address: str, args: argparse.Namespace, ranks: list[int], barrier: Any = None
+    address: str, args: argparse.Namespace, streams: list[tuple[int, ...]], barrier: Any = None
 ) -> dict[str, Any]:
-    """Runs `ranks` (one channel and stream each) in lockstep on one event loop.
+    """Runs `streams` (one channel and stream each, reporting for its ranks) in lockstep on one
+    event loop.
 
-    Returns per round and rank the send time of the report and the receive time of the plan
+    Returns per round and stream the send time of the report and the receive time of the plan
     (time.perf_counter, CLOCK_MONOTONIC: comparable across processes of one machine) and, per
     round and group whose first rank is among them, the server's pure solve seconds (NaN for
     the other groups) and the outcomes of the timed rounds."""
@@ -99,26 +112,31 @@ async def _drive(
     data = [make_rounds(args.distinct, groups.nodes, groups.gpus, args.experts, spd,
                         args.seed + g) for g in range(groups.count)]
     total = args.warmup + args.rounds
-    sent = np.zeros((total, len(ranks)))
-    got = np.zeros((total, len(ranks)))
+    sent = np.zeros((total, len(streams)))
+    got = np.zeros((total, len(streams)))
     solve_s = np.full((total, groups.count), np.nan)
     reasons: dict[str, int] = {}
-    channels = [grpc.aio.insecure_channel(address) for _ in ranks]
+    channels = [grpc.aio.insecure_channel(address) for _ in streams]
     try:
         stubs = [placement_pb2_grpc.PlacementServiceStub(c) for c in channels]
         await stubs[0].RegisterJob(pb.RegisterJobRequest(job="bench", spec=_spec(args)))
-        streams = [s.Stream() for s in stubs]
+        calls = [s.Stream() for s in stubs]
         if barrier is not None:
             # Client processes start at different times; round 0's deadline must not catch one.
             barrier.wait()
 
-        async def rank(slot: int, r: int) -> None:
-            stream = streams[slot]
-            g, d = groups.locate(r)
+        async def rank(slot: int, members: tuple[int, ...]) -> None:
+            stream = calls[slot]
+            g, d = groups.locate(members[0])
+            devices = [groups.locate(r)[1] for r in members]
             for k in range(total):
-                # Built per round from arrays, as a training rank does.
-                report = report_to_proto("bench", k // args.layers, k % args.layers, r,
-                                         data[g][k % args.distinct][d])
+                # Built per round from arrays, as a training rank (or a node's first) does.
+                parts = [data[g][k % args.distinct][e] for e in devices]
+                counts = parts[0] if len(parts) == 1 else RoundCounts(
+                    *(np.concatenate([getattr(p, f) for p in parts])
+                      for f in ("sample_ids", "gather", "scatter")))
+                report = report_to_proto("bench", k // args.layers, k % args.layers, members[0],
+                                         counts, members if len(members) > 1 else ())
                 sent[k, slot] = time.perf_counter()
                 await stream.write(report)
                 plan = await stream.read()
@@ -130,7 +148,7 @@ async def _drive(
                         reasons[key] = reasons.get(key, 0) + 1
             await stream.done_writing()
 
-        await asyncio.gather(*(rank(slot, r) for slot, r in enumerate(ranks)))
+        await asyncio.gather(*(rank(slot, m) for slot, m in enumerate(streams)))
     finally:
         for c in channels:
             await c.close()
@@ -138,18 +156,19 @@ async def _drive(
 
 
 def _client_child(conn: Connection, address: str, args: argparse.Namespace,
-                  ranks: list[int], barrier: Any) -> None:
+                  streams: list[tuple[int, ...]], barrier: Any) -> None:
     import asyncio
 
-    conn.send(asyncio.run(_drive(address, args, ranks, barrier)))
+    conn.send(asyncio.run(_drive(address, args, streams, barrier)))
 
 
 def _measure(address: str, args: argparse.Namespace) -> dict[str, Any]:
-    """Drives all ranks from --client-procs processes and summarizes the timed rounds."""
+    """Drives all streams from --client-procs processes and summarizes the timed rounds."""
     import asyncio
 
     j = args.nodes * args.gpus_per_node
-    groups = [list(range(j))[p::args.client_procs] for p in range(args.client_procs)]
+    streams = _streams(args)
+    groups = [streams[p::args.client_procs] for p in range(args.client_procs)]
     start = time.perf_counter()
     if args.client_procs == 1:
         parts = [asyncio.run(_drive(address, args, groups[0]))]
@@ -157,10 +176,10 @@ def _measure(address: str, args: argparse.Namespace) -> dict[str, Any]:
         ctx = mp.get_context("spawn")
         barrier = ctx.Barrier(args.client_procs)
         pipes, procs = [], []
-        for ranks in groups:
+        for part in groups:
             parent, child = ctx.Pipe()
             proc = ctx.Process(target=_client_child,
-                               args=(child, address, args, ranks, barrier))
+                               args=(child, address, args, part, barrier))
             proc.start()
             pipes.append(parent)
             procs.append(proc)
@@ -185,8 +204,8 @@ def _measure(address: str, args: argparse.Namespace) -> dict[str, Any]:
     return {
         "ranks": j, "samples": args.samples, "experts": args.experts, "rounds": args.rounds,
         "server": args.server or ("embedded" if args.embedded else "process"),
-        "client_procs": args.client_procs, "ep_size": _groups(args).size, "report_by": "rank",
-        "streams": j,
+        "client_procs": args.client_procs, "ep_size": _groups(args).size,
+        "report_by": args.report_by, "streams": len(streams),
         **{f"{name}_ms_{k}": v for name, st in stats.items() for k, v in st.items() if k != "n"},
         # Includes starting the client processes: a lower bound on steady throughput.
         "rounds_per_s": total / wall,
@@ -213,9 +232,10 @@ def run(args: argparse.Namespace) -> int:
     from netmoe.server.config import ServerConfig
 
     j = args.nodes * args.gpus_per_node
-    if args.client_procs > j:
-        raise ValueError(f"--client-procs {args.client_procs}: more processes than the {j} ranks "
-                         f"(--nodes x --gpus-per-node)")
+    streams = len(_streams(args))
+    if args.client_procs > streams:
+        raise ValueError(f"--client-procs {args.client_procs}: more processes than the {streams} "
+                         f"streams (--nodes x --gpus-per-node, or nodes with --report-by node)")
     if args.samples % j:
         raise ValueError(f"--samples {args.samples} must be a multiple of --nodes x "
                          f"--gpus-per-node = {j}")
@@ -255,6 +275,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"solver service, {r['ranks']} ranks in lockstep from "
           f"{plural(r['client_procs'], 'client process', 'client processes')}, I={r['samples']}, "
           f"E={r['experts']}, {plural(groups, 'EP group')} of {r['ep_size']}, "
+          f"{plural(r['streams'], 'stream')} ({r['report_by']} reports), "
           f"{plural(r['rounds'], 'round')}, server: {r['server']}")
     for name, text in (("rtt", "round trip (last report -> last plan)"),
                        ("solve", "pure solve (server-measured)"),
@@ -282,6 +303,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--distinct", type=positive, default=16, help="distinct count sets, cycled")
     p.add_argument("--deadline-ms", type=positive, default=1000,
                    help="the job's plan deadline per round")
+    p.add_argument("--report-by", choices=("rank", "node"), default="rank",
+                   help="one stream per rank, or per node and group (node reports)")
     p.add_argument("--embedded", action="store_true", help="server in a thread of this process")
     p.add_argument("--server", default="", metavar="HOST:PORT",
                    help="measure a running service (default: start one in a child process)")

@@ -93,13 +93,16 @@ def test_bench_service_counts_only_timed_rounds(capsys: pytest.CaptureFixture[st
     assert rep["rtt_ms_p99"] is None and rep["rtt_ms_max"] >= rep["rtt_ms_median"] > 0
 
 
+@pytest.mark.parametrize(("report_by", "streams"), [("rank", 8), ("node", 4)])
 def test_bench_service_with_ep_groups_counts_every_groups_rounds(
-        capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["bench", "service", "--embedded", "--nodes", "2", "--gpus-per-node", "2",
-                 "--ep-size", "2", "--samples", "8", "--experts", "4", "--layers", "2",
-                 "--rounds", "4", "--warmup", "2", "--distinct", "2", "--json"]) == 0
+        capsys: pytest.CaptureFixture[str], report_by: str, streams: int) -> None:
+    # 4 nodes x 2, groups of 4 ranks on 2 nodes each: per node, 2 ranks share one stream.
+    assert main(["bench", "service", "--embedded", "--nodes", "4", "--gpus-per-node", "2",
+                 "--ep-size", "4", "--samples", "16", "--experts", "4", "--layers", "2",
+                 "--rounds", "4", "--warmup", "2", "--distinct", "2", "--report-by", report_by,
+                 "--json"]) == 0
     rep = json.loads(capsys.readouterr().out)
-    assert (rep["ep_size"], rep["streams"], rep["report_by"]) == (2, 4, "rank")
+    assert (rep["ep_size"], rep["streams"], rep["report_by"]) == (4, streams, report_by)
     assert rep["outcomes"] == {"solved": 8}  # 4 timed rounds x 2 groups
     assert rep["solve_ms_median"] > 0
 
