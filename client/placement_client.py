@@ -16,6 +16,7 @@ import logging
 import os
 import queue
 import threading
+from collections.abc import Sequence
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
@@ -69,6 +70,9 @@ def channel_to(
 class PlacementClient:
     """A rank's connection to the placement service; a ``PlanSource``.
 
+    ranks: for a node's first rank reporting for its node (``netmoe.client.node_reports``), the
+    node's ranks of its group, ``rank`` first: every report is then a node report of their rows
+    and every plan answers them all; () for the rank alone.
     token: the service's shared token (sent as ``authorization: Bearer TOKEN``), default
     $NETMOE_AUTH_TOKEN. tls_ca / tls_cert / tls_key: PEM paths, default $NETMOE_TLS_CA /
     $NETMOE_TLS_CLIENT_CERT / $NETMOE_TLS_CLIENT_KEY (see ``channel_to``).
@@ -81,6 +85,7 @@ class PlacementClient:
         rank: int,
         spec: pb.JobSpec,
         *,
+        ranks: Sequence[int] = (),
         connect_timeout: float = 5.0,
         backoff: tuple[float, float] = (0.05, 2.0),
         token: str | None = None,
@@ -89,6 +94,9 @@ class PlacementClient:
         tls_key: str | None = None,
     ) -> None:
         self.address, self.job, self.rank, self.spec = address, job, rank, spec
+        if ranks and ranks[0] != rank:
+            raise ValueError(f"ranks must start with rank {rank}, got {list(ranks)}")
+        self.ranks = tuple(int(r) for r in ranks)
         self._generation = 0  # of the job's registration this client made (reports carry it)
         token = token if token is not None else os.environ.get("NETMOE_AUTH_TOKEN")
         self._metadata = (("authorization", f"Bearer {token}"),) if token else None
@@ -156,7 +164,8 @@ class PlacementClient:
                 shape = None if arr is None else arr.shape
                 raise ValueError(f"{name} must be [{n}, {self.experts}], got shape {shape}")
         fut: Future[RankPlan | None] = Future()
-        report = report_to_proto(self.job, step, layer, self.rank, counts)  # checks the values
+        report = report_to_proto(self.job, step, layer, self.rank, counts,  # checks the values
+                                 self.ranks if len(self.ranks) > 1 else ())
         report.generation = self._generation
         with self._lock:
             if self.rejected:

@@ -16,13 +16,15 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
+from netmoe.client.node_reports import NodeReports, expand, pack, unpack
 from netmoe.round import RankPlan, RoundCounts, SamplePlan
 
 log = logging.getLogger(__name__)
@@ -137,11 +139,14 @@ class FixedPlan:
 
 @dataclass(frozen=True)
 class Ticket:
-    """A submitted round: the future of this rank's reply."""
+    """A submitted round: the future of this rank's reply (None: its node's first rank gets
+    the reply), and with node reports the gather under way (its work handle, its send buffer)."""
 
-    future: Future[RankPlan | None]
+    future: Future[RankPlan | None] | None
     step: int
     layer: int
+    gather: Any = None
+    sent: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -154,8 +159,9 @@ class Offer:
     reason: str
 
     def offer(self) -> torch.Tensor:
-        """[1 + 2n] int64: see ``agree``."""
-        n = self.placement.samples
+        """[1 + 2n] int64: see ``agree``; with node reports [1 + 2nG], the reply for the whole
+        node (zeros but on its first rank, see ``netmoe.client.node_reports.expand``)."""
+        n = self.placement.samples * self.placement.reporting
         mine = torch.zeros(1 + 2 * n, dtype=torch.int64)
         if self.reply is not None:
             mine[0] = 1
@@ -169,14 +175,29 @@ class Offer:
 
 class Placement:
     """The model's placement hook: submit counts, then wait for the reply and offer it to the
-    combine, which settles the plan all ranks apply (see the module docstring)."""
+    combine, which settles the plan all ranks apply (see the module docstring).
 
-    def __init__(self, source: PlanSource, rank: int, world: int, samples: int,
-                 timeout: float) -> None:
+    rank, world: the rank's device in its expert-parallel group and the group's size. node: with
+    node reports (``netmoe.client.node_reports``), the rank's part in them; source is then the
+    node's reporting client on its first rank and None on the others. ``close`` when done.
+    """
+
+    def __init__(self, source: PlanSource | None, rank: int, world: int, samples: int,
+                 timeout: float, node: NodeReports | None = None) -> None:
         if timeout <= 0:
             raise ValueError(f"timeout must be positive seconds, got {timeout!r}")
+        if node is not None and node.size == 1:
+            node = None  # one rank of the group on the node: it reports alone
+        if (source is None) != (node is not None and not node.first):
+            raise ValueError("source must be given exactly on ranks that report (not on a "
+                             "node's other ranks)")
         self.source, self.rank, self.world, self.samples = source, rank, world, samples
         self.timeout = timeout
+        self.node = node
+        # Ranks whose rows an offer carries (a node's, with node reports).
+        self.reporting = 1 if node is None else node.size
+        self._pool = (ThreadPoolExecutor(1, thread_name_prefix="netmoe-node-report")
+                      if node is not None and node.first else None)
         self.stats = PlacementStats()
         # Sample ids follow the samples through a step's layers (row ids at layer 0), so the
         # service can match a sample's routes across layers (its expert placement window).
@@ -190,16 +211,67 @@ class Placement:
         if layer == 0:
             self._full = np.arange(self.world * self.samples, dtype=np.int64)
         ids = self._full[self.rank * self.samples:(self.rank + 1) * self.samples]
+        if self.node is not None:
+            ticket = self._submit_node(step, layer, ids.astype(np.uint64), gather.detach(),
+                                       None if scatter is None else scatter.detach())
+            self.stats.submit_seconds += time.perf_counter() - t0
+            return ticket
         counts = RoundCounts(
             ids.astype(np.uint64), gather.detach().cpu().numpy(),
             None if scatter is None else scatter.detach().cpu().numpy(),
         )
+        assert self.source is not None
         fut = self.source.submit(step, layer, counts)
         self.stats.submit_seconds += time.perf_counter() - t0
         return Ticket(fut, step, layer)
 
-    def _reply(self, ticket: Ticket) -> tuple[RankPlan | None, str]:
+    def _submit_node(self, step: int, layer: int, ids: np.ndarray, gather: torch.Tensor,
+                     scatter: torch.Tensor | None) -> Ticket:
+        """Starts the gather of this rank's counts on its node's first rank, which reports
+        the node once the gather is in (on its own thread: submit never blocks)."""
+        node = self.node
+        assert node is not None
+        sent = pack(ids, gather, scatter)
+        if not node.first:
+            work = dist.gather(sent, None, dst=node.members[0], group=node.group, async_op=True)
+            return Ticket(None, step, layer, work, sent)
+        bufs = [torch.empty_like(sent) for _ in node.members]
+        work = dist.gather(sent, bufs, dst=node.members[0], group=node.group, async_op=True)
+        fut: Future[RankPlan | None] = Future()
+        assert self._pool is not None
+        self._pool.submit(self._report_node, work, bufs, step, layer, gather.shape[1], fut)
+        return Ticket(fut, step, layer, work, sent)
+
+    def _report_node(self, work: Any, bufs: list[torch.Tensor], step: int, layer: int,
+                     experts: int, fut: Future[RankPlan | None]) -> None:
         try:
+            work.wait()
+            assert self.source is not None
+            reply = self.source.submit(step, layer, unpack(torch.cat(bufs), experts))
+        except Exception as err:  # a failed gather or report means "no move", not a crash
+            fut.set_exception(err)
+            return
+
+        def forward(done: Future[RankPlan | None]) -> None:
+            err = done.exception()
+            if err is not None:
+                fut.set_exception(err)
+            else:
+                fut.set_result(done.result())
+
+        reply.add_done_callback(forward)
+
+    def close(self) -> None:
+        """Stops the node-report thread (after the reports it has)."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+
+    def _reply(self, ticket: Ticket) -> tuple[RankPlan | None, str]:
+        if ticket.gather is not None and ticket.future is None:
+            ticket.gather.wait()  # a node's other rank: its counts are out, its first replies
+            return None, ""
+        try:
+            assert ticket.future is not None
             plan = ticket.future.result(timeout=self.timeout)
         except TimeoutError:
             return None, "timeout"
@@ -209,7 +281,8 @@ class Placement:
             return None, f"error {type(err).__name__}"
         if plan is None:
             return None, "no plan"
-        if len(plan.dest) != self.samples or len(plan.held_ids) != self.samples:
+        rows = self.samples * self.reporting
+        if len(plan.dest) != rows or len(plan.held_ids) != rows:
             return None, "wrong size"
         return plan, ""
 
@@ -229,7 +302,10 @@ class Placement:
         t0 = time.perf_counter()
         self.stats.exchange_seconds += exchange_seconds
         ticket, reply = pending.ticket, pending.reply
-        agreed, reason = agree(offers.numpy(), self._full, self.world)
+        table = offers.numpy()
+        if self.node is not None:
+            table = expand(table, self.node, self.samples)
+        agreed, reason = agree(table, self._full, self.world)
         # The rank's own failure names the cause; "peer fallback" is for the ranks that had one.
         reason = pending.reason or reason
         plan = agreed if agreed is not None else SamplePlan.no_move(self.world, self.samples)

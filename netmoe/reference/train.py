@@ -36,6 +36,7 @@ PLACEMENTS = ("home", "service", "random")
 # show progress from it).
 PROGRESS_FILE = "NETMOE_PROGRESS_FILE"
 EXPERT_PLACEMENTS = ("auto", "force")
+REPORT_BY = ("rank", "node")
 
 
 def check_run(cfg: Any, positive: tuple[str, ...] = ()) -> None:
@@ -111,6 +112,9 @@ class TrainConfig:
     # (netmoe.groups.EPGroups.contiguous); each holds every expert, trains on its own samples and
     # asks the service for its own plans; expert gradients are summed across the groups.
     ep_size: int = 0
+    # With placement="service": "rank" (every rank streams its own reports) or "node" (the
+    # ranks of a group on one node report through its first rank, netmoe.client.node_reports).
+    report_by: str = "rank"
     a2a_sync: bool = False  # barrier before each timed exchange (CommStats.sync)
     link_counters: bool = False  # first rank of a node reads GLOO_SOCKET_IFNAME's byte counters
 
@@ -142,6 +146,8 @@ class TrainConfig:
             raise ValueError(f"copies must list {self.layers} layers and exclude adopt_experts_at "
                              f"(copies chosen later), got {len(self.copies)} layers and "
                              f"adopt_experts_at={self.adopt_experts_at}")
+        if self.report_by not in REPORT_BY:
+            raise ValueError(f"report_by must be one of {REPORT_BY}, got {self.report_by!r}")
         if self.expert_placement not in EXPERT_PLACEMENTS:
             raise ValueError(f"expert_placement must be one of {EXPERT_PLACEMENTS}, got "
                              f"{self.expert_placement!r}")
@@ -250,6 +256,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         clean = True
         return out
     finally:
+        if run is not None and run.placement is not None:
+            run.placement.close()
         if run is not None and run.client is not None:
             run.client.close(unregister=clean and rank == 0 and cfg.unregister)
         if clean:
@@ -299,14 +307,18 @@ def _setup(cfg: TrainConfig, rank: int) -> _Run:
         run.placement = Placement(source, device, world, cfg.samples_per_device,
                                   cfg.plan_timeout)
     elif cfg.placement == "service":
+        from netmoe.client.node_reports import node_reports
         from netmoe.client.placement_client import PlacementClient, job_spec
 
         spec = job_spec(cfg.nodes, cfg.gpus_per_node, cfg.experts, cfg.samples_per_device,
                         hidden_size=cfg.d_model, dtype_bytes=4, objective=cfg.objective,
                         deadline_ms=cfg.deadline_ms, layers=cfg.layers, ep_size=cfg.ep_size)
-        run.client = PlacementClient(cfg.server, cfg.job, rank, spec)
+        node = node_reports(groups, rank) if cfg.report_by == "node" else None
+        if node is None or node.first:
+            run.client = PlacementClient(cfg.server, cfg.job, rank, spec,
+                                         ranks=node.members if node is not None else ())
         run.placement = Placement(run.client, device, world, cfg.samples_per_device,
-                                  cfg.plan_timeout)
+                                  cfg.plan_timeout, node)
     return run
 
 

@@ -58,10 +58,12 @@ def home4(cache: str, tmp_path_factory: pytest.TempPathFactory) -> tuple[TrainCo
     return cfg, run_ranks(dataclasses.replace(cfg, record_trace=str(trace))), trace
 
 
-def test_service_plans_leave_losses_and_parameters_unchanged(home4: Any, server: Any) -> None:
+@pytest.mark.parametrize("report_by", ["rank", "node"])
+def test_service_plans_leave_losses_and_parameters_unchanged(home4: Any, server: Any,
+                                                             report_by: str) -> None:
     cfg, home, _ = home4
     net = run_ranks(dataclasses.replace(cfg, placement="service", server=server.address,
-                                        job="test-4"))  # fmt: skip
+                                        job=f"test-4-{report_by}", report_by=report_by))
     _assert_same_training(home, net)
     assert all(r["fallbacks"] == 0 for r in net), net[0]["fallback_reasons"]
     assert net[0]["plans"] == cfg.steps * cfg.layers
@@ -93,12 +95,28 @@ def test_service_down_still_trains_with_identical_losses(home4: Any) -> None:
     assert down[0]["plans"] == 0
 
 
-def test_eight_processes_random_plans_equal_home(cache: str) -> None:
+@pytest.fixture(scope="module")
+def home8(cache: str) -> tuple[TrainConfig, Any]:
     cfg = TrainConfig(nodes=2, gpus_per_node=4, cache_dir=cache, **{**TINY, "steps": 2})  # type: ignore[arg-type]
-    home = run_ranks(cfg)
+    return cfg, run_ranks(cfg)
+
+
+def test_eight_processes_random_plans_equal_home(home8: Any) -> None:
+    cfg, home = home8
     rnd = run_ranks(dataclasses.replace(cfg, placement="random"))
     _assert_same_training(home, rnd)
     assert rnd[0]["moved"] > 0
+
+
+def test_eight_processes_node_reports_equal_home(home8: Any, server: Any) -> None:
+    """2 nodes x 4: two reporting ranks, the six others learn their plans in the combine."""
+    cfg, home = home8
+    net = run_ranks(dataclasses.replace(cfg, placement="service", server=server.address,
+                                        job="test-8-node", report_by="node"))
+    _assert_same_training(home, net)
+    assert all(r["fallbacks"] == 0 and r["plans"] == cfg.steps * cfg.layers for r in net), [
+        (r["fallbacks"], r["fallback_reasons"]) for r in net]
+    assert net[0]["moved"] > 0
 
 
 def test_two_expert_parallel_groups_train_like_home_with_the_service(cache: str, server: Any
@@ -111,13 +129,14 @@ def test_two_expert_parallel_groups_train_like_home_with_the_service(cache: str,
     cfg = TrainConfig(nodes=4, gpus_per_node=2, ep_size=4, cache_dir=cache,  # type: ignore[arg-type]
                       **{**TINY, "steps": 2})
     home = run_ranks(cfg)
-    net = run_ranks(dataclasses.replace(cfg, placement="service", server=server.address,
-                                        job="test-ep"))
-    _assert_same_training(home, net)
-    assert all(r["fallbacks"] == 0 and r["plans"] == cfg.steps * cfg.layers for r in net), [
-        (r["fallbacks"], r["fallback_reasons"]) for r in net]
-    assert sum(r["moved"] for r in net) > 0
-    for d in range(4):
-        assert net[d]["param_checksum"] == net[4 + d]["param_checksum"]
     inter = lambda rs: sum(np.asarray(r["routes"])[:, 0].sum() for r in rs)  # noqa: E731
-    assert inter(net) <= inter(home)
+    for report_by in ("rank", "node"):
+        net = run_ranks(dataclasses.replace(cfg, placement="service", server=server.address,
+                                            job=f"test-ep-{report_by}", report_by=report_by))
+        _assert_same_training(home, net)
+        assert all(r["fallbacks"] == 0 and r["plans"] == cfg.steps * cfg.layers for r in net), [
+            (r["fallbacks"], r["fallback_reasons"]) for r in net]
+        assert sum(r["moved"] for r in net) > 0
+        for d in range(4):
+            assert net[d]["param_checksum"] == net[4 + d]["param_checksum"]
+        assert inter(net) <= inter(home)
