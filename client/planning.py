@@ -33,6 +33,9 @@ class NoPlan(Exception):
 
 
 class PlanSource(Protocol):
+    """A source with a true ``device_counts`` attribute (a ``PlacementClient`` of a job
+    registered with device_counts) takes [n, J] routes per device; others [n, E] per expert."""
+
     def submit(self, step: int, layer: int, counts: RoundCounts) -> Future[RankPlan | None]:
         """Non-blocking. counts: this rank's n samples; the future's None means "no plan"."""
         ...
@@ -169,7 +172,11 @@ class Offer:
 
 class Placement:
     """The model's placement hook: submit counts, then wait for the reply and offer it to the
-    combine, which settles the plan all ranks apply (see the module docstring)."""
+    combine, which settles the plan all ranks apply (see the module docstring).
+
+    device_counts: the source's (False when it has none): the layers then count routes per
+    device for it (``netmoe.client.layer``).
+    """
 
     def __init__(self, source: PlanSource, rank: int, world: int, samples: int,
                  timeout: float) -> None:
@@ -177,6 +184,7 @@ class Placement:
             raise ValueError(f"timeout must be positive seconds, got {timeout!r}")
         self.source, self.rank, self.world, self.samples = source, rank, world, samples
         self.timeout = timeout
+        self.device_counts = bool(getattr(source, "device_counts", False))
         self.stats = PlacementStats()
         # Sample ids follow the samples through a step's layers (row ids at layer 0), so the
         # service can match a sample's routes across layers (its expert placement window).
@@ -185,7 +193,8 @@ class Placement:
     def submit(
         self, step: int, layer: int, gather: torch.Tensor, scatter: torch.Tensor | None
     ) -> Ticket:
-        """gather, scatter: [n, E] int64 route counts of the local samples."""
+        """gather, scatter: [n, E] int64 route counts of the local samples ([n, J] routes per
+        device when ``device_counts``)."""
         t0 = time.perf_counter()
         if layer == 0:
             self._full = np.arange(self.world * self.samples, dtype=np.int64)

@@ -43,8 +43,9 @@ MAX_COUNT = _NARROWEST[-1][0]  # of the widest wire dtype
 
 
 def counts_to_pb(counts: object, field: str = "counts") -> pb.Counts:
-    """counts [n, E] non-negative ints (any integer dtype, at most 2^32 - 1) -> Counts: the
-    row-major little-endian bytes of the narrowest unsigned dtype holding the largest count.
+    """counts [n, E] (or [n, J]) non-negative ints (any integer dtype, at most 2^32 - 1) ->
+    Counts: the row-major little-endian bytes of the narrowest unsigned dtype holding the largest
+    count.
 
     Raises ValueError naming ``field`` for another rank, a non-integer dtype or counts out of
     range.
@@ -89,8 +90,8 @@ def counts_from_pb(msg: pb.Counts, field: str) -> np.ndarray:
 
 
 def report_to_proto(job: str, step: int, layer: int, rank: int, counts: RoundCounts) -> pb.Report:
-    """One rank's report; counts.gather / scatter [n, E] non-negative ints (``counts_to_pb``:
-    ValueError naming the field otherwise)."""
+    """One rank's report; counts.gather / scatter [n, E] (or [n, J] for device_counts jobs)
+    non-negative ints (``counts_to_pb``: ValueError naming the field otherwise)."""
     return pb.Report(
         job=job, step=step, layer=layer, rank=rank,
         sample_ids=np.asarray(counts.sample_ids, dtype=np.uint64).tolist(),
@@ -178,6 +179,7 @@ def job_spec(
     method: str = "two_stage",
     deadline_ms: int = 50,
     layers: int = 0,
+    device_counts: bool = False,
 ) -> pb.JobSpec:
     """A job's spec from plain numbers.
 
@@ -187,6 +189,8 @@ def job_spec(
     matters to the "volume" objective's choice; they scale the modelled times the service
     reports. deadline_ms: per-round deadline counted from the round's first report. layers:
     the model's MoE layers (reports name layers below it; 0: the service's limit).
+    device_counts: reports carry [n, J] routes per device instead of [n, E] per expert
+    (JobSpec.device_counts: E/J times fewer counts; no expert placement advisor).
     """
     return pb.JobSpec(
         topology=pb.Topology(
@@ -200,4 +204,5 @@ def job_spec(
         method=method,
         deadline_ms=deadline_ms,
         layers=layers,
+        device_counts=device_counts,
     )
