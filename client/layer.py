@@ -17,7 +17,7 @@ never change, only where samples sit. docs/training-loop.md has a complete examp
 
 What ``submit`` counts follows the hook: [n, E] routes per expert id, or, for a hook whose
 ``device_counts`` is true (a job registered with device_counts), [n, J] routes per device: the
-device the dispatcher sends each id to (id a lives on rank a // (E / J); moved experts keep this,
+rank owning each id (id a lives on rank a // (E / J); moved experts keep this, since
 netmoe.client.experts relabels them), counted straight from the ids.
 """
 
