@@ -167,19 +167,27 @@ def adopt(
 
 class OriginalIds:
     """A placement hook (see netmoe.client.layer.PlacementHook) that reports route counts by
-    original expert id: the model counts by label, the service knows the original ids."""
+    original expert id: the model counts by label, the service knows the original ids.
+
+    A device_counts hook gets its counts unchanged: label a lives on device a // (E / J)
+    whichever expert it holds, so routes per device need no translation.
+    """
 
     def __init__(self, hook: object, table: ExpertTable) -> None:
         self.hook, self.table = hook, table
+        self.device_counts = bool(getattr(hook, "device_counts", False))
 
     def _by_id(self, layer: int, counts: torch.Tensor) -> torch.Tensor:
         return counts[:, torch.as_tensor(self.table.label[layer])]
 
     def submit(self, step: int, layer: int, gather: torch.Tensor,
                scatter: torch.Tensor | None) -> object:
-        """gather, scatter: [n, E] int64 counts by label of layer l and l+1."""
-        nxt = None if scatter is None else self._by_id(layer + 1, scatter)
-        return self.hook.submit(step, layer, self._by_id(layer, gather), nxt)  # type: ignore[attr-defined]
+        """gather, scatter: [n, E] int64 counts by label of layer l and l+1 ([n, J] by device
+        for a device_counts hook, passed on as they are)."""
+        if not self.device_counts:
+            gather = self._by_id(layer, gather)
+            scatter = None if scatter is None else self._by_id(layer + 1, scatter)
+        return self.hook.submit(step, layer, gather, scatter)  # type: ignore[attr-defined]
 
     def wait(self, ticket: object) -> Agreement:
         return self.hook.wait(ticket)  # type: ignore[attr-defined]

@@ -14,6 +14,11 @@ A training job that brings its own model uses netmoe through ``ExpertParallel``.
 dispatch), None at the last MoE layer. Without a placement hook every sample stays home and
 ``submit`` does nothing; with one, a missing or late plan means "no move" on every rank: results
 never change, only where samples sit. docs/training-loop.md has a complete example.
+
+What ``submit`` counts follows the hook: [n, E] routes per expert id, or, for a hook whose
+``device_counts`` is true (a job registered with device_counts), [n, J] routes per device: the
+rank owning each id (id a lives on rank a // (E / J); moved experts keep this, since
+netmoe.client.experts relabels them), counted straight from the ids.
 """
 
 from __future__ import annotations
@@ -24,18 +29,23 @@ from typing import Protocol
 import torch
 
 from netmoe.client.dispatcher import Agreement, Dispatched, Layout, TokenDispatcher, move_samples
-from netmoe.client.histogram import route_counts, token_samples
+from netmoe.client.histogram import device_route_counts, route_counts, token_samples
 from netmoe.client.planning import FixedPlan
 from netmoe.round import SamplePlan
 
 
 class PlacementHook(Protocol):
-    """What the layers ask of the placement side (``netmoe.client.planning.Placement``)."""
+    """What the layers ask of the placement side (``netmoe.client.planning.Placement``).
+
+    A hook may have a ``device_counts`` attribute: when true, ``submit`` gets routes per device
+    instead of per expert (see the module docstring); a hook without one gets [n, E].
+    """
 
     def submit(
         self, step: int, layer: int, gather: torch.Tensor, scatter: torch.Tensor | None
     ) -> object:
-        """gather, scatter: [n, E] int64 route counts of the local samples; returns a ticket."""
+        """gather, scatter: [n, E] int64 route counts of the local samples ([n, J] for a
+        device_counts hook); returns a ticket."""
         ...
 
     def wait(self, ticket: object) -> Agreement:
@@ -56,17 +66,25 @@ class ExpertParallel:
         self.placement = placement
         lay = dispatcher.layout
         self._home = FixedPlan(SamplePlan.no_move(lay.world, lay.samples))
-        self._token_sample: torch.Tensor | None = None
+        self._device_counts = bool(getattr(placement, "device_counts", False))
+        # On the ids' device: ([T] local sample of each token, [E] rank of each expert id).
+        self._index: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @property
     def layout(self) -> Layout:
         return self.dispatcher.layout
 
     def _counts(self, topk_ids: torch.Tensor) -> torch.Tensor:
+        """[n, E] int64 routes per expert id, or [n, J] per device for a device_counts hook."""
         lay = self.layout
-        if self._token_sample is None or self._token_sample.device != topk_ids.device:
-            self._token_sample = token_samples(lay.samples, lay.seq_len, topk_ids.device)
-        return route_counts(topk_ids, self._token_sample, lay.samples, lay.experts)
+        if self._index is None or self._index[0].device != topk_ids.device:
+            self._index = (token_samples(lay.samples, lay.seq_len, topk_ids.device),
+                           torch.arange(lay.experts, device=topk_ids.device)
+                           // lay.experts_per_rank)
+        token_sample, owner = self._index
+        if self._device_counts:
+            return device_route_counts(topk_ids, token_sample, lay.samples, owner, lay.world)
+        return route_counts(topk_ids, token_sample, lay.samples, lay.experts)
 
     def submit(self, step: int, layer: int, topk_ids: torch.Tensor,
                next_topk_ids: torch.Tensor | None = None) -> object | None:

@@ -101,6 +101,9 @@ class PlacementClient:
         token = token if token is not None else os.environ.get("NETMOE_AUTH_TOKEN")
         self._metadata = (("authorization", f"Bearer {token}"),) if token else None
         self.experts = spec.topology.experts
+        # Columns of a report: routes per device for a device_counts job, else per expert.
+        self.device_counts = spec.device_counts
+        self._columns = spec.world_size if spec.device_counts else self.experts
         self.reconnects = 0
         self.rejected = ""  # why the service refused the job for good ("" while it has not)
         self._backoff = backoff
@@ -154,15 +157,18 @@ class PlacementClient:
         self._stub.ConfirmExperts(request, timeout=timeout, metadata=self._metadata)
 
     def submit(self, step: int, layer: int, counts: RoundCounts) -> Future[RankPlan | None]:
-        """Report one round. counts.gather / scatter: [n, E] int counts in [0, 2^32 - 1]
-        (ValueError naming the field otherwise)."""
+        """Report one round. counts.gather / scatter: [n, E] int counts in [0, 2^32 - 1], or
+        [n, J] routes per device when the spec says device_counts (ValueError naming the field
+        otherwise)."""
         n = counts.samples
         for name, arr in (("gather", counts.gather), ("scatter", counts.scatter)):
             if arr is None and name == "scatter":
                 continue
-            if arr is None or arr.shape != (n, self.experts):
+            if arr is None or arr.shape != (n, self._columns):
                 shape = None if arr is None else arr.shape
-                raise ValueError(f"{name} must be [{n}, {self.experts}], got shape {shape}")
+                what = " (device_counts: routes per device)" if self.device_counts else ""
+                raise ValueError(f"{name} must be [{n}, {self._columns}]{what}, got shape "
+                                 f"{shape}")
         fut: Future[RankPlan | None] = Future()
         report = report_to_proto(self.job, step, layer, self.rank, counts,  # checks the values
                                  self.ranks if len(self.ranks) > 1 else ())

@@ -35,6 +35,9 @@ class NoPlan(Exception):
 
 
 class PlanSource(Protocol):
+    """A source with a true ``device_counts`` attribute (a ``PlacementClient`` of a job
+    registered with device_counts) takes [n, J] routes per device; others [n, E] per expert."""
+
     def submit(self, step: int, layer: int, counts: RoundCounts) -> Future[RankPlan | None]:
         """Non-blocking. counts: this rank's n samples; the future's None means "no plan"."""
         ...
@@ -180,10 +183,14 @@ class Placement:
     rank, world: the rank's device in its expert-parallel group and the group's size. node: with
     node reports (``netmoe.client.node_reports``), the rank's part in them; source is then the
     node's reporting client on its first rank and None on the others. ``close`` when done.
+    device_counts: the layers count routes per device instead of per expert
+    (``netmoe.client.layer``); None: the source's (False when it has none). A node's other ranks
+    have no source: give it, the same as their first rank's client.
     """
 
     def __init__(self, source: PlanSource | None, rank: int, world: int, samples: int,
-                 timeout: float, node: NodeReports | None = None) -> None:
+                 timeout: float, node: NodeReports | None = None,
+                 device_counts: bool | None = None) -> None:
         if timeout <= 0:
             raise ValueError(f"timeout must be positive seconds, got {timeout!r}")
         if node is not None and node.size == 1:
@@ -198,6 +205,8 @@ class Placement:
         self.reporting = 1 if node is None else node.size
         self._pool = (ThreadPoolExecutor(1, thread_name_prefix="netmoe-node-report")
                       if node is not None and node.first else None)
+        self.device_counts = (bool(getattr(source, "device_counts", False))
+                              if device_counts is None else device_counts)
         self.stats = PlacementStats()
         # Sample ids follow the samples through a step's layers (row ids at layer 0), so the
         # service can match a sample's routes across layers (its expert placement window).
@@ -206,7 +215,8 @@ class Placement:
     def submit(
         self, step: int, layer: int, gather: torch.Tensor, scatter: torch.Tensor | None
     ) -> Ticket:
-        """gather, scatter: [n, E] int64 route counts of the local samples."""
+        """gather, scatter: [n, E] int64 route counts of the local samples ([n, J] routes per
+        device when ``device_counts``)."""
         t0 = time.perf_counter()
         if layer == 0:
             self._full = np.arange(self.world * self.samples, dtype=np.int64)

@@ -45,8 +45,9 @@ MAX_COUNT = _NARROWEST[-1][0]  # of the widest wire dtype
 
 
 def counts_to_pb(counts: object, field: str = "counts") -> pb.Counts:
-    """counts [n, E] non-negative ints (any integer dtype, at most 2^32 - 1) -> Counts: the
-    row-major little-endian bytes of the narrowest unsigned dtype holding the largest count.
+    """counts [n, E] (or [n, J]) non-negative ints (any integer dtype, at most 2^32 - 1) ->
+    Counts: the row-major little-endian bytes of the narrowest unsigned dtype holding the largest
+    count.
 
     Raises ValueError naming ``field`` for another rank, a non-integer dtype or counts out of
     range.
@@ -93,8 +94,8 @@ def counts_from_pb(msg: pb.Counts, field: str) -> np.ndarray:
 def report_to_proto(job: str, step: int, layer: int, rank: int, counts: RoundCounts,
                     ranks: Sequence[int] = ()) -> pb.Report:
     """One rank's report, or a node report of ``ranks`` (rank first; rows n per rank in turn);
-    counts.gather / scatter [rows, E] non-negative ints (``counts_to_pb``: ValueError naming the
-    field otherwise)."""
+    counts.gather / scatter [rows, E] (or [rows, J] for device_counts jobs) non-negative ints
+    (``counts_to_pb``: ValueError naming the field otherwise)."""
     return pb.Report(
         job=job, step=step, layer=layer, rank=rank, ranks=list(ranks),
         sample_ids=np.asarray(counts.sample_ids, dtype=np.uint64).tolist(),
@@ -186,6 +187,7 @@ def job_spec(
     layers: int = 0,
     ep_size: int = 0,
     groups: Sequence[Sequence[int]] = (),
+    device_counts: bool = False,
 ) -> pb.JobSpec:
     """A job's spec from plain numbers.
 
@@ -198,6 +200,8 @@ def job_spec(
     ranks per expert-parallel group (0: all ranks one group), groups of consecutive ranks unless
     ``groups`` lists each group's global ranks (``netmoe.groups``); experts are spread over one
     group's devices.
+    device_counts: reports carry [n, J] routes per device instead of [n, E] per expert
+    (JobSpec.device_counts: E/J times fewer counts; no expert placement advisor).
     """
     return pb.JobSpec(
         topology=pb.Topology(
@@ -213,4 +217,5 @@ def job_spec(
         layers=layers,
         ep_size=ep_size,
         groups=[pb.RankGroup(ranks=list(g)) for g in groups],
+        device_counts=device_counts,
     )

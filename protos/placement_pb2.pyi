@@ -54,7 +54,7 @@ class Topology(_message.Message):
     def __init__(self, nodes: _Optional[int] = ..., gpus_per_node: _Optional[int] = ..., experts: _Optional[int] = ..., expert_device: _Optional[_Iterable[int]] = ..., alpha_intra: _Optional[float] = ..., alpha_inter: _Optional[float] = ..., bw_intra: _Optional[float] = ..., bw_inter: _Optional[float] = ..., bytes_per_route: _Optional[int] = ...) -> None: ...
 
 class JobSpec(_message.Message):
-    __slots__ = ("topology", "world_size", "samples_per_device", "objective", "method", "deadline_ms", "layers", "ep_size", "groups")
+    __slots__ = ("topology", "world_size", "samples_per_device", "objective", "method", "deadline_ms", "layers", "device_counts", "ep_size", "groups")
     TOPOLOGY_FIELD_NUMBER: _ClassVar[int]
     WORLD_SIZE_FIELD_NUMBER: _ClassVar[int]
     SAMPLES_PER_DEVICE_FIELD_NUMBER: _ClassVar[int]
@@ -62,6 +62,7 @@ class JobSpec(_message.Message):
     METHOD_FIELD_NUMBER: _ClassVar[int]
     DEADLINE_MS_FIELD_NUMBER: _ClassVar[int]
     LAYERS_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_COUNTS_FIELD_NUMBER: _ClassVar[int]
     EP_SIZE_FIELD_NUMBER: _ClassVar[int]
     GROUPS_FIELD_NUMBER: _ClassVar[int]
     topology: Topology
@@ -71,9 +72,10 @@ class JobSpec(_message.Message):
     method: str
     deadline_ms: int
     layers: int
+    device_counts: bool
     ep_size: int
     groups: _containers.RepeatedCompositeFieldContainer[RankGroup]
-    def __init__(self, topology: _Optional[_Union[Topology, _Mapping]] = ..., world_size: _Optional[int] = ..., samples_per_device: _Optional[int] = ..., objective: _Optional[str] = ..., method: _Optional[str] = ..., deadline_ms: _Optional[int] = ..., layers: _Optional[int] = ..., ep_size: _Optional[int] = ..., groups: _Optional[_Iterable[_Union[RankGroup, _Mapping]]] = ...) -> None: ...
+    def __init__(self, topology: _Optional[_Union[Topology, _Mapping]] = ..., world_size: _Optional[int] = ..., samples_per_device: _Optional[int] = ..., objective: _Optional[str] = ..., method: _Optional[str] = ..., deadline_ms: _Optional[int] = ..., layers: _Optional[int] = ..., device_counts: _Optional[bool] = ..., ep_size: _Optional[int] = ..., groups: _Optional[_Iterable[_Union[RankGroup, _Mapping]]] = ...) -> None: ...
 
 class RankGroup(_message.Message):
     __slots__ = ("ranks",)

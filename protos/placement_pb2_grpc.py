@@ -130,6 +130,7 @@ class PlacementServiceServicer:
         a window without a complete fit part and held-out part: FAILED_PRECONDITION saying what lacks.
         With replica_slots > 0 the answer also proposes copies of experts on top of the fitted maps
         (`replicas`), weighing their held-out route saving against their sync, memory and creation.
+        A job registered with device_counts has no window: FAILED_PRECONDITION saying so.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -141,7 +142,8 @@ class PlacementServiceServicer:
         after every step the job has reported (plans already sent are never re-solved), else
         FAILED_PRECONDITION. Maps must keep each device's number of experts (INVALID_ARGUMENT).
         Copies, when given, must name existing experts and devices, never the owner's device under
-        the confirmed maps, one per (expert, device) (INVALID_ARGUMENT).
+        the confirmed maps, one per (expert, device) (INVALID_ARGUMENT). A job registered with
+        device_counts: FAILED_PRECONDITION (its reports say where routes go; the service maps none).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

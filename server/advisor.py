@@ -402,7 +402,10 @@ class AdvisorObserver(Protocol):
 class ExpertAdvisors:
     """The advisors of every registered job: the coordinator's ``RoundHooks``.
 
-    Owns the advisor thread (see the module docstring); ``close`` stops it.
+    A job registered with device_counts gets none: its counts are routes per device, which no
+    expert map can be fitted on, and its rounds are solved on those counts as sent (the rank
+    applied its expert map when it counted). Owns the advisor thread (see the module
+    docstring); ``close`` stops it.
     """
 
     def __init__(
@@ -411,16 +414,26 @@ class ExpertAdvisors:
         self.limits = limits or WindowLimits()
         self._observer = observer
         self._jobs: dict[str, ExpertAdvisor] = {}
+        self._device_level: set[str] = set()  # jobs registered with device_counts
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="netmoe-advisor")
 
     def added(self, spec: JobSpec) -> None:
+        if spec.device_counts:
+            self._device_level.add(spec.job)
+            return
         self._jobs.setdefault(spec.job, ExpertAdvisor(spec.topology, self.limits))
 
     def removed(self, job: str) -> None:
         self._jobs.pop(job, None)
+        self._device_level.discard(job)
 
     def get(self, job: str) -> ExpertAdvisor | None:
+        """None for an unknown job and for a job registered with device_counts."""
         return self._jobs.get(job)
+
+    def device_level(self, job: str) -> bool:
+        """The job is registered with device_counts (so it has no advisor)."""
+        return job in self._device_level
 
     def saw_step(self, job: str, step: int) -> None:
         adv = self._jobs.get(job)

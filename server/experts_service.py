@@ -82,6 +82,11 @@ class ExpertPlacementRPCs:
         await self._check_owner(job, context)
         adv = self._advisors.get(job)
         if adv is None:
+            if self._advisors.device_level(job):
+                await abort(context, grpc.StatusCode.FAILED_PRECONDITION, (
+                    f"job {job!r} reports device-level counts (spec.device_counts=true): the "
+                    f"service keeps no expert window for it and places no experts; register "
+                    f"with device_counts=false to use the advisor"))
             await abort(context, grpc.StatusCode.NOT_FOUND, f"job {job!r} is not registered")
         return adv
 

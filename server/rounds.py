@@ -25,6 +25,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Protocol
 
 import numpy as np
@@ -70,6 +71,8 @@ class JobSpec:
     one group of world_size = topology.devices ranks). Every rank reports samples_per_device
     samples. deadline: seconds from a round's first report until its ranks get the home
     placement. layers: MoE layers of the model; reports name layers in [0, layers).
+    device_counts: reports carry [n, J] routes per device instead of [n, E] routes per expert
+    (``counts_topology``); the expert placement advisor does not serve such a job.
     """
 
     job: str
@@ -81,6 +84,7 @@ class JobSpec:
     deadline: float = 0.05
     layers: int = MAX_LAYERS
     ep_groups: EPGroups | None = None
+    device_counts: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.job, str) or not self.job or len(self.job) > MAX_JOB_ID:
@@ -116,6 +120,8 @@ class JobSpec:
             raise ValueError(
                 f"deadline must be in (0, {MAX_DEADLINE_S:g}] seconds, got {self.deadline!r}"
             )
+        if not isinstance(self.device_counts, bool):
+            raise ValueError(f"device_counts must be a bool, got {self.device_counts!r}")
 
     @property
     def groups(self) -> EPGroups:
@@ -132,6 +138,12 @@ class JobSpec:
         """I, the samples of one round (of one group)."""
         return self.ep_size * self.samples_per_device
 
+    @cached_property
+    def counts_topology(self) -> Topology:
+        """The topology whose experts the reports' count columns are: the registered one, or
+        for device_counts one pseudo-expert per device (``Topology.per_device``)."""
+        return self.topology.per_device() if self.device_counts else self.topology
+
 
 @dataclass(frozen=True, eq=False)
 class Report:
@@ -140,11 +152,11 @@ class Report:
 
     ranks: a node report's ranks, rank first (``check_members`` checks them); () for rank alone.
     sample_ids: [n] uint64 global ids in local order (n per member in turn). gather, scatter:
-    [rows, cols] routes of each local sample to each expert in the smallest unsigned dtype
-    holding them, shaped as sent
-    (None: absent; scatter is absent when there is no next layer). generation: the job
-    registration the sender knows (0: whichever is current). counts_error: why the counts on the
-    wire did not decode (raised by check_report).
+    [rows, cols] routes of each local sample to each expert (to each device for device_counts
+    jobs) in the smallest unsigned dtype holding them, shaped as sent (None: absent; scatter is
+    absent when there is no next layer). generation: the job registration the sender knows (0:
+    whichever is current). counts_error: why the counts on the wire did not decode (raised by
+    check_report).
     """
 
     job: str
@@ -347,9 +359,10 @@ def check_members(spec: JobSpec, report: Report) -> tuple[int, ...]:
 
 def check_report(spec: JobSpec, report: Report, prefix: str = "", members: int = 1
                  ) -> RoundCounts:
-    """The report's ids and counts ([n, E] each, as received), or FieldError unless they fit
-    the job: n = members x samples_per_device unique ids, counts that decoded, shaped [n, E]."""
-    n, e = spec.samples_per_device * members, spec.topology.experts
+    """The report's ids and counts ([n, E] each, as received; [n, J] for device_counts), or
+    FieldError unless they fit the job: n = members x samples_per_device unique ids, counts that
+    decoded, shaped [n, E] ([n, J])."""
+    n, e = spec.samples_per_device * members, spec.counts_topology.experts
     ids = report.sample_ids
     if len(ids) != n:
         need = (f"samples_per_device={n}" if members == 1 else
@@ -366,7 +379,10 @@ def check_report(spec: JobSpec, report: Report, prefix: str = "", members: int =
         err = report.counts_error
         raise FieldError(f"{prefix}{err.field}", f"{prefix}{err}")
     rows = "samples_per_device" if members == 1 else "samples_per_device x ranks"
-    need = f"[{rows}, experts] = [{n}, {e}] for job {spec.job!r}"
+    columns = "devices" if spec.device_counts else "experts"
+    need = f"[{rows}, {columns}] = [{n}, {e}] for job {spec.job!r}"
+    if spec.device_counts:
+        need += " (device_counts)"
     if report.gather is None:
         raise FieldError(f"{prefix}gather", f"{prefix}gather is missing, need {need}")
     for name, counts in (("gather", report.gather), ("scatter", report.scatter)):
@@ -930,7 +946,8 @@ class Coordinator:
         if rnd.done or rnd.counts is None:
             return None
         counts = rnd.counts
-        topo, scatter_topo = self._hooks.topologies(spec.job, rnd.key) or (spec.topology, None)
+        topo, scatter_topo = (self._hooks.topologies(spec.job, rnd.key)
+                              or (spec.counts_topology, None))
         extra = {} if scatter_topo is None else {"scatter_topology": scatter_topo}
         home = home_dest(spec.ep_size, spec.samples_per_device)
         # Confirmed copies change every route's cost: such rounds take the replica-aware solver.
@@ -950,7 +967,7 @@ class Coordinator:
     @staticmethod
     def _home_traffic(spec: JobSpec, counts: RoundCounts) -> Traffic:
         home = home_dest(spec.ep_size, spec.samples_per_device)
-        return traffic(spec.topology, home, counts.gather, counts.scatter)
+        return traffic(spec.counts_topology, home, counts.gather, counts.scatter)
 
     def _finish(self, state: _Job, rnd: _Round, outcome: Outcome) -> None:
         rnd.outcome = outcome

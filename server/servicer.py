@@ -59,7 +59,8 @@ def check_modelled_times(msg: pb.JobSpec) -> None:
     if t.bytes_per_route > MAX_BYTES_PER_ROUTE:
         raise ValueError(f"spec.topology.bytes_per_route must be at most {MAX_BYTES_PER_ROUTE}, "
                          f"got {t.bytes_per_route}")
-    routes = 2.0 * msg.world_size * msg.samples_per_device * t.experts * MAX_COUNT
+    columns = t.nodes * t.gpus_per_node if msg.device_counts else t.experts
+    routes = 2.0 * msg.world_size * msg.samples_per_device * columns * MAX_COUNT
     for name, alpha in (("bw_intra", t.alpha_intra), ("bw_inter", t.alpha_inter)):
         bw = getattr(t, name)
         if bw > 0 and not math.isfinite(2 * alpha + routes * t.bytes_per_route / bw):
@@ -90,7 +91,7 @@ def spec_from_proto(job: str, msg: pb.JobSpec) -> JobSpec:
         job=job, topology=topo, world_size=msg.world_size,
         samples_per_device=msg.samples_per_device, objective=msg.objective or "volume",
         method=msg.method or "two_stage", deadline=msg.deadline_ms / 1000.0,
-        layers=msg.layers or MAX_LAYERS, ep_groups=groups,
+        layers=msg.layers or MAX_LAYERS, ep_groups=groups, device_counts=msg.device_counts,
     )
 
 

@@ -116,7 +116,7 @@ def solve(
     if any(t is not topo for t in topos):
         # Every cost depends on the counts only through routes per device, so with two expert
         # maps the exact models run on the device counts, one pseudo-expert per device.
-        topo, mats = _per_device(topo), dev_mats
+        topo, mats = topo.per_device(), dev_mats
     both = dev_mats[0] if len(dev_mats) == 1 else dev_mats[0] + dev_mats[1]
     device = place_two_stage(topo, both, base)
     optimal, gap, used = True, 0.0, method
@@ -174,10 +174,3 @@ def _scatter_topology(topo: Topology, other: Topology | None) -> Topology:
         )
     return topo if other == topo else other
 
-
-def _per_device(topo: Topology) -> Topology:
-    """The cluster with J pseudo-experts, expert d on device d: device_counts become counts."""
-    return Topology(
-        topo.nodes, topo.gpus_per_node, topo.devices, None, topo.alpha_intra, topo.alpha_inter,
-        topo.bw_intra, topo.bw_inter, topo.bytes_per_route,
-    )

@@ -112,6 +112,16 @@ class Topology:
     def __hash__(self) -> int:
         return hash(self._key())
 
+    def per_device(self) -> Topology:
+        """The same cluster with J pseudo-experts, pseudo-expert d on device d: routes per device
+        ([I, J], ``cost.device_counts``) are its counts. Every cost depends on the counts only
+        through routes per device, so a solve on them with this topology places samples as one
+        on the expert counts with ``self`` does."""
+        return Topology(
+            self.nodes, self.gpus_per_node, self.devices, None, self.alpha_intra,
+            self.alpha_inter, self.bw_intra, self.bw_inter, self.bytes_per_route,
+        )
+
     def with_experts(self, expert_device: np.ndarray) -> Topology:
         """The same cluster with another expert-to-device map."""
         return Topology(

@@ -235,6 +235,38 @@ def run_ranks(handle: ServerHandle, per_rank: Callable[[int, Worker], object], r
     return results
 
 
+def ask_rounds(handle: ServerHandle, rounds: list[list[pb.Report]], ranks: int
+               ) -> list[list[tuple[pb.Plan, float]]]:
+    """Every rank asks its report of each round in turn on its own stream; per rank and round
+    (its plan, seconds the plan took)."""
+
+    def per_rank(rank: int, worker: Worker) -> list[tuple[pb.Plan, float]]:
+        out = []
+        for reports in rounds:
+            start_t = time.monotonic()
+            out.append((worker.ask(reports[rank]), time.monotonic() - start_t))
+        return out
+
+    return run_ranks(handle, per_rank, ranks)
+
+
+def check_invalid_round(answers: list[tuple[pb.Plan, float]], reports: list[pb.Report],
+                        bad: int, needle: str, deadline_s: float) -> None:
+    """answers (index = rank, as ``ask_rounds`` gives them) of a round in which rank ``bad``
+    sent an invalid report: it gets INVALID with ``needle`` in the error and no held ids, every
+    other rank its home placement with reason "invalid", at once rather than at the deadline."""
+    for rank, (plan, took) in enumerate(answers):
+        assert plan.step == reports[rank].step
+        if rank == bad:
+            assert plan.status == pb.PLAN_STATUS_INVALID and needle in plan.error, plan.error
+            assert not plan.held_ids
+        else:
+            assert plan.status == pb.PLAN_STATUS_FALLBACK and plan.reason == "invalid"
+            assert f"rank {bad}: {needle}" in plan.error, plan.error
+            assert list(plan.held_ids) == list(reports[rank].sample_ids)
+            assert took < deadline_s  # ended early, not at the deadline
+
+
 # --- reliability: long and short runs, servers in their own processes ---------------------
 
 def short_and_long(name: str, short: int, long: int) -> pytest.MarkDecorator:

@@ -8,6 +8,8 @@ report on one stream (2N messages per round instead of 2J). The server runs in i
 (as a sidecar would) or, with --embedded, in a thread of this process. Per round: round trip =
 last plan received (of any group) - last report sent; solve = the slowest group's pure solve
 time as the server measured it; overhead = round trip - solve.
+--counts devices registers the job with device_counts: each report carries [n, J] routes per
+device (the same rounds' counts summed by the default expert map) instead of [n, E] per expert.
 """
 
 from __future__ import annotations
@@ -29,12 +31,14 @@ from netmoe.text import plural
 
 
 def _serve_child(conn: Connection, config: Any) -> None:
-    """Runs the server in a child process until the parent says stop."""
+    """Runs the server in a child process until the parent says stop; answers "cpu" with the
+    process's CPU seconds so far (user + system, all threads)."""
     from netmoe.server.app import start
 
     handle = start(config)
     conn.send(handle.port)
-    conn.recv()
+    while conn.recv() == "cpu":
+        conn.send(time.process_time())
     handle.stop()
 
 
@@ -60,12 +64,26 @@ def make_rounds(
     return out
 
 
+def device_rounds(rounds: list[list[RoundCounts]], nodes: int, gpus: int, experts: int
+                  ) -> list[list[RoundCounts]]:
+    """The same rounds with gather and scatter summed by device under the default expert map
+    ([spd, J] int64 each): what ranks of a device_counts job report."""
+    from netmoe.solver import Topology
+    from netmoe.solver.cost import device_counts
+
+    topo = Topology(nodes, gpus, experts)
+    return [[RoundCounts(c.sample_ids, device_counts(topo, c.gather),
+                         None if c.scatter is None else device_counts(topo, c.scatter))
+             for c in parts] for parts in rounds]
+
+
 def _spec(args: argparse.Namespace) -> Any:
     from netmoe.protos.convert import job_spec
 
     spd = args.samples // (args.nodes * args.gpus_per_node)
     return job_spec(args.nodes, args.gpus_per_node, args.experts, spd, hidden_size=4096,
-                    deadline_ms=args.deadline_ms, ep_size=args.ep_size)
+                    deadline_ms=args.deadline_ms, ep_size=args.ep_size,
+                    device_counts=args.counts == "devices")
 
 
 def _streams(args: argparse.Namespace) -> list[tuple[int, ...]]:
@@ -94,10 +112,10 @@ async def _drive(
     """Runs `streams` (one channel and stream each, reporting for its ranks) in lockstep on one
     event loop.
 
-    Returns per round and stream the send time of the report and the receive time of the plan
-    (time.perf_counter, CLOCK_MONOTONIC: comparable across processes of one machine) and, per
-    round and group whose first rank is among them, the server's pure solve seconds (NaN for
-    the other groups) and the outcomes of the timed rounds."""
+    Returns per round and stream the send time of the report, the receive time of the plan
+    (time.perf_counter, CLOCK_MONOTONIC: comparable across processes of one machine) and the
+    report's wire bytes, and per round and group whose first rank is among them, the server's
+    pure solve seconds (NaN for the other groups) and the outcomes of the timed rounds."""
     import asyncio
 
     import grpc.aio
@@ -111,8 +129,11 @@ async def _drive(
     # Each group's own counts, with locality to the nodes of that group.
     data = [make_rounds(args.distinct, groups.nodes, groups.gpus, args.experts, spd,
                         args.seed + g) for g in range(groups.count)]
+    if args.counts == "devices":
+        data = [device_rounds(d, groups.nodes, groups.gpus, args.experts) for d in data]
     total = args.warmup + args.rounds
     sent = np.zeros((total, len(streams)))
+    size = np.zeros((total, len(streams)), dtype=np.int64)
     got = np.zeros((total, len(streams)))
     solve_s = np.full((total, groups.count), np.nan)
     reasons: dict[str, int] = {}
@@ -137,6 +158,7 @@ async def _drive(
                       for f in ("sample_ids", "gather", "scatter")))
                 report = report_to_proto("bench", k // args.layers, k % args.layers, members[0],
                                          counts, members if len(members) > 1 else ())
+                size[k, slot] = report.ByteSize()
                 sent[k, slot] = time.perf_counter()
                 await stream.write(report)
                 plan = await stream.read()
@@ -152,7 +174,7 @@ async def _drive(
     finally:
         for c in channels:
             await c.close()
-    return {"sent": sent, "got": got, "solve_s": solve_s, "reasons": reasons}
+    return {"sent": sent, "got": got, "size": size, "solve_s": solve_s, "reasons": reasons}
 
 
 def _client_child(conn: Connection, address: str, args: argparse.Namespace,
@@ -189,6 +211,7 @@ def _measure(address: str, args: argparse.Namespace) -> dict[str, Any]:
     wall = time.perf_counter() - start
     sent = np.concatenate([p["sent"] for p in parts], axis=1)
     got = np.concatenate([p["got"] for p in parts], axis=1)
+    size = np.concatenate([p["size"] for p in parts], axis=1)
     keep = slice(args.warmup, None)
     rtt = (got.max(axis=1) - sent.max(axis=1))[keep] * 1e3
     # Every group's first rank is in exactly one part: the others hold NaN there.
@@ -206,6 +229,11 @@ def _measure(address: str, args: argparse.Namespace) -> dict[str, Any]:
         "server": args.server or ("embedded" if args.embedded else "process"),
         "client_procs": args.client_procs, "ep_size": _groups(args).size,
         "report_by": args.report_by, "streams": len(streams),
+        "counts": args.counts,
+        # Wire bytes of one report (ids, gather, scatter, coordinates), mean over the timed ones.
+        "report_bytes": float(size[keep].mean()),
+        # Set by run() when the server runs in its own process (the only one it can measure).
+        "server_cpu_ms_per_round": None,
         **{f"{name}_ms_{k}": v for name, st in stats.items() for k, v in st.items() if k != "n"},
         # Includes starting the client processes: a lower bound on steady throughput.
         "rounds_per_s": total / wall,
@@ -263,7 +291,13 @@ def run(args: argparse.Namespace) -> int:
             if not parent.poll(60):
                 raise RuntimeError("the server process did not start within 60 s")
             port = parent.recv()
+            parent.send("cpu")
+            cpu = parent.recv()
             result = _measure(f"127.0.0.1:{port}", args)
+            parent.send("cpu")
+            # Registration and warm-up included: CPU per round over every round driven.
+            result["server_cpu_ms_per_round"] = ((parent.recv() - cpu) * 1e3
+                                                 / (args.warmup + args.rounds))
         finally:
             parent.send("stop")
             proc.join(30)
@@ -277,11 +311,15 @@ def run(args: argparse.Namespace) -> int:
           f"E={r['experts']}, {plural(groups, 'EP group')} of {r['ep_size']}, "
           f"{plural(r['streams'], 'stream')} ({r['report_by']} reports), "
           f"{plural(r['rounds'], 'round')}, server: {r['server']}")
+    shape = "[n, J] routes per device" if r["counts"] == "devices" else "[n, E] per expert"
+    print(f"  reports: {shape}, {r['report_bytes']:.0f} bytes each")
     for name, text in (("rtt", "round trip (last report -> last plan)"),
                        ("solve", "pure solve (server-measured)"),
                        ("overhead", "service overhead (round trip - solve)")):
         st = {k: r[f"{name}_ms_{k}"] for k in ("median", "p99", "max")} | {"n": r["rounds"]}
         print(f"  {text + ':':<39} median {st['median']:.2f} ms, {tail(st, 2)} ms")
+    if r["server_cpu_ms_per_round"] is not None:
+        print(f"  server CPU per round (warm-up included): {r['server_cpu_ms_per_round']:.2f} ms")
     print(f"  throughput: {r['rounds_per_s']:.1f} rounds/s; outcomes {r['outcomes']}")
     return 0
 
@@ -311,5 +349,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--client-procs", type=positive, default=1,
                    help="processes the ranks are spread over (training ranks are processes)")
     p.add_argument("--seed", type=int, default=0, help="seed of the synthetic counts")
+    p.add_argument("--counts", choices=("experts", "devices"), default="experts",
+                   help="what a report carries: [n, E] routes per expert, or [n, J] per device "
+                        "(a job registered with device_counts)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=run)

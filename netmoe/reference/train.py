@@ -115,6 +115,9 @@ class TrainConfig:
     # With placement="service": "rank" (every rank streams its own reports) or "node" (the
     # ranks of a group on one node report through its first rank, netmoe.client.node_reports).
     report_by: str = "rank"
+    # placement="service": register the job with device_counts, so ranks report [n, J] routes
+    # per device instead of [n, E] per expert (no expert placement: that needs expert counts).
+    device_counts: bool = False
     a2a_sync: bool = False  # barrier before each timed exchange (CommStats.sync)
     link_counters: bool = False  # first rank of a node reads GLOO_SOCKET_IFNAME's byte counters
 
@@ -142,6 +145,10 @@ class TrainConfig:
         if self.replica_budget and not self.adopt_experts_at:
             raise ValueError(f"replica_budget={self.replica_budget} needs adopt_experts_at (copies "
                              f"come with the expert maps)")
+        if self.device_counts and (self.adopt_experts_at or self.copies):
+            raise ValueError(f"device_counts=True excludes adopt_experts_at and copies (expert "
+                             f"placement needs expert counts), got adopt_experts_at="
+                             f"{self.adopt_experts_at} and copies of {len(self.copies)} layers")
         if self.copies and (len(self.copies) != self.layers or self.adopt_experts_at):
             raise ValueError(f"copies must list {self.layers} layers and exclude adopt_experts_at "
                              f"(copies chosen later), got {len(self.copies)} layers and "
@@ -312,13 +319,14 @@ def _setup(cfg: TrainConfig, rank: int) -> _Run:
 
         spec = job_spec(cfg.nodes, cfg.gpus_per_node, cfg.experts, cfg.samples_per_device,
                         hidden_size=cfg.d_model, dtype_bytes=4, objective=cfg.objective,
-                        deadline_ms=cfg.deadline_ms, layers=cfg.layers, ep_size=cfg.ep_size)
+                        deadline_ms=cfg.deadline_ms, layers=cfg.layers, ep_size=cfg.ep_size,
+                        device_counts=cfg.device_counts)
         node = node_reports(groups, rank) if cfg.report_by == "node" else None
         if node is None or node.first:
             run.client = PlacementClient(cfg.server, cfg.job, rank, spec,
                                          ranks=node.members if node is not None else ())
         run.placement = Placement(run.client, device, world, cfg.samples_per_device,
-                                  cfg.plan_timeout, node)
+                                  cfg.plan_timeout, node, cfg.device_counts)
     return run
 
 

@@ -84,13 +84,18 @@ def test_text_helpers() -> None:
 
 
 def test_bench_service_counts_only_timed_rounds(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["bench", "service", "--embedded", "--nodes", "1", "--gpus-per-node", "2",
-                 "--samples", "4", "--experts", "4", "--layers", "2", "--rounds", "6",
-                 "--warmup", "4", "--distinct", "2", "--json"]) == 0
-    rep = json.loads(capsys.readouterr().out)
-    assert sum(rep["outcomes"].values()) == 6
-    # Six rounds are too few for a 99th percentile: the maximum is reported instead.
-    assert rep["rtt_ms_p99"] is None and rep["rtt_ms_max"] >= rep["rtt_ms_median"] > 0
+    reps = {}
+    for counts in ("experts", "devices"):
+        assert main(["bench", "service", "--embedded", "--nodes", "1", "--gpus-per-node", "2",
+                     "--samples", "4", "--experts", "8", "--layers", "2", "--rounds", "6",
+                     "--warmup", "4", "--distinct", "2", "--counts", counts, "--json"]) == 0
+        rep = reps[counts] = json.loads(capsys.readouterr().out)
+        assert sum(rep["outcomes"].values()) == rep["outcomes"]["solved"] == 6
+        # Six rounds are too few for a 99th percentile: the maximum is reported instead.
+        assert rep["rtt_ms_p99"] is None and rep["rtt_ms_max"] >= rep["rtt_ms_median"] > 0
+        assert rep["counts"] == counts and rep["server_cpu_ms_per_round"] is None  # embedded
+    # Two counts per sample (one per device) instead of eight, one byte each.
+    assert reps["experts"]["report_bytes"] - reps["devices"]["report_bytes"] == 2 * 2 * 6
 
 
 @pytest.mark.parametrize(("report_by", "streams"), [("rank", 8), ("node", 4)])

@@ -6,10 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from netmoe.client.histogram import route_counts, token_samples
+from netmoe.client.histogram import device_route_counts, route_counts, token_samples
 from netmoe.client.planning import agree
 from netmoe.reference.train import TrainConfig
 from netmoe.round import SamplePlan
+from netmoe.solver import Topology
+from netmoe.solver.cost import device_counts
 
 
 def test_route_counts_match_a_python_count() -> None:
@@ -37,6 +39,31 @@ def test_route_counts_rejects_bad_shapes_and_ids() -> None:
         route_counts(torch.full((6, 2), 4, dtype=torch.int64), tok, 2, 4)
 
 
+@pytest.mark.parametrize("owner", [[0, 0, 1, 1, 2, 2], [2, 0, 1, 0, 2, 1]],
+                         ids=["default", "moved"])
+def test_device_route_counts_equal_expert_counts_summed_by_owner(owner: list[int]) -> None:
+    gen = torch.Generator().manual_seed(4)
+    samples, seq, experts, k = 5, 7, 6, 2
+    ids = torch.stack([torch.randperm(experts, generator=gen)[:k] for _ in range(samples * seq)])
+    tok = token_samples(samples, seq)
+    got = device_route_counts(ids, tok, samples, torch.tensor(owner), 3)
+    topo = Topology(1, 3, experts, np.array(owner))
+    want = device_counts(topo, route_counts(ids, tok, samples, experts).numpy())
+    assert got.dtype == torch.int64 and got.shape == (samples, 3)
+    assert got.numpy().tolist() == want.tolist()
+
+
+def test_device_route_counts_reject_bad_owners_and_ids() -> None:
+    tok = token_samples(2, 3)
+    ids = torch.zeros(6, 2, dtype=torch.int64)
+    with pytest.raises(ValueError, match=r"owner must lie in \[0, 2\), got \[0, 2\]"):
+        device_route_counts(ids, tok, 2, torch.tensor([0, 2]), 2)
+    with pytest.raises(ValueError, match=r"owner must be \[experts\], got shape \(1, 2\)"):
+        device_route_counts(ids, tok, 2, torch.tensor([[0, 1]]), 2)
+    with pytest.raises(ValueError, match=r"topk_ids must lie in \[0, 2\)"):
+        device_route_counts(ids + 2, tok, 2, torch.tensor([0, 1]), 2)
+
+
 def test_train_config_validation_names_field_and_value() -> None:
     with pytest.raises(ValueError, match=r"placement must be one of .* 'magic'"):
         TrainConfig(placement="magic")
@@ -47,6 +74,9 @@ def test_train_config_validation_names_field_and_value() -> None:
     with pytest.raises(ValueError, match="unknown TrainConfig fields: \\['bogus'\\]"):
         TrainConfig.from_dict({"bogus": 1})
     assert TrainConfig(nodes=2, gpus_per_node=4).experts == 16
+    with pytest.raises(ValueError, match=r"device_counts=True excludes adopt_experts_at and "
+                                         r"copies .*got adopt_experts_at=2"):
+        TrainConfig(placement="service", server="x:1", device_counts=True, adopt_experts_at=2)
 
 
 def _offers(plan: SamplePlan, ids: np.ndarray) -> np.ndarray:

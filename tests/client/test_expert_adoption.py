@@ -13,6 +13,8 @@ from netmoe.client.experts import ExpertTable, OriginalIds, adopt
 from netmoe.client.planning import FixedPlan
 from netmoe.reference.model import ModelConfig, MoEGPT
 from netmoe.round import SamplePlan
+from netmoe.solver import Topology
+from netmoe.solver.cost import device_counts
 
 from support import gloo_group, spawn_ranks, train_step
 
@@ -20,10 +22,11 @@ SPD, STEPS, ADOPT_AT = 2, 5, 2
 
 
 class Recorder:
-    """Placement hook that keeps every rank's samples home and records the reported counts."""
+    """Placement hook that keeps every rank's samples home and records the reported counts
+    (routes per device when device_counts)."""
 
-    def __init__(self, world: int) -> None:
-        self.world, self.seen = world, []
+    def __init__(self, world: int, device_counts: bool = False) -> None:
+        self.world, self.seen, self.device_counts = world, [], device_counts
 
     def submit(self, step, layer, gather, scatter):
         self.seen.append((gather.clone(), None if scatter is None else scatter.clone()))
@@ -69,13 +72,22 @@ def _worker(rank: int, port: int, world: int) -> None:
                 assert (sent > 0) == (leaving > 0), (sent, leaving)
                 # The same function: counts by original id equal those of the unmoved model.
                 rec_m, rec_s = Recorder(world), Recorder(world)
+                rec_d = Recorder(world, device_counts=True)
                 with torch.no_grad():
                     out_m = moved(tokens[:, :-1], disp, OriginalIds(rec_m, table)).logits
                     out_s = still(tokens[:, :-1], disp, rec_s).logits
+                    moved(tokens[:, :-1], disp, OriginalIds(rec_d, table))
                 torch.testing.assert_close(out_m, out_s, rtol=1e-5, atol=1e-6)
                 for (gm, sm), (gs, ss) in zip(rec_m.seen, rec_s.seen, strict=True):
                     assert torch.equal(gm, gs)
                     assert (sm is None and ss is None) or torch.equal(sm, ss)
+                # Routes per device: the counts by original id summed under the new maps.
+                topos = [Topology(world // 2, 2, cfg.experts, m) for m in maps]
+                for layer, ((gd, sd), (gs, ss)) in enumerate(zip(rec_d.seen, rec_s.seen,
+                                                                 strict=True)):
+                    assert gd.tolist() == device_counts(topos[layer], gs.numpy()).tolist()
+                    assert (sd is None and ss is None) or (
+                        sd.tolist() == device_counts(topos[layer + 1], ss.numpy()).tolist())
                 # Expert e now sits on rank maps[l][e] under its new label, Adam state included.
                 for layer in range(cfg.layers):
                     theirs = [None] * world

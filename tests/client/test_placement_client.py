@@ -9,9 +9,12 @@ from collections.abc import Iterator
 
 import numpy as np
 import pytest
+import torch
 
+from netmoe.client.dispatcher import Layout, TokenDispatcher
+from netmoe.client.layer import ExpertParallel
 from netmoe.client.placement_client import PlacementClient, job_spec
-from netmoe.client.planning import NoPlan
+from netmoe.client.planning import NoPlan, Placement
 from netmoe.round import RoundCounts
 from netmoe.server.app import ServerHandle, start
 from netmoe.server.config import ServerConfig
@@ -103,3 +106,40 @@ def test_submit_refuses_counts_the_wire_cannot_carry_and_sends_wide_ones(server:
     finally:
         for c in clients:
             c.close(unregister=c.rank == 0)
+
+
+def test_device_count_jobs_get_routes_per_device_from_the_layers(server: ServerHandle) -> None:
+    """ExpertParallel on the two ranks of a device_counts job reports [n, J] routes per device
+    (Placement takes the choice from its PlacementClient's spec); the plans equal those of the
+    same routing reported per expert, and [n, E] counts are refused naming the need."""
+    spd, seq, world, experts = 2, 8, 2, 4
+    gen = torch.Generator().manual_seed(5)
+    # Rank r's tokens route to the other node's experts: every sample is worth moving.
+    ids = [torch.randint(0, 2, (spd * seq, 2), generator=gen) + 2 * (1 - r) for r in range(world)]
+    plans = {}
+    for job, by_device in (("per-expert", False), ("per-device", True)):
+        spec = job_spec(2, 1, experts, spd, hidden_size=8, deadline_ms=5000,
+                        device_counts=by_device)
+        clients = [PlacementClient(server.address, job, r, spec, connect_timeout=10.0)
+                   for r in range(world)]
+        try:
+            hooks = [Placement(c, r, world, spd, timeout=10.0) for r, c in enumerate(clients)]
+            assert [h.device_counts for h in hooks] == [by_device] * world
+            layers = [ExpertParallel(TokenDispatcher(Layout(r, world, 1, experts, spd, seq)), h)
+                      for r, h in enumerate(hooks)]
+            tickets = [ep.submit(0, 0, ids[r], ids[r]) for r, ep in enumerate(layers)]
+            plans[job] = [t.future.result(timeout=10) for t in tickets]  # type: ignore[union-attr]
+            if by_device:
+                with pytest.raises(ValueError, match=r"gather must be \[2, 2\] \(device_counts: "
+                                                     r"routes per device\), got shape \(2, 4\)"):
+                    clients[0].submit(1, 0, RoundCounts(np.arange(2, dtype=np.uint64),
+                                                        np.ones((2, 4), dtype=np.int64), None))
+        finally:
+            for c in clients:
+                c.close(unregister=c.rank == 0)
+    for by_expert, by_device in zip(plans["per-expert"], plans["per-device"], strict=True):
+        assert by_expert.solved and by_device.solved
+        assert by_device.dest.tolist() == by_expert.dest.tolist()
+        assert by_device.held_ids.tolist() == by_expert.held_ids.tolist()
+        assert (by_device.before, by_device.after) == (by_expert.before, by_expert.after)
+    assert plans["per-device"][0].moved == world * spd

@@ -1,7 +1,8 @@
 """Reference MoE training on real gloo process groups: placement never changes results.
 
-Runs the same seed with home placement, with plans from a real embedded placement service, with
-seeded random plans (every sample moves), and with the service down; 4 and 8 processes.
+Runs the same seed with home placement, with plans from a real embedded placement service (ranks
+reporting routes per expert or per device), with seeded random plans (every sample moves), and
+with the service down; 4 and 8 processes.
 """
 
 from __future__ import annotations
@@ -58,12 +59,16 @@ def home4(cache: str, tmp_path_factory: pytest.TempPathFactory) -> tuple[TrainCo
     return cfg, run_ranks(dataclasses.replace(cfg, record_trace=str(trace))), trace
 
 
-@pytest.mark.parametrize("report_by", ["rank", "node"])
+@pytest.mark.parametrize(("report_by", "device_counts"), [
+    ("rank", False), ("rank", True), ("node", False)],
+    ids=["expert-counts", "device-counts", "node"])
 def test_service_plans_leave_losses_and_parameters_unchanged(home4: Any, server: Any,
-                                                             report_by: str) -> None:
+                                                             report_by: str, device_counts: bool
+                                                             ) -> None:
     cfg, home, _ = home4
     net = run_ranks(dataclasses.replace(cfg, placement="service", server=server.address,
-                                        job=f"test-4-{report_by}", report_by=report_by))
+                                        job=f"test-4-{report_by}-{device_counts}",
+                                        report_by=report_by, device_counts=device_counts))
     _assert_same_training(home, net)
     assert all(r["fallbacks"] == 0 for r in net), net[0]["fallback_reasons"]
     assert net[0]["plans"] == cfg.steps * cfg.layers

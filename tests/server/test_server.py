@@ -21,6 +21,8 @@ from netmoe.solver import solve
 from support import (
     MARGIN_S,
     Worker,
+    ask_rounds,
+    check_invalid_round,
     check_round,
     job_spec,
     round_reports,
@@ -335,27 +337,9 @@ def test_bad_counts_end_their_round_early_and_every_stream_goes_on(server: Serve
     good[1].gather.CopyFrom(_widened(good[1].gather, pb.COUNTS_DTYPE_UINT16))
     good[2].scatter.CopyFrom(_widened(good[2].scatter, pb.COUNTS_DTYPE_UINT32))
 
-    def per_rank(rank: int, worker: Worker) -> list[tuple[pb.Plan, float]]:
-        out = []
-        for reports in (*rounds, good):
-            start_t = time.monotonic()
-            out.append((worker.ask(reports[rank]), time.monotonic() - start_t))
-        return out
-
-    results = run_ranks(server, per_rank, spec.world_size)
+    results = ask_rounds(server, [*rounds, good], spec.world_size)
     for step, (_, _, needle) in enumerate(COUNTS_FAULTS):
-        bad = step % 4
-        for rank in range(spec.world_size):
-            plan, took = results[rank][step]
-            assert plan.step == step
-            if rank == bad:
-                assert plan.status == pb.PLAN_STATUS_INVALID and needle in plan.error, plan.error
-                assert not plan.held_ids
-            else:
-                assert plan.status == pb.PLAN_STATUS_FALLBACK and plan.reason == "invalid"
-                assert f"rank {bad}: {needle}" in plan.error, plan.error
-                assert list(plan.held_ids) == list(rounds[step][rank].sample_ids)
-                assert took < 5.0  # ended early, not at the deadline
+        check_invalid_round([res[step] for res in results], rounds[step], step % 4, needle, 5.0)
     check_round(spec, good, [res[-1][0] for res in results])
     channel.close()
 
