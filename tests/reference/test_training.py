@@ -47,7 +47,10 @@ def _assert_same_training(a: list[dict[str, Any]], b: list[dict[str, Any]]) -> N
         for name, (s, sq) in ra["param_checksum"].items():
             s2, sq2 = rb["param_checksum"][name]
             assert sq2 == pytest.approx(sq, rel=1e-4), name
-            assert s2 == pytest.approx(s, rel=1e-3, abs=1e-4), name
+            # A sum of mixed-sign entries may cancel to near zero, so its slack scales with the
+            # tensor's norm: Adam turns the float noise of gradients that are zero analytically
+            # (attention key biases) into steps of about lr x noise / eps, on any placement.
+            assert s2 == pytest.approx(s, rel=1e-3, abs=1e-3 * sq**0.5), name
     routes = lambda rs: sum(np.asarray(r["routes"]).sum() for r in rs)  # noqa: E731
     assert routes(a) == routes(b)  # same routing, only the destinations differ
 
