@@ -52,7 +52,7 @@ def place_two_stage(
         capacity = np.full(topo.devices, rows // topo.devices, dtype=np.int64)
     dev_cap = capacity.reshape(nodes, gpus)
     on_node = node_counts(topo, on_dev)
-    inter = on_dev.sum(axis=1, keepdims=True) - on_node
+    inter = on_node.sum(axis=1, keepdims=True) - on_node  # [R, N]; on_node is 1/G of on_dev
     stay = topo.device_node[home][:, None] == np.arange(nodes)[None, :]
     node = transport_blocks(
         with_tiebreak(inter, stay), np.zeros(rows, dtype=np.int64), dev_cap.sum(axis=1)[None, :]
