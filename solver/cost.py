@@ -118,18 +118,24 @@ def node_counts(topo: Topology, dev_counts: np.ndarray) -> np.ndarray:
 
 
 def channel_routes(
-    topo: Topology, device: np.ndarray, dev_counts: np.ndarray, total: int | None = None
+    topo: Topology, device: np.ndarray, dev_counts: np.ndarray, total: int | None = None,
+    on_node: np.ndarray | None = None,
 ) -> tuple[int, int, int]:
     """(inter, intra, local) routes of one All-to-All.
 
     device: [I] int64 placement; dev_counts: [I, J] int64 from device_counts; total: its sum,
-    when the caller has it (it does not depend on the placement).
+    and on_node: [I, N] int64 its node_counts, when the caller has them (they do not depend on
+    the placement).
     """
     rows = np.arange(len(device))
     g = topo.gpus_per_node
-    own = dev_counts.reshape(len(device), topo.nodes, g)[rows, device // g]  # [I, G] own node
-    local = int(own[rows, device % g].sum())
-    on_own_node = int(own.sum())
+    if on_node is None:
+        own = dev_counts.reshape(len(device), topo.nodes, g)[rows, device // g]  # [I, G]
+        on_own_node = int(own.sum())
+        local = int(own[rows, device % g].sum())
+    else:
+        on_own_node = int(on_node[rows, device // g].sum())
+        local = int(dev_counts[rows, device].sum())
     if total is None:
         total = int(dev_counts.sum())
     return total - on_own_node, on_own_node - local, local

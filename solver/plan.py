@@ -16,6 +16,7 @@ from .cost import (
     check_counts,
     check_placement,
     device_counts,
+    node_counts,
     traffic_from_routes,
     traffic_of,
 )
@@ -127,7 +128,8 @@ def solve(
         # Every cost depends on the counts only through routes per device, so with two expert
         # maps the exact models run on the device counts, one pseudo-expert per device.
         topo, mats = _per_device(topo), [gathered, both - gathered]
-    device = place_two_stage(topo, both, base)
+    on_node = node_counts(topo, both)
+    device = place_two_stage(topo, both, base, on_node=on_node)
     optimal, gap, used = True, 0.0, method
     if objective == "bottleneck":
         res = solve_bottleneck(topo, mats, base, device, until, workers)
@@ -144,8 +146,9 @@ def solve(
         optimal, gap = res.optimal, res.gap
     elapsed = time.perf_counter() - start
 
-    totals = [int(m.sum()) for m in (gathered, summed) if m is not None]
-    after = _traffic(topo, device, gathered, summed, totals)
+    # Sums over every row and device: the node counts hold them at 1/G of the size.
+    totals = [int(on_node.sum())] if summed is None else [int(gathered.sum()), int(on_node.sum())]
+    after = _traffic(topo, device, gathered, summed, on_node, totals)
     if objective == "volume":
         value = after.seconds
     else:
@@ -155,7 +158,7 @@ def solve(
         home=tuple(base.tolist()),
         moved=int((device != base).sum()),
         rows_held=tuple(rows_held(device, j, base)),
-        before=_traffic(topo, base, gathered, summed, totals),
+        before=_traffic(topo, base, gathered, summed, on_node, totals),
         after=after,
         objective=objective,
         method=used,
@@ -168,15 +171,18 @@ def solve(
 
 
 def _traffic(topo: Topology, device: np.ndarray, gathered: np.ndarray,
-             summed: np.ndarray | None, totals: list[int]) -> Traffic:
+             summed: np.ndarray | None, on_node: np.ndarray, totals: list[int]) -> Traffic:
     """traffic_of for the gather's device counts and, with a scatter, their sum with the
     scatter's: the scatter's routes are the difference, each route count being linear in the
-    counts. gathered, summed: [I, J] int64; totals: their sums."""
-    routes = [channel_routes(topo, device, gathered, totals[0])]
-    if summed is not None:
-        both = channel_routes(topo, device, summed, totals[1])
-        routes.append(tuple(b - a for a, b in zip(routes[0], both, strict=True)))
-    return traffic_from_routes(topo, routes)
+    counts. gathered, summed: [I, J] int64; on_node: [I, N] int64 node counts of the last of
+    them; totals: their sums."""
+    if summed is None:
+        return traffic_from_routes(
+            topo, [channel_routes(topo, device, gathered, totals[0], on_node)])
+    first = channel_routes(topo, device, gathered, totals[0])
+    both = channel_routes(topo, device, summed, totals[1], on_node)
+    second = tuple(b - a for a, b in zip(first, both, strict=True))
+    return traffic_from_routes(topo, [first, second])
 
 
 def _scatter_topology(topo: Topology, other: Topology | None) -> Topology:

@@ -106,9 +106,9 @@ def test_shortest_paths_are_exact_from_any_prices(seed: int) -> None:
     order = np.argsort(block, kind="stable")
     by_row = (cost - cost.min(axis=1, keepdims=True))[order] if len(cost) else cost
     price = rng.integers(-50, 50, capacity.shape)
+    start = (by_row - price[block[order]]).argmin(axis=1) if len(cost) else block
     col = np.empty(len(block), dtype=np.int64)
-    col[order] = tr._shortest_paths(by_row, np.ascontiguousarray(by_row.T), block[order],
-                                    capacity, price)
+    col[order] = tr._shortest_paths(by_row, start, block[order], capacity, price)
     _assert_optimal(cost, block, capacity, col)
 
 
