@@ -25,8 +25,10 @@ _MAX_COST = 2**62
 # and sum prices and distances: within-row cost ranges are held below this.
 _MAX_RANGE = 2**40
 _BIG = 2**61  # "no edge" / "not reached", far above any price or distance
-# Pricing pays off from 8 rows per column and block (measured, planted routing): below, the
-# flow is as fast.
+# Pricing pays off from 4096 arcs and 8 rows per column and block: its cost is mostly per
+# sweep and path, the flow's per arc (measured in instructions, planted routing, stage 2:
+# 384 x 8 arcs in 2 blocks, flow 6.4M, pricing 8.1M; 1024 x 8 in 8 blocks, 19.3M vs 7.4M).
+_PRICED_ARCS = 4096
 _PRICED_ROWS = 8
 # Gauss-Seidel sweeps before the shortest paths (measured, planted routing at 4096 rows: 2
 # sweeps leave 30 to 40 paths, 3 leave 13 to 19, 4 only 2 fewer than 3).
@@ -51,8 +53,8 @@ def transport_blocks(cost: np.ndarray, block: np.ndarray, capacity: np.ndarray) 
     [0, B); capacity: [B, C] int64, block b's rows summing to capacity[b].sum().
     Returns [R] int64, the column (0..C-1, within its block) of each row, of least total cost.
     C = 2 has a closed form (each block takes the rows cheapest to put in column 0 relative to
-    column 1); from _PRICED_ROWS rows per column and block, prices and shortest paths
-    (`_priced`); otherwise all blocks go to one min-cost flow.
+    column 1); from _PRICED_ARCS arcs and _PRICED_ROWS rows per column and block, prices and
+    shortest paths (`_priced`); otherwise all blocks go to one min-cost flow.
     """
     rows, cols = cost.shape
     blocks = capacity.shape[0]
@@ -70,7 +72,8 @@ def transport_blocks(cost: np.ndarray, block: np.ndarray, capacity: np.ndarray) 
     # Less a row's least cost, every assignment costs the same constant less: smaller numbers
     # for the flow (fewer cost-scaling phases, measured about 10% faster) and for the prices.
     shifted = cost - cost.min(axis=1, keepdims=True)
-    if rows >= _PRICED_ROWS * cols * blocks and int(shifted.max()) < _MAX_RANGE:
+    if (rows * cols >= _PRICED_ARCS and rows >= _PRICED_ROWS * cols * blocks
+            and int(shifted.max()) < _MAX_RANGE):
         return _priced(shifted, block, capacity, sizes)
     return _flow(shifted, block, capacity)
 
@@ -194,7 +197,8 @@ def _sweeps(cost: np.ndarray, block: np.ndarray, capacity: np.ndarray,
                 low = np.where(none[:, c], high - 2, low)
                 high = np.where(every[:, c], low + 2, high)
             price[:, c] = (low.astype(np.int64) + high + 1) // 2
-            now = cost[c] - price[:, c, None]
+            # One block: a Python scalar, which numpy need not broadcast through a buffer.
+            now = cost[c] - (int(price[0, c]) if blocks == 1 else price[:, c, None])
             earlier = now if earlier is None else np.minimum(earlier, now)
     return price.astype(np.int64)
 
@@ -225,6 +229,13 @@ def _shortest_paths(cost: np.ndarray, col: np.ndarray, block: np.ndarray, capaci
     move = np.full((blocks * cols, cols), _BIG, dtype=np.int64)
     who = np.zeros((blocks * cols, cols), dtype=np.int64)
     _cheapest_moves(cost, col, group, np.arange(rows), shift, move, who)
+    # Path lengths in units of 1 / (C + 1) of a cost unit, each edge one unit more: a shortest
+    # path is still one of least cost (a simple path has fewer than C edges), and among those
+    # it has the fewest edges, so every column's parent is strictly closer to the overfull ones.
+    scale = cols + 1
+    hop = 1 - np.eye(cols, dtype=np.int64)
+    cap = _BIG // (2 * scale)  # no edge: far, but no overflow once scaled
+    self_loop = np.eye(cols, dtype=np.int64) * _BIG
     own = np.arange(cols)
     jumps = max(1, (cols - 1).bit_length())
     for _ in range(rows + 1):  # each round fills at least one slot of an underfull column
@@ -233,40 +244,39 @@ def _shortest_paths(cost: np.ndarray, col: np.ndarray, block: np.ndarray, capaci
         if not len(act):
             return col
         p, over = price[act], over[act]
-        weight = move.reshape(blocks, cols, cols)[act] + (p[:, :, None] - p[:, None, :])
-        dist = np.where(over > 0, 0, _BIG)
-        pred = np.full(dist.shape, -1)
+        weight = np.minimum(move.reshape(blocks, cols, cols)[act] + (p[:, :, None] - p[:, None, :]),
+                            cap) * scale + hop
+        source = over > 0
+        dist = np.where(source, 0, _BIG)
         for _ in range(cols):  # Bellman-Ford over the columns, from all overfull ones
-            via = dist[:, :, None] + weight
-            best = via.min(axis=1)
-            better = best < dist
-            if not better.any():
+            best = (dist[:, :, None] + weight).min(axis=1)  # the self-loop (0) keeps dist
+            if np.array_equal(best, dist):
                 break
-            pred = np.where(better, via.argmin(axis=1), pred)
-            dist = np.minimum(dist, best)
-        price[act] = p + dist
-        # Flat indices a * C + column over the active blocks; root: the overfull column whose
-        # tree holds the column (pointer jumping along pred).
+            dist = best
+        price[act] = p + dist // scale
+        # Flat indices a * C + column over the active blocks, `end` past them: the parent of
+        # each column on its shortest path (end for overfull ones), and its root, the overfull
+        # column whose tree holds it (pointer jumping).
+        end = len(act) * cols
         offset = (np.arange(len(act)) * cols)[:, None]
-        up = np.where(pred >= 0, pred + offset, -1).ravel()
-        root = np.where(pred >= 0, pred + offset, own + offset).ravel()
+        parent = (dist[:, :, None] + weight + self_loop).argmin(axis=1) + offset
+        up = np.append(np.where(source, end, parent), end)
+        root = np.where(source, own + offset, parent).ravel()
         for _ in range(jumps):
             root = root[root]
         under = np.flatnonzero(over.ravel() < 0)
         nearest = np.lexsort((dist.ravel()[under], root[under]))
         tree = root[under][nearest]
         at = under[nearest[np.concatenate(([True], tree[1:] != tree[:-1]))]]
-        tails, heads = [], []
-        while True:
-            prev = up[at]
-            live = prev >= 0
-            if not live.any():
+        steps = [at]
+        while True:  # back from each chosen underfull column to its root
+            at = up[at]
+            if (at == end).all():
                 break
-            at, prev = at[live], prev[live]
-            tails.append(prev)
-            heads.append(at)
-            at = prev
-        tail, head = np.concatenate(tails), np.concatenate(heads)
+            steps.append(at)
+        head = np.concatenate(steps)
+        tail = up[head]
+        head, tail = head[tail != end], tail[tail != end]
         head_col = head % cols
         base = act[tail // cols] * cols
         tail, head = base + tail % cols, base + head_col
@@ -294,11 +304,12 @@ def _cheapest_moves(cost: np.ndarray, col: np.ndarray, group: np.ndarray, rows: 
     order = rows[_stable_order(group[rows], len(move))]
     g = group[order]
     first = np.flatnonzero(np.concatenate(([True], g[1:] != g[:-1])))
-    # Least (delta, position) in one reduction: delta in the high bits, position in the low.
+    # Least (delta, position) in one reduction: delta in the high bits, position in the low,
+    # (cost << shift) + (position - (own cost << shift)) in two passes over the rows.
     packed = cost[order]
-    packed -= packed[np.arange(len(order)), col[order]][:, None]
+    low = np.arange(len(order)) - (packed[np.arange(len(order)), col[order]] << shift)
     packed <<= shift
-    packed |= np.arange(len(order))[:, None]
+    packed += low[:, None]
     packed = np.minimum.reduceat(packed, first, axis=0)
     move[g[first]] = packed >> shift
     who[g[first]] = order[packed & ((1 << shift) - 1)]

@@ -212,7 +212,20 @@ def test_large_problems_take_the_priced_path_and_match_the_flow(rows: int, cols:
     rng = np.random.default_rng(rows + cols)
     cost = rng.integers(0, high, (rows, cols))
     capacity = rng.multinomial(rows, np.ones(cols) / cols)
-    assert rows >= tr._PRICED_ROWS * cols
+    assert rows * cols >= tr._PRICED_ARCS and rows >= tr._PRICED_ROWS * cols
     col = tr.transport_blocks(cost, np.zeros(rows, dtype=np.int64), capacity[None, :])
     assert (np.bincount(col, minlength=cols) == capacity).all()
     assert _cost_of(cost, col) == _cost_of(cost, tr.transport(cost, capacity))
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_large_uneven_blocks_take_the_priced_path_and_match_the_flow(seed: int) -> None:
+    """Blocks of different sizes (padded for the sweeps) and uneven capacities, as expert
+    placement passes them, with ties from a narrow cost range."""
+    rng = np.random.default_rng(seed)
+    sizes = rng.integers(100, 300, 8)
+    block = rng.permutation(np.repeat(np.arange(8), sizes))
+    capacity = np.stack([rng.multinomial(n, rng.dirichlet(np.ones(8))) for n in sizes])
+    cost = rng.integers(0, int(rng.choice([6, 10**4])), (len(block), 8))
+    assert len(block) * 8 >= tr._PRICED_ARCS and len(block) >= tr._PRICED_ROWS * 8 * 8
+    _assert_optimal(cost, block, capacity, tr.transport_blocks(cost, block, capacity))
