@@ -24,12 +24,6 @@ def check_counts(name: str, counts: object, *, samples: int | None, experts: int
     Accepts any integer dtype, or floats holding whole numbers; rejects NaN, infinities,
     fractions, negatives and counts above MAX_ROUTES, naming the first offending entry.
     """
-    return checked_counts(name, counts, samples=samples, experts=experts)[0]
-
-
-def checked_counts(name: str, counts: object, *, samples: int | None,
-                   experts: int) -> tuple[np.ndarray, int]:
-    """check_counts and the largest count (0 when empty), which the check reads anyway."""
     arr = np.asarray(counts)
     rows_ok = samples is None or (arr.ndim == 2 and arr.shape[0] == samples)
     if arr.ndim != 2 or arr.shape[1] != experts or not rows_ok:
@@ -45,7 +39,7 @@ def checked_counts(name: str, counts: object, *, samples: int | None,
             i, e = (int(v) for v in np.argwhere(bad)[0])
             raise ValueError(f"{name}[{i}, {e}]={arr[i, e].item()!r} is not a whole number")
     if not arr.size:
-        return arr.astype(np.int64), 0
+        return arr.astype(np.int64)
     if arr.dtype == np.int64:
         # Read as uint64 a negative count exceeds 2**63: one pass checks both ends of the range.
         top = int(arr.view(np.uint64).max())
@@ -68,7 +62,7 @@ def checked_counts(name: str, counts: object, *, samples: int | None,
         total = float(out.sum(dtype=np.float64))
         if total > MAX_ROUTES:
             raise ValueError(f"{name} sums to {total:.0f} routes, more than {MAX_ROUTES}")
-    return out, int(top)
+    return out
 
 
 def check_placement(name: str, device: object, *, samples: int, devices: int) -> np.ndarray:
@@ -79,8 +73,8 @@ def check_placement(name: str, device: object, *, samples: int, devices: int) ->
     return check_devices(name, arr, devices)
 
 
-def _group_sums(counts: np.ndarray, size: int, dtype: type = np.int64) -> np.ndarray:
-    """[I, C / size] of dtype: sums of consecutive column groups of `size`. counts: [I, C].
+def _group_sums(counts: np.ndarray, size: int) -> np.ndarray:
+    """[I, C / size]: sums of consecutive column groups of `size`. counts: [I, C] int64.
 
     Summing adjacent pairs halves the width per pass, so an even size reads the array about
     twice in all instead of `size` times for `size` strided views (measured: groups of 8 of
@@ -89,40 +83,38 @@ def _group_sums(counts: np.ndarray, size: int, dtype: type = np.int64) -> np.nda
     """
     out = counts
     while size % 2 == 0:
-        out = np.add(out[:, 0::2], out[:, 1::2], dtype=dtype, casting="unsafe")
+        out = out[:, 0::2] + out[:, 1::2]
         size //= 2
     if size == 1:
-        return counts.astype(dtype) if out is counts else out
-    summed = np.add(out[:, 0::size], out[:, 1::size], dtype=dtype, casting="unsafe")
+        return counts.copy() if out is counts else out
+    summed = out[:, 0::size] + out[:, 1::size]
     for k in range(2, size):
-        np.add(summed, out[:, k::size], out=summed, casting="unsafe")
+        summed += out[:, k::size]
     return summed
 
 
-def device_counts(topo: Topology, counts: np.ndarray, dtype: type = np.int64) -> np.ndarray:
-    """[I, J]: routes of each sample to the experts on each device. counts: [I, E] int64.
+def device_counts(topo: Topology, counts: np.ndarray) -> np.ndarray:
+    """[I, J] int64: routes of each sample to the experts on each device. counts: [I, E] int64.
 
-    dtype of the result: int64, or int32 when the caller knows the sums fit (half the memory
-    traffic for everything downstream). Segment sums over experts sorted by device: O(I * E),
-    whatever the expert map.
+    Segment sums over experts sorted by device: O(I * E), whatever the expert map.
     """
     order, bounds = topo.experts_by_device
     # The default map is already sorted; skipping the column gather saves a copy of counts.
     sorted_counts = counts if topo.map_sorted else counts[:, order]
     sizes = np.diff(bounds)
     if sizes.min() == sizes.max() > 0:
-        return _group_sums(sorted_counts, int(sizes[0]), dtype)
+        return _group_sums(sorted_counts, int(sizes[0]))
     starts = bounds[:-1]
     used = sizes > 0  # devices with at least one expert
-    out = np.zeros((counts.shape[0], topo.devices), dtype=dtype)
+    out = np.zeros((counts.shape[0], topo.devices), dtype=np.int64)
     if used.any():
         out[:, used] = np.add.reduceat(sorted_counts, starts[used], axis=1)
     return out
 
 
 def node_counts(topo: Topology, dev_counts: np.ndarray) -> np.ndarray:
-    """[I, N] from device_counts [I, J], of its dtype: devices of a node are consecutive."""
-    return _group_sums(dev_counts, topo.gpus_per_node, dev_counts.dtype.type)
+    """[I, N] int64 from device_counts [I, J]: devices of a node are consecutive."""
+    return _group_sums(dev_counts, topo.gpus_per_node)
 
 
 def channel_routes(

@@ -13,8 +13,8 @@ from netmoe.round import Traffic, rows_held
 from .cost import (
     bottleneck_routes,
     channel_routes,
+    check_counts,
     check_placement,
-    checked_counts,
     device_counts,
     node_counts,
     traffic_from_routes,
@@ -94,15 +94,13 @@ def solve(
     until = time.perf_counter() + time_limit
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise ValueError(f"workers must be a positive integer, got {workers!r}")
-    g, top = checked_counts("gather", gather, samples=None, experts=topo.experts)
+    g = check_counts("gather", gather, samples=None, experts=topo.experts)
     samples, j = g.shape[0], topo.devices
     if samples == 0 or samples % j:
         raise ValueError(f"samples={samples} must be a positive multiple of devices={j}")
     mats = [g]
     if scatter is not None:
-        s, s_top = checked_counts("scatter", scatter, samples=samples, experts=topo.experts)
-        mats.append(s)
-        top += s_top
+        mats.append(check_counts("scatter", scatter, samples=samples, experts=topo.experts))
     topos = [topo, _scatter_topology(topo, scatter_topology)][:len(mats)]
     if home is None:
         base = home_placement(samples, j)
@@ -117,19 +115,14 @@ def solve(
             )
 
     start = time.perf_counter()
-    # Two-stage volume needs only sums of the counts: int32 when a node's routes of a sample fit,
-    # half the memory traffic of every pass over the [I, J] counts (the CP-SAT models get int64).
-    per_node = max(int(np.bincount(t.expert_node, minlength=t.nodes).max()) for t in topos)
-    narrow = objective == "volume" and method == "two_stage" and top * per_node < 2**31
-    dtype = np.int32 if narrow else np.int64
-    gathered = device_counts(topos[0], mats[0], dtype)
+    gathered = device_counts(topos[0], mats[0])
     summed = None  # with a scatter: gather + scatter device counts
     if len(mats) == 1:
         both = gathered
     else:
         # The scatter's device counts take the gather's in place: one [I, J] array less to
         # allocate and fill. The scatter's own counts are both - gathered, wherever needed.
-        both = summed = device_counts(topos[1], mats[1], dtype)
+        both = summed = device_counts(topos[1], mats[1])
         both += gathered
     if any(t is not topo for t in topos):
         # Every cost depends on the counts only through routes per device, so with two expert

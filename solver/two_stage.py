@@ -33,7 +33,7 @@ def with_tiebreak(cost: np.ndarray, stay: np.ndarray, rows: int | None = None) -
     unit of cost, no number of kept-home samples (at most rows) can outweigh one route.
     """
     weight = (cost.shape[0] if rows is None else rows) + 1
-    return cost.astype(np.int64, copy=False) * weight + (~stay).astype(np.int64)
+    return cost * weight + (~stay).astype(np.int64)
 
 
 def place_two_stage(
@@ -42,11 +42,11 @@ def place_two_stage(
 ) -> np.ndarray:
     """Device of each row, [R] int64, by the two stages.
 
-    on_dev: [R, J] int64 (or int32) routes of each row with each device (a sample's routes to
-    the experts of each device, or an expert's routes with the samples on each device); home:
-    [R] int64 the device each row prefers among equal costs; capacity: [J] int64 rows each
-    device takes, summing to R (default R / J on every device); on_node: [R, N] node_counts of
-    on_dev, when the caller has them.
+    on_dev: [R, J] int64 routes of each row with each device (a sample's routes to the experts
+    of each device, or an expert's routes with the samples on each device); home: [R] int64 the
+    device each row prefers among equal costs; capacity: [J] int64 rows each device takes,
+    summing to R (default R / J on every device); on_node: [R, N] int64 node_counts of on_dev,
+    when the caller has them.
     """
     rows = on_dev.shape[0]
     nodes, gpus = topo.nodes, topo.gpus_per_node
