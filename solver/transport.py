@@ -21,9 +21,6 @@ from ortools.graph.python import min_cost_flow
 
 # Costs must stay well inside int64 after the solver adds them up along paths.
 _MAX_COST = 2**62
-# Shortest paths pack a cost difference and a row index into one int64 (see _cheapest_moves),
-# and sum prices and distances: within-row cost ranges are held below this.
-_MAX_RANGE = 2**40
 _BIG = 2**61  # "no edge" / "not reached", far above any price or distance
 # Pricing pays off from 4096 arcs and 8 rows per column and block: its cost is mostly per
 # sweep and path, the flow's per arc (measured in instructions, planted routing, stage 2:
@@ -72,10 +69,21 @@ def transport_blocks(cost: np.ndarray, block: np.ndarray, capacity: np.ndarray) 
     # Less a row's least cost, every assignment costs the same constant less: smaller numbers
     # for the flow (fewer cost-scaling phases, measured about 10% faster) and for the prices.
     shifted = cost - cost.min(axis=1, keepdims=True)
-    if (rows * cols >= _PRICED_ARCS and rows >= _PRICED_ROWS * cols * blocks
-            and int(shifted.max()) < _MAX_RANGE):
+    span = int(shifted.max())
+    # Pricing packs a cost difference and a row index into one int64 (_cheapest_moves) and
+    # scales path lengths by C + 1 (_shortest_paths): both must stay below _BIG. A path has
+    # fewer than C edges, each weighing at most 4 drifts (a cost range plus two price spreads).
+    fits = span << rows.bit_length() < _BIG and 4 * cols * (cols + 1) * _drift(span, cols) < _BIG
+    if rows * cols >= _PRICED_ARCS and rows >= _PRICED_ROWS * cols * blocks and fits:
         return _priced(shifted, block, capacity, sizes)
     return _flow(shifted, block, capacity)
+
+
+def _drift(span: int, cols: int) -> int:
+    """A bound on every price after the sweeps and on every row's threshold: each of their
+    _SWEEPS * cols steps sets a price between two thresholds, which lie within span of the
+    current prices (costs in 0..span), so the prices spread by at most 2 * span per step."""
+    return (2 * _SWEEPS * cols + 1) * span
 
 
 def _two_columns(cost: np.ndarray, block: np.ndarray, first: np.ndarray) -> np.ndarray:
@@ -119,8 +127,9 @@ def _priced(cost: np.ndarray, block: np.ndarray, capacity: np.ndarray,
             sizes: np.ndarray) -> np.ndarray:
     """transport_blocks by prices and shortest paths: the same optimal cost as the flow.
 
-    cost: [R, C] int64, each row's least cost 0 and its largest below _MAX_RANGE; block: [R]
-    int64; capacity: [B, C] int64; sizes: [B] int64 rows of each block. Returns [R] int64.
+    cost: [R, C] int64, each row's least cost 0 and its largest such that transport_blocks
+    admits pricing; block: [R] int64; capacity: [B, C] int64; sizes: [B] int64 rows of each
+    block. Returns [R] int64.
     """
     blocks = len(sizes)
     if blocks == 1:
@@ -161,8 +170,8 @@ def _sweeps(cost: np.ndarray, block: np.ndarray, capacity: np.ndarray,
         cost = padded
         pad = np.ones(blocks * width, dtype=bool)
         pad[slot] = False
-    # Prices stay within a few cost ranges of 0: int32 halves the memory traffic when it fits.
-    dtype = np.int32 if int(cost.max()) < 2**24 else np.int64
+    # int32 halves the memory traffic when every price and threshold fits.
+    dtype = np.int32 if _drift(int(cost.max()), cols) < 2**29 else np.int64
     unreached = np.iinfo(dtype).max // 4  # a padding row's threshold: never among the k
     cost = cost.astype(dtype).reshape(cols, blocks, width)
     price = np.zeros((blocks, cols), dtype=dtype)
@@ -207,9 +216,9 @@ def _shortest_paths(cost: np.ndarray, col: np.ndarray, block: np.ndarray, capaci
                     price: np.ndarray) -> np.ndarray:
     """Least-cost assignment from any start prices, by successive shortest paths per block.
 
-    cost: [R, C] int64 (row ranges below _MAX_RANGE), rows sorted by block; col: [R] int64
-    each row's start column, one of least cost - price; block: [R] int64; capacity: [B, C]
-    int64; price: [B, C] int64. Returns [R] int64 columns.
+    cost: [R, C] int64 (row ranges that transport_blocks admits), rows sorted by block; col:
+    [R] int64 each row's start column, one of least cost - price; block: [R] int64; capacity:
+    [B, C] int64; price: [B, C] int64. Returns [R] int64 columns.
 
     Every row sits on a column of least cost - price (reduced cost 0), so every edge of the
     column graph has a non-negative reduced weight. Each round, in every block with an overfull
@@ -234,7 +243,7 @@ def _shortest_paths(cost: np.ndarray, col: np.ndarray, block: np.ndarray, capaci
     # it has the fewest edges, so every column's parent is strictly closer to the overfull ones.
     scale = cols + 1
     hop = 1 - np.eye(cols, dtype=np.int64)
-    cap = _BIG // (2 * scale)  # no edge: far, but no overflow once scaled
+    cap = _BIG // (2 * scale)  # no edge; real weights stay far below (transport_blocks)
     self_loop = np.eye(cols, dtype=np.int64) * _BIG
     own = np.arange(cols)
     jumps = max(1, (cols - 1).bit_length())
