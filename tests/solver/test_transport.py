@@ -205,10 +205,12 @@ def test_equal_costs_keep_every_sample_home(nodes: int, per_device: int) -> None
 
 
 @pytest.mark.parametrize(
-    ("rows", "cols", "high"), [(2048, 16, 3), (1024, 32, 10**6), (4096, 32, 40)]
+    ("rows", "cols", "high"),
+    [(2048, 16, 3), (1024, 32, 10**6), (4096, 32, 40), (1024, 8, 2**48)],  # the last: flow
 )
 def test_large_problems_take_the_priced_path_and_match_the_flow(rows: int, cols: int,
                                                                 high: int) -> None:
+    """Up to costs whose spread could overflow the prices' sums: those go to the flow."""
     rng = np.random.default_rng(rows + cols)
     cost = rng.integers(0, high, (rows, cols))
     capacity = rng.multinomial(rows, np.ones(cols) / cols)
