@@ -12,9 +12,12 @@ from netmoe.round import Traffic, rows_held
 
 from .cost import (
     bottleneck_routes,
+    channel_routes,
     check_counts,
     check_placement,
     device_counts,
+    node_counts,
+    traffic_from_routes,
     traffic_of,
 )
 from .exact import solve_bottleneck, solve_joint
@@ -112,13 +115,21 @@ def solve(
             )
 
     start = time.perf_counter()
-    dev_mats = [device_counts(t, m) for t, m in zip(topos, mats, strict=True)]
+    gathered = device_counts(topos[0], mats[0])
+    summed = None  # with a scatter: gather + scatter device counts
+    if len(mats) == 1:
+        both = gathered
+    else:
+        # The scatter's device counts take the gather's in place: one [I, J] array less to
+        # allocate and fill. The scatter's own counts are both - gathered, wherever needed.
+        both = summed = device_counts(topos[1], mats[1])
+        both += gathered
     if any(t is not topo for t in topos):
         # Every cost depends on the counts only through routes per device, so with two expert
         # maps the exact models run on the device counts, one pseudo-expert per device.
-        topo, mats = topo.per_device(), dev_mats
-    both = dev_mats[0] if len(dev_mats) == 1 else dev_mats[0] + dev_mats[1]
-    device = place_two_stage(topo, both, base)
+        topo, mats = topo.per_device(), [gathered, both - gathered]
+    on_node = node_counts(topo, both)
+    device = place_two_stage(topo, both, base, on_node=on_node)
     optimal, gap, used = True, 0.0, method
     if objective == "bottleneck":
         res = solve_bottleneck(topo, mats, base, device, until, workers)
@@ -128,14 +139,16 @@ def solve(
         optimal, gap = res.optimal, res.gap
     elif method == "joint":
         res = solve_joint(topo, mats, base, device, until, workers)
+        dev_mats = [gathered] if len(mats) == 1 else [gathered, both - gathered]
         found = traffic_of(topo, res.device, dev_mats).seconds
         if found <= traffic_of(topo, device, dev_mats).seconds:
             device = res.device
         optimal, gap = res.optimal, res.gap
     elapsed = time.perf_counter() - start
 
-    totals = [int(m.sum()) for m in dev_mats]
-    after = traffic_of(topo, device, dev_mats, totals)
+    # Sums over every row and device: the node counts hold them at 1/G of the size.
+    totals = [int(on_node.sum())] if summed is None else [int(gathered.sum()), int(on_node.sum())]
+    after = _traffic(topo, device, gathered, summed, on_node, totals)
     if objective == "volume":
         value = after.seconds
     else:
@@ -145,7 +158,7 @@ def solve(
         home=tuple(base.tolist()),
         moved=int((device != base).sum()),
         rows_held=tuple(rows_held(device, j, base)),
-        before=traffic_of(topo, base, dev_mats, totals),
+        before=_traffic(topo, base, gathered, summed, on_node, totals),
         after=after,
         objective=objective,
         method=used,
@@ -155,6 +168,21 @@ def solve(
         gap=gap,
         solve_seconds=elapsed,
     )
+
+
+def _traffic(topo: Topology, device: np.ndarray, gathered: np.ndarray,
+             summed: np.ndarray | None, on_node: np.ndarray, totals: list[int]) -> Traffic:
+    """traffic_of for the gather's device counts and, with a scatter, their sum with the
+    scatter's: the scatter's routes are the difference, each route count being linear in the
+    counts. gathered, summed: [I, J] int64; on_node: [I, N] int64 node counts of the last of
+    them; totals: their sums."""
+    if summed is None:
+        return traffic_from_routes(
+            topo, [channel_routes(topo, device, gathered, totals[0], on_node)])
+    first = channel_routes(topo, device, gathered, totals[0])
+    both = channel_routes(topo, device, summed, totals[1], on_node)
+    second = tuple(b - a for a, b in zip(first, both, strict=True))
+    return traffic_from_routes(topo, [first, second])
 
 
 def _scatter_topology(topo: Topology, other: Topology | None) -> Topology:

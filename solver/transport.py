@@ -1,15 +1,17 @@
 """Balanced transportation problems, solved exactly: OR-Tools min-cost flow, a closed form for
-two columns, and column pricing for many rows.
+two columns, and for many rows per column dual prices with successive shortest paths.
 
 The paper expands each bin into one slot per unit of capacity and runs Kuhn-Munkres on the
 resulting I x I matrix. A transportation problem over I x C arcs has the same optimum and is far
 smaller: 1024 samples on 8 nodes is 8k arcs instead of 1M.
 
-With few columns (C << R) the dual has only C prices. `_priced` guesses them by a few sweeps of
-price adjustment, solves the flow on the arcs whose reduced cost is near zero, and proves the
-result optimal for every arc from the column graph's shortest-path potentials (LP duality:
-prices under which no arc has a negative reduced cost); arcs that break the proof are added and
-the flow solved again, and after a few rounds the flow over every arc decides.
+With few columns (C << R) the dual has only C prices per block. `_priced` estimates them by
+Gauss-Seidel sweeps (each column's price set so that its capacity of rows prefers it), puts
+every row on a column of least reduced cost, and then moves rows from overfull to underfull
+columns along shortest paths of the column graph (C nodes, edge a -> b: the cheapest move of a
+row from a to b), raising prices by the path distances. Each step keeps every row on a column of
+least reduced cost; when no column is overfull the assignment is optimal (LP duality). The
+sweeps only make the paths few, the result is exact whatever they return.
 """
 
 from __future__ import annotations
@@ -19,16 +21,15 @@ from ortools.graph.python import min_cost_flow
 
 # Costs must stay well inside int64 after the solver adds them up along paths.
 _MAX_COST = 2**62
-# Pricing pays off from 16 columns and 32k arcs (measured, planted routing: 4096 x 32 three
-# times faster than one flow, 1024 x 32 two times; 1024 x 16 and 4096 x 8 no faster).
-_PRICED_ARCS = 32768
-_PRICED_COLS = 16
-# Price-adjustment sweeps before the restricted flow, and the restricted arcs' margin above a
-# row's best priced column, as a fraction 1/_MARGIN of the largest cost.
+_BIG = 2**61  # "no edge" / "not reached", far above any price or distance
+# Pricing pays off from 4096 arcs and 8 rows per column and block: its cost is mostly per
+# sweep and path, the flow's per arc (measured in instructions, planted routing, stage 2:
+# 384 x 8 arcs in 2 blocks, flow 6.4M, pricing 8.1M; 1024 x 8 in 8 blocks, 19.3M vs 7.4M).
+_PRICED_ARCS = 4096
+_PRICED_ROWS = 8
+# Gauss-Seidel sweeps before the shortest paths (measured, planted routing at 4096 rows, 4
+# seeds: 4 sweeps 0 to 24% less time than 3 in both stages; 2, 5 or 6 more).
 _SWEEPS = 4
-_MARGIN = 256
-# Pricing rounds before giving up on a sparse proof and solving the flow over every arc.
-_PRICED_ROUNDS = 4
 
 
 def transport(cost: np.ndarray, capacity: np.ndarray) -> np.ndarray:
@@ -49,10 +50,12 @@ def transport_blocks(cost: np.ndarray, block: np.ndarray, capacity: np.ndarray) 
     [0, B); capacity: [B, C] int64, block b's rows summing to capacity[b].sum().
     Returns [R] int64, the column (0..C-1, within its block) of each row, of least total cost.
     C = 2 has a closed form (each block takes the rows cheapest to put in column 0 relative to
-    column 1); otherwise all blocks go to one min-cost flow.
+    column 1); from _PRICED_ARCS arcs and _PRICED_ROWS rows per column and block, prices and
+    shortest paths (`_priced`); otherwise all blocks go to one min-cost flow.
     """
     rows, cols = cost.shape
-    sizes = np.bincount(block, minlength=capacity.shape[0])
+    blocks = capacity.shape[0]
+    sizes = np.bincount(block, minlength=blocks)
     if (capacity.sum(axis=1) != sizes).any():
         b = int(np.flatnonzero(capacity.sum(axis=1) != sizes)[0])
         raise ValueError(
@@ -63,11 +66,24 @@ def transport_blocks(cost: np.ndarray, block: np.ndarray, capacity: np.ndarray) 
         return np.zeros(rows, dtype=np.int64)
     if cols == 2:
         return _two_columns(cost, block, capacity[:, 0])
-    if capacity.shape[0] == 1 and rows * cols >= _PRICED_ARCS and cols >= _PRICED_COLS:
-        return _priced(cost, capacity[0])
-    # Less a row's least cost, every assignment costs the same constant less: the flow solves
-    # the smaller costs in fewer cost-scaling phases (measured about 10% faster).
-    return _flow(cost - cost.min(axis=1, keepdims=True), block, capacity)
+    # Less a row's least cost, every assignment costs the same constant less: smaller numbers
+    # for the flow (fewer cost-scaling phases, measured about 10% faster) and for the prices.
+    shifted = cost - cost.min(axis=1, keepdims=True)
+    span = int(shifted.max())
+    # Pricing packs a cost difference and a row index into one int64 (_cheapest_moves) and
+    # scales path lengths by C + 1 (_shortest_paths): both must stay below _BIG. A path has
+    # fewer than C edges, each weighing at most 4 drifts (a cost range plus two price spreads).
+    fits = span << rows.bit_length() < _BIG and 4 * cols * (cols + 1) * _drift(span, cols) < _BIG
+    if rows * cols >= _PRICED_ARCS and rows >= _PRICED_ROWS * cols * blocks and fits:
+        return _priced(shifted, block, capacity, sizes)
+    return _flow(shifted, block, capacity)
+
+
+def _drift(span: int, cols: int) -> int:
+    """A bound on every price after the sweeps and on every row's threshold: each of their
+    _SWEEPS * cols steps sets a price between two thresholds, which lie within span of the
+    current prices (costs in 0..span), so the prices spread by at most 2 * span per step."""
+    return (2 * _SWEEPS * cols + 1) * span
 
 
 def _two_columns(cost: np.ndarray, block: np.ndarray, first: np.ndarray) -> np.ndarray:
@@ -107,122 +123,208 @@ def _flow(cost: np.ndarray, block: np.ndarray, capacity: np.ndarray) -> np.ndarr
     return np.argmax(chosen, axis=1).astype(np.int64)
 
 
-def _priced(cost: np.ndarray, capacity: np.ndarray) -> np.ndarray:
-    """transport() for one block of many rows: the same optimal cost, by column pricing.
+def _priced(cost: np.ndarray, block: np.ndarray, capacity: np.ndarray,
+            sizes: np.ndarray) -> np.ndarray:
+    """transport_blocks by prices and shortest paths: the same optimal cost as the flow.
 
-    cost: [R, C] int64; capacity: [C] int64. Prices come from _SWEEPS sweeps of _jacobi; the
-    restricted flow keeps each row's arcs within a margin of its best priced column, plus one
-    arc of a feasible assignment close to those choices, so that it always has a solution.
-    Returns [R] int64.
+    cost: [R, C] int64, each row's least cost 0 and its largest such that transport_blocks
+    admits pricing; block: [R] int64; capacity: [B, C] int64; sizes: [B] int64 rows of each
+    block. Returns [R] int64.
     """
-    rows, cols = cost.shape
-    if int(cost.max()) * rows >= _MAX_COST:
-        raise ValueError(f"costs up to {int(cost.max())} over {rows} rows would overflow int64")
-    price = np.zeros(cols, dtype=np.int64)
-    for _ in range(_SWEEPS):
-        price = _jacobi(cost, capacity, price)
-    margin = max(1, int(cost.max()) // _MARGIN)
-    # Shifting a row's costs, or a column's (its capacity is fixed), moves every assignment's
-    # cost by the same amount: the flow gets these small non-negative costs, which it solves
-    # in fewer cost-scaling phases (measured about 20% faster).
-    reduced = cost - price
-    reduced -= reduced.min(axis=1, keepdims=True)
-    seed = _fill(np.argmin(reduced, axis=1), capacity)
-    arcs = reduced <= margin
-    arcs[np.arange(rows), seed] = True
-    for _ in range(_PRICED_ROUNDS):
-        col = _restricted(reduced, capacity, arcs, seed)
-        price = _potentials(cost, col, arcs)
-        reduced = cost - price
-        reduced -= reduced[np.arange(rows), col][:, None]
-        if reduced.min() >= 0:  # dual feasible for every arc: col is optimal
-            return col
-        arcs |= reduced <= margin
-        reduced -= reduced.min(axis=1, keepdims=True)
-    return _flow(cost, np.zeros(rows, dtype=np.int64), capacity[None, :])
-
-
-def _jacobi(cost: np.ndarray, capacity: np.ndarray, price: np.ndarray) -> np.ndarray:
-    """One sweep of price adjustment: each column's price set, given the others', to the middle
-    of the range where exactly capacity[c] rows choose it (row i chooses argmin cost[i] - price).
-    cost: [R, C] int64, capacity, price: [C] int64. A heuristic: any prices make a valid start."""
-    rows, cols = cost.shape
-    value = cost - price
-    r = np.arange(rows)
-    best = value.argmin(axis=1)
-    two = np.partition(value, 1, axis=1)  # [:, 0] the best value, [:, 1] the second
-    # Row i chooses column c iff price[c] > bar[i, c] = cost[i, c] - (its best value elsewhere).
-    bar = (cost - two[:, :1]).T.copy()  # [C, R], rows contiguous for the partition below
-    bar[best, r] += two[:, 0] - two[:, 1]
-    kth = np.clip(capacity, 1, rows - 1)
-    if (kth == kth[0]).all():
-        ranked = np.partition(bar, [kth[0] - 1, kth[0]], axis=1)
-        low, high = ranked[:, kth[0] - 1], ranked[:, kth[0]]
+    blocks = len(sizes)
+    if blocks == 1:
+        by_row, blk = cost, block
     else:
-        ranked = np.sort(bar, axis=1)
-        low, high = ranked[np.arange(cols), kth - 1], ranked[np.arange(cols), kth]
-    return (low + high) // 2
-
-
-def _fill(want: np.ndarray, capacity: np.ndarray) -> np.ndarray:
-    """A feasible assignment [R] int64 giving as many rows as capacity allows the column they
-    want ([R] int64); the others fill the free slots in row order."""
-    order = np.argsort(want, kind="stable")
-    counts = np.bincount(want, minlength=len(capacity))
-    rank = np.empty(len(want), dtype=np.int64)
-    rank[order] = np.arange(len(want)) - (np.cumsum(counts) - counts)[want[order]]
-    out = want.copy()
-    over = rank >= capacity[want]
-    free = capacity - np.minimum(counts, capacity)
-    out[over] = np.repeat(np.arange(len(capacity), dtype=np.int64), free)
+        order = _stable_order(block, blocks)  # the rows of a block contiguous
+        by_row, blk = cost[order], block[order]
+    by_col = np.ascontiguousarray(by_row.T)
+    price = _sweeps(by_col, blk, capacity, sizes)
+    start = (by_col - (price.T if blocks == 1 else price.T[:, blk])).argmin(axis=0)
+    col = _shortest_paths(by_row, start, blk, capacity, price)
+    if blocks == 1:
+        return col
+    out = np.empty(len(block), dtype=np.int64)
+    out[order] = col
     return out
 
 
-def _restricted(cost: np.ndarray, capacity: np.ndarray, arcs: np.ndarray,
-                seed: np.ndarray) -> np.ndarray:
-    """Least-cost assignment using only arcs ([R, C] bool, holding seed, a feasible assignment).
-    Rows with one arc take it; the flow sees only the others."""
-    cols = cost.shape[1]
-    free = arcs.sum(axis=1) > 1
-    col = seed.copy()
-    left = capacity - np.bincount(seed[~free], minlength=cols)
-    index = np.flatnonzero(free)
-    r, c = np.nonzero(arcs[index])
-    flow = min_cost_flow.SimpleMinCostFlow()
-    ids = flow.add_arcs_with_capacity_and_unit_cost(
-        r, len(index) + c, np.ones(len(r), dtype=np.int64), cost[index[r], c]
-    )
-    flow.set_nodes_supplies(
-        np.arange(len(index) + cols, dtype=np.int64),
-        np.concatenate([np.ones(len(index), dtype=np.int64), -left]),
-    )
-    status = flow.solve()
-    if status != flow.OPTIMAL:
-        raise RuntimeError(f"min-cost flow failed with status {status}")
-    used = flow.flows(ids) > 0
-    col[index[r[used]]] = c[used]
-    return col
+def _sweeps(cost: np.ndarray, block: np.ndarray, capacity: np.ndarray,
+            sizes: np.ndarray) -> np.ndarray:
+    """_SWEEPS Gauss-Seidel sweeps of price adjustment, from zero prices: column by column, the
+    price in the middle of the range where exactly capacity rows prefer the column (a row
+    prefers the column of least cost - price), given the other columns' current prices.
+
+    cost: [C, R] int64, rows sorted by block; block: [R] int64; capacity: [B, C]; sizes: [B].
+    Returns prices [B, C] int64. A heuristic: the shortest paths accept any prices.
+    """
+    cols, rows = cost.shape
+    blocks = len(sizes)
+    width = int(sizes.max())
+    pad = None
+    if (sizes != width).any():
+        # Equal-width blocks let one sort call rank every block; padding rows never count.
+        starts = np.cumsum(sizes) - sizes
+        slot = block * width + np.arange(rows) - starts[block]
+        padded = np.zeros((cols, blocks * width), dtype=np.int64)
+        padded[:, slot] = cost
+        cost = padded
+        pad = np.ones(blocks * width, dtype=bool)
+        pad[slot] = False
+    # int32 halves the memory traffic when every price and threshold fits.
+    dtype = np.int32 if _drift(int(cost.max()), cols) < 2**29 else np.int64
+    unreached = np.iinfo(dtype).max // 4  # a padding row's threshold: never among the k
+    cost = cost.astype(dtype).reshape(cols, blocks, width)
+    price = np.zeros((blocks, cols), dtype=dtype)
+    # Between the k-th and (k+1)-th smallest threshold: k rows prefer the column. k = 0 and
+    # k = size have one neighbour only; they are set 2 apart so that the middle is outside.
+    low_at = np.clip(capacity - 1, 0, width - 1)
+    high_at = np.clip(capacity, 0, width - 1)
+    none, every = capacity == 0, capacity >= sizes[:, None]
+    ends = [bool(none[:, c].any() or every[:, c].any()) for c in range(cols)]
+    b = np.arange(blocks)
+    later = np.empty_like(cost)  # later[c]: each row's least value over columns >= c
+    for _ in range(_SWEEPS):
+        value = cost - price.T[:, :, None]
+        later[cols - 1] = value[cols - 1]
+        for c in range(cols - 2, 0, -1):
+            np.minimum(value[c], later[c + 1], out=later[c])
+        earlier = None  # each row's least value over the columns already priced this sweep
+        for c in range(cols):
+            if earlier is None:
+                other = later[1]
+            elif c == cols - 1:
+                other = earlier
+            else:
+                other = np.minimum(earlier, later[c + 1])
+            bar = cost[c] - other  # row r prefers column c iff price[c] > bar[r]
+            if pad is not None:
+                bar[pad.reshape(blocks, width)] = unreached
+            # A full sort beats selecting two ranks (measured, 4096 entries: 70% of the time).
+            ranked = np.sort(bar, axis=1)
+            low, high = ranked[b, low_at[:, c]], ranked[b, high_at[:, c]]
+            if ends[c]:
+                low = np.where(none[:, c], high - 2, low)
+                high = np.where(every[:, c], low + 2, high)
+            price[:, c] = (low.astype(np.int64) + high + 1) // 2
+            # One block: a Python scalar, which numpy need not broadcast through a buffer.
+            now = cost[c] - (int(price[0, c]) if blocks == 1 else price[:, c, None])
+            earlier = now if earlier is None else np.minimum(earlier, now)
+    return price.astype(np.int64)
 
 
-def _potentials(cost: np.ndarray, col: np.ndarray, arcs: np.ndarray) -> np.ndarray:
-    """[C] int64 prices p with cost[i, c] - p[c] >= cost[i, col[i]] - p[col[i]] on every arc.
+def _shortest_paths(cost: np.ndarray, col: np.ndarray, block: np.ndarray, capacity: np.ndarray,
+                    price: np.ndarray) -> np.ndarray:
+    """Least-cost assignment from any start prices, by successive shortest paths per block.
 
-    col must be optimal among assignments using arcs ([R, C] bool): then the column graph
-    (edge a -> b: the cheapest move of a row from a to b) has no negative cycle, and its
-    shortest-path distances from a virtual source are such prices (Bellman-Ford, C nodes).
+    cost: [R, C] int64 (row ranges that transport_blocks admits), rows sorted by block; col:
+    [R] int64 each row's start column, one of least cost - price; block: [R] int64; capacity:
+    [B, C] int64; price: [B, C] int64. Returns [R] int64 columns.
+
+    Every row sits on a column of least cost - price (reduced cost 0), so every edge of the
+    column graph has a non-negative reduced weight. Each round, in every block with an overfull
+    column, prices rise by the shortest distances from the overfull columns: the weights stay
+    non-negative and the shortest-path tree of each overfull column becomes tight. One row then
+    moves along each edge of a path from every overfull column to the nearest underfull column
+    of its tree (the trees share no column, so no row moves twice). All blocks move in lockstep.
     """
     rows, cols = cost.shape
-    move = np.where(arcs, cost - cost[np.arange(rows), col][:, None], _MAX_COST)
-    order = np.argsort(col, kind="stable")
-    counts = np.bincount(col, minlength=cols)
-    edge = np.full((cols, cols), _MAX_COST, dtype=np.int64)
-    held = counts > 0
-    edge[held] = np.minimum.reduceat(move[order], (np.cumsum(counts) - counts)[held], axis=0)
-    np.fill_diagonal(edge, 0)
-    dist = np.zeros(cols, dtype=np.int64)
-    for _ in range(cols):
-        nxt = np.minimum(dist, (dist[:, None] + edge).min(axis=0))
-        if (nxt == dist).all():
-            break
-        dist = nxt
-    return dist
+    blocks = capacity.shape[0]
+    price = price.copy()
+    col = col.copy()
+    group = block * cols + col
+    load = np.bincount(group, minlength=blocks * cols)
+    need = capacity.ravel()
+    shift = max(1, rows.bit_length())
+    move = np.full((blocks * cols, cols), _BIG, dtype=np.int64)
+    who = np.zeros((blocks * cols, cols), dtype=np.int64)
+    _cheapest_moves(cost, col, group, np.arange(rows), shift, move, who)
+    # Path lengths in units of 1 / (C + 1) of a cost unit, each edge one unit more: a shortest
+    # path is still one of least cost (a simple path has fewer than C edges), and among those
+    # it has the fewest edges, so every column's parent is strictly closer to the overfull ones.
+    scale = cols + 1
+    hop = 1 - np.eye(cols, dtype=np.int64)
+    cap = _BIG // (2 * scale)  # no edge; real weights stay far below (transport_blocks)
+    self_loop = np.eye(cols, dtype=np.int64) * _BIG
+    own = np.arange(cols)
+    jumps = max(1, (cols - 1).bit_length())
+    for _ in range(rows + 1):  # each round fills at least one slot of an underfull column
+        over = (load - need).reshape(blocks, cols)
+        act = np.flatnonzero((over > 0).any(axis=1))
+        if not len(act):
+            return col
+        p, over = price[act], over[act]
+        weight = np.minimum(move.reshape(blocks, cols, cols)[act] + (p[:, :, None] - p[:, None, :]),
+                            cap) * scale + hop
+        source = over > 0
+        dist = np.where(source, 0, _BIG)
+        for _ in range(cols):  # Bellman-Ford over the columns, from all overfull ones
+            best = (dist[:, :, None] + weight).min(axis=1)  # the self-loop (0) keeps dist
+            if np.array_equal(best, dist):
+                break
+            dist = best
+        price[act] = p + dist // scale
+        # Flat indices a * C + column over the active blocks, `end` past them: the parent of
+        # each column on its shortest path (end for overfull ones), and its root, the overfull
+        # column whose tree holds it (pointer jumping).
+        end = len(act) * cols
+        offset = (np.arange(len(act)) * cols)[:, None]
+        parent = (dist[:, :, None] + weight + self_loop).argmin(axis=1) + offset
+        up = np.append(np.where(source, end, parent), end)
+        root = np.where(source, own + offset, parent).ravel()
+        for _ in range(jumps):
+            root = root[root]
+        under = np.flatnonzero(over.ravel() < 0)
+        nearest = np.lexsort((dist.ravel()[under], root[under]))
+        tree = root[under][nearest]
+        at = under[nearest[np.concatenate(([True], tree[1:] != tree[:-1]))]]
+        steps = [at]
+        while True:  # back from each chosen underfull column to its root
+            at = up[at]
+            if (at == end).all():
+                break
+            steps.append(at)
+        head = np.concatenate(steps)
+        tail = up[head]
+        head, tail = head[tail != end], tail[tail != end]
+        head_col = head % cols
+        base = act[tail // cols] * cols
+        tail, head = base + tail % cols, base + head_col
+        moved = who[tail, head_col]
+        col[moved] = head_col
+        group[moved] = head
+        load[tail] -= 1
+        load[head] += 1
+        touched = np.zeros(blocks * cols, dtype=bool)
+        touched[tail] = True
+        touched[head] = True
+        move[tail] = _BIG  # a group the round emptied keeps no edges
+        _cheapest_moves(cost, col, group, np.flatnonzero(touched[group]), shift, move, who)
+    raise RuntimeError("shortest paths did not fill every column")
+
+
+def _cheapest_moves(cost: np.ndarray, col: np.ndarray, group: np.ndarray, rows: np.ndarray,
+                    shift: int, move: np.ndarray, who: np.ndarray) -> None:
+    """For the groups (block * C + column) of the given rows: move[g, c], the least cost change
+    of moving one of g's rows to column c, and who[g, c], that row. Updated in place.
+
+    cost: [R, C] int64; col, group: [R] int64; rows: [S] int64 row indices, every row of each
+    group they touch; move, who: [B * C, C] int64.
+    """
+    order = rows[_stable_order(group[rows], len(move))]
+    g = group[order]
+    first = np.flatnonzero(np.concatenate(([True], g[1:] != g[:-1])))
+    # Least (delta, position) in one reduction: delta in the high bits, position in the low,
+    # (cost << shift) + (position - (own cost << shift)) in two passes over the rows.
+    packed = cost[order]
+    low = np.arange(len(order)) - (packed[np.arange(len(order)), col[order]] << shift)
+    packed <<= shift
+    packed += low[:, None]
+    packed = np.minimum.reduceat(packed, first, axis=0)
+    move[g[first]] = packed >> shift
+    who[g[first]] = order[packed & ((1 << shift) - 1)]
+
+
+def _stable_order(keys: np.ndarray, bound: int) -> np.ndarray:
+    """np.argsort(keys, kind="stable") for int64 keys in [0, bound): as 16-bit keys when they
+    fit, which numpy sorts by radix (measured, 4096 keys: 30 us instead of 180 us)."""
+    return np.argsort(keys.astype(np.int16) if bound <= 2**15 else keys, kind="stable")

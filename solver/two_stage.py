@@ -37,22 +37,25 @@ def with_tiebreak(cost: np.ndarray, stay: np.ndarray, rows: int | None = None) -
 
 
 def place_two_stage(
-    topo: Topology, on_dev: np.ndarray, home: np.ndarray, capacity: np.ndarray | None = None
+    topo: Topology, on_dev: np.ndarray, home: np.ndarray, capacity: np.ndarray | None = None,
+    on_node: np.ndarray | None = None,
 ) -> np.ndarray:
     """Device of each row, [R] int64, by the two stages.
 
     on_dev: [R, J] int64 routes of each row with each device (a sample's routes to the experts
     of each device, or an expert's routes with the samples on each device); home: [R] int64 the
     device each row prefers among equal costs; capacity: [J] int64 rows each device takes,
-    summing to R (default R / J on every device).
+    summing to R (default R / J on every device); on_node: [R, N] int64 node_counts of on_dev,
+    when the caller has them.
     """
     rows = on_dev.shape[0]
     nodes, gpus = topo.nodes, topo.gpus_per_node
     if capacity is None:
         capacity = np.full(topo.devices, rows // topo.devices, dtype=np.int64)
     dev_cap = capacity.reshape(nodes, gpus)
-    on_node = node_counts(topo, on_dev)
-    inter = on_dev.sum(axis=1, keepdims=True) - on_node
+    if on_node is None:
+        on_node = node_counts(topo, on_dev)
+    inter = on_node.sum(axis=1, keepdims=True) - on_node  # [R, N]; on_node is 1/G of on_dev
     stay = topo.device_node[home][:, None] == np.arange(nodes)[None, :]
     node = transport_blocks(
         with_tiebreak(inter, stay), np.zeros(rows, dtype=np.int64), dev_cap.sum(axis=1)[None, :]

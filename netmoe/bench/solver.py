@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from typing import Any
 
@@ -51,14 +52,17 @@ def expanded_two_stage(topo: Any, counts: np.ndarray) -> np.ndarray:
     return device
 
 
-def _times(fn: Any, repeats: int) -> dict[str, Any]:
-    """netmoe.bench.stats.spread of the wall time of fn() in milliseconds."""
-    out = []
+def _times(fn: Any, repeats: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    """netmoe.bench.stats.spread of the wall time and of the calling thread's CPU time of fn()
+    in milliseconds. On a shared machine the CPU time is the steadier figure: waiting for a
+    core adds to the wall time only."""
+    wall, cpu = [], []
     for _ in range(repeats):
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.thread_time()
         fn()
-        out.append((time.perf_counter() - start) * 1e3)
-    return spread(out)
+        cpu.append((time.thread_time() - start_cpu) * 1e3)
+        wall.append((time.perf_counter() - start) * 1e3)
+    return spread(wall), spread(cpu)
 
 
 def _rounded(prefix: str, stats: dict[str, Any]) -> dict[str, Any]:
@@ -80,13 +84,14 @@ def bench_sizes(
             topo = Topology(j // 8, 8, 2 * j)
             counts = planted_counts(np.random.default_rng(seed), samples, 2 * j, domains=j // 8)
             reps = repeats if samples <= 1024 else max(3, repeats // 10)
-            ours = _times(lambda t=topo, c=counts: solve(t, c[0], c[1]), reps)
+            ours, ours_cpu = _times(lambda t=topo, c=counts: solve(t, c[0], c[1]), reps)
             row: dict[str, Any] = {
                 "samples": samples, "devices": j, "experts": 2 * j, **_rounded("two_stage", ours),
+                **_rounded("two_stage_cpu", ours_cpu), "load_1min": round(os.getloadavg()[0], 2),
             }
             if samples <= max_expanded:
                 ereps = max(3, reps // 5) if samples > 256 else reps
-                theirs = _times(
+                theirs, _ = _times(
                     lambda t=topo, c=counts: expanded_two_stage(t, c[0] + c[1]), ereps
                 )
                 plan = solve(topo, counts[0], counts[1])
@@ -140,19 +145,22 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps({"sizes": rows, "two_stage_gap": gap}))
         return 0
     print("solve time, ms (median, then p99, or the max when there are fewer than 100 repeats): "
-          "exact two-stage min-cost flow vs the paper's expanded I x I assignment")
+          "exact two-stage vs the paper's expanded I x I assignment; two-stage CPU: the solving "
+          "thread's CPU time; load: 1-minute load average after the size")
     body = []
     for r in rows:
         row = [r["samples"], r["devices"], r["experts"],
-               f"{r['two_stage_ms_median']:.3f}, {tail(_stats(r, 'two_stage'))}"]
+               f"{r['two_stage_ms_median']:.3f}, {tail(_stats(r, 'two_stage'))}",
+               f"{r['two_stage_cpu_ms_median']:.3f}, {tail(_stats(r, 'two_stage_cpu'))}",
+               f"{r['load_1min']:.2f}"]
         if "expanded_ms_median" in r:
             row += [f"{r['expanded_ms_median']:.2f}, {tail(_stats(r, 'expanded'), 2)}",
                     f"{r['speedup']:.1f}x", r["same_inter"]]
         else:
             row += ["skipped", "", ""]
         body.append(row)
-    print("\n".join(table(("I", "J", "E", "two-stage", "expanded", "speedup", "same inter"), body,
-                          indent=0, left=0)))
+    print("\n".join(table(("I", "J", "E", "two-stage", "two-stage CPU", "load", "expanded",
+                           "speedup", "same inter"), body, indent=0, left=0)))
     if gap:
         print("two-stage gap to the CP-SAT joint optimum (modelled All-to-All time, 2 x 4 GPUs)")
         for r in gap:

@@ -127,6 +127,20 @@ def test_no_move_when_nothing_is_gained(per: int, value: int) -> None:
     assert plan.dest == plan.home
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_before_and_after_are_the_traffic_of_home_and_dest(seed: int) -> None:
+    """solve costs the scatter as the difference of the summed and the gather's counts; the
+    routes and times per All-to-All must be traffic()'s, with and without a scatter."""
+    rng = np.random.default_rng(seed)
+    topo = Topology(4, 2, 16, bw_intra=400e9, bw_inter=100e9, bytes_per_route=64)
+    g, s = rng.integers(0, 9, (2, 32, 16))
+    home = rng.permutation(np.arange(32) // 4)
+    for scatter in (s, None):
+        plan = solve(topo, g, scatter, home=home)
+        assert plan.before == traffic(topo, home, g, scatter)
+        assert plan.after == traffic(topo, np.array(plan.dest), g, scatter)
+
+
 def test_samples_already_well_placed_stay() -> None:
     topo = Topology(2, 2, 4)
     g = np.zeros((8, 4), dtype=np.int64)

@@ -47,25 +47,83 @@ def test_blocks_reject_capacities_that_do_not_fit() -> None:
                             np.array([[1, 1], [2, 1]]))
 
 
-@pytest.mark.parametrize("seed", range(12))
+def _random_instance(rng: np.random.Generator):
+    """A block-structured instance with the shapes a wrong shortcut would trip on: empty blocks,
+    uneven blocks, capacities of 0 and of a whole block, costs from a narrow range (ties
+    everywhere), all zero, identical rows, or spread up to 10**9."""
+    blocks, cols = int(rng.integers(1, 6)), int(rng.integers(2, 10))
+    if rng.random() < 0.5:
+        sizes = rng.integers(0, 80, blocks)
+    else:
+        sizes = np.full(blocks, int(rng.integers(1, 80)))
+    block = rng.permutation(np.repeat(np.arange(blocks), sizes))
+    capacity = np.zeros((blocks, cols), dtype=np.int64)
+    for b, n in enumerate(sizes):
+        kind = rng.integers(4)
+        if kind == 0:  # one column takes the whole block
+            capacity[b, rng.integers(cols)] = n
+        elif kind == 1:  # some columns take nothing
+            capacity[b] = rng.multinomial(n, rng.dirichlet(np.ones(cols) * 0.3))
+        else:
+            capacity[b] = rng.multinomial(n, np.ones(cols) / cols)
+    rows = len(block)
+    kind = rng.integers(5)
+    if kind == 0:
+        cost = np.zeros((rows, cols), dtype=np.int64)
+    elif kind == 1:  # identical rows
+        cost = np.tile(rng.integers(0, 5, cols), (rows, 1))
+    else:
+        cost = rng.integers(0, int(rng.choice([2, 4, 50, 10**9])), (rows, cols))
+    return cost, block, capacity
+
+
+def _assert_optimal(cost: np.ndarray, block: np.ndarray, capacity: np.ndarray,
+                    col: np.ndarray) -> None:
+    """col fills every column of every block exactly, at the reference flow's cost."""
+    for b in range(capacity.shape[0]):
+        rows = block == b
+        assert (np.bincount(col[rows], minlength=capacity.shape[1]) == capacity[b]).all()
+        ref = tr.transport(cost[rows], capacity[b])
+        assert _cost_of(cost[rows], col[rows]) == _cost_of(cost[rows], ref)
+
+
+@pytest.mark.parametrize("seed", range(300))
 def test_pricing_matches_the_flow(seed: int) -> None:
-    """_priced on its own, well below the size where transport_blocks picks it, so that many
-    shapes are tried: few and many columns, uneven capacities, heavy ties."""
+    """_priced on its own, on random instances far below the size where transport_blocks
+    picks it, so that many shapes are tried."""
     rng = np.random.default_rng(seed)
-    rows, cols = int(rng.integers(40, 600)), int(rng.integers(3, 12))
-    capacity = rng.multinomial(rows, rng.dirichlet(np.ones(cols)))
-    cost = rng.integers(0, int(rng.choice([4, 50, 10**6])), (rows, cols))
-    col = tr._priced(cost, capacity)
-    assert (np.bincount(col, minlength=cols) == capacity).all()
-    assert _cost_of(cost, col) == _cost_of(cost, tr.transport(cost, capacity))
+    cost, block, capacity = _random_instance(rng)
+    shifted = cost - cost.min(axis=1, keepdims=True) if len(cost) else cost
+    col = tr._priced(shifted, block, capacity, np.bincount(block, minlength=capacity.shape[0]))
+    _assert_optimal(cost, block, capacity, col)
 
 
-def test_pricing_falls_back_to_the_flow_when_its_proof_needs_more_rounds(monkeypatch) -> None:
-    rng = np.random.default_rng(5)
-    cost, capacity = rng.integers(0, 10**6, (300, 6)), np.full(6, 50)
-    monkeypatch.setattr(tr, "_PRICED_ROUNDS", 0)
-    col = tr._priced(cost, capacity)
-    assert _cost_of(cost, col) == _cost_of(cost, tr.transport(cost, capacity))
+@pytest.mark.parametrize("seed", range(60))
+def test_shortest_paths_are_exact_from_any_prices(seed: int) -> None:
+    """The sweeps only save work: from random start prices the paths reach the optimum too."""
+    rng = np.random.default_rng(1000 + seed)
+    cost, block, capacity = _random_instance(rng)
+    order = np.argsort(block, kind="stable")
+    by_row = (cost - cost.min(axis=1, keepdims=True))[order] if len(cost) else cost
+    price = rng.integers(-50, 50, capacity.shape)
+    start = (by_row - price[block[order]]).argmin(axis=1) if len(cost) else block
+    col = np.empty(len(block), dtype=np.int64)
+    col[order] = tr._shortest_paths(by_row, start, block[order], capacity, price)
+    _assert_optimal(cost, block, capacity, col)
+
+
+@pytest.mark.parametrize("seed", range(60))
+def test_transport_blocks_matches_the_flow_on_every_path(seed: int) -> None:
+    """Through the public entry: one column, two columns (closed form), small blocks (flow),
+    many rows per column (prices), huge cost ranges (flow)."""
+    rng = np.random.default_rng(2000 + seed)
+    cost, block, capacity = _random_instance(rng)
+    if seed % 3 == 0:
+        cost = np.minimum(cost, 64) << 38  # spreads past _MAX_RANGE: the flow's path
+    col = tr.transport_blocks(cost, block, capacity)
+    _assert_optimal(cost, block, capacity, col)
+    one = tr.transport_blocks(cost[:, :1], block, capacity.sum(axis=1, keepdims=True))
+    assert (one == 0).all()
 
 
 def _stage1_cost(topo: Topology, on_dev: np.ndarray, home: np.ndarray) -> tuple[np.ndarray, ...]:
@@ -147,14 +205,29 @@ def test_equal_costs_keep_every_sample_home(nodes: int, per_device: int) -> None
 
 
 @pytest.mark.parametrize(
-    ("rows", "cols", "high"), [(2048, 16, 3), (1024, 32, 10**6), (4096, 32, 40)]
+    ("rows", "cols", "high"),
+    [(2048, 16, 3), (1024, 32, 10**6), (4096, 32, 40), (1024, 8, 2**48)],  # the last: flow
 )
 def test_large_problems_take_the_priced_path_and_match_the_flow(rows: int, cols: int,
                                                                 high: int) -> None:
+    """Up to costs whose spread could overflow the prices' sums: those go to the flow."""
     rng = np.random.default_rng(rows + cols)
     cost = rng.integers(0, high, (rows, cols))
     capacity = rng.multinomial(rows, np.ones(cols) / cols)
-    assert rows * cols >= tr._PRICED_ARCS and cols >= tr._PRICED_COLS
+    assert rows * cols >= tr._PRICED_ARCS and rows >= tr._PRICED_ROWS * cols
     col = tr.transport_blocks(cost, np.zeros(rows, dtype=np.int64), capacity[None, :])
     assert (np.bincount(col, minlength=cols) == capacity).all()
     assert _cost_of(cost, col) == _cost_of(cost, tr.transport(cost, capacity))
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_large_uneven_blocks_take_the_priced_path_and_match_the_flow(seed: int) -> None:
+    """Blocks of different sizes (padded for the sweeps) and uneven capacities, as expert
+    placement passes them, with ties from a narrow cost range."""
+    rng = np.random.default_rng(seed)
+    sizes = rng.integers(100, 300, 8)
+    block = rng.permutation(np.repeat(np.arange(8), sizes))
+    capacity = np.stack([rng.multinomial(n, rng.dirichlet(np.ones(8))) for n in sizes])
+    cost = rng.integers(0, int(rng.choice([6, 10**4])), (len(block), 8))
+    assert len(block) * 8 >= tr._PRICED_ARCS and len(block) >= tr._PRICED_ROWS * 8 * 8
+    _assert_optimal(cost, block, capacity, tr.transport_blocks(cost, block, capacity))
