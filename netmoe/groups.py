@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from netmoe.solver.topology import positive_int
+from netmoe.checks import positive_int
 
 
 @dataclass(frozen=True)

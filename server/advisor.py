@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Protocol, TypeVar
 
 import numpy as np
 
+from netmoe.checks import positive_int
 from netmoe.round import Key, RoundCounts, compact_counts
 from netmoe.solver import Plan, Topology, solve
 from netmoe.solver.experts import (
@@ -58,7 +59,6 @@ from netmoe.solver.replicas import (
     recommend_replicas,
     solve_replicated,
 )
-from netmoe.solver.topology import positive_int
 
 from .errors import FieldError, NotEnoughData
 

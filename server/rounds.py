@@ -30,10 +30,10 @@ from typing import Protocol
 
 import numpy as np
 
+from netmoe.checks import positive_int
 from netmoe.groups import EPGroups
 from netmoe.round import Key, RankPlan, RoundCounts, Traffic, home_dest
 from netmoe.solver import METHODS, OBJECTIVES, Plan, Topology, solve, traffic
-from netmoe.solver.topology import positive_int
 
 from .errors import FieldError, JobConflict, JobLimit, OverLimit, RankBound, StaleGeneration
 from .solver_process import SolverGone, SolverProcess

@@ -28,8 +28,10 @@ from typing import Literal
 
 import numpy as np
 
+from netmoe.checks import positive_int
+
 from .cost import channel_routes, check_counts, device_counts, traffic_of
-from .topology import Topology, check_devices, home_placement, positive_int
+from .topology import Topology, check_devices, home_placement
 from .transport import transport
 from .two_stage import place_two_stage
 

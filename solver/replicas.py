@@ -34,6 +34,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from netmoe.checks import positive_int
 from netmoe.round import Traffic, rows_held
 
 from .cost import check_counts, check_placement, traffic_of
@@ -47,7 +48,7 @@ from .experts import (
     evaluate_experts,
 )
 from .plan import Plan
-from .topology import Topology, home_placement, positive_int
+from .topology import Topology, home_placement
 from .transport import transport
 from .two_stage import place_two_stage
 

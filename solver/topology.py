@@ -6,15 +6,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from netmoe.checks import positive_int
 from netmoe.round import BW_INTER, BW_INTRA, check_devices, home_dest
-
-
-def positive_int(name: str, value: object, *, minimum: int = 1) -> int:
-    """value as an int, or ValueError naming name and value unless it is an integer >= minimum."""
-    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < minimum:
-        kind = "a positive" if minimum == 1 else f"an integer >= {minimum},"
-        raise ValueError(f"{name} must be {kind} integer, got {value!r}")
-    return int(value)
 
 
 def _finite(name: str, value: float, *, positive: bool) -> float:

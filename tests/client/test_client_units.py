@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -100,3 +103,21 @@ def test_agree_applies_a_consistent_plan_or_no_move_for_all() -> None:
     assert agree(wrong_holds, ids, 3) == (None, "inconsistent held ids")
     with pytest.raises(ValueError, match=r"offers must be \[3, 1 \+ 2n\]"):
         agree(offers[:2], ids, 3)
+
+
+def test_the_client_and_trainer_import_without_the_server_extras() -> None:
+    """The trainer image installs netmoe[client] only: no OR-Tools, no prometheus-client."""
+    code = (
+        "import importlib.abc, sys\n"
+        "class Block(importlib.abc.MetaPathFinder):\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] in ('ortools', 'prometheus_client'):\n"
+        "            raise ImportError(f'{name} is a server extra')\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "import netmoe.client.layer, netmoe.client.node_reports, netmoe.client.placement_client\n"
+        "import netmoe.client.hf, netmoe.groups, netmoe.reference.train\n"
+        "print('ok')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]

@@ -1,0 +1,14 @@
+"""Argument checks every package shares; pure Python and numpy, so the client needs nothing of
+the server's (OR-Tools) to use them."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def positive_int(name: str, value: object, *, minimum: int = 1) -> int:
+    """value as an int, or ValueError naming name and value unless it is an integer >= minimum."""
+    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < minimum:
+        kind = "a positive" if minimum == 1 else f"an integer >= {minimum},"
+        raise ValueError(f"{name} must be {kind} integer, got {value!r}")
+    return int(value)
