@@ -122,6 +122,14 @@ def stub_for(handle: ServerHandle) -> tuple[grpc.Channel, placement_pb2_grpc.Pla
     return channel, placement_pb2_grpc.PlacementServiceStub(channel)
 
 
+def run_without(modules: tuple[str, ...], code: str) -> subprocess.CompletedProcess[str]:
+    """Runs code in a fresh interpreter in which importing any of modules (top-level packages)
+    fails, as on an image without that extra."""
+    block = "".join(f"sys.modules[{m!r}] = None\n" for m in modules)
+    return subprocess.run([sys.executable, "-c", f"import sys\n{block}{code}"],
+                          capture_output=True, text=True, timeout=120)
+
+
 def job_spec(nodes: int = 2, gpus: int = 4, experts: int = 16, spd: int = 4,
              deadline_ms: int = 5000, **extra: Any) -> pb.JobSpec:
     """A test job's spec (bf16 routes of hidden size 4096, the paper's links)."""

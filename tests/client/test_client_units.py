@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import numpy as np
 import pytest
 import torch
@@ -15,6 +12,8 @@ from netmoe.reference.train import TrainConfig
 from netmoe.round import SamplePlan
 from netmoe.solver import Topology
 from netmoe.solver.cost import device_counts
+
+from support import run_without
 
 
 def test_route_counts_match_a_python_count() -> None:
@@ -107,17 +106,8 @@ def test_agree_applies_a_consistent_plan_or_no_move_for_all() -> None:
 
 def test_the_client_and_trainer_import_without_the_server_extras() -> None:
     """The trainer image installs netmoe[client] only: no OR-Tools, no prometheus-client."""
-    code = (
-        "import importlib.abc, sys\n"
-        "class Block(importlib.abc.MetaPathFinder):\n"
-        "    def find_spec(self, name, path=None, target=None):\n"
-        "        if name.split('.')[0] in ('ortools', 'prometheus_client'):\n"
-        "            raise ImportError(f'{name} is a server extra')\n"
-        "sys.meta_path.insert(0, Block())\n"
+    out = run_without(("ortools", "prometheus_client"), (
         "import netmoe.client.layer, netmoe.client.node_reports, netmoe.client.placement_client\n"
         "import netmoe.client.hf, netmoe.groups, netmoe.reference.train\n"
-        "print('ok')\n"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         timeout=120)
+        "print('ok')\n"))
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pytest
 
+from support import run_without
+
 ROOT = Path(__file__).resolve().parents[2]
 DOCKERFILE = ROOT / "docker" / "Dockerfile"
 COMPOSE = ROOT / "docker" / "compose.yaml"
@@ -205,14 +207,9 @@ def test_entrypoint_runs_and_answers_its_healthcheck(stages: list[Stage]) -> Non
 def test_server_side_imports_need_no_torch() -> None:
     """The image installs only the server extra: the CLI (every subcommand's parser) and the
     service must import with torch absent."""
-    code = (
-        "import sys; sys.modules['torch'] = None\n"
-        "from netmoe.cli import build_parser\n"
-        "parser = build_parser()\n"
-        "import netmoe.server.app\n"
-        "print(parser.format_help())\n"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         timeout=60)
+    out = run_without(("torch",), "from netmoe.cli import build_parser\n"
+                                  "parser = build_parser()\n"
+                                  "import netmoe.server.app\n"
+                                  "print(parser.format_help())\n")
     assert out.returncode == 0, out.stderr
     assert "serve" in out.stdout and "demo" in out.stdout
