@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from netmoe.client.dispatcher import CommStats, Dispatched, Layout, TokenDispatcher, move_samples
+from netmoe.client.gradients import all_reduce_gradients
 from netmoe.client.layer import ExpertParallel
 from netmoe.client.planning import Placement
 from netmoe.round import SamplePlan
@@ -164,18 +165,7 @@ class ExpertParallelLM(nn.Module):
     def all_reduce_gradients(self, *values: torch.Tensor) -> list[torch.Tensor]:
         """Sums the dense gradients over the ranks (one all_reduce) and returns the global sums
         of ``values`` ([] float tensors, e.g. each rank's loss share) carried along with them."""
-        dense = self.dense_parameters()
-        for p in dense:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-        extra = [v.detach().reshape(1).to(dense[0].grad.dtype) for v in values]
-        flat = torch.cat([p.grad.reshape(-1) for p in dense] + extra)
-        dist.all_reduce(flat, group=self.group)
-        offset = 0
-        for p in dense:
-            p.grad.copy_(flat[offset : offset + p.numel()].view_as(p))
-            offset += p.numel()
-        return list(flat[offset:].unbind())
+        return all_reduce_gradients(self.dense_parameters(), values, self.group)
 
     def _context(self, h: torch.Tensor, mask: torch.Tensor | None,
                  positions: torch.Tensor) -> tuple[dict[str, Any], tuple[torch.Tensor, ...]]:

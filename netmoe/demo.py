@@ -84,6 +84,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--hf-model", default="", metavar="DIR",
                    help="train this local Hugging Face MoE checkpoint instead (config + weights; "
                    "see docs/huggingface.md)")
+    p.add_argument("--torchtitan", choices=("qwen3", "deepseek_v3"), default="",
+                   help="train a tiny torchtitan model of this family instead (2 experts per "
+                   "GPU), also on torchtitan's own EP path (see docs/torchtitan.md)")
     p.add_argument("--replica-budget", type=non_negative, default=None, metavar="K",
                    help="with --expert-placement: a fourth run that also creates up to K expert "
                    "copies per device and layer with the maps (as the service recommends; "
@@ -164,6 +167,10 @@ def _train(label: str, cfg: Any) -> list[dict[str, Any]]:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.torchtitan:
+        from netmoe.reference.torchtitan_demo import run_demo as run_torchtitan
+
+        return run_torchtitan(args)
     if args.hf_model:
         from netmoe.reference.hf_demo import run_demo
 

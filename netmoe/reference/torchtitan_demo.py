@@ -1,0 +1,452 @@
+"""``netmoe demo --torchtitan qwen3|deepseek_v3``: a tiny torchtitan MoE model trained
+expert-parallel on N x G emulated GPUs three ways: home placement (netmoe's dispatcher, no
+plans), with plans from the placement service, and torchtitan's own EP path (its
+``AllToAllTokenDispatcher`` over an ``ep`` device mesh, the "stock" run).
+
+The ranks run ``train(cfg)`` (``python -m netmoe.reference.torchtitan_demo --config JSON --out
+FILE``, started by ``netmoe.reference.launch.run_ranks``) on the demo corpus. ``tiny_model``
+builds the models from torchtitan's own config builders (the qwen3 MoE and deepseek_v3 layer
+factories) at tiny sizes, with causal SDPA attention (torchtitan's language-model default,
+flex attention with document masks, is refused by the adapter; see docs/torchtitan.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from netmoe.reference.train import check_run
+
+FAMILIES = ("qwen3", "deepseek_v3")
+VOCAB = 2048  # the demo corpus' ids
+
+
+@dataclass(frozen=True)
+class TitanConfig:
+    """A tiny torchtitan model of ``family``: D = dim, E experts, top-k, MoE layers (deepseek_v3
+    adds one dense layer first, as its configs do, and one shared expert)."""
+
+    family: str = "qwen3"
+    dim: int = 32
+    layers: int = 2
+    experts: int = 8
+    top_k: int = 2
+    vocab: int = VOCAB
+    max_seq_len: int = 256
+
+    def __post_init__(self) -> None:
+        if self.family not in FAMILIES:
+            raise ValueError(f"family must be one of {', '.join(FAMILIES)}, got {self.family!r}")
+        for name in ("dim", "layers", "experts", "top_k", "vocab", "max_seq_len"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.dim % 8:
+            raise ValueError(f"dim must be a multiple of 8 (CPU grouped_mm), got {self.dim}")
+
+
+def model_config(cfg: TitanConfig) -> Any:
+    """The torchtitan model config of cfg, from torchtitan's own layer builders."""
+    from torchtitan.models.common import CosSinRoPE, Embedding, Linear, RMSNorm
+    from torchtitan.models.common.attention import ScaledDotProductAttention
+
+    d, hidden = cfg.dim, cfg.dim // 2
+    if cfg.family == "qwen3":
+        from torchtitan.models.qwen3 import Qwen3Model
+        from torchtitan.models.qwen3 import _build_qwen3_moe_layers as build_layers
+        from torchtitan.models.qwen3 import _qwen3_norm
+
+        head = d // 4
+        layers = build_layers(n_layers=cfg.layers, dim=d, n_heads=4, n_kv_heads=2, head_dim=head,
+                              moe_hidden_dim=hidden, num_experts=cfg.experts, top_k=cfg.top_k,
+                              attn_backend="flex", moe_comm_backend="standard",
+                              rope=CosSinRoPE.Config(dim=head, max_seq_len=cfg.max_seq_len,
+                                                     theta=1e6))  # fmt: skip
+        config = Qwen3Model.Config(
+            vocab_size=cfg.vocab, dim=d, norm=_qwen3_norm(d),
+            tok_embeddings=Embedding.Config(num_embeddings=cfg.vocab, embedding_dim=d),
+            lm_head=Linear.Config(in_features=d, out_features=cfg.vocab), layers=layers)
+    else:
+        from torchtitan.models.common import ComplexRoPE
+        from torchtitan.models.deepseek_v3 import DeepSeekV3Model
+        from torchtitan.models.deepseek_v3 import _build_dsv3_layers as build_layers
+
+        rope_dim = 8
+        layers = build_layers(n_layers=cfg.layers + 1, n_dense_layers=1, dim=d, n_heads=4,
+                              q_lora_rank=0, kv_lora_rank=16, qk_nope_head_dim=8,
+                              qk_rope_head_dim=rope_dim, v_head_dim=8, mscale=0.7,
+                              dense_hidden_dim=2 * d, moe_hidden_dim=hidden,
+                              num_experts=cfg.experts, num_shared_experts=1,
+                              router_top_k=cfg.top_k, router_score_func="softmax",
+                              attn_backend="flex", moe_comm_backend="standard",
+                              non_blocking_capacity_factor=None,
+                              rope=ComplexRoPE.Config(dim=rope_dim, max_seq_len=cfg.max_seq_len,
+                                                      theta=10000.0))  # fmt: skip
+        config = DeepSeekV3Model.Config(
+            vocab_size=cfg.vocab, dim=d, norm=RMSNorm.Config(normalized_shape=d),
+            tok_embeddings=Embedding.Config(num_embeddings=cfg.vocab, embedding_dim=d),
+            lm_head=Linear.Config(in_features=d, out_features=cfg.vocab), layers=layers)
+    for layer in config.layers:
+        # Causal attention per row: the adapter refuses document masks (see the docstring).
+        layer.attention.inner_attention = ScaledDotProductAttention.Config()
+    return config
+
+
+def tiny_model(cfg: TitanConfig, seed: int = 0) -> Any:
+    """The model of cfg, initialised by torchtitan's own init_states under ``seed`` (float32)."""
+    import torch
+
+    model = model_config(cfg).build()
+    torch.manual_seed(seed)
+    model.init_states()
+    return model
+
+
+def stock_parallelize(model: Any, group_ranks: list[int] | None = None) -> Any:
+    """torchtitan's own EP path on model, in place: each rank keeps its contiguous slice of
+    every MoE layer's experts (as torchtitan's Shard(0) EP sharding) and the layers' stock
+    ``AllToAllTokenDispatcher`` is wired to a 1-D "ep" CPU device mesh over the world.
+    Returns the expert parameters (their gradients stay local; the rest are replicated)."""
+    import torch.distributed as dist
+    from torch import nn
+    from torch.distributed.device_mesh import init_device_mesh
+    from torchtitan.distributed.utils import set_spmd_backend
+
+    # The default "spmd_types" backend needs torchtitan's trainer-built SPMD mesh.
+    set_spmd_backend("partial_dtensor")
+    world, rank = dist.get_world_size(), dist.get_rank()
+    mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("ep",))
+    experts = []
+    for block in model.layers.values():
+        if not getattr(block, "moe_enabled", False):
+            continue
+        inner = block.moe.routed_experts.inner_experts
+        per = inner.num_experts // world
+        for name in ("w1_EFD", "w2_EDF", "w3_EFD"):
+            local = nn.Parameter(getattr(inner, name).detach()[rank * per:(rank + 1) * per]
+                                 .clone())  # fmt: skip
+            setattr(inner, name, local)
+            experts.append(local)
+        inner.num_experts = per
+        block.moe.routed_experts.token_dispatcher.wire_meshes(ep_mesh=mesh)
+    return experts
+
+
+def load_balancing(model: Any, optimizer: Any) -> None:
+    """Registers torchtitan's own auxiliary-loss-free bias update (its optimizer pre-hook,
+    ``register_moe_load_balancing_hook``) with token counts summed over the world."""
+    from torchtitan.components.optimizer import register_moe_load_balancing_hook
+
+    register_moe_load_balancing_hook(optimizer, [model], _WorldDims())
+
+
+class _WorldDims:
+    """The two things torchtitan's bias update asks of its ParallelDims: the mesh the token
+    counts are summed over (all ranks: the "loss" mesh) and whether EP shares it with TP."""
+
+    ep_enabled = True
+    tp = 1
+
+    def get_optional_mesh(self, name: str) -> Any:
+        import torch.distributed as dist
+        from torch.distributed.device_mesh import init_device_mesh
+
+        if name != "loss":
+            return None
+        if not hasattr(self, "_mesh"):
+            self._mesh = init_device_mesh("cpu", (dist.get_world_size(),),
+                                          mesh_dim_names=("loss",))
+        return self._mesh
+
+
+@dataclass(frozen=True)
+class TitanTrainConfig:
+    """A training run of a tiny torchtitan model; fields as in TrainConfig, plus the model
+    (``TitanConfig`` fields); stock: torchtitan's own EP path instead of netmoe's (home
+    placement only)."""
+
+    family: str = "qwen3"
+    dim: int = 32
+    layers: int = 2
+    experts: int = 8
+    top_k: int = 2
+    nodes: int = 2
+    gpus_per_node: int = 2
+    steps: int = 4
+    samples_per_device: int = 2
+    seq_len: int = 16
+    lr: float = 3e-3
+    seed: int = 0
+    data_offset: int = 0
+    placement: str = "home"
+    stock: bool = False
+    server: str = ""
+    job: str = "netmoe-torchtitan"
+    objective: str = "volume"
+    plan_timeout: float = 5.0
+    deadline_ms: int = 4000
+    threads: int = 1
+    cache_dir: str = ""
+    record_trace: str = ""
+
+    def __post_init__(self) -> None:
+        check_run(self, ("steps",))
+        if self.stock and self.placement != "home":
+            raise ValueError(f"stock (torchtitan's own EP path) has no placement, got "
+                             f"placement={self.placement!r}")
+        if self.experts % self.world:
+            raise ValueError(f"experts={self.experts} is not divisible by nodes x gpus_per_node "
+                             f"= {self.world} ranks")  # fmt: skip
+        self.model  # validates the model fields
+
+    @property
+    def model(self) -> TitanConfig:
+        return TitanConfig(self.family, self.dim, self.layers, self.experts, self.top_k,
+                           max_seq_len=max(256, self.seq_len))  # fmt: skip
+
+    @property
+    def world(self) -> int:
+        return self.nodes * self.gpus_per_node
+
+    @property
+    def global_samples(self) -> int:
+        return self.samples_per_device * self.world
+
+
+class SplitSpy:
+    """Counts the routes of torchtitan's stock dispatchers from the split sizes they compute:
+    ``routes`` (layer, phase) -> [J] int64 sent to each rank, summed over forwards (the format
+    of CommStats.routes). Dispatch sends ``input_splits``, the combine returns
+    ``output_splits``."""
+
+    def __init__(self, model: Any) -> None:
+        self.routes: dict[tuple[int, str], np.ndarray] = {}
+        blocks = [b for b in model.layers.values() if getattr(b, "moe_enabled", False)]
+        for layer, block in enumerate(blocks):
+            disp = block.moe.routed_experts.token_dispatcher
+            disp.dispatch = self._spy(layer, disp.dispatch)
+
+    def _spy(self, layer: int, dispatch: Any) -> Any:
+        def counted(*args: Any, **kwargs: Any) -> Any:
+            out = dispatch(*args, **kwargs)
+            meta = out[2]
+            for phase, splits in (("dispatch", meta.input_splits),
+                                  ("combine", meta.output_splits)):  # fmt: skip
+                sent = np.asarray(splits, dtype=np.int64)
+                key = (layer, phase)
+                self.routes[key] = self.routes.get(key, 0) + sent
+            return out
+
+        return counted
+
+
+def train(cfg: TitanTrainConfig) -> dict[str, Any]:
+    """Trains cfg.steps AdamW steps on this rank (env:// gloo); returns the losses, the routes
+    per step from the split sizes (local, intra-node, inter-node), timings."""
+    import torch
+    import torch.distributed as dist
+    from torchtitan.components.loss import cross_entropy_loss
+
+    from netmoe.client.planning import Placement, RandomPlans
+    from netmoe.client.recorder import TraceRecorder
+    from netmoe.client.torchtitan import parallelize
+    from netmoe.reference.data import load_corpus
+    from netmoe.reference.train import _route_totals
+
+    torch.set_num_threads(cfg.threads)
+    rank = int(os.environ["RANK"])
+    world = int(os.environ["WORLD_SIZE"])
+    if world != cfg.world:
+        raise ValueError(f"WORLD_SIZE={world} but nodes x gpus_per_node = {cfg.world}")
+    dist.init_process_group("gloo", init_method="env://", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=120))  # fmt: skip
+    client = None
+    clean = False
+    try:
+        corpus = load_corpus(VOCAB, cfg.cache_dir or None)
+        model = tiny_model(cfg.model, cfg.seed)
+        n, s = cfg.samples_per_device, cfg.seq_len
+        placement, ep, spy = None, None, None
+        if cfg.placement == "random":
+            placement = Placement(RandomPlans(rank, world, n, cfg.seed), rank, world, n,
+                                  cfg.plan_timeout)  # fmt: skip
+        elif cfg.placement == "service":
+            from netmoe.client.placement_client import PlacementClient, job_spec
+
+            spec = job_spec(cfg.nodes, cfg.gpus_per_node, cfg.experts, n, hidden_size=cfg.dim,
+                            dtype_bytes=4, objective=cfg.objective, deadline_ms=cfg.deadline_ms)
+            client = PlacementClient(cfg.server, cfg.job, rank, spec)
+            placement = Placement(client, rank, world, n, cfg.plan_timeout)
+        if cfg.stock:
+            spy = SplitSpy(model)
+            experts = {id(p) for p in stock_parallelize(model)}
+            dense = [p for p in model.parameters() if id(p) not in experts]
+        else:
+            ep = parallelize(model, placement=placement, gpus_per_node=cfg.gpus_per_node)
+            dense = ep.dense_parameters()
+        opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
+        load_balancing(model, opt)
+        layers = cfg.layers
+        recorder = (TraceRecorder(layers, cfg.experts) if cfg.record_trace and ep is not None
+                    else None)  # fmt: skip
+        losses, step_seconds, step_routes = [], [], []
+        so_far = np.zeros((layers, 3), dtype=np.int64)
+        from netmoe.client.gradients import all_reduce_gradients
+
+        dist.barrier()
+        for step in range(cfg.steps):
+            t_step = time.perf_counter()
+            batch = corpus.batch(cfg.data_offset + step, cfg.global_samples, s + 1, cfg.seed)
+            rows = torch.from_numpy(batch[rank * n : (rank + 1) * n]).long()
+            tokens, labels = rows[:, :s], rows[:, 1 : s + 1]
+            pred = model(tokens)
+            if ep is not None:
+                labels = ep.follow(labels)
+            # torchtitan's loss: summed cross entropy over the global token count.
+            loss = cross_entropy_loss(pred, labels) / (cfg.global_samples * s)
+            opt.zero_grad(set_to_none=False)
+            loss.backward()
+            (total,) = all_reduce_gradients(dense, [loss], None)
+            opt.step()
+            losses.append(float(total))
+            step_seconds.append(time.perf_counter() - t_step)
+            if ep is not None:
+                totals = _route_totals(ep.stats.routes, rank, cfg.gpus_per_node, layers)
+            else:
+                assert spy is not None
+                totals = _route_totals(spy.routes, rank, cfg.gpus_per_node, layers)
+            step_routes.append((totals - so_far).tolist())
+            so_far = totals
+            if recorder is not None and ep is not None:
+                recorder.record(step, cfg.global_samples, rank * n, n, s, ep.plans, ep.topk)
+        if recorder is not None:
+            recorder.save(cfg.record_trace, group_rank=rank)
+        result: dict[str, Any] = {
+            "rank": rank, "stock": cfg.stock, "loss": losses, "step_seconds": step_seconds,
+            "a2a_seconds": ep.stats.a2a_seconds if ep is not None else 0.0,
+            "control_seconds": ep.stats.control_seconds if ep is not None else 0.0,
+            "allreduce_seconds": 0.0, "routes": so_far.tolist(), "step_routes": step_routes,
+            "parameters": sum(p.numel() for p in model.parameters()), "layers": layers,
+            "experts": cfg.experts, "top_k": cfg.top_k, "model_type": cfg.family,
+            "expert_bias": [float(b.moe.expert_bias_E.abs().sum())
+                            for b in model.layers.values() if getattr(b, "moe_enabled", False)],
+        }  # fmt: skip
+        if placement is not None:
+            st = placement.stats
+            result.update(
+                plan_wait_seconds=st.wait_seconds, submit_seconds=st.submit_seconds,
+                reply_seconds=st.reply_seconds, exchange_seconds=st.exchange_seconds,
+                fallbacks=st.fallbacks, fallback_reasons=dict(st.reasons), plans=st.plans,
+                moved=st.moved, solve_seconds=st.solve_seconds,
+                rejected=client.rejected if client is not None else "",
+            )  # fmt: skip
+        dist.barrier()
+        clean = True
+        return result
+    finally:
+        if client is not None:
+            client.close(unregister=clean and rank == 0)
+        if clean:
+            dist.barrier()
+        dist.destroy_process_group()
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    """The ``netmoe demo --torchtitan FAMILY`` run: home, service placement and torchtitan's own
+    EP path; the demo's report (same printout and --json keys, plus "stock": {"loss": [...]}
+    and the stock run's routes)."""
+    from netmoe.demo import _print, max_rel_diff, summarize
+    from netmoe.reference.data import load_corpus
+    from netmoe.reference.launch import run_ranks
+
+    if args.expert_placement or args.replica_budget is not None:
+        raise ValueError("--expert-placement and --replica-budget are not supported with "
+                         "--torchtitan")
+    if args.hf_model:
+        raise ValueError("give --torchtitan or --hf-model, not both")
+    cfg = TitanTrainConfig(family=args.torchtitan, layers=args.layers, nodes=args.nodes,
+                           gpus_per_node=args.gpus_per_node, steps=args.steps,
+                           samples_per_device=args.samples_per_device, seq_len=args.seq_len,
+                           objective=args.objective, seed=args.seed, cache_dir=args.cache_dir,
+                           experts=2 * args.nodes * args.gpus_per_node)  # fmt: skip
+    load_corpus(VOCAB, cfg.cache_dir or None)  # built once here; the ranks read the cache
+    module = "netmoe.reference.torchtitan_demo"
+    handle = None
+    address, metrics_url = args.server, ""
+    if not address:
+        from netmoe.server.app import start
+        from netmoe.server.config import ServerConfig
+
+        handle = start(ServerConfig(port=0, metrics_port=0))
+        address = handle.address
+        metrics_url = f"http://127.0.0.1:{handle.metrics_port}/metrics"
+    try:
+        home_ranks = run_ranks(dataclasses.replace(cfg, record_trace=args.record_trace),
+                               module=module)  # fmt: skip
+        job = f"torchtitan-demo-{cfg.family}-{cfg.nodes}x{cfg.gpus_per_node}-s{cfg.seed}-" \
+              f"{os.getpid()}"  # fmt: skip
+        net_ranks = run_ranks(dataclasses.replace(cfg, placement="service", server=address,
+                                                  job=job), module=module)  # fmt: skip
+        stock_ranks = run_ranks(dataclasses.replace(cfg, stock=True), module=module)
+    finally:
+        if handle is not None:
+            handle.stop()
+    home, net, stock = summarize(home_ranks), summarize(net_ranks), summarize(stock_ranks)
+    solve = net.pop("solve_ms")
+    first = home_ranks[0]
+    report = {
+        "home": home,
+        "netmoe": net,
+        "stock": {"loss": stock["loss"], "inter_routes": stock["inter_routes"],
+                  "intra_routes": stock["intra_routes"], "local_routes": stock["local_routes"]},
+        "solver_ms_median": statistics.median(solve) if solve else 0.0,
+        "metrics_url": metrics_url,
+        "inter_reduction": 1 - net["inter_routes"] / max(home["inter_routes"], 1),
+        "max_loss_rel_diff": max_rel_diff(home["loss"], net["loss"]),
+        "max_stock_loss_rel_diff": max_rel_diff(stock["loss"], net["loss"]),
+        "config": {**dataclasses.asdict(cfg), "model_type": cfg.family,
+                   "experts_per_device": cfg.experts // cfg.world, "top_k": cfg.top_k,
+                   "parameters_per_rank": [r["parameters"] for r in home_ranks]},
+    }  # fmt: skip
+    if args.json:
+        print(json.dumps(report))
+    else:
+        print(f"torchtitan {cfg.family} (tiny: D={cfg.dim}, {cfg.experts} experts)")
+        _print(report)
+        print(f"torchtitan's own EP path (stock AllToAllTokenDispatcher): inter-node routes "
+              f"{stock['inter_routes']}; losses equal netmoe's within "
+              f"{report['max_stock_loss_rel_diff']:.1e} relative; last step "
+              f"{stock['loss'][-1]:.4f}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m netmoe.reference.torchtitan_demo")
+    parser.add_argument("--config", required=True, help="TitanTrainConfig as JSON text")
+    parser.add_argument("--out", required=True, help="where the rank writes its result JSON")
+    args = parser.parse_args(argv)
+    try:
+        cfg = TitanTrainConfig(**json.loads(args.config))
+    except (ValueError, TypeError) as err:
+        print(f"python -m netmoe.reference.torchtitan_demo: error: {err}", file=sys.stderr)
+        return 2
+    result = train(cfg)
+    tmp = f"{args.out}.tmp"
+    Path(tmp).write_text(json.dumps(result))
+    os.replace(tmp, args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

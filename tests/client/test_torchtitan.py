@@ -1,0 +1,167 @@
+"""torchtitan MoE models expert-parallel with netmoe on real gloo process groups.
+
+Tiny qwen3 MoE and deepseek_v3 models from torchtitan's own config builders (float32, D = 32,
+8 experts, top-2), every rank builds them from one seed. Each rank trains the same batches on
+torchtitan's own EP path (its AllToAllTokenDispatcher over an "ep" CPU device mesh) and on
+netmoe's adapter with plans from a real placement service on loopback, with seeded random
+plans (every sample moves), and with an unreachable service; AdamW with torchtitan's
+load-balancing bias update. Losses, gradients and expert biases must agree, and the service's
+plans must send fewer routes between nodes than the stock path (split sizes of both).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+
+from support import gloo_group, spawn_ranks
+
+pytest.importorskip("torchtitan", reason="needs the torchtitan extra: pip install "
+                    "'netmoe[torchtitan]'")  # fmt: skip
+
+STEPS, SAMPLES, SEQ, LR = 3, 2, 16, 3e-3
+FAMILIES = ("qwen3", "deepseek_v3")
+
+
+def _batches(world: int, rank: int, steps: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per step this rank's (tokens [n, S], labels [n, S]) of the demo corpus."""
+    from netmoe.reference.data import load_corpus
+    from netmoe.reference.torchtitan_demo import VOCAB
+
+    corpus = load_corpus(VOCAB, None)
+    out = []
+    for step in range(steps):
+        rows = torch.from_numpy(corpus.batch(step, world * SAMPLES, SEQ + 1, 0)).long()
+        mine = rows[rank * SAMPLES : (rank + 1) * SAMPLES]
+        out.append((mine[:, :SEQ], mine[:, 1:]))
+    return out
+
+
+class _Run:
+    """One way of training the model: its model, optimizer, dense parameters, netmoe side."""
+
+    def __init__(self, family: str, experts: int, placement: Any = None, stock: bool = False,
+                 gpus: int = 2) -> None:
+        from netmoe.client.torchtitan import parallelize
+        from netmoe.reference.torchtitan_demo import (
+            SplitSpy,
+            TitanConfig,
+            load_balancing,
+            stock_parallelize,
+            tiny_model,
+        )
+
+        self.model = tiny_model(TitanConfig(family, experts=experts), seed=0)
+        self.ep, self.spy = None, None
+        if stock:
+            self.spy = SplitSpy(self.model)
+            local = {id(p) for p in stock_parallelize(self.model)}
+        else:
+            self.ep = parallelize(self.model, placement=placement, gpus_per_node=gpus)
+            local = {id(p) for p in self.ep.expert_parameters()}
+        self.dense = [p for p in self.model.parameters() if id(p) not in local]
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=LR)
+        load_balancing(self.model, self.opt)
+        self.losses: list[float] = []
+
+    def step(self, tokens: torch.Tensor, labels: torch.Tensor, total_tokens: int) -> None:
+        from torchtitan.components.loss import cross_entropy_loss
+
+        from netmoe.client.gradients import all_reduce_gradients
+
+        pred = self.model(tokens)
+        if self.ep is not None:
+            labels = self.ep.follow(labels)
+        loss = cross_entropy_loss(pred, labels) / total_tokens
+        self.opt.zero_grad(set_to_none=False)
+        loss.backward()
+        (total,) = all_reduce_gradients(self.dense, [loss], None)
+        self.losses.append(float(total))
+
+    def grads(self) -> dict[str, torch.Tensor]:
+        return {name: p.grad.clone() for name, p in self.model.named_parameters()}
+
+
+def _inter(routes: dict[tuple[int, str], Any], rank: int, gpus: int) -> int:
+    from netmoe.reference.train import _route_totals
+
+    layers = 1 + max(layer for layer, _ in routes)
+    return int(_route_totals(routes, rank, gpus, layers)[:, 0].sum())
+
+
+def _worker(rank: int, port: int, world: int, gpus: int, family: str, address: str,
+            dead: str) -> None:
+    from netmoe.client.placement_client import PlacementClient, job_spec
+    from netmoe.client.planning import Placement, RandomPlans
+
+    experts = 8
+    torch.manual_seed(0)
+    with gloo_group(rank, world, port):
+        spec = job_spec(world // gpus, gpus, experts, SAMPLES, hidden_size=32, dtype_bytes=4,
+                        deadline_ms=4000)  # fmt: skip
+        client = PlacementClient(address, f"tt-{family}-{world}", rank, spec)
+        down = PlacementClient(dead, f"tt-down-{family}-{world}", rank, spec,
+                               connect_timeout=0.5)
+        hooks = {
+            "service": Placement(client, rank, world, SAMPLES, 5.0),
+            "random": Placement(RandomPlans(rank, world, SAMPLES, seed=5), rank, world,
+                                SAMPLES, 5.0),
+            "down": Placement(down, rank, world, SAMPLES, 0.3),
+        }  # fmt: skip
+        try:
+            runs = {"stock": _Run(family, experts, stock=True, gpus=gpus),
+                    "home": _Run(family, experts, gpus=gpus)}
+            runs.update({k: _Run(family, experts, hook, gpus=gpus) for k, hook in hooks.items()})
+            for step, (tokens, labels) in enumerate(_batches(world, rank, STEPS)):
+                for run in runs.values():
+                    run.step(tokens, labels, world * SAMPLES * SEQ)
+                ref = runs["stock"].grads()
+                for name, run in runs.items():
+                    for pname, grad in run.grads().items():
+                        torch.testing.assert_close(
+                            grad, ref[pname], rtol=1e-4, atol=1e-7,
+                            msg=lambda m, n=name, p=pname, s=step: f"{n} {p} step {s}: {m}")
+                for run in runs.values():
+                    run.opt.step()
+            stock = runs["stock"].losses
+            for name, run in runs.items():
+                rel = max(abs(a - b) / abs(b) for a, b in zip(run.losses, stock, strict=True))
+                assert rel < 1e-4, (name, run.losses, stock)
+                biases = [b.moe.expert_bias_E for b in run.model.layers.values() if b.moe_enabled]
+                ref_biases = [b.moe.expert_bias_E for b in runs["stock"].model.layers.values()
+                              if b.moe_enabled]  # fmt: skip
+                for b, r in zip(biases, ref_biases, strict=True):
+                    torch.testing.assert_close(b, r, rtol=0, atol=1e-7)
+                    assert float(r.abs().sum()) > 0  # the bias update ran
+            assert hooks["service"].stats.fallbacks == 0, hooks["service"].stats.reasons
+            assert hooks["random"].stats.moved > 0 and hooks["random"].stats.fallbacks == 0
+            assert hooks["down"].stats.plans == 0 and hooks["down"].stats.fallbacks > 0
+            counts = torch.tensor([
+                _inter(runs["stock"].spy.routes, rank, gpus),
+                _inter(runs["home"].ep.stats.routes, rank, gpus),
+                _inter(runs["service"].ep.stats.routes, rank, gpus),
+                hooks["service"].stats.moved])  # fmt: skip
+            torch.distributed.all_reduce(counts)
+            stock_inter, home_inter, service_inter, moved = counts.tolist()
+            assert home_inter == stock_inter  # the same routes, counted by both dispatchers
+            assert moved > 0 and service_inter < stock_inter, counts.tolist()
+        finally:
+            client.close(unregister=rank == 0)
+            down.close()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_losses_gradients_and_biases_equal_torchtitans_own_ep_path(family: str, tmp_path: Any
+                                                                   ) -> None:
+    from netmoe.reference.launch import free_port
+    from netmoe.server.app import start
+    from netmoe.server.config import ServerConfig
+
+    handle = start(ServerConfig(port=0, metrics_port=0))
+    try:
+        spawn_ranks(_worker, 4, 4, 2, family, handle.address, f"127.0.0.1:{free_port()}",
+                    timeout=600)
+    finally:
+        handle.stop()
