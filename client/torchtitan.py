@@ -27,7 +27,8 @@ Refused before anything is changed, with the setting named: a model without MoE 
 not divisible by the EP size, an MoE block already expert-parallel, document-masking attention
 (flex / varlen: packed documents whose masks would have to be rebuilt), multi-token
 prediction layers, context / tensor / pipeline parallelism. Not yet supported (refused at the
-forward): activation checkpointing (a recomputed layer would submit its round again).
+first forward, before any exchange): activation checkpointing (a recomputed layer would ask
+for its plan again).
 """
 
 from __future__ import annotations
@@ -256,7 +257,8 @@ class TorchtitanEP:
         attention. Returns [B, L, D] of the rows held after the combine."""
         state = self._pass
         if state is None:
-            raise RuntimeError("an MoE block ran outside the model's forward")
+            raise RuntimeError("an MoE block ran outside the model's forward (a recompute of "
+                               "activation checkpointing?)")
         if len(state.plans) != layer:
             raise RuntimeError(
                 f"MoE layer {layer} ran again in one forward pass (activation checkpointing "
@@ -325,6 +327,15 @@ def _decoder_forward(ep: TorchtitanEP) -> Any:
             raise ValueError("attention_masks given: document masking of packed sequences is "
                              "not supported with netmoe's placement (the masks would have to "
                              "follow the samples); pass none (causal attention per row)")
+        from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
+            CheckpointWrapper,
+        )
+
+        wrapped = [name for name, block in model.layers.items()
+                   if isinstance(block, CheckpointWrapper)]  # fmt: skip
+        if wrapped:
+            raise ValueError(f"activation checkpointing (layers {', '.join(wrapped)}) is not "
+                             "supported yet: a recomputed MoE layer would ask for its plan again")
         state = ep._begin(tokens, positions)
         ep._pass = state
         try:

@@ -19,6 +19,7 @@ import os
 import statistics
 import sys
 import time
+import types
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -29,13 +30,18 @@ import numpy as np
 from netmoe.reference.train import check_run
 
 FAMILIES = ("qwen3", "deepseek_v3")
+# bfloat16: torchtitan 0.3's GroupedExperts as it is (its grouped matmuls cast to bfloat16
+# whatever the parameters' dtype); float32: the same grouped matmuls in float32, for
+# comparisons that bfloat16 rounding would blur.
+EXPERT_DTYPES = ("bfloat16", "float32")
 VOCAB = 2048  # the demo corpus' ids
 
 
 @dataclass(frozen=True)
 class TitanConfig:
     """A tiny torchtitan model of ``family``: D = dim, E experts, top-k, MoE layers (deepseek_v3
-    adds one dense layer first, as its configs do, and one shared expert)."""
+    adds one dense layer first, as its configs do, and one shared expert); expert_dtype: see
+    EXPERT_DTYPES."""
 
     family: str = "qwen3"
     dim: int = 32
@@ -44,10 +50,14 @@ class TitanConfig:
     top_k: int = 2
     vocab: int = VOCAB
     max_seq_len: int = 256
+    expert_dtype: str = "bfloat16"
 
     def __post_init__(self) -> None:
         if self.family not in FAMILIES:
             raise ValueError(f"family must be one of {', '.join(FAMILIES)}, got {self.family!r}")
+        if self.expert_dtype not in EXPERT_DTYPES:
+            raise ValueError(f"expert_dtype must be one of {', '.join(EXPERT_DTYPES)}, got "
+                             f"{self.expert_dtype!r}")  # fmt: skip
         for name in ("dim", "layers", "experts", "top_k", "vocab", "max_seq_len"):
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
@@ -110,7 +120,24 @@ def tiny_model(cfg: TitanConfig, seed: int = 0) -> Any:
     model = model_config(cfg).build()
     torch.manual_seed(seed)
     model.init_states()
+    if cfg.expert_dtype == "float32":
+        for block in model.layers.values():
+            if getattr(block, "moe_enabled", False):
+                inner = block.moe.routed_experts.inner_experts
+                inner.forward = types.MethodType(_float32_experts, inner)
     return model
+
+
+def _float32_experts(self: Any, x_RD: Any, num_tokens_per_expert_E: Any) -> Any:
+    """GroupedExperts.forward without its bfloat16 casts: x_RD [R, D] float32 rows sorted by
+    local expert, num_tokens_per_expert_E [e] rows per expert -> [R, D]."""
+    import torch
+    import torch.nn.functional as F
+
+    offs = torch.cumsum(num_tokens_per_expert_E, dim=0, dtype=torch.int32)
+    h = F.silu(torch._grouped_mm(x_RD, self.w1_EFD.transpose(-2, -1), offs=offs))
+    h = h * torch._grouped_mm(x_RD, self.w3_EFD.transpose(-2, -1), offs=offs)
+    return torch._grouped_mm(h, self.w2_EDF.transpose(-2, -1), offs=offs)
 
 
 def stock_parallelize(model: Any, group_ranks: list[int] | None = None) -> Any:
@@ -307,9 +334,9 @@ def train(cfg: TitanTrainConfig) -> dict[str, Any]:
         dist.barrier()
         for step in range(cfg.steps):
             t_step = time.perf_counter()
-            batch = corpus.batch(cfg.data_offset + step, cfg.global_samples, s + 1, cfg.seed)
-            rows = torch.from_numpy(batch[rank * n : (rank + 1) * n]).long()
-            tokens, labels = rows[:, :s], rows[:, 1 : s + 1]
+            batch = corpus.batch(cfg.data_offset + step, cfg.global_samples, s, cfg.seed)
+            rows = torch.from_numpy(batch[rank * n : (rank + 1) * n])
+            tokens, labels = rows[:, :-1], rows[:, 1:]
             pred = model(tokens)
             if ep is not None:
                 labels = ep.follow(labels)
