@@ -168,6 +168,11 @@ def _bad_input(rank: int, world: int) -> None:
         tiny_model,
     )
 
+    def built(config: Any) -> Any:
+        model = config.build()
+        model.init_states()
+        return model
+
     def refused(model: Any, match: str, **kw: Any) -> None:
         before = {k: v.clone() for k, v in model.state_dict().items()}
         with pytest.raises((ValueError, TypeError), match=match):
@@ -182,10 +187,10 @@ def _bad_input(rank: int, world: int) -> None:
     flex = model_config(TitanConfig("qwen3"))
     for layer in flex.layers:
         layer.attention.inner_attention = FlexAttention.Config()
-    refused(flex.build(), r"inner_attention is FlexAttention")
+    refused(built(flex), r"inner_attention is FlexAttention")
     dense = model_config(TitanConfig("deepseek_v3"))
     dense.layers = [copy.deepcopy(dense.layers[0]) for _ in dense.layers]
-    refused(dense.build(), r"has no MoE layers")
+    refused(built(dense), r"has no MoE layers")
     for setting in ("context_parallel_degree", "pipeline_parallel_degree",
                     "tensor_parallel_degree"):  # fmt: skip
         refused(tiny_model(TitanConfig("qwen3")), rf"parallelism.{setting}=2",
