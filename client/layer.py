@@ -3,7 +3,7 @@
 A training job that brings its own model uses netmoe through ``ExpertParallel``. Per MoE layer
 ``l`` of a forward pass, on every rank of the expert-parallel group:
 
-    ticket = ep.submit(step, l, topk_ids, next_topk_ids)  # right after routing; never blocks
+    ticket = ep.submit(step, l, topk_ids, next_topk_ids, micro_batch=m)  # never blocks
     routes = ep.dispatch(l, h, topk_ids, weights)         # tokens to their experts' ranks
     out = ep.expert_outputs(routes, experts)              # weight * expert(x) + residual once
     h, plan = ep.combine(l, out, routes, ticket)          # waits for the plan; outputs go to
@@ -15,6 +15,17 @@ dispatch), None at the last MoE layer. Without a placement hook every sample sta
 ``submit`` does nothing; with one, a missing or late plan means "no move" on every rank: results
 never change, only where samples sit. docs/training-loop.md has a complete example.
 
+Round keys, as a framework threads them: ``step`` is the optimizer step, ``micro_batch`` the
+forward pass within it (gradient accumulation or pipeline micro-batches, 0, 1, ...; 0 when a step
+has one), ``l`` the MoE layer's index in the model; (step, micro_batch, l) must increase from one
+``submit`` of a rank to the next. Activation recompute needs nothing: a layer that runs again
+inside the backward pass (``torch.utils.checkpoint``, reentrant or not) submits the same key and
+gets the plan its forward applied, with no report and no wait. Evaluation (a forward without
+backward, mid-training): run it under ``torch.inference_mode()`` or ``with ep.evaluation():``;
+placement is off there (home placement, nothing reported), so the training rounds and their keys
+are untouched. A plain ``torch.no_grad()`` forward counts as a training forward (the reentrant
+checkpoint runs its first forward so) and needs keys of its own.
+
 What ``submit`` counts follows the hook: [n, E] routes per expert id, or, for a hook whose
 ``device_counts`` is true (a job registered with device_counts), [n, J] routes per device: the
 rank owning each id (id a lives on rank a // (E / J); moved experts keep this, since
@@ -23,7 +34,8 @@ netmoe.client.experts relabels them), counted straight from the ids.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from typing import Protocol
 
 import torch
@@ -42,10 +54,12 @@ class PlacementHook(Protocol):
     """
 
     def submit(
-        self, step: int, layer: int, gather: torch.Tensor, scatter: torch.Tensor | None
+        self, step: int, layer: int, gather: torch.Tensor, scatter: torch.Tensor | None,
+        micro_batch: int = 0,
     ) -> object:
         """gather, scatter: [n, E] int64 route counts of the local samples ([n, J] for a
-        device_counts hook); returns a ticket."""
+        device_counts hook); returns a ticket. Called again with the same key inside the
+        backward pass for a recompute (see the module docstring)."""
         ...
 
     def wait(self, ticket: object) -> Agreement:
@@ -67,6 +81,7 @@ class ExpertParallel:
         lay = dispatcher.layout
         self._home = FixedPlan(SamplePlan.no_move(lay.world, lay.samples))
         self._device_counts = bool(getattr(placement, "device_counts", False))
+        self._evaluating = False
         # On the ids' device: ([T] local sample of each token, [E] rank of each expert id).
         self._index: tuple[torch.Tensor, torch.Tensor] | None = None
 
@@ -86,14 +101,34 @@ class ExpertParallel:
             return device_route_counts(topk_ids, token_sample, lay.samples, owner, lay.world)
         return route_counts(topk_ids, token_sample, lay.samples, lay.experts)
 
+    @contextmanager
+    def evaluation(self) -> Iterator[None]:
+        """Forward passes inside run with placement off: home placement, nothing reported,
+        training rounds untouched (``torch.inference_mode()`` does the same by itself)."""
+        before, self._evaluating = self._evaluating, True
+        try:
+            yield
+        finally:
+            self._evaluating = before
+
+    @property
+    def placing(self) -> bool:
+        """Whether a forward pass now asks for plans (a hook, and not evaluating)."""
+        return (self.placement is not None and not self._evaluating
+                and not torch.is_inference_mode_enabled())
+
     def submit(self, step: int, layer: int, topk_ids: torch.Tensor,
-               next_topk_ids: torch.Tensor | None = None) -> object | None:
-        """Asks for layer ``layer``'s plan. topk_ids: [T, K] int64 expert ids of this layer's
-        routes; next_topk_ids: [T, K'] int64 predicted ids of layer + 1, or None. T = n * S."""
-        if self.placement is None:
+               next_topk_ids: torch.Tensor | None = None, micro_batch: int = 0
+               ) -> object | None:
+        """Asks for round (step, micro_batch, layer)'s plan (see the module docstring for the
+        keys). topk_ids: [T, K] int64 expert ids of this layer's routes; next_topk_ids: [T, K']
+        int64 predicted ids of layer + 1, or None. T = n * S. None: home placement."""
+        if not self.placing:
             return None
+        assert self.placement is not None
         nxt = None if next_topk_ids is None else self._counts(next_topk_ids)
-        return self.placement.submit(step, layer, self._counts(topk_ids), nxt)
+        return self.placement.submit(step, layer, self._counts(topk_ids), nxt,
+                                     micro_batch=micro_batch)
 
     def dispatch(self, layer: int, h: torch.Tensor, topk_ids: torch.Tensor,
                  weights: torch.Tensor) -> Dispatched:
@@ -118,9 +153,11 @@ class ExpertParallel:
     def combine(self, layer: int, out: torch.Tensor, routes: Dispatched, ticket: object | None
                 ) -> tuple[torch.Tensor, SamplePlan]:
         """Waits for the plan of ``ticket`` (up to the placement's timeout) and sends each route's
-        output to its sample's new rank. Returns ([T, D] tokens of the samples held now, in
+        output to its sample's new rank (ticket None, as ``submit`` returns when not placing:
+        home placement). Returns ([T, D] tokens of the samples held now, in
         ``plan.rows_held(rank)`` order; the plan every rank applied)."""
-        agreement = self._home if self.placement is None else self.placement.wait(ticket)
+        agreement = (self._home if self.placement is None or ticket is None
+                     else self.placement.wait(ticket))
         return self.dispatcher.combine(layer, out, routes, agreement)
 
     def move(self, tensor: torch.Tensor, plan: SamplePlan) -> torch.Tensor:

@@ -115,7 +115,7 @@ def _count_collectives() -> Counter[str]:
 class _Late:
     """A plan source whose replies never arrive: Placement must time out into "no move"."""
 
-    def submit(self, *args: object) -> Future[RankPlan | None]:
+    def submit(self, *args: object, **kwargs: object) -> Future[RankPlan | None]:
         return Future()
 
 
