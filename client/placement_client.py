@@ -3,7 +3,8 @@
 One bidirectional stream per rank carries a Report per round (step, micro-batch, layer) and brings
 back the Plan of that round. A background thread owns the stream: it registers the job
 (idempotent), opens the stream, matches incoming plans to pending futures by round, and on a
-transient failure fails the pending futures and reconnects with exponential backoff. A rejection
+transient failure fails the pending futures and reconnects with exponential backoff, logging
+one line per state change (lost; still unreachable, every ``NOTICE_SECONDS``; back). A rejection
 that retrying cannot cure (the job id registered with another spec, a bad spec, a wrong token) is
 logged once and ends the thread: every later round falls back at once with that reason
 (``rejected``). ``submit`` never blocks and never raises for service trouble (it returns a failed
@@ -16,6 +17,7 @@ import logging
 import os
 import queue
 import threading
+import time
 from collections.abc import Sequence
 from concurrent.futures import Future
 from pathlib import Path
@@ -32,6 +34,9 @@ from netmoe.round import INVALID, RankPlan, RoundCounts, RoundKey
 __all__ = ["PlacementClient", "channel_to", "job_spec"]
 
 log = logging.getLogger(__name__)
+
+# While the service stays unreachable, one reminder line per this many seconds.
+NOTICE_SECONDS = 60.0
 
 # Rejections that no retry can cure: reconnecting would only repeat them.
 _FATAL = (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.ALREADY_EXISTS,
@@ -105,6 +110,7 @@ class PlacementClient:
         self.device_counts = spec.device_counts
         self._columns = spec.world_size if spec.device_counts else self.experts
         self.reconnects = 0
+        self._lost: tuple[float, float] | None = None  # (since, last notice) while unreachable
         self.rejected = ""  # why the service refused the job for good ("" while it has not)
         self._backoff = backoff
         self._lock = threading.Lock()
@@ -222,6 +228,10 @@ class PlacementClient:
                     self._requests, self._call = q, call
                 self._connected.set()
                 self._settled.set()
+                if self._lost is not None:
+                    log.warning("placement stream to %s back after %.0f s", self.address,
+                                time.monotonic() - self._lost[0])
+                    self._lost = None
                 delay = self._backoff[0]
                 for plan in call:
                     self._resolve(plan)
@@ -251,10 +261,22 @@ class PlacementClient:
             pending, self._pending = self._pending, {}
             self._connected.clear()
         if not self._closed.is_set():
-            log.warning("placement stream to %s lost (%s); reconnecting", self.address, reason)
+            self._notice(reason)
         for fut in pending.values():
             if not fut.done():
                 fut.set_exception(ConnectionError(f"placement stream lost: {reason}"))
+
+    def _notice(self, reason: str) -> None:
+        """One line when the service becomes unreachable, then one per NOTICE_SECONDS."""
+        now = time.monotonic()
+        if self._lost is None:
+            self._lost = (now, now)
+            log.warning("placement stream to %s lost (%s); retrying every %.3g s at most, rounds "
+                        "fall back to no move meanwhile", self.address, reason, self._backoff[1])
+        elif now - self._lost[1] >= NOTICE_SECONDS:
+            self._lost = (self._lost[0], now)
+            log.warning("placement service %s still unreachable after %.0f s (%s, %d attempts)",
+                        self.address, now - self._lost[0], reason, self.reconnects)
 
     def _resolve(self, msg: pb.Plan) -> None:
         with self._lock:

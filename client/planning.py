@@ -9,7 +9,8 @@ its own.
 From the same table every rank derives, with ``agree``, the full device vector (the combine needs
 it to route other ranks' tokens) or "no move" for all if any rank has no valid plan, so a single
 late reply can never make ranks disagree about where samples go. Failures are logged and counted,
-never raised into the training loop.
+never raised into the training loop; the log gets one line when rounds start falling back and
+one when plans come back, not one per layer.
 
 Recompute (activation checkpointing, reentrant or not): a layer that runs again inside a backward
 pass submits its round key again. ``Placement`` answers it from the plan that round's forward
@@ -205,21 +206,35 @@ class Offer:
         return self.placement._settle(self, offers, exchange_seconds)
 
 
+def timeout_for(deadline_ms: int) -> float:
+    """Seconds a rank waits for a plan: the round's deadline (counted from its first report; the
+    service answers by then, "no move" when late) plus half of it and 50 ms of transport slack.
+    deadline_ms 0 (unknown) gives ValueError naming the missing argument."""
+    if deadline_ms <= 0:
+        raise ValueError("timeout must be given when the source has no spec.deadline_ms")
+    return deadline_ms * 1.5e-3 + 0.05
+
+
 class Placement:
     """The model's placement hook: submit counts, then wait for the reply and offer it to the
     combine, which settles the plan all ranks apply (see the module docstring).
 
-    rank, world: the rank's device in its expert-parallel group and the group's size. node: with
-    node reports (``netmoe.client.node_reports``), the rank's part in them; source is then the
-    node's reporting client on its first rank and None on the others. ``close`` when done.
+    rank, world: the rank's device in its expert-parallel group and the group's size.
+    timeout: seconds to wait for a plan; None: ``timeout_for`` the source's deadline (a
+    ``PlacementClient``'s spec.deadline_ms; a node's other ranks, with no source, need one).
+    node: with node reports (``netmoe.client.node_reports``), the rank's part in them; source is
+    then the node's reporting client on its first rank and None on the others. ``close`` when
+    done.
     device_counts: the layers count routes per device instead of per expert
     (``netmoe.client.layer``); None: the source's (False when it has none). A node's other ranks
     have no source: give it, the same as their first rank's client.
     """
 
     def __init__(self, source: PlanSource | None, rank: int, world: int, samples: int,
-                 timeout: float, node: NodeReports | None = None,
+                 timeout: float | None = None, node: NodeReports | None = None,
                  device_counts: bool | None = None) -> None:
+        if timeout is None:
+            timeout = timeout_for(getattr(getattr(source, "spec", None), "deadline_ms", 0))
         if timeout <= 0:
             raise ValueError(f"timeout must be positive seconds, got {timeout!r}")
         if node is not None and node.size == 1:
@@ -244,6 +259,9 @@ class Placement:
         self._last: RoundKey | None = None  # the latest round submitted (not a recompute)
         # The plan each round of the current step applied, for its recompute to apply again.
         self._applied: dict[RoundKey, SamplePlan] = {}
+        # While rounds fall back: the first one's key and the reasons since (one log line each
+        # way, not one per layer).
+        self._falling: tuple[RoundKey, Counter[str]] | None = None
 
     def submit(
         self, step: int, layer: int, gather: torch.Tensor, scatter: torch.Tensor | None,
@@ -382,10 +400,21 @@ class Placement:
         if agreed is None:
             self.stats.fallbacks += 1
             self.stats.reasons[reason] += 1
-            log.warning("step %d micro-batch %d layer %d: no move (%s)", *ticket.key, reason)
+            if self._falling is None:
+                log.warning("step %d micro-batch %d layer %d: no move (%s); later fallbacks are "
+                            "counted in placement.stats until plans come back",
+                            *ticket.key, reason)
+                self._falling = (ticket.key, Counter())
+            self._falling[1][reason] += 1
         else:
             self.stats.plans += 1
             self.stats.moved += plan.moved
+            if self._falling is not None:
+                since, reasons = self._falling
+                log.warning("plans again from step %d micro-batch %d layer %d, after %d layers "
+                            "without (since step %d micro-batch %d layer %d: %s)", *ticket.key,
+                            sum(reasons.values()), *since, dict(reasons))
+                self._falling = None
         if reply is not None:
             self.stats.solve_seconds.append(reply.solve_seconds)
         self._full = plan.follow(self._full)

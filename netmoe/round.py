@@ -176,6 +176,23 @@ def check_dest(name: str, dest: object, *, devices: int, per_device: int | None 
     return arr
 
 
+def copy_route_table(holders: np.ndarray, owners: np.ndarray, gpus_per_node: int) -> np.ndarray:
+    """[E, J] int64: the device serving expert e for a sample on device d when experts have
+    copies: d itself when it holds e, else the lowest holder on d's node unless the owner is on
+    that node, else the owner. holders: [E, J] bool (owners and copies); owners: [E] int64."""
+    g = gpus_per_node
+    devices = holders.shape[1]
+    owners = np.asarray(owners, dtype=np.int64)
+    table = np.repeat(owners[:, None], devices, axis=1)
+    for d in range(devices):
+        node = slice(d // g * g, d // g * g + g)
+        has = holders[:, node].any(axis=1) & (owners // g != d // g)
+        first = d // g * g + np.argmax(holders[:, node], axis=1)
+        table[has, d] = first[has]
+        table[holders[:, d], d] = d
+    return table
+
+
 @dataclass(frozen=True)
 class SamplePlan:
     """The placement every rank applies in one round's combine.

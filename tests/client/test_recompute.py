@@ -22,7 +22,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from netmoe.client.dispatcher import Layout, TokenDispatcher
-from netmoe.client.layer import ExpertParallel
+from netmoe.client.layer import ExpertParallel, SampleTensors
 from netmoe.client.placement_client import PlacementClient, job_spec
 from netmoe.client.planning import Placement, RandomPlans
 from netmoe.round import SamplePlan
@@ -72,7 +72,7 @@ class ToyMoE(nn.Module):
         return [p for name, p in self.named_parameters() if not name.startswith("experts.")]
 
     def block(self, ep: ExpertParallel, step: int, micro: int, layer: int, plans: list,
-              h: torch.Tensor) -> torch.Tensor:
+              side: SampleTensors | None, h: torch.Tensor) -> torch.Tensor:
         """One MoE layer: h [T, D] float32 -> [T, D] of the samples held after its combine."""
         weights, ids = torch.softmax(self.routers[layer](h), -1).topk(K)
         nxt = None
@@ -82,21 +82,23 @@ class ToyMoE(nn.Module):
         ticket = ep.submit(step, layer, ids, nxt, micro_batch=micro)
         routes = ep.dispatch(layer, h, ids, weights / weights.sum(-1, keepdim=True))
         experts = {int(e): m for e, m in self.experts[layer].items()}
-        h, plans[layer] = ep.combine(layer, ep.expert_outputs(routes, experts), routes, ticket)
+        h, plans[layer] = ep.combine(layer, ep.expert_outputs(routes, experts), routes, ticket,
+                                     side)
         return h
 
     def loss(self, ep: ExpertParallel, case: Case, step: int, micro: int,
-             tokens: torch.Tensor) -> tuple[torch.Tensor, list[SamplePlan]]:
-        """tokens [N, S + 1] int64 -> this rank's sum of token losses, the plans applied."""
+             tokens: torch.Tensor, forget: int = -1) -> tuple[torch.Tensor, list[SamplePlan]]:
+        """tokens [N, S + 1] int64 -> this rank's sum of token losses, the plans applied.
+        forget: a layer whose combine is not given the side tensors (a model's bug)."""
         h = self.embed(tokens[:, :-1]).reshape(N * S, D)
-        labels = tokens[:, 1:]
+        side = ep.samples(labels=tokens[:, 1:])
         plans: list = [None] * LAYERS
         for layer in range(LAYERS):
-            fn = functools.partial(self.block, ep, step, micro, layer, plans)
+            fn = functools.partial(self.block, ep, step, micro, layer, plans,
+                                   None if layer == forget else side)
             h = (checkpoint(fn, h, use_reentrant=case.reentrant) if case.checkpointed(layer)
                  else fn(h))
-            labels = ep.move(labels, plans[layer])
-        return F.cross_entropy(self.head(h), labels.reshape(-1), reduction="sum"), plans
+        return F.cross_entropy(self.head(h), side["labels"].reshape(-1), reduction="sum"), plans
 
 
 def _tokens(rank: int, step: int, micro: int) -> torch.Tensor:
@@ -166,6 +168,13 @@ def _worker(rank: int, port: int, world: int, gpus: int, address: str, cases: li
             dist.barrier()
             if client is not None:
                 client.close(unregister=rank == 0)
+        # A model that forgets its side tensors at layer 1's combine gets an error before the
+        # loss, not another loss (random plans move samples at every layer).
+        ep = ExpertParallel(TokenDispatcher(layout), Placement(RandomPlans(rank, world, N), rank,
+                                                               world, N, timeout=10.0))
+        with pytest.raises(RuntimeError, match=r"side tensor 'labels' followed the moves of "
+                                               r"layers \[0, 2\], but layers \[0, 1, 2\] of "):
+            ToyMoE(layout).loss(ep, Case("block", False, 1), 0, 0, _tokens(rank, 0, 0), forget=1)
 
 
 @pytest.fixture(scope="module")
@@ -196,6 +205,13 @@ def test_every_recompute_and_micro_batch_combination_equals_home(
     service: ServerHandle, world: int, gpus: int
 ) -> None:
     spawn_ranks(_worker, world, world, gpus, service.address, ALL, timeout=1800)
+
+
+def test_side_tensors_of_another_leading_size_are_refused() -> None:
+    ep = ExpertParallel(TokenDispatcher(Layout(0, 1, 1, E, N, S)))
+    with pytest.raises(ValueError, match=r"mask must be \[samples=2, \.\.\.\] \(one row per local "
+                                         r"sample\), got \(3, 8\)"):
+        ep.samples(labels=torch.zeros(N, S), mask=torch.zeros(3, S))
 
 
 def test_placement_refuses_keys_out_of_order_and_recompute_of_rounds_never_run() -> None:
