@@ -162,8 +162,10 @@ class MoEGPT(nn.Module):
         dispatcher: TokenDispatcher,
         placement: PlacementHook | None = None,
         step: int = 0,
+        micro_batch: int = 0,
     ) -> ForwardResult:
-        """tokens: [n, S] int64 local samples. placement None means home placement (no plans)."""
+        """tokens: [n, S] int64 local samples. placement None means home placement (no plans).
+        step, micro_batch: the round keys' (see ``netmoe.client.layer``)."""
         cfg = self.cfg
         n, s = tokens.shape
         if s != cfg.seq_len or n != dispatcher.layout.samples:
@@ -177,7 +179,8 @@ class MoEGPT(nn.Module):
             h = h + block.attn(block.ln(h))
             flat = h.reshape(n * s, cfg.d_model)
             weights, ids = router_topk(block.moe.router, block.moe.norm(flat), cfg.top_k)
-            ticket = ep.submit(step, layer, ids, self._predict(layer, flat, placement))
+            ticket = ep.submit(step, layer, ids, self._predict(layer, flat, placement),
+                               micro_batch=micro_batch)
             routes = ep.dispatch(layer, flat, ids, weights)
             h, plan = ep.combine(layer, block.moe.expert_side(routes), routes, ticket)
             h = h.reshape(n, s, cfg.d_model)
