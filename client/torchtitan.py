@@ -19,22 +19,25 @@ job's own data parallelism). Every MoE block's ``x = x + moe(ffn_norm(x))`` runs
 A sample is one row of the rank's ``[B, L]`` token batch (torchtitan packs documents into
 per-rank rows). Positions (when given) follow the samples; ``follow`` moves the labels (or any
 per-sample tensor) to the rows of the output, so the model's own loss applies unchanged.
-The step and layer of every placement round are threaded by the model: each training forward
-is the next step, MoE layers are numbered in order; an evaluation forward (``model.eval()``)
-keeps every sample home and reports nothing.
+
+Round keys (step, micro-batch, layer) are threaded by the model: MoE layers are numbered in
+order; each training forward is the next step, or, with ``attach(optimizer)``, the next
+micro-batch of the optimizer's current step (gradient accumulation). torchtitan's activation
+checkpointing (``FullAC``, ``SelectiveAC``: non-reentrant ``checkpoint_wrapper`` per block) and
+``torch.utils.checkpoint`` need nothing: a block recomputed in the backward pass of the latest
+forward applies the plan its forward applied (``netmoe.client.planning``), nothing is reported
+again. An evaluation forward (``model.eval()`` or ``torch.inference_mode()``) keeps every sample
+home, reports nothing and takes no round key.
 
 Refused before anything is changed, with the setting named: a model without MoE blocks, experts
 not divisible by the EP size, an MoE block already expert-parallel, document-masking attention
 (flex / varlen: packed documents whose masks would have to be rebuilt), multi-token
-prediction layers, context / tensor / pipeline parallelism. Not yet supported (refused at the
-first forward, before any exchange): activation checkpointing (a recomputed layer would ask
-for its plan again).
+prediction layers, context / tensor / pipeline parallelism.
 """
 
 from __future__ import annotations
 
 import types
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -46,6 +49,7 @@ from torch import nn
 from netmoe.client.dispatcher import CommStats, Dispatched, Layout, TokenDispatcher, move_samples
 from netmoe.client.gradients import all_reduce_gradients
 from netmoe.client.layer import ExpertParallel, PlacementHook
+from netmoe.client.planning import in_backward
 from netmoe.round import SamplePlan
 
 _EXPERT_PARAMS = ("w1_EFD", "w2_EDF", "w3_EFD")
@@ -135,6 +139,7 @@ class _Pass:
     """
 
     step: int
+    micro_batch: int
     dispatcher: TokenDispatcher
     placement: PlacementHook | None
     ids: np.ndarray
@@ -166,6 +171,8 @@ class TorchtitanEP:
         self.placement = placement
         self.stats = CommStats()
         self.step = -1  # the last training forward's step
+        self._next = (0, 0)  # (step, micro_batch) of the next training forward
+        self._per_forward = True  # until an optimizer is attached
         self.blocks = [block for _, block in blocks]
         self.top_k = self.blocks[0].moe.router.top_k
         self._pass: _Pass | None = None
@@ -236,7 +243,20 @@ class TorchtitanEP:
 
     # The forward pass (installed on the model and its MoE blocks by __init__).
 
-    def _begin(self, tokens: torch.Tensor, positions: torch.Tensor | None) -> _Pass:
+    def attach(self, optimizer: torch.optim.Optimizer) -> None:
+        """Counts steps by ``optimizer``: every training forward between two of its steps is the
+        next micro-batch of the step (gradient accumulation). Without an attached optimizer
+        every training forward is a step of its own."""
+        if self._per_forward is False:
+            raise ValueError("an optimizer is attached already")
+        self._per_forward = False
+        optimizer.register_step_post_hook(self._stepped)
+
+    def _stepped(self, *_: Any) -> None:
+        self._next = (self._next[0] + 1, 0)
+
+    def _begin(self, tokens: torch.Tensor, positions: torch.Tensor | None,
+               training: bool) -> _Pass:
         if tokens.dim() != 2:
             raise ValueError(f"tokens must be [B, L], got {tuple(tokens.shape)}")
         b, s = tokens.shape
@@ -244,25 +264,39 @@ class TorchtitanEP:
             raise ValueError(f"positions must be [{b}, {s}] like tokens, got "
                              f"{tuple(positions.shape)}")  # fmt: skip
         layout = Layout(self.rank, self.world, self.gpus_per_node, self.experts, b, s)
-        training = self.model.training
-        if training:
-            self.step += 1
-            self.stats.step = self.step
-        return _Pass(self.step, TokenDispatcher(layout, self.stats, self.group),
-                     self.placement if training else None,
+        step, micro_batch = self._next
+        # An evaluation forward (model.eval(), or under torch.inference_mode) keeps every
+        # sample home and takes no round key.
+        placing = training and not torch.is_inference_mode_enabled()
+        if placing:
+            self._next = (step + 1, 0) if self._per_forward else (step, micro_batch + 1)
+            self.step = step
+            self.stats.step = step
+        return _Pass(step, micro_batch, TokenDispatcher(layout, self.stats, self.group),
+                     self.placement if placing else None,
                      np.arange(self.world * b, dtype=np.int64), positions)  # fmt: skip
 
     def _moe(self, layer: int, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """One MoE block's ``x + moe(ffn_norm(x))`` with placement; x: [B, L, D] float after
-        attention. Returns [B, L, D] of the rows held after the combine."""
-        state = self._pass
+        attention. Returns [B, L, D] of the rows held after the combine.
+
+        Outside any torch dispatch mode: selective activation checkpointing caches ops by
+        their order in the forward, and a recompute's control plane (a replayed plan instead
+        of the service's offer) runs other ops, so the layer is recomputed whole there."""
+        from torch.utils._python_dispatch import _disable_current_modes
+
+        with _disable_current_modes():
+            return self._moe_layer(layer, block, x)
+
+    def _moe_layer(self, layer: int, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        recompute = in_backward()
+        # A recompute (activation checkpointing) runs inside the backward of the latest forward
+        # pass (gradient accumulation runs each micro-batch's backward after its forward).
+        state = self._last if recompute else self._pass
         if state is None:
-            raise RuntimeError("an MoE block ran outside the model's forward (a recompute of "
-                               "activation checkpointing?)")
-        if len(state.plans) != layer:
-            raise RuntimeError(
-                f"MoE layer {layer} ran again in one forward pass (activation checkpointing "
-                "recomputes layers; it is not supported with netmoe's torchtitan adapter yet)")
+            raise RuntimeError("an MoE block ran outside the model's forward")
+        if not recompute and len(state.plans) != layer:
+            raise RuntimeError(f"MoE layer {layer} ran twice in one forward pass")
         b, s, d = x.shape
         moe = block.moe
         scores, ids, _ = moe.router(block.ffn_norm(x), moe.expert_bias_E)
@@ -273,15 +307,18 @@ class TorchtitanEP:
                     torch.bincount(flat_ids.reshape(-1), minlength=self.experts).float())
         ep = ExpertParallel(state.dispatcher, state.placement)
         nxt = None
-        if state.placement is not None and layer + 1 < len(self.blocks):
+        if ep.placing and not recompute and layer + 1 < len(self.blocks):
             nb = self.blocks[layer + 1]
             with torch.no_grad():
                 _, nxt, _ = nb.moe.router(nb.ffn_norm(x), nb.moe.expert_bias_E)
             nxt = nxt.reshape(b * s, -1)
         flat = x.reshape(b * s, d)
-        ticket = ep.submit(state.step, layer, flat_ids, nxt)
+        ticket = ep.submit(state.step, layer, flat_ids, nxt, micro_batch=state.micro_batch)
         routes = ep.dispatch(layer, flat, flat_ids, scores.reshape(b * s, -1).to(x.dtype))
         out, plan = ep.combine(layer, self._expert_side(block, routes), routes, ticket)
+        if recompute:
+            # The forward's plan again (the placement hook replays it); its moves are recorded.
+            return out.reshape(b, s, d)
         state.plans.append(plan)
         state.topk.append(flat_ids.detach())
         if plan.moves:
@@ -327,16 +364,7 @@ def _decoder_forward(ep: TorchtitanEP) -> Any:
             raise ValueError("attention_masks given: document masking of packed sequences is "
                              "not supported with netmoe's placement (the masks would have to "
                              "follow the samples); pass none (causal attention per row)")
-        from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
-            CheckpointWrapper,
-        )
-
-        wrapped = [name for name, block in model.layers.items()
-                   if isinstance(block, CheckpointWrapper)]  # fmt: skip
-        if wrapped:
-            raise ValueError(f"activation checkpointing (layers {', '.join(wrapped)}) is not "
-                             "supported yet: a recomputed MoE layer would ask for its plan again")
-        state = ep._begin(tokens, positions)
+        state = ep._begin(tokens, positions, model.training)
         ep._pass = state
         try:
             h = model.tok_embeddings(tokens)

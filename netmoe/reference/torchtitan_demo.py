@@ -73,9 +73,8 @@ def model_config(cfg: TitanConfig) -> Any:
 
     d, hidden = cfg.dim, cfg.dim // 2
     if cfg.family == "qwen3":
-        from torchtitan.models.qwen3 import Qwen3Model
+        from torchtitan.models.qwen3 import Qwen3Model, _qwen3_norm
         from torchtitan.models.qwen3 import _build_qwen3_moe_layers as build_layers
-        from torchtitan.models.qwen3 import _qwen3_norm
 
         head = d // 4
         layers = build_layers(n_layers=cfg.layers, dim=d, n_heads=4, n_kv_heads=2, head_dim=head,
@@ -208,6 +207,7 @@ class TitanTrainConfig:
     layers: int = 2
     experts: int = 8
     top_k: int = 2
+    expert_dtype: str = "bfloat16"
     nodes: int = 2
     gpus_per_node: int = 2
     steps: int = 4
@@ -232,15 +232,16 @@ class TitanTrainConfig:
         if self.stock and self.placement != "home":
             raise ValueError(f"stock (torchtitan's own EP path) has no placement, got "
                              f"placement={self.placement!r}")
-        if self.experts % self.world:
-            raise ValueError(f"experts={self.experts} is not divisible by nodes x gpus_per_node "
-                             f"= {self.world} ranks")  # fmt: skip
-        self.model  # validates the model fields
+        model = self.model  # TitanConfig checks the model's fields
+        if model.experts % self.world:
+            raise ValueError(f"experts={model.experts} is not divisible by nodes x "
+                             f"gpus_per_node = {self.world} ranks")  # fmt: skip
 
     @property
     def model(self) -> TitanConfig:
         return TitanConfig(self.family, self.dim, self.layers, self.experts, self.top_k,
-                           max_seq_len=max(256, self.seq_len))  # fmt: skip
+                           max_seq_len=max(256, self.seq_len),
+                           expert_dtype=self.expert_dtype)  # fmt: skip
 
     @property
     def world(self) -> int:
@@ -285,6 +286,7 @@ def train(cfg: TitanTrainConfig) -> dict[str, Any]:
     import torch.distributed as dist
     from torchtitan.components.loss import cross_entropy_loss
 
+    from netmoe.client.gradients import all_reduce_gradients
     from netmoe.client.planning import Placement, RandomPlans
     from netmoe.client.recorder import TraceRecorder
     from netmoe.client.torchtitan import parallelize
@@ -329,8 +331,6 @@ def train(cfg: TitanTrainConfig) -> dict[str, Any]:
                     else None)  # fmt: skip
         losses, step_seconds, step_routes = [], [], []
         so_far = np.zeros((layers, 3), dtype=np.int64)
-        from netmoe.client.gradients import all_reduce_gradients
-
         dist.barrier()
         for step in range(cfg.steps):
             t_step = time.perf_counter()
@@ -431,7 +431,6 @@ def run_demo(args: argparse.Namespace) -> int:
             handle.stop()
     home, net, stock = summarize(home_ranks), summarize(net_ranks), summarize(stock_ranks)
     solve = net.pop("solve_ms")
-    first = home_ranks[0]
     report = {
         "home": home,
         "netmoe": net,

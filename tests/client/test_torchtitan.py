@@ -25,16 +25,17 @@ STEPS, SAMPLES, SEQ, LR = 3, 2, 16, 3e-3
 FAMILIES = ("qwen3", "deepseek_v3")
 
 
-def _batches(world: int, rank: int, steps: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Per step this rank's (tokens [n, S], labels [n, S]) of the demo corpus."""
+def _batches(world: int, rank: int, steps: int, samples: int = SAMPLES
+             ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per step this rank's (tokens [samples, S], labels [samples, S]) of the demo corpus."""
     from netmoe.reference.data import load_corpus
     from netmoe.reference.torchtitan_demo import VOCAB
 
     corpus = load_corpus(VOCAB, None)
     out = []
     for step in range(steps):
-        rows = torch.from_numpy(corpus.batch(step, world * SAMPLES, SEQ, 0)).long()
-        mine = rows[rank * SAMPLES : (rank + 1) * SAMPLES]
+        rows = torch.from_numpy(corpus.batch(step, world * samples, SEQ, 0)).long()
+        mine = rows[rank * samples : (rank + 1) * samples]
         out.append((mine[:, :-1], mine[:, 1:]))
     return out
 
@@ -43,7 +44,7 @@ class _Run:
     """One way of training the model: its model, optimizer, dense parameters, netmoe side."""
 
     def __init__(self, family: str, experts: int, placement: Any = None, stock: bool = False,
-                 gpus: int = 2, dtype: str = "float32") -> None:
+                 gpus: int = 2, dtype: str = "float32", ac: str = "") -> None:
         from netmoe.client.torchtitan import parallelize
         from netmoe.reference.torchtitan_demo import (
             SplitSpy,
@@ -63,22 +64,36 @@ class _Run:
             self.ep = parallelize(self.model, placement=placement, gpus_per_node=gpus)
             local = {id(p) for p in self.ep.expert_parameters()}
         self.dense = [p for p in self.model.parameters() if id(p) not in local]
+        if ac:
+            from torchtitan.distributed.activation_checkpoint import FullAC, SelectiveAC
+
+            policy = {"full": FullAC, "selective": SelectiveAC}[ac]
+            policy(policy.Config()).apply(self.model)
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=LR)
+        if self.ep is not None:
+            self.ep.attach(self.opt)
         load_balancing(self.model, self.opt)
         self.losses: list[float] = []
 
-    def step(self, tokens: torch.Tensor, labels: torch.Tensor, total_tokens: int) -> None:
+    def step(self, tokens: torch.Tensor, labels: torch.Tensor, total_tokens: int,
+             micro_batches: int = 1) -> None:
+        """One optimizer step's gradients over micro_batches forward/backward passes of equal
+        row slices (gradient accumulation)."""
         from torchtitan.components.loss import cross_entropy_loss
 
         from netmoe.client.gradients import all_reduce_gradients
 
-        pred = self.model(tokens)
-        if self.ep is not None:
-            labels = self.ep.follow(labels)
-        loss = cross_entropy_loss(pred, labels) / total_tokens
         self.opt.zero_grad(set_to_none=False)
-        loss.backward()
-        (total,) = all_reduce_gradients(self.dense, [loss], None)
+        losses = []
+        for part, part_labels in zip(tokens.chunk(micro_batches), labels.chunk(micro_batches),
+                                     strict=True):  # fmt: skip
+            pred = self.model(part)
+            if self.ep is not None:
+                part_labels = self.ep.follow(part_labels)
+            loss = cross_entropy_loss(pred, part_labels) / total_tokens
+            loss.backward()
+            losses.append(loss.detach())
+        (total,) = all_reduce_gradients(self.dense, [sum(losses)], None)
         self.losses.append(float(total))
 
     def grads(self) -> dict[str, torch.Tensor]:
@@ -92,47 +107,70 @@ def _inter(routes: dict[tuple[int, str], Any], rank: int, gpus: int) -> int:
     return int(_route_totals(routes, rank, gpus, layers)[:, 0].sum())
 
 
-def _train_and_compare(rank: int, world: int, gpus: int, family: str, address: str,
-                       dead: str) -> None:
+def _compare(runs: dict[str, _Run], world: int, rank: int, family: str, micro_batches: int,
+             label: str) -> None:
+    """Trains every run STEPS steps on the same batches; after each backward every gradient
+    and at the end every loss and expert bias must equal the stock run's."""
+    batches = _batches(world, rank, STEPS, SAMPLES * micro_batches)
+    for step, (tokens, labels) in enumerate(batches):
+        for run in runs.values():
+            run.step(tokens, labels, world * SAMPLES * micro_batches * SEQ, micro_batches)
+        ref = runs["stock"].grads()
+        for name, run in runs.items():
+            for pname, grad in run.grads().items():
+                # Relative to the tensor's norm: float32 summation order differs.
+                rel = float((grad - ref[pname]).norm() / ref[pname].norm())
+                assert rel < 1e-4, (label, family, name, pname, step, rel)
+        for run in runs.values():
+            run.opt.step()
+    stock = runs["stock"].losses
+    for name, run in runs.items():
+        rel = max(abs(a - b) / abs(b) for a, b in zip(run.losses, stock, strict=True))
+        assert rel < 1e-4, (label, family, name, run.losses, stock)
+        biases = [b.moe.expert_bias_E for b in _moe_blocks(run.model)]
+        for b, r in zip(biases, [b.moe.expert_bias_E for b in _moe_blocks(runs["stock"].model)],
+                        strict=True):  # fmt: skip
+            torch.testing.assert_close(b, r, rtol=0, atol=1e-7)
+            assert float(r.abs().sum()) > 0  # the bias update ran
+    if rank == 0:
+        print(f"{label} {family} {world} ranks: losses {stock}")
+
+
+def _moe_blocks(model: Any) -> list[Any]:
+    """The MoE blocks, inside their checkpoint wrappers if any."""
+    blocks = [getattr(b, "_checkpoint_wrapped_module", b) for b in model.layers.values()]
+    return [b for b in blocks if b.moe_enabled]
+
+
+def _hooks(rank: int, world: int, gpus: int, family: str, address: str, dead: str | None,
+           label: str) -> tuple[dict[str, Any], list[Any]]:
+    """Placement hooks and their clients: the service at address, seeded random plans, and
+    unless dead is None a service that is down (nobody listens at dead)."""
     from netmoe.client.placement_client import PlacementClient, job_spec
     from netmoe.client.planning import Placement, RandomPlans
 
-    experts = 8
-    spec = job_spec(world // gpus, gpus, experts, SAMPLES, hidden_size=32, dtype_bytes=4,
+    spec = job_spec(world // gpus, gpus, 8, SAMPLES, hidden_size=32, dtype_bytes=4,
                     deadline_ms=4000)  # fmt: skip
-    client = PlacementClient(address, f"tt-{family}-{world}", rank, spec)
-    down = PlacementClient(dead, f"tt-down-{family}-{world}", rank, spec, connect_timeout=0.5)
+    client = PlacementClient(address, f"tt-{label}-{family}-{world}", rank, spec)
     hooks = {
         "service": Placement(client, rank, world, SAMPLES, 5.0),
         "random": Placement(RandomPlans(rank, world, SAMPLES, seed=5), rank, world, SAMPLES,
                             5.0),
-        "down": Placement(down, rank, world, SAMPLES, 0.3),
     }  # fmt: skip
+    if dead is None:
+        return hooks, [client]
+    down = PlacementClient(dead, f"tt-down-{family}-{world}", rank, spec, connect_timeout=0.5)
+    hooks["down"] = Placement(down, rank, world, SAMPLES, 0.3)
+    return hooks, [client, down]
+
+
+def _train_and_compare(rank: int, world: int, gpus: int, family: str, address: str,
+                       dead: str) -> None:
+    hooks, clients = _hooks(rank, world, gpus, family, address, dead, "plain")
     try:
-        runs = {"stock": _Run(family, experts, stock=True, gpus=gpus),
-                "home": _Run(family, experts, gpus=gpus)}
-        runs.update({k: _Run(family, experts, hook, gpus=gpus) for k, hook in hooks.items()})
-        for step, (tokens, labels) in enumerate(_batches(world, rank, STEPS)):
-            for run in runs.values():
-                run.step(tokens, labels, world * SAMPLES * SEQ)
-            ref = runs["stock"].grads()
-            for name, run in runs.items():
-                for pname, grad in run.grads().items():
-                    # Relative to the tensor's norm: float32 summation order differs.
-                    rel = float((grad - ref[pname]).norm() / ref[pname].norm())
-                    assert rel < 1e-4, (family, name, pname, step, rel)
-            for run in runs.values():
-                run.opt.step()
-        stock = runs["stock"].losses
-        for name, run in runs.items():
-            rel = max(abs(a - b) / abs(b) for a, b in zip(run.losses, stock, strict=True))
-            assert rel < 1e-4, (family, name, run.losses, stock)
-            biases = [b.moe.expert_bias_E for b in run.model.layers.values() if b.moe_enabled]
-            ref_biases = [b.moe.expert_bias_E for b in runs["stock"].model.layers.values()
-                          if b.moe_enabled]  # fmt: skip
-            for b, r in zip(biases, ref_biases, strict=True):
-                torch.testing.assert_close(b, r, rtol=0, atol=1e-7)
-                assert float(r.abs().sum()) > 0  # the bias update ran
+        runs = {"stock": _Run(family, 8, stock=True, gpus=gpus), "home": _Run(family, 8, gpus=gpus)}
+        runs.update({k: _Run(family, 8, hook, gpus=gpus) for k, hook in hooks.items()})
+        _compare(runs, world, rank, family, 1, "plain")
         assert hooks["service"].stats.fallbacks == 0, hooks["service"].stats.reasons
         assert hooks["random"].stats.moved > 0 and hooks["random"].stats.fallbacks == 0
         assert hooks["down"].stats.plans == 0 and hooks["down"].stats.fallbacks > 0
@@ -146,11 +184,29 @@ def _train_and_compare(rank: int, world: int, gpus: int, family: str, address: s
         assert home_inter == stock_inter  # the same routes, counted by both dispatchers
         assert moved > 0 and service_inter < stock_inter, counts.tolist()
         if rank == 0:
-            print(f"{family} {world} ranks: losses {stock}; inter-node routes stock "
-                  f"{stock_inter}, with placement {service_inter}")
+            print(f"{family} {world} ranks: inter-node routes stock {stock_inter}, with "
+                  f"placement {service_inter}")
     finally:
-        client.close(unregister=rank == 0)
-        down.close()
+        clients[0].close(unregister=rank == 0)
+        clients[1].close()
+
+
+def _recompute_and_micro_batches(rank: int, world: int, gpus: int, family: str, address: str,
+                                 ac: str) -> None:
+    """torchtitan's activation checkpointing (per block or selective) on both paths, with two
+    micro-batches per step: the service's and random plans replay in the recompute."""
+    hooks, clients = _hooks(rank, world, gpus, family, address, None, ac)
+    try:
+        runs = {"stock": _Run(family, 8, stock=True, gpus=gpus, ac=ac),
+                "service": _Run(family, 8, hooks["service"], gpus=gpus, ac=ac),
+                "random": _Run(family, 8, hooks["random"], gpus=gpus, ac=ac)}  # fmt: skip
+        _compare(runs, world, rank, family, 2, f"{ac} AC, 2 micro-batches")
+        for name in ("service", "random"):
+            st = hooks[name].stats
+            assert st.fallbacks == 0 and st.replays > 0, (name, st)
+        assert hooks["random"].stats.moved > 0
+    finally:
+        clients[0].close(unregister=rank == 0)
 
 
 def _bad_input(rank: int, world: int) -> None:
@@ -206,11 +262,6 @@ def _bad_input(rank: int, world: int) -> None:
     tokens = torch.zeros(SAMPLES, SEQ, dtype=torch.long)
     with pytest.raises(ValueError, match="attention_masks given"):
         model(tokens, None, object())
-    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
-
-    model.layers.register_module("1", checkpoint_wrapper(model.layers["1"]))
-    with pytest.raises(ValueError, match=r"activation checkpointing \(layers 1\)"):
-        model(tokens)
     assert ep.step == -1 and ep.stats.routes == {}  # nothing ran
 
 
@@ -219,6 +270,8 @@ def _worker(rank: int, port: int, world: int, gpus: int, address: str, dead: str
     with gloo_group(rank, world, port):
         for family in FAMILIES:
             _train_and_compare(rank, world, gpus, family, address, dead)
+        _recompute_and_micro_batches(rank, world, gpus, "qwen3", address, "full")
+        _recompute_and_micro_batches(rank, world, gpus, "deepseek_v3", address, "selective")
         _bad_input(rank, world)
 
 
