@@ -3,6 +3,10 @@
 Tokens come as text (tokenized with the checkpoint's own tokenizer) or as token ids; the
 stream is cut into samples of --seq-length tokens, the last one padded (padding is not
 recorded). Nothing is downloaded: config, weights and tokenizer are read from --hf-model only.
+
+With --torchtitan FAMILY instead: a tiny torchtitan model of that family (qwen3, deepseek_v3)
+trained expert-parallel on --nodes x --gpus-per-node local gloo ranks (home placement) on the
+demo corpus, its routing recorded at every step (``netmoe.reference.torchtitan_demo``).
 """
 
 from __future__ import annotations
@@ -63,7 +67,37 @@ def _text_ids(path: str, model_dir: str, seq_length: int, pad_id: int
     return samples_from_stream(stream, seq_length, pad_id)
 
 
+def _record_torchtitan(args: argparse.Namespace) -> int:
+    given = [flag for flag in ("hf_model", "text", "token_ids", "samples")
+             if getattr(args, flag) is not None]  # fmt: skip
+    if given:
+        raise ValueError(f"--torchtitan trains its own tiny model on the demo corpus: "
+                         f"--{given[0].replace('_', '-')} does not apply")
+    from netmoe.reference.data import load_corpus
+    from netmoe.reference.launch import run_ranks
+    from netmoe.reference.torchtitan_demo import VOCAB, TitanTrainConfig
+
+    cfg = TitanTrainConfig(family=args.torchtitan, layers=args.layers, nodes=args.nodes,
+                           gpus_per_node=args.gpus_per_node, steps=args.steps,
+                           samples_per_device=args.batch_size,
+                           seq_len=args.seq_length or 64, experts=2 * args.nodes
+                           * args.gpus_per_node, record_trace=str(args.out))  # fmt: skip
+    load_corpus(VOCAB, None)  # built once here; the ranks read the cache
+    run_ranks(cfg, module="netmoe.reference.torchtitan_demo")
+    print(f"wrote {args.out}: torchtitan {cfg.family} (tiny), {cfg.layers} MoE layers, "
+          f"{cfg.steps} steps of {cfg.global_samples} samples x {cfg.seq_len} tokens, "
+          f"{cfg.experts} experts, top-{cfg.top_k}")
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.torchtitan:
+        return _record_torchtitan(args)
+    if args.hf_model is None or (args.text is None and args.token_ids is None):
+        raise ValueError("give --hf-model DIR with --text FILE or --token-ids FILE.npy, or "
+                         "--torchtitan FAMILY")
+    if args.seq_length is None:
+        raise ValueError("--seq-length is required with --hf-model")
     for flag in ("seq_length", "batch_size", "samples"):
         value = getattr(args, flag)
         if value is not None and value <= 0:
@@ -128,18 +162,29 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="record the routing of a local Hugging Face MoE checkpoint as a trace",
         description="Runs a local transformers checkpoint (Mixtral, Qwen2-MoE, Qwen3-MoE, "
         "OLMoE, DeepSeek-V3, GPT-OSS) on your tokens with forward hooks on its routers and "
-        "writes the trace `netmoe evaluate` reads. Never downloads anything.",
+        "writes the trace `netmoe evaluate` reads. Never downloads anything. With --torchtitan "
+        "FAMILY: trains a tiny torchtitan model expert-parallel on local ranks and records it.",
     )
-    p.add_argument("--hf-model", required=True, metavar="DIR",
+    p.add_argument("--hf-model", default=None, metavar="DIR",
                    help="checkpoint directory (config.json and weights; a tokenizer for --text)")
-    src = p.add_mutually_exclusive_group(required=True)
+    p.add_argument("--torchtitan", choices=("qwen3", "deepseek_v3"), default="",
+                   help="record a tiny torchtitan model of this family instead, trained "
+                   "expert-parallel (home placement) on the demo corpus")
+    p.add_argument("--nodes", type=positive, default=2, help="--torchtitan: emulated nodes")
+    p.add_argument("--gpus-per-node", type=positive, default=2,
+                   help="--torchtitan: ranks per node")
+    p.add_argument("--steps", type=positive, default=4, help="--torchtitan: training steps")
+    p.add_argument("--layers", type=positive, default=2, help="--torchtitan: MoE layers")
+    src = p.add_mutually_exclusive_group()
     src.add_argument("--text", metavar="FILE", help="UTF-8 text, tokenized as one stream")
     src.add_argument("--token-ids", metavar="FILE.npy",
                      help="token ids: a stream [T] or samples [N, seq-length]")
-    p.add_argument("--seq-length", type=positive, required=True, help="tokens per sample")
+    p.add_argument("--seq-length", type=positive, default=None,
+                   help="tokens per sample (required with --hf-model; --torchtitan: 64)")
     p.add_argument("--samples", type=positive, default=None,
                    help="record at most this many samples (default: all)")
-    p.add_argument("--batch-size", type=positive, default=8, help="samples per forward pass")
+    p.add_argument("--batch-size", type=positive, default=8,
+                   help="samples per forward pass (--torchtitan: per rank)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                    help="where the model runs")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
