@@ -297,3 +297,62 @@ def test_equal_to_torchtitans_own_ep_path_on_2_nodes_x_2() -> None:
 @pytest.mark.slow
 def test_equal_to_torchtitans_own_ep_path_on_2_nodes_x_4() -> None:
     _run(8, 4)
+
+
+def test_demo_json_has_the_demos_keys_and_the_stock_run(
+        tmp_path: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    """``netmoe demo --torchtitan qwen3 --json`` on 2 ranks (2 nodes x 1): home, the embedded
+    service and torchtitan's own EP path train the same losses."""
+    import json
+
+    from netmoe.cli import main
+
+    args = ["demo", "--torchtitan", "qwen3", "--nodes", "2", "--gpus-per-node", "1", "--steps",
+            "2", "--samples-per-device", "2", "--seq-len", "16", "--layers", "2",
+            "--cache-dir", str(tmp_path), "--json"]  # fmt: skip
+    assert main(args) == 0
+    rep = json.loads(capsys.readouterr().out)
+    assert {"home", "netmoe", "solver_ms_median", "inter_reduction", "max_loss_rel_diff",
+            "config", "stock"} <= rep.keys()  # fmt: skip
+    home, net, stock = rep["home"], rep["netmoe"], rep["stock"]
+    assert len(home["loss"]) == len(net["loss"]) == len(stock["loss"]) == 2
+    # torchtitan's bfloat16 experts on equal inputs: only float32 summation order differs.
+    assert rep["max_loss_rel_diff"] < 1e-5 and rep["max_stock_loss_rel_diff"] < 1e-5
+    assert net["fallbacks"] == 0, net["fallback_reasons"]
+    total = lambda r: r["inter_routes"] + r["intra_routes"] + r["local_routes"]  # noqa: E731
+    assert total(net) == total(home) == total(stock)
+    assert rep["config"]["model_type"] == "qwen3" and rep["config"]["experts"] == 4
+
+
+def test_record_writes_a_trace_evaluate_reads(tmp_path: Any,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    from netmoe.cli import main
+    from netmoe.trace import load_trace
+
+    out = tmp_path / "tt.npz"
+    assert main(["record", "--torchtitan", "deepseek_v3", "--nodes", "2", "--gpus-per-node", "1",
+                 "--steps", "2", "--batch-size", "2", "--seq-length", "16", "--out",
+                 str(out)]) == 0  # fmt: skip
+    assert f"wrote {out}: torchtitan deepseek_v3" in capsys.readouterr().out
+    trace = load_trace(out)
+    assert trace.num_experts == 4 and trace.topk_ids.shape == (2, 2 * 4 * 16, 2)
+    assert main(["evaluate", "--trace", str(out), "--nodes", "2", "--gpus-per-node", "1",
+                 "--json"]) == 0  # fmt: skip
+    rep = json.loads(capsys.readouterr().out)
+    assert rep["experts"] == 4
+
+
+@pytest.mark.parametrize("argv, named", [
+    (["record", "--torchtitan", "qwen3", "--hf-model", "x", "--out", "t.npz"], "--hf-model"),
+    (["record", "--out", "t.npz"], "--torchtitan"),
+    (["demo", "--torchtitan", "qwen3", "--expert-placement"], "--expert-placement"),
+    (["demo", "--torchtitan", "qwen3", "--hf-model", "x"], "--hf-model"),
+])  # fmt: skip
+def test_cli_bad_input_names_the_flag(argv: list[str], named: str,
+                                      capsys: pytest.CaptureFixture[str]) -> None:
+    from netmoe.cli import main
+
+    assert main(argv) == 2
+    assert named in capsys.readouterr().err
