@@ -112,6 +112,7 @@ def _compare(runs: dict[str, _Run], world: int, rank: int, family: str, micro_ba
     """Trains every run STEPS steps on the same batches; after each backward every gradient
     and at the end every loss and expert bias must equal the stock run's."""
     batches = _batches(world, rank, STEPS, SAMPLES * micro_batches)
+    worst = {name: (0.0, 0.0) for name in runs}  # (loss, gradient) relative differences
     for step, (tokens, labels) in enumerate(batches):
         for run in runs.values():
             run.step(tokens, labels, world * SAMPLES * micro_batches * SEQ, micro_batches)
@@ -121,19 +122,23 @@ def _compare(runs: dict[str, _Run], world: int, rank: int, family: str, micro_ba
                 # Relative to the tensor's norm: float32 summation order differs.
                 rel = float((grad - ref[pname]).norm() / ref[pname].norm())
                 assert rel < 1e-4, (label, family, name, pname, step, rel)
+                worst[name] = (worst[name][0], max(worst[name][1], rel))
         for run in runs.values():
             run.opt.step()
     stock = runs["stock"].losses
     for name, run in runs.items():
         rel = max(abs(a - b) / abs(b) for a, b in zip(run.losses, stock, strict=True))
         assert rel < 1e-4, (label, family, name, run.losses, stock)
+        worst[name] = (rel, worst[name][1])
         biases = [b.moe.expert_bias_E for b in _moe_blocks(run.model)]
         for b, r in zip(biases, [b.moe.expert_bias_E for b in _moe_blocks(runs["stock"].model)],
                         strict=True):  # fmt: skip
             torch.testing.assert_close(b, r, rtol=0, atol=1e-7)
             assert float(r.abs().sum()) > 0  # the bias update ran
     if rank == 0:
-        print(f"{label} {family} {world} ranks: losses {stock}")
+        print(f"{label} {family} {world} ranks: losses {stock}; vs stock, max relative "
+              f"differences (loss, gradient): "
+              + ", ".join(f"{k} {v[0]:.1e} {v[1]:.1e}" for k, v in worst.items() if k != "stock"))
 
 
 def _moe_blocks(model: Any) -> list[Any]:
