@@ -200,7 +200,9 @@ class _WorldDims:
 class TitanTrainConfig:
     """A training run of a tiny torchtitan model; fields as in TrainConfig, plus the model
     (``TitanConfig`` fields); stock: torchtitan's own EP path instead of netmoe's (home
-    placement only)."""
+    placement only); micro_batches: forward passes per step (micro-batch m of step t reads
+    batch t x micro_batches + m); recompute: torchtitan's activation checkpointing, "full" or
+    "selective" per block ("" none)."""
 
     family: str = "qwen3"
     dim: int = 32
@@ -226,9 +228,14 @@ class TitanTrainConfig:
     threads: int = 1
     cache_dir: str = ""
     record_trace: str = ""
+    micro_batches: int = 1
+    recompute: str = ""
 
     def __post_init__(self) -> None:
-        check_run(self, ("steps",))
+        check_run(self, ("steps", "micro_batches"))
+        if self.recompute not in ("", "full", "selective"):
+            raise ValueError(f"recompute must be '', 'full' or 'selective' (torchtitan's FullAC / "
+                             f"SelectiveAC), got {self.recompute!r}")
         if self.stock and self.placement != "home":
             raise ValueError(f"stock (torchtitan's own EP path) has no placement, got "
                              f"placement={self.placement!r}")
@@ -324,27 +331,42 @@ def train(cfg: TitanTrainConfig) -> dict[str, Any]:
         else:
             ep = parallelize(model, placement=placement, gpus_per_node=cfg.gpus_per_node)
             dense = ep.dense_parameters()
+        if cfg.recompute:
+            from torchtitan.distributed.activation_checkpoint import FullAC, SelectiveAC
+
+            policy = FullAC if cfg.recompute == "full" else SelectiveAC
+            policy(policy.Config()).apply(model)
         opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
+        if ep is not None:
+            ep.attach(opt)
         load_balancing(model, opt)
         layers = cfg.layers
         recorder = (TraceRecorder(layers, cfg.experts) if cfg.record_trace and ep is not None
                     else None)  # fmt: skip
         losses, step_seconds, step_routes = [], [], []
         so_far = np.zeros((layers, 3), dtype=np.int64)
+        micro = cfg.micro_batches
         dist.barrier()
         for step in range(cfg.steps):
             t_step = time.perf_counter()
-            batch = corpus.batch(cfg.data_offset + step, cfg.global_samples, s, cfg.seed)
-            rows = torch.from_numpy(batch[rank * n : (rank + 1) * n])
-            tokens, labels = rows[:, :-1], rows[:, 1:]
-            pred = model(tokens)
-            if ep is not None:
-                labels = ep.follow(labels)
-            # torchtitan's loss: summed cross entropy over the global token count.
-            loss = cross_entropy_loss(pred, labels) / (cfg.global_samples * s)
             opt.zero_grad(set_to_none=False)
-            loss.backward()
-            (total,) = all_reduce_gradients(dense, [loss], None)
+            parts = []
+            for m in range(micro):
+                batch = corpus.batch(cfg.data_offset + step * micro + m, cfg.global_samples, s,
+                                     cfg.seed)  # fmt: skip
+                rows = torch.from_numpy(batch[rank * n : (rank + 1) * n])
+                tokens, labels = rows[:, :-1], rows[:, 1:]
+                pred = model(tokens)
+                if ep is not None:
+                    labels = ep.follow(labels)
+                # torchtitan's loss: summed cross entropy over the global token count.
+                loss = cross_entropy_loss(pred, labels) / (cfg.global_samples * s * micro)
+                loss.backward()
+                parts.append(loss.detach())
+                if m == 0 and recorder is not None and ep is not None:
+                    recorder.record(step, cfg.global_samples, rank * n, n, s, ep.plans,
+                                    ep.topk)  # fmt: skip
+            (total,) = all_reduce_gradients(dense, [sum(parts)], None)
             opt.step()
             losses.append(float(total))
             step_seconds.append(time.perf_counter() - t_step)
@@ -355,8 +377,6 @@ def train(cfg: TitanTrainConfig) -> dict[str, Any]:
                 totals = _route_totals(spy.routes, rank, cfg.gpus_per_node, layers)
             step_routes.append((totals - so_far).tolist())
             so_far = totals
-            if recorder is not None and ep is not None:
-                recorder.record(step, cfg.global_samples, rank * n, n, s, ep.plans, ep.topk)
         if recorder is not None:
             recorder.save(cfg.record_trace, group_rank=rank)
         result: dict[str, Any] = {
@@ -366,9 +386,10 @@ def train(cfg: TitanTrainConfig) -> dict[str, Any]:
             "allreduce_seconds": 0.0, "routes": so_far.tolist(), "step_routes": step_routes,
             "parameters": sum(p.numel() for p in model.parameters()), "layers": layers,
             "experts": cfg.experts, "top_k": cfg.top_k, "model_type": cfg.family,
-            "expert_bias": [float(b.moe.expert_bias_E.abs().sum())
-                            for b in model.layers.values() if getattr(b, "moe_enabled", False)],
         }  # fmt: skip
+        if ep is not None:
+            result["bytes_per_route"] = {phase: ep.stats.bytes_per_route(phase)
+                                         for phase in ("dispatch", "combine")}  # fmt: skip
         if placement is not None:
             st = placement.stats
             result.update(
@@ -393,20 +414,25 @@ def run_demo(args: argparse.Namespace) -> int:
     """The ``netmoe demo --torchtitan FAMILY`` run: home, service placement and torchtitan's own
     EP path; the demo's report (same printout and --json keys, plus "stock": {"loss": [...]}
     and the stock run's routes)."""
-    from netmoe.demo import _print, max_rel_diff, summarize
+    from netmoe.demo import _print, max_rel_diff, routes_between, summarize
     from netmoe.reference.data import load_corpus
     from netmoe.reference.launch import run_ranks
 
     if args.expert_placement or args.replica_budget is not None:
         raise ValueError("--expert-placement and --replica-budget are not supported with "
                          "--torchtitan")
+    if args.dtype != "fp32":
+        raise ValueError(f"--dtype {args.dtype} is not supported with --torchtitan (its experts "
+                         "compute in bfloat16 already; the hidden states stay fp32)")
     if args.hf_model:
         raise ValueError("give --torchtitan or --hf-model, not both")
     cfg = TitanTrainConfig(family=args.torchtitan, layers=args.layers, nodes=args.nodes,
                            gpus_per_node=args.gpus_per_node, steps=args.steps,
                            samples_per_device=args.samples_per_device, seq_len=args.seq_len,
                            objective=args.objective, seed=args.seed, cache_dir=args.cache_dir,
-                           experts=2 * args.nodes * args.gpus_per_node)  # fmt: skip
+                           experts=2 * args.nodes * args.gpus_per_node,
+                           micro_batches=args.micro_batches,
+                           recompute="full" if args.recompute else "")  # fmt: skip
     load_corpus(VOCAB, cfg.cache_dir or None)  # built once here; the ranks read the cache
     module = "netmoe.reference.torchtitan_demo"
     handle = None
@@ -429,19 +455,23 @@ def run_demo(args: argparse.Namespace) -> int:
     finally:
         if handle is not None:
             handle.stop()
-    home, net, stock = summarize(home_ranks), summarize(net_ranks), summarize(stock_ranks)
+    home, net = summarize(home_ranks), summarize(net_ranks)
+    # torchtitan's dispatcher keeps no byte counts: its routes and losses only.
+    stock_routes = routes_between(stock_ranks, 0, cfg.steps - 1)
     solve = net.pop("solve_ms")
     report = {
         "home": home,
         "netmoe": net,
-        "stock": {"loss": stock["loss"], "inter_routes": stock["inter_routes"],
-                  "intra_routes": stock["intra_routes"], "local_routes": stock["local_routes"]},
+        "stock": {"loss": stock_ranks[0]["loss"], "inter_routes": stock_routes["inter"],
+                  "intra_routes": stock_routes["intra"], "local_routes": stock_routes["local"]},
         "solver_ms_median": statistics.median(solve) if solve else 0.0,
         "metrics_url": metrics_url,
         "inter_reduction": 1 - net["inter_routes"] / max(home["inter_routes"], 1),
         "max_loss_rel_diff": max_rel_diff(home["loss"], net["loss"]),
-        "max_stock_loss_rel_diff": max_rel_diff(stock["loss"], net["loss"]),
-        "config": {**dataclasses.asdict(cfg), "model_type": cfg.family,
+        "max_stock_loss_rel_diff": max_rel_diff(stock_ranks[0]["loss"], net["loss"]),
+        "bytes_per_route": net["bytes_per_route"],
+        "config": {**dataclasses.asdict(cfg), "model_type": cfg.family, "dtype": "fp32",
+                   "d_model": cfg.dim,
                    "experts_per_device": cfg.experts // cfg.world, "top_k": cfg.top_k,
                    "parameters_per_rank": [r["parameters"] for r in home_ranks]},
     }  # fmt: skip
@@ -451,9 +481,9 @@ def run_demo(args: argparse.Namespace) -> int:
         print(f"torchtitan {cfg.family} (tiny: D={cfg.dim}, {cfg.experts} experts)")
         _print(report)
         print(f"torchtitan's own EP path (stock AllToAllTokenDispatcher): inter-node routes "
-              f"{stock['inter_routes']}; losses equal netmoe's within "
+              f"{stock_routes['inter']}; losses equal netmoe's within "
               f"{report['max_stock_loss_rel_diff']:.1e} relative; last step "
-              f"{stock['loss'][-1]:.4f}")
+              f"{stock_ranks[0]['loss'][-1]:.4f}")
     return 0
 
 
