@@ -241,8 +241,6 @@ class TorchtitanEP:
         order = [arrived[int(g)] for g in last.ids[self.rank * n : (self.rank + 1) * n]]
         return moved[torch.tensor(order, device=tensor.device)]
 
-    # The forward pass (installed on the model and its MoE blocks by __init__).
-
     def attach(self, optimizer: torch.optim.Optimizer) -> None:
         """Counts steps by ``optimizer``: every training forward between two of its steps is the
         next micro-batch of the step (gradient accumulation). Without an attached optimizer
@@ -254,6 +252,8 @@ class TorchtitanEP:
 
     def _stepped(self, *_: Any) -> None:
         self._next = (self._next[0] + 1, 0)
+
+    # The forward pass (installed on the model and its MoE blocks by __init__).
 
     def _begin(self, tokens: torch.Tensor, positions: torch.Tensor | None,
                training: bool) -> _Pass:
