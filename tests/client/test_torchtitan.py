@@ -5,8 +5,11 @@ Tiny qwen3 MoE and deepseek_v3 models from torchtitan's own config builders (flo
 torchtitan's own EP path (its AllToAllTokenDispatcher over an "ep" CPU device mesh) and on
 netmoe's adapter with plans from a real placement service on loopback, with seeded random
 plans (every sample moves), and with an unreachable service; AdamW with torchtitan's
-load-balancing bias update. Losses, gradients and expert biases must agree, and the service's
-plans must send fewer routes between nodes than the stock path (split sizes of both).
+load-balancing bias update; then both paths again under torchtitan's FullAC (qwen3) and
+SelectiveAC (deepseek_v3) with 2 micro-batches per step. Losses and gradients must agree within
+1e-4 relative and expert biases exactly, and the service's plans must send fewer routes between
+nodes than the stock path (split sizes of both). The experts compute in float32 here
+(torchtitan's GroupedExperts casts to bfloat16); the demo test runs them as torchtitan does.
 """
 
 from __future__ import annotations
