@@ -134,16 +134,17 @@ class ExpertParallel:
         """Asks for round (step, micro_batch, layer)'s plan (see the module docstring for the
         keys). topk_ids: [T, K] int64 expert ids of this layer's routes; next_topk_ids: [T, K']
         int64 predicted ids of layer + 1, or None. T = n * S. None: home placement."""
-        if not in_backward():
-            if step != self._pass[0]:
-                self._moved.clear()
-            self._pass = (step, micro_batch)
         if not self.placing:
             return None
         assert self.placement is not None
         nxt = None if next_topk_ids is None else self._counts(next_topk_ids)
-        return self.placement.submit(step, layer, self._counts(topk_ids), nxt,
-                                     micro_batch=micro_batch)
+        ticket = self.placement.submit(step, layer, self._counts(topk_ids), nxt,
+                                       micro_batch=micro_batch)
+        if not in_backward():
+            if step != self._pass[0]:
+                self._moved.clear()
+            self._pass = (step, micro_batch)
+        return ticket
 
     def dispatch(self, layer: int, h: torch.Tensor, topk_ids: torch.Tensor,
                  weights: torch.Tensor) -> Dispatched:
@@ -184,7 +185,7 @@ class ExpertParallel:
         agreement = (self._home if self.placement is None or ticket is None
                      else self.placement.wait(ticket))
         h, plan = self.dispatcher.combine(layer, out, routes, agreement)
-        if plan.moves and not in_backward():
+        if plan.moves and ticket is not None and not in_backward():
             self._moved.setdefault(self._pass, []).append(layer)
             if side is not None:
                 side._follow(self._pass, layer, plan)
@@ -221,6 +222,7 @@ class SampleTensors(Mapping[str, torch.Tensor]):
                 raise ValueError(f"{name} must be [samples={n}, ...] (one row per local sample), "
                                  f"got {tuple(t.shape)}")
         self._ep = ep
+        self._checked = ep.placing  # without placement (evaluation, home) nothing moves
         self._tensors = dict(tensors)
         self._pass: tuple[int, int] | None = None  # set by the first combine it follows
         self._followed: list[int] = []
@@ -232,7 +234,7 @@ class SampleTensors(Mapping[str, torch.Tensor]):
         self._followed.append(layer)
 
     def __getitem__(self, name: str) -> torch.Tensor:
-        moved = self._ep._moved.get(self._pass or self._ep._pass, [])
+        moved = self._ep._moved.get(self._pass or self._ep._pass, []) if self._checked else []
         if moved != self._followed:
             raise RuntimeError(
                 f"side tensor {name!r} followed the moves of layers {self._followed}, but layers "
