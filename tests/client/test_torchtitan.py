@@ -247,7 +247,7 @@ def _bad_input(rank: int, world: int) -> None:
         assert all(torch.equal(before[k], after[k]) for k in before)
 
     refused(tiny_model(TitanConfig("qwen3", experts=6)),
-            r"num_experts=6 is not divisible by the expert-parallel size 4")
+            rf"num_experts=6 is not divisible by the expert-parallel size {world}")
     flex = model_config(TitanConfig("qwen3"))
     for layer in flex.layers:
         layer.attention.inner_attention = FlexAttention.Config()
