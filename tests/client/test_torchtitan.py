@@ -47,7 +47,8 @@ class _Run:
     """One way of training the model: its model, optimizer, dense parameters, netmoe side."""
 
     def __init__(self, family: str, experts: int, placement: Any = None, stock: bool = False,
-                 gpus: int = 2, dtype: str = "float32", ac: str = "") -> None:
+                 gpus: int = 2, dtype: str = "float32", ac: str = "", mesh: Any = None
+                 ) -> None:
         from netmoe.client.torchtitan import parallelize
         from netmoe.reference.torchtitan_demo import (
             SplitSpy,
@@ -64,7 +65,8 @@ class _Run:
             self.spy = SplitSpy(self.model)
             local = {id(p) for p in stock_parallelize(self.model)}
         else:
-            self.ep = parallelize(self.model, placement=placement, gpus_per_node=gpus)
+            self.ep = parallelize(self.model, mesh, mesh_dim=None if mesh is None else "ep",
+                                  placement=placement, gpus_per_node=gpus)
             local = {id(p) for p in self.ep.expert_parameters()}
         self.dense = [p for p in self.model.parameters() if id(p) not in local]
         if ac:
@@ -176,7 +178,12 @@ def _train_and_compare(rank: int, world: int, gpus: int, family: str, address: s
                        dead: str) -> None:
     hooks, clients = _hooks(rank, world, gpus, family, address, dead, "plain")
     try:
-        runs = {"stock": _Run(family, 8, stock=True, gpus=gpus), "home": _Run(family, 8, gpus=gpus)}
+        from torch.distributed.device_mesh import init_device_mesh
+
+        # Home placement over the "ep" dimension of a 2-D (dp, ep) device mesh.
+        mesh = init_device_mesh("cpu", (1, world), mesh_dim_names=("dp", "ep"))
+        runs = {"stock": _Run(family, 8, stock=True, gpus=gpus),
+                "home": _Run(family, 8, gpus=gpus, mesh=mesh)}
         runs.update({k: _Run(family, 8, hook, gpus=gpus) for k, hook in hooks.items()})
         _compare(runs, world, rank, family, 1, "plain")
         assert hooks["service"].stats.fallbacks == 0, hooks["service"].stats.reasons
@@ -260,6 +267,11 @@ def _bad_input(rank: int, world: int) -> None:
         refused(tiny_model(TitanConfig("qwen3")), rf"parallelism.{setting}=2",
                 parallelism=ParallelismConfig(**{setting: 2}))
     refused(tiny_model(TitanConfig("qwen3")), r"gpus_per_node=3", gpus_per_node=3)
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh("cpu", (1, world), mesh_dim_names=("dp", "ep"))
+    refused(tiny_model(TitanConfig("qwen3")), r"name the expert-parallel one with mesh_dim",
+            mesh=mesh)
     stocked = tiny_model(TitanConfig("qwen3"))
     stock_parallelize(stocked)
     refused(stocked, r"already expert-parallel")
