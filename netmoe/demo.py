@@ -431,8 +431,8 @@ def _print(r: dict[str, Any]) -> None:
         f"save on; `netmoe bench cluster` measures emulated links)"
     )
     b = r["bytes_per_route"]
-    print(f"bytes per route ({cfg['dtype']}, d_model {cfg['d_model']}): dispatch "
-          f"{b['dispatch']:.0f}, combine {b['combine']:.0f}")
+    print(f"bytes per route (hidden state + metadata, router weight in the dispatch): "
+          f"dispatch {b['dispatch']:.0f}, combine {b['combine']:.0f}")
     print(
         f"losses equal within {r['max_loss_rel_diff']:.1e} relative; last step: "
         f"home {home['loss'][-1]:.4f}, netmoe {net['loss'][-1]:.4f}"

@@ -222,6 +222,8 @@ def train(cfg: HFTrainConfig) -> dict[str, Any]:
             "step_seconds": step_seconds,
             "a2a_seconds": ep.stats.a2a_seconds,
             "control_seconds": ep.stats.control_seconds,
+            "bytes_per_route": {phase: ep.stats.bytes_per_route(phase)
+                                for phase in ("dispatch", "combine")},
             "allreduce_seconds": allreduce_seconds,
             "routes": so_far.tolist(),
             "step_routes": step_routes,
