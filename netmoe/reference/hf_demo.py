@@ -232,8 +232,6 @@ def train(cfg: HFTrainConfig) -> dict[str, Any]:
             "experts": experts,
             "top_k": ep.top_k,
             "model_type": mcfg.model_type,
-            "bytes_per_route": {phase: ep.stats.bytes_per_route(phase)
-                                for phase in ("dispatch", "combine")},
         }
         if placement is not None:
             st = placement.stats
@@ -311,7 +309,6 @@ def run_demo(args: argparse.Namespace) -> int:
         "max_loss_rel_diff": max_rel_diff(home["loss"], net["loss"]),
         "bytes_per_route": net["bytes_per_route"],
         "config": {**dataclasses.asdict(cfg), "model_type": first["model_type"],
-                   "dtype": "fp32", "d_model": mcfg.hidden_size,
                    "layers": first["layers"], "experts_per_device": experts // cfg.world,
                    "top_k": first["top_k"],
                    "parameters_per_rank": [r["parameters"] for r in home_ranks]},

@@ -470,8 +470,7 @@ def run_demo(args: argparse.Namespace) -> int:
         "max_loss_rel_diff": max_rel_diff(home["loss"], net["loss"]),
         "max_stock_loss_rel_diff": max_rel_diff(stock_ranks[0]["loss"], net["loss"]),
         "bytes_per_route": net["bytes_per_route"],
-        "config": {**dataclasses.asdict(cfg), "model_type": cfg.family, "dtype": "fp32",
-                   "d_model": cfg.dim,
+        "config": {**dataclasses.asdict(cfg), "model_type": cfg.family,
                    "experts_per_device": cfg.experts // cfg.world, "top_k": cfg.top_k,
                    "parameters_per_rank": [r["parameters"] for r in home_ranks]},
     }  # fmt: skip
