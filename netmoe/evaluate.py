@@ -119,14 +119,20 @@ def evaluate_joint(
 
 
 def evaluate_replicated(
-    counts: np.ndarray, nodes: int, gpus_per_node: int, pairs: list[PairResult], budget: int
+    counts: np.ndarray, nodes: int, gpus_per_node: int, pairs: list[PairResult], budget: int,
+    *, method: str = "routes", max_load_ratio: float | None = None,
+    migration_budget: int | None = None, groups: int = 1,
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Adds copies to evaluate_joint's result: chosen on the fit half (the lower sample ids of
-    counts [L, I, E]) with `budget` copies per device and layer, replayed on the held-out half.
-    Returns each pair's `replicated` (inter, intra, placement) and the top-level `expert_maps`
-    and `replicas`."""
+    counts [L, I, E]) with `budget` copies per device and layer by `method` (routes: on the
+    joint maps, routes only; balanced: maps and copies under max_load_ratio and
+    migration_budget from home; eplb: EPLB with `groups` groups, see solver.balance.choose),
+    replayed on the held-out half. Returns each pair's `replicated` (inter, intra, placement,
+    loads [2][J]) and the top-level `expert_maps`, `replicas`, `route_tables` [L][J][E] and
+    `load` (home / joint / replicated max/mean load)."""
     from netmoe.solver import Topology
-    from netmoe.solver.replicas import evaluate_replicas, fit_replicas
+    from netmoe.solver.balance import choose, load_summary, owner_loads
+    from netmoe.solver.replicas import evaluate_replicas
 
     topo = Topology(nodes, gpus_per_node, counts.shape[2])
     if isinstance(pairs[0].joint, dict) and len(pairs) + 1 == counts.shape[0]:
@@ -134,15 +140,27 @@ def evaluate_replicated(
     else:
         raise ValueError("--replica-budget needs a trace with at least 2 MoE layers")
     half = counts.shape[1] // 2
+    start = maps if method == "routes" else np.tile(topo.expert_device, (len(maps), 1))
     try:
-        fit = fit_replicas(topo, [counts[:, :half]], np.array(maps), slots=budget)
+        fit = choose(topo, [counts[:, :half]], np.array(start), method=method, slots=budget,
+                     max_load_ratio=max_load_ratio, migration_budget=migration_budget,
+                     groups=groups)
     except ValueError as err:
         raise ValueError(f"--replica-budget={budget}: {err}") from None
-    ev = evaluate_replicas(topo, [counts[:, half:]], np.array(maps), fit.copies)
-    per_pair = [{"inter": r.inter, "intra": r.intra, "placement": list(dev)}
-                for r, dev in zip(ev.replicated, ev.replicated_devices[0], strict=True)]
-    extra = {"expert_maps": [list(m) for m in maps],
-             "replicas": [[list(c) for c in layer] for layer in fit.copies]}
+    held = [counts[:, half:]]
+    ev = evaluate_replicas(topo, held, np.array(fit.maps), fit.copies, tables=fit.tables)
+    per_pair = [{"inter": r.inter, "intra": r.intra, "placement": list(dev),
+                 "loads": [list(k) for k in loads]}
+                for r, dev, loads in zip(ev.replicated, ev.replicated_devices[0], ev.loads,
+                                         strict=True)]
+    load = {kind: dict(zip(("mean", "worst"), load_summary(loads), strict=True))
+            for kind, loads in (("home", owner_loads(topo, held, topo.expert_device)),
+                                ("joint", owner_loads(topo, held, np.array(maps))),
+                                ("replicated", ev.loads))}
+    extra = {"expert_maps": [list(m) for m in fit.maps],
+             "replicas": [[list(c) for c in layer] for layer in fit.copies],
+             "route_tables": [[list(row) for row in t] for t in fit.tables],
+             "load": load}
     return per_pair, extra
 
 
@@ -258,6 +276,8 @@ def _text(rep: dict[str, Any]) -> str:
             f"{t['replicated']['inter']} ({t['replicated_inter_reduction']:.1%} less), "
             f"intra-node {t['replicated']['intra']}"
         )
+        lines.append("busiest device / mean load, mean over layers (worst layer): " + ", ".join(
+            f"{kind} {v['mean']:.3f} ({v['worst']:.3f})" for kind, v in rep["load"].items()))
     return "\n".join(lines)
 
 
@@ -281,6 +301,27 @@ def check_args(args: argparse.Namespace, trace: Trace) -> int:
     return args.experts or trace.num_experts or top + 1
 
 
+def _method(args: argparse.Namespace) -> str:
+    """How the copies are chosen (solver.balance.choose); ValueError names a flag that does not
+    fit --expert-placement."""
+    from netmoe.solver.balance import check_ratio
+
+    placement = args.expert_placement
+    if args.replica_budget is not None and placement == "current":
+        raise ValueError("--replica-budget needs --expert-placement fit or eplb")
+    for flag, value in (("--max-load-ratio", args.max_load_ratio),
+                        ("--migration-budget", args.migration_budget)):
+        if value is not None and placement != "fit":
+            raise ValueError(f"{flag} needs --expert-placement fit")
+    if args.eplb_groups != 1 and placement != "eplb":
+        raise ValueError("--eplb-groups needs --expert-placement eplb")
+    check_ratio("--max-load-ratio", args.max_load_ratio)
+    if placement == "eplb":
+        return "eplb"
+    balanced = args.max_load_ratio is not None or args.migration_budget is not None
+    return "balanced" if balanced else "routes"
+
+
 def run(args: argparse.Namespace) -> int:
     trace = read_trace(args)
     experts = check_args(args, trace)
@@ -291,19 +332,21 @@ def run(args: argparse.Namespace) -> int:
     if experts % devices:
         raise ValueError(f"{experts} experts do not spread evenly over --nodes {args.nodes} x "
                          f"--gpus-per-node {args.gpus_per_node} = {devices} devices")
-    budget = args.replica_budget
-    if budget is not None and args.expert_placement != "fit":
-        raise ValueError("--replica-budget needs --expert-placement fit")
+    budget, method = args.replica_budget, _method(args)
+    if method != "routes" and budget is None:
+        budget = 0
     full = counts
-    if args.expert_placement == "fit":
+    if args.expert_placement in ("fit", "eplb"):
         counts, pairs = evaluate_joint(counts, args.nodes, args.gpus_per_node, args.objective,
                                        links)
     else:
         pairs = evaluate(counts, args.nodes, args.gpus_per_node, args.objective, links)
     rep = report(counts, args.nodes, args.gpus_per_node, pairs, links, trace.layer_ids)
     if budget is not None:
-        rep = add_replicated(rep, *evaluate_replicated(full, args.nodes, args.gpus_per_node,
-                                                       pairs, budget))
+        rep = add_replicated(rep, *evaluate_replicated(
+            full, args.nodes, args.gpus_per_node, pairs, budget, method=method,
+            max_load_ratio=args.max_load_ratio, migration_budget=args.migration_budget,
+            groups=args.eplb_groups))
     print(json.dumps(rep) if args.json else _text(rep))
     return 0
 
@@ -339,13 +382,25 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--objective", choices=("volume", "bottleneck"), default="volume",
                    help="volume: fewest inter-node routes over the machine; bottleneck: the "
                    "busiest node's inter-node routes")
-    p.add_argument("--expert-placement", choices=("current", "fit"), default="current",
+    p.add_argument("--expert-placement", choices=("current", "fit", "eplb"), default="current",
                    help="current: experts where expert parallelism puts them (expert e on device "
                    "e // (E/J)); fit: fit expert placement on the lower half of the sample ids "
-                   "and report home, sample-only and joint placement on the held-out rest")
+                   "and report home, sample-only and joint placement on the held-out rest; "
+                   "eplb: as fit, and the copies (`replicated`) are DeepSeek EPLB's maps and "
+                   "K x devices redundant experts per layer for the fit half's loads")
     p.add_argument("--replica-budget", type=non_negative, default=None, metavar="K",
                    help="with --expert-placement fit: also choose up to K expert copies per "
                    "device and layer on the fit half (0 = none) and report the held-out routes "
                    "with them (`replicated` per pair, `expert_maps`, `replicas`)")
+    p.add_argument("--max-load-ratio", type=float, default=None, metavar="R",
+                   help="with --expert-placement fit: choose maps, copies and route tables for "
+                   "routes with every layer's busiest device serving at most R x the mean load "
+                   "on the fit half (R >= 1; default: no bound, routes only)")
+    p.add_argument("--migration-budget", type=non_negative, default=None, metavar="M",
+                   help="with --expert-placement fit: at most M experts (all layers) leave their "
+                   "home device (default: no budget)")
+    p.add_argument("--eplb-groups", type=positive, default=1, metavar="G",
+                   help="with --expert-placement eplb: expert groups (EPLB's hierarchical policy "
+                   "when G is a multiple of --nodes; default 1: its global policy)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=run)
