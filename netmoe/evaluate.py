@@ -128,10 +128,12 @@ def evaluate_replicated(
     joint maps, routes only; balanced: maps and copies under max_load_ratio and
     migration_budget from home; eplb: EPLB with `groups` groups, see solver.balance.choose),
     replayed on the held-out half. Returns each pair's `replicated` (inter, intra, placement,
-    loads [2][J]) and the top-level `expert_maps`, `replicas`, `route_tables` [L][J][E] and
-    `load` (home / joint / replicated max/mean load)."""
+    loads [2][J]) and the top-level `expert_maps`, `replicas`, `route_tables` [L][J][E],
+    `load` (home / joint / replicated max/mean load, mean and worst layer) and `fit_half` (the
+    same loads and the inter-node routes replayed on the fit half)."""
     from netmoe.solver import Topology
     from netmoe.solver.balance import choose, load_summary, owner_loads
+    from netmoe.solver.experts import evaluate_experts
     from netmoe.solver.replicas import evaluate_replicas
 
     topo = Topology(nodes, gpus_per_node, counts.shape[2])
@@ -153,14 +155,24 @@ def evaluate_replicated(
                  "loads": [list(k) for k in loads]}
                 for r, dev, loads in zip(ev.replicated, ev.replicated_devices[0], ev.loads,
                                          strict=True)]
-    load = {kind: dict(zip(("mean", "worst"), load_summary(loads), strict=True))
-            for kind, loads in (("home", owner_loads(topo, held, topo.expert_device)),
-                                ("joint", owner_loads(topo, held, np.array(maps))),
-                                ("replicated", ev.loads))}
+
+    def summary(rounds: list[np.ndarray], replayed: Any) -> dict[str, Any]:
+        return {kind: dict(zip(("mean", "worst"), load_summary(loads), strict=True))
+                for kind, loads in (("home", owner_loads(topo, rounds, topo.expert_device)),
+                                    ("joint", owner_loads(topo, rounds, np.array(maps))),
+                                    ("replicated", replayed.loads))}
+
+    fit_half = [counts[:, :half]]
+    on_fit = evaluate_replicas(topo, fit_half, np.array(fit.maps), fit.copies, tables=fit.tables)
     extra = {"expert_maps": [list(m) for m in fit.maps],
              "replicas": [[list(c) for c in layer] for layer in fit.copies],
              "route_tables": [[list(row) for row in t] for t in fit.tables],
-             "load": load}
+             "load": summary(held, ev),
+             "fit_half": {"load": summary(fit_half, on_fit),
+                          "inter": {"baseline": on_fit.experts.home.inter,
+                                    "joint": evaluate_experts(topo, fit_half,
+                                                              np.array(maps)).joint.inter,
+                                    "replicated": on_fit.total.inter}}}
     return per_pair, extra
 
 
