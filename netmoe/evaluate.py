@@ -128,12 +128,13 @@ def evaluate_replicated(
     joint maps, routes only; balanced: maps and copies under max_load_ratio and
     migration_budget from home; eplb: EPLB with `groups` groups, see solver.balance.choose),
     replayed on the held-out half. Returns each pair's `replicated` (inter, intra, placement,
-    loads [2][J]) and the top-level `expert_maps`, `replicas`, `route_tables` [L][J][E],
+    loads [2][J]) and the top-level `expert_maps`, `migration` (experts off home, of them across
+    nodes, copies), `replicas`, `route_tables` [L][J][E],
     `load` (home / joint / replicated max/mean load, mean and worst layer) and `fit_half` (the
     same loads and the inter-node routes replayed on the fit half)."""
     from netmoe.solver import Topology
     from netmoe.solver.balance import choose, load_summary, owner_loads
-    from netmoe.solver.experts import evaluate_experts
+    from netmoe.solver.experts import evaluate_experts, migration
     from netmoe.solver.replicas import evaluate_replicas
 
     topo = Topology(nodes, gpus_per_node, counts.shape[2])
@@ -164,7 +165,11 @@ def evaluate_replicated(
 
     fit_half = [counts[:, :half]]
     on_fit = evaluate_replicas(topo, fit_half, np.array(fit.maps), fit.copies, tables=fit.tables)
+    moved, moved_inter, _ = migration(topo, np.array(fit.maps),
+                                      np.tile(topo.expert_device, (len(maps), 1)), 1)
     extra = {"expert_maps": [list(m) for m in fit.maps],
+             "migration": {"moved_experts": moved, "moved_inter": moved_inter,
+                           "copies": sum(len(c) for c in fit.copies)},
              "replicas": [[list(c) for c in layer] for layer in fit.copies],
              "route_tables": [[list(row) for row in t] for t in fit.tables],
              "load": summary(held, ev),

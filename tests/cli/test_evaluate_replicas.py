@@ -154,6 +154,11 @@ def test_migration_budget_in_the_cli(capsys: pytest.CaptureFixture[str]) -> None
     assert main([*ARGS, "--replica-budget", "1", "--migration-budget", "0", "--json"]) == 0
     rep = json.loads(capsys.readouterr().out)
     assert rep["expert_maps"] == [[e // 8 for e in range(64)]] * 8
+    assert rep["migration"] == {"moved_experts": 0, "moved_inter": 0, "copies": 64}
+    assert main([*ARGS, "--replica-budget", "1", "--migration-budget", "10", "--json"]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    off_home = sum(m != e // 8 for maps in rep["expert_maps"] for e, m in enumerate(maps))
+    assert 0 < off_home == rep["migration"]["moved_experts"] <= 10
 
 
 @pytest.mark.parametrize("extra, message", [
