@@ -258,6 +258,7 @@ def solve_replicated(
     *,
     home: object,
     scatter_topology: Topology | None = None,
+    tables: tuple[np.ndarray, np.ndarray | None] | None = None,
 ) -> Plan:
     """One round with copies in force: the exact two-stage placement for replica-aware costs
     (whatever objective or method the job asked for: the exact CP-SAT models know no copies).
@@ -265,7 +266,8 @@ def solve_replicated(
     gather, scatter: [I, E] routes of layer l and (predicted) l+1, scatter may be None;
     holders: [E, J] bool holders of layer l and of l+1 (None: no scatter); owners are
     topo.expert_device and scatter_topology's (default topo's). home: [I] balanced devices.
-    before / after: replica-aware routes at home and placed (routes follow route_table).
+    before / after: replica-aware routes at home and placed (routes follow tables, [E, J] int64
+    of layer l and l+1 within the rule of balance.check_tables, default route_table's).
     """
     g = check_counts("gather", gather, samples=None, experts=topo.experts)
     base = check_placement("home", home, samples=g.shape[0], devices=topo.devices)
@@ -277,7 +279,9 @@ def solve_replicated(
     start = time.perf_counter()
     device = place_replicated(topo, mats, held, base)
     elapsed = time.perf_counter() - start
-    tables = [route_table(topo, h, m) for h, m in zip(held, owners, strict=True)]
+    if tables is None:
+        tables = tuple(route_table(topo, h, m) for h, m in zip(held, owners, strict=True))
+    tables = tables[:len(mats)]
 
     def routes(dev: np.ndarray) -> Traffic:
         return traffic_of(topo, dev, [served(topo, c, t, dev)
