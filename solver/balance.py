@@ -219,12 +219,22 @@ def _score(topo: Topology, data: list[np.ndarray], maps: np.ndarray, holders: np
     return _Candidate(key, maps, holders, tables, loads, inter, intra), [weights, place]
 
 
+def _row(topo: Topology, weight: np.ndarray, held: np.ndarray,
+         inter_weight: float) -> tuple[float, np.ndarray]:
+    """One expert with holders held [J] bool and routes weight [J] from samples on each device:
+    (its routes' cost, inter-node ones weighing inter_weight; the load [J] float it puts on each
+    device, each route split evenly among the holders the rule allows)."""
+    allowed = candidates(topo, held[None])[0]  # [d, holder]
+    share = allowed / allowed.sum(axis=1, keepdims=True)
+    node = held.reshape(topo.nodes, topo.gpus_per_node).any(axis=1)[topo.device_node]
+    return float(weight @ np.where(held, 0.0, np.where(node, 1.0, inter_weight))), weight @ share
+
+
 def _rows(topo: Topology, weight: np.ndarray, holders: np.ndarray, maps: np.ndarray,
           inter_weight: float) -> tuple[np.ndarray, np.ndarray]:
     """For each expert e and device x, e's routes cost and loads if its owner moved to x:
     (cost [E, J] float, load [E, J, J] float; inf cost where x already holds a copy of e)."""
     experts, j = weight.shape
-    g = topo.gpus_per_node
     cost = np.full((experts, j), np.inf)
     load = np.zeros((experts, j, j))
     for e in range(experts):
@@ -233,12 +243,57 @@ def _rows(topo: Topology, weight: np.ndarray, holders: np.ndarray, maps: np.ndar
                 continue
             h = holders[e].copy()
             h[maps[e]], h[x] = False, True
-            allowed = candidates(topo, h[None])[0]  # [d, holder]
-            share = allowed / allowed.sum(axis=1, keepdims=True)
-            load[e, x] = weight[e] @ share
-            node = h.reshape(topo.nodes, g).any(axis=1)[topo.device_node]
-            cost[e, x] = float(weight[e] @ np.where(h, 0.0, np.where(node, 1.0, inter_weight)))
+            cost[e, x], load[e, x] = _row(topo, weight[e], h, inter_weight)
     return cost, load
+
+
+def _recopy(topo: Topology, weight: np.ndarray, maps: np.ndarray, holders: np.ndarray,
+            bound: float, slots: int) -> np.ndarray:
+    """Copies for load, one layer at fixed samples: while the layer exceeds the bound, the copy
+    (a free slot filled, or a copy moved to another expert on the same device) removing the most
+    excess load per route it adds. Returns holders [E, J] bool."""
+    holders = holders.copy()
+    experts, j = weight.shape
+    total = float(weight.sum())
+    limit = bound * total / j
+    inter_weight = total + 1.0
+    rows = [_row(topo, weight[e], holders[e], inter_weight) for e in range(experts)]
+    for _ in range(2 * j * slots):
+        load = sum(r[1] for r in rows)
+        excess = float(np.maximum(load - limit, 0).sum())
+        if excess <= 1e-9:
+            break
+        best = None
+        for x in range(j):
+            held = np.flatnonzero(holders[:, x] & (maps != x))  # copies on x
+            drops = list(held) + ([None] if len(held) < slots else [])
+            for old in drops:
+                base_cost, base_load = 0.0, load.copy()
+                if old is not None:
+                    h = holders[old].copy()
+                    h[x] = False
+                    c, lo = _row(topo, weight[old], h, inter_weight)
+                    base_cost += c - rows[old][0]
+                    base_load += lo - rows[old][1]
+                for new in np.flatnonzero(~holders[:, x]):
+                    h = holders[new].copy()
+                    h[x] = True
+                    c, lo = _row(topo, weight[new], h, inter_weight)
+                    after = base_load + lo - rows[new][1]
+                    gain = excess - float(np.maximum(after - limit, 0).sum())
+                    if gain <= 1e-9:
+                        continue
+                    score = (base_cost + c - rows[new][0]) / gain
+                    if best is None or score < best[0]:
+                        best = (score, x, old, int(new))
+        if best is None:
+            break
+        _, x, old, new = best
+        for e, value in ((old, False), (new, True)):
+            if e is not None:
+                holders[e, x] = value
+                rows[e] = _row(topo, weight[e], holders[e], inter_weight)
+    return holders
 
 
 def _exchange(topo: Topology, weight: np.ndarray, maps: np.ndarray, holders: np.ndarray,
@@ -396,21 +451,33 @@ def _greedy(topo: Topology, data: list[np.ndarray], now: np.ndarray, slots: int,
     copies = fit_replicas(topo, data, maps, slots=slots).copies
     holders = check_copies("copies", copies, topo, maps)
     best, (weights, _) = _score(topo, data, maps, holders, bound, now)
-    cand = best
+    # The steps bound an estimate at fixed samples; when the replay still exceeds the bound,
+    # the next round aims lower by the excess seen.
+    target = bound
+    seen = max(ratio(load) for load in best.loads) - bound  # excess of the last replay
     for _ in range(rounds_max):
         new_maps, new_holders = maps.copy(), holders.copy()
         room = math.inf if budget is None else budget - int((maps != now).sum())
         for layer in range(len(maps)):
             new_maps[layer], new_holders[layer], used = _exchange(
-                topo, weights[layer], maps[layer], holders[layer], bound, now[layer], room)
+                topo, weights[layer], maps[layer], holders[layer], target, now[layer], room)
             room -= used
-        if np.array_equal(new_maps, maps):
-            break
+            if slots and bound < math.inf:
+                new_holders[layer] = _recopy(topo, weights[layer], new_maps[layer],
+                                             new_holders[layer], target, slots)
+        if np.array_equal(new_maps, maps) and np.array_equal(new_holders, holders):
+            if seen <= 0 or target <= 1.0:
+                break
+            target = max(1.0, target - seen)
+            continue
         maps, holders = new_maps, new_holders
         cand, (weights, _) = _score(topo, data, maps, holders, bound, now)
         if cand.key < best.key:
             best = cand
-        if cand.key[0] == 0 and bound == math.inf:
+        seen = max(ratio(load) for load in cand.loads) - bound
+        if seen > 0:
+            target = max(1.0, target - seen)
+        elif bound == math.inf:
             break
     return best
 

@@ -250,3 +250,19 @@ def test_bad_tables() -> None:
         check_tables("tables", bad[None], topo, holders)
     with pytest.raises(ValueError, match=r"tables must be integers of shape \(1, 4, 4\)"):
         check_tables("tables", good, topo, holders)
+
+
+def test_copies_split_a_hot_expert_that_exchanges_cannot() -> None:
+    # One node, so copies save no inter-node route and a route-only fit makes none; expert 0
+    # carries 40% of the routes: no exchange of owners gets the busiest device below 1.6 x mean.
+    rng = np.random.default_rng(3)
+    topo = Topology(1, 4, 8)
+    counts = rng.poisson(2.0, (2, 16, 8))
+    counts[:, :, 0] += 8
+    fit = fit_balanced(topo, [counts], slots=1, max_load_ratio=1.2)
+    assert not fit.exact
+    assert fit.within_bound, fit.ratios
+    for layer in range(2):
+        assert sum(e == 0 for e, _ in fit.copies[layer]) >= 2  # the hot expert is split
+    routes_only = fit_balanced(topo, [counts], slots=1)
+    assert min(routes_only.ratios) > 1.5
