@@ -32,7 +32,7 @@ from netmoe.server.errors import FieldError
 from netmoe.solver.balance import check_tables, load_summary
 from netmoe.solver.replicas import check_copies
 
-from support import scrape
+from support import advisor_settled, scrape
 
 J = NODES * GPUS
 
@@ -162,6 +162,7 @@ def test_recommend_confirm_tables_and_load_metrics(server: ServerHandle) -> None
             for i, e in zip(*np.nonzero(g), strict=True):
                 load[tables[layer, device[i], e]] += g[i, e]
             ratios.append(load.max() / load.mean())
+        advisor_settled(server)  # realised figures are counted on the advisor thread
         metrics = scrape(server.metrics_port)
         key = (("job", job),)
         assert metrics[("netmoe_expert_predicted_load_ratio", key)] == pytest.approx(
@@ -169,3 +170,7 @@ def test_recommend_confirm_tables_and_load_metrics(server: ServerHandle) -> None
         assert metrics[("netmoe_expert_realized_load_ratio_count", key)] == LAYERS
         assert metrics[("netmoe_expert_realized_load_ratio_sum", key)] == pytest.approx(
             sum(ratios))
+        stub.UnregisterJob(pb.UnregisterJobRequest(job=job))
+        advisor_settled(server)
+        assert not any("load_ratio" in name and dict(labels).get("job") == job
+                       for name, labels in scrape(server.metrics_port))
