@@ -112,6 +112,12 @@ def test_replica_options_are_checked(capsys: pytest.CaptureFixture[str]) -> None
         TrainConfig(replica_budget=-1)
     assert main(["demo", "--replica-budget", "1"]) == 2
     assert "--replica-budget needs --expert-placement" in capsys.readouterr().err
+    assert main(["demo", "--expert-placement", "--max-load-ratio", "1.05"]) == 2
+    assert "--max-load-ratio needs --replica-budget" in capsys.readouterr().err
+    assert main(["demo", "--expert-placement", "--replica-budget", "1",
+                 "--max-load-ratio", "0.5"]) == 2
+    assert "--max-load-ratio must be >= 1 (busiest device / mean load), got 0.5" in (
+        capsys.readouterr().err)
     with pytest.raises(SystemExit) as exit_:  # argparse's own check
         main(["demo", "--expert-placement", "--replica-budget", "-1"])
     assert exit_.value.code == 2
