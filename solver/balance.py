@@ -50,6 +50,7 @@ from .replicas import (
     check_copies,
     check_slots,
     fit_replicas,
+    route_table,
 )
 from .topology import Topology
 
@@ -198,6 +199,9 @@ def ratio(load: np.ndarray) -> float:
 
 @dataclass(frozen=True)
 class _Candidate:
+    """One replayed candidate: key (within bound 0/1, excess, inter, intra, moved; lower is
+    better), maps [L, E], holders [L, E, J], tables [L, E, J], loads [L, J], routes."""
+
     key: tuple
     maps: np.ndarray
     holders: np.ndarray
@@ -208,7 +212,10 @@ class _Candidate:
 
 
 def _score(topo: Topology, data: list[np.ndarray], maps: np.ndarray, holders: np.ndarray,
-           bound: float, now: np.ndarray) -> tuple[_Candidate, list[list[np.ndarray]]]:
+           bound: float, now: np.ndarray) -> tuple[_Candidate, list[np.ndarray]]:
+    """maps [L, E] and holders [L, E, J] replayed on the fit window: the candidate (samples
+    placed, balanced tables, loads, key) and w[l], [E, J] routes of layer l's experts from the
+    samples on each device."""
     place, inter, intra = _place_all(topo, data, holders)
     weights = [_with_devices(topo, data, place, layer) for layer in range(len(maps))]
     tables = np.stack([balanced_table(topo, w, h) for w, h in zip(weights, holders, strict=True)])
@@ -216,7 +223,7 @@ def _score(topo: Topology, data: list[np.ndarray], maps: np.ndarray, holders: np
     excess = sum(max(0.0, ratio(load) - bound) for load in loads)
     moved = int((maps != now).sum())
     key = (0, 0.0, inter, intra, moved) if excess <= 1e-12 else (1, excess, inter, intra, moved)
-    return _Candidate(key, maps, holders, tables, loads, inter, intra), [weights, place]
+    return _Candidate(key, maps, holders, tables, loads, inter, intra), weights
 
 
 def _row(topo: Topology, weight: np.ndarray, held: np.ndarray,
@@ -450,7 +457,7 @@ def _greedy(topo: Topology, data: list[np.ndarray], now: np.ndarray, slots: int,
         maps = now.copy()
     copies = fit_replicas(topo, data, maps, slots=slots).copies
     holders = check_copies("copies", copies, topo, maps)
-    best, (weights, _) = _score(topo, data, maps, holders, bound, now)
+    best, weights = _score(topo, data, maps, holders, bound, now)
     # The steps bound an estimate at fixed samples; when the replay still exceeds the bound,
     # the next round aims lower by the excess seen.
     target = bound
@@ -471,7 +478,7 @@ def _greedy(topo: Topology, data: list[np.ndarray], now: np.ndarray, slots: int,
             target = max(1.0, target - seen)
             continue
         maps, holders = new_maps, new_holders
-        cand, (weights, _) = _score(topo, data, maps, holders, bound, now)
+        cand, weights = _score(topo, data, maps, holders, bound, now)
         if cand.key < best.key:
             best = cand
         seen = max(ratio(load) for load in cand.loads) - bound
@@ -549,8 +556,6 @@ def choose(
     eplb: EPLB with slots redundant experts per device and `groups` expert groups on the
       window's loads (routes per expert), served by `fit_tables`.
     """
-    from .replicas import route_table
-
     data = check_rounds("rounds", rounds, topo)
     owners = check_maps("maps", maps, topo, data[0].shape[0])
     if method == "routes":
