@@ -23,9 +23,14 @@ Method (`fit_balanced`), beyond tiny instances:
      their expert): while the layer's load exceeds the bound, the exchange that removes the
      most excess per route it adds (routes weighed inter-node first); once within the bound,
      exchanges that save routes and keep the bound; with M, only while at most M experts of all
-     layers sit off their current device. Loads here split a cell evenly among its candidates;
-  4. back to 2, up to `rounds_max` times; the best (within the bound, then fewest inter-, then
-     intra-node routes) of the candidates, as replayed with exact placements and tables, wins.
+     layers sit off their current device. Then, while the layer still exceeds the bound, copies
+     for load: a free slot filled, or a device's copy moved to another expert, whichever removes
+     the most excess per route it adds (this is how a hot expert gets split). Loads here split
+     a cell evenly among its candidates;
+  4. back to 2, up to `rounds_max` times, each round aiming below the bound by the excess the
+     last replay still showed; the best (within the bound, then fewest inter-, then intra-node
+     routes, then fewest moves) of the candidates, as replayed with exact placements and
+     tables, wins.
 Tiny instances (at most EXACT_LIMIT candidate map-and-copy sets) are solved exhaustively on the
 same objective: exact.
 """
