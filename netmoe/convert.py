@@ -12,7 +12,7 @@ import numpy as np
 
 from netmoe.cli import positive
 from netmoe.megatron import Layout, load_megatron, parse_steps
-from netmoe.trace import Trace, load_trace, save_trace
+from netmoe.trace import Trace, load_trace, write
 
 
 def add_source_arguments(p: argparse.ArgumentParser) -> None:
@@ -22,7 +22,8 @@ def add_source_arguments(p: argparse.ArgumentParser) -> None:
                    "router_trace_rank*.jsonl written by --moe-routing-trace-path")
     g.add_argument("--seq-length", type=positive, default=None, help="megatron: --seq-length")
     g.add_argument("--micro-batch-size", type=positive, default=None,
-                   help="megatron: --micro-batch-size")
+                   help="samples per device per micro-batch: megatron's --micro-batch-size; "
+                   "for netmoe evaluate also the samples each device holds in one round")
     g.add_argument("--tensor-parallel", type=positive, default=1,
                    help="megatron: --tensor-model-parallel-size (pipeline and context "
                    "parallel size must be 1)")
@@ -52,8 +53,7 @@ def run(args: argparse.Namespace) -> int:
     if experts is not None and int(trace.topk_ids.max()) >= experts:
         raise ValueError(f"--experts={experts}, but the trace names expert "
                          f"{int(trace.topk_ids.max())}")
-    save_trace(args.out, trace.topk_ids, trace.sample_ids, experts, trace.layer_ids,
-               trace.model_type)
+    write(args.out, trace, experts)
     samples = "?" if trace.sample_ids is None else len(np.unique(trace.sample_ids))
     print(f"wrote {args.out}: {trace.layers} layers, {trace.tokens} tokens, {samples} samples, "
           f"top-{trace.topk_ids.shape[2]}")
