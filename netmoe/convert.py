@@ -11,7 +11,7 @@ import argparse
 import numpy as np
 
 from netmoe.cli import positive
-from netmoe.megatron import Layout, load_megatron, parse_steps
+from netmoe.megatron import FORWARDS, Layout, load_megatron, parse_steps
 from netmoe.trace import Trace, load_trace, write
 
 
@@ -31,6 +31,12 @@ def add_source_arguments(p: argparse.ArgumentParser) -> None:
                    help="megatron: the run used --sequence-parallel")
     g.add_argument("--steps", default=None, metavar="FIRST:LAST",
                    help="megatron: only these iterations (inclusive; either side may be empty)")
+    g.add_argument("--global-batch-size", type=positive, default=None,
+                   help="megatron: --global-batch-size, which fixes the training micro-batches "
+                   "per step (default: the number most steps hold)")
+    g.add_argument("--forwards", choices=FORWARDS, default="training",
+                   help="megatron: read the training micro-batches, or the evaluation forwards "
+                   "(evaluate() runs with the tracer's hooks live)")
     g.add_argument("--mtp", action="store_true",
                    help="megatron: append multi-token-prediction layers after the decoder's")
 
@@ -39,12 +45,12 @@ def read_trace(args: argparse.Namespace) -> Trace:
     """The trace ``--trace`` names, read as ``--trace-format`` says."""
     if args.trace_format == "npz":
         return load_trace(args.trace)
-    for flag in ("seq_length", "micro_batch_size"):
-        if getattr(args, flag) is None:
-            raise ValueError(f"--trace-format megatron needs --{flag.replace('_', '-')}")
-    layout = Layout(args.seq_length, args.micro_batch_size, args.tensor_parallel,
-                    args.sequence_parallel)
-    return load_megatron(args.trace, layout, parse_steps(args.steps), args.mtp)
+    layout = None
+    if args.seq_length is not None and args.micro_batch_size is not None:
+        layout = Layout(args.seq_length, args.micro_batch_size, args.tensor_parallel,
+                        args.sequence_parallel, args.global_batch_size)
+    return load_megatron(args.trace, layout, parse_steps(args.steps), args.mtp, args.forwards,
+                         args.tensor_parallel)
 
 
 def run(args: argparse.Namespace) -> int:

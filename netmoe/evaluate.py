@@ -390,8 +390,11 @@ def check_args(args: argparse.Namespace, trace: Trace) -> int:
 
 def micro_batch_size(args: argparse.Namespace, samples: int, devices: int,
                      rounds_in_trace: bool) -> int | None:
-    """Samples per device per round: --micro-batch-size; else the trace's round fields (None);
-    else everything in one round (two with --expert-placement fit: fit, then held out)."""
+    """Samples per device per round: the trace's round fields (None; --micro-batch-size must
+    agree with an npz trace's); else --micro-batch-size; else everything in one round (two with
+    --expert-placement fit: fit, then held out)."""
+    if args.trace_format == "megatron":
+        return None  # --micro-batch-size described the run, the reader turned it into rounds
     if args.micro_batch_size is not None or rounds_in_trace:
         return args.micro_batch_size
     if args.expert_placement == "fit":
