@@ -3,7 +3,8 @@
 Training runs one dispatch and combine per micro-batch inside each expert-parallel (EP) group:
 a round is the samples of one (step, micro-batch) on the G data-parallel ranks of one EP group,
 m samples at home on each rank (m = the micro-batch size), so G x m samples. EP group g holds
-data-parallel ranks g G .. g G + G - 1 (rank d is device d % G of its group).
+data-parallel ranks g G .. g G + G - 1 (netmoe.groups.EPGroups.contiguous; rank d is device
+d % G of its group).
 
 Pure functions: sample ids in, rounds out; ValueError names the flag or field and its value.
 """
@@ -14,6 +15,8 @@ from collections import defaultdict
 from dataclasses import dataclass
 
 import numpy as np
+
+from netmoe.groups import EPGroups
 
 
 @dataclass(frozen=True)
@@ -30,32 +33,16 @@ class Round:
     micro_batch: int | None = None
 
 
-def group_shape(nodes: int, gpus_per_node: int, ep_size: int) -> tuple[int, int]:
-    """(nodes, GPUs per node) of one EP group of ep_size devices of a nodes x gpus_per_node
-    cluster (groups are consecutive devices)."""
-    devices = nodes * gpus_per_node
-    if devices % ep_size:
-        raise ValueError(f"--ep-size {ep_size} does not divide the {devices} devices (--nodes "
-                         f"{nodes} x --gpus-per-node {gpus_per_node})")
-    if ep_size % gpus_per_node == 0:
-        return ep_size // gpus_per_node, gpus_per_node
-    if gpus_per_node % ep_size == 0:
-        return 1, ep_size
-    raise ValueError(f"--ep-size {ep_size} must be a multiple or a divisor of --gpus-per-node "
-                     f"{gpus_per_node} (an EP group is whole nodes or part of one)")
-
-
-def plan_rounds(samples: int, devices: int, ep_size: int, micro_batch_size: int | None,
+def plan_rounds(samples: int, groups: EPGroups, micro_batch_size: int | None,
                 fields: np.ndarray | None = None) -> list[Round]:
-    """The rounds of a trace of `samples` samples on `devices` data-parallel devices.
+    """The rounds of a trace of `samples` samples on the groups.world data-parallel devices,
+    in EP groups of consecutive ranks (groups.ranks[g]).
 
     fields: [I, 3] int64 (step, micro-batch, data-parallel rank) of each sample (sample_rounds),
     or None: then round r holds the next devices x micro_batch_size samples, device d the d-th
     micro_batch_size of them (which must then be given; with fields it defaults to theirs).
     Rounds come sorted by (step, micro-batch, EP group)."""
-    if devices % ep_size:
-        raise ValueError(f"--ep-size {ep_size} does not divide the {devices} devices")
-    groups, m = devices // ep_size, micro_batch_size
+    devices, ep_size, m = groups.world, groups.size, micro_batch_size
     if fields is None:
         if m is None:
             raise ValueError("the trace has no round fields: give --micro-batch-size")
@@ -65,7 +52,7 @@ def plan_rounds(samples: int, devices: int, ep_size: int, micro_batch_size: int 
                              f"per round does not divide the trace's {samples} samples")
         return [Round(r, g, tuple(range(r * per_round + g * ep_size * m,
                                                      r * per_round + (g + 1) * ep_size * m)))
-                for r in range(samples // per_round) for g in range(groups)]
+                for r in range(samples // per_round) for g in range(groups.count)]
     at: dict[tuple[int, int, int], list[int]] = defaultdict(list)
     for i, (step, micro, rank) in enumerate(fields.tolist()):
         at[(step, micro, rank)].append(i)
@@ -86,8 +73,7 @@ def plan_rounds(samples: int, devices: int, ep_size: int, micro_batch_size: int 
                          f"{sizes[first]} samples per (step, micro-batch, DP rank)")
     out = []
     for batch, (step, micro) in enumerate(sorted({key[:2] for key in at})):
-        for g in range(groups):
-            ranks = range(g * ep_size, (g + 1) * ep_size)
+        for g, ranks in enumerate(groups.ranks):
             missing = [d for d in ranks if (step, micro, d) not in at]
             if missing:
                 raise ValueError(

@@ -10,9 +10,10 @@ from typing import Any
 
 import numpy as np
 
-from netmoe.batching import Round, group_shape, plan_rounds, split_rounds
+from netmoe.batching import Round, plan_rounds, split_rounds
 from netmoe.cli import non_negative, positive, positive_float
 from netmoe.convert import add_source_arguments, read_trace
+from netmoe.groups import EPGroups
 from netmoe.round import BW_INTER, BW_INTRA
 from netmoe.text import human_bytes, plural, table
 from netmoe.trace import Trace, sample_counts, sample_rounds
@@ -418,8 +419,12 @@ def run(args: argparse.Namespace) -> int:
                   args.bw_inter * 1e9)
     counts = sample_counts(trace, experts, args.tokens_per_sample)
     devices = args.nodes * args.gpus_per_node
-    ep = args.ep_size or devices
-    nodes, gpus = group_shape(args.nodes, args.gpus_per_node, ep)
+    try:
+        groups = EPGroups.contiguous(devices, args.gpus_per_node, args.ep_size or 0)
+    except ValueError as err:
+        raise ValueError(f"--ep-size {args.ep_size} with --nodes {args.nodes} x --gpus-per-node "
+                         f"{args.gpus_per_node} = {devices} devices: {err}") from None
+    ep, nodes, gpus = groups.size, groups.nodes, groups.gpus
     if experts % ep:
         where = f"--ep-size {ep}" if args.ep_size else \
             f"--nodes {args.nodes} x --gpus-per-node {args.gpus_per_node} ="
@@ -428,7 +433,7 @@ def run(args: argparse.Namespace) -> int:
     if budget is not None and args.expert_placement != "fit":
         raise ValueError("--replica-budget needs --expert-placement fit")
     fields = sample_rounds(trace, args.tokens_per_sample)
-    rounds = plan_rounds(counts.shape[1], devices, ep,
+    rounds = plan_rounds(counts.shape[1], groups,
                          micro_batch_size(args, counts.shape[1], devices, fields is not None),
                          fields)
     m = len(rounds[0].samples) // ep

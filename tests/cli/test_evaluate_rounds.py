@@ -161,9 +161,13 @@ BASE = {"topk_ids": np.zeros((2, 8, 2), dtype=int), "sample_ids": np.repeat(np.a
         ({}, ["--micro-batch-size", "3"],
          "--micro-batch-size 3 x 2 devices = 6 samples per round does not divide the trace's 4 "
          "samples"),
-        ({}, ["--ep-size", "3"], "--ep-size 3 does not divide the 2 devices"),
+        ({}, ["--ep-size", "3"],
+         "--ep-size 3 with --nodes 2 x --gpus-per-node 1 = 2 devices: ep_size=3 does not divide "
+         "world_size=2"),
         ({}, ["--nodes", "3", "--gpus-per-node", "4", "--ep-size", "6"],
-         "--ep-size 6 must be a multiple or a divisor of --gpus-per-node 4"),
+         "ep_size=6 must be a multiple or a divisor of gpus_per_node=4"),
+        ({"step_ids": np.zeros(7, dtype=int), "micro_batch_ids": np.zeros(8, dtype=int),
+          "dp_ranks": np.zeros(8, dtype=int)}, [], "field step_ids must have shape (8,)"),
         ({"step_ids": np.zeros(8, dtype=int)}, [],
          "fields step_ids, micro_batch_ids, dp_ranks come together; the trace has only step_ids"),
         (_fields([0, 0, 0, 0], [0, 0, 0, 0], [0, 1, 1, 1]), [],
