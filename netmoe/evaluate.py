@@ -466,9 +466,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         "evaluate",
         help="replay a routing trace and report what sample placement would save",
         description="Replays a recorded routing trace (.npz: topk_ids [L, T, K], optional "
-        "sample_ids [T], num_experts and layer_ids [L]) and reports, per consecutive layer pair, "
-        "the inter- and intra-node routes, bytes and modelled All-to-All time (alpha-beta model, "
-        "max of the two channels) of the home placement and of the optimal placement.",
+        "sample_ids [T], num_experts, layer_ids [L] and the round fields step_ids, "
+        "micro_batch_ids, dp_ranks [T]) and reports, per consecutive layer pair, the inter- and "
+        "intra-node routes, bytes and modelled All-to-All time (alpha-beta model, max of the two "
+        "channels) of the home placement and of the optimal placement, each round (one "
+        "micro-batch of one EP group: --micro-batch-size samples per device) solved alone and "
+        "summed; all samples pooled in one All-to-All is reported apart, as an upper bound.",
     )
     p.add_argument("--trace", required=True,
                    help="trace file (.npz), or a directory with --trace-format megatron")
@@ -497,11 +500,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "busiest node's inter-node routes")
     p.add_argument("--expert-placement", choices=("current", "fit"), default="current",
                    help="current: experts where expert parallelism puts them (expert e on device "
-                   "e // (E/J)); fit: fit expert placement on the lower half of the sample ids "
-                   "and report home, sample-only and joint placement on the held-out rest")
+                   "e // (E/G)); fit: fit expert placement on the first half of the rounds and "
+                   "report home, sample-only and joint placement on the held-out rest")
     p.add_argument("--replica-budget", type=non_negative, default=None, metavar="K",
                    help="with --expert-placement fit: also choose up to K expert copies per "
-                   "device and layer on the fit half (0 = none) and report the held-out routes "
+                   "device and layer on the fit rounds (0 = none) and report the held-out routes "
                    "with them (`replicated` per pair, `expert_maps`, `replicas`)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=run)
