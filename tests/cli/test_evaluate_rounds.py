@@ -196,3 +196,21 @@ def test_bad_rounds_exit_2_with_the_values(
     err = capsys.readouterr().err
     assert code == 2, err
     assert message in err and err.count("\n") == 1
+
+
+def test_merge_traces_keeps_samples_apart() -> None:
+    from netmoe.trace import Trace, merge_traces
+
+    def part(rank: int, sample_ids: list[int]) -> Trace:
+        n = len(sample_ids)
+        return Trace(np.full((2, n, 1), rank), np.array(sample_ids), 4, (3, 5), "mixtral",
+                     np.zeros(n, dtype=np.int64), np.zeros(n, dtype=np.int64),
+                     np.full(n, rank))
+
+    merged = merge_traces([part(0, [0, 0, 1]), part(1, [4, 4, 9])])
+    assert merged.sample_ids.tolist() == [0, 0, 1, 2, 2, 3]
+    assert merged.dp_ranks.tolist() == [0, 0, 0, 1, 1, 1]
+    assert merged.topk_ids[:, :, 0].tolist() == [[0, 0, 0, 1, 1, 1]] * 2
+    other = Trace(np.zeros((2, 1, 1), dtype=np.int64), np.zeros(1, dtype=np.int64), 4, (3, 6))
+    with pytest.raises(ValueError, match=r"disagree on layer_ids: \(3, 5\) and \(3, 6\)"):
+        merge_traces([part(0, [0]), other])
