@@ -48,6 +48,8 @@ class CommStats:
         agreement + split sizes), forward only; it absorbs the ranks' compute skew, as it is
         where a rank first waits for the others in each phase.
     control_calls: (layer, phase) -> number of control exchanges issued, summed over steps.
+    sent_bytes: phase -> bytes this rank sent in the tagged exchanges of that phase (payload,
+        router weights and metadata; self-sends included, like ``routes``), summed over steps.
     """
 
     a2a_seconds: float = 0.0
@@ -57,6 +59,13 @@ class CommStats:
     sync: bool = False
     control_seconds: float = 0.0
     control_calls: Counter[tuple[int, str]] = field(default_factory=Counter)
+    sent_bytes: Counter[str] = field(default_factory=Counter)
+
+    def bytes_per_route(self, phase: str = "dispatch") -> float:
+        """Bytes sent per route in ``phase`` ("dispatch" or "combine"): D x h's itemsize for the
+        hidden state, plus the route's metadata (and its router weight in the dispatch)."""
+        routes = sum(int(v.sum()) for (_, ph), v in self.routes.items() if ph == phase)
+        return self.sent_bytes[phase] / routes if routes else 0.0
 
     def add_routes(self, layer: int, phase: str, sent: torch.Tensor) -> None:
         counts = sent.detach().cpu().numpy().astype(np.int64)
@@ -90,8 +99,9 @@ def exchange(
         stats.a2a_seconds += t1 - t0
         if tag is not None:
             row = x[0].numel() * x.element_size() if x.shape[0] else 0
-            stats.calls.append((stats.step, tag[0], tag[1], t0, t1,
-                                [n * row for n in send_splits]))
+            sent = [n * row for n in send_splits]
+            stats.calls.append((stats.step, tag[0], tag[1], t0, t1, sent))
+            stats.sent_bytes[tag[1]] += sum(sent)
     return out
 
 
@@ -267,15 +277,18 @@ class TokenDispatcher:
         meta = torch.stack([expert[order], token[order], slot[order]], dim=1)
         tag = (layer, "dispatch")
         meta = exchange(meta, recv_splits, send_splits, self.stats, self.group, tag)
-        payload = torch.cat([h[token[order]], weights.reshape(-1, 1)[order]], dim=1)
-        payload = all_to_all(payload, recv_splits, send_splits, self.stats, self.group, tag)
+        # h and the router weights travel apart, each in its own dtype: a bf16 payload stays
+        # bf16 (D x 2 bytes per route) and fp32 weights keep their precision (4 bytes more).
+        x = all_to_all(h[token[order]], recv_splits, send_splits, self.stats, self.group, tag)
+        weight = all_to_all(weights.reshape(-1)[order], recv_splits, send_splits, self.stats,
+                            self.group, tag)
         src_rank = torch.repeat_interleave(
             torch.arange(lay.world, device=h.device),
             torch.tensor(recv_splits, device=h.device),
         )
         return Dispatched(
-            x=payload[:, :-1],
-            weight=payload[:, -1],
+            x=x,
+            weight=weight,
             first=meta[:, 2] == 0,
             expert=meta[:, 0],
             src_rank=src_rank,

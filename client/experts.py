@@ -181,13 +181,14 @@ class OriginalIds:
         return counts[:, torch.as_tensor(self.table.label[layer])]
 
     def submit(self, step: int, layer: int, gather: torch.Tensor,
-               scatter: torch.Tensor | None) -> object:
+               scatter: torch.Tensor | None, micro_batch: int = 0) -> object:
         """gather, scatter: [n, E] int64 counts by label of layer l and l+1 ([n, J] by device
         for a device_counts hook, passed on as they are)."""
         if not self.device_counts:
             gather = self._by_id(layer, gather)
             scatter = None if scatter is None else self._by_id(layer + 1, scatter)
-        return self.hook.submit(step, layer, gather, scatter)  # type: ignore[attr-defined]
+        return self.hook.submit(step, layer, gather, scatter,  # type: ignore[attr-defined]
+                                micro_batch=micro_batch)
 
     def wait(self, ticket: object) -> Agreement:
         return self.hook.wait(ticket)  # type: ignore[attr-defined]

@@ -212,11 +212,13 @@ class ExpertParallelLM(nn.Module):
         position_ids: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         step: int = 0,
+        micro_batch: int = 0,
     ) -> StepOutput:
         """input_ids, attention_mask, position_ids, labels: [n, S] int64 of this rank's samples
         (labels unshifted, ``IGNORE_INDEX`` for none, as transformers takes them); every rank
-        passes the same n and S. step: the training step the placement service files plans
-        under."""
+        passes the same n and S. step, micro_batch: the training step and the forward pass
+        within it (gradient accumulation) the placement service files plans under (see
+        ``netmoe.client.layer``); under ``torch.inference_mode()`` placement is off."""
         cfg = self.model.config
         n, s = input_ids.shape
         for name, t in (("attention_mask", attention_mask), ("position_ids", position_ids),
@@ -260,7 +262,7 @@ class ExpertParallelLM(nn.Module):
             slots = self.slot_of[ids]
             nxt = next((layers[j] for j in self.moe_layers if j > i), None)
             out, plan = self._moe_layer(self.moe_layers.index(i), layer, nxt, flat, slots,
-                                        weights, dispatcher, step)  # fmt: skip
+                                        weights, dispatcher, step, micro_batch)  # fmt: skip
             h = out.reshape(n, s, -1)
             plans.append(plan)
             topks.append(slots.detach())
@@ -334,7 +336,8 @@ class ExpertParallelLM(nn.Module):
 
     def _moe_layer(self, index: int, layer: nn.Module, nxt: nn.Module | None,
                    flat: torch.Tensor, slots: torch.Tensor, weights: torch.Tensor,
-                   dispatcher: TokenDispatcher, step: int) -> tuple[torch.Tensor, SamplePlan]:
+                   dispatcher: TokenDispatcher, step: int, micro_batch: int
+                   ) -> tuple[torch.Tensor, SamplePlan]:
         """One MoE layer: count/submit, dispatch, expert side, wait, combine.
 
         flat: [n * S, D] hidden state after attention (the residual); slots, weights: [n * S, K]
@@ -342,11 +345,11 @@ class ExpertParallelLM(nn.Module):
         of the samples held after the combine, the applied plan)."""
         ep = ExpertParallel(dispatcher, self.placement)
         nxt_slots = None
-        if self.placement is not None and nxt is not None:
+        if ep.placing and nxt is not None:
             with torch.no_grad():
                 _, _, ids = nxt.mlp.gate(nxt.post_attention_layernorm(flat))
             nxt_slots = self.slot_of[ids]
-        ticket = ep.submit(step, index, slots, nxt_slots)
+        ticket = ep.submit(step, index, slots, nxt_slots, micro_batch=micro_batch)
         routes = ep.dispatch(index, flat, slots, weights.to(flat.dtype))
         return ep.combine(index, self._expert_side(layer, routes), routes, ticket)
 

@@ -1,13 +1,14 @@
 """gRPC client of the placement service, as one training rank uses it.
 
-One bidirectional stream per rank carries a Report per (step, layer) and brings back the Plan of
-that round. A background thread owns the stream: it registers the job (idempotent), opens the
-stream, matches incoming plans to pending futures by (step, layer), and on a transient failure
-fails the pending futures and reconnects with exponential backoff. A rejection that retrying
-cannot cure (the job id registered with another spec, a bad spec, a wrong token) is logged once
-and ends the thread: every later round falls back at once with that reason (``rejected``).
-``submit`` never blocks and never raises for service trouble (it returns a failed future);
-wrong shapes do raise ValueError. ``job_spec`` builds the job's spec from plain numbers.
+One bidirectional stream per rank carries a Report per round (step, micro-batch, layer) and brings
+back the Plan of that round. A background thread owns the stream: it registers the job
+(idempotent), opens the stream, matches incoming plans to pending futures by round, and on a
+transient failure fails the pending futures and reconnects with exponential backoff, logging
+one line per state change (lost; still unreachable, every ``NOTICE_SECONDS``; back). A rejection
+that retrying cannot cure (the job id registered with another spec, a bad spec, a wrong token) is
+logged once and ends the thread: every later round falls back at once with that reason
+(``rejected``). ``submit`` never blocks and never raises for service trouble (it returns a failed
+future); wrong shapes do raise ValueError. ``job_spec`` builds the job's spec from plain numbers.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import logging
 import os
 import queue
 import threading
+import time
 from collections.abc import Sequence
 from concurrent.futures import Future
 from pathlib import Path
@@ -27,11 +29,14 @@ from netmoe.client.planning import NoPlan
 from netmoe.protos import placement_pb2 as pb
 from netmoe.protos import placement_pb2_grpc
 from netmoe.protos.convert import job_spec, plan_from_proto, report_to_proto
-from netmoe.round import INVALID, RankPlan, RoundCounts
+from netmoe.round import INVALID, RankPlan, RoundCounts, RoundKey
 
 __all__ = ["PlacementClient", "channel_to", "job_spec"]
 
 log = logging.getLogger(__name__)
+
+# While the service stays unreachable, one reminder line per this many seconds.
+NOTICE_SECONDS = 60.0
 
 # Rejections that no retry can cure: reconnecting would only repeat them.
 _FATAL = (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.ALREADY_EXISTS,
@@ -105,10 +110,11 @@ class PlacementClient:
         self.device_counts = spec.device_counts
         self._columns = spec.world_size if spec.device_counts else self.experts
         self.reconnects = 0
+        self._lost: tuple[float, float] | None = None  # (since, last notice) while unreachable
         self.rejected = ""  # why the service refused the job for good ("" while it has not)
         self._backoff = backoff
         self._lock = threading.Lock()
-        self._pending: dict[tuple[int, int], Future[RankPlan | None]] = {}
+        self._pending: dict[RoundKey, Future[RankPlan | None]] = {}
         self._requests: queue.SimpleQueue[pb.Report | None] | None = None
         self._call: Any = None
         self._closed = threading.Event()
@@ -163,10 +169,12 @@ class PlacementClient:
                           for t in route_tables or []])
         self._stub.ConfirmExperts(request, timeout=timeout, metadata=self._metadata)
 
-    def submit(self, step: int, layer: int, counts: RoundCounts) -> Future[RankPlan | None]:
-        """Report one round. counts.gather / scatter: [n, E] int counts in [0, 2^32 - 1], or
-        [n, J] routes per device when the spec says device_counts (ValueError naming the field
-        otherwise)."""
+    def submit(self, step: int, layer: int, counts: RoundCounts, micro_batch: int = 0
+               ) -> Future[RankPlan | None]:
+        """Report one round (step, micro_batch, layer). counts.gather / scatter: [n, E] int
+        counts in [0, 2^32 - 1], or [n, J] routes per device when the spec says device_counts
+        (ValueError naming the field otherwise)."""
+        key = RoundKey(step, micro_batch, layer).check()
         n = counts.samples
         for name, arr in (("gather", counts.gather), ("scatter", counts.scatter)):
             if arr is None and name == "scatter":
@@ -178,7 +186,7 @@ class PlacementClient:
                                  f"{shape}")
         fut: Future[RankPlan | None] = Future()
         report = report_to_proto(self.job, step, layer, self.rank, counts,  # checks the values
-                                 self.ranks if len(self.ranks) > 1 else ())
+                                 self.ranks if len(self.ranks) > 1 else (), micro_batch)
         report.generation = self._generation
         with self._lock:
             if self.rejected:
@@ -187,7 +195,7 @@ class PlacementClient:
             if self._requests is None:
                 fut.set_exception(ConnectionError(f"not connected to {self.address}"))
                 return fut
-            self._pending[(step, layer)] = fut
+            self._pending[key] = fut
             self._requests.put(report)
         return fut
 
@@ -227,6 +235,10 @@ class PlacementClient:
                     self._requests, self._call = q, call
                 self._connected.set()
                 self._settled.set()
+                if self._lost is not None:
+                    log.warning("placement stream to %s back after %.0f s", self.address,
+                                time.monotonic() - self._lost[0])
+                    self._lost = None
                 delay = self._backoff[0]
                 for plan in call:
                     self._resolve(plan)
@@ -256,14 +268,26 @@ class PlacementClient:
             pending, self._pending = self._pending, {}
             self._connected.clear()
         if not self._closed.is_set():
-            log.warning("placement stream to %s lost (%s); reconnecting", self.address, reason)
+            self._notice(reason)
         for fut in pending.values():
             if not fut.done():
                 fut.set_exception(ConnectionError(f"placement stream lost: {reason}"))
 
+    def _notice(self, reason: str) -> None:
+        """One line when the service becomes unreachable, then one per NOTICE_SECONDS."""
+        now = time.monotonic()
+        if self._lost is None:
+            self._lost = (now, now)
+            log.warning("placement stream to %s lost (%s); retrying every %.3g s at most, rounds "
+                        "fall back to no move meanwhile", self.address, reason, self._backoff[1])
+        elif now - self._lost[1] >= NOTICE_SECONDS:
+            self._lost = (self._lost[0], now)
+            log.warning("placement service %s still unreachable after %.0f s (%s, %d attempts)",
+                        self.address, now - self._lost[0], reason, self.reconnects)
+
     def _resolve(self, msg: pb.Plan) -> None:
         with self._lock:
-            fut = self._pending.pop((msg.step, msg.layer), None)
+            fut = self._pending.pop(RoundKey(msg.step, msg.micro_batch, msg.layer), None)
         if fut is None or fut.done():
             return  # a plan for a round the trainer already gave up on
         try:

@@ -1,6 +1,7 @@
 """Plan agreement: turning per-rank plan replies into one plan every rank applies, or "no move".
 
-A ``PlanSource`` answers a (step, layer) submission with a future of the rank's ``RankPlan``.
+A ``PlanSource`` answers a round's submission (``RoundKey``: step, micro-batch, layer) with a
+future of the rank's ``RankPlan``.
 ``Placement.wait`` waits for it with a timeout and returns an ``Offer`` (1 + 2n ints: valid flag,
 the rank's dest vector, the held ids the service promised), which the dispatcher's combine
 delivers to every rank in the control exchange it does anyway for split sizes; no collective of
@@ -8,7 +9,15 @@ its own.
 From the same table every rank derives, with ``agree``, the full device vector (the combine needs
 it to route other ranks' tokens) or "no move" for all if any rank has no valid plan, so a single
 late reply can never make ranks disagree about where samples go. Failures are logged and counted,
-never raised into the training loop.
+never raised into the training loop; the log gets one line when rounds start falling back and
+one when plans come back, not one per layer.
+
+Recompute (activation checkpointing, reentrant or not): a layer that runs again inside a backward
+pass submits its round key again. ``Placement`` answers it from the plan that round's forward
+applied (a ``Replay``): no second report, no second wait, and the sample-id bookkeeping is left
+as the forward left it. Outside a backward pass a rank's keys must increase strictly; a key that
+does not, or a recompute of a round whose forward never ran, raises ValueError before anything is
+sent.
 """
 
 from __future__ import annotations
@@ -25,7 +34,7 @@ import torch
 import torch.distributed as dist
 
 from netmoe.client.node_reports import NodeReports, expand, pack, unpack
-from netmoe.round import RankPlan, RoundCounts, SamplePlan
+from netmoe.round import RankPlan, RoundCounts, RoundKey, SamplePlan
 
 log = logging.getLogger(__name__)
 
@@ -38,16 +47,24 @@ class PlanSource(Protocol):
     """A source with a true ``device_counts`` attribute (a ``PlacementClient`` of a job
     registered with device_counts) takes [n, J] routes per device; others [n, E] per expert."""
 
-    def submit(self, step: int, layer: int, counts: RoundCounts) -> Future[RankPlan | None]:
+    def submit(self, step: int, layer: int, counts: RoundCounts, micro_batch: int = 0
+               ) -> Future[RankPlan | None]:
         """Non-blocking. counts: this rank's n samples; the future's None means "no plan"."""
         ...
+
+
+def in_backward() -> bool:
+    """True while the autograd engine runs a backward pass on this thread: a forward that runs
+    then is a recompute (torch.utils.checkpoint runs it there, reentrant or not)."""
+    return torch._C._current_graph_task_id() != -1
 
 
 class RandomPlans:
     """Seeded, balanced random placements: every sample moves somewhere arbitrary.
 
     A stress source for the dispatcher (any valid plan must leave the model's results unchanged);
-    all ranks derive the same plan from (seed, step, layer) without talking to anybody.
+    all ranks derive the same plan from (seed, step, micro_batch, layer) without talking to
+    anybody.
     """
 
     def __init__(self, rank: int, world: int, samples: int, seed: int = 0) -> None:
@@ -55,18 +72,22 @@ class RandomPlans:
         # Global sample ids in row order, following the samples through a step's layers the way
         # ``Placement`` numbers them, so held ids are like the service's.
         self._ids = np.arange(world * samples, dtype=np.int64)
+        self._pass: tuple[int, int] | None = None
 
-    def submit(self, step: int, layer: int, counts: RoundCounts) -> Future[RankPlan | None]:
+    def submit(self, step: int, layer: int, counts: RoundCounts, micro_batch: int = 0
+               ) -> Future[RankPlan | None]:
         n, j = self.samples, self.world
-        if layer == 0:
+        if self._pass != (step, micro_batch):  # a new forward pass: ids are rows again
+            self._pass = (step, micro_batch)
             self._ids = np.arange(n * j, dtype=np.int64)
-        rng = np.random.default_rng([self.seed, step, layer])
+        rng = np.random.default_rng([self.seed, step, micro_batch, layer])
         plan = SamplePlan(tuple(rng.permutation(np.arange(n * j) // n).tolist()), j)
         held = self._ids[plan.rows_held(self.rank)]
         self._ids = plan.follow(self._ids)
         fut: Future[RankPlan | None] = Future()
         fut.set_result(RankPlan(step, layer, self.rank, "optimal",
-                                np.asarray(plan.dest_of(self.rank)), held.astype(np.uint64)))
+                                np.asarray(plan.dest_of(self.rank)), held.astype(np.uint64),
+                                micro_batch=micro_batch))
         return fut
 
 
@@ -85,6 +106,7 @@ class PlacementStats:
         cost of placement; reported so the two can be compared.
     fallbacks: layers applied as "no move" because a plan was missing; reasons: why;
     solve_seconds: solver time per applied or received plan; moved: samples moved.
+    replays: layers a recompute ran again, answered with their forward's plan (not reported).
     """
 
     submit_seconds: float = 0.0
@@ -94,6 +116,7 @@ class PlacementStats:
     fallbacks: int = 0
     plans: int = 0
     moved: int = 0
+    replays: int = 0
     reasons: Counter[str] = field(default_factory=Counter)
     solve_seconds: list[float] = field(default_factory=list)
 
@@ -146,10 +169,17 @@ class Ticket:
     the reply), and with node reports the gather under way (its work handle, its send buffer)."""
 
     future: Future[RankPlan | None] | None
-    step: int
-    layer: int
+    key: RoundKey
     gather: Any = None
     sent: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class Replay:
+    """A recomputed round: the plan its forward applied, applied again (nothing is reported)."""
+
+    key: RoundKey
+    plan: SamplePlan
 
 
 @dataclass(frozen=True)
@@ -176,21 +206,35 @@ class Offer:
         return self.placement._settle(self, offers, exchange_seconds)
 
 
+def timeout_for(deadline_ms: int) -> float:
+    """Seconds a rank waits for a plan: the round's deadline (counted from its first report; the
+    service answers by then, "no move" when late) plus half of it and 50 ms of transport slack.
+    deadline_ms 0 (unknown) gives ValueError naming the missing argument."""
+    if deadline_ms <= 0:
+        raise ValueError("timeout must be given when the source has no spec.deadline_ms")
+    return deadline_ms * 1.5e-3 + 0.05
+
+
 class Placement:
     """The model's placement hook: submit counts, then wait for the reply and offer it to the
     combine, which settles the plan all ranks apply (see the module docstring).
 
-    rank, world: the rank's device in its expert-parallel group and the group's size. node: with
-    node reports (``netmoe.client.node_reports``), the rank's part in them; source is then the
-    node's reporting client on its first rank and None on the others. ``close`` when done.
+    rank, world: the rank's device in its expert-parallel group and the group's size.
+    timeout: seconds to wait for a plan; None: ``timeout_for`` the source's deadline (a
+    ``PlacementClient``'s spec.deadline_ms; a node's other ranks, with no source, need one).
+    node: with node reports (``netmoe.client.node_reports``), the rank's part in them; source is
+    then the node's reporting client on its first rank and None on the others. ``close`` when
+    done.
     device_counts: the layers count routes per device instead of per expert
     (``netmoe.client.layer``); None: the source's (False when it has none). A node's other ranks
     have no source: give it, the same as their first rank's client.
     """
 
     def __init__(self, source: PlanSource | None, rank: int, world: int, samples: int,
-                 timeout: float, node: NodeReports | None = None,
+                 timeout: float | None = None, node: NodeReports | None = None,
                  device_counts: bool | None = None) -> None:
+        if timeout is None:
+            timeout = timeout_for(getattr(getattr(source, "spec", None), "deadline_ms", 0))
         if timeout <= 0:
             raise ValueError(f"timeout must be positive seconds, got {timeout!r}")
         if node is not None and node.size == 1:
@@ -208,21 +252,50 @@ class Placement:
         self.device_counts = (bool(getattr(source, "device_counts", False))
                               if device_counts is None else device_counts)
         self.stats = PlacementStats()
-        # Sample ids follow the samples through a step's layers (row ids at layer 0), so the
-        # service can match a sample's routes across layers (its expert placement window).
+        # Sample ids follow the samples through a forward pass's layers (row ids at its first
+        # round), so the service can match a sample's routes across layers (its expert
+        # placement window).
         self._full = np.arange(world * samples, dtype=np.int64)
+        self._last: RoundKey | None = None  # the latest round submitted (not a recompute)
+        # The plan each round of the current step applied, for its recompute to apply again.
+        self._applied: dict[RoundKey, SamplePlan] = {}
+        # While rounds fall back: the first one's key and the reasons since (one log line each
+        # way, not one per layer).
+        self._falling: tuple[RoundKey, Counter[str]] | None = None
 
     def submit(
-        self, step: int, layer: int, gather: torch.Tensor, scatter: torch.Tensor | None
-    ) -> Ticket:
+        self, step: int, layer: int, gather: torch.Tensor, scatter: torch.Tensor | None,
+        micro_batch: int = 0,
+    ) -> Ticket | Replay:
         """gather, scatter: [n, E] int64 route counts of the local samples ([n, J] routes per
-        device when ``device_counts``)."""
+        device when ``device_counts``). Inside a backward pass (a recompute) the answer is the
+        round's forward plan, nothing is sent. Raises ValueError, with nothing sent and no state
+        changed, for a key that does not come after the last one outside a backward pass, or a
+        recompute of a round whose forward this rank never ran in the current step."""
+        key = RoundKey(step, micro_batch, layer).check()
+        if in_backward():
+            plan = self._applied.get(key)
+            if plan is None:
+                ran = sorted(k for k in self._applied if k[:2] == key[:2])
+                raise ValueError(
+                    f"recompute of round (step, micro_batch, layer) {tuple(key)} on rank "
+                    f"{self.rank}: its forward never ran in this step (layers that forward "
+                    f"pass ran: {[k.layer for k in ran]})")
+            return Replay(key, plan)
+        if self._last is not None and key <= self._last:
+            raise ValueError(
+                f"round (step, micro_batch, layer) {tuple(key)} on rank {self.rank} does not come "
+                f"after the last one {tuple(self._last)}: each forward pass of a step needs its "
+                f"own micro_batch (a recompute runs inside the backward pass)")
         t0 = time.perf_counter()
-        if layer == 0:
+        if self._last is None or self._last[:2] != key[:2]:  # a new forward pass
             self._full = np.arange(self.world * self.samples, dtype=np.int64)
+            if self._last is None or self._last.step != step:
+                self._applied.clear()
+        self._last = key
         ids = self._full[self.rank * self.samples:(self.rank + 1) * self.samples]
         if self.node is not None:
-            ticket = self._submit_node(step, layer, ids.astype(np.uint64), gather.detach(),
+            ticket = self._submit_node(key, ids.astype(np.uint64), gather.detach(),
                                        None if scatter is None else scatter.detach())
             self.stats.submit_seconds += time.perf_counter() - t0
             return ticket
@@ -231,11 +304,11 @@ class Placement:
             None if scatter is None else scatter.detach().cpu().numpy(),
         )
         assert self.source is not None
-        fut = self.source.submit(step, layer, counts)
+        fut = self.source.submit(step, layer, counts, micro_batch=micro_batch)
         self.stats.submit_seconds += time.perf_counter() - t0
-        return Ticket(fut, step, layer)
+        return Ticket(fut, key)
 
-    def _submit_node(self, step: int, layer: int, ids: np.ndarray, gather: torch.Tensor,
+    def _submit_node(self, key: RoundKey, ids: np.ndarray, gather: torch.Tensor,
                      scatter: torch.Tensor | None) -> Ticket:
         """Starts the gather of this rank's counts on its node's first rank, which reports
         the node once the gather is in (on its own thread: submit never blocks)."""
@@ -244,20 +317,21 @@ class Placement:
         sent = pack(ids, gather, scatter)
         if not node.first:
             work = dist.gather(sent, None, dst=node.members[0], group=node.group, async_op=True)
-            return Ticket(None, step, layer, work, sent)
+            return Ticket(None, key, work, sent)
         bufs = [torch.empty_like(sent) for _ in node.members]
         work = dist.gather(sent, bufs, dst=node.members[0], group=node.group, async_op=True)
         fut: Future[RankPlan | None] = Future()
         assert self._pool is not None
-        self._pool.submit(self._report_node, work, bufs, step, layer, gather.shape[1], fut)
-        return Ticket(fut, step, layer, work, sent)
+        self._pool.submit(self._report_node, work, bufs, key, gather.shape[1], fut)
+        return Ticket(fut, key, work, sent)
 
-    def _report_node(self, work: Any, bufs: list[torch.Tensor], step: int, layer: int,
+    def _report_node(self, work: Any, bufs: list[torch.Tensor], key: RoundKey,
                      experts: int, fut: Future[RankPlan | None]) -> None:
         try:
             work.wait()
             assert self.source is not None
-            reply = self.source.submit(step, layer, unpack(torch.cat(bufs), experts))
+            reply = self.source.submit(key.step, key.layer, unpack(torch.cat(bufs), experts),
+                                       micro_batch=key.micro_batch)
         except Exception as err:  # a failed gather or report means "no move", not a crash
             fut.set_exception(err)
             return
@@ -296,9 +370,13 @@ class Placement:
             return None, "wrong size"
         return plan, ""
 
-    def wait(self, ticket: Ticket) -> Offer:
+    def wait(self, ticket: Ticket | Replay) -> Offer | FixedPlan:
         """Waits (up to the timeout) for this rank's reply; returns the offer the layer's combine
-        settles into the plan all ranks apply ("no move" for all if any rank lacks one)."""
+        settles into the plan all ranks apply ("no move" for all if any rank lacks one). A
+        ``Replay`` does not wait: its combine applies the forward's plan again."""
+        if isinstance(ticket, Replay):
+            self.stats.replays += 1
+            return FixedPlan(ticket.plan)
         t0 = time.perf_counter()
         reply, reason = self._reply(ticket)
         seconds = time.perf_counter() - t0
@@ -322,12 +400,24 @@ class Placement:
         if agreed is None:
             self.stats.fallbacks += 1
             self.stats.reasons[reason] += 1
-            log.warning("step %d layer %d: no move (%s)", ticket.step, ticket.layer, reason)
+            if self._falling is None:
+                log.warning("step %d micro-batch %d layer %d: no move (%s); later fallbacks are "
+                            "counted in placement.stats until plans come back",
+                            *ticket.key, reason)
+                self._falling = (ticket.key, Counter())
+            self._falling[1][reason] += 1
         else:
             self.stats.plans += 1
             self.stats.moved += plan.moved
+            if self._falling is not None:
+                since, reasons = self._falling
+                log.warning("plans again from step %d micro-batch %d layer %d, after %d layers "
+                            "without (since step %d micro-batch %d layer %d: %s)", *ticket.key,
+                            sum(reasons.values()), *since, dict(reasons))
+                self._falling = None
         if reply is not None:
             self.stats.solve_seconds.append(reply.solve_seconds)
         self._full = plan.follow(self._full)
+        self._applied[ticket.key] = plan
         self.stats.wait_seconds += time.perf_counter() - t0
         return plan

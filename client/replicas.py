@@ -31,6 +31,7 @@ import torch.distributed as dist
 from torch import nn
 
 from netmoe.client.experts import ExpertTable, _expert_tensors
+from netmoe.round import copy_route_table
 
 Copies = tuple[tuple[tuple[int, int], ...], ...]  # [L] sorted (label, rank) copies
 
@@ -94,12 +95,10 @@ class CopyTable:
 
 def route_tables(copies: CopyTable) -> dict[int, torch.Tensor]:
     """For TokenDispatcher.routes: layer -> [E, J] int64 rank serving label a for a sample on
-    rank d, for the layers that have copies."""
-    from netmoe.solver import Topology
-    from netmoe.solver.replicas import route_table
-
-    topo = Topology(copies.world // copies.gpus_per_node, copies.gpus_per_node, copies.experts)
-    return {layer: torch.as_tensor(route_table(topo, copies.holders(layer), topo.expert_device))
+    rank d, for the layers that have copies. Pure numpy: no solver (OR-Tools) on the client."""
+    owners = np.arange(copies.experts) // (copies.experts // copies.world)
+    return {layer: torch.as_tensor(copy_route_table(copies.holders(layer), owners,
+                                                    copies.gpus_per_node))
             for layer, pairs in enumerate(copies.copies) if pairs}
 
 

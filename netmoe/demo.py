@@ -92,6 +92,15 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="with --replica-budget: the service chooses maps, copies and route tables "
                    "with every layer's busiest device at most R x the mean load (R >= 1; "
                    "default 0: no bound) and the ranks route by the confirmed tables")
+    p.add_argument("--micro-batches", type=positive, default=1, metavar="N",
+                   help="forward passes per step (gradient accumulation); each has its own "
+                   "placement rounds")
+    p.add_argument("--recompute", action="store_true",
+                   help="recompute every block in the backward pass (activation checkpointing); "
+                   "the recompute applies the plan its forward applied")
+    p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32",
+                   help="bf16: bf16 hidden states and All-to-All payloads (autocast), fp32 "
+                   "parameters and router weights")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=run)
 
@@ -112,6 +121,11 @@ def summarize(results: list[dict[str, Any]]) -> dict[str, Any]:
         # The small exchanges before each All-to-All (split sizes; with placement also the plan
         # agreement): the ranks' compute skew shows up here, in both runs alike.
         "control_seconds": statistics.fmean(r["control_seconds"] for r in results),
+        # Bytes each All-to-All route carries (hidden state, metadata; router weight in the
+        # dispatch), from the dispatcher's counts of what the ranks sent.
+        "bytes_per_route": {phase: statistics.fmean(r["bytes_per_route"][phase]
+                                                    for r in results)
+                            for phase in ("dispatch", "combine")},
     }
     if "plan_wait_seconds" in results[0]:
         solve = [s for s in results[0]["solve_seconds"] if s > 0]
@@ -179,7 +193,8 @@ def run(args: argparse.Namespace) -> int:
         nodes=args.nodes, gpus_per_node=args.gpus_per_node, steps=args.steps,
         samples_per_device=args.samples_per_device, seq_len=args.seq_len, layers=args.layers,
         objective=args.objective, seed=args.seed, cache_dir=args.cache_dir,
-        data_offset=args.warmup_steps,
+        data_offset=args.warmup_steps, micro_batches=args.micro_batches,
+        recompute=args.recompute, dtype=args.dtype,
     )  # fmt: skip
     adopt_at = args.steps // 2 if args.adopt_after is None else args.adopt_after
     if args.expert_placement and not 2 <= adopt_at < args.steps:
@@ -241,6 +256,7 @@ def run(args: argparse.Namespace) -> int:
         "solver_ms_median": statistics.median(solve) if solve else 0.0,
         "inter_reduction": _saved(home["inter_routes"], net["inter_routes"]),
         "max_loss_rel_diff": max_rel_diff(home["loss"], net["loss"]),
+        "bytes_per_route": net["bytes_per_route"],
         "config": dataclasses.asdict(cfg),
     }
     if joint_ranks is not None:
@@ -417,6 +433,9 @@ def _print(r: dict[str, Any]) -> None:
         f"netmoe {net['a2a_seconds']:.3f} (gloo over loopback on one machine: no network to "
         f"save on; `netmoe bench cluster` measures emulated links)"
     )
+    b = r["bytes_per_route"]
+    print(f"bytes per route (hidden state + metadata, router weight in the dispatch): "
+          f"dispatch {b['dispatch']:.0f}, combine {b['combine']:.0f}")
     print(
         f"losses equal within {r['max_loss_rel_diff']:.1e} relative; last step: "
         f"home {home['loss'][-1]:.4f}, netmoe {net['loss'][-1]:.4f}"

@@ -1,6 +1,7 @@
 """One round of sample placement, from report to combine: the vocabulary both sides share.
 
-A round is one (step, layer) of one job. Its I = J * n samples are numbered by *rows* in
+A round is one (step, micro_batch, layer) of one job (``RoundKey``; micro_batch 0 for a job that
+runs one forward pass per step). Its I = J * n samples are numbered by *rows* in
 rank-major order of where they sit now: row r is local sample r % n of rank r // n. Every sample
 also has a global *sample id* that follows it through the layers of a step (ids equal rows at
 layer 0), so the service can match a sample's routes across layers.
@@ -20,10 +21,37 @@ from __future__ import annotations
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 
-Key = tuple[int, int]  # (step, layer)
+Key = tuple[int, int]  # (step, layer): what the expert placement side files a round under
+
+
+class RoundKey(NamedTuple):
+    """A round's identity: (step, micro_batch, layer), ordered as a rank reports them.
+
+    A training framework threads it as: ``step`` the optimizer step, ``micro_batch`` the forward
+    pass within the step (gradient accumulation, pipeline micro-batches; 0 when there is one),
+    ``layer`` the MoE layer's index in the model. A rank's keys increase strictly from one report
+    to the next; a recompute (activation checkpointing) repeats a key and is answered by the
+    client, never reported again.
+    """
+
+    step: int
+    micro_batch: int
+    layer: int
+
+    @property
+    def layer_key(self) -> Key:
+        return (self.step, self.layer)
+
+    def check(self) -> RoundKey:
+        """Itself, or ValueError naming the first field that is not a non-negative integer."""
+        for name, value in zip(self._fields, self, strict=True):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
+        return self
 
 # Default channel bandwidths in bytes/s: the paper's cluster (NVLink intra-node, InfiniBand
 # inter-node). Only their ratio matters to the "volume" objective's choice.
@@ -148,6 +176,23 @@ def check_dest(name: str, dest: object, *, devices: int, per_device: int | None 
     return arr
 
 
+def copy_route_table(holders: np.ndarray, owners: np.ndarray, gpus_per_node: int) -> np.ndarray:
+    """[E, J] int64: the device serving expert e for a sample on device d when experts have
+    copies: d itself when it holds e, else the lowest holder on d's node unless the owner is on
+    that node, else the owner. holders: [E, J] bool (owners and copies); owners: [E] int64."""
+    g = gpus_per_node
+    devices = holders.shape[1]
+    owners = np.asarray(owners, dtype=np.int64)
+    table = np.repeat(owners[:, None], devices, axis=1)
+    for d in range(devices):
+        node = slice(d // g * g, d // g * g + g)
+        has = holders[:, node].any(axis=1) & (owners // g != d // g)
+        first = d // g * g + np.argmax(holders[:, node], axis=1)
+        table[has, d] = first[has]
+        table[holders[:, d], d] = d
+    return table
+
+
 @dataclass(frozen=True)
 class SamplePlan:
     """The placement every rank applies in one round's combine.
@@ -239,7 +284,7 @@ class RankPlan:
     after the move, in arrival order. before / after: whole-round routes at home and with this
     plan, None when unknown. moved: samples of the round that change device. ranks: for the
     answer to a node report, the ranks it carried (rank first; dest [len(ranks) * n] and held_ids
-    n per rank in turn); () for one rank.
+    n per rank in turn); () for one rank. micro_batch: the round's (see ``RoundKey``).
     """
 
     step: int
@@ -255,23 +300,31 @@ class RankPlan:
     before: Traffic | None = None
     after: Traffic | None = None
     ranks: tuple[int, ...] = ()
+    micro_batch: int = 0
 
     @property
     def solved(self) -> bool:
         return self.status in (OPTIMAL, FEASIBLE)
 
+    @property
+    def key(self) -> RoundKey:
+        return RoundKey(self.step, self.micro_batch, self.layer)
+
     @classmethod
     def stay(cls, step: int, layer: int, rank: int, ids: np.ndarray, reason: str,
-             error: str = "", before: Traffic | None = None, device: int | None = None
-             ) -> RankPlan:
+             error: str = "", before: Traffic | None = None, device: int | None = None,
+             micro_batch: int = 0) -> RankPlan:
         """The no-move answer for a rank holding ids [n]; device: the rank's own device in its
         expert-parallel group (default: rank, one group)."""
         home = rank if device is None else device
         return cls(step, layer, rank, FALLBACK, np.full(len(ids), home, dtype=np.int64),
-                   np.asarray(ids, dtype=np.uint64), reason, error, before=before, after=before)
+                   np.asarray(ids, dtype=np.uint64), reason, error, before=before, after=before,
+                   micro_batch=micro_batch)
 
     @classmethod
-    def rejected(cls, step: int, layer: int, rank: int, error: str) -> RankPlan:
+    def rejected(cls, step: int, layer: int, rank: int, error: str, micro_batch: int = 0
+                 ) -> RankPlan:
         """The answer to a report that failed validation."""
         empty = np.zeros(0, dtype=np.int64)
-        return cls(step, layer, rank, INVALID, empty, empty.astype(np.uint64), "invalid", error)
+        return cls(step, layer, rank, INVALID, empty, empty.astype(np.uint64), "invalid", error,
+                   micro_batch=micro_batch)

@@ -92,12 +92,12 @@ def counts_from_pb(msg: pb.Counts, field: str) -> np.ndarray:
 
 
 def report_to_proto(job: str, step: int, layer: int, rank: int, counts: RoundCounts,
-                    ranks: Sequence[int] = ()) -> pb.Report:
+                    ranks: Sequence[int] = (), micro_batch: int = 0) -> pb.Report:
     """One rank's report, or a node report of ``ranks`` (rank first; rows n per rank in turn);
     counts.gather / scatter [rows, E] (or [rows, J] for device_counts jobs) non-negative ints
     (``counts_to_pb``: ValueError naming the field otherwise)."""
     return pb.Report(
-        job=job, step=step, layer=layer, rank=rank, ranks=list(ranks),
+        job=job, step=step, layer=layer, rank=rank, ranks=list(ranks), micro_batch=micro_batch,
         sample_ids=np.asarray(counts.sample_ids, dtype=np.uint64).tolist(),
         gather=counts_to_pb(counts.gather, "gather"),
         scatter=None if counts.scatter is None else counts_to_pb(counts.scatter, "scatter"),
@@ -118,7 +118,7 @@ def plan_to_proto(job: str, plan: RankPlan) -> pb.Plan:
         job=job, step=plan.step, layer=plan.layer, rank=plan.rank,
         dest=plan.dest.tolist(), held_ids=plan.held_ids.tolist(), status=_TO_WIRE[plan.status],
         reason=plan.reason, error=plan.error, solve_seconds=plan.solve_seconds, moved=plan.moved,
-        ranks=plan.ranks,
+        ranks=plan.ranks, micro_batch=plan.micro_batch,
     )
     if plan.before is not None:
         msg.before.CopyFrom(traffic_to_proto(plan.before))
@@ -139,7 +139,7 @@ def plan_from_proto(msg: pb.Plan) -> RankPlan:
         reason=msg.reason, error=msg.error, solve_seconds=msg.solve_seconds, moved=msg.moved,
         before=traffic_from_proto(msg.before) if msg.HasField("before") else None,
         after=traffic_from_proto(msg.after) if msg.HasField("after") else None,
-        ranks=tuple(msg.ranks),
+        ranks=tuple(msg.ranks), micro_batch=msg.micro_batch,
     )
 
 

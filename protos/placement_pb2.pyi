@@ -114,7 +114,7 @@ class UnregisterJobResponse(_message.Message):
     def __init__(self, job: _Optional[str] = ...) -> None: ...
 
 class Report(_message.Message):
-    __slots__ = ("job", "step", "layer", "rank", "sample_ids", "gather", "scatter", "generation", "ranks")
+    __slots__ = ("job", "step", "layer", "rank", "sample_ids", "gather", "scatter", "generation", "ranks", "micro_batch")
     JOB_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     LAYER_FIELD_NUMBER: _ClassVar[int]
@@ -124,6 +124,7 @@ class Report(_message.Message):
     SCATTER_FIELD_NUMBER: _ClassVar[int]
     GENERATION_FIELD_NUMBER: _ClassVar[int]
     RANKS_FIELD_NUMBER: _ClassVar[int]
+    MICRO_BATCH_FIELD_NUMBER: _ClassVar[int]
     job: str
     step: int
     layer: int
@@ -133,7 +134,8 @@ class Report(_message.Message):
     scatter: Counts
     generation: int
     ranks: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, job: _Optional[str] = ..., step: _Optional[int] = ..., layer: _Optional[int] = ..., rank: _Optional[int] = ..., sample_ids: _Optional[_Iterable[int]] = ..., gather: _Optional[_Union[Counts, _Mapping]] = ..., scatter: _Optional[_Union[Counts, _Mapping]] = ..., generation: _Optional[int] = ..., ranks: _Optional[_Iterable[int]] = ...) -> None: ...
+    micro_batch: int
+    def __init__(self, job: _Optional[str] = ..., step: _Optional[int] = ..., layer: _Optional[int] = ..., rank: _Optional[int] = ..., sample_ids: _Optional[_Iterable[int]] = ..., gather: _Optional[_Union[Counts, _Mapping]] = ..., scatter: _Optional[_Union[Counts, _Mapping]] = ..., generation: _Optional[int] = ..., ranks: _Optional[_Iterable[int]] = ..., micro_batch: _Optional[int] = ...) -> None: ...
 
 class Counts(_message.Message):
     __slots__ = ("data", "dtype", "shape")
@@ -158,7 +160,7 @@ class Routes(_message.Message):
     def __init__(self, inter: _Optional[int] = ..., intra: _Optional[int] = ..., local: _Optional[int] = ..., seconds: _Optional[float] = ...) -> None: ...
 
 class Plan(_message.Message):
-    __slots__ = ("job", "step", "layer", "rank", "dest", "held_ids", "before", "after", "status", "reason", "error", "solve_seconds", "moved", "ranks")
+    __slots__ = ("job", "step", "layer", "rank", "dest", "held_ids", "before", "after", "status", "reason", "error", "solve_seconds", "moved", "ranks", "micro_batch")
     JOB_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     LAYER_FIELD_NUMBER: _ClassVar[int]
@@ -173,6 +175,7 @@ class Plan(_message.Message):
     SOLVE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     MOVED_FIELD_NUMBER: _ClassVar[int]
     RANKS_FIELD_NUMBER: _ClassVar[int]
+    MICRO_BATCH_FIELD_NUMBER: _ClassVar[int]
     job: str
     step: int
     layer: int
@@ -187,7 +190,8 @@ class Plan(_message.Message):
     solve_seconds: float
     moved: int
     ranks: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, job: _Optional[str] = ..., step: _Optional[int] = ..., layer: _Optional[int] = ..., rank: _Optional[int] = ..., dest: _Optional[_Iterable[int]] = ..., held_ids: _Optional[_Iterable[int]] = ..., before: _Optional[_Union[Routes, _Mapping]] = ..., after: _Optional[_Union[Routes, _Mapping]] = ..., status: _Optional[_Union[PlanStatus, str]] = ..., reason: _Optional[str] = ..., error: _Optional[str] = ..., solve_seconds: _Optional[float] = ..., moved: _Optional[int] = ..., ranks: _Optional[_Iterable[int]] = ...) -> None: ...
+    micro_batch: int
+    def __init__(self, job: _Optional[str] = ..., step: _Optional[int] = ..., layer: _Optional[int] = ..., rank: _Optional[int] = ..., dest: _Optional[_Iterable[int]] = ..., held_ids: _Optional[_Iterable[int]] = ..., before: _Optional[_Union[Routes, _Mapping]] = ..., after: _Optional[_Union[Routes, _Mapping]] = ..., status: _Optional[_Union[PlanStatus, str]] = ..., reason: _Optional[str] = ..., error: _Optional[str] = ..., solve_seconds: _Optional[float] = ..., moved: _Optional[int] = ..., ranks: _Optional[_Iterable[int]] = ..., micro_batch: _Optional[int] = ...) -> None: ...
 
 class SolveRequest(_message.Message):
     __slots__ = ("reports",)

@@ -100,7 +100,8 @@ class PlacementServiceServicer:
         value, while the stream (and every other worker's stream) goes on. A report whose content is
         invalid (counts: dtype, shape, byte length; ids, duplicates) also ends its round early: the
         other ranks of that round get the home placement with reason "invalid". Plans arrive when their round finishes, so with
-        several rounds in flight they may arrive out of report order; match them by (step, layer).
+        several rounds in flight they may arrive out of report order; match them by
+        (step, micro_batch, layer).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

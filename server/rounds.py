@@ -32,7 +32,7 @@ import numpy as np
 
 from netmoe.checks import positive_int
 from netmoe.groups import EPGroups
-from netmoe.round import Key, RankPlan, RoundCounts, Traffic, home_dest
+from netmoe.round import Key, RankPlan, RoundCounts, RoundKey, Traffic, home_dest
 from netmoe.solver import METHODS, OBJECTIVES, Plan, Topology, solve, traffic
 
 from .errors import FieldError, JobConflict, JobLimit, OverLimit, RankBound, StaleGeneration
@@ -156,7 +156,7 @@ class Report:
     jobs) in the smallest unsigned dtype holding them, shaped as sent (None: absent; scatter is
     absent when there is no next layer). generation: the job registration the sender knows (0:
     whichever is current). counts_error: why the counts on the wire did not decode (raised by
-    check_report).
+    check_report). micro_batch: the round's (see ``netmoe.round.RoundKey``).
     """
 
     job: str
@@ -169,10 +169,11 @@ class Report:
     generation: int = 0
     counts_error: FieldError | None = None
     ranks: tuple[int, ...] = ()
+    micro_batch: int = 0
 
     @property
-    def key(self) -> Key:
-        return (self.step, self.layer)
+    def key(self) -> RoundKey:
+        return RoundKey(self.step, self.micro_batch, self.layer)
 
     @property
     def members(self) -> tuple[int, ...]:
@@ -438,7 +439,7 @@ def part_bytes(part: RoundCounts) -> int:
     return part.sample_ids.nbytes + part.gather.nbytes + scatter
 
 
-def members_plan(spec: JobSpec, key: Key, outcome: Outcome, members: tuple[int, ...],
+def members_plan(spec: JobSpec, key: RoundKey, outcome: Outcome, members: tuple[int, ...],
                  ids: np.ndarray, error: str = "") -> RankPlan:
     """The answer to a report of ``members`` (one rank, or a node report: rank first): each
     member's ``rank_plan`` (ids [n per member]), joined in member order for a node report."""
@@ -453,21 +454,21 @@ def members_plan(spec: JobSpec, key: Key, outcome: Outcome, members: tuple[int, 
         held_ids=np.concatenate([p.held_ids for p in parts]), ranks=members)
 
 
-def rank_plan(spec: JobSpec, key: Key, outcome: Outcome, rank: int, ids: np.ndarray,
+def rank_plan(spec: JobSpec, key: RoundKey, outcome: Outcome, rank: int, ids: np.ndarray,
               error: str = "") -> RankPlan:
     """Rank ``rank``'s part of its group's round outcome (ids [n]: its report's sample ids);
     fallbacks keep every sample at home. dest and held rows are the group's devices and rows."""
     plan, counts = outcome.plan, outcome.counts
-    step, layer = key
+    step, micro_batch, layer = key
     _, d = spec.groups.locate(rank)
     if plan is None or counts is None:
         return RankPlan.stay(step, layer, rank, ids, outcome.kind, error or outcome.error,
-                             outcome.before, d)
+                             outcome.before, d, micro_batch)
     n = spec.samples_per_device
     return RankPlan(
         step, layer, rank, plan.status, np.asarray(plan.dest[d * n:(d + 1) * n]),
         counts.sample_ids[plan.rows_held[d]], error=error, solve_seconds=plan.solve_seconds,
-        moved=plan.moved, before=plan.before, after=plan.after,
+        moved=plan.moved, before=plan.before, after=plan.after, micro_batch=micro_batch,
     )
 
 
@@ -479,7 +480,7 @@ class _Round:
     """One group's round. parts: device in the group -> its rank's counts. streamed: reports
     arrive one by one on streams (False: one unary Solve request)."""
 
-    key: Key
+    key: RoundKey
     group: int = 0
     streamed: bool = True
     timer: asyncio.TimerHandle | None = None
@@ -510,8 +511,8 @@ class Binding:
 class _Group:
     """One expert-parallel group's open rounds, remembered outcomes and solver turn."""
 
-    pending: dict[Key, _Round] = field(default_factory=dict)
-    finished: OrderedDict[Key, Outcome] = field(default_factory=OrderedDict)
+    pending: dict[RoundKey, _Round] = field(default_factory=dict)
+    finished: OrderedDict[RoundKey, Outcome] = field(default_factory=OrderedDict)
     # One solve of the group at a time: its slow rounds never hold more than one solver thread.
     solver_turn: asyncio.Lock = field(default_factory=asyncio.Lock)
 
@@ -524,7 +525,7 @@ class _Job:
     spec: JobSpec
     generation: int
     groups: list[_Group] = field(default_factory=list)
-    last: dict[int, Key] = field(default_factory=dict)
+    last: dict[int, RoundKey] = field(default_factory=dict)
     bound: dict[int, object] = field(default_factory=dict)
     unary: set[_Round] = field(default_factory=set)  # rounds of Solve calls in flight
     pending_bytes: int = 0  # of the reports its open rounds hold
@@ -743,11 +744,13 @@ class Coordinator:
             if last is not None and key <= last:
                 raise FieldError(
                     "step",
-                    f"step/layer {key} of rank {r} does not come after {last}, already reported "
-                    f"(steps must not go backwards, a round takes one report per rank)",
+                    f"(step, micro_batch, layer) {tuple(key)} of rank {r} does not come after "
+                    f"{tuple(last)}, already reported (rounds must not go backwards, a round "
+                    f"takes one report per rank)",
                 )
             if rnd is not None and spec.groups.locate(r)[1] in rnd.parts:
-                raise FieldError("step", f"rank {r} already reported step/layer {key}")
+                raise FieldError("step", f"rank {r} already reported (step, micro_batch, layer) "
+                                         f"{tuple(key)}")
             if r != rank and binding is not None and state.bound.get(r, owner) is not owner:
                 raise FieldError("ranks", f"rank {r} reports on a stream of its own; a node "
                                           f"report may carry only ranks without one")
@@ -785,7 +788,7 @@ class Coordinator:
         self._check_generation(self._jobs[head.job], head.generation)
         parts: dict[int, RoundCounts] = {}
         for k, rep in enumerate(reports):
-            for name in ("job", "step", "layer", "generation"):
+            for name in ("job", "step", "micro_batch", "layer", "generation"):
                 if getattr(rep, name) != getattr(head, name):
                     raise FieldError(
                         f"reports[{k}].{name}",
@@ -832,7 +835,7 @@ class Coordinator:
                 raise FieldError("reports", rnd.outcome.error)
         return [plans[rep.rank] for rep in reports]
 
-    def _open(self, state: _Job, g: int, key: Key, streamed: bool = True) -> _Round:
+    def _open(self, state: _Job, g: int, key: RoundKey, streamed: bool = True) -> _Round:
         pending = state.groups[g].pending
         while streamed and len(pending) >= self._max_pending:
             oldest = next(iter(pending.values()))
@@ -942,20 +945,23 @@ class Coordinator:
             outcome = Outcome(SOLVED, before=plan.before, plan=plan, counts=counts)
         if not rnd.done:
             self._finish(state, rnd, outcome)
-        if outcome.plan is not None and self._jobs.get(spec.job) is state:
-            self._hooks.solved(spec, rnd.key, counts, outcome.plan, rnd.group)
+        # The expert placement window files rounds by (step, layer): it takes one forward pass
+        # per step (micro-batch 0), so a sample id names one sample across the layers.
+        if (outcome.plan is not None and self._jobs.get(spec.job) is state
+                and rnd.key.micro_batch == 0):
+            self._hooks.solved(spec, rnd.key.layer_key, counts, outcome.plan, rnd.group)
 
     def _run_solver(self, spec: JobSpec, rnd: _Round) -> Plan | None:
         if rnd.done or rnd.counts is None:
             return None
         counts = rnd.counts
-        topo, scatter_topo = (self._hooks.topologies(spec.job, rnd.key)
+        topo, scatter_topo = (self._hooks.topologies(spec.job, rnd.key.layer_key)
                               or (spec.counts_topology, None))
         extra = {} if scatter_topo is None else {"scatter_topology": scatter_topo}
         home = home_dest(spec.ep_size, spec.samples_per_device)
         # Confirmed copies change every route's cost: such rounds take the replica-aware solver.
-        plan = self._hooks.solve_with_copies(spec.job, rnd.key, counts.gather, counts.scatter,
-                                             home)
+        plan = self._hooks.solve_with_copies(spec.job, rnd.key.layer_key, counts.gather,
+                                             counts.scatter, home)
         if plan is not None:
             return plan
         kwargs = dict(home=home, objective=spec.objective, method=spec.method,

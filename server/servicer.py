@@ -129,12 +129,13 @@ def report_from_proto(msg: pb.Report) -> Report:
                   sample_ids=np.fromiter(msg.sample_ids, dtype=np.uint64,
                                          count=len(msg.sample_ids)),
                   gather=counts["gather"], scatter=counts["scatter"], generation=msg.generation,
-                  counts_error=error, ranks=tuple(msg.ranks))
+                  counts_error=error, ranks=tuple(msg.ranks), micro_batch=msg.micro_batch)
 
 
 def invalid_plan(report: Report, error: str, job: str) -> pb.Plan:
     """The answer to a report that failed validation (job: the stream's, never the caller's)."""
-    msg = plan_to_proto(job, RankPlan.rejected(report.step, report.layer, report.rank, error))
+    msg = plan_to_proto(job, RankPlan.rejected(report.step, report.layer, report.rank, error,
+                                                  report.micro_batch))
     msg.ranks.extend(report.ranks)
     return msg
 

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from netmoe.checks import positive_int
-from netmoe.round import Traffic, rows_held
+from netmoe.round import Traffic, copy_route_table, rows_held
 
 from .cost import check_counts, check_placement, traffic_of
 from .experts import (
@@ -219,17 +219,10 @@ def replica_costs(topo: Topology, pair: Sequence[np.ndarray],
 
 
 def route_table(topo: Topology, holders: np.ndarray, maps: np.ndarray) -> np.ndarray:
-    """[E, J] int64: the device serving expert e for a sample on device d (see module doc).
-    holders: [E, J] bool; maps: [E] int64 owners."""
-    g = topo.gpus_per_node
-    table = np.repeat(maps[:, None], topo.devices, axis=1)
-    for d in range(topo.devices):
-        node = slice(d // g * g, d // g * g + g)
-        has = holders[:, node].any(axis=1) & (topo.device_node[maps] != d // g)
-        first = d // g * g + np.argmax(holders[:, node], axis=1)
-        table[has, d] = first[has]
-        table[holders[:, d], d] = d
-    return table
+    """[E, J] int64: the device serving expert e for a sample on device d (see module doc and
+    ``netmoe.round.copy_route_table``, which the client shares). holders: [E, J] bool; maps: [E]
+    int64 owners."""
+    return copy_route_table(holders, maps, topo.gpus_per_node)
 
 
 def served(topo: Topology, counts: np.ndarray, table: np.ndarray, device: np.ndarray) -> np.ndarray:

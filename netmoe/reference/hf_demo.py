@@ -222,6 +222,8 @@ def train(cfg: HFTrainConfig) -> dict[str, Any]:
             "step_seconds": step_seconds,
             "a2a_seconds": ep.stats.a2a_seconds,
             "control_seconds": ep.stats.control_seconds,
+            "bytes_per_route": {phase: ep.stats.bytes_per_route(phase)
+                                for phase in ("dispatch", "combine")},
             "allreduce_seconds": allreduce_seconds,
             "routes": so_far.tolist(),
             "step_routes": step_routes,
@@ -305,6 +307,7 @@ def run_demo(args: argparse.Namespace) -> int:
         "metrics_url": metrics_url,
         "inter_reduction": 1 - net["inter_routes"] / max(home["inter_routes"], 1),
         "max_loss_rel_diff": max_rel_diff(home["loss"], net["loss"]),
+        "bytes_per_route": net["bytes_per_route"],
         "config": {**dataclasses.asdict(cfg), "model_type": first["model_type"],
                    "layers": first["layers"], "experts_per_device": experts // cfg.world,
                    "top_k": first["top_k"],

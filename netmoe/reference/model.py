@@ -13,12 +13,14 @@ v // (E / J). Routing ids are slots; the dispatcher and the placement service ne
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from netmoe.client.dispatcher import Dispatched, TokenDispatcher
 from netmoe.client.histogram import router_topk
@@ -162,8 +164,16 @@ class MoEGPT(nn.Module):
         dispatcher: TokenDispatcher,
         placement: PlacementHook | None = None,
         step: int = 0,
+        micro_batch: int = 0,
+        recompute: bool = False,
+        dtype: torch.dtype | None = None,
     ) -> ForwardResult:
-        """tokens: [n, S] int64 local samples. placement None means home placement (no plans)."""
+        """tokens: [n, S] int64 local samples. placement None means home placement (no plans).
+        step, micro_batch: the round keys' (see ``netmoe.client.layer``). recompute: every
+        block runs again in the backward pass (torch.utils.checkpoint, non-reentrant) instead
+        of keeping its activations. dtype: of the hidden states between blocks (torch.bfloat16:
+        mixed precision, run it under torch.autocast; router weights stay fp32); None keeps
+        the parameters' dtype."""
         cfg = self.cfg
         n, s = tokens.shape
         if s != cfg.seq_len or n != dispatcher.layout.samples:
@@ -172,19 +182,34 @@ class MoEGPT(nn.Module):
             )
         ep = ExpertParallel(dispatcher, placement)
         h = self.tok(tokens) + self.pos(torch.arange(s, device=tokens.device))
-        plans, topks = [], []
-        for layer, block in enumerate(self.blocks):
-            h = h + block.attn(block.ln(h))
-            flat = h.reshape(n * s, cfg.d_model)
-            weights, ids = router_topk(block.moe.router, block.moe.norm(flat), cfg.top_k)
-            ticket = ep.submit(step, layer, ids, self._predict(layer, flat, placement))
-            routes = ep.dispatch(layer, flat, ids, weights)
-            h, plan = ep.combine(layer, block.moe.expert_side(routes), routes, ticket)
-            h = h.reshape(n, s, cfg.d_model)
-            plans.append(plan)
-            topks.append(ids.detach())
+        if dtype is not None:
+            h = h.to(dtype)
+        plans: list[SamplePlan] = []
+        topks: list[torch.Tensor] = []
+        for layer in range(cfg.layers):
+            run = functools.partial(self._block, ep, layer, step, micro_batch, plans, topks)
+            h = checkpoint(run, h, use_reentrant=False) if recompute else run(h)
         logits = self.head(self.ln_f(h)).reshape(n * s, cfg.vocab)
         return ForwardResult(logits, tuple(plans), tuple(topks))
+
+    def _block(self, ep: ExpertParallel, layer: int, step: int, micro_batch: int,
+               plans: list[SamplePlan], topks: list[torch.Tensor], h: torch.Tensor
+               ) -> torch.Tensor:
+        """Block ``layer``: h [n, S, D] -> [n, S, D] of the samples held after its combine (in
+        h's dtype). Appends the plan and the top-k ids on its first run, not in a recompute."""
+        cfg, block = self.cfg, self.blocks[layer]
+        n, s, _ = h.shape
+        h = h + block.attn(block.ln(h)).to(h.dtype)
+        flat = h.reshape(n * s, cfg.d_model)
+        weights, ids = router_topk(block.moe.router, block.moe.norm(flat), cfg.top_k)
+        ticket = ep.submit(step, layer, ids, self._predict(layer, flat, ep.placement),
+                           micro_batch=micro_batch)
+        routes = ep.dispatch(layer, flat, ids, weights.float())
+        out, plan = ep.combine(layer, block.moe.expert_side(routes), routes, ticket)
+        if len(plans) == layer:
+            plans.append(plan)
+            topks.append(ids.detach())
+        return out.reshape(n, s, cfg.d_model)
 
     @torch.no_grad()
     def _predict(self, layer: int, flat: torch.Tensor, placement: PlacementHook | None

@@ -37,6 +37,7 @@ PLACEMENTS = ("home", "service", "random")
 PROGRESS_FILE = "NETMOE_PROGRESS_FILE"
 EXPERT_PLACEMENTS = ("auto", "force")
 REPORT_BY = ("rank", "node")
+DTYPES = ("fp32", "bf16")
 
 
 def check_run(cfg: Any, positive: tuple[str, ...] = ()) -> None:
@@ -122,6 +123,14 @@ class TrainConfig:
     # placement="service": register the job with device_counts, so ranks report [n, J] routes
     # per device instead of [n, E] per expert (no expert placement: that needs expert counts).
     device_counts: bool = False
+    # Forward passes per step (gradient accumulation): micro-batch m of step t reads batch
+    # data_offset + t * micro_batches + m; the loss is the mean over all of them.
+    micro_batches: int = 1
+    # Every block runs again in the backward pass (activation recompute, torch.utils.checkpoint).
+    recompute: bool = False
+    # "fp32", or "bf16": bf16 hidden states and All-to-Alls under torch.autocast, fp32 master
+    # parameters and router weights (the usual mixed precision).
+    dtype: str = "fp32"
     a2a_sync: bool = False  # barrier before each timed exchange (CommStats.sync)
     link_counters: bool = False  # first rank of a node reads GLOO_SOCKET_IFNAME's byte counters
 
@@ -160,6 +169,12 @@ class TrainConfig:
             raise ValueError(f"copies must list {self.layers} layers and exclude adopt_experts_at "
                              f"(copies chosen later), got {len(self.copies)} layers and "
                              f"adopt_experts_at={self.adopt_experts_at}")
+        if isinstance(self.micro_batches, bool) or not isinstance(self.micro_batches, int) or (
+                self.micro_batches <= 0):
+            raise ValueError(f"micro_batches must be a positive integer, got "
+                             f"{self.micro_batches!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
         if self.report_by not in REPORT_BY:
             raise ValueError(f"report_by must be one of {REPORT_BY}, got {self.report_by!r}")
         if self.expert_placement not in EXPERT_PLACEMENTS:
@@ -325,7 +340,8 @@ def _setup(cfg: TrainConfig, rank: int) -> _Run:
         from netmoe.client.placement_client import PlacementClient, job_spec
 
         spec = job_spec(cfg.nodes, cfg.gpus_per_node, cfg.experts, cfg.samples_per_device,
-                        hidden_size=cfg.d_model, dtype_bytes=4, objective=cfg.objective,
+                        hidden_size=cfg.d_model, dtype_bytes=2 if cfg.dtype == "bf16" else 4,
+                        objective=cfg.objective,
                         deadline_ms=cfg.deadline_ms, layers=cfg.layers, ep_size=cfg.ep_size,
                         device_counts=cfg.device_counts)
         node = node_reports(groups, rank) if cfg.report_by == "node" else None
@@ -396,6 +412,8 @@ def _train_steps(run: _Run) -> dict[str, Any]:
         "experts": experts_info,
         "param_checksum": _checksum(state),
         "a2a_calls": run.comm.calls,
+        "bytes_per_route": {phase: run.comm.bytes_per_route(phase)
+                            for phase in ("dispatch", "combine")},
         "link_counters": run.meter.readings if run.meter is not None else [],
     }
     if run.placement is not None:
@@ -427,22 +445,34 @@ def _step(run: _Run, step: int, hook: Any, table: Any, copies: Any
 
     cfg, rank = run.cfg, run.rank
     n, s, big_i = cfg.samples_per_device, cfg.seq_len, cfg.global_samples
+    micro = cfg.micro_batches
     run.comm.step = step
     if run.meter is not None:
         run.meter.mark()
-    batch = run.corpus.batch(cfg.data_offset + step, big_i, s, cfg.seed)
-    local = torch.from_numpy(batch[rank * n : (rank + 1) * n])
-    result = run.model(local[:, :-1], run.dispatcher, hook, step)
-    labels = local[:, 1:]
-    for plan in result.plans:
-        labels = move_samples(labels, plan, run.device, run.comm, run.ep_group)
-    loss = F.cross_entropy(result.logits, labels.reshape(-1), reduction="sum") / (big_i * s)
     run.opt.zero_grad(set_to_none=False)
-    loss.backward()
+    bf16 = cfg.dtype == "bf16"
+    losses = []
+    for m in range(micro):
+        batch = run.corpus.batch(cfg.data_offset + step * micro + m, big_i, s, cfg.seed)
+        local = torch.from_numpy(batch[rank * n : (rank + 1) * n])
+        with torch.autocast(local.device.type, dtype=torch.bfloat16, enabled=bf16):
+            result = run.model(local[:, :-1], run.dispatcher, hook, step, micro_batch=m,
+                               recompute=cfg.recompute, dtype=torch.bfloat16 if bf16 else None)
+        labels = local[:, 1:]
+        for plan in result.plans:
+            labels = move_samples(labels, plan, run.device, run.comm, run.ep_group)
+        loss = F.cross_entropy(result.logits.float(), labels.reshape(-1), reduction="sum")
+        loss = loss / (big_i * s * micro)
+        loss.backward()
+        losses.append(loss.detach())
+        if m == 0 and run.recorder is not None:
+            originals = torch.as_tensor(table.originals())
+            topk = tuple(originals[layer][ids] for layer, ids in enumerate(result.topk))
+            run.recorder.record(step, big_i, rank * n, n, s, result.plans, topk)
     if run.meter is not None:
         run.meter.mark()
     t0 = time.perf_counter()
-    flat = torch.cat([p.grad.reshape(-1) for p in run.dense] + [loss.detach().reshape(1)])
+    flat = torch.cat([p.grad.reshape(-1) for p in run.dense] + [sum(losses).reshape(1)])
     dist.all_reduce(flat)
     seconds = time.perf_counter() - t0
     if run.meter is not None:
@@ -469,10 +499,6 @@ def _step(run: _Run, step: int, hook: Any, table: Any, copies: Any
         sync_grads(run.model.blocks, run.copy_groups)
         synced = time.perf_counter() - t0
     run.opt.step()
-    if run.recorder is not None:
-        originals = torch.as_tensor(table.originals())
-        topk = tuple(originals[layer][ids] for layer, ids in enumerate(result.topk))
-        run.recorder.record(step, big_i, rank * n, n, s, result.plans, topk)
     return float(flat[-1]), seconds, synced
 
 

@@ -68,3 +68,25 @@ def test_ctrl_c_ends_with_130_without_traceback_or_stray_ranks() -> None:
     assert "Traceback" not in rest
     assert rest.splitlines()[-1] == "netmoe demo: interrupted"
     assert not any(Path(f"/proc/{pid}").exists() for pid in ranks)
+
+
+def test_demo_trains_with_recompute_micro_batches_and_bf16_like_home() -> None:
+    """bf16 hidden states cross the All-to-Alls as bf16 (2 bytes per element plus metadata), the
+    recompute and the micro-batches get every plan they ask for, and losses equal home's."""
+    import json
+
+    args = [sys.executable, "-m", "netmoe.cli", "demo", "--warmup-steps", "0", "--nodes", "2",
+            "--gpus-per-node", "1", "--layers", "2", "--seq-len", "8", "--samples-per-device",
+            "2", "--steps", "2", "--recompute", "--micro-batches", "2", "--dtype", "bf16",
+            "--json"]
+    out = subprocess.run(args, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    report = json.loads(out.stdout)
+    d = report["config"]["d_model"]
+    # Dispatch: bf16 state, int64 (expert, token, slot), fp32 weight; combine: state, (token,
+    # first slot).
+    assert report["bytes_per_route"] == {"dispatch": d * 2 + 24 + 4, "combine": d * 2 + 16}
+    assert report["home"]["bytes_per_route"]["dispatch"] == d * 2 + 28
+    assert report["netmoe"]["fallbacks"] == 0, report["netmoe"]["fallback_reasons"]
+    assert report["max_loss_rel_diff"] <= 1e-2, report["max_loss_rel_diff"]
+    assert set(report) >= {"home", "netmoe", "solver_ms_median", "inter_reduction", "config"}

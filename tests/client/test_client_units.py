@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 import torch
 
+from netmoe.client.dispatcher import Layout
 from netmoe.client.histogram import device_route_counts, route_counts, token_samples
-from netmoe.client.planning import agree
+from netmoe.client.planning import Placement, RandomPlans, agree
 from netmoe.reference.train import TrainConfig
 from netmoe.round import SamplePlan
 from netmoe.solver import Topology
@@ -108,6 +109,32 @@ def test_the_client_and_trainer_import_without_the_server_extras() -> None:
     """The trainer image installs netmoe[client] only: no OR-Tools, no prometheus-client."""
     out = run_without(("ortools", "prometheus_client"), (
         "import netmoe.client.layer, netmoe.client.node_reports, netmoe.client.placement_client\n"
-        "import netmoe.client.hf, netmoe.groups, netmoe.reference.train\n"
+        "import netmoe.client.hf, netmoe.client.job, netmoe.groups, netmoe.reference.train\n"
         "print('ok')\n"))
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+
+
+def test_job_shape_states_the_sizes_once_and_names_bad_ones() -> None:
+    from netmoe.client.job import JobShape
+    from netmoe.client.planning import timeout_for
+
+    shape = JobShape(nodes=2, gpus_per_node=2, experts=8, samples_per_device=3, seq_len=5,
+                     hidden_size=16, dtype_bytes=2, deadline_ms=200)
+    assert shape.layout(3) == Layout(3, 4, 2, 8, 3, 5)
+    spec = shape.spec(objective="time")
+    assert (spec.world_size, spec.samples_per_device, spec.deadline_ms, spec.objective) == (
+        4, 3, 200, "time")
+    assert (spec.topology.nodes, spec.topology.gpus_per_node, spec.topology.experts,
+            spec.topology.bytes_per_route) == (2, 2, 8, 32)
+    home = shape.expert_parallel(1)
+    assert home.placement is None and home.layout == shape.layout(1)
+    assert timeout_for(200) == pytest.approx(0.35)
+    with pytest.raises(ValueError, match="timeout must be given"):
+        Placement(RandomPlans(0, 4, 3), 0, 4, 3)
+    for field, value, need in (("nodes", 0, "nodes must be a positive integer, got 0"),
+                               ("deadline_ms", -5, "deadline_ms must be a positive integer"),
+                               ("experts", 6, "experts=6 is not divisible by the group's 4")):
+        with pytest.raises(ValueError, match=need):
+            JobShape(**{**shape.__dict__, field: value})
+    with pytest.raises(ValueError, match="job must name the job"):
+        shape.expert_parallel(0, "127.0.0.1:1")

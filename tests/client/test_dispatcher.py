@@ -18,6 +18,7 @@ import torch.distributed as dist
 
 from netmoe.client.dispatcher import CommStats, Layout, TokenDispatcher, move_samples
 from netmoe.client.histogram import route_counts, token_samples
+from netmoe.client.layer import ExpertParallel
 from netmoe.client.planning import FixedPlan, Placement, RandomPlans
 from netmoe.round import RankPlan, SamplePlan
 
@@ -115,7 +116,7 @@ def _count_collectives() -> Counter[str]:
 class _Late:
     """A plan source whose replies never arrive: Placement must time out into "no move"."""
 
-    def submit(self, *args: object) -> Future[RankPlan | None]:
+    def submit(self, *args: object, **kwargs: object) -> Future[RankPlan | None]:
         return Future()
 
 
@@ -135,9 +136,10 @@ def _agreement_worker(rank: int, port: int) -> None:
             out = routes.weight.unsqueeze(1) * routes.x * (routes.expert + 1).unsqueeze(1)
             got, plan = disp.combine(0, out + routes.first.unsqueeze(1) * routes.x, routes,
                                      placement.wait(ticket))  # fmt: skip
-            # Dispatch: split sizes, metadata, payload; combine: ONE control exchange (agreement
-            # and split sizes together), metadata, payload. Placement issues none of its own.
-            assert sum(calls.values()) == 6, calls
+            # Dispatch: split sizes, metadata, hidden states, router weights; combine: ONE control
+            # exchange (agreement and split sizes together), metadata, payload. Placement issues
+            # none of its own.
+            assert sum(calls.values()) == 7, calls
             assert comm.control_calls[(0, "combine")] == step + 1, comm.control_calls
             torch.testing.assert_close(got, _expected(plan.rows_held(rank).tolist()))
             seen: list[object] = [None] * WORLD
@@ -166,3 +168,37 @@ def test_layout_rejects_bad_input() -> None:
         Layout(0, 4, 2, 6, 1, 1)
     with pytest.raises(ValueError, match=r"rank must lie in \[0, 4\), got 4"):
         Layout(4, 4, 2, 8, 1, 1)
+
+
+def _mixed_precision_worker(rank: int, port: int) -> None:
+    with gloo_group(rank, 2, port):
+        layout = Layout(rank, 2, 2, EXPERTS, SAMPLES, SEQ)
+        disp = TokenDispatcher(layout)
+        h64, ids, w64 = _inputs(rank)
+        h = h64.to(torch.bfloat16).requires_grad_(True)
+        w = w64.float().requires_grad_(True)  # fp32 router weights on bf16 hidden states
+        routes = disp.dispatch(0, h, ids, w)
+        assert (routes.x.dtype, routes.weight.dtype) == (torch.bfloat16, torch.float32)
+        # The weights' exact fp32 values arrive (not rounded to bf16 on the way).
+        sent = sorted(w.detach().reshape(-1).tolist())
+        seen: list[object] = [None, None]
+        dist.all_gather_object(seen, (sent, routes.weight.detach().tolist()))
+        assert sorted(seen[0][0] + seen[1][0]) == sorted(seen[0][1] + seen[1][1])
+        out = ExpertParallel.expert_outputs(routes, {e: (lambda x, e=e: x * (e + 1))
+                                                     for e in layout.local_experts})
+        assert out.dtype == torch.bfloat16
+        got, _ = disp.combine(0, out, routes, FixedPlan(SamplePlan.no_move(2, SAMPLES)))
+        assert got.dtype == torch.bfloat16
+        scale = 1 + (w64 * (ids + 1)).sum(dim=1, keepdim=True)
+        torch.testing.assert_close(got.double(), h64 * scale, rtol=2e-2, atol=2e-2)
+        got.float().sum().backward()
+        assert h.grad.dtype == torch.bfloat16 and w.grad.dtype == torch.float32
+        # Bytes per route: D x 2 for the state, plus int64 metadata (expert, token, slot) and
+        # the fp32 weight in the dispatch; D x 2 plus (token, first slot) in the combine.
+        st = disp.stats
+        assert st.bytes_per_route("dispatch") == D * 2 + 3 * 8 + 4, st.sent_bytes
+        assert st.bytes_per_route("combine") == D * 2 + 2 * 8, st.sent_bytes
+
+
+def test_bf16_states_keep_their_dtype_on_the_wire_and_fp32_weights_their_precision() -> None:
+    spawn_ranks(_mixed_precision_worker, 2)

@@ -28,7 +28,7 @@ class Recorder:
     def __init__(self, world: int, device_counts: bool = False) -> None:
         self.world, self.seen, self.device_counts = world, [], device_counts
 
-    def submit(self, step, layer, gather, scatter):
+    def submit(self, step, layer, gather, scatter, micro_batch=0):
         self.seen.append((gather.clone(), None if scatter is None else scatter.clone()))
 
     def wait(self, ticket) -> FixedPlan:

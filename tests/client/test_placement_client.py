@@ -143,3 +143,59 @@ def test_device_count_jobs_get_routes_per_device_from_the_layers(server: ServerH
         assert by_device.held_ids.tolist() == by_expert.held_ids.tolist()
         assert (by_device.before, by_device.after) == (by_expert.before, by_expert.after)
     assert plans["per-device"][0].moved == world * spd
+
+
+def test_an_unreachable_service_costs_one_line_per_state_change(caplog: pytest.LogCaptureFixture
+                                                                ) -> None:
+    """Down, then up: one line when the stream is lost, one when it is back; one line when the
+    rounds start falling back and one when plans come back, whatever the number of layers."""
+    from netmoe.reference.launch import free_port
+
+    from support import wait_for
+
+    port = free_port()
+    spec = job_spec(1, 2, 4, 2, hidden_size=8, deadline_ms=5000)
+    client = PlacementClient(f"127.0.0.1:{port}", "quiet", 0, spec, connect_timeout=0.2,
+                             backoff=(0.01, 0.05))
+    placement = Placement(client, 0, 2, 2, timeout=1.0)
+    counts = torch.ones(2, 4, dtype=torch.int64)
+
+    def round_(step: int, layer: int, peer: torch.Tensor) -> None:
+        """This rank's round, settled with rank 1's offer (peer [1 + 2n])."""
+        offer = placement.wait(placement.submit(step, layer, counts, None))
+        offer.settle(torch.stack([offer.offer(), peer]), 0.0)
+
+    try:
+        with caplog.at_level("WARNING", logger="netmoe.client"):
+            wait_for(lambda: client.reconnects >= 5)
+            for step in range(3):
+                for layer in range(4):
+                    round_(step, layer, torch.zeros(5, dtype=torch.int64))
+            assert placement.stats.fallbacks == 12
+            lost = [r.message for r in caplog.records if "placement stream" in r.message]
+            assert len(lost) == 1 and "lost" in lost[0], lost
+            falling = [r.message for r in caplog.records if ": no move (" in r.message]
+            assert len(falling) == 1 and "step 0 micro-batch 0 layer 0" in falling[0], falling
+            with start(ServerConfig(port=port, metrics_port=None, grace_seconds=1.0)):
+                wait_for(lambda: client.connected)
+                other = PlacementClient(f"127.0.0.1:{port}", "quiet", 1, spec)
+                try:
+                    theirs = other.submit(3, 0, RoundCounts(np.array([2, 3], dtype=np.uint64),
+                                                            counts.numpy(), None))
+                    offer = placement.wait(placement.submit(3, 0, counts, None))
+                    reply = theirs.result(timeout=10)
+                    peer = torch.tensor([1, *reply.dest.tolist(),
+                                         *reply.held_ids.astype(np.int64).tolist()])
+                    offer.settle(torch.stack([offer.offer(), peer]), 0.0)
+                finally:
+                    other.close(unregister=True)
+                    client.close()  # before the service stops: that would be a state change
+    finally:
+        if not client._closed.is_set():
+            client.close()
+    assert placement.stats.plans == 1
+    lines = [r.message for r in caplog.records]
+    assert len([m for m in lines if "placement stream" in m]) == 2, lines
+    assert any("placement stream" in m and "back after" in m for m in lines), lines
+    again = [m for m in lines if "plans again" in m]
+    assert len(again) == 1 and "from step 3 micro-batch 0 layer 0, after 12 layers" in again[0]

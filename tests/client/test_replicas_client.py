@@ -214,3 +214,59 @@ def test_copy_table_names_bad_copies() -> None:
     tables = route_tables(got)
     label = table.label[0][0]
     assert tables[0][label].tolist() == [1, 1, 3, 3]  # node 1's samples use the copy on 3
+
+
+_NO_SOLVER_RANK = """
+import os, sys
+import torch, torch.distributed as dist
+import torch.nn.functional as F
+from netmoe.client.dispatcher import Layout, TokenDispatcher
+from netmoe.client.experts import ExpertTable
+from netmoe.client.replicas import CopyGroups, CopyTable, adopt_copies, route_tables, sync_grads
+from netmoe.reference.model import ModelConfig, MoEGPT
+rank, world = {rank}, 2
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="{port}")
+dist.init_process_group("gloo", rank=rank, world_size=world)
+with CopyGroups() as groups:
+    cfg = ModelConfig(vocab=32, d_model=8, heads=2, layers=2, ffn=8, experts=4, top_k=2,
+                      seq_len=4)
+    layout = Layout(rank, world, 1, cfg.experts, 2, cfg.seq_len)
+    model = MoEGPT(cfg, layout.local_experts, seed=5)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    old = CopyTable.none(cfg.layers, cfg.experts, world, 1)
+    copies = CopyTable.from_original(ExpertTable.identity(cfg.layers, cfg.experts, world),
+                                     [[(0, 1), (1, 1)], []], 1)  # rank 0's experts on node 1
+    adopt_copies(model.blocks, opt, old, copies, rank)
+    groups.update(copies)
+    disp = TokenDispatcher(layout)
+    disp.route_tables = route_tables(copies)
+    tokens = torch.randint(0, cfg.vocab, (2, cfg.seq_len + 1),
+                           generator=torch.Generator().manual_seed(rank))
+    result = model(tokens[:, :-1], disp)
+    F.cross_entropy(result.logits, tokens[:, 1:].reshape(-1)).backward()
+    sync_grads(model.blocks, groups)
+    opt.step()
+    sent = disp.stats.routes[(0, "dispatch")]
+    print("ok", rank, sent.tolist())
+dist.barrier()
+dist.destroy_process_group()
+"""
+
+
+def test_a_training_step_with_copies_runs_without_or_tools() -> None:
+    """The trainer image (netmoe[client]) has no OR-Tools: copies in force must not need it."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from netmoe.reference.launch import free_port
+
+    from support import run_without
+
+    port = free_port()
+    with ThreadPoolExecutor(2) as pool:
+        runs = list(pool.map(lambda r: run_without(
+            ("ortools", "netmoe.solver"), _NO_SOLVER_RANK.format(rank=r, port=port)), range(2)))
+    for rank, out in enumerate(runs):
+        assert out.returncode == 0, out.stderr[-3000:]
+        assert out.stdout.startswith(f"ok {rank}"), out.stdout
+    # Layer 0: node 1's samples send rank 0's experts' routes to their copies on rank 1.
+    assert runs[1].stdout.split(" ", 2)[2].startswith("[0,"), runs[1].stdout

@@ -176,7 +176,7 @@ def test_a_rank_cannot_report_twice_through_a_node_report(server: ServerHandle) 
         wait_for(lambda: scrape(server.metrics_port)[("netmoe_pending_report_bytes", ())] > 0)
         reply = node1.ask(node_report(nxt[4:]))
         assert reply.status == pb.PLAN_STATUS_INVALID
-        assert "of rank 5 does not come after (1, 0), already reported" in reply.error
+        assert "of rank 5 does not come after (1, 0, 0), already reported" in reply.error
         # Ranks 4, 6 and 7 never counted as reported: rank 5's round times out without them.
         assert own.recv().error == "no report from ranks [0, 1, 2, 3, 4, 6, 7]"
         own.close(), node1.close()

@@ -242,12 +242,22 @@ def test_malformed_reports_on_a_stream_get_invalid_plans_and_stream_goes_on(
         assert not plan.held_ids
     # A valid report for a later round is accepted (answered when that round ends) ...
     worker.send(variant(step=20))
-    # ... after which going back, or repeating the round, is rejected.
+    # ... after which going back, or repeating the round, is rejected ...
     for step in (19, 20):
         plan = worker.ask(variant(step=step))
-        assert plan.status == pb.PLAN_STATUS_INVALID and "does not come after (20, 0)" in plan.error
+        assert plan.status == pb.PLAN_STATUS_INVALID
+        need = f"(step, micro_batch, layer) ({step}, 0, 0) of rank 0 does not come after (20, 0, 0)"
+        assert need in plan.error, plan.error
+    # ... while the step's next micro-batch is a round of its own, and its layer 0 comes after
+    # micro-batch 0's layer 1, not before.
+    worker.send(variant(step=20, layer=1))
+    worker.send(variant(step=20, micro_batch=1))
+    plan = worker.ask(variant(step=20, micro_batch=0, layer=2))
+    assert plan.status == pb.PLAN_STATUS_INVALID
+    assert "does not come after (20, 1, 0)" in plan.error, plan.error
     plans = worker.close()
-    assert [(p.step, p.reason) for p in plans] == [(20, "incomplete")]
+    assert sorted((p.step, p.micro_batch, p.layer, p.reason) for p in plans) == [
+        (20, 0, 0, "incomplete"), (20, 0, 1, "incomplete"), (20, 1, 0, "incomplete")]
     for report, needle in ((variant(job="ghost"), "'ghost' is not registered"),
                            (variant(rank=8), "rank 8 is outside [0, 8)")):
         doomed = Worker(stub)
@@ -362,6 +372,8 @@ def test_malformed_unary_solve_is_invalid_argument(server: ServerHandle) -> None
         "reports is empty": [],
         "job 'zz' is not registered": [pb.Report(job="zz", rank=0)],
         "reports[2].step=4 differs from reports[0].step=0": with_change(2, step=4),
+        "reports[5].micro_batch=1 differs from reports[0].micro_batch=0":
+            with_change(5, micro_batch=1),
         "reports[3].rank=1 repeats reports[1].rank": with_change(3, rank=1),
         "reports[1].rank=9 is outside [0, 8)": with_change(1, rank=9),
         "reports lacks ranks [7]": reports[:7],

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 
 import numpy as np
 import pytest
@@ -135,6 +136,30 @@ def test_solver_failure_answers_at_once_with_error_fallback() -> None:
             await asyncio.sleep(0.01)
         assert {(p.reason, p.status) for p in got} == {("error", "fallback")}
         assert "RuntimeError: boom" in got[0].error
+        coord.close()
+
+    asyncio.run(main())
+
+
+def test_micro_batches_are_rounds_of_their_own_in_order() -> None:
+    async def main() -> None:
+        coord = Coordinator()
+        coord.register(spec())
+        got: list[RankPlan] = []
+        for rank in (0, 1):
+            for micro, layer in ((0, 0), (0, 1), (1, 0), (1, 1)):
+                rep = dataclasses.replace(report(rank, 3, layer), micro_batch=micro)
+                coord.submit(rep, got.append)
+        with pytest.raises(FieldError, match=r"\(step, micro_batch, layer\) \(3, 0, 1\) of rank 0 "
+                                             r"does not come after \(3, 1, 1\)") as info:
+            coord.submit(dataclasses.replace(report(0, 3, 1), micro_batch=0), got.append)
+        assert info.value.field == "step"
+        for _ in range(500):
+            if len(got) == 8:
+                break
+            await asyncio.sleep(0.01)
+        assert sorted((p.micro_batch, p.layer, p.rank, p.status) for p in got) == [
+            (m, layer, r, "optimal") for m in (0, 1) for layer in (0, 1) for r in (0, 1)]
         coord.close()
 
     asyncio.run(main())
