@@ -6,6 +6,11 @@ keep the indices the router itself returns: in transformers 5 each router return
 flattens [B, S, H] with view(-1, H)). Dense layers have no router and are skipped (DeepSeek-V3
 ``first_k_dense_replace``, Qwen ``mlp_only_layers`` / ``decoder_sparse_step``); padding tokens
 (attention mask 0) are dropped. Each sequence of a batch is one sample.
+
+In a data-parallel training job, give each rank's recorder its ``dp_rank``: every capture is
+then one micro-batch of the current step (``advance_step`` starts the next), the trace carries
+each sample's step, micro-batch and home rank (the round fields ``netmoe evaluate`` solves
+rounds by), and ``save`` gathers the ranks' routing into one file on rank 0.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from netmoe.trace import Trace, save_trace
+from netmoe.trace import Trace, merge_traces, write
 
 
 @dataclass(frozen=True)
@@ -68,18 +73,35 @@ class HFRecorder:
     Either ``record(input_ids, attention_mask)`` (runs the forward itself, without gradients)
     or ``with recorder.capture(attention_mask): model(...)`` around a forward of your own (a
     router running again inside the block, e.g. a checkpointed recompute, is not recorded
-    twice). ``trace()`` / ``save(path)`` give everything recorded so far.
+    twice). ``trace()`` / ``save(path)`` give everything recorded so far. dp_rank: this
+    process's data-parallel rank in a training job (see the module doc), None when recording
+    outside one (the trace then has no round fields).
     """
 
-    def __init__(self, model: torch.nn.Module) -> None:
+    def __init__(self, model: torch.nn.Module, dp_rank: int | None = None) -> None:
+        if dp_rank is not None and (isinstance(dp_rank, bool) or not isinstance(dp_rank, int)
+                                    or dp_rank < 0):
+            raise ValueError(f"dp_rank must be a non-negative integer or None, got {dp_rank!r}")
         self.model = model
+        self.dp_rank = dp_rank
+        self.step, self._micro_batch = 0, 0
         routers = find_routers(model)
         self.layer_ids = [layer for layer, _ in routers]
         self._routers = [module for _, module in routers]
         self.num_experts = int(self._routers[0].num_experts)
         self._ids: list[list[np.ndarray]] = [[] for _ in routers]  # per layer: [n, K] blocks
         self._sample_ids: list[np.ndarray] = []
+        self._rounds: list[np.ndarray] = []  # per capture: [n, 2] (step, micro-batch) per token
         self._samples = 0
+
+    def advance_step(self, step: int | None = None) -> None:
+        """Ends the current training step: the next capture is micro-batch 0 of `step` (default:
+        the current step + 1)."""
+        if step is not None and (isinstance(step, bool) or not isinstance(step, int)
+                                 or step < 0):
+            raise ValueError(f"step must be a non-negative integer, got {step!r}")
+        self.step = self.step + 1 if step is None else step
+        self._micro_batch = 0
 
     @contextmanager
     def capture(self, attention_mask: torch.Tensor) -> Iterator[None]:
@@ -115,6 +137,8 @@ class HFRecorder:
         sample = np.repeat(np.arange(self._samples, self._samples + batch), seq)
         self._samples += batch
         self._sample_ids.append(sample[keep])
+        self._rounds.append(np.tile([self.step, self._micro_batch], (int(keep.sum()), 1)))
+        self._micro_batch += 1
         for layer, ids in enumerate(calls):
             self._ids[layer].append(ids.cpu().numpy().astype(np.int64)[keep])
 
@@ -129,13 +153,29 @@ class HFRecorder:
                        use_cache=False)
 
     def trace(self) -> Trace:
-        """topk_ids [L, T, K] int64 of the MoE layers, sample_ids [T], layer_ids [L]."""
+        """topk_ids [L, T, K] int64 of the MoE layers, sample_ids [T], layer_ids [L] and, with
+        a dp_rank, the round fields [T] each."""
         if not self._sample_ids:
             raise ValueError("nothing recorded yet")
         topk = np.stack([np.concatenate(blocks) for blocks in self._ids])
-        return Trace(topk, np.concatenate(self._sample_ids), self.num_experts,
-                     tuple(self.layer_ids), self.model.config.model_type)
+        sample_ids = np.concatenate(self._sample_ids)
+        rounds: tuple[np.ndarray | None, ...] = (None, None, None)
+        if self.dp_rank is not None:
+            both = np.concatenate(self._rounds).astype(np.int64)
+            rounds = (both[:, 0], both[:, 1], np.full(len(sample_ids), self.dp_rank))
+        return Trace(topk, sample_ids, self.num_experts, tuple(self.layer_ids),
+                     self.model.config.model_type, *rounds)
 
     def save(self, path: str) -> None:
-        t = self.trace()
-        save_trace(path, t.topk_ids, t.sample_ids, t.num_experts, t.layer_ids, t.model_type)
+        """Writes the trace to path. With a dp_rank inside an initialised torch.distributed job
+        this is a collective: every rank calls it, rank 0 writes all ranks' samples."""
+        import torch.distributed as dist
+
+        if self.dp_rank is None or not dist.is_initialized():
+            write(path, self.trace())
+            return
+        parts: list[Trace] | None = [None] * dist.get_world_size() \
+            if dist.get_rank() == 0 else None  # type: ignore[list-item]
+        dist.gather_object(self.trace(), parts, dst=0)
+        if parts is not None:
+            write(path, merge_traces(parts))

@@ -140,26 +140,33 @@ class PlacementClient:
     def recommend_experts(
         self, horizon_steps: int, bytes_per_expert: int, held_out_steps: int = 0,
         timeout: float = 60.0, replica_slots: int = 0, grad_bytes_per_expert: int = 0,
+        max_load_ratio: float = 0.0,
     ) -> pb.RecommendExpertsResponse:
         """The service's expert placement advice for this job (blocking; grpc.RpcError on
         failure, e.g. FAILED_PRECONDITION when the window is too thin). The default timeout
         stays below the training process group's 120 s, which the other ranks wait in.
-        replica_slots > 0 also asks for expert copies (the answer's `replicas`)."""
+        replica_slots > 0 also asks for expert copies (the answer's `replicas`);
+        max_load_ratio >= 1 bounds the busiest device's load (0: routes only)."""
         request = pb.RecommendExpertsRequest(job=self.job, horizon_steps=horizon_steps,
                                              bytes_per_expert=bytes_per_expert,
                                              held_out_steps=held_out_steps,
                                              replica_slots=replica_slots,
-                                             grad_bytes_per_expert=grad_bytes_per_expert)
+                                             grad_bytes_per_expert=grad_bytes_per_expert,
+                                             max_load_ratio=max_load_ratio)
         return self._stub.RecommendExperts(request, timeout=timeout, metadata=self._metadata)
 
     def confirm_experts(self, step: int, maps: list[list[int]], timeout: float = 10.0,
-                        copies: list[list[tuple[int, int]]] | None = None) -> None:
+                        copies: list[list[tuple[int, int]]] | None = None,
+                        route_tables: list[list[list[int]]] | None = None) -> None:
         """Puts maps ([L][E] device of each expert id) in force from step on (blocking), with
-        copies ([L] (expert id, device) lists) on top when given."""
+        copies ([L] (expert id, device) lists) on top when given, routed by route_tables
+        ([L][J][E]: device serving expert id e for samples on device d) when given."""
         request = pb.ConfirmExpertsRequest(
             job=self.job, step=step, maps=[pb.ExpertMap(device=m) for m in maps],
             copies=[pb.LayerCopies(copies=[pb.ExpertCopy(expert=e, device=d) for e, d in layer])
-                    for layer in copies or []])
+                    for layer in copies or []],
+            route_tables=[pb.RouteTable(device=[h for row in t for h in row])
+                          for t in route_tables or []])
         self._stub.ConfirmExperts(request, timeout=timeout, metadata=self._metadata)
 
     def submit(self, step: int, layer: int, counts: RoundCounts, micro_batch: int = 0

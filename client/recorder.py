@@ -3,7 +3,9 @@
 Placement reorders samples between layers, so each rank records, per (step, layer), the original
 id of every local sample with its tokens' top-k ids; ``save`` gathers everything on rank 0 and
 writes tokens in one canonical order for all layers: by step, original sample row, position.
-Sample ids in the file are step * I + original row.
+Sample ids in the file are step * I + original row. Each step is one round (one micro-batch of
+n samples per rank): the file's round fields say the step, micro-batch 0 and the home rank
+(original row // n) of every sample.
 
 ``HFRecorder`` (client/hf_recorder.py) records a Hugging Face transformers MoE model instead;
 it needs torch only, transformers just for the model it is given.
@@ -29,6 +31,7 @@ class TraceRecorder:
         # (step, layer, original rows [n] int64, topk [n, S, K] int64)
         self._parts: list[tuple[int, int, np.ndarray, np.ndarray]] = []
         self._samples = 0
+        self._per_rank = 0  # n: samples at home on each rank
 
     def record(
         self,
@@ -48,7 +51,7 @@ class TraceRecorder:
         """
         if len(topk) != self.layers or len(plans) != self.layers:
             raise ValueError(f"need {self.layers} layers of topk and plans, got {len(topk)}")
-        self._samples = global_samples
+        self._samples, self._per_rank = global_samples, samples
         origin = np.arange(global_samples)  # original row of each current row
         for layer, ids in enumerate(topk):
             mine = origin[first_row : first_row + samples].copy()
@@ -81,4 +84,7 @@ class TraceRecorder:
             raise RuntimeError("trace recorder: a sample was recorded twice or not at all")
         sample_ids = np.asarray(steps)[:, None] * big_i + np.arange(big_i)[None, :]
         sample_ids = np.repeat(sample_ids.reshape(-1), seq_len)
-        save_trace(path, topk.reshape(self.layers, -1, k), sample_ids, self.experts)
+        step_ids = np.repeat(np.asarray(steps), big_i * seq_len)
+        dp_ranks = np.tile(np.repeat(np.arange(big_i) // self._per_rank, seq_len), len(steps))
+        save_trace(path, topk.reshape(self.layers, -1, k), sample_ids, self.experts,
+                   rounds=(step_ids, np.zeros_like(step_ids), dp_ranks))

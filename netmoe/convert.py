@@ -11,8 +11,8 @@ import argparse
 import numpy as np
 
 from netmoe.cli import positive
-from netmoe.megatron import Layout, load_megatron, parse_steps
-from netmoe.trace import Trace, load_trace, save_trace
+from netmoe.megatron import FORWARDS, Layout, load_megatron, parse_steps
+from netmoe.trace import Trace, load_trace, write
 
 
 def add_source_arguments(p: argparse.ArgumentParser) -> None:
@@ -22,7 +22,8 @@ def add_source_arguments(p: argparse.ArgumentParser) -> None:
                    "router_trace_rank*.jsonl written by --moe-routing-trace-path")
     g.add_argument("--seq-length", type=positive, default=None, help="megatron: --seq-length")
     g.add_argument("--micro-batch-size", type=positive, default=None,
-                   help="megatron: --micro-batch-size")
+                   help="samples per device per micro-batch: megatron's --micro-batch-size; "
+                   "for netmoe evaluate also the samples each device holds in one round")
     g.add_argument("--tensor-parallel", type=positive, default=1,
                    help="megatron: --tensor-model-parallel-size (pipeline and context "
                    "parallel size must be 1)")
@@ -30,6 +31,12 @@ def add_source_arguments(p: argparse.ArgumentParser) -> None:
                    help="megatron: the run used --sequence-parallel")
     g.add_argument("--steps", default=None, metavar="FIRST:LAST",
                    help="megatron: only these iterations (inclusive; either side may be empty)")
+    g.add_argument("--global-batch-size", type=positive, default=None,
+                   help="megatron: --global-batch-size, which fixes the training micro-batches "
+                   "per step (default: the number most steps hold)")
+    g.add_argument("--forwards", choices=FORWARDS, default="training",
+                   help="megatron: read the training micro-batches, or the evaluation forwards "
+                   "(evaluate() runs with the tracer's hooks live)")
     g.add_argument("--mtp", action="store_true",
                    help="megatron: append multi-token-prediction layers after the decoder's")
 
@@ -38,12 +45,12 @@ def read_trace(args: argparse.Namespace) -> Trace:
     """The trace ``--trace`` names, read as ``--trace-format`` says."""
     if args.trace_format == "npz":
         return load_trace(args.trace)
-    for flag in ("seq_length", "micro_batch_size"):
-        if getattr(args, flag) is None:
-            raise ValueError(f"--trace-format megatron needs --{flag.replace('_', '-')}")
-    layout = Layout(args.seq_length, args.micro_batch_size, args.tensor_parallel,
-                    args.sequence_parallel)
-    return load_megatron(args.trace, layout, parse_steps(args.steps), args.mtp)
+    layout = None
+    if args.seq_length is not None and args.micro_batch_size is not None:
+        layout = Layout(args.seq_length, args.micro_batch_size, args.tensor_parallel,
+                        args.sequence_parallel, args.global_batch_size)
+    return load_megatron(args.trace, layout, parse_steps(args.steps), args.mtp, args.forwards,
+                         args.tensor_parallel)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -52,8 +59,7 @@ def run(args: argparse.Namespace) -> int:
     if experts is not None and int(trace.topk_ids.max()) >= experts:
         raise ValueError(f"--experts={experts}, but the trace names expert "
                          f"{int(trace.topk_ids.max())}")
-    save_trace(args.out, trace.topk_ids, trace.sample_ids, experts, trace.layer_ids,
-               trace.model_type)
+    write(args.out, trace, experts)
     samples = "?" if trace.sample_ids is None else len(np.unique(trace.sample_ids))
     print(f"wrote {args.out}: {trace.layers} layers, {trace.tokens} tokens, {samples} samples, "
           f"top-{trace.topk_ids.shape[2]}")

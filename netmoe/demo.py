@@ -91,6 +91,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="with --expert-placement: a fourth run that also creates up to K expert "
                    "copies per device and layer with the maps (as the service recommends; "
                    "force: always), compared on the same steps")
+    p.add_argument("--max-load-ratio", type=float, default=0.0, metavar="R",
+                   help="with --replica-budget: the service chooses maps, copies and route tables "
+                   "with every layer's busiest device at most R x the mean load (R >= 1; "
+                   "default 0: no bound) and the ranks route by the confirmed tables")
     p.add_argument("--micro-batches", type=positive, default=1, metavar="N",
                    help="forward passes per step (gradient accumulation); each has its own "
                    "placement rounds")
@@ -206,6 +210,11 @@ def run(args: argparse.Namespace) -> int:
                          f"{args.steps}, got {adopt_at}")
     if args.replica_budget is not None and not args.expert_placement:
         raise ValueError("--replica-budget needs --expert-placement")
+    if args.max_load_ratio and args.replica_budget is None:
+        raise ValueError("--max-load-ratio needs --replica-budget")
+    if args.max_load_ratio and not args.max_load_ratio >= 1:
+        raise ValueError(f"--max-load-ratio must be >= 1 (busiest device / mean load), got "
+                         f"{args.max_load_ratio}")
     if args.replica_budget is not None and args.replica_budget < 0:
         raise ValueError(f"--replica-budget must be >= 0 copies per device, got "
                          f"{args.replica_budget}")
@@ -241,7 +250,8 @@ def run(args: argparse.Namespace) -> int:
             replica_ranks = _train("replicas run", dataclasses.replace(
                 cfg, placement="service", server=address, job=f"{job}-replicas-{os.getpid()}",
                 adopt_experts_at=adopt_at, expert_placement=args.expert_placement,
-                expert_horizon=args.expert_horizon, replica_budget=args.replica_budget))
+                expert_horizon=args.expert_horizon, replica_budget=args.replica_budget,
+                max_load_ratio=args.max_load_ratio))
     finally:
         if handle is not None:
             handle.stop()

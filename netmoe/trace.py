@@ -7,7 +7,14 @@ Arrays in the file:
   num_experts int scalar     optional: experts per layer (else given, or max id + 1)
   layer_ids   int [L]        optional: the model's number of each recorded MoE layer (increasing)
   model_type  str scalar     optional: where the routing comes from ("mixtral", "megatron", ...)
+  step_ids        int [T]    optional, with the two below: the training step of each token's
+                             sample
+  micro_batch_ids int [T]    the micro-batch of that step the sample was in
+  dp_ranks        int [T]    the data-parallel rank (device) the sample is at home on
 Consecutive layers must be consecutive MoE layers of the model, so (l, l+1) pairs are real.
+The three round fields come together: a round (one dispatch and combine) is the samples of one
+(step, micro-batch) in one expert-parallel group of data-parallel ranks, and every token of a
+sample carries the same values.
 """
 
 from __future__ import annotations
@@ -19,7 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
-KNOWN = {"topk_ids", "sample_ids", "num_experts", "layer_ids", "model_type"}
+ROUND_FIELDS = ("step_ids", "micro_batch_ids", "dp_ranks")
+KNOWN = {"topk_ids", "sample_ids", "num_experts", "layer_ids", "model_type", *ROUND_FIELDS}
 # Largest route-count array sample_counts allocates (layers x samples x experts int64, 1 GiB):
 # a corrupt expert id must end in an error, not in an out-of-memory kill.
 MAX_COUNT_CELLS = 1 << 27
@@ -32,6 +40,13 @@ class Trace:
     num_experts: int | None
     layer_ids: tuple[int, ...] | None = None  # [L]
     model_type: str | None = None
+    step_ids: np.ndarray | None = None  # [T] int64; the round fields are all set or all None
+    micro_batch_ids: np.ndarray | None = None  # [T] int64
+    dp_ranks: np.ndarray | None = None  # [T] int64
+
+    @property
+    def has_rounds(self) -> bool:
+        return self.step_ids is not None
 
     @property
     def layers(self) -> int:
@@ -130,7 +145,18 @@ def _parse(data: np.lib.npyio.NpzFile) -> Trace:
         if raw.shape != () or raw.dtype.kind != "U":
             raise ValueError(f"field model_type must be a string, got {raw!r}")
         model_type = str(raw)
-    return Trace(topk, sample_ids, num_experts, layer_ids, model_type)
+    present = [name for name in ROUND_FIELDS if name in data.files]
+    rounds: list[np.ndarray | None] = [None] * len(ROUND_FIELDS)
+    if present:
+        if len(present) != len(ROUND_FIELDS):
+            raise ValueError(f"fields {', '.join(ROUND_FIELDS)} come together; the trace has "
+                             f"only {', '.join(present)}")
+        rounds = [_ints(name, _field(data, name)) for name in ROUND_FIELDS]
+        for name, arr in zip(ROUND_FIELDS, rounds, strict=True):
+            if arr.shape != (topk.shape[1],):
+                raise ValueError(f"field {name} must have shape ({topk.shape[1]},) to match "
+                                 f"topk_ids {topk.shape}, got {arr.shape}")
+    return Trace(topk, sample_ids, num_experts, layer_ids, model_type, *rounds)
 
 
 def save_trace(
@@ -140,9 +166,11 @@ def save_trace(
     num_experts: int | None = None,
     layer_ids: object | None = None,
     model_type: str | None = None,
+    rounds: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
 ) -> None:
-    """Writes topk_ids [L, T, K] int, sample_ids [T] int, num_experts, layer_ids [L] int and
-    model_type in the trace format."""
+    """Writes topk_ids [L, T, K] int, sample_ids [T] int, num_experts, layer_ids [L] int,
+    model_type and rounds (step_ids, micro_batch_ids, dp_ranks: [T] int each) in the trace
+    format."""
     arrays: dict[str, np.ndarray] = {"topk_ids": np.asarray(topk_ids)}
     if sample_ids is not None:
         arrays["sample_ids"] = np.asarray(sample_ids)
@@ -152,7 +180,43 @@ def save_trace(
         arrays["layer_ids"] = np.asarray(layer_ids)
     if model_type is not None:
         arrays["model_type"] = np.asarray(str(model_type))
+    if rounds is not None:
+        arrays.update(zip(ROUND_FIELDS, (np.asarray(r) for r in rounds), strict=True))
     np.savez_compressed(path, **arrays)
+
+
+def write(path: str | Path, trace: Trace, num_experts: int | None = None) -> None:
+    """save_trace of every field of trace (num_experts overrides the trace's when given)."""
+    rounds = None if not trace.has_rounds else \
+        (trace.step_ids, trace.micro_batch_ids, trace.dp_ranks)
+    save_trace(path, trace.topk_ids, trace.sample_ids, num_experts or trace.num_experts,
+               trace.layer_ids, trace.model_type, rounds)
+
+
+def merge_traces(traces: list[Trace]) -> Trace:
+    """The tokens of several traces of the same layers (e.g. one per data-parallel rank) one
+    after another; each trace's sample ids are shifted past the previous ones' so samples stay
+    apart. ValueError when the traces disagree on layers, experts, model or round fields."""
+    first = traces[0]
+    for t in traces[1:]:
+        for name in ("layer_ids", "num_experts", "model_type", "has_rounds"):
+            if getattr(t, name) != getattr(first, name):
+                raise ValueError(f"traces to merge disagree on {name}: {getattr(first, name)!r} "
+                                 f"and {getattr(t, name)!r}")
+        if t.topk_ids.shape[::2] != first.topk_ids.shape[::2]:
+            raise ValueError(f"traces to merge have topk_ids of shapes {first.topk_ids.shape} "
+                             f"and {t.topk_ids.shape} (layers and top-k must agree)")
+    if any(t.sample_ids is None for t in traces):
+        raise ValueError("traces to merge need sample_ids")
+    shifted, offset = [], 0
+    for t in traces:
+        _, local = np.unique(t.sample_ids, return_inverse=True)
+        shifted.append(local.astype(np.int64) + offset)
+        offset += int(local.max()) + 1
+    rounds = [None if not first.has_rounds else np.concatenate([getattr(t, name) for t in traces])
+              for name in ROUND_FIELDS]
+    return Trace(np.concatenate([t.topk_ids for t in traces], axis=1), np.concatenate(shifted),
+                 first.num_experts, first.layer_ids, first.model_type, *rounds)
 
 
 def sample_counts(
@@ -165,19 +229,7 @@ def sample_counts(
     """
     if int(trace.topk_ids.max()) >= experts:
         raise ValueError(f"trace names expert {int(trace.topk_ids.max())}, but experts={experts}")
-    if trace.sample_ids is not None:
-        _, sample = np.unique(trace.sample_ids, return_inverse=True)
-    else:
-        if tokens_per_sample is None or tokens_per_sample <= 0:
-            raise ValueError(
-                f"the trace has no sample_ids: pass a positive tokens_per_sample, "
-                f"got {tokens_per_sample!r}"
-            )
-        if trace.tokens % tokens_per_sample:
-            raise ValueError(
-                f"tokens={trace.tokens} is not divisible by tokens_per_sample={tokens_per_sample}"
-            )
-        sample = np.arange(trace.tokens) // tokens_per_sample
+    sample = sample_index(trace, tokens_per_sample)
     samples = int(sample.max()) + 1
     layers = trace.layers
     if layers * samples * experts > MAX_COUNT_CELLS:
@@ -191,3 +243,42 @@ def sample_counts(
     for layer in range(layers):
         counts[layer] = np.bincount(flat[layer], minlength=samples * experts)
     return counts.reshape(layers, samples, experts)
+
+
+def sample_index(trace: Trace, tokens_per_sample: int | None = None) -> np.ndarray:
+    """[T] int64: the sample (0..I-1) of each token, as sample_counts numbers them."""
+    if trace.sample_ids is not None:
+        _, sample = np.unique(trace.sample_ids, return_inverse=True)
+    else:
+        if tokens_per_sample is None or tokens_per_sample <= 0:
+            raise ValueError(
+                f"the trace has no sample_ids: pass a positive tokens_per_sample, "
+                f"got {tokens_per_sample!r}"
+            )
+        if trace.tokens % tokens_per_sample:
+            raise ValueError(
+                f"tokens={trace.tokens} is not divisible by tokens_per_sample={tokens_per_sample}"
+            )
+        sample = np.arange(trace.tokens) // tokens_per_sample
+    return sample.astype(np.int64)
+
+
+def sample_rounds(trace: Trace, tokens_per_sample: int | None = None) -> np.ndarray | None:
+    """[I, 3] int64: (step, micro-batch, data-parallel rank) of each sample, numbered as
+    sample_counts numbers them; None when the trace has no round fields. ValueError when a
+    sample's tokens disagree."""
+    if not trace.has_rounds:
+        return None
+    sample = sample_index(trace, tokens_per_sample)
+    samples = int(sample.max()) + 1
+    out = np.zeros((samples, len(ROUND_FIELDS)), dtype=np.int64)
+    for c, name in enumerate(ROUND_FIELDS):
+        values = getattr(trace, name)
+        out[sample, c] = values
+        bad = np.flatnonzero(out[sample, c] != values)
+        if bad.size:
+            i = int(sample[bad[0]])
+            seen = sorted({int(v) for v in values[sample == i]})
+            raise ValueError(f"field {name} must be the same for every token of a sample; "
+                             f"sample {i} has {seen}")
+    return out

@@ -169,6 +169,24 @@ def copies_from_proto(layers: list[pb.LayerCopies]) -> list[list[tuple[int, int]
     return [[(c.expert, c.device) for c in layer.copies] for layer in layers]
 
 
+def tables_to_proto(tables: object) -> list[pb.RouteTable]:
+    """[L][J][E] route tables -> one RouteTable per layer (device[d * E + e])."""
+    return [pb.RouteTable(device=[int(h) for row in layer for h in row])  # type: ignore[attr-defined]
+            for layer in tables]  # type: ignore[attr-defined]
+
+
+def tables_from_proto(tables: list[pb.RouteTable], devices: int,
+                      experts: int) -> np.ndarray:
+    """[L, J, E] int64. Raises ValueError naming the layers whose length is not J x E."""
+    bad = [layer for layer, t in enumerate(tables) if len(t.device) != devices * experts]
+    if bad:
+        lengths = sorted({len(tables[layer].device) for layer in bad})
+        raise ValueError(f"route_tables: layers {bad[:8]} list {lengths} entries, need devices x "
+                         f"experts = {devices * experts} in every layer")
+    return np.array([list(t.device) for t in tables], dtype=np.int64).reshape(
+        len(tables), devices, experts)
+
+
 def job_spec(
     nodes: int,
     gpus_per_node: int,

@@ -212,7 +212,7 @@ class ExpertMap(_message.Message):
     def __init__(self, device: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class RecommendExpertsRequest(_message.Message):
-    __slots__ = ("job", "horizon_steps", "bytes_per_expert", "held_out_steps", "unit", "starts", "seed", "replica_slots", "grad_bytes_per_expert")
+    __slots__ = ("job", "horizon_steps", "bytes_per_expert", "held_out_steps", "unit", "starts", "seed", "replica_slots", "grad_bytes_per_expert", "max_load_ratio", "migration_budget")
     JOB_FIELD_NUMBER: _ClassVar[int]
     HORIZON_STEPS_FIELD_NUMBER: _ClassVar[int]
     BYTES_PER_EXPERT_FIELD_NUMBER: _ClassVar[int]
@@ -222,6 +222,8 @@ class RecommendExpertsRequest(_message.Message):
     SEED_FIELD_NUMBER: _ClassVar[int]
     REPLICA_SLOTS_FIELD_NUMBER: _ClassVar[int]
     GRAD_BYTES_PER_EXPERT_FIELD_NUMBER: _ClassVar[int]
+    MAX_LOAD_RATIO_FIELD_NUMBER: _ClassVar[int]
+    MIGRATION_BUDGET_FIELD_NUMBER: _ClassVar[int]
     job: str
     horizon_steps: int
     bytes_per_expert: int
@@ -231,7 +233,23 @@ class RecommendExpertsRequest(_message.Message):
     seed: int
     replica_slots: int
     grad_bytes_per_expert: int
-    def __init__(self, job: _Optional[str] = ..., horizon_steps: _Optional[int] = ..., bytes_per_expert: _Optional[int] = ..., held_out_steps: _Optional[int] = ..., unit: _Optional[str] = ..., starts: _Optional[int] = ..., seed: _Optional[int] = ..., replica_slots: _Optional[int] = ..., grad_bytes_per_expert: _Optional[int] = ...) -> None: ...
+    max_load_ratio: float
+    migration_budget: int
+    def __init__(self, job: _Optional[str] = ..., horizon_steps: _Optional[int] = ..., bytes_per_expert: _Optional[int] = ..., held_out_steps: _Optional[int] = ..., unit: _Optional[str] = ..., starts: _Optional[int] = ..., seed: _Optional[int] = ..., replica_slots: _Optional[int] = ..., grad_bytes_per_expert: _Optional[int] = ..., max_load_ratio: _Optional[float] = ..., migration_budget: _Optional[int] = ...) -> None: ...
+
+class RouteTable(_message.Message):
+    __slots__ = ("device",)
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    device: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, device: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class LoadRatio(_message.Message):
+    __slots__ = ("mean", "worst")
+    MEAN_FIELD_NUMBER: _ClassVar[int]
+    WORST_FIELD_NUMBER: _ClassVar[int]
+    mean: float
+    worst: float
+    def __init__(self, mean: _Optional[float] = ..., worst: _Optional[float] = ...) -> None: ...
 
 class ExpertCopy(_message.Message):
     __slots__ = ("expert", "device")
@@ -248,7 +266,7 @@ class LayerCopies(_message.Message):
     def __init__(self, copies: _Optional[_Iterable[_Union[ExpertCopy, _Mapping]]] = ...) -> None: ...
 
 class ReplicaAdvice(_message.Message):
-    __slots__ = ("adopt", "reason", "copies", "replicated", "saving_per_step", "sync_per_step", "net_per_step", "migration_cost", "break_even_steps", "memory_bytes", "max_device_bytes", "cross_node_copies")
+    __slots__ = ("adopt", "reason", "copies", "replicated", "saving_per_step", "sync_per_step", "net_per_step", "migration_cost", "break_even_steps", "memory_bytes", "max_device_bytes", "cross_node_copies", "route_tables", "load", "joint_load")
     ADOPT_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
     COPIES_FIELD_NUMBER: _ClassVar[int]
@@ -261,6 +279,9 @@ class ReplicaAdvice(_message.Message):
     MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
     MAX_DEVICE_BYTES_FIELD_NUMBER: _ClassVar[int]
     CROSS_NODE_COPIES_FIELD_NUMBER: _ClassVar[int]
+    ROUTE_TABLES_FIELD_NUMBER: _ClassVar[int]
+    LOAD_FIELD_NUMBER: _ClassVar[int]
+    JOINT_LOAD_FIELD_NUMBER: _ClassVar[int]
     adopt: bool
     reason: str
     copies: _containers.RepeatedCompositeFieldContainer[LayerCopies]
@@ -273,7 +294,10 @@ class ReplicaAdvice(_message.Message):
     memory_bytes: int
     max_device_bytes: int
     cross_node_copies: int
-    def __init__(self, adopt: _Optional[bool] = ..., reason: _Optional[str] = ..., copies: _Optional[_Iterable[_Union[LayerCopies, _Mapping]]] = ..., replicated: _Optional[_Union[Routes, _Mapping]] = ..., saving_per_step: _Optional[float] = ..., sync_per_step: _Optional[float] = ..., net_per_step: _Optional[float] = ..., migration_cost: _Optional[float] = ..., break_even_steps: _Optional[float] = ..., memory_bytes: _Optional[int] = ..., max_device_bytes: _Optional[int] = ..., cross_node_copies: _Optional[int] = ...) -> None: ...
+    route_tables: _containers.RepeatedCompositeFieldContainer[RouteTable]
+    load: LoadRatio
+    joint_load: LoadRatio
+    def __init__(self, adopt: _Optional[bool] = ..., reason: _Optional[str] = ..., copies: _Optional[_Iterable[_Union[LayerCopies, _Mapping]]] = ..., replicated: _Optional[_Union[Routes, _Mapping]] = ..., saving_per_step: _Optional[float] = ..., sync_per_step: _Optional[float] = ..., net_per_step: _Optional[float] = ..., migration_cost: _Optional[float] = ..., break_even_steps: _Optional[float] = ..., memory_bytes: _Optional[int] = ..., max_device_bytes: _Optional[int] = ..., cross_node_copies: _Optional[int] = ..., route_tables: _Optional[_Iterable[_Union[RouteTable, _Mapping]]] = ..., load: _Optional[_Union[LoadRatio, _Mapping]] = ..., joint_load: _Optional[_Union[LoadRatio, _Mapping]] = ...) -> None: ...
 
 class RecommendExpertsResponse(_message.Message):
     __slots__ = ("job", "adopt", "reason", "maps", "current", "moved_experts", "moved_inter", "migration_bytes", "migration_seconds", "unit", "saving_per_step", "migration_cost", "break_even_steps", "home", "sample_only", "joint", "fit_first_step", "fit_last_step", "held_out_first_step", "held_out_last_step", "window_bytes", "replicas")
@@ -324,16 +348,18 @@ class RecommendExpertsResponse(_message.Message):
     def __init__(self, job: _Optional[str] = ..., adopt: _Optional[bool] = ..., reason: _Optional[str] = ..., maps: _Optional[_Iterable[_Union[ExpertMap, _Mapping]]] = ..., current: _Optional[_Iterable[_Union[ExpertMap, _Mapping]]] = ..., moved_experts: _Optional[int] = ..., moved_inter: _Optional[int] = ..., migration_bytes: _Optional[int] = ..., migration_seconds: _Optional[float] = ..., unit: _Optional[str] = ..., saving_per_step: _Optional[float] = ..., migration_cost: _Optional[float] = ..., break_even_steps: _Optional[float] = ..., home: _Optional[_Union[Routes, _Mapping]] = ..., sample_only: _Optional[_Union[Routes, _Mapping]] = ..., joint: _Optional[_Union[Routes, _Mapping]] = ..., fit_first_step: _Optional[int] = ..., fit_last_step: _Optional[int] = ..., held_out_first_step: _Optional[int] = ..., held_out_last_step: _Optional[int] = ..., window_bytes: _Optional[int] = ..., replicas: _Optional[_Union[ReplicaAdvice, _Mapping]] = ...) -> None: ...
 
 class ConfirmExpertsRequest(_message.Message):
-    __slots__ = ("job", "step", "maps", "copies")
+    __slots__ = ("job", "step", "maps", "copies", "route_tables")
     JOB_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     MAPS_FIELD_NUMBER: _ClassVar[int]
     COPIES_FIELD_NUMBER: _ClassVar[int]
+    ROUTE_TABLES_FIELD_NUMBER: _ClassVar[int]
     job: str
     step: int
     maps: _containers.RepeatedCompositeFieldContainer[ExpertMap]
     copies: _containers.RepeatedCompositeFieldContainer[LayerCopies]
-    def __init__(self, job: _Optional[str] = ..., step: _Optional[int] = ..., maps: _Optional[_Iterable[_Union[ExpertMap, _Mapping]]] = ..., copies: _Optional[_Iterable[_Union[LayerCopies, _Mapping]]] = ...) -> None: ...
+    route_tables: _containers.RepeatedCompositeFieldContainer[RouteTable]
+    def __init__(self, job: _Optional[str] = ..., step: _Optional[int] = ..., maps: _Optional[_Iterable[_Union[ExpertMap, _Mapping]]] = ..., copies: _Optional[_Iterable[_Union[LayerCopies, _Mapping]]] = ..., route_tables: _Optional[_Iterable[_Union[RouteTable, _Mapping]]] = ...) -> None: ...
 
 class ConfirmExpertsResponse(_message.Message):
     __slots__ = ("job", "step")

@@ -28,6 +28,7 @@ and fits work on a copy.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 from collections import OrderedDict
@@ -41,6 +42,15 @@ import numpy as np
 from netmoe.checks import positive_int
 from netmoe.round import Key, RoundCounts, compact_counts
 from netmoe.solver import Plan, Topology, solve
+from netmoe.solver.balance import (
+    check_budget,
+    check_ratio,
+    check_tables,
+    fit_balanced,
+    load_summary,
+    owner_loads,
+    ratio,
+)
 from netmoe.solver.experts import (
     UNITS,
     ExpertEvaluation,
@@ -57,6 +67,8 @@ from netmoe.solver.replicas import (
     evaluate_replicas,
     fit_replicas,
     recommend_replicas,
+    route_table,
+    served,
     solve_replicated,
 )
 
@@ -92,6 +104,8 @@ class Realized:
     sample_only_inter: int
     # With copies in force: the inter-node routes the same maps would have got without them.
     without_copies_inter: int | None = None
+    # Busiest device's routes over the mean in the round's gather layer, as planned.
+    load_ratio: float | None = None
 
 
 @dataclass(frozen=True)
@@ -107,6 +121,10 @@ class ExpertAdvice:
     window_bytes: int
     replicas: ReplicaRecommendation | None = None
     replica_evaluation: ReplicaEvaluation | None = None
+    # Held-out max/mean load (mean over pair layers, worst) with the copies and tables, and with
+    # the fitted maps alone; set with the copies.
+    load: tuple[float, float] | None = None
+    joint_load: tuple[float, float] | None = None
 
     @property
     def predicted_copies_saving_per_step(self) -> float | None:
@@ -138,9 +156,10 @@ class ExpertAdvisor:
         self._bytes = 0
         self._layers = 0  # MoE layers seen (1 + highest layer, + 1 if it sent a scatter)
         self._last_step = -1  # highest step reported to the service (solved or not)
-        # (first step, [L, E] maps, per-layer Topology, [L, E, J] holders or None) in step order
+        # (first step, [L, E] maps, per-layer Topology, [L, E, J] holders or None, [L, E, J]
+        # route tables or None) in step order
         self._confirmed: list[tuple[int, np.ndarray, tuple[Topology, ...],
-                                    np.ndarray | None]] = []
+                                    np.ndarray | None, np.ndarray | None]] = []
 
     # ------------------------------------------------------------------------------ the window
 
@@ -230,7 +249,7 @@ class ExpertAdvisor:
         """(gather topology, scatter topology or None for "the same") of round (step, layer)."""
         step, layer = key
         with self._lock:
-            for first, _, topos, _ in reversed(self._confirmed):
+            for first, _, topos, *_ in reversed(self._confirmed):
                 if first <= step:
                     if layer >= len(topos):
                         break
@@ -242,18 +261,33 @@ class ExpertAdvisor:
         scatter layer (None for the last layer); None when no copies are in force."""
         step, layer = key
         with self._lock:
-            for first, _, topos, held in reversed(self._confirmed):
+            for first, _, topos, held, _ in reversed(self._confirmed):
                 if first <= step:
                     if held is None or layer >= len(topos):
                         return None
                     return held[layer], held[layer + 1] if layer + 1 < len(topos) else None
         return None
 
-    def confirm(self, step: int, maps: object, copies: object | None = None) -> None:
+    def tables(self, key: Key) -> Holders | None:
+        """Confirmed route tables ([E, J] int64) of round (step, layer)'s gather and scatter
+        layer (None for the last layer); None when none were confirmed (the default rule)."""
+        step, layer = key
+        with self._lock:
+            for first, _, topos, _, tables in reversed(self._confirmed):
+                if first <= step:
+                    if tables is None or layer >= len(topos):
+                        return None
+                    return tables[layer], tables[layer + 1] if layer + 1 < len(topos) else None
+        return None
+
+    def confirm(self, step: int, maps: object, copies: object | None = None,
+                tables: object | None = None) -> None:
         """Puts maps ([L, E] device of each expert per layer) in force from step on, with copies
-        ([L] (expert, device) lists, or None) on top. Raises FieldError naming the field when
-        step is not after every reported step, or maps have fewer layers than reported, or
-        change a device's number of experts, or copies do not fit the maps."""
+        ([L] (expert, device) lists, or None) on top, routed by tables ([L][J][E], or None: the
+        default rule). Raises FieldError naming the field when step is not after every reported
+        step, or maps have fewer layers than reported, or change a device's number of experts,
+        or copies do not fit the maps, or tables name a device that does not hold the expert or
+        break the rule (balance.check_tables)."""
         topo = self.topology
         with self._lock:
             if step <= self._last_step:
@@ -284,10 +318,20 @@ class ExpertAdvisor:
                 except ValueError as err:
                     raise FieldError("copies", str(err)) from None
                 held.setflags(write=False)
+            routed = None
+            if tables is not None:
+                if held is None:
+                    held = check_copies("copies", [()] * layers, topo, checked)
+                    held.setflags(write=False)
+                try:
+                    routed = check_tables("route_tables", tables, topo, held)
+                except ValueError as err:
+                    raise FieldError("route_tables", str(err)) from None
+                routed.setflags(write=False)
             checked.setflags(write=False)
             topos = tuple(topo.with_experts(m) for m in checked)
             self._confirmed = [c for c in self._confirmed if c[0] < step]
-            self._confirmed.append((step, checked, topos, held))
+            self._confirmed.append((step, checked, topos, held, routed))
             # Rounds run forward, so only the latest versions can still be needed.
             del self._confirmed[:-MAX_CONFIRMED]
 
@@ -301,11 +345,16 @@ class ExpertAdvisor:
             return None
         base = solve(self.topology, counts.gather, counts.scatter, objective=spec.objective,
                      method=spec.method, time_limit=spec.deadline)
-        if self.holders(key) is None:
-            return Realized(plan.after.inter, base.after.inter)
+        held, tables = self.holders(key), self.tables(key)
+        if held is None:
+            load = np.bincount(gtopo.expert_device, weights=counts.gather.sum(axis=0),
+                               minlength=gtopo.devices)
+            return Realized(plan.after.inter, base.after.inter, load_ratio=ratio(load))
+        table = route_table(gtopo, held[0], gtopo.expert_device) if tables is None else tables[0]
+        load = served(gtopo, counts.gather, table, np.asarray(plan.dest)).sum(axis=0)
         bare = solve(gtopo, counts.gather, counts.scatter, scatter_topology=stopo,
                      objective=spec.objective, method=spec.method, time_limit=spec.deadline)
-        return Realized(plan.after.inter, base.after.inter, bare.after.inter)
+        return Realized(plan.after.inter, base.after.inter, bare.after.inter, ratio(load))
 
     def solve_with_copies(self, key: Key, gather: np.ndarray, scatter: np.ndarray | None,
                           home: np.ndarray) -> Plan | None:
@@ -315,7 +364,8 @@ class ExpertAdvisor:
         if held is None:
             return None
         gtopo, stopo = self.topologies(key)
-        return solve_replicated(gtopo, gather, scatter, held, home=home, scatter_topology=stopo)
+        return solve_replicated(gtopo, gather, scatter, held, home=home, scatter_topology=stopo,
+                                tables=self.tables(key))
 
     # -------------------------------------------------------------------------------- the fit
 
@@ -330,11 +380,17 @@ class ExpertAdvisor:
         seed: int = 0,
         replica_slots: int = 0,
         grad_bytes: int = 0,
+        max_load_ratio: float | None = None,
+        migration_budget: int | None = None,
     ) -> ExpertAdvice:
         """Fits maps on the window's earlier steps, replays the latest held_out_steps (0: half)
         and weighs the saving against the migration (netmoe.solver.experts.recommend). With
         replica_slots > 0, also chooses copies on the fit steps for the fitted maps and weighs
         them (netmoe.solver.replicas; grad_bytes: one expert's gradient, for their sync).
+        With max_load_ratio or migration_budget, maps, copies and route tables are chosen for
+        routes and load together (netmoe.solver.balance.fit_balanced, copies weighed on routes)
+        and the copies' reason says what the bound cost in held-out routes and what routes-only
+        copies would cost in load.
         Raises ValueError naming a bad argument, NotEnoughData when the window is too thin."""
         horizon_steps = positive_int("horizon_steps", horizon_steps)
         bytes_per_expert = positive_int("bytes_per_expert", bytes_per_expert)
@@ -342,6 +398,9 @@ class ExpertAdvisor:
         starts = positive_int("starts", starts, minimum=0)
         replica_slots = positive_int("replica_slots", replica_slots, minimum=0)
         grad_bytes = positive_int("grad_bytes_per_expert", grad_bytes, minimum=0)
+        if max_load_ratio is not None:
+            check_ratio("max_load_ratio", max_load_ratio)
+        check_budget("migration_budget", migration_budget)
         if unit not in UNITS:
             raise ValueError(f"unit must be one of {UNITS}, got {unit!r}")
         with self._lock:
@@ -366,10 +425,11 @@ class ExpertAdvisor:
                              f"holds {len(steps)} complete steps")
         fit_steps, held_steps = steps[:-held], steps[-held:]
         fit_rounds = [r for s in fit_steps for r in rounds[s]]
-        fit = fit_experts(self.topology, fit_rounds, current=current, starts=starts, seed=seed)
         held_rounds = [r for s in held_steps for r in rounds[s]]
-        replicas = replayed = None
-        if replica_slots:
+        balanced = max_load_ratio is not None or migration_budget is not None
+        fit = fit_experts(self.topology, fit_rounds, current=current, starts=starts, seed=seed)
+        replicas = replayed = load = joint_load = None
+        if replica_slots or balanced:
             try:
                 copies = fit_replicas(self.topology, fit_rounds, fit.array(),
                                       slots=replica_slots, grad_bytes=grad_bytes).copies
@@ -377,18 +437,38 @@ class ExpertAdvisor:
                 raise ValueError(f"replica_slots={replica_slots}: {err}") from None
             replayed = evaluate_replicas(self.topology, held_rounds, fit.array(), copies,
                                          current=current)
+            if balanced:
+                routes_only = replayed
+                bal = fit_balanced(self.topology, fit_rounds, slots=replica_slots,
+                                   max_load_ratio=max_load_ratio, current=current,
+                                   migration_budget=migration_budget, starts=starts, seed=seed)
+                replayed = evaluate_replicas(self.topology, held_rounds, np.array(bal.maps),
+                                             bal.copies, current=current, tables=bal.tables)
             evaluation = replayed.experts
             replicas = recommend_replicas(
                 self.topology, replayed, bytes_per_expert=bytes_per_expert,
                 grad_bytes=grad_bytes, horizon_steps=horizon_steps,
                 unit=unit)  # type: ignore[arg-type]
+            load = load_summary(replayed.loads)
+            joint_load = load_summary(owner_loads(self.topology, held_rounds,
+                                                  np.array(evaluation.maps)))
+            if balanced:
+                other = load_summary(routes_only.loads)
+                replicas = dataclasses.replace(replicas, reason=(
+                    f"{replicas.reason}; on the held-out steps the load bound costs "
+                    f"{replayed.total.inter - routes_only.total.inter} inter-node routes against "
+                    f"maps and copies for routes only ({replayed.total.inter} vs "
+                    f"{routes_only.total.inter}), and routes only would leave the busiest device "
+                    f"at {other[0]:.3f} x the mean load (worst layer {other[1]:.3f}) instead of "
+                    f"{load[0]:.3f} ({load[1]:.3f})"))
         else:
             evaluation = evaluate_experts(self.topology, held_rounds, fit.array(),
                                           current=current)
         rec = recommend(self.topology, evaluation, bytes_per_expert=bytes_per_expert,
                         horizon_steps=horizon_steps, unit=unit)  # type: ignore[arg-type]
         return ExpertAdvice(rec, evaluation, (fit_steps[0], fit_steps[-1]),
-                            (held_steps[0], held_steps[-1]), size, replicas, replayed)
+                            (held_steps[0], held_steps[-1]), size, replicas, replayed, load,
+                            joint_load)
 
 
 class AdvisorObserver(Protocol):

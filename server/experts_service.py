@@ -18,6 +18,8 @@ from netmoe.protos.convert import (
     copies_to_proto,
     maps_from_proto,
     maps_to_proto,
+    tables_from_proto,
+    tables_to_proto,
 )
 from netmoe.solver.experts import Routes
 
@@ -45,6 +47,11 @@ def _replicas(advice: ExpertAdvice) -> pb.ReplicaAdvice | None:
         net_per_step=rec.net_per_step, migration_cost=rec.migration_cost,
         break_even_steps=rec.break_even_steps, memory_bytes=rec.memory_bytes,
         max_device_bytes=rec.max_device_bytes, cross_node_copies=rec.cross_node_copies,
+        route_tables=tables_to_proto(ev.tables),
+        load=None if advice.load is None else pb.LoadRatio(mean=advice.load[0],
+                                                           worst=advice.load[1]),
+        joint_load=None if advice.joint_load is None else pb.LoadRatio(
+            mean=advice.joint_load[0], worst=advice.joint_load[1]),
     )
 
 
@@ -101,6 +108,9 @@ class ExpertPlacementRPCs:
                 held_out_steps=request.held_out_steps, unit=request.unit or "seconds",
                 starts=request.starts or DEFAULT_STARTS, seed=request.seed,
                 replica_slots=request.replica_slots, grad_bytes=request.grad_bytes_per_expert,
+                max_load_ratio=request.max_load_ratio or None,
+                migration_budget=(request.migration_budget
+                                  if request.HasField("migration_budget") else None),
             )
 
         try:
@@ -112,6 +122,8 @@ class ExpertPlacementRPCs:
         if advice.predicted_copies_saving_per_step is not None:
             self._metrics.replica_predicted_saving.labels(request.job).set(
                 advice.predicted_copies_saving_per_step)
+        if advice.load is not None:
+            self._metrics.expert_predicted_load.labels(request.job).set(advice.load[0])
         return advice_to_proto(request.job, advice)
 
     async def ConfirmExperts(
@@ -121,7 +133,9 @@ class ExpertPlacementRPCs:
         copies = copies_from_proto(request.copies) if request.copies else None
         try:
             maps = maps_from_proto(request.maps, adv.topology.experts)
-            adv.confirm(request.step, maps, copies)
+            tables = (tables_from_proto(request.route_tables, adv.topology.devices,
+                                        adv.topology.experts) if request.route_tables else None)
+            adv.confirm(request.step, maps, copies, tables)
         except FieldError as err:
             # A step already reported is the job's state at fault, not the request's shape.
             code = (grpc.StatusCode.FAILED_PRECONDITION if err.field == "step"

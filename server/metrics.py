@@ -9,7 +9,14 @@ import contextlib
 import threading
 from wsgiref.simple_server import WSGIServer
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Summary,
+    start_http_server,
+)
 
 from netmoe.solver import Traffic
 
@@ -92,6 +99,16 @@ class Metrics:
             "plans the same maps would have got without copies (joint).",
             ["job", "placement"], registry=reg,
         )
+        self.expert_predicted_load = Gauge(
+            "netmoe_expert_predicted_load_ratio",
+            "Busiest device's routes over the mean (mean over held-out layers) with the last "
+            "recommended maps, copies and route tables.", ["job"], registry=reg,
+        )
+        self.expert_realized_load = Summary(
+            "netmoe_expert_realized_load_ratio",
+            "Busiest device's routes over the mean in the gather layer of rounds solved under "
+            "confirmed maps (sum / count: the mean).", ["job"], registry=reg,
+        )
         self._http: tuple[WSGIServer, threading.Thread] | None = None
 
     def round_finished(
@@ -117,11 +134,14 @@ class Metrics:
         if realized.without_copies_inter is not None:
             self.replica_realized.labels(job, "replicated").inc(realized.joint_inter)
             self.replica_realized.labels(job, "joint").inc(realized.without_copies_inter)
+        if realized.load_ratio is not None:
+            self.expert_realized_load.labels(job).observe(realized.load_ratio)
 
     def forget_job(self, job: str) -> None:
         """Drops a job's label sets so unregistered jobs do not accumulate series."""
         for gauge in (self.expert_window_bytes, self.expert_window_steps,
-                      self.expert_predicted_saving, self.replica_predicted_saving):
+                      self.expert_predicted_saving, self.replica_predicted_saving,
+                      self.expert_predicted_load, self.expert_realized_load):
             _remove(gauge, job)
         for placement in ("joint", "sample_only"):
             _remove(self.expert_realized, job, placement)
@@ -149,6 +169,6 @@ class Metrics:
         self._http = None
 
 
-def _remove(metric: Counter | Gauge, *labels: str) -> None:
+def _remove(metric: Counter | Gauge | Summary, *labels: str) -> None:
     with contextlib.suppress(KeyError):  # the label set was never used
         metric.remove(*labels)

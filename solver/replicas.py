@@ -75,12 +75,17 @@ class ReplicaFit:
 class ReplicaEvaluation:
     """Held-out replay: experts (home / sample-only / joint, see ExpertEvaluation) plus
     replicated[p], pair p with the fitted maps, the copies and samples placed knowing them, and
-    replicated_devices[r][p] the device of each sample ([R][L-1][I_r])."""
+    replicated_devices[r][p] the device of each sample ([R][L-1][I_r]). tables[l][d][e]: the
+    device serving expert e of layer l for samples on device d ([L][J][E]); loads[p][k][d]:
+    routes device d serves in layer l + k of pair p = (l, l + 1), summed over rounds
+    ([L-1][2][J])."""
 
     experts: ExpertEvaluation
     copies: Copies
     replicated: tuple[Routes, ...]
     replicated_devices: tuple[tuple[tuple[int, ...], ...], ...]
+    tables: tuple[tuple[tuple[int, ...], ...], ...] = ()
+    loads: tuple[tuple[tuple[int, ...], ...], ...] = ()
 
     @property
     def total(self) -> Routes:
@@ -246,6 +251,7 @@ def solve_replicated(
     *,
     home: object,
     scatter_topology: Topology | None = None,
+    tables: tuple[np.ndarray, np.ndarray | None] | None = None,
 ) -> Plan:
     """One round with copies in force: the exact two-stage placement for replica-aware costs
     (whatever objective or method the job asked for: the exact CP-SAT models know no copies).
@@ -253,7 +259,8 @@ def solve_replicated(
     gather, scatter: [I, E] routes of layer l and (predicted) l+1, scatter may be None;
     holders: [E, J] bool holders of layer l and of l+1 (None: no scatter); owners are
     topo.expert_device and scatter_topology's (default topo's). home: [I] balanced devices.
-    before / after: replica-aware routes at home and placed (routes follow route_table).
+    before / after: replica-aware routes at home and placed (routes follow tables, [E, J] int64
+    of layer l and l+1 within the rule of balance.check_tables, default route_table's).
     """
     g = check_counts("gather", gather, samples=None, experts=topo.experts)
     base = check_placement("home", home, samples=g.shape[0], devices=topo.devices)
@@ -265,7 +272,9 @@ def solve_replicated(
     start = time.perf_counter()
     device = place_replicated(topo, mats, held, base)
     elapsed = time.perf_counter() - start
-    tables = [route_table(topo, h, m) for h, m in zip(held, owners, strict=True)]
+    if tables is None:
+        tables = tuple(route_table(topo, h, m) for h, m in zip(held, owners, strict=True))
+    tables = tables[:len(mats)]
 
     def routes(dev: np.ndarray) -> Traffic:
         return traffic_of(topo, dev, [served(topo, c, t, dev)
@@ -437,17 +446,25 @@ def evaluate_replicas(
     copies: object,
     *,
     current: object | None = None,
+    tables: object | None = None,
 ) -> ReplicaEvaluation:
     """Replays held-out rounds ([L, I_r, E] each): home, sample-only and joint as
     evaluate_experts, plus maps with copies ([L] (expert, device) lists) and samples placed
-    knowing them; routes follow route_table."""
+    knowing them; routes follow tables ([L][J][E], checked by balance.check_tables; default
+    route_table)."""
+    from .balance import check_tables  # balance builds on this module
+
     experts = evaluate_experts(topo, rounds, maps, current=current)
     data = check_rounds("rounds", rounds, topo)
     fitted = check_maps("maps", maps, topo, data[0].shape[0])
     holders = check_copies("copies", copies, topo, fitted)
-    tables = [route_table(topo, h, m) for h, m in zip(holders, fitted, strict=True)]
+    if tables is None:
+        tables = [route_table(topo, h, m) for h, m in zip(holders, fitted, strict=True)]
+    else:
+        tables = list(check_tables("tables", tables, topo, holders))
     pairs = len(fitted) - 1
     totals = np.zeros((pairs, 2), dtype=np.int64)
+    loads = np.zeros((pairs, 2, topo.devices), dtype=np.int64)
     seconds = np.zeros(pairs)
     devices = []
     for counts in data:
@@ -455,7 +472,9 @@ def evaluate_replicas(
         devices.append([])
         for p in range(pairs):
             dev = place_replicated(topo, counts[p:p + 2], holders[p:p + 2], home)
-            t = traffic_of(topo, dev, [served(topo, counts[q], tables[q], dev) for q in (p, p + 1)])
+            by_device = [served(topo, counts[q], tables[q], dev) for q in (p, p + 1)]
+            t = traffic_of(topo, dev, by_device)
+            loads[p] += np.stack([s.sum(axis=0) for s in by_device])
             totals[p] += (t.inter, t.intra)
             seconds[p] += t.seconds
             devices[-1].append(tuple(int(d) for d in dev))
@@ -465,6 +484,8 @@ def evaluate_replicas(
         replicated=tuple(Routes(int(totals[p, 0]), int(totals[p, 1]), float(seconds[p]))
                          for p in range(pairs)),
         replicated_devices=tuple(tuple(r) for r in devices),
+        tables=tuple(tuple(tuple(int(h) for h in row) for row in t.T) for t in tables),
+        loads=tuple(tuple(tuple(int(v) for v in k) for k in p) for p in loads),
     )
 
 

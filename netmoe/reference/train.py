@@ -105,6 +105,10 @@ class TrainConfig:
     # them anyway and has them chosen on routes alone (their gradient sync not weighed), since on
     # a tiny model the sync outweighs every route a copy saves.
     replica_budget: int = 0
+    # With replica_budget: the load bound R (>= 1) under which the service chooses maps, copies
+    # and route tables (netmoe.solver.balance); the ranks then route by the confirmed tables.
+    # 0: none (routes only, the default rule's tables).
+    max_load_ratio: float = 0.0
     # Expert copies in force from step 0 (netmoe bench cluster's replicas mode): [layers]
     # (expert, device) lists by the ids the service knows (slots when expert_order is set),
     # created from their owners before the first step and confirmed with the service from step 0.
@@ -151,6 +155,9 @@ class TrainConfig:
         if self.adopt_experts_at and self.placement != "service":
             raise ValueError(f"adopt_experts_at={self.adopt_experts_at} needs placement='service' "
                              f"(the service fits the expert maps), got {self.placement!r}")
+        if self.max_load_ratio and (self.max_load_ratio < 1 or not self.replica_budget):
+            raise ValueError(f"max_load_ratio={self.max_load_ratio} must be 0 or >= 1 and needs "
+                             f"replica_budget, got replica_budget={self.replica_budget}")
         if self.replica_budget and not self.adopt_experts_at:
             raise ValueError(f"replica_budget={self.replica_budget} needs adopt_experts_at (copies "
                              f"come with the expert maps)")
@@ -536,6 +543,8 @@ def _adopt_copies(run: _Run, table: Any, info: dict[str, Any]) -> Any:
     """After the maps (collective): creates the copies rank 0 confirmed (info["copies"], by
     original id), the process groups among their holders (run.copy_groups) and routes to them.
     Returns the CopyTable in force, or None."""
+    import torch
+
     from netmoe.client.replicas import CopyGroups, CopyTable, adopt_copies, route_tables
 
     if not info.get("copies_adopted"):
@@ -550,6 +559,12 @@ def _adopt_copies(run: _Run, table: Any, info: dict[str, Any]) -> Any:
     run.copy_groups.update(copies)
     info["copy_seconds"] = time.perf_counter() - t0
     run.dispatcher.route_tables = route_tables(copies)
+    if info.get("route_tables"):
+        # The confirmed tables, by original expert id ([L][J][E]), as [label, rank] per layer.
+        originals = table.originals()
+        run.dispatcher.route_tables = {
+            layer: torch.as_tensor(np.array(t, dtype=np.int64).T[originals[layer]])
+            for layer, t in enumerate(info["route_tables"])}
     return copies
 
 
@@ -585,7 +600,8 @@ def _ask_experts(cfg: TrainConfig, client: Any, bytes_per_expert: int, step: int
         info["grad_bytes_weighed"] = weighed
         rec = client.recommend_experts(cfg.expert_horizon, bytes_per_expert, cfg.expert_held_out,
                                        replica_slots=cfg.replica_budget,
-                                       grad_bytes_per_expert=weighed)
+                                       grad_bytes_per_expert=weighed,
+                                       max_load_ratio=cfg.max_load_ratio)
     except grpc.RpcError as err:
         info["error"] = f"RecommendExperts: {err.code().name}: {err.details()}"
         log.warning("step %d: %s; experts stay", step, info["error"])
@@ -613,10 +629,16 @@ def _ask_experts(cfg: TrainConfig, client: Any, bytes_per_expert: int, step: int
             held_out_inter=r.replicated.inter, cross_node_copies=r.cross_node_copies)
         if (r.adopt or cfg.expert_placement == "force") and any(info["copies"]):
             copies = info["copies"]
+        if cfg.max_load_ratio:
+            info["route_tables"] = [np.array(t.device).reshape(-1, len(maps[0])).tolist()
+                                    for t in r.route_tables]
+            info["load"] = {"predicted": [r.load.mean, r.load.worst],
+                            "joint": [r.joint_load.mean, r.joint_load.worst]}
     if not (rec.adopt or cfg.expert_placement == "force"):
         return info
     try:
-        client.confirm_experts(step, maps, copies=copies)
+        client.confirm_experts(step, maps, copies=copies,
+                               route_tables=info.get("route_tables") if copies else None)
     except grpc.RpcError as err:
         info["error"] = f"ConfirmExperts: {err.code().name}: {err.details()}"
         log.warning("step %d: %s; experts stay", step, info["error"])

@@ -180,3 +180,61 @@ def test_unsupported_and_missing_models(tmp_path: Path,
     assert main(["record", "--hf-model", str(tmp_path / "empty"), *args]) == 2
     assert "no readable transformers config (local files only)" in capsys.readouterr().err
     assert not (tmp_path / "x.npz").exists()
+
+
+def _record_rank(rank: int, port: int, out: str) -> None:
+    """One data-parallel rank of a training job: 2 steps of 2 micro-batches of 2 samples, each
+    rank its own data; save() gathers both ranks' routing on rank 0."""
+    from support import gloo_group
+
+    with gloo_group(rank, 2, port):
+        model = tiny_model("mixtral", seed=5)
+        recorder = HFRecorder(model, dp_rank=rank)
+        rng = np.random.default_rng(10 + rank)
+        for step in (3, 8):
+            recorder.advance_step(step)
+            for _ in range(2):
+                recorder.record(torch.from_numpy(rng.integers(0, VOCAB, (2, SEQ))))
+        recorder.save(out)
+
+
+def test_data_parallel_recording_carries_rounds(tmp_path: Path,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    from support import spawn_ranks
+
+    out = tmp_path / "dp.npz"
+    spawn_ranks(_record_rank, 2, str(out), timeout=300)
+    got = load_trace(out)
+    assert got.has_rounds and np.unique(got.sample_ids).size == 16
+    per_sample = [f[::SEQ] for f in (got.step_ids, got.micro_batch_ids, got.dp_ranks)]
+    # Rank 0's samples, then rank 1's; each rank: steps 3 and 8, micro-batches 0 and 1 of 2
+    # samples each.
+    assert per_sample[0].tolist() == ([3] * 4 + [8] * 4) * 2
+    assert per_sample[1].tolist() == [0, 0, 1, 1] * 4
+    assert per_sample[2].tolist() == [0] * 8 + [1] * 8
+    # The same routing, recorded again in one process, rank by rank.
+    model = tiny_model("mixtral", seed=5)
+    for rank in range(2):
+        rng = np.random.default_rng(10 + rank)
+        for k in range(4):
+            ids = torch.from_numpy(rng.integers(0, VOCAB, (2, SEQ)))
+            want = HFRecorder(model)
+            want.record(ids)
+            first = (rank * 4 + k) * 2 * SEQ
+            np.testing.assert_array_equal(got.topk_ids[:, first : first + 2 * SEQ],
+                                          want.trace().topk_ids)
+    assert main(["evaluate", "--trace", str(out), "--nodes", "2", "--gpus-per-node", "1",
+                 "--json"]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    assert rep["micro_batch_size"] == 2
+    assert [(r["step"], r["micro_batch"]) for r in rep["rounds"]] == [(3, 0), (3, 1), (8, 0),
+                                                                     (8, 1)]
+    assert rep["rounds"][0]["samples"] == [0, 1, 8, 9]  # rank 0's pair, then rank 1's
+
+
+def test_recorder_round_arguments_are_checked() -> None:
+    model = tiny_model("mixtral")
+    with pytest.raises(ValueError, match="dp_rank must be a non-negative integer or None, got -1"):
+        HFRecorder(model, dp_rank=-1)
+    with pytest.raises(ValueError, match="step must be a non-negative integer, got 'x'"):
+        HFRecorder(model, dp_rank=0).advance_step("x")  # type: ignore[arg-type]

@@ -67,13 +67,57 @@ def test_copies_adopted_mid_run_keep_training_identical(tmp_path: Path) -> None:
     assert realized["replicated"] <= realized["joint"]
 
 
+def test_balanced_copies_route_by_the_confirmed_tables(tmp_path: Path) -> None:
+    from netmoe.server.app import start
+    from netmoe.server.config import ServerConfig
+
+    cache = tmp_path / "cache"
+    load_corpus(512, cache)
+    cfg = TrainConfig(cache_dir=str(cache), **TINY)  # type: ignore[arg-type]
+    home = run_ranks(cfg)
+    job = "balanced-mid-run"
+    with start(ServerConfig(port=0, metrics_port=0)) as server:
+        runs = run_ranks(dataclasses.replace(
+            cfg, placement="service", server=server.address, job=job, adopt_experts_at=ADOPT_AT,
+            expert_placement="force", replica_budget=1, max_load_ratio=1.0,
+            unregister=False))  # fmt: skip  (its metrics are read below)
+        advisor_settled(server)
+        metrics = scrape(server.metrics_port)
+
+    info = runs[0]["experts"]
+    assert info["adopted"] and info["copies_adopted"] and not info["error"], info
+    tables, maps = np.array(info["route_tables"]), np.array(info["maps"])
+    assert tables.shape == (cfg.layers, cfg.world, cfg.experts)
+    for layer, pairs in enumerate(info["copies"]):
+        holders = {e: {int(maps[layer][e])} | {d for c, d in pairs if c == e}
+                   for e in range(cfg.experts)}
+        assert all(tables[layer, d, e] in holders[e]
+                   for d in range(cfg.world) for e in range(cfg.experts))
+    # Whichever holder serves a route, the model computes the same function.
+    np.testing.assert_allclose(runs[0]["loss"], home[0]["loss"], rtol=1e-5)
+    assert all(r["fallbacks"] == 0 for r in runs), runs[0]["fallback_reasons"]
+    key = (("job", job),)
+    assert metrics[("netmoe_expert_realized_load_ratio_count", key)] == (
+        (STEPS - ADOPT_AT) * cfg.layers)
+    assert metrics[("netmoe_expert_predicted_load_ratio", key)] == pytest.approx(
+        info["load"]["predicted"][0])
+
+
 def test_replica_options_are_checked(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(ValueError, match=r"max_load_ratio=0\.5 must be 0 or >= 1"):
+        TrainConfig(max_load_ratio=0.5)
     with pytest.raises(ValueError, match="replica_budget=1 needs adopt_experts_at"):
         TrainConfig(replica_budget=1)
     with pytest.raises(ValueError, match="replica_budget must be a non-negative integer"):
         TrainConfig(replica_budget=-1)
     assert main(["demo", "--replica-budget", "1"]) == 2
     assert "--replica-budget needs --expert-placement" in capsys.readouterr().err
+    assert main(["demo", "--expert-placement", "--max-load-ratio", "1.05"]) == 2
+    assert "--max-load-ratio needs --replica-budget" in capsys.readouterr().err
+    assert main(["demo", "--expert-placement", "--replica-budget", "1",
+                 "--max-load-ratio", "0.5"]) == 2
+    assert "--max-load-ratio must be >= 1 (busiest device / mean load), got 0.5" in (
+        capsys.readouterr().err)
     with pytest.raises(SystemExit) as exit_:  # argparse's own check
         main(["demo", "--expert-placement", "--replica-budget", "-1"])
     assert exit_.value.code == 2

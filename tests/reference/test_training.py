@@ -92,6 +92,12 @@ def test_random_plans_move_every_sample_and_trace_is_canonical(home4: Any, tmp_p
     assert a.topk_ids.shape == (cfg.layers, cfg.steps * big_i * tokens, cfg.top_k)
     assert np.array_equal(a.sample_ids, b.sample_ids)
     assert np.array_equal(a.topk_ids, b.topk_ids)
+    # Each step is one round: sample row r of a step is at home on rank r // n.
+    n = big_i // (cfg.nodes * cfg.gpus_per_node)
+    assert a.step_ids[::tokens].tolist() == np.repeat(np.unique(a.step_ids), big_i).tolist()
+    assert np.array_equal(a.dp_ranks[::tokens], np.tile(np.arange(big_i) // n, cfg.steps))
+    assert not a.micro_batch_ids.any()
+    assert np.array_equal(a.dp_ranks, b.dp_ranks) and np.array_equal(a.step_ids, b.step_ids)
 
 
 def test_service_down_still_trains_with_identical_losses(home4: Any) -> None:
