@@ -19,6 +19,8 @@ import json
 import os
 import statistics
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -158,6 +160,40 @@ def max_rel_diff(a: list[float], b: list[float]) -> float:
     return max(abs(x - y) / abs(x) for x, y in zip(a, b, strict=True))
 
 
+@contextmanager
+def placement_service(address: str) -> Iterator[tuple[str, str]]:
+    """(address, metrics URL) the placement runs use: `address` as given (no URL), or, when it is
+    empty, an embedded service that lives as long as the block."""
+    if address:
+        yield address, ""
+        return
+    from netmoe.server.app import start
+    from netmoe.server.config import ServerConfig
+
+    handle = start(ServerConfig(port=0, metrics_port=0))
+    try:
+        yield handle.address, f"http://127.0.0.1:{handle.metrics_port}/metrics"
+    finally:
+        handle.stop()
+
+
+def placement_report(home_ranks: list[dict[str, Any]], net_ranks: list[dict[str, Any]],
+                     config: dict[str, Any]) -> dict[str, Any]:
+    """The --json keys every model family's demo has: both runs summarized, the solver's median,
+    the inter-node reduction, the loss agreement and the bytes per route."""
+    home, net = summarize(home_ranks), summarize(net_ranks)
+    solve = net.pop("solve_ms")
+    return {
+        "home": home,
+        "netmoe": net,
+        "solver_ms_median": statistics.median(solve) if solve else 0.0,
+        "inter_reduction": _saved(home["inter_routes"], net["inter_routes"]),
+        "max_loss_rel_diff": max_rel_diff(home["loss"], net["loss"]),
+        "bytes_per_route": net["bytes_per_route"],
+        "config": config,
+    }
+
+
 def _pretrain(cfg: Any, steps: int) -> str:
     """Path of a checkpoint trained ``steps`` steps in one process (all experts); cached."""
     from netmoe.reference.data import default_cache_dir
@@ -221,20 +257,11 @@ def run(args: argparse.Namespace) -> int:
     load_corpus(cfg.vocab, cfg.cache_dir or None)  # build once here, ranks read the cache
     if args.warmup_steps:
         cfg = dataclasses.replace(cfg, init_checkpoint=_pretrain(cfg, args.warmup_steps))
-    handle = None
-    address = args.server
-    if not address:
-        from netmoe.server.app import start
-        from netmoe.server.config import ServerConfig
-
-        handle = start(ServerConfig(port=0, metrics_port=0))
-        address = handle.address
-        print(f"netmoe demo: placement service on {address}, metrics on "
-              f"http://127.0.0.1:{handle.metrics_port}/metrics until the demo ends",
-              file=sys.stderr)  # fmt: skip
-    try:
+    with placement_service(args.server) as (address, metrics_url):
+        if metrics_url:
+            print(f"netmoe demo: placement service on {address}, metrics on {metrics_url} until "
+                  f"the demo ends", file=sys.stderr)
         home_ranks = _train("home run", dataclasses.replace(cfg, record_trace=args.record_trace))
-        home = summarize(home_ranks)
         job = f"demo-{cfg.nodes}x{cfg.gpus_per_node}-s{cfg.seed}"
         sample_ranks = _train("netmoe run", dataclasses.replace(
             cfg, placement="service", server=address, job=job))  # fmt: skip
@@ -252,20 +279,7 @@ def run(args: argparse.Namespace) -> int:
                 adopt_experts_at=adopt_at, expert_placement=args.expert_placement,
                 expert_horizon=args.expert_horizon, replica_budget=args.replica_budget,
                 max_load_ratio=args.max_load_ratio))
-    finally:
-        if handle is not None:
-            handle.stop()
-    net = summarize(sample_ranks)
-    solve = net.pop("solve_ms")
-    report = {
-        "home": home,
-        "netmoe": net,
-        "solver_ms_median": statistics.median(solve) if solve else 0.0,
-        "inter_reduction": _saved(home["inter_routes"], net["inter_routes"]),
-        "max_loss_rel_diff": max_rel_diff(home["loss"], net["loss"]),
-        "bytes_per_route": net["bytes_per_route"],
-        "config": dataclasses.asdict(cfg),
-    }
+    report = placement_report(home_ranks, sample_ranks, dataclasses.asdict(cfg))
     if joint_ranks is not None:
         report["expert_placement"] = _expert_report(home_ranks, sample_ranks, joint_ranks,
                                                     adopt_at, cfg.steps - 1)
@@ -276,14 +290,14 @@ def run(args: argparse.Namespace) -> int:
     else:
         _print(report)
     runs = [("netmoe", sample_ranks)] + ([("joint", joint_ranks)] if joint_ranks else [])
-    return _check_planned(address, runs)
+    return check_planned(address, runs)
 
 
 def _saved(home: int, placed: int) -> float:
     return 0.0 if home == 0 else 1 - placed / home
 
 
-def _check_planned(address: str, runs: list[tuple[str, list[dict[str, Any]]]]) -> int:
+def check_planned(address: str, runs: list[tuple[str, list[dict[str, Any]]]]) -> int:
     """Says loudly on stderr when layers ran without a plan; exit code 1 when a run got no plan
     at all (the service was unreachable or refused the job), else 0."""
     code = 0

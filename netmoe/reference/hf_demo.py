@@ -14,7 +14,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import statistics
 import sys
 import time
 from dataclasses import dataclass
@@ -262,7 +261,7 @@ def run_demo(args: argparse.Namespace) -> int:
     (same printout and --json keys)."""
     from transformers import AutoConfig
 
-    from netmoe.demo import _print, max_rel_diff, summarize
+    from netmoe.demo import _print, check_planned, placement_report, placement_service
     from netmoe.reference.launch import run_ranks
 
     if args.expert_placement:
@@ -279,46 +278,24 @@ def run_demo(args: argparse.Namespace) -> int:
     # Built (and cached) once here; the ranks read the cache.
     load_hf_corpus(cfg.model_dir, mcfg.vocab_size, cfg.cache_dir or None)
     module = "netmoe.reference.hf_demo"
-    handle = None
-    address, metrics_url = args.server, ""
-    if not address:
-        from netmoe.server.app import start
-        from netmoe.server.config import ServerConfig
-
-        handle = start(ServerConfig(port=0, metrics_port=0))
-        address = handle.address
-        metrics_url = f"http://127.0.0.1:{handle.metrics_port}/metrics"
-    try:
+    with placement_service(args.server) as (address, metrics_url):
         home_ranks = run_ranks(dataclasses.replace(cfg, record_trace=args.record_trace),
                                module=module)  # fmt: skip
         job = f"hf-demo-{cfg.nodes}x{cfg.gpus_per_node}-s{cfg.seed}-{os.getpid()}"
         net_ranks = run_ranks(dataclasses.replace(cfg, placement="service", server=address,
                                                   job=job), module=module)  # fmt: skip
-    finally:
-        if handle is not None:
-            handle.stop()
-    home, net = summarize(home_ranks), summarize(net_ranks)
-    solve = net.pop("solve_ms")
     first = home_ranks[0]
-    report = {
-        "home": home,
-        "netmoe": net,
-        "solver_ms_median": statistics.median(solve) if solve else 0.0,
-        "metrics_url": metrics_url,
-        "inter_reduction": 1 - net["inter_routes"] / max(home["inter_routes"], 1),
-        "max_loss_rel_diff": max_rel_diff(home["loss"], net["loss"]),
-        "bytes_per_route": net["bytes_per_route"],
-        "config": {**dataclasses.asdict(cfg), "model_type": first["model_type"],
-                   "layers": first["layers"], "experts_per_device": experts // cfg.world,
-                   "top_k": first["top_k"],
-                   "parameters_per_rank": [r["parameters"] for r in home_ranks]},
-    }
+    report = placement_report(home_ranks, net_ranks, {
+        **dataclasses.asdict(cfg), "model_type": first["model_type"], "layers": first["layers"],
+        "experts_per_device": experts // cfg.world, "top_k": first["top_k"],
+        "parameters_per_rank": [r["parameters"] for r in home_ranks]})
+    report["metrics_url"] = metrics_url
     if args.json:
         print(json.dumps(report))
     else:
         print(f"{first['model_type']} checkpoint {cfg.model_dir}")
         _print(report)
-    return 0
+    return check_planned(address, [("netmoe", net_ranks)])
 
 
 def main(argv: list[str] | None = None) -> int:

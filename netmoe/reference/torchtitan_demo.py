@@ -16,7 +16,6 @@ import argparse
 import dataclasses
 import json
 import os
-import statistics
 import sys
 import time
 import types
@@ -414,7 +413,14 @@ def run_demo(args: argparse.Namespace) -> int:
     """The ``netmoe demo --torchtitan FAMILY`` run: home, service placement and torchtitan's own
     EP path; the demo's report (same printout and --json keys, plus "stock": {"loss": [...]}
     and the stock run's routes)."""
-    from netmoe.demo import _print, max_rel_diff, routes_between, summarize
+    from netmoe.demo import (
+        _print,
+        check_planned,
+        max_rel_diff,
+        placement_report,
+        placement_service,
+        routes_between,
+    )
     from netmoe.reference.data import load_corpus
     from netmoe.reference.launch import run_ranks
 
@@ -435,16 +441,7 @@ def run_demo(args: argparse.Namespace) -> int:
                            recompute="full" if args.recompute else "")  # fmt: skip
     load_corpus(VOCAB, cfg.cache_dir or None)  # built once here; the ranks read the cache
     module = "netmoe.reference.torchtitan_demo"
-    handle = None
-    address, metrics_url = args.server, ""
-    if not address:
-        from netmoe.server.app import start
-        from netmoe.server.config import ServerConfig
-
-        handle = start(ServerConfig(port=0, metrics_port=0))
-        address = handle.address
-        metrics_url = f"http://127.0.0.1:{handle.metrics_port}/metrics"
-    try:
+    with placement_service(args.server) as (address, metrics_url):
         home_ranks = run_ranks(dataclasses.replace(cfg, record_trace=args.record_trace),
                                module=module)  # fmt: skip
         job = f"torchtitan-demo-{cfg.family}-{cfg.nodes}x{cfg.gpus_per_node}-s{cfg.seed}-" \
@@ -452,28 +449,18 @@ def run_demo(args: argparse.Namespace) -> int:
         net_ranks = run_ranks(dataclasses.replace(cfg, placement="service", server=address,
                                                   job=job), module=module)  # fmt: skip
         stock_ranks = run_ranks(dataclasses.replace(cfg, stock=True), module=module)
-    finally:
-        if handle is not None:
-            handle.stop()
-    home, net = summarize(home_ranks), summarize(net_ranks)
+    report = placement_report(home_ranks, net_ranks, {
+        **dataclasses.asdict(cfg), "model_type": cfg.family,
+        "experts_per_device": cfg.experts // cfg.world, "top_k": cfg.top_k,
+        "parameters_per_rank": [r["parameters"] for r in home_ranks]})
     # torchtitan's dispatcher keeps no byte counts: its routes and losses only.
     stock_routes = routes_between(stock_ranks, 0, cfg.steps - 1)
-    solve = net.pop("solve_ms")
-    report = {
-        "home": home,
-        "netmoe": net,
-        "stock": {"loss": stock_ranks[0]["loss"], "inter_routes": stock_routes["inter"],
-                  "intra_routes": stock_routes["intra"], "local_routes": stock_routes["local"]},
-        "solver_ms_median": statistics.median(solve) if solve else 0.0,
-        "metrics_url": metrics_url,
-        "inter_reduction": 1 - net["inter_routes"] / max(home["inter_routes"], 1),
-        "max_loss_rel_diff": max_rel_diff(home["loss"], net["loss"]),
-        "max_stock_loss_rel_diff": max_rel_diff(stock_ranks[0]["loss"], net["loss"]),
-        "bytes_per_route": net["bytes_per_route"],
-        "config": {**dataclasses.asdict(cfg), "model_type": cfg.family,
-                   "experts_per_device": cfg.experts // cfg.world, "top_k": cfg.top_k,
-                   "parameters_per_rank": [r["parameters"] for r in home_ranks]},
-    }  # fmt: skip
+    report["stock"] = {"loss": stock_ranks[0]["loss"], "inter_routes": stock_routes["inter"],
+                       "intra_routes": stock_routes["intra"],
+                       "local_routes": stock_routes["local"]}
+    report["max_stock_loss_rel_diff"] = max_rel_diff(stock_ranks[0]["loss"],
+                                                     report["netmoe"]["loss"])
+    report["metrics_url"] = metrics_url
     if args.json:
         print(json.dumps(report))
     else:
@@ -483,7 +470,7 @@ def run_demo(args: argparse.Namespace) -> int:
               f"{stock_routes['inter']}; losses equal netmoe's within "
               f"{report['max_stock_loss_rel_diff']:.1e} relative; last step "
               f"{stock_ranks[0]['loss'][-1]:.4f}")
-    return 0
+    return check_planned(address, [("netmoe", net_ranks)])
 
 
 def main(argv: list[str] | None = None) -> int:
