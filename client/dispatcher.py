@@ -150,46 +150,47 @@ class Agreement(Protocol):
 
 @dataclass(frozen=True)
 class Layout:
-    """Where things live: rank of this process, J ranks, G per node, E experts per layer.
+    """Where things live: this process's device in its expert-parallel group, the group's
+    ep_size J devices, G per node, E experts per layer.
 
-    Expert e lives on rank e // (E / J); each rank holds ``samples`` sequences of ``seq_len``
+    Expert e lives on device e // (E / J); each device holds ``samples`` sequences of ``seq_len``
     tokens, tokens sample-major (token t belongs to local sample t // seq_len).
     """
 
-    rank: int
-    world: int
+    device: int
+    ep_size: int
     gpus_per_node: int
     experts: int
     samples: int
     seq_len: int
 
     def __post_init__(self) -> None:
-        for name in ("world", "gpus_per_node", "experts", "samples", "seq_len"):
+        for name in ("ep_size", "gpus_per_node", "experts", "samples", "seq_len"):
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if not 0 <= self.rank < self.world:
-            raise ValueError(f"rank must lie in [0, {self.world}), got {self.rank}")
-        if self.world % self.gpus_per_node:
+        if not 0 <= self.device < self.ep_size:
+            raise ValueError(f"device must lie in [0, {self.ep_size}), got {self.device}")
+        if self.ep_size % self.gpus_per_node:
             raise ValueError(
-                f"world={self.world} is not a multiple of gpus_per_node={self.gpus_per_node}"
+                f"ep_size={self.ep_size} is not a multiple of gpus_per_node={self.gpus_per_node}"
             )
-        if self.experts % self.world:
-            raise ValueError(f"experts={self.experts} is not divisible by world={self.world}")
+        if self.experts % self.ep_size:
+            raise ValueError(f"experts={self.experts} is not divisible by ep_size={self.ep_size}")
 
     @property
     def tokens(self) -> int:
         return self.samples * self.seq_len
 
     @property
-    def experts_per_rank(self) -> int:
-        return self.experts // self.world
+    def experts_per_device(self) -> int:
+        return self.experts // self.ep_size
 
     @property
     def local_experts(self) -> range:
-        """Global ids of the experts on this rank."""
-        e = self.experts_per_rank
-        return range(self.rank * e, (self.rank + 1) * e)
+        """Global ids of the experts on this device."""
+        e = self.experts_per_device
+        return range(self.device * e, (self.device + 1) * e)
 
 
 @dataclass(frozen=True)
@@ -237,7 +238,7 @@ class TokenDispatcher:
     def _control(self, layer: int, phase: str, rows: torch.Tensor) -> tuple[torch.Tensor, float]:
         """One small control exchange: rows [J, m] int64, row j goes to rank j; returns the
         [J, m] rows received (row j from rank j) and the exchange's wall time."""
-        ones = [1] * self.layout.world
+        ones = [1] * self.layout.ep_size
         t0 = time.perf_counter()
         recv = exchange(rows, ones, ones, None, self.group)
         seconds = time.perf_counter() - t0
@@ -265,12 +266,12 @@ class TokenDispatcher:
         token = torch.arange(lay.tokens, device=h.device).repeat_interleave(k)
         slot = torch.arange(k, device=h.device).repeat(lay.tokens)
         table = self.route_tables.get(layer)
-        dest = expert // lay.experts_per_rank if table is None else table[expert, lay.rank]
+        dest = expert // lay.experts_per_device if table is None else table[expert, lay.device]
         order = torch.argsort(dest, stable=True)
-        send_counts = torch.bincount(dest, minlength=lay.world)
+        send_counts = torch.bincount(dest, minlength=lay.ep_size)
         sample_routes = torch.bincount(
-            token // lay.seq_len * lay.world + dest, minlength=lay.samples * lay.world
-        ).view(lay.samples, lay.world)
+            token // lay.seq_len * lay.ep_size + dest, minlength=lay.samples * lay.ep_size
+        ).view(lay.samples, lay.ep_size)
         self.stats.add_routes(layer, "dispatch", send_counts)
         recv, _ = self._control(layer, "dispatch", send_counts.view(-1, 1))
         recv_splits, send_splits = recv.view(-1).tolist(), send_counts.tolist()
@@ -283,7 +284,7 @@ class TokenDispatcher:
         weight = all_to_all(weights.reshape(-1)[order], recv_splits, send_splits, self.stats,
                             self.group, tag)
         src_rank = torch.repeat_interleave(
-            torch.arange(lay.world, device=h.device),
+            torch.arange(lay.ep_size, device=h.device),
             torch.tensor(recv_splits, device=h.device),
         )
         return Dispatched(
@@ -308,7 +309,8 @@ class TokenDispatcher:
         plus the residual on first-slot routes). agreement: the plan to apply, settled in this
         combine's control exchange (``netmoe.client.planning``: a ``FixedPlan`` or a service
         ``Offer``). Returns ([T, D] hidden state of the samples this rank holds under the
-        applied plan, in ``plan.rows_held(rank)`` order, tokens sample-major; the applied plan).
+        applied plan, in ``plan.rows_held(layout.device)`` order, tokens sample-major; the
+        applied plan).
         Raises RuntimeError if a token does not receive exactly K routes with one residual.
         """
         if out.shape[0] != routes.x.shape[0]:
@@ -316,7 +318,7 @@ class TokenDispatcher:
         plan, counts = self._agree(layer, routes, agreement)
         recv_splits, dest, dest_token = self._targets(layer, routes, plan, counts)
         order = torch.argsort(dest, stable=True)
-        send_splits = torch.bincount(dest, minlength=self.layout.world).tolist()
+        send_splits = torch.bincount(dest, minlength=self.layout.ep_size).tolist()
         meta = torch.stack([dest_token[order], routes.first[order].long()], dim=1)
         tag = (layer, "combine")
         meta = exchange(meta, recv_splits, send_splits, self.stats, self.group, tag)
@@ -335,18 +337,18 @@ class TokenDispatcher:
         offer = agreement.offer().to(device=dev, dtype=torch.int64).reshape(-1)
         m = offer.numel()
         mine = torch.cat([offer, routes.sample_routes.reshape(-1)])
-        table, seconds = self._control(layer, "combine", mine.expand(lay.world, -1).contiguous())
+        table, seconds = self._control(layer, "combine", mine.expand(lay.ep_size, -1).contiguous())
         table = table.cpu()
         try:
             plan = agreement.settle(table[:, :m], seconds)
         except RuntimeError as err:
             raise RuntimeError(f"combine at layer {layer}: {err}") from None
-        if plan.devices != lay.world or plan.samples_per_device != lay.samples:
+        if plan.devices != lay.ep_size or plan.samples_per_device != lay.samples:
             raise ValueError(
                 f"plan is for {plan.devices} devices x {plan.samples_per_device} samples, "
-                f"layout has {lay.world} x {lay.samples}"
+                f"layout has {lay.ep_size} x {lay.samples}"
             )
-        return plan, table[:, m:].reshape(lay.world * lay.samples, lay.world)
+        return plan, table[:, m:].reshape(lay.ep_size * lay.samples, lay.ep_size)
 
     def _targets(self, layer: int, routes: Dispatched, plan: SamplePlan, counts: torch.Tensor
                  ) -> tuple[list[int], torch.Tensor, torch.Tensor]:
@@ -354,14 +356,14 @@ class TokenDispatcher:
         rank and token index there: (recv_splits [J], dest [R] int64, dest_token [R] int64)."""
         lay = self.layout
         new_device = torch.as_tensor(plan.dest)
-        recv_splits = counts[new_device == lay.rank].sum(dim=0).tolist()
-        expect_send = torch.bincount(new_device, weights=counts[:, lay.rank].double(),
-                                     minlength=lay.world).long()  # fmt: skip
+        recv_splits = counts[new_device == lay.device].sum(dim=0).tolist()
+        expect_send = torch.bincount(new_device, weights=counts[:, lay.device].double(),
+                                     minlength=lay.ep_size).long()  # fmt: skip
         device = new_device.to(routes.x.device)
         position = torch.as_tensor(plan.position(), device=routes.x.device)
         row = routes.src_rank * lay.samples + routes.src_token // lay.seq_len
         dest = device[row]
-        send_counts = torch.bincount(dest, minlength=lay.world)
+        send_counts = torch.bincount(dest, minlength=lay.ep_size)
         if not torch.equal(send_counts.cpu(), expect_send):
             raise RuntimeError(
                 f"combine at layer {layer}: routes held {send_counts.tolist()} disagree with the "
@@ -387,24 +389,25 @@ class TokenDispatcher:
 def move_samples(
     tensor: torch.Tensor,
     plan: SamplePlan,
-    rank: int,
+    device: int,
     stats: CommStats | None = None,
     group: dist.ProcessGroup | None = None,
 ) -> torch.Tensor:
     """Move per-sample side tensors (labels, masks, positions) with their samples.
 
-    tensor: [n, ...] any dtype, row i = local sample i. Returns [n, ...] in plan.rows_held(rank)
-    order. Differentiable for float tensors. Split sizes follow from the plan, no count exchange.
+    tensor: [n, ...] any dtype, row i = local sample i. Returns [n, ...] in plan.rows_held(device)
+    order; device: this process's device in its expert-parallel group. Differentiable for float
+    tensors. Split sizes follow from the plan, no count exchange.
     """
     n = plan.samples_per_device
     if tensor.shape[0] != n:
         raise ValueError(f"tensor must have {n} rows (samples per device), got {tensor.shape[0]}")
     if not plan.moves:
         return tensor
-    dest = torch.as_tensor(plan.dest_of(rank))
+    dest = torch.as_tensor(plan.dest_of(device))
     order = torch.argsort(dest, stable=True).to(tensor.device)
     send = torch.bincount(dest, minlength=plan.devices).tolist()
-    src = plan.rows_held(rank) // n
+    src = plan.rows_held(device) // n
     recv = np.bincount(src, minlength=plan.devices).tolist()
     tag = (-1, "move")  # side tensors belong to no layer
     if tensor.is_floating_point():

@@ -28,21 +28,22 @@ from netmoe.client.dispatcher import Agreement
 
 @dataclass(frozen=True)
 class ExpertTable:
-    """label[l][e]: label (model slot) of original expert e in layer l ([L][E]).
+    """label[l][e]: label (model slot) of original expert e in layer l ([L][E]); ep_size: J, the
+    expert-parallel group's devices.
 
-    The device of expert e is label // experts_per_rank.
+    The device of expert e is label // experts_per_device.
     """
 
     label: tuple[tuple[int, ...], ...]
-    world: int
+    ep_size: int
 
     @classmethod
-    def identity(cls, layers: int, experts: int, world: int) -> ExpertTable:
-        return cls(tuple(tuple(range(experts)) for _ in range(layers)), world)
+    def identity(cls, layers: int, experts: int, ep_size: int) -> ExpertTable:
+        return cls(tuple(tuple(range(experts)) for _ in range(layers)), ep_size)
 
     @property
-    def experts_per_rank(self) -> int:
-        return len(self.label[0]) // self.world
+    def experts_per_device(self) -> int:
+        return len(self.label[0]) // self.ep_size
 
     def originals(self) -> np.ndarray:
         """[L, E] int64: original expert id held by each label (the inverse of ``label``)."""
@@ -50,30 +51,30 @@ class ExpertTable:
 
     def maps(self) -> np.ndarray:
         """[L, E] int64: device of each original expert."""
-        return np.array(self.label, dtype=np.int64) // self.experts_per_rank
+        return np.array(self.label, dtype=np.int64) // self.experts_per_device
 
     def relabel(self, maps: object) -> ExpertTable:
         """The table placing original expert e of layer l on device maps[l][e] ([L, E] ints,
         E/J per device). Experts that stay keep their label; arrivals take the freed ones."""
         arr = np.asarray(maps)
         old = np.array(self.label, dtype=np.int64)
-        per = self.experts_per_rank
+        per = self.experts_per_device
         if arr.shape != old.shape or not np.issubdtype(arr.dtype, np.integer):
             raise ValueError(f"maps must be [{old.shape[0]}, {old.shape[1]}] integer devices, "
                              f"got shape {arr.shape} dtype {arr.dtype}")
         labels = []
         for layer, m in enumerate(arr):
-            have = np.bincount(m, minlength=self.world) if m.min() >= 0 else None
-            if have is None or m.max() >= self.world or (have != per).any():
+            have = np.bincount(m, minlength=self.ep_size) if m.min() >= 0 else None
+            if have is None or m.max() >= self.ep_size or (have != per).any():
                 raise ValueError(f"maps[{layer}] must put {per} experts on each of the "
-                                 f"{self.world} devices, got {m.tolist()}")
+                                 f"{self.ep_size} devices, got {m.tolist()}")
             new = np.where(old[layer] // per == m, old[layer], -1)
-            for d in range(self.world):
+            for d in range(self.ep_size):
                 free = sorted(set(range(d * per, (d + 1) * per)) - set(new[m == d].tolist()))
                 arriving = np.flatnonzero((m == d) & (new < 0))
                 new[arriving] = free
             labels.append(tuple(int(x) for x in new))
-        return ExpertTable(tuple(labels), self.world)
+        return ExpertTable(tuple(labels), self.ep_size)
 
 
 def _adam_state(optimizer: torch.optim.Optimizer, p: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -115,7 +116,7 @@ def adopt(
     optimizer: torch.optim.Optimizer | None,
     old: ExpertTable,
     new: ExpertTable,
-    rank: int,
+    device: int,
     group: dist.ProcessGroup | None = None,
 ) -> int:
     """Moves experts from old to new labels on every rank (collective: all ranks call it).
@@ -124,28 +125,28 @@ def adopt(
     rank's labels) and .moe.router (Linear, weight [E, D], replicated). Returns the bytes this
     rank sent to other ranks.
     """
-    per, world = old.experts_per_rank, old.world
+    per, ep_size = old.experts_per_device, old.ep_size
     sent_bytes = 0
     for layer, block in enumerate(blocks):
         moe = block.moe
         a = np.array(old.label[layer], dtype=np.int64)  # old label of original expert e
         b = np.array(new.label[layer], dtype=np.int64)
-        slots = [moe.experts[str(label)] for label in range(rank * per, (rank + 1) * per)]
+        slots = [moe.experts[str(label)] for label in range(device * per, (device + 1) * per)]
         tensors = [_expert_tensors(e, optimizer) for e in slots]
         flat = [torch.cat([t.reshape(-1).to(torch.float64) for t in ts]) for ts in tensors]
         size = flat[0].numel()
         # Send: this rank's experts (by old label order) grouped by destination rank.
-        mine = [int(e) for e in np.argsort(a) if a[e] // per == rank]
+        mine = [int(e) for e in np.argsort(a) if a[e] // per == device]
         mine.sort(key=lambda e: (b[e] // per, a[e]))
         send = torch.stack([flat[a[e] % per] for e in mine])
-        send_splits = np.bincount(b[mine] // per, minlength=world).tolist()
+        send_splits = np.bincount(b[mine] // per, minlength=ep_size).tolist()
         # Receive: experts whose new label is here, by source rank then source old label.
-        incoming = sorted((int(e) for e in range(len(a)) if b[e] // per == rank),
+        incoming = sorted((int(e) for e in range(len(a)) if b[e] // per == device),
                           key=lambda e: (a[e] // per, a[e]))
-        recv_splits = np.bincount(a[incoming] // per, minlength=world).tolist()
+        recv_splits = np.bincount(a[incoming] // per, minlength=ep_size).tolist()
         recv = send.new_empty((len(incoming), size))
         dist.all_to_all_single(recv, send, recv_splits, send_splits, group=group)
-        leaving = sum(1 for e in mine if b[e] // per != rank)
+        leaving = sum(1 for e in mine if b[e] // per != device)
         sent_bytes += leaving * sum(t.numel() * t.element_size() for t in tensors[0])
         for row, e in enumerate(incoming):
             offset = 0

@@ -77,22 +77,23 @@ def _is_moe(layer: nn.Module) -> bool:
     return hasattr(layer.mlp, "gate") and hasattr(layer.mlp, "experts")
 
 
-def expert_slots(expert_map: Sequence[int], world: int) -> list[int]:
+def expert_slots(expert_map: Sequence[int], ep_size: int) -> list[int]:
     """Slot of each expert: experts sorted by rank (stable), [E] ints; see the module docstring.
 
-    Raises ValueError naming the value unless every entry is a rank in [0, world) and every rank
-    holds E / world experts."""
+    Raises ValueError naming the value unless every entry is a device in [0, ep_size) and every
+    device holds E / ep_size experts."""
     experts = len(expert_map)
-    if experts % world:
-        raise ValueError(f"expert_map has {experts} experts, not divisible by world={world}")
-    bad = [(e, d) for e, d in enumerate(expert_map) if not 0 <= int(d) < world]
+    if experts % ep_size:
+        raise ValueError(f"expert_map has {experts} experts, not divisible by ep_size={ep_size}")
+    bad = [(e, d) for e, d in enumerate(expert_map) if not 0 <= int(d) < ep_size]
     if bad:
         e, d = bad[0]
-        raise ValueError(f"expert_map[{e}]={d} names a missing device: ranks are 0..{world - 1}")
-    per = [sum(1 for d in expert_map if int(d) == r) for r in range(world)]
-    if any(c != experts // world for c in per):
-        raise ValueError(f"expert_map must give each rank {experts // world} experts, got "
-                         f"{per} per rank")  # fmt: skip
+        raise ValueError(f"expert_map[{e}]={d} names a missing device: devices are "
+                         f"0..{ep_size - 1}")
+    per = [sum(1 for d in expert_map if int(d) == r) for r in range(ep_size)]
+    if any(c != experts // ep_size for c in per):
+        raise ValueError(f"expert_map must give each device {experts // ep_size} experts, got "
+                         f"{per} per device")  # fmt: skip
     order = sorted(range(experts), key=lambda e: int(expert_map[e]))
     slots = [0] * experts
     for slot, e in enumerate(order):
@@ -101,7 +102,10 @@ def expert_slots(expert_map: Sequence[int], world: int) -> list[int]:
 
 
 class ExpertParallelLM(nn.Module):
-    """A transformers MoE causal LM sharded over the ranks of ``group``; see ``parallelize``."""
+    """A transformers MoE causal LM sharded over the ranks of ``group``; see ``parallelize``.
+
+    device: this rank's index in ``group`` (an int, not a torch.device); ep_size: the group's
+    size."""
 
     def __init__(self, model: nn.Module, group: dist.ProcessGroup | None,
                  expert_map: Sequence[int] | None, placement: Placement | None,
@@ -116,28 +120,28 @@ class ExpertParallelLM(nn.Module):
                              "(it rescales hidden states at random before routing); set it to 0")
         self.model = model
         self.group = group
-        self.rank = dist.get_rank(group)
-        self.world = dist.get_world_size(group)
-        self.gpus_per_node = gpus_per_node if gpus_per_node is not None else self.world
+        self.device = dist.get_rank(group)
+        self.ep_size = dist.get_world_size(group)
+        self.gpus_per_node = gpus_per_node if gpus_per_node is not None else self.ep_size
         self.moe_layers = [i for i, layer in enumerate(self._layers()) if _is_moe(layer)]
         if not self.moe_layers:
             raise ValueError(f"{cfg.model_type} model has no MoE layers")
         first = self._layers()[self.moe_layers[0]].mlp
         self.experts = first.gate.num_experts
         self.top_k = first.gate.top_k
-        if self.experts % self.world:
-            raise ValueError(f"experts={self.experts} is not divisible by world size "
-                             f"{self.world}")  # fmt: skip
+        if self.experts % self.ep_size:
+            raise ValueError(f"experts={self.experts} is not divisible by the expert-parallel "
+                             f"size ep_size={self.ep_size}")  # fmt: skip
         if expert_map is None:
-            expert_map = [e * self.world // self.experts for e in range(self.experts)]
+            expert_map = [e * self.ep_size // self.experts for e in range(self.experts)]
         if len(expert_map) != self.experts:
             raise ValueError(f"expert_map must list {self.experts} ranks (one per expert), got "
                              f"{len(expert_map)}")  # fmt: skip
-        slots = expert_slots(expert_map, self.world)
-        per = self.experts // self.world
+        slots = expert_slots(expert_map, self.ep_size)
+        per = self.experts // self.ep_size
         # Original expert ids on this rank, in slot order.
         self.local_experts = sorted(range(self.experts), key=lambda e: slots[e])[
-            self.rank * per : (self.rank + 1) * per]  # fmt: skip
+            self.device * per : (self.device + 1) * per]  # fmt: skip
         device = next(model.parameters()).device
         self.register_buffer("slot_of", torch.tensor(slots, device=device), persistent=False)
         self.placement = placement
@@ -217,12 +221,13 @@ class ExpertParallelLM(nn.Module):
                 raise ValueError(f"{name} must be [{n}, {s}] like input_ids, got "
                                  f"{tuple(t.shape)}")  # fmt: skip
         dev = input_ids.device
-        layout = Layout(self.rank, self.world, self.gpus_per_node, self.experts, n, s)
+        layout = Layout(self.device, self.ep_size, self.gpus_per_node, self.experts, n, s)
         dispatcher = TokenDispatcher(layout, self.stats, self.group)
         base = self.model.model
         h = base.embed_tokens(input_ids)
         # Per-sample side tensors, one [n, *] int64 block so one exchange moves them all.
-        side = {"held_ids": torch.arange(self.rank * n, (self.rank + 1) * n, device=dev)[:, None]}
+        held = torch.arange(self.device * n, (self.device + 1) * n, device=dev)
+        side = {"held_ids": held[:, None]}
         if labels is not None:
             pad = labels.new_full((n, 1), IGNORE_INDEX)
             side["labels"] = torch.cat([labels[:, 1:], pad], dim=1)
@@ -312,7 +317,7 @@ class ExpertParallelLM(nn.Module):
         expert of norm(x)) on each token's first slot."""
         mlp = layer.mlp
         z = layer.post_attention_layernorm(routes.x)
-        local = routes.expert - self.rank * (self.experts // self.world)
+        local = routes.expert - self.device * (self.experts // self.ep_size)
         out = mlp.experts(z, local[:, None], routes.weight[:, None].to(z.dtype))
         out = out + routes.first[:, None] * routes.x
         if hasattr(mlp, "shared_expert"):
@@ -346,7 +351,7 @@ class ExpertParallelLM(nn.Module):
     def _move(self, side: dict[str, torch.Tensor], plan: SamplePlan) -> dict[str, torch.Tensor]:
         """Side tensors [n, *] int64 moved with their samples (one exchange for all)."""
         widths = [t.shape[1] for t in side.values()]
-        moved = move_samples(torch.cat(list(side.values()), dim=1), plan, self.rank,
+        moved = move_samples(torch.cat(list(side.values()), dim=1), plan, self.device,
                              self.stats, self.group)  # fmt: skip
         return dict(zip(side, moved.split(widths, dim=1), strict=True))
 
@@ -362,6 +367,6 @@ def parallelize(model: nn.Module, group: dist.ProcessGroup | None = None,
         hook (``netmoe.client.planning.Placement``) or None for home placement.
     gpus_per_node: G, ranks per node (default: all ranks on one node).
     Raises ValueError for an unsupported model type (listing the supported ones), experts not
-    divisible by the world size, or a map naming a missing device.
+    divisible by the group's size, or a map naming a missing device.
     """
     return ExpertParallelLM(model, group, expert_map, placement, gpus_per_node)

@@ -3,12 +3,13 @@ stream and its placement hook all derive from them.
 
     shape = JobShape(nodes=2, gpus_per_node=2, experts=8, samples_per_device=2, seq_len=8,
                      hidden_size=16)
-    ep = shape.expert_parallel(rank, "host:50051", "my-job")  # or no address: home placement
+    ep = shape.expert_parallel(device, "host:50051", "my-job")  # or no address: home placement
     ...
-    ep.close(unregister=rank == 0)  # after every rank's last step
+    ep.close(unregister=device == 0)  # after every rank's last step
 
-``world`` (nodes x gpus_per_node) is the expert-parallel group's size and ``rank`` the rank's
-device in it, as everywhere in netmoe.client.
+``ep_size`` (nodes x gpus_per_node) is the expert-parallel group's size and ``device`` the
+rank's device in it, as everywhere in netmoe.client (torch.distributed's global rank and world
+size differ from them when a job has several expert-parallel groups).
 """
 
 from __future__ import annotations
@@ -45,18 +46,18 @@ class JobShape:
         for name in ("nodes", "gpus_per_node", "experts", "samples_per_device", "seq_len",
                      "hidden_size", "dtype_bytes", "deadline_ms"):
             positive_int(name, getattr(self, name))
-        if self.experts % self.world:
+        if self.experts % self.ep_size:
             raise ValueError(f"experts={self.experts} is not divisible by the group's "
-                             f"{self.world} devices (nodes x gpus_per_node)")
+                             f"{self.ep_size} devices (nodes x gpus_per_node)")
 
     @property
-    def world(self) -> int:
+    def ep_size(self) -> int:
         """Devices of the expert-parallel group."""
         return self.nodes * self.gpus_per_node
 
-    def layout(self, rank: int) -> Layout:
-        """The dispatcher's layout on device ``rank`` of the group."""
-        return Layout(rank, self.world, self.gpus_per_node, self.experts,
+    def layout(self, device: int) -> Layout:
+        """The dispatcher's layout on device ``device`` of the group."""
+        return Layout(device, self.ep_size, self.gpus_per_node, self.experts,
                       self.samples_per_device, self.seq_len)
 
     def spec(self, **options: Any) -> pb.JobSpec:
@@ -66,21 +67,21 @@ class JobShape:
                         hidden_size=self.hidden_size, dtype_bytes=self.dtype_bytes,
                         deadline_ms=self.deadline_ms, **options)
 
-    def expert_parallel(self, rank: int, address: str | None = None, job: str = "", *,
+    def expert_parallel(self, device: int, address: str | None = None, job: str = "", *,
                         group: Any = None, timeout: float | None = None,
                         spec_options: dict[str, Any] | None = None,
                         **client_options: Any) -> ExpertParallel:
-        """Device ``rank``'s ExpertParallel: home placement without an address; else its stream
+        """Device ``device``'s ExpertParallel: home placement without an address; else its stream
         to the service at address for job id ``job`` (``PlacementClient``; client_options: its
         keywords) and the placement hook (timeout: None derives it from the deadline,
         ``netmoe.client.planning.timeout_for``). group: the expert-parallel process group
         (None: the default group)."""
-        dispatcher = TokenDispatcher(self.layout(rank), group=group)
+        dispatcher = TokenDispatcher(self.layout(device), group=group)
         if address is None:
             return ExpertParallel(dispatcher)
         if not job:
             raise ValueError("job must name the job (its id on the service) with an address")
-        client = PlacementClient(address, job, rank, self.spec(**(spec_options or {})),
+        client = PlacementClient(address, job, device, self.spec(**(spec_options or {})),
                                  **client_options)
-        return ExpertParallel(dispatcher, Placement(client, rank, self.world,
+        return ExpertParallel(dispatcher, Placement(client, device, self.ep_size,
                                                     self.samples_per_device, timeout))

@@ -86,14 +86,14 @@ class ExpertParallel:
         self.dispatcher = dispatcher
         self.placement = placement
         lay = dispatcher.layout
-        self._home = FixedPlan(SamplePlan.no_move(lay.world, lay.samples))
+        self._home = FixedPlan(SamplePlan.no_move(lay.ep_size, lay.samples))
         self._device_counts = bool(getattr(placement, "device_counts", False))
         self._evaluating = False
         # The forward pass (step, micro_batch) of the latest submit, and for the passes of the
         # current step the layers whose combine moved samples (what side tensors must follow).
         self._pass = (0, 0)
         self._moved: dict[tuple[int, int], list[int]] = {}
-        # On the ids' device: ([T] local sample of each token, [E] rank of each expert id).
+        # On the ids' device: ([T] local sample of each token, [E] device of each expert id).
         self._index: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @property
@@ -106,10 +106,10 @@ class ExpertParallel:
         if self._index is None or self._index[0].device != topk_ids.device:
             self._index = (token_samples(lay.samples, lay.seq_len, topk_ids.device),
                            torch.arange(lay.experts, device=topk_ids.device)
-                           // lay.experts_per_rank)
+                           // lay.experts_per_device)
         token_sample, owner = self._index
         if self._device_counts:
-            return device_route_counts(topk_ids, token_sample, lay.samples, owner, lay.world)
+            return device_route_counts(topk_ids, token_sample, lay.samples, owner, lay.ep_size)
         return route_counts(topk_ids, token_sample, lay.samples, lay.experts)
 
     @contextmanager
@@ -206,7 +206,7 @@ class ExpertParallel:
 
     def move(self, tensor: torch.Tensor, plan: SamplePlan) -> torch.Tensor:
         """Moves a per-sample side tensor [n, ...] (labels, masks, positions) with its samples."""
-        return move_samples(tensor, plan, self.layout.rank, self.dispatcher.stats,
+        return move_samples(tensor, plan, self.layout.device, self.dispatcher.stats,
                             self.dispatcher.group)
 
 

@@ -67,26 +67,26 @@ class RandomPlans:
     anybody.
     """
 
-    def __init__(self, rank: int, world: int, samples: int, seed: int = 0) -> None:
-        self.rank, self.world, self.samples, self.seed = rank, world, samples, seed
+    def __init__(self, device: int, ep_size: int, samples: int, seed: int = 0) -> None:
+        self.device, self.ep_size, self.samples, self.seed = device, ep_size, samples, seed
         # Global sample ids in row order, following the samples through a step's layers the way
         # ``Placement`` numbers them, so held ids are like the service's.
-        self._ids = np.arange(world * samples, dtype=np.int64)
+        self._ids = np.arange(ep_size * samples, dtype=np.int64)
         self._pass: tuple[int, int] | None = None
 
     def submit(self, step: int, layer: int, counts: RoundCounts, micro_batch: int = 0
                ) -> Future[RankPlan | None]:
-        n, j = self.samples, self.world
+        n, j = self.samples, self.ep_size
         if self._pass != (step, micro_batch):  # a new forward pass: ids are rows again
             self._pass = (step, micro_batch)
             self._ids = np.arange(n * j, dtype=np.int64)
         rng = np.random.default_rng([self.seed, step, micro_batch, layer])
         plan = SamplePlan(tuple(rng.permutation(np.arange(n * j) // n).tolist()), j)
-        held = self._ids[plan.rows_held(self.rank)]
+        held = self._ids[plan.rows_held(self.device)]
         self._ids = plan.follow(self._ids)
         fut: Future[RankPlan | None] = Future()
-        fut.set_result(RankPlan(step, layer, self.rank, "optimal",
-                                np.asarray(plan.dest_of(self.rank)), held.astype(np.uint64),
+        fut.set_result(RankPlan(step, layer, self.device, "optimal",
+                                np.asarray(plan.dest_of(self.device)), held.astype(np.uint64),
                                 micro_batch=micro_batch))
         return fut
 
@@ -121,26 +121,27 @@ class PlacementStats:
     solve_seconds: list[float] = field(default_factory=list)
 
 
-def agree(offers: np.ndarray, ids: np.ndarray, world: int) -> tuple[SamplePlan | None, str]:
+def agree(offers: np.ndarray, ids: np.ndarray, ep_size: int) -> tuple[SamplePlan | None, str]:
     """The plan every rank applies, from every rank's offer; (None, reason) means "no move".
 
     offers: [J, 1 + 2n] int64, row r = rank r's offer: [1 if it has a plan else 0, its n
     samples' new devices, the n sample ids it expects to hold after the move, in arrival order];
     ids: [I] int64 sample id of each row now (rank-major), the same on every rank. A pure
-    function of inputs every rank shares, so every rank reaches the same verdict.
+    function of inputs every rank shares, so every rank reaches the same verdict. ep_size: J,
+    the expert-parallel group's devices.
     """
     offers = np.asarray(offers, dtype=np.int64)
     n = (offers.shape[1] - 1) // 2
-    if offers.shape != (world, 1 + 2 * n) or ids.shape != (world * n,):
-        raise ValueError(f"offers must be [{world}, 1 + 2n] and ids [{world} * n], got "
+    if offers.shape != (ep_size, 1 + 2 * n) or ids.shape != (ep_size * n,):
+        raise ValueError(f"offers must be [{ep_size}, 1 + 2n] and ids [{ep_size} * n], got "
                          f"{offers.shape} and {ids.shape}")  # fmt: skip
     if (offers[:, 0] != 1).any():
         return None, "peer fallback"
     try:
-        plan = SamplePlan(tuple(offers[:, 1 : 1 + n].reshape(-1).tolist()), world)
+        plan = SamplePlan(tuple(offers[:, 1 : 1 + n].reshape(-1).tolist()), ep_size)
     except ValueError:
         return None, "inconsistent plan"
-    for r in range(world):
+    for r in range(ep_size):
         if not np.array_equal(ids[plan.rows_held(r)], offers[r, 1 + n :]):
             return None, "inconsistent held ids"
     return plan, ""
@@ -219,7 +220,7 @@ class Placement:
     """The model's placement hook: submit counts, then wait for the reply and offer it to the
     combine, which settles the plan all ranks apply (see the module docstring).
 
-    rank, world: the rank's device in its expert-parallel group and the group's size.
+    device, ep_size: the rank's device in its expert-parallel group and the group's size.
     timeout: seconds to wait for a plan; None: ``timeout_for`` the source's deadline (a
     ``PlacementClient``'s spec.deadline_ms; a node's other ranks, with no source, need one).
     node: with node reports (``netmoe.client.node_reports``), the rank's part in them; source is
@@ -230,7 +231,7 @@ class Placement:
     have no source: give it, the same as their first rank's client.
     """
 
-    def __init__(self, source: PlanSource | None, rank: int, world: int, samples: int,
+    def __init__(self, source: PlanSource | None, device: int, ep_size: int, samples: int,
                  timeout: float | None = None, node: NodeReports | None = None,
                  device_counts: bool | None = None) -> None:
         if timeout is None:
@@ -242,7 +243,7 @@ class Placement:
         if (source is None) != (node is not None and not node.first):
             raise ValueError("source must be given exactly on ranks that report (not on a "
                              "node's other ranks)")
-        self.source, self.rank, self.world, self.samples = source, rank, world, samples
+        self.source, self.device, self.ep_size, self.samples = source, device, ep_size, samples
         self.timeout = timeout
         self.node = node
         # Ranks whose rows an offer carries (a node's, with node reports).
@@ -255,7 +256,7 @@ class Placement:
         # Sample ids follow the samples through a forward pass's layers (row ids at its first
         # round), so the service can match a sample's routes across layers (its expert
         # placement window).
-        self._full = np.arange(world * samples, dtype=np.int64)
+        self._full = np.arange(ep_size * samples, dtype=np.int64)
         self._last: RoundKey | None = None  # the latest round submitted (not a recompute)
         # The plan each round of the current step applied, for its recompute to apply again.
         self._applied: dict[RoundKey, SamplePlan] = {}
@@ -278,22 +279,22 @@ class Placement:
             if plan is None:
                 ran = sorted(k for k in self._applied if k[:2] == key[:2])
                 raise ValueError(
-                    f"recompute of round (step, micro_batch, layer) {tuple(key)} on rank "
-                    f"{self.rank}: its forward never ran in this step (layers that forward "
+                    f"recompute of round (step, micro_batch, layer) {tuple(key)} on device "
+                    f"{self.device}: its forward never ran in this step (layers that forward "
                     f"pass ran: {[k.layer for k in ran]})")
             return Replay(key, plan)
         if self._last is not None and key <= self._last:
             raise ValueError(
-                f"round (step, micro_batch, layer) {tuple(key)} on rank {self.rank} does not come "
-                f"after the last one {tuple(self._last)}: each forward pass of a step needs its "
-                f"own micro_batch (a recompute runs inside the backward pass)")
+                f"round (step, micro_batch, layer) {tuple(key)} on device {self.device} does not "
+                f"come after the last one {tuple(self._last)}: each forward pass of a step needs "
+                f"its own micro_batch (a recompute runs inside the backward pass)")
         t0 = time.perf_counter()
         if self._last is None or self._last[:2] != key[:2]:  # a new forward pass
-            self._full = np.arange(self.world * self.samples, dtype=np.int64)
+            self._full = np.arange(self.ep_size * self.samples, dtype=np.int64)
             if self._last is None or self._last.step != step:
                 self._applied.clear()
         self._last = key
-        ids = self._full[self.rank * self.samples:(self.rank + 1) * self.samples]
+        ids = self._full[self.device * self.samples:(self.device + 1) * self.samples]
         if self.node is not None:
             ticket = self._submit_node(key, ids.astype(np.uint64), gather.detach(),
                                        None if scatter is None else scatter.detach())
@@ -393,10 +394,10 @@ class Placement:
         table = offers.numpy()
         if self.node is not None:
             table = expand(table, self.node, self.samples)
-        agreed, reason = agree(table, self._full, self.world)
+        agreed, reason = agree(table, self._full, self.ep_size)
         # The rank's own failure names the cause; "peer fallback" is for the ranks that had one.
         reason = pending.reason or reason
-        plan = agreed if agreed is not None else SamplePlan.no_move(self.world, self.samples)
+        plan = agreed if agreed is not None else SamplePlan.no_move(self.ep_size, self.samples)
         if agreed is None:
             self.stats.fallbacks += 1
             self.stats.reasons[reason] += 1

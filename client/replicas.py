@@ -39,29 +39,30 @@ Copies = tuple[tuple[tuple[int, int], ...], ...]  # [L] sorted (label, rank) cop
 @dataclass(frozen=True)
 class CopyTable:
     """copies[l]: sorted (label, rank) copies of layer l, never on the label's owner rank.
-    world: J ranks, gpus_per_node: G, experts: E labels per layer."""
+    ep_size: J devices of the expert-parallel group, gpus_per_node: G, experts: E labels per
+    layer."""
 
     copies: Copies
-    world: int
+    ep_size: int
     gpus_per_node: int
     experts: int
 
     def __post_init__(self) -> None:
-        per = self.experts // self.world
+        per = self.experts // self.ep_size
         for layer, pairs in enumerate(self.copies):
             if len(set(pairs)) != len(pairs):
                 raise ValueError(f"copies[{layer}] lists a copy twice: {list(pairs)}")
             for label, rank in pairs:
-                if not (0 <= label < self.experts and 0 <= rank < self.world):
+                if not (0 <= label < self.experts and 0 <= rank < self.ep_size):
                     raise ValueError(f"copies[{layer}] has ({label}, {rank}): labels are "
-                                     f"0..{self.experts - 1}, ranks 0..{self.world - 1}")
+                                     f"0..{self.experts - 1}, ranks 0..{self.ep_size - 1}")
                 if label // per == rank:
                     raise ValueError(f"copies[{layer}] puts label {label} on its owner rank "
                                      f"{rank}")
 
     @classmethod
-    def none(cls, layers: int, experts: int, world: int, gpus_per_node: int) -> CopyTable:
-        return cls(((),) * layers, world, gpus_per_node, experts)
+    def none(cls, layers: int, experts: int, ep_size: int, gpus_per_node: int) -> CopyTable:
+        return cls(((),) * layers, ep_size, gpus_per_node, experts)
 
     @classmethod
     def from_original(cls, table: ExpertTable, copies: Sequence[Sequence[tuple[int, int]]],
@@ -71,12 +72,12 @@ class CopyTable:
             raise ValueError(f"copies must list {len(table.label)} layers, got {len(copies)}")
         return cls(tuple(tuple(sorted((table.label[layer][e], d) for e, d in pairs))
                          for layer, pairs in enumerate(copies)),
-                   table.world, gpus_per_node, len(table.label[0]))
+                   table.ep_size, gpus_per_node, len(table.label[0]))
 
     def holders(self, layer: int) -> np.ndarray:
         """[E, J] bool: owner and copies of each label."""
-        per = self.experts // self.world
-        out = np.zeros((self.experts, self.world), dtype=bool)
+        per = self.experts // self.ep_size
+        out = np.zeros((self.experts, self.ep_size), dtype=bool)
         out[np.arange(self.experts), np.arange(self.experts) // per] = True
         for label, rank in self.copies[layer]:
             out[label, rank] = True
@@ -96,7 +97,7 @@ class CopyTable:
 def route_tables(copies: CopyTable) -> dict[int, torch.Tensor]:
     """For TokenDispatcher.routes: layer -> [E, J] int64 rank serving label a for a sample on
     rank d, for the layers that have copies. Pure numpy: no solver (OR-Tools) on the client."""
-    owners = np.arange(copies.experts) // (copies.experts // copies.world)
+    owners = np.arange(copies.experts) // (copies.experts // copies.ep_size)
     return {layer: torch.as_tensor(copy_route_table(copies.holders(layer), owners,
                                                     copies.gpus_per_node))
             for layer, pairs in enumerate(copies.copies) if pairs}
@@ -111,7 +112,7 @@ def adopt_copies(
     optimizer: torch.optim.Optimizer | None,
     old: CopyTable,
     new: CopyTable,
-    rank: int,
+    device: int,
     group: dist.ProcessGroup | None = None,
 ) -> int:
     """Creates the copies new has and old lacks, from their owners, and drops those old has and
@@ -119,13 +120,13 @@ def adopt_copies(
     owner's parameters and Adam state, in the owner's optimizer group settings; a dropped one
     leaves the model and the optimizer. blocks: block l has .moe.experts (ModuleDict by label).
     Returns the bytes this rank sent."""
-    per = new.experts // new.world
+    per = new.experts // new.ep_size
     sent_bytes = 0
     for layer, block in enumerate(blocks):
         experts = block.moe.experts
         before, after = set(old.copies[layer]), set(new.copies[layer])
         for label, where in sorted(before - after):
-            if where == rank:
+            if where == device:
                 module = experts[str(label)]
                 if optimizer is not None:
                     for p in module.parameters():
@@ -140,15 +141,15 @@ def adopt_copies(
             continue
         template = experts[next(iter(experts.keys()))]
         size = sum(t.numel() for t in _expert_tensors(template, optimizer))
-        mine = sorted((c for c in created if c[0] // per == rank), key=lambda c: (c[1], c[0]))
+        mine = sorted((c for c in created if c[0] // per == device), key=lambda c: (c[1], c[0]))
         send = torch.stack([
             torch.cat([t.reshape(-1).to(torch.float64)
                        for t in _expert_tensors(experts[str(label)], optimizer)])
             for label, _ in mine
         ]) if mine else torch.zeros((0, size), dtype=torch.float64)
-        send_splits = np.bincount([d for _, d in mine], minlength=new.world).tolist()
-        incoming = sorted((c for c in created if c[1] == rank), key=lambda c: (c[0] // per, c[0]))
-        recv_splits = np.bincount([a // per for a, _ in incoming], minlength=new.world).tolist()
+        send_splits = np.bincount([d for _, d in mine], minlength=new.ep_size).tolist()
+        incoming = sorted((c for c in created if c[1] == device), key=lambda c: (c[0] // per, c[0]))
+        recv_splits = np.bincount([a // per for a, _ in incoming], minlength=new.ep_size).tolist()
         recv = send.new_empty((len(incoming), size))
         dist.all_to_all_single(recv, send, recv_splits, send_splits, group=group)
         sent_bytes += len(mine) * sum(t.numel() * t.element_size()
@@ -197,8 +198,8 @@ class CopyGroups:
         rank of the job calls it, each with the table of its own `group`; every rank creates
         the union of all ranks' holder sets in one sorted order."""
         world_ranks = dist.get_process_group_ranks(self.group)  # group rank -> global rank
-        if len(world_ranks) != copies.world:
-            raise ValueError(f"copies.world={copies.world} but the group has "
+        if len(world_ranks) != copies.ep_size:
+            raise ValueError(f"copies.ep_size={copies.ep_size} but the group has "
                              f"{len(world_ranks)} ranks")
         sets = {tuple(world_ranks[r] for r in ranks): entries
                 for ranks, entries in copies.holder_sets().items()}

@@ -92,8 +92,8 @@ def _check_parallelism(parallelism: Any) -> None:
                              "placement (a sample must be one rank's whole row); set it to 1")
 
 
-def _check_model(model: nn.Module, blocks: list[tuple[str, nn.Module]], world: int) -> int:
-    """Validates the model for expert parallelism over ``world`` ranks; returns E."""
+def _check_model(model: nn.Module, blocks: list[tuple[str, nn.Module]], ep_size: int) -> int:
+    """Validates the model for expert parallelism over ``ep_size`` devices; returns E."""
     from torchtitan.models.common.attention import ScaledDotProductAttention
     from torchtitan.models.common.moe import MoE
 
@@ -124,9 +124,9 @@ def _check_model(model: nn.Module, blocks: list[tuple[str, nn.Module]], world: i
                 "masking of packed sequences (flex / varlen) is not supported; use "
                 "ScaledDotProductAttention (causal attention per row)")
     assert experts is not None
-    if experts % world:
+    if experts % ep_size:
         raise ValueError(f"num_experts={experts} is not divisible by the expert-parallel size "
-                         f"{world}")  # fmt: skip
+                         f"{ep_size}")  # fmt: skip
     return experts
 
 
@@ -151,6 +151,8 @@ class _Pass:
 class TorchtitanEP:
     """The expert-parallel side of a torchtitan model (see ``parallelize``).
 
+    device: this rank's index in the expert-parallel group (an int); ep_size: the group's size.
+
     stats: the dispatcher's communication accounting over all forward passes (routes from split
     sizes); placement: the hook or None. After a forward: ``plans`` (applied plan per MoE layer),
     ``topk`` ([B * L, K] int64 expert ids per MoE layer in the rows held there), ``held_ids``.
@@ -160,14 +162,14 @@ class TorchtitanEP:
                  placement: PlacementHook | None, gpus_per_node: int | None) -> None:
         self.model = model
         self.group = group
-        self.rank = dist.get_rank(group)
-        self.world = dist.get_world_size(group)
-        self.gpus_per_node = gpus_per_node if gpus_per_node is not None else self.world
-        if self.gpus_per_node <= 0 or self.world % self.gpus_per_node:
+        self.device = dist.get_rank(group)
+        self.ep_size = dist.get_world_size(group)
+        self.gpus_per_node = gpus_per_node if gpus_per_node is not None else self.ep_size
+        if self.gpus_per_node <= 0 or self.ep_size % self.gpus_per_node:
             raise ValueError(f"gpus_per_node={gpus_per_node} must divide the expert-parallel "
-                             f"size {self.world}")  # fmt: skip
+                             f"size {self.ep_size}")  # fmt: skip
         blocks = _moe_blocks(model)
-        self.experts = _check_model(model, blocks, self.world)
+        self.experts = _check_model(model, blocks, self.ep_size)
         self.placement = placement
         self.stats = CommStats()
         self.step = -1  # the last training forward's step
@@ -177,8 +179,8 @@ class TorchtitanEP:
         self.top_k = self.blocks[0].moe.router.top_k
         self._pass: _Pass | None = None
         self._last: _Pass | None = None
-        per = self.experts // self.world
-        keep = slice(self.rank * per, (self.rank + 1) * per)
+        per = self.experts // self.ep_size
+        keep = slice(self.device * per, (self.device + 1) * per)
         for layer, block in enumerate(self.blocks):
             inner = block.moe.routed_experts.inner_experts
             for name in _EXPERT_PARAMS:
@@ -204,7 +206,7 @@ class TorchtitanEP:
         if self._last is None:
             raise RuntimeError("no forward pass yet")
         n = self._last.dispatcher.layout.samples
-        return torch.from_numpy(self._last.ids[self.rank * n : (self.rank + 1) * n].copy())
+        return torch.from_numpy(self._last.ids[self.device * n : (self.device + 1) * n].copy())
 
     def expert_parameters(self) -> list[nn.Parameter]:
         """This rank's expert slices ([E / J, ...] each), whose gradients stay local."""
@@ -233,12 +235,12 @@ class TorchtitanEP:
                              f"{tuple(tensor.shape)}")  # fmt: skip
         where = np.empty_like(last.ids)
         where[last.ids] = np.arange(last.ids.size)
-        plan = SamplePlan(tuple((where // n).tolist()), self.world)
+        plan = SamplePlan(tuple((where // n).tolist()), self.ep_size)
         if not plan.moves:
             return tensor
-        moved = move_samples(tensor, plan, self.rank, self.stats, self.group)
-        arrived = {int(g): k for k, g in enumerate(plan.rows_held(self.rank))}
-        order = [arrived[int(g)] for g in last.ids[self.rank * n : (self.rank + 1) * n]]
+        moved = move_samples(tensor, plan, self.device, self.stats, self.group)
+        arrived = {int(g): k for k, g in enumerate(plan.rows_held(self.device))}
+        order = [arrived[int(g)] for g in last.ids[self.device * n : (self.device + 1) * n]]
         return moved[torch.tensor(order, device=tensor.device)]
 
     def attach(self, optimizer: torch.optim.Optimizer) -> None:
@@ -263,7 +265,7 @@ class TorchtitanEP:
         if positions is not None and tuple(positions.shape) != (b, s):
             raise ValueError(f"positions must be [{b}, {s}] like tokens, got "
                              f"{tuple(positions.shape)}")  # fmt: skip
-        layout = Layout(self.rank, self.world, self.gpus_per_node, self.experts, b, s)
+        layout = Layout(self.device, self.ep_size, self.gpus_per_node, self.experts, b, s)
         step, micro_batch = self._next
         # An evaluation forward (model.eval(), or under torch.inference_mode) keeps every
         # sample home and takes no round key.
@@ -274,7 +276,7 @@ class TorchtitanEP:
             self.stats.step = step
         return _Pass(step, micro_batch, TokenDispatcher(layout, self.stats, self.group),
                      self.placement if placing else None,
-                     np.arange(self.world * b, dtype=np.int64), positions)  # fmt: skip
+                     np.arange(self.ep_size * b, dtype=np.int64), positions)  # fmt: skip
 
     def _moe(self, layer: int, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """One MoE block's ``x + moe(ffn_norm(x))`` with placement; x: [B, L, D] float after
@@ -332,9 +334,9 @@ class TorchtitanEP:
         experts of ffn_norm(x) on each token's first slot."""
         moe = block.moe
         z = block.ffn_norm(routes.x)
-        local = routes.expert - self.rank * (self.experts // self.world)
+        local = routes.expert - self.device * (self.experts // self.ep_size)
         order = torch.argsort(local, stable=True)
-        counts = torch.bincount(local, minlength=self.experts // self.world)
+        counts = torch.bincount(local, minlength=self.experts // self.ep_size)
         y = moe.routed_experts.inner_experts(z[order], counts)
         y = torch.zeros_like(y).index_copy(0, order, y)
         # As torchtitan's combine: the score multiplies in float32.

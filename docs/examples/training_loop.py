@@ -17,7 +17,7 @@ from netmoe.client.layer import SampleTensors
 SHAPE = JobShape(nodes=2, gpus_per_node=2, experts=8, samples_per_device=2, seq_len=8,
                  hidden_size=16, dtype_bytes=4, deadline_ms=5000)
 N, S, D, E = SHAPE.samples_per_device, SHAPE.seq_len, SHAPE.hidden_size, SHAPE.experts
-WORLD = SHAPE.world
+WORLD = SHAPE.ep_size  # one expert-parallel group spans the job: its devices are its ranks
 K, LAYERS, STEPS, MICRO = 2, 2, 3, 2
 
 

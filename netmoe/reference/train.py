@@ -307,15 +307,15 @@ def _setup(cfg: TrainConfig, rank: int) -> _Run:
     from netmoe.reference.model import ModelConfig, MoEGPT
 
     groups = cfg.groups
-    world = groups.size
+    ep_size = groups.size
     g, device = groups.locate(rank)
     ep_group = expert_dp = None
     if groups.count > 1:
         # Every rank creates every group, in one order (new_group is collective).
         ep_groups = [dist.new_group(list(ranks)) for ranks in groups.ranks]
-        peers = [dist.new_group([ranks[d] for ranks in groups.ranks]) for d in range(world)]
+        peers = [dist.new_group([ranks[d] for ranks in groups.ranks]) for d in range(ep_size)]
         ep_group, expert_dp = ep_groups[g], peers[device]
-    layout = Layout(device, world, groups.gpus, cfg.experts, cfg.samples_per_device,
+    layout = Layout(device, ep_size, groups.gpus, cfg.experts, cfg.samples_per_device,
                     cfg.seq_len)  # fmt: skip
     mcfg = ModelConfig(cfg.vocab, cfg.d_model, cfg.heads, cfg.layers, cfg.ffn, cfg.experts,
                        cfg.top_k, cfg.seq_len)  # fmt: skip
@@ -332,8 +332,8 @@ def _setup(cfg: TrainConfig, rank: int) -> _Run:
         device=device, ep_group=ep_group, expert_dp=expert_dp,
     )
     if cfg.placement == "random":
-        source = RandomPlans(device, world, cfg.samples_per_device, cfg.seed + g)
-        run.placement = Placement(source, device, world, cfg.samples_per_device,
+        source = RandomPlans(device, ep_size, cfg.samples_per_device, cfg.seed + g)
+        run.placement = Placement(source, device, ep_size, cfg.samples_per_device,
                                   cfg.plan_timeout)
     elif cfg.placement == "service":
         from netmoe.client.node_reports import node_reports
@@ -348,7 +348,7 @@ def _setup(cfg: TrainConfig, rank: int) -> _Run:
         if node is None or node.first:
             run.client = PlacementClient(cfg.server, cfg.job, rank, spec,
                                          ranks=node.members if node is not None else ())
-        run.placement = Placement(run.client, device, world, cfg.samples_per_device,
+        run.placement = Placement(run.client, device, ep_size, cfg.samples_per_device,
                                   cfg.plan_timeout, node, cfg.device_counts)
     return run
 
@@ -552,9 +552,9 @@ def _adopt_copies(run: _Run, table: Any, info: dict[str, Any]) -> Any:
     cfg = run.cfg
     copies = CopyTable.from_original(table, [[tuple(c) for c in layer]
                                              for layer in info["copies"]], cfg.gpus_per_node)
-    none = CopyTable.none(cfg.layers, cfg.experts, cfg.world, cfg.gpus_per_node)
+    none = CopyTable.none(cfg.layers, cfg.experts, cfg.ep, cfg.gpus_per_node)
     t0 = time.perf_counter()
-    info["copy_sent_bytes"] = adopt_copies(run.model.blocks, run.opt, none, copies, run.rank)
+    info["copy_sent_bytes"] = adopt_copies(run.model.blocks, run.opt, none, copies, run.device)
     run.copy_groups = CopyGroups()
     run.copy_groups.update(copies)
     info["copy_seconds"] = time.perf_counter() - t0

@@ -164,9 +164,9 @@ def test_combine_settles_the_plan_in_its_one_control_exchange_and_falls_back_tog
 
 
 def test_layout_rejects_bad_input() -> None:
-    with pytest.raises(ValueError, match="experts=6 is not divisible by world=4"):
+    with pytest.raises(ValueError, match="experts=6 is not divisible by ep_size=4"):
         Layout(0, 4, 2, 6, 1, 1)
-    with pytest.raises(ValueError, match=r"rank must lie in \[0, 4\), got 4"):
+    with pytest.raises(ValueError, match=r"device must lie in \[0, 4\), got 4"):
         Layout(4, 4, 2, 8, 1, 1)
 
 

@@ -25,14 +25,14 @@ class Recorder:
     """Placement hook that keeps every rank's samples home and records the reported counts
     (routes per device when device_counts)."""
 
-    def __init__(self, world: int, device_counts: bool = False) -> None:
-        self.world, self.seen, self.device_counts = world, [], device_counts
+    def __init__(self, ep_size: int, device_counts: bool = False) -> None:
+        self.ep_size, self.seen, self.device_counts = ep_size, [], device_counts
 
     def submit(self, step, layer, gather, scatter, micro_batch=0):
         self.seen.append((gather.clone(), None if scatter is None else scatter.clone()))
 
     def wait(self, ticket) -> FixedPlan:
-        return FixedPlan(SamplePlan.no_move(self.world, SPD))
+        return FixedPlan(SamplePlan.no_move(self.ep_size, SPD))
 
 
 def _adam(opt: torch.optim.Optimizer, expert: torch.nn.Module) -> list[torch.Tensor]:

@@ -95,12 +95,13 @@ def _check(model_type: str, rank: int, placement: str, expert_map: list[int] | N
 def _param_counts_and_bad_input(model_type: str, rank: int) -> None:
     from netmoe.client.hf import parallelize
 
-    with pytest.raises(ValueError, match="experts=6 is not divisible by world size 4"):
+    with pytest.raises(ValueError,
+                       match="experts=6 is not divisible by the expert-parallel size ep_size=4"):
         parallelize(tiny_model(model_type, experts=6))
-    with pytest.raises(ValueError, match=r"expert_map\[1\]=4 names a missing device: ranks are "
+    with pytest.raises(ValueError, match=r"expert_map\[1\]=4 names a missing device: devices are "
                        r"0\.\.3"):
         parallelize(tiny_model(model_type), expert_map=[0, 4, 1, 1, 2, 2, 3, 3])
-    with pytest.raises(ValueError, match=r"each rank 2 experts, got \[3, 1, 2, 2\]"):
+    with pytest.raises(ValueError, match=r"each device 2 experts, got \[3, 1, 2, 2\]"):
         parallelize(tiny_model(model_type), expert_map=[0, 0, 0, 1, 2, 2, 3, 3])
     full = tiny_model(model_type)
     total = sum(p.numel() for p in full.parameters())

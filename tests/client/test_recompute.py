@@ -120,7 +120,7 @@ def _train(model: ToyMoE, ep: ExpertParallel, case: Case, world: int
         opt.zero_grad()
         total = torch.zeros(())
         for micro in range(case.micro):
-            loss, plans = model.loss(ep, case, step, micro, _tokens(ep.layout.rank, step, micro))
+            loss, plans = model.loss(ep, case, step, micro, _tokens(ep.layout.device, step, micro))
             (loss / tokens_total).backward()
             total += loss.detach()
             moved += sum(p.moved for p in plans)
@@ -244,10 +244,10 @@ def test_placement_refuses_keys_out_of_order_and_recompute_of_rounds_never_run()
     counts = torch.ones(2, 4, dtype=torch.int64)
     placement.submit(3, 0, counts, counts, micro_batch=1)
     full = placement._full.copy()
-    for step, micro, layer, need in ((3, 1, 0, "(3, 1, 0) on rank 0 does not come after "
+    for step, micro, layer, need in ((3, 1, 0, "(3, 1, 0) on device 0 does not come after "
                                                 "the last one (3, 1, 0)"),
-                                     (3, 0, 5, "(3, 0, 5) on rank 0 does not come after"),
-                                     (2, 4, 0, "(2, 4, 0) on rank 0 does not come after")):
+                                     (3, 0, 5, "(3, 0, 5) on device 0 does not come after"),
+                                     (2, 4, 0, "(2, 4, 0) on device 0 does not come after")):
         with pytest.raises(ValueError, match=need.replace("(", r"\(").replace(")", r"\)")):
             placement.submit(step, layer, counts, counts, micro_batch=micro)
     with pytest.raises(ValueError, match="micro_batch must be a non-negative integer, got -1"):
@@ -265,7 +265,7 @@ def test_placement_refuses_keys_out_of_order_and_recompute_of_rounds_never_run()
     y = x * 2
     y.register_hook(recompute)
     y.sum().backward()
-    assert errors and "recompute of round (step, micro_batch, layer) (3, 1, 1) on rank 0: its " \
+    assert errors and "recompute of round (step, micro_batch, layer) (3, 1, 1) on device 0: its " \
                       "forward never ran" in errors[0], errors
     assert sent == [(3, 1, 0)]
     assert np.array_equal(placement._full, full) and placement._last == (3, 1, 0)
