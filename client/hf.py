@@ -104,8 +104,8 @@ def expert_slots(expert_map: Sequence[int], ep_size: int) -> list[int]:
 class ExpertParallelLM(nn.Module):
     """A transformers MoE causal LM sharded over the ranks of ``group``; see ``parallelize``.
 
-    device: this rank's index in ``group`` (an int, not a torch.device); ep_size: the group's
-    size."""
+    ep_device: this rank's device index in ``group`` (an int; ``device`` is left to mean a
+    torch.device, as on every module); ep_size: the group's size."""
 
     def __init__(self, model: nn.Module, group: dist.ProcessGroup | None,
                  expert_map: Sequence[int] | None, placement: Placement | None,
@@ -120,7 +120,7 @@ class ExpertParallelLM(nn.Module):
                              "(it rescales hidden states at random before routing); set it to 0")
         self.model = model
         self.group = group
-        self.device = dist.get_rank(group)
+        self.ep_device = dist.get_rank(group)
         self.ep_size = dist.get_world_size(group)
         self.gpus_per_node = gpus_per_node if gpus_per_node is not None else self.ep_size
         self.moe_layers = [i for i, layer in enumerate(self._layers()) if _is_moe(layer)]
@@ -141,7 +141,7 @@ class ExpertParallelLM(nn.Module):
         per = self.experts // self.ep_size
         # Original expert ids on this rank, in slot order.
         self.local_experts = sorted(range(self.experts), key=lambda e: slots[e])[
-            self.device * per : (self.device + 1) * per]  # fmt: skip
+            self.ep_device * per : (self.ep_device + 1) * per]  # fmt: skip
         device = next(model.parameters()).device
         self.register_buffer("slot_of", torch.tensor(slots, device=device), persistent=False)
         self.placement = placement
@@ -221,12 +221,12 @@ class ExpertParallelLM(nn.Module):
                 raise ValueError(f"{name} must be [{n}, {s}] like input_ids, got "
                                  f"{tuple(t.shape)}")  # fmt: skip
         dev = input_ids.device
-        layout = Layout(self.device, self.ep_size, self.gpus_per_node, self.experts, n, s)
+        layout = Layout(self.ep_device, self.ep_size, self.gpus_per_node, self.experts, n, s)
         dispatcher = TokenDispatcher(layout, self.stats, self.group)
         base = self.model.model
         h = base.embed_tokens(input_ids)
         # Per-sample side tensors, one [n, *] int64 block so one exchange moves them all.
-        held = torch.arange(self.device * n, (self.device + 1) * n, device=dev)
+        held = torch.arange(self.ep_device * n, (self.ep_device + 1) * n, device=dev)
         side = {"held_ids": held[:, None]}
         if labels is not None:
             pad = labels.new_full((n, 1), IGNORE_INDEX)
@@ -317,7 +317,7 @@ class ExpertParallelLM(nn.Module):
         expert of norm(x)) on each token's first slot."""
         mlp = layer.mlp
         z = layer.post_attention_layernorm(routes.x)
-        local = routes.expert - self.device * (self.experts // self.ep_size)
+        local = routes.expert - self.ep_device * (self.experts // self.ep_size)
         out = mlp.experts(z, local[:, None], routes.weight[:, None].to(z.dtype))
         out = out + routes.first[:, None] * routes.x
         if hasattr(mlp, "shared_expert"):
@@ -351,7 +351,7 @@ class ExpertParallelLM(nn.Module):
     def _move(self, side: dict[str, torch.Tensor], plan: SamplePlan) -> dict[str, torch.Tensor]:
         """Side tensors [n, *] int64 moved with their samples (one exchange for all)."""
         widths = [t.shape[1] for t in side.values()]
-        moved = move_samples(torch.cat(list(side.values()), dim=1), plan, self.device,
+        moved = move_samples(torch.cat(list(side.values()), dim=1), plan, self.ep_device,
                              self.stats, self.group)  # fmt: skip
         return dict(zip(side, moved.split(widths, dim=1), strict=True))
 

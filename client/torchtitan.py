@@ -151,7 +151,8 @@ class _Pass:
 class TorchtitanEP:
     """The expert-parallel side of a torchtitan model (see ``parallelize``).
 
-    device: this rank's index in the expert-parallel group (an int); ep_size: the group's size.
+    ep_device: this rank's device index in the expert-parallel group (an int); ep_size: the
+    group's size.
 
     stats: the dispatcher's communication accounting over all forward passes (routes from split
     sizes); placement: the hook or None. After a forward: ``plans`` (applied plan per MoE layer),
@@ -162,7 +163,7 @@ class TorchtitanEP:
                  placement: PlacementHook | None, gpus_per_node: int | None) -> None:
         self.model = model
         self.group = group
-        self.device = dist.get_rank(group)
+        self.ep_device = dist.get_rank(group)
         self.ep_size = dist.get_world_size(group)
         self.gpus_per_node = gpus_per_node if gpus_per_node is not None else self.ep_size
         if self.gpus_per_node <= 0 or self.ep_size % self.gpus_per_node:
@@ -180,7 +181,7 @@ class TorchtitanEP:
         self._pass: _Pass | None = None
         self._last: _Pass | None = None
         per = self.experts // self.ep_size
-        keep = slice(self.device * per, (self.device + 1) * per)
+        keep = slice(self.ep_device * per, (self.ep_device + 1) * per)
         for layer, block in enumerate(self.blocks):
             inner = block.moe.routed_experts.inner_experts
             for name in _EXPERT_PARAMS:
@@ -206,7 +207,8 @@ class TorchtitanEP:
         if self._last is None:
             raise RuntimeError("no forward pass yet")
         n = self._last.dispatcher.layout.samples
-        return torch.from_numpy(self._last.ids[self.device * n : (self.device + 1) * n].copy())
+        mine = self._last.ids[self.ep_device * n : (self.ep_device + 1) * n]
+        return torch.from_numpy(mine.copy())
 
     def expert_parameters(self) -> list[nn.Parameter]:
         """This rank's expert slices ([E / J, ...] each), whose gradients stay local."""
@@ -238,9 +240,9 @@ class TorchtitanEP:
         plan = SamplePlan(tuple((where // n).tolist()), self.ep_size)
         if not plan.moves:
             return tensor
-        moved = move_samples(tensor, plan, self.device, self.stats, self.group)
-        arrived = {int(g): k for k, g in enumerate(plan.rows_held(self.device))}
-        order = [arrived[int(g)] for g in last.ids[self.device * n : (self.device + 1) * n]]
+        moved = move_samples(tensor, plan, self.ep_device, self.stats, self.group)
+        arrived = {int(g): k for k, g in enumerate(plan.rows_held(self.ep_device))}
+        order = [arrived[int(g)] for g in last.ids[self.ep_device * n : (self.ep_device + 1) * n]]
         return moved[torch.tensor(order, device=tensor.device)]
 
     def attach(self, optimizer: torch.optim.Optimizer) -> None:
@@ -265,7 +267,7 @@ class TorchtitanEP:
         if positions is not None and tuple(positions.shape) != (b, s):
             raise ValueError(f"positions must be [{b}, {s}] like tokens, got "
                              f"{tuple(positions.shape)}")  # fmt: skip
-        layout = Layout(self.device, self.ep_size, self.gpus_per_node, self.experts, b, s)
+        layout = Layout(self.ep_device, self.ep_size, self.gpus_per_node, self.experts, b, s)
         step, micro_batch = self._next
         # An evaluation forward (model.eval(), or under torch.inference_mode) keeps every
         # sample home and takes no round key.
@@ -334,7 +336,7 @@ class TorchtitanEP:
         experts of ffn_norm(x) on each token's first slot."""
         moe = block.moe
         z = block.ffn_norm(routes.x)
-        local = routes.expert - self.device * (self.experts // self.ep_size)
+        local = routes.expert - self.ep_device * (self.experts // self.ep_size)
         order = torch.argsort(local, stable=True)
         counts = torch.bincount(local, minlength=self.experts // self.ep_size)
         y = moe.routed_experts.inner_experts(z[order], counts)
