@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from netmoe.reference.data import DOMAINS, Corpus
-from netmoe.reference.train import check_run
+from netmoe.reference.train import check_run, write_atomic
 
 DEMO_VOCAB = 2048  # the reference demo's vocabulary: the ids a checkpoint without tokenizer sees
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json",
@@ -321,9 +321,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"python -m netmoe.reference.hf_demo: error: {err}", file=sys.stderr)
         return 2
     result = train(cfg)
-    tmp = f"{args.out}.tmp"
-    Path(tmp).write_text(json.dumps(result))
-    os.replace(tmp, args.out)
+    write_atomic(args.out, json.dumps(result))
     return 0
 
 

@@ -21,12 +21,11 @@ import time
 import types
 from dataclasses import dataclass
 from datetime import timedelta
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from netmoe.reference.train import check_run
+from netmoe.reference.train import check_run, write_atomic
 
 FAMILIES = ("qwen3", "deepseek_v3")
 # bfloat16: torchtitan 0.3's GroupedExperts as it is (its grouped matmuls cast to bfloat16
@@ -484,9 +483,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"python -m netmoe.reference.torchtitan_demo: error: {err}", file=sys.stderr)
         return 2
     result = train(cfg)
-    tmp = f"{args.out}.tmp"
-    Path(tmp).write_text(json.dumps(result))
-    os.replace(tmp, args.out)
+    write_atomic(args.out, json.dumps(result))
     return 0
 
 

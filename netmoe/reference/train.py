@@ -390,7 +390,7 @@ def _train_steps(run: _Run) -> dict[str, Any]:
         step_routes.append((totals - routes_so_far).tolist())
         routes_so_far = totals
         if progress_file:
-            _write_atomic(progress_file, str(step + 1))
+            write_atomic(progress_file, str(step + 1))
     if run.recorder is not None:
         run.recorder.save(cfg.record_trace, group_rank=rank)
     # Keyed by original expert id, so runs with and without moved experts compare; copies are
@@ -678,7 +678,8 @@ def _checksum(state: dict[str, Any]) -> dict[str, list[float]]:
     }
 
 
-def _write_atomic(path: str, text: str) -> None:
+def write_atomic(path: str, text: str) -> None:
+    """Writes text to path so that a reader never sees a partial file."""
     tmp = f"{path}.{os.getpid()}.tmp"
     Path(tmp).write_text(text)
     os.replace(tmp, path)
@@ -719,7 +720,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     text = Path(args.config[1:]).read_text() if args.config.startswith("@") else args.config
     cfg = TrainConfig.from_dict(json.loads(text))
-    _write_atomic(args.out, json.dumps(train(cfg)))
+    write_atomic(args.out, json.dumps(train(cfg)))
     return 0
 
 
