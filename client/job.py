@@ -62,7 +62,15 @@ class JobShape:
 
     def spec(self, **options: Any) -> pb.JobSpec:
         """The service's job spec; options: ``job_spec``'s other keywords (objective, layers,
-        device_counts, bandwidths, ...)."""
+        device_counts, bandwidths, ...). A JobShape is one expert-parallel group, its device
+        index the rank the service knows: a job of several groups (``ep_size``, ``groups``)
+        builds its spec with ``job_spec`` and each rank's stream with its global rank."""
+        for name in ("ep_size", "groups"):
+            if options.get(name):
+                raise ValueError(
+                    f"{name}={options[name]!r}: a JobShape states one expert-parallel group of "
+                    f"{self.ep_size} devices; for several groups build the spec with job_spec "
+                    f"and each PlacementClient with the rank's global rank")
         return job_spec(self.nodes, self.gpus_per_node, self.experts, self.samples_per_device,
                         hidden_size=self.hidden_size, dtype_bytes=self.dtype_bytes,
                         deadline_ms=self.deadline_ms, **options)

@@ -138,3 +138,6 @@ def test_job_shape_states_the_sizes_once_and_names_bad_ones() -> None:
             JobShape(**{**shape.__dict__, field: value})
     with pytest.raises(ValueError, match="job must name the job"):
         shape.expert_parallel(0, "127.0.0.1:1")
+    with pytest.raises(ValueError, match="ep_size=2: a JobShape states one expert-parallel "
+                       "group of 4 devices"):
+        shape.spec(ep_size=2)
