@@ -17,14 +17,13 @@ import os
 import sys
 import time
 from dataclasses import dataclass
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from netmoe.reference.data import DOMAINS, Corpus
-from netmoe.reference.train import check_run, write_atomic
+from netmoe.reference.train import check_run, join_ranks, write_atomic
 
 DEMO_VOCAB = 2048  # the reference demo's vocabulary: the ids a checkpoint without tokenizer sees
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json",
@@ -159,13 +158,7 @@ def train(cfg: HFTrainConfig) -> dict[str, Any]:
     from netmoe.client.recorder import TraceRecorder
     from netmoe.reference.train import _route_totals
 
-    torch.set_num_threads(cfg.threads)
-    rank = int(os.environ["RANK"])
-    world = int(os.environ["WORLD_SIZE"])
-    if world != cfg.world:
-        raise ValueError(f"WORLD_SIZE={world} but nodes x gpus_per_node = {cfg.world}")
-    dist.init_process_group("gloo", init_method="env://", rank=rank, world_size=world,
-                            timeout=timedelta(seconds=120))  # fmt: skip
+    rank = join_ranks(cfg.world, cfg.threads)
     client = None
     clean = False
     try:
@@ -177,7 +170,7 @@ def train(cfg: HFTrainConfig) -> dict[str, Any]:
         placement = None
         experts = _experts(mcfg)
         if cfg.placement == "random":
-            placement = Placement(RandomPlans(rank, world, n, cfg.seed), rank, world, n,
+            placement = Placement(RandomPlans(rank, cfg.world, n, cfg.seed), rank, cfg.world, n,
                                   cfg.plan_timeout)  # fmt: skip
         elif cfg.placement == "service":
             from netmoe.client.placement_client import PlacementClient, job_spec
@@ -186,7 +179,7 @@ def train(cfg: HFTrainConfig) -> dict[str, Any]:
                             hidden_size=mcfg.hidden_size, dtype_bytes=4,
                             objective=cfg.objective, deadline_ms=cfg.deadline_ms)
             client = PlacementClient(cfg.server, cfg.job, rank, spec)
-            placement = Placement(client, rank, world, n, cfg.plan_timeout)
+            placement = Placement(client, rank, cfg.world, n, cfg.plan_timeout)
         ep = parallelize(model, placement=placement, gpus_per_node=cfg.gpus_per_node)
         layers = len(ep.moe_layers)
         opt = torch.optim.AdamW(ep.parameters(), lr=cfg.lr)

@@ -20,12 +20,11 @@ import sys
 import time
 import types
 from dataclasses import dataclass
-from datetime import timedelta
 from typing import Any
 
 import numpy as np
 
-from netmoe.reference.train import check_run, write_atomic
+from netmoe.reference.train import check_run, join_ranks, write_atomic
 
 FAMILIES = ("qwen3", "deepseek_v3")
 # bfloat16: torchtitan 0.3's GroupedExperts as it is (its grouped matmuls cast to bfloat16
@@ -298,13 +297,7 @@ def train(cfg: TitanTrainConfig) -> dict[str, Any]:
     from netmoe.reference.data import load_corpus
     from netmoe.reference.train import _route_totals
 
-    torch.set_num_threads(cfg.threads)
-    rank = int(os.environ["RANK"])
-    world = int(os.environ["WORLD_SIZE"])
-    if world != cfg.world:
-        raise ValueError(f"WORLD_SIZE={world} but nodes x gpus_per_node = {cfg.world}")
-    dist.init_process_group("gloo", init_method="env://", rank=rank, world_size=world,
-                            timeout=timedelta(seconds=120))  # fmt: skip
+    rank = join_ranks(cfg.world, cfg.threads)
     client = None
     clean = False
     try:
@@ -313,7 +306,7 @@ def train(cfg: TitanTrainConfig) -> dict[str, Any]:
         n, s = cfg.samples_per_device, cfg.seq_len
         placement, ep, spy = None, None, None
         if cfg.placement == "random":
-            placement = Placement(RandomPlans(rank, world, n, cfg.seed), rank, world, n,
+            placement = Placement(RandomPlans(rank, cfg.world, n, cfg.seed), rank, cfg.world, n,
                                   cfg.plan_timeout)  # fmt: skip
         elif cfg.placement == "service":
             from netmoe.client.placement_client import PlacementClient, job_spec
@@ -321,7 +314,7 @@ def train(cfg: TitanTrainConfig) -> dict[str, Any]:
             spec = job_spec(cfg.nodes, cfg.gpus_per_node, cfg.experts, n, hidden_size=cfg.dim,
                             dtype_bytes=4, objective=cfg.objective, deadline_ms=cfg.deadline_ms)
             client = PlacementClient(cfg.server, cfg.job, rank, spec)
-            placement = Placement(client, rank, world, n, cfg.plan_timeout)
+            placement = Placement(client, rank, cfg.world, n, cfg.plan_timeout)
         if cfg.stock:
             spy = SplitSpy(model)
             experts = {id(p) for p in stock_parallelize(model)}

@@ -266,16 +266,9 @@ class _Run:
 
 def train(cfg: TrainConfig) -> dict[str, Any]:
     """Trains cfg.steps steps on this rank; returns losses, route counts and timings."""
-    import torch
     import torch.distributed as dist
 
-    torch.set_num_threads(cfg.threads)
-    rank = int(os.environ["RANK"])
-    world = int(os.environ["WORLD_SIZE"])
-    if world != cfg.world:
-        raise ValueError(f"WORLD_SIZE={world} but nodes x gpus_per_node = {cfg.world}")
-    dist.init_process_group("gloo", init_method="env://", rank=rank, world_size=world,
-                            timeout=timedelta(seconds=120))  # fmt: skip
+    rank = join_ranks(cfg.world, cfg.threads)
     run: _Run | None = None
     clean = False
     try:
@@ -676,6 +669,22 @@ def _checksum(state: dict[str, Any]) -> dict[str, list[float]]:
         name: [float(p.detach().double().sum()), float(p.detach().double().pow(2).sum())]
         for name, p in state.items()
     }
+
+
+def join_ranks(world: int, threads: int) -> int:
+    """This training rank's rank, joined to the gloo group from the environment (env://: RANK,
+    WORLD_SIZE, MASTER_ADDR, MASTER_PORT); ValueError when WORLD_SIZE is not the config's
+    ``world`` (nodes x gpus_per_node). Torch runs ``threads`` intra-op threads."""
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(threads)
+    rank, size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    if size != world:
+        raise ValueError(f"WORLD_SIZE={size} but nodes x gpus_per_node = {world}")
+    dist.init_process_group("gloo", init_method="env://", rank=rank, world_size=size,
+                            timeout=timedelta(seconds=120))  # fmt: skip
+    return rank
 
 
 def write_atomic(path: str, text: str) -> None:

@@ -75,12 +75,8 @@ def test_text_output_names_the_copies(capsys: pytest.CaptureFixture[str]) -> Non
     assert "busiest device / mean load, mean over layers (worst layer): home " in out
 
 
-@pytest.mark.parametrize("extra, message", [
-    (["--replica-budget", "-1"], "--replica-budget: must be a non-negative integer, got '-1'"),
-    (["--replica-budget", "57"], "--replica-budget=57: slots=57 copies per device do not fit"),
-])
-def test_bad_budget_exits_2(capsys: pytest.CaptureFixture[str], extra: list[str],
-                            message: str) -> None:
+def assert_one_error(capsys: pytest.CaptureFixture[str], extra: list[str], message: str) -> None:
+    """ARGS + extra exit 2 with message on one line of stderr (argparse's checks or ours)."""
     try:
         code = main([*ARGS, *extra])
     except SystemExit as exit_:  # argparse's own checks
@@ -88,6 +84,15 @@ def test_bad_budget_exits_2(capsys: pytest.CaptureFixture[str], extra: list[str]
     assert code == 2
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--replica-budget", "-1"], "--replica-budget: must be a non-negative integer, got '-1'"),
+    (["--replica-budget", "57"], "--replica-budget=57: slots=57 copies per device do not fit"),
+])
+def test_bad_budget_exits_2(capsys: pytest.CaptureFixture[str], extra: list[str],
+                            message: str) -> None:
+    assert_one_error(capsys, extra, message)
 
 
 def test_budget_needs_fitted_experts(capsys: pytest.CaptureFixture[str]) -> None:
@@ -170,13 +175,7 @@ def test_migration_budget_in_the_cli(capsys: pytest.CaptureFixture[str]) -> None
 ])
 def test_bad_balance_flags_exit_2(capsys: pytest.CaptureFixture[str], extra: list[str],
                                   message: str) -> None:
-    try:
-        code = main([*ARGS, *extra])
-    except SystemExit as exit_:  # argparse's own checks
-        code = exit_.code
-    assert code == 2
-    err = capsys.readouterr().err
-    assert message in err and len(err.strip().splitlines()) == 1
+    assert_one_error(capsys, extra, message)
 
 
 def test_load_bound_needs_fitted_experts(capsys: pytest.CaptureFixture[str]) -> None:
