@@ -87,7 +87,7 @@ if [ "$kind" = trainer ]; then
   # The pinned torch from wherever the host's pip finds it (a CPU wheel on these machines).
   context=$work/context
   mkdir -p "$context/wheels"
-  cp -r pyproject.toml constraints.txt README.md netmoe solver server client protos docker \
+  cp -r pyproject.toml constraints.txt README.md netmoe solver server client protos app docker \
     .dockerignore "$context"/
   torch=$(grep -E '^torch==' constraints.txt)
   $pip download -q --no-deps --only-binary=:all: -d "$context/wheels" "$torch" >&2

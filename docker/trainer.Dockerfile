@@ -11,6 +11,7 @@ COPY solver solver
 COPY server server
 COPY client client
 COPY protos protos
+COPY app app
 # Secrets as in docker/Dockerfile; wheels/ is bind-mounted, so the wheel is in no layer either.
 RUN --mount=type=secret,id=pip_conf --mount=type=secret,id=pip_cert \
     --mount=type=bind,source=wheels,target=/wheels \
@@ -24,4 +25,4 @@ ENV PATH=/opt/netmoe/bin:$PATH \
     HOME=/tmp \
     PYTHONUNBUFFERED=1
 USER 10001:10001
-CMD ["python", "-m", "netmoe.reference.train", "--help"]
+CMD ["python", "-m", "netmoe.app.reference.train", "--help"]

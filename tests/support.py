@@ -73,7 +73,7 @@ def spawn_ranks(target: Callable[..., None], world: int, *args: object,
     if a rank hangs past timeout (it is killed) or exits non-zero (an abort at exit included)."""
     import torch.multiprocessing as mp
 
-    from netmoe.reference.launch import free_port
+    from netmoe.app.reference.launch import free_port
 
     ctx = mp.get_context("spawn")
     errors = ctx.Queue()
@@ -306,7 +306,7 @@ class ServerProcess:
     def __init__(self, port: int = 0, *extra: str) -> None:
         env = {**os.environ, "NETMOE_GRACE_SECONDS": "1"}
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "netmoe.cli", "serve", "--port", str(port),
+            [sys.executable, "-m", "netmoe.app.cli", "serve", "--port", str(port),
              "--metrics-port", "0", *extra], stderr=subprocess.PIPE, text=True, env=env)
         log = ""
         assert self.proc.stderr is not None
@@ -347,7 +347,7 @@ class ServerProcess:
 
 # --- the emulated cluster ------------------------------------------------------------------------
 
-_TESTBED_LINK = re.compile(r"(n|p)\d+|br0")  # the names netmoe.cluster.testbed gives its links
+_TESTBED_LINK = re.compile(r"(n|p)\d+|br0")  # the names netmoe.app.cluster.testbed gives its links
 
 
 def root_links() -> set[str]:

@@ -75,7 +75,7 @@ def rank_main(rank: int, server: str, port: int) -> None:
 
 
 if __name__ == "__main__":
-    from netmoe.reference.launch import free_port
+    from netmoe.app.reference.launch import free_port
     from netmoe.server.app import start
     from netmoe.server.config import ServerConfig
 

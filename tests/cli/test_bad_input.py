@@ -111,7 +111,7 @@ ROWS: list[tuple[str, Callable[[Path], list[str]], dict[str, str], list[str]]] =
 
 
 def run_cli(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "netmoe.cli", *args], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "netmoe.app.cli", *args], capture_output=True,
                           text=True, timeout=60, env={**os.environ, **env})
 
 

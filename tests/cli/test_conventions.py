@@ -13,9 +13,9 @@ from collections.abc import Iterator
 import pytest
 
 from netmoe import __version__
-from netmoe.cli import build_parser, has_default, main
-from netmoe.progress import Progress
-from netmoe.text import human_bytes, plural, table
+from netmoe.app.cli import build_parser, has_default, main
+from netmoe.app.progress import Progress
+from netmoe.app.text import human_bytes, plural, table
 
 
 def parsers(parser: argparse.ArgumentParser) -> Iterator[argparse.ArgumentParser]:
@@ -66,7 +66,7 @@ def test_version(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_usage_errors_are_one_line() -> None:
-    out = subprocess.run([sys.executable, "-m", "netmoe.cli", "evaluate", "--nodes", "x"],
+    out = subprocess.run([sys.executable, "-m", "netmoe.app.cli", "evaluate", "--nodes", "x"],
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 2
     assert out.stderr.splitlines() == [

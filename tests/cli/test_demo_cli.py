@@ -16,7 +16,7 @@ TINY = ["--warmup-steps", "0", "--nodes", "1", "--gpus-per-node", "2", "--layers
 
 
 def demo(*args: str) -> list[str]:
-    return [sys.executable, "-m", "netmoe.cli", "demo", *TINY, *args]
+    return [sys.executable, "-m", "netmoe.app.cli", "demo", *TINY, *args]
 
 
 def test_unreachable_server_is_an_error_and_progress_is_shown() -> None:
@@ -75,7 +75,7 @@ def test_demo_trains_with_recompute_micro_batches_and_bf16_like_home() -> None:
     recompute and the micro-batches get every plan they ask for, and losses equal home's."""
     import json
 
-    args = [sys.executable, "-m", "netmoe.cli", "demo", "--warmup-steps", "0", "--nodes", "2",
+    args = [sys.executable, "-m", "netmoe.app.cli", "demo", "--warmup-steps", "0", "--nodes", "2",
             "--gpus-per-node", "1", "--layers", "2", "--seq-len", "8", "--samples-per-device",
             "2", "--steps", "2", "--recompute", "--micro-batches", "2", "--dtype", "bf16",
             "--json"]

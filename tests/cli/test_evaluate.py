@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from netmoe.cli import main
+from netmoe.app.cli import main
 from netmoe.solver import Topology, traffic
 from netmoe.trace import load_trace, sample_counts, save_trace
 
@@ -175,7 +175,7 @@ def test_missing_file_is_a_clear_error(capsys: pytest.CaptureFixture[str]) -> No
 
 def test_console_script_runs() -> None:
     out = subprocess.run(
-        [sys.executable, "-m", "netmoe.cli", "evaluate", "--trace", str(FLAME),
+        [sys.executable, "-m", "netmoe.app.cli", "evaluate", "--trace", str(FLAME),
          "--tokens-per-sample", "256", "--json"],
         check=True, capture_output=True, text=True,
     ).stdout

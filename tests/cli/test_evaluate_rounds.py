@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from netmoe.cli import main
+from netmoe.app.cli import main
 from netmoe.trace import load_trace, sample_counts, save_trace
 
 FLAME = Path(__file__).parents[1] / "fixtures" / "flame_290m_2048tok_layers2-9.npz"

@@ -9,13 +9,13 @@ from concurrent import futures
 
 import pytest
 
-from netmoe.cli import main
+from netmoe.app.cli import main
 from netmoe.server.app import PortUnavailable, start
 from netmoe.server.config import ServerConfig
 
 
 def serve(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "netmoe.cli", "serve", *args],
+    return subprocess.run([sys.executable, "-m", "netmoe.app.cli", "serve", *args],
                           capture_output=True, text=True, timeout=60)
 
 
@@ -53,7 +53,7 @@ def test_the_servers_socket_cannot_be_shared_even_by_a_reuseport_server() -> Non
 
 @pytest.mark.parametrize(("sig", "code"), [(signal.SIGTERM, 0), (signal.SIGINT, 130)])
 def test_startup_log_and_exit_codes_of_a_stop(sig: signal.Signals, code: int) -> None:
-    proc = subprocess.Popen([sys.executable, "-m", "netmoe.cli", "serve", "--port", "0",
+    proc = subprocess.Popen([sys.executable, "-m", "netmoe.app.cli", "serve", "--port", "0",
                              "--metrics-port", "-1", "--grace-seconds", "1"],
                             stderr=subprocess.PIPE, text=True)
     assert proc.stderr is not None

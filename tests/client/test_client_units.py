@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
+from netmoe.app.reference.train import TrainConfig
 from netmoe.client.dispatcher import Layout
 from netmoe.client.histogram import device_route_counts, route_counts, token_samples
 from netmoe.client.planning import Placement, RandomPlans, agree
-from netmoe.reference.train import TrainConfig
 from netmoe.round import SamplePlan
 from netmoe.solver import Topology
 from netmoe.solver.cost import device_counts
@@ -109,7 +109,7 @@ def test_the_client_and_trainer_import_without_the_server_extras() -> None:
     """The trainer image installs netmoe[client] only: no OR-Tools, no prometheus-client."""
     out = run_without(("ortools", "prometheus_client"), (
         "import netmoe.client.layer, netmoe.client.node_reports, netmoe.client.placement_client\n"
-        "import netmoe.client.hf, netmoe.client.job, netmoe.groups, netmoe.reference.train\n"
+        "import netmoe.client.hf, netmoe.client.job, netmoe.groups, netmoe.app.reference.train\n"
         "print('ok')\n"))
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
 

@@ -8,10 +8,10 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from netmoe.app.reference.model import ModelConfig, MoEGPT
 from netmoe.client.dispatcher import Layout, TokenDispatcher
 from netmoe.client.experts import ExpertTable, OriginalIds, adopt
 from netmoe.client.planning import FixedPlan
-from netmoe.reference.model import ModelConfig, MoEGPT
 from netmoe.round import SamplePlan
 from netmoe.solver import Topology
 from netmoe.solver.cost import device_counts

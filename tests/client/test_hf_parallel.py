@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from netmoe.cli import main
+from netmoe.app.cli import main
 from netmoe.trace import load_trace
 
 from support import gloo_group, spawn_ranks
@@ -30,7 +30,7 @@ TYPES = ("mixtral", "qwen3_moe", "olmoe", "qwen2_moe")
 def tiny_model(model_type: str, experts: int = EXPERTS, seed: int = 0) -> torch.nn.Module:
     from transformers import AutoModelForCausalLM
 
-    from netmoe.reference.hf_demo import tiny_config
+    from netmoe.app.reference.hf_demo import tiny_config
 
     cfg = tiny_config(model_type, vocab=VOCAB, hidden=16, layers=4, experts=experts)
     torch.manual_seed(seed)
@@ -151,7 +151,7 @@ def test_demo_trains_a_saved_checkpoint_home_and_with_the_service(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """``netmoe demo --hf-model`` on a checkpoint saved by ``write_tiny``: 10 steps home, then 10
     with plans of a real embedded placement service (4 ranks, 2 nodes x 2)."""
-    from netmoe.reference.hf_demo import write_tiny
+    from netmoe.app.reference.hf_demo import write_tiny
 
     model = write_tiny(tmp_path / "tiny", "qwen3_moe", experts=8)
     args = ["demo", "--hf-model", str(model), "--nodes", "2", "--gpus-per-node", "2", "--steps",
@@ -179,7 +179,7 @@ def test_demo_without_plans_fails_like_the_reference_demo(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """An unreachable --server: both runs train, then exit code 1 and the reference demo's error
     (every layer fell back), not a quiet exit 0."""
-    from netmoe.reference.hf_demo import write_tiny
+    from netmoe.app.reference.hf_demo import write_tiny
 
     with socket.socket() as sock:  # a port nothing listens on
         sock.bind(("127.0.0.1", 0))
@@ -196,7 +196,7 @@ def test_demo_without_plans_fails_like_the_reference_demo(
 
 def test_demo_rejects_a_vocabulary_that_does_not_cover_the_demo_ids(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from netmoe.reference.hf_demo import tiny_config
+    from netmoe.app.reference.hf_demo import tiny_config
 
     tiny_config("mixtral", vocab=VOCAB, hidden=16).save_pretrained(tmp_path)
     assert main(["demo", "--hf-model", str(tmp_path), "--cache-dir", str(tmp_path)]) == 2
@@ -212,8 +212,8 @@ def test_demo_corpus_is_tokenised_by_the_checkpoint_tokenizer(tmp_path: Path) ->
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-    from netmoe.reference.data import DOMAINS, _raw_texts
-    from netmoe.reference.hf_demo import load_hf_corpus, tiny_config
+    from netmoe.app.reference.data import DOMAINS, _raw_texts
+    from netmoe.app.reference.hf_demo import load_hf_corpus, tiny_config
 
     words = ["[UNK]", "def", "the", "self", "return", "(", ")", ":", "=", "a", "of", "to", "in"]
     tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))

@@ -16,7 +16,7 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from netmoe.cli import main  # noqa: E402
+from netmoe.app.cli import main  # noqa: E402
 from netmoe.client.hf_recorder import FAMILIES, HFRecorder  # noqa: E402
 from netmoe.trace import load_trace  # noqa: E402
 

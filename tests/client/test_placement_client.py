@@ -149,7 +149,7 @@ def test_an_unreachable_service_costs_one_line_per_state_change(caplog: pytest.L
                                                                 ) -> None:
     """Down, then up: one line when the stream is lost, one when it is back; one line when the
     rounds start falling back and one when plans come back, whatever the number of layers."""
-    from netmoe.reference.launch import free_port
+    from netmoe.app.reference.launch import free_port
 
     from support import wait_for
 

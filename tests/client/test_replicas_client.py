@@ -13,10 +13,10 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from netmoe.app.reference.model import ModelConfig, MoEGPT
 from netmoe.client.dispatcher import CommStats, Layout, TokenDispatcher
 from netmoe.client.experts import ExpertTable
 from netmoe.client.replicas import CopyGroups, CopyTable, adopt_copies, route_tables, sync_grads
-from netmoe.reference.model import ModelConfig, MoEGPT
 
 from support import gloo_group, spawn_ranks, train_step
 
@@ -223,7 +223,7 @@ import torch.nn.functional as F
 from netmoe.client.dispatcher import Layout, TokenDispatcher
 from netmoe.client.experts import ExpertTable
 from netmoe.client.replicas import CopyGroups, CopyTable, adopt_copies, route_tables, sync_grads
-from netmoe.reference.model import ModelConfig, MoEGPT
+from netmoe.app.reference.model import ModelConfig, MoEGPT
 rank, world = {rank}, 2
 os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="{port}")
 dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -257,7 +257,7 @@ def test_a_training_step_with_copies_runs_without_or_tools() -> None:
     """The trainer image (netmoe[client]) has no OR-Tools: copies in force must not need it."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from netmoe.reference.launch import free_port
+    from netmoe.app.reference.launch import free_port
 
     from support import run_without
 

@@ -31,8 +31,8 @@ FAMILIES = ("qwen3", "deepseek_v3")
 def _batches(world: int, rank: int, steps: int, samples: int = SAMPLES
              ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Per step this rank's (tokens [samples, S], labels [samples, S]) of the demo corpus."""
-    from netmoe.reference.data import load_corpus
-    from netmoe.reference.torchtitan_demo import VOCAB
+    from netmoe.app.reference.data import load_corpus
+    from netmoe.app.reference.torchtitan_demo import VOCAB
 
     corpus = load_corpus(VOCAB, None)
     out = []
@@ -49,14 +49,14 @@ class _Run:
     def __init__(self, family: str, experts: int, placement: Any = None, stock: bool = False,
                  gpus: int = 2, dtype: str = "float32", ac: str = "", mesh: Any = None
                  ) -> None:
-        from netmoe.client.torchtitan import parallelize
-        from netmoe.reference.torchtitan_demo import (
+        from netmoe.app.reference.torchtitan_demo import (
             SplitSpy,
             TitanConfig,
             load_balancing,
             stock_parallelize,
             tiny_model,
         )
+        from netmoe.client.torchtitan import parallelize
 
         self.model = tiny_model(TitanConfig(family, experts=experts, expert_dtype=dtype),
                                 seed=0)
@@ -106,7 +106,7 @@ class _Run:
 
 
 def _inter(routes: dict[tuple[int, str], Any], rank: int, gpus: int) -> int:
-    from netmoe.reference.train import _route_totals
+    from netmoe.app.reference.train import _route_totals
 
     layers = 1 + max(layer for layer, _ in routes)
     return int(_route_totals(routes, rank, gpus, layers)[:, 0].sum())
@@ -231,13 +231,13 @@ def _bad_input(rank: int, world: int) -> None:
     from torchtitan.config import ParallelismConfig
     from torchtitan.models.common.attention import FlexAttention
 
-    from netmoe.client.torchtitan import parallelize
-    from netmoe.reference.torchtitan_demo import (
+    from netmoe.app.reference.torchtitan_demo import (
         TitanConfig,
         model_config,
         stock_parallelize,
         tiny_model,
     )
+    from netmoe.client.torchtitan import parallelize
 
     def built(config: Any) -> Any:
         model = config.build()
@@ -296,7 +296,7 @@ def _worker(rank: int, port: int, world: int, gpus: int, address: str, dead: str
 
 
 def _run(world: int, gpus: int) -> None:
-    from netmoe.reference.launch import free_port
+    from netmoe.app.reference.launch import free_port
     from netmoe.server.app import start
     from netmoe.server.config import ServerConfig
 
@@ -325,7 +325,7 @@ def test_demo_json_has_the_demos_keys_and_the_stock_run(
     service and torchtitan's own EP path train the same losses."""
     import json
 
-    from netmoe.cli import main
+    from netmoe.app.cli import main
 
     args = ["demo", "--torchtitan", "qwen3", "--nodes", "2", "--gpus-per-node", "1", "--steps",
             "2", "--samples-per-device", "2", "--seq-len", "16", "--layers", "2",
@@ -348,7 +348,7 @@ def test_record_writes_a_trace_evaluate_reads(tmp_path: Any,
                                               capsys: pytest.CaptureFixture[str]) -> None:
     import json
 
-    from netmoe.cli import main
+    from netmoe.app.cli import main
     from netmoe.trace import load_trace
 
     out = tmp_path / "tt.npz"
@@ -372,7 +372,7 @@ def test_record_writes_a_trace_evaluate_reads(tmp_path: Any,
 ])  # fmt: skip
 def test_cli_bad_input_names_the_flag(argv: list[str], named: str,
                                       capsys: pytest.CaptureFixture[str]) -> None:
-    from netmoe.cli import main
+    from netmoe.app.cli import main
 
     assert main(argv) == 2
     assert named in capsys.readouterr().err

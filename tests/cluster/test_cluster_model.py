@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from netmoe.cluster.calibrate import channel_bytes, durations, fit_channel, pattern
-from netmoe.cluster.testbed import TestbedConfig, shaping_commands
-from netmoe.cluster.workload import send_matrix, step_traffic
+from netmoe.app.cluster.calibrate import channel_bytes, durations, fit_channel, pattern
+from netmoe.app.cluster.testbed import TestbedConfig, shaping_commands
+from netmoe.app.cluster.workload import send_matrix, step_traffic
 from netmoe.solver import Topology, home_placement, traffic
 from netmoe.solver.synthetic import planted_counts
 

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from netmoe.cluster.train import (
+from netmoe.app.cluster.train import (
     align_calls,
     expert_order,
     fit_copies,
@@ -23,8 +23,8 @@ from netmoe.cluster.train import (
     replica_report,
     replica_verdict,
 )
-from netmoe.reference.model import relabel_state
-from netmoe.reference.train import TrainConfig
+from netmoe.app.reference.model import relabel_state
+from netmoe.app.reference.train import TrainConfig
 from netmoe.trace import save_trace
 
 from support import leaked_links, root_links, run_bench
@@ -130,7 +130,7 @@ def test_fit_copies_names_each_copy_by_its_slot_in_the_expert_order(tmp_path: Pa
 
 
 def test_replica_decision_weighs_the_calibrated_sync(tmp_path: Path) -> None:
-    from netmoe.cluster.calibrate import Calibration, ChannelFit
+    from netmoe.app.cluster.calibrate import Calibration, ChannelFit
 
     cfg = TrainConfig(nodes=2, gpus_per_node=2, samples_per_device=2, seq_len=4, layers=3)
     _split_routing_trace(tmp_path / "t.npz", cfg)
@@ -154,7 +154,7 @@ def test_replica_decision_weighs_the_calibrated_sync(tmp_path: Path) -> None:
     ("15", "--replica-budget 15: slots=15 copies per device do not fit"),
 ])
 def test_bad_replica_budget_exits_2_with_one_line(value: str, message: str) -> None:
-    out = subprocess.run([sys.executable, "-m", "netmoe.cli", "bench", "cluster",
+    out = subprocess.run([sys.executable, "-m", "netmoe.app.cli", "bench", "cluster",
                           "--replica-budget", value], capture_output=True, text=True,
                          timeout=60, check=False)
     assert out.returncode == 2
@@ -215,11 +215,11 @@ def test_relabel_state_moves_experts_and_router_rows_to_slots() -> None:
 @needs_root
 def test_training_on_emulated_cluster_four_modes_equal_losses_and_cleanup(
         tmp_path: Path) -> None:
-    from netmoe.cluster.testbed import existing_namespaces
+    from netmoe.app.cluster.testbed import existing_namespaces
 
     links = root_links()
     out = run_bench(
-        [sys.executable, "-m", "netmoe.cli", "bench", "cluster", "--quick", "--json",
+        [sys.executable, "-m", "netmoe.app.cli", "bench", "cluster", "--quick", "--json",
          "--gpus-per-node", "2", "--steps", "2", "--warmup-steps", "0", "--fit-steps", "2",
          "--replica-fit", "routes",  # a budget of copies whatever the sync costs
          "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "report")])

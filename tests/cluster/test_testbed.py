@@ -14,9 +14,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from netmoe.cluster.calibrate import channel_bytes, pattern
-from netmoe.cluster.probe import write_workload
-from netmoe.cluster.testbed import Testbed, TestbedConfig, TestbedError, existing_namespaces
+from netmoe.app.cluster.calibrate import channel_bytes, pattern
+from netmoe.app.cluster.probe import write_workload
+from netmoe.app.cluster.testbed import Testbed, TestbedConfig, TestbedError, existing_namespaces
 
 from support import leaked_links, root_links, run_bench
 
@@ -55,7 +55,7 @@ def test_all_to_all_bytes_on_veths_match_inter_node_payload(tmp_path: Path) -> N
     with Testbed(TestbedConfig(nodes=NODES, rate_mbit=1000, intra_rate_mbit=4000)) as tb:
         assert set(tb.namespaces) <= set(existing_namespaces())
         base = tb.link_bytes()
-        procs = tb.launch_ranks(G, [sys.executable, "-m", "netmoe.cluster.probe", "--workload",
+        procs = tb.launch_ranks(G, [sys.executable, "-m", "netmoe.app.cluster.probe", "--workload",
                                     str(workload), "--iters", str(iters), "--warmup", "0",
                                     "--out", str(tmp_path / "out.json")], tmp_path / "logs")
         tb.wait(procs, timeout=120, log_dir=tmp_path / "logs")
@@ -106,7 +106,7 @@ def test_sigterm_tears_down(tmp_path: Path) -> None:
     links = root_links()
     script = textwrap.dedent("""
         import json, sys, time
-        from netmoe.cluster.testbed import Testbed, TestbedConfig
+        from netmoe.app.cluster.testbed import Testbed, TestbedConfig
         with Testbed(TestbedConfig(nodes=2)) as tb:
             tb.launch(1, [sys.executable, "-c", "import time; time.sleep(300)"])
             print(json.dumps({"ns": tb.namespaces, "pids": tb.pids}), flush=True)
@@ -141,7 +141,7 @@ def test_build_failure_removes_what_was_built() -> None:
 def test_bench_cluster_cli_measures_both_modes_and_cleans_up(tmp_path: Path) -> None:
     links = root_links()
     out = run_bench(
-        [sys.executable, "-m", "netmoe.cli", "bench", "cluster", "--workload", "synthetic",
+        [sys.executable, "-m", "netmoe.app.cli", "bench", "cluster", "--workload", "synthetic",
          "--quick", "--json", "--gpus-per-node", "2", "--steps", "2", "--layers", "2",
          "--seq-len", "64", "--rate", "300", "--locality", "0.9",
          "--out", str(tmp_path / "report")])

@@ -207,7 +207,7 @@ def test_entrypoint_runs_and_answers_its_healthcheck(stages: list[Stage]) -> Non
 def test_server_side_imports_need_no_torch() -> None:
     """The image installs only the server extra: the CLI (every subcommand's parser) and the
     service must import with torch absent."""
-    out = run_without(("torch",), "from netmoe.cli import build_parser\n"
+    out = run_without(("torch",), "from netmoe.app.cli import build_parser\n"
                                   "parser = build_parser()\n"
                                   "import netmoe.server.app\n"
                                   "print(parser.format_help())\n")

@@ -180,7 +180,8 @@ def test_trainer_image_under_a_uid_without_passwd_entry_and_home_slash(images: N
     out = subprocess.run(
         ["docker", "run", "--rm", "--user", "10001:10001", "-e", "HOME=/", "--cap-drop", "ALL",
          TRAINER, "python", "-c",
-         "import logging; logging.basicConfig(); from netmoe.reference.data import load_corpus; "
+         "import logging; logging.basicConfig(); "
+         "from netmoe.app.reference.data import load_corpus; "
          "print(len(load_corpus(512).vocab))"],
         capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr

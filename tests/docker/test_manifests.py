@@ -22,10 +22,10 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from netmoe.cli import build_parser
+from netmoe.app.cli import build_parser
+from netmoe.app.reference.launch import free_port, run_ranks
+from netmoe.app.reference.train import TrainConfig
 from netmoe.protos import placement_pb2
-from netmoe.reference.launch import free_port, run_ranks
-from netmoe.reference.train import TrainConfig
 from netmoe.server.cli import config_from_args
 from netmoe.server.rounds import OUTCOMES
 

@@ -30,9 +30,9 @@ def _on_gpu(*tensors: torch.Tensor) -> None:
 def _worker(rank: int, port: int, address: str) -> None:
     import torch.distributed as dist
 
+    from netmoe.app.reference.hf_demo import tiny_config
     from netmoe.client.hf import parallelize
     from netmoe.client.job import JobShape
-    from netmoe.reference.hf_demo import tiny_config
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.cuda.set_device(0)

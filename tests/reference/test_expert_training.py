@@ -14,10 +14,10 @@ from typing import Any
 import numpy as np
 import pytest
 
-from netmoe.cli import build_parser
-from netmoe.reference.data import load_corpus
-from netmoe.reference.launch import run_ranks
-from netmoe.reference.train import TrainConfig
+from netmoe.app.cli import build_parser
+from netmoe.app.reference.data import load_corpus
+from netmoe.app.reference.launch import run_ranks
+from netmoe.app.reference.train import TrainConfig
 from netmoe.server.cli import config_from_args
 from netmoe.trace import load_trace
 
@@ -151,7 +151,7 @@ def test_serve_sets_the_expert_window_limits() -> None:
 
 
 def test_demo_compares_only_the_steps_after_the_move() -> None:
-    from netmoe.demo import routes_between
+    from netmoe.app.demo import routes_between
 
     # 2 ranks, 3 steps, 1 layer: [inter, intra, local] per step.
     ranks = [{"step_routes": [[[100, 0, 0]], [[1, 2, 3]], [[4, 5, 6]]]},
@@ -162,7 +162,7 @@ def test_demo_compares_only_the_steps_after_the_move() -> None:
 
 
 def test_demo_rejects_an_adoption_step_without_fit_or_comparison() -> None:
-    from netmoe.demo import run
+    from netmoe.app.demo import run
 
     args = build_parser().parse_args(["demo", "--expert-placement", "--steps", "4",
                                       "--adopt-after", "4"])

@@ -29,8 +29,8 @@ def _alive(pid: int) -> bool:
 
 def test_sigterm_to_launcher_kills_its_ranks() -> None:
     code = textwrap.dedent("""
-        from netmoe.reference.launch import run_ranks
-        from netmoe.reference.train import TrainConfig
+        from netmoe.app.reference.launch import run_ranks
+        from netmoe.app.reference.train import TrainConfig
         run_ranks(TrainConfig(nodes=1, gpus_per_node=2, steps=100000, vocab=64, layers=1))
     """)
     launcher = subprocess.Popen([sys.executable, "-c", code])

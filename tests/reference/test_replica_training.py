@@ -10,10 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from netmoe.cli import main
-from netmoe.reference.data import load_corpus
-from netmoe.reference.launch import run_ranks
-from netmoe.reference.train import TrainConfig
+from netmoe.app.cli import main
+from netmoe.app.reference.data import load_corpus
+from netmoe.app.reference.launch import run_ranks
+from netmoe.app.reference.train import TrainConfig
 
 from support import advisor_settled, scrape
 

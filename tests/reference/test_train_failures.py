@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from netmoe.reference.data import build_corpus, default_cache_dir, load_corpus
-from netmoe.reference.launch import free_port
-from netmoe.reference.train import TrainConfig, train
+from netmoe.app.reference.data import build_corpus, default_cache_dir, load_corpus
+from netmoe.app.reference.launch import free_port
+from netmoe.app.reference.train import TrainConfig, train
 
 from support import TINY_TRAIN
 

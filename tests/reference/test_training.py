@@ -14,9 +14,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-from netmoe.reference.data import load_corpus
-from netmoe.reference.launch import free_port, run_ranks
-from netmoe.reference.train import TrainConfig
+from netmoe.app.reference.data import load_corpus
+from netmoe.app.reference.launch import free_port, run_ranks
+from netmoe.app.reference.train import TrainConfig
 from netmoe.trace import load_trace
 
 from support import TINY_TRAIN

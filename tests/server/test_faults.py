@@ -138,9 +138,9 @@ def solved_rounds(server: ServerProcess) -> float:
 def test_server_killed_and_restarted_during_training(tmp_path: Path) -> None:
     """SIGKILL the service mid-run: training goes on with no-move plans, picks optimized plans up
     again from the restarted service, and its losses equal a run that never used the service."""
-    from netmoe.reference.data import load_corpus
-    from netmoe.reference.launch import free_port, run_ranks
-    from netmoe.reference.train import TrainConfig
+    from netmoe.app.reference.data import load_corpus
+    from netmoe.app.reference.launch import free_port, run_ranks
+    from netmoe.app.reference.train import TrainConfig
 
     from support import TINY_TRAIN as TINY
 

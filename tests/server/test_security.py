@@ -15,7 +15,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from netmoe.cli import build_parser, main
+from netmoe.app.cli import build_parser, main
 from netmoe.protos import placement_pb2 as pb
 from netmoe.protos import placement_pb2_grpc
 from netmoe.server import security

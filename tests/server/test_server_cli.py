@@ -15,7 +15,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from netmoe.cli import build_parser
+from netmoe.app.cli import build_parser
 from netmoe.server.cli import config_from_args, env_name
 from netmoe.server.config import ServerConfig
 
@@ -50,7 +50,7 @@ def test_bad_values_name_the_variable_or_field() -> None:
 def test_serve_listens_answers_and_drains_on_sigterm() -> None:
     env = {**os.environ, "NETMOE_METRICS_PORT": "0", "NETMOE_GRACE_SECONDS": "1"}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "netmoe.cli", "serve", "--port", "0"],
+        [sys.executable, "-m", "netmoe.app.cli", "serve", "--port", "0"],
         stderr=subprocess.PIPE, text=True, env=env,
     )
     lines: queue.Queue[str] = queue.Queue()

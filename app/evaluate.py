@@ -10,12 +10,12 @@ from typing import Any
 
 import numpy as np
 
+from netmoe.app.cli import non_negative, positive, positive_float
+from netmoe.app.sources import add_source_arguments, read_trace
+from netmoe.app.text import human_bytes, plural, table
 from netmoe.batching import Round, plan_rounds, split_rounds
-from netmoe.cli import non_negative, positive, positive_float
-from netmoe.convert import add_source_arguments, read_trace
 from netmoe.groups import EPGroups
 from netmoe.round import BW_INTER, BW_INTRA
-from netmoe.text import human_bytes, plural, table
 from netmoe.trace import Trace, sample_counts, sample_rounds
 
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "fp8": 1}

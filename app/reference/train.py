@@ -2,8 +2,8 @@
 
 ``train(cfg)`` initialises torch.distributed from the environment (env://, gloo: RANK,
 WORLD_SIZE, MASTER_ADDR, MASTER_PORT), trains cfg.steps steps and returns a JSON-able dict.
-``python -m netmoe.reference.train --config JSON --out FILE`` runs the same from any launcher, for
-example inside a network namespace.
+``python -m netmoe.app.reference.train --config JSON --out FILE`` runs the same from any
+launcher, for example inside a network namespace.
 
 The loss is the global mean over all I * S tokens (each rank sums its tokens' losses and divides
 by the global count) and replicated gradients are all-reduced with SUM, so neither depends on
@@ -87,7 +87,7 @@ class TrainConfig:
     save_checkpoint: str = ""
     record_trace: str = ""
     # [layers] permutations of range(experts): slot v of layer l holds original expert
-    # expert_order[l][v] (see netmoe.reference.model); () keeps every expert in its home slot.
+    # expert_order[l][v] (see netmoe.app.reference.model); () keeps every expert in its home slot.
     expert_order: tuple[tuple[int, ...], ...] = ()
     # Expert placement (placement="service"): after the first adopt_experts_at steps (0: never),
     # rank 0 asks the service for expert maps (RecommendExperts, expert_held_out latest steps
@@ -293,11 +293,11 @@ def _setup(cfg: TrainConfig, rank: int) -> _Run:
     import torch
     import torch.distributed as dist
 
+    from netmoe.app.reference.data import load_corpus
+    from netmoe.app.reference.model import ModelConfig, MoEGPT
     from netmoe.client.dispatcher import CommStats, Layout, TokenDispatcher
     from netmoe.client.planning import Placement, RandomPlans
     from netmoe.client.recorder import TraceRecorder
-    from netmoe.reference.data import load_corpus
-    from netmoe.reference.model import ModelConfig, MoEGPT
 
     groups = cfg.groups
     ep_size = groups.size
@@ -349,8 +349,8 @@ def _setup(cfg: TrainConfig, rank: int) -> _Run:
 def _train_steps(run: _Run) -> dict[str, Any]:
     import torch.distributed as dist
 
+    from netmoe.app.reference.model import relabel_state
     from netmoe.client.experts import ExpertTable, OriginalIds
-    from netmoe.reference.model import relabel_state
 
     cfg, rank = run.cfg, run.rank
     losses, step_seconds, allreduce_seconds = [], [], 0.0
@@ -710,7 +710,7 @@ def _load_checkpoint(model: Any, path: str, expert_order: tuple[tuple[int, ...],
     original id; relabeled to slots when the model was built with an expert order)."""
     import torch
 
-    from netmoe.reference.model import relabel_state
+    from netmoe.app.reference.model import relabel_state
 
     state = torch.load(path, map_location="cpu", weights_only=True)
     if expert_order:
@@ -723,7 +723,7 @@ def _load_checkpoint(model: Any, path: str, expert_order: tuple[tuple[int, ...],
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m netmoe.reference.train")
+    parser = argparse.ArgumentParser(prog="python -m netmoe.app.reference.train")
     parser.add_argument("--config", required=True, help="TrainConfig as JSON text or @file")
     parser.add_argument("--out", required=True, help="where to write the result JSON")
     args = parser.parse_args(argv)

@@ -1,10 +1,10 @@
 """``netmoe demo --hf-model DIR``: train a local Hugging Face MoE checkpoint expert-parallel on
 N x G emulated GPUs, with home placement and with plans from the placement service.
 
-The ranks run ``train(cfg)`` (``python -m netmoe.reference.hf_demo --config JSON --out FILE``,
-started by ``netmoe.reference.launch.run_ranks``) on the demo corpus, tokenised by DIR's tokenizer
-when DIR has one, else taken as the demo's own ids. ``write_tiny`` (``python -m
-netmoe.reference.hf_demo --write-tiny DIR``) saves a tiny random checkpoint to try it on.
+The ranks run ``train(cfg)`` (``python -m netmoe.app.reference.hf_demo --config JSON --out FILE``,
+started by ``netmoe.app.reference.launch.run_ranks``) on the demo corpus, tokenised by DIR's
+tokenizer when DIR has one, else taken as the demo's own ids. ``write_tiny`` (``python -m
+netmoe.app.reference.hf_demo --write-tiny DIR``) saves a tiny random checkpoint to try it on.
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ from typing import Any
 
 import numpy as np
 
-from netmoe.reference.data import DOMAINS, Corpus
-from netmoe.reference.train import check_run, join_ranks, write_atomic
+from netmoe.app.reference.data import DOMAINS, Corpus
+from netmoe.app.reference.train import check_run, join_ranks, write_atomic
 
 DEMO_VOCAB = 2048  # the reference demo's vocabulary: the ids a checkpoint without tokenizer sees
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json",
@@ -115,7 +115,7 @@ def _tokenizer_files(model_dir: str) -> list[Path]:
 def load_hf_corpus(model_dir: str, vocab_size: int, cache_dir: str | None) -> Corpus:
     """The demo corpus as ids of model_dir's tokenizer (cached by the tokenizer files' hash),
     or the demo's own ids without one. Raises ValueError if the ids exceed vocab_size."""
-    from netmoe.reference.data import _raw_texts, default_cache_dir, load_corpus
+    from netmoe.app.reference.data import _raw_texts, default_cache_dir, load_corpus
 
     files = _tokenizer_files(model_dir)
     if not files:
@@ -147,16 +147,16 @@ def load_hf_corpus(model_dir: str, vocab_size: int, cache_dir: str | None) -> Co
 
 
 def train(cfg: HFTrainConfig) -> dict[str, Any]:
-    """Trains cfg.steps steps on this rank (env:// gloo, like netmoe.reference.train.train);
+    """Trains cfg.steps steps on this rank (env:// gloo, like netmoe.app.reference.train.train);
     returns the same result keys (losses, route counts from split sizes, timings)."""
     import torch
     import torch.distributed as dist
     from transformers import AutoModelForCausalLM
 
+    from netmoe.app.reference.train import _route_totals
     from netmoe.client.hf import parallelize
     from netmoe.client.planning import Placement, RandomPlans
     from netmoe.client.recorder import TraceRecorder
-    from netmoe.reference.train import _route_totals
 
     rank = join_ranks(cfg.world, cfg.threads)
     client = None
@@ -254,8 +254,8 @@ def run_demo(args: argparse.Namespace) -> int:
     (same printout and --json keys)."""
     from transformers import AutoConfig
 
-    from netmoe.demo import _print, check_planned, placement_report, placement_service
-    from netmoe.reference.launch import run_ranks
+    from netmoe.app.demo import _print, check_planned, placement_report, placement_service
+    from netmoe.app.reference.launch import run_ranks
 
     if args.expert_placement:
         raise ValueError("--expert-placement is not supported with --hf-model")
@@ -270,7 +270,7 @@ def run_demo(args: argparse.Namespace) -> int:
                          f"{cfg.nodes} x {cfg.gpus_per_node} = {cfg.world} ranks")
     # Built (and cached) once here; the ranks read the cache.
     load_hf_corpus(cfg.model_dir, mcfg.vocab_size, cfg.cache_dir or None)
-    module = "netmoe.reference.hf_demo"
+    module = "netmoe.app.reference.hf_demo"
     with placement_service(args.server) as (address, metrics_url):
         home_ranks = run_ranks(dataclasses.replace(cfg, record_trace=args.record_trace),
                                module=module)  # fmt: skip
@@ -292,7 +292,7 @@ def run_demo(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m netmoe.reference.hf_demo")
+    parser = argparse.ArgumentParser(prog="python -m netmoe.app.reference.hf_demo")
     parser.add_argument("--write-tiny", metavar="DIR",
                         help="save a tiny random checkpoint (config + weights) to DIR and exit")
     parser.add_argument("--model-type", default="mixtral",
@@ -311,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error("give --write-tiny DIR, or --config JSON --out FILE (training rank)")
         cfg = HFTrainConfig(**json.loads(args.config))
     except ValueError as err:
-        print(f"python -m netmoe.reference.hf_demo: error: {err}", file=sys.stderr)
+        print(f"python -m netmoe.app.reference.hf_demo: error: {err}", file=sys.stderr)
         return 2
     result = train(cfg)
     write_atomic(args.out, json.dumps(result))

@@ -3,8 +3,8 @@ expert-parallel on N x G emulated GPUs three ways: home placement (netmoe's disp
 plans), with plans from the placement service, and torchtitan's own EP path (its
 ``AllToAllTokenDispatcher`` over an ``ep`` device mesh, the "stock" run).
 
-The ranks run ``train(cfg)`` (``python -m netmoe.reference.torchtitan_demo --config JSON --out
-FILE``, started by ``netmoe.reference.launch.run_ranks``) on the demo corpus. ``tiny_model``
+The ranks run ``train(cfg)`` (``python -m netmoe.app.reference.torchtitan_demo --config JSON --out
+FILE``, started by ``netmoe.app.reference.launch.run_ranks``) on the demo corpus. ``tiny_model``
 builds the models from torchtitan's own config builders (the qwen3 MoE and deepseek_v3 layer
 factories) at tiny sizes, with causal SDPA attention (torchtitan's language-model default,
 flex attention with document masks, is refused by the adapter; see docs/torchtitan.md).
@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from netmoe.reference.train import check_run, join_ranks, write_atomic
+from netmoe.app.reference.train import check_run, join_ranks, write_atomic
 
 FAMILIES = ("qwen3", "deepseek_v3")
 # bfloat16: torchtitan 0.3's GroupedExperts as it is (its grouped matmuls cast to bfloat16
@@ -290,12 +290,12 @@ def train(cfg: TitanTrainConfig) -> dict[str, Any]:
     import torch.distributed as dist
     from torchtitan.components.loss import cross_entropy_loss
 
+    from netmoe.app.reference.data import load_corpus
+    from netmoe.app.reference.train import _route_totals
     from netmoe.client.gradients import all_reduce_gradients
     from netmoe.client.planning import Placement, RandomPlans
     from netmoe.client.recorder import TraceRecorder
     from netmoe.client.torchtitan import parallelize
-    from netmoe.reference.data import load_corpus
-    from netmoe.reference.train import _route_totals
 
     rank = join_ranks(cfg.world, cfg.threads)
     client = None
@@ -405,7 +405,7 @@ def run_demo(args: argparse.Namespace) -> int:
     """The ``netmoe demo --torchtitan FAMILY`` run: home, service placement and torchtitan's own
     EP path; the demo's report (same printout and --json keys, plus "stock": {"loss": [...]}
     and the stock run's routes)."""
-    from netmoe.demo import (
+    from netmoe.app.demo import (
         _print,
         check_planned,
         max_rel_diff,
@@ -413,8 +413,8 @@ def run_demo(args: argparse.Namespace) -> int:
         placement_service,
         routes_between,
     )
-    from netmoe.reference.data import load_corpus
-    from netmoe.reference.launch import run_ranks
+    from netmoe.app.reference.data import load_corpus
+    from netmoe.app.reference.launch import run_ranks
 
     if args.expert_placement or args.replica_budget is not None:
         raise ValueError("--expert-placement and --replica-budget are not supported with "
@@ -432,7 +432,7 @@ def run_demo(args: argparse.Namespace) -> int:
                            micro_batches=args.micro_batches,
                            recompute="full" if args.recompute else "")  # fmt: skip
     load_corpus(VOCAB, cfg.cache_dir or None)  # built once here; the ranks read the cache
-    module = "netmoe.reference.torchtitan_demo"
+    module = "netmoe.app.reference.torchtitan_demo"
     with placement_service(args.server) as (address, metrics_url):
         home_ranks = run_ranks(dataclasses.replace(cfg, record_trace=args.record_trace),
                                module=module)  # fmt: skip
@@ -466,14 +466,14 @@ def run_demo(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m netmoe.reference.torchtitan_demo")
+    parser = argparse.ArgumentParser(prog="python -m netmoe.app.reference.torchtitan_demo")
     parser.add_argument("--config", required=True, help="TitanTrainConfig as JSON text")
     parser.add_argument("--out", required=True, help="where the rank writes its result JSON")
     args = parser.parse_args(argv)
     try:
         cfg = TitanTrainConfig(**json.loads(args.config))
     except (ValueError, TypeError) as err:
-        print(f"python -m netmoe.reference.torchtitan_demo: error: {err}", file=sys.stderr)
+        print(f"python -m netmoe.app.reference.torchtitan_demo: error: {err}", file=sys.stderr)
         return 2
     result = train(cfg)
     write_atomic(args.out, json.dumps(result))

@@ -1,4 +1,5 @@
-"""One rank of a timed All-to-All probe: ``python -m netmoe.cluster.probe --workload W --out R``.
+"""One rank of a timed All-to-All probe:
+``python -m netmoe.app.cluster.probe --workload W --out R``.
 
 Runs inside the testbed (torch.distributed env://, gloo). The workload JSON holds named calls,
 each a send matrix int64 [J, J] (bytes rank r sends to rank q) and a ``group``; calls of one
@@ -114,7 +115,7 @@ def _measure(workload: dict, iters: int, warmup: int) -> dict | None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m netmoe.cluster.probe", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m netmoe.app.cluster.probe", description=__doc__)
     parser.add_argument("--workload", required=True, help="workload JSON (write_workload)")
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=1)

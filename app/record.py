@@ -6,7 +6,7 @@ recorded). Nothing is downloaded: config, weights and tokenizer are read from --
 
 With --torchtitan FAMILY instead: a tiny torchtitan model of that family (qwen3, deepseek_v3)
 trained expert-parallel on --nodes x --gpus-per-node local gloo ranks (home placement) on the
-demo corpus, its routing recorded at every step (``netmoe.reference.torchtitan_demo``).
+demo corpus, its routing recorded at every step (``netmoe.app.reference.torchtitan_demo``).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from netmoe.cli import positive
+from netmoe.app.cli import positive
 
 
 def samples_from_stream(stream: np.ndarray, seq_length: int, pad_id: int
@@ -73,9 +73,9 @@ def _record_torchtitan(args: argparse.Namespace) -> int:
     if given:
         raise ValueError(f"--torchtitan trains its own tiny model on the demo corpus: "
                          f"--{given[0].replace('_', '-')} does not apply")
-    from netmoe.reference.data import load_corpus
-    from netmoe.reference.launch import run_ranks
-    from netmoe.reference.torchtitan_demo import VOCAB, TitanTrainConfig
+    from netmoe.app.reference.data import load_corpus
+    from netmoe.app.reference.launch import run_ranks
+    from netmoe.app.reference.torchtitan_demo import VOCAB, TitanTrainConfig
 
     cfg = TitanTrainConfig(family=args.torchtitan, layers=args.layers, nodes=args.nodes,
                            gpus_per_node=args.gpus_per_node, steps=args.steps,
@@ -83,7 +83,7 @@ def _record_torchtitan(args: argparse.Namespace) -> int:
                            seq_len=args.seq_length or 64, experts=2 * args.nodes
                            * args.gpus_per_node, record_trace=str(args.out))  # fmt: skip
     load_corpus(VOCAB, None)  # built once here; the ranks read the cache
-    run_ranks(cfg, module="netmoe.reference.torchtitan_demo")
+    run_ranks(cfg, module="netmoe.app.reference.torchtitan_demo")
     print(f"wrote {args.out}: torchtitan {cfg.family} (tiny), {cfg.layers} MoE layers, "
           f"{cfg.steps} steps of {cfg.global_samples} samples x {cfg.seq_len} tokens, "
           f"{cfg.experts} experts, top-{cfg.top_k}")

@@ -23,11 +23,11 @@ from typing import Any
 
 import numpy as np
 
-from netmoe.bench.stats import spread, tail
-from netmoe.cli import non_negative, positive
+from netmoe.app.bench.stats import spread, tail
+from netmoe.app.cli import non_negative, positive
+from netmoe.app.text import plural
 from netmoe.groups import EPGroups
 from netmoe.round import RoundCounts
-from netmoe.text import plural
 
 
 def _serve_child(conn: Connection, config: Any) -> None:

@@ -18,7 +18,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from netmoe.reference.train import PROGRESS_FILE, TrainConfig
+from netmoe.app.reference.train import PROGRESS_FILE, TrainConfig
 
 
 def free_port() -> int:
@@ -77,7 +77,7 @@ def _steps_done(path: Path) -> int:
 
 def run_ranks(
     cfg: TrainConfig, timeout: float = 600.0, progress: Callable[[int], None] | None = None,
-    module: str = "netmoe.reference.train",
+    module: str = "netmoe.app.reference.train",
 ) -> list[dict[str, Any]]:
     """Starts cfg.world processes of ``python -m MODULE --config JSON --out FILE`` (any config
     dataclass with ``world`` and ``threads``); returns their results ordered by rank. Raises

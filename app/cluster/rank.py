@@ -1,9 +1,11 @@
-"""One rank of a sequence of training runs: ``python -m netmoe.cluster.rank --plan P --out DIR``.
+"""One rank of a sequence of training runs:
+``python -m netmoe.app.cluster.rank --plan P --out DIR``.
 
 Runs inside the testbed (env:// rendezvous, RANK and WORLD_SIZE set by the launcher). The plan
 JSON is a list of ``{"name": str, "port": int, "config": TrainConfig fields}``; each entry is one
-full run of ``netmoe.reference.train.train`` (its own process group on MASTER_PORT = port, its own
-model from the same checkpoint and seed), and this rank writes ``DIR/<name>/rank<RANK>.json``.
+full run of ``netmoe.app.reference.train.train`` (its own process group on MASTER_PORT = port,
+its own model from the same checkpoint and seed), and this rank writes
+``DIR/<name>/rank<RANK>.json``.
 Running every mode and repeat in one process pays torch's import once per rank instead of once
 per run (about 10 s per launch of 8 processes on 2 cores), and lets the bench interleave modes.
 """
@@ -18,11 +20,11 @@ from pathlib import Path
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m netmoe.cluster.rank")
+    parser = argparse.ArgumentParser(prog="python -m netmoe.app.cluster.rank")
     parser.add_argument("--plan", type=Path, required=True, help="JSON list of runs")
     parser.add_argument("--out", type=Path, required=True, help="folder of the result files")
     args = parser.parse_args(argv)
-    from netmoe.reference.train import TrainConfig, train
+    from netmoe.app.reference.train import TrainConfig, train
 
     plan = json.loads(args.plan.read_text())
     if not isinstance(plan, list) or not plan:

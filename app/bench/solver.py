@@ -12,9 +12,9 @@ from typing import Any
 
 import numpy as np
 
-from netmoe.bench.stats import spread, tail
-from netmoe.cli import non_negative, positive, positive_float
-from netmoe.text import table
+from netmoe.app.bench.stats import spread, tail
+from netmoe.app.cli import non_negative, positive, positive_float
+from netmoe.app.text import table
 
 SIZES_I = (32, 64, 128, 256, 384, 1024, 4096)
 SIZES_J = (16, 32, 64, 256)
@@ -53,7 +53,7 @@ def expanded_two_stage(topo: Any, counts: np.ndarray) -> np.ndarray:
 
 
 def _times(fn: Any, repeats: int) -> tuple[dict[str, Any], dict[str, Any]]:
-    """netmoe.bench.stats.spread of the wall time and of the calling thread's CPU time of fn()
+    """netmoe.app.bench.stats.spread of the wall time and of the calling thread's CPU time of fn()
     in milliseconds. On a shared machine the CPU time is the steadier figure: waiting for a
     core adds to the wall time only."""
     wall, cpu = [], []

@@ -10,8 +10,8 @@ import argparse
 
 import numpy as np
 
-from netmoe.cli import positive
-from netmoe.megatron import FORWARDS, Layout, load_megatron, parse_steps
+from netmoe.app.cli import positive
+from netmoe.app.megatron import FORWARDS, Layout, load_megatron, parse_steps
 from netmoe.trace import Trace, load_trace, write
 
 

@@ -20,9 +20,9 @@ from typing import NoReturn
 from netmoe import __version__
 
 # Order is the order shown in --help.
-COMMANDS = ["netmoe.demo", "netmoe.evaluate", "netmoe.server.cli", "netmoe.server.health",
-            "netmoe.convert", "netmoe.record"]
-BENCHES = ["netmoe.bench.solver", "netmoe.bench.cluster", "netmoe.bench.service"]
+COMMANDS = ["netmoe.app.demo", "netmoe.app.evaluate", "netmoe.server.cli", "netmoe.server.health",
+            "netmoe.app.sources", "netmoe.app.record"]
+BENCHES = ["netmoe.app.bench.solver", "netmoe.app.bench.cluster", "netmoe.app.bench.service"]
 
 USAGE_ERROR = 2
 INTERRUPTED = 130  # 128 + SIGINT, what shells report for a process ended by Ctrl-C

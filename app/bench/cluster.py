@@ -3,13 +3,13 @@
 Default workload "training": the reference MoE (the demo's model, data and cached warm-up
 checkpoint) trains K steps in the node namespaces in four modes, home, sample placement, expert +
 sample placement, and the latter plus expert copies ("replicas", --replica-budget, with their
-gradient sync timed and the model's verdict on them) (netmoe.cluster.train). Workload
+gradient sync timed and the model's verdict on them) (netmoe.app.cluster.train). Workload
 "synthetic" replays planted routing:
 
-Builds the testbed (netmoe.cluster.testbed: node namespaces, shaped veths, ``lo`` shaped to
+Builds the testbed (netmoe.app.cluster.testbed: node namespaces, shaped veths, ``lo`` shaped to
 ``ratio`` times the inter-node rate), calibrates the alpha-beta model there
-(netmoe.cluster.calibrate), then runs the All-to-Alls of K training steps per mode through real
-gloo ranks (netmoe.cluster.probe), modes interleaved, and reports measured vs predicted time,
+(netmoe.app.cluster.calibrate), then runs the All-to-Alls of K training steps per mode through real
+gloo ranks (netmoe.app.cluster.probe), modes interleaved, and reports measured vs predicted time,
 link bytes from the veth counters, and the speedups. The workload is the routing of a synthetic
 MoE with planted domain locality
 (netmoe.solver.synthetic); the placement of each layer pair is solved from the real gather of
@@ -107,7 +107,7 @@ def _check(args: argparse.Namespace) -> None:
     if not args.ratio > 0 or not args.rate > 0:
         raise ValueError(f"--ratio and --rate must be > 0, got {args.ratio}, {args.rate}")
     if training and args.replica_budget:
-        from netmoe.reference.train import TrainConfig
+        from netmoe.app.reference.train import TrainConfig
         from netmoe.solver import Topology
         from netmoe.solver.replicas import check_slots
 
@@ -124,7 +124,7 @@ def _check(args: argparse.Namespace) -> None:
 def summarize(result: dict, cal: Any, modes: dict[str, Any]) -> dict[str, Any]:
     """Per mode: median step time (sum of its calls per iteration), per-call medians, link bytes,
     predicted time. result: probe output; modes: mode -> StepTraffic."""
-    from netmoe.cluster.calibrate import channel_bytes, durations
+    from netmoe.app.cluster.calibrate import channel_bytes, durations
 
     g = int(result["gpus_per_node"])
     by_name = {c["name"]: c for c in result["calls"]}
@@ -160,7 +160,7 @@ def summarize(result: dict, cal: Any, modes: dict[str, Any]) -> dict[str, Any]:
 
 def run(args: argparse.Namespace) -> int:
     _check(args)
-    from netmoe.cluster.testbed import TestbedError, require_root
+    from netmoe.app.cluster.testbed import TestbedError, require_root
 
     try:
         require_root()
@@ -175,7 +175,7 @@ def run(args: argparse.Namespace) -> int:
 def _emit(args: argparse.Namespace, report: dict[str, Any]) -> int:
     """Writes the report folder (--out) and prints the result (--json or text)."""
     if args.out is not None:
-        from netmoe.cluster.report import write_report
+        from netmoe.app.cluster.report import write_report
 
         write_report(args.out, report)
     if args.json:
@@ -186,9 +186,9 @@ def _emit(args: argparse.Namespace, report: dict[str, Any]) -> int:
 
 
 def _run_training(args: argparse.Namespace) -> int:
-    from netmoe.cluster.testbed import TestbedError
-    from netmoe.cluster.train import run_bench
-    from netmoe.reference.train import TrainConfig
+    from netmoe.app.cluster.testbed import TestbedError
+    from netmoe.app.cluster.train import run_bench
+    from netmoe.app.reference.train import TrainConfig
 
     # --quick: fewer steps, one repeat, fewer fit rounds and starts, and the cached calibration
     # (and cached expert fit, like every run) when there is one.
@@ -216,10 +216,10 @@ def _run_training(args: argparse.Namespace) -> int:
 
 
 def _run_synthetic(args: argparse.Namespace) -> int:
-    from netmoe.cluster.calibrate import calibrate, calibration_calls, calibration_dict
-    from netmoe.cluster.probe import write_workload
-    from netmoe.cluster.testbed import Testbed, TestbedConfig, TestbedError
-    from netmoe.cluster.workload import MODES, step_traffic
+    from netmoe.app.cluster.calibrate import calibrate, calibration_calls, calibration_dict
+    from netmoe.app.cluster.probe import write_workload
+    from netmoe.app.cluster.testbed import Testbed, TestbedConfig, TestbedError
+    from netmoe.app.cluster.workload import MODES, step_traffic
     from netmoe.solver import Topology
     from netmoe.solver.synthetic import planted_counts
 
@@ -243,7 +243,7 @@ def _run_synthetic(args: argparse.Namespace) -> int:
         write_workload(work / "workload.json", calls, g)
         try:
             with Testbed(cfg) as tb:
-                procs = tb.launch_ranks(g, [sys.executable, "-m", "netmoe.cluster.probe",
+                procs = tb.launch_ranks(g, [sys.executable, "-m", "netmoe.app.cluster.probe",
                                             "--workload", str(work / "workload.json"),
                                             "--iters", str(steps),
                                             "--out", str(work / "result.json")], work / "logs")
@@ -305,7 +305,7 @@ def _print(r: dict[str, Any]) -> None:
               f"objective winner {r['objective_winner'] or r['objective']}; targets "
               f"{r['targets']}")
         if "replicas" in r:
-            from netmoe.cluster.train import replica_verdict
+            from netmoe.app.cluster.train import replica_verdict
 
             rep = r["replicas"]
             print(f"replicas: {rep['n_copies']} copies (at most {rep['slots']} per device and "

@@ -2,24 +2,25 @@
 and the latter plus expert copies.
 
 The bench process (server side, it may use the solver) prepares and measures; the training ranks
-run ``python -m netmoe.reference.train`` inside the node namespaces of a
-``netmoe.cluster.testbed.Testbed``:
+run ``python -m netmoe.app.reference.train`` inside the node namespaces of a
+``netmoe.app.cluster.testbed.Testbed``:
 
 1. The demo's cached warm-up checkpoint (``netmoe demo``'s pre-training) is the starting model.
 2. Fit: one process on 127.0.0.1 trains ``fit_steps`` further steps from it and records the
    routing; ``netmoe.solver.experts.fit_experts`` fits an expert-to-device map per layer on it.
    The measured runs use later batches, so the map is judged on held-out data. The fit is
    deterministic and cached (keyed by checkpoint, data, shape, seed).
-3. Calibration: the alpha-beta model is fitted on probe All-to-Alls (netmoe.cluster.calibrate);
+3. Calibration: the alpha-beta model is fitted on probe All-to-Alls (netmoe.app.cluster.calibrate);
    every measurement is cached per testbed shape and rates, and --quick reuses the latest one.
 4. ``netmoe serve`` runs in node 0's namespace on its veth address; every run trains the same
    steps from the same checkpoint and seed, per mode: "home" (no plans), "sample" (plans from
    the service), "experts" (the fitted map in force from the start, plans from the service).
-   All runs share one launch of the ranks (netmoe.cluster.rank), modes interleaved over repeats
+   All runs share one launch of the ranks (netmoe.app.cluster.rank), modes interleaved over repeats
    (home, sample, experts, home, ...) so drifting machine load hits every mode alike.
-   The experts mode builds the model with an expert order (netmoe.reference.model): slot v of layer
-   l holds the original expert order[l][v], and slot v lives on rank v // (E / J), so the
-   service's default expert layout is exactly the fitted map and the function is unchanged.
+   The experts mode builds the model with an expert order (netmoe.app.reference.model):
+   slot v of layer l holds the original expert order[l][v], and slot v lives on rank
+   v // (E / J), so the service's default expert layout is exactly the fitted map and the
+   function is unchanged.
 5. The first home run records its routing; the exact optimum on it (locality_bound) is how much
    any placement could cut on these held-out steps.
 6. "replicas" (replica_slots > 0): the experts mode plus copies chosen by
@@ -101,14 +102,15 @@ def align_calls(per_rank: Sequence[Sequence[Sequence[Any]]]) -> list[Call]:
 
 def summarize_mode(results: Sequence[dict[str, Any]], cal: Any, gpus_per_node: int,
                    ) -> dict[str, Any]:
-    """Per-mode figures from the per-rank results of ``netmoe.reference.train`` (rank order).
+    """Per-mode figures from the per-rank results of ``netmoe.app.reference.train`` (rank order).
 
     Medians over steps of: All-to-All wall time per step and per (layer, phase), the model's
-    prediction (cal: a netmoe.cluster.calibrate.Calibration, or None), payload bytes per channel,
-    inter-node link bytes (veth counters of each node's first rank, tx summed over nodes) of the
-    forward+backward part and of the gradient all-reduce; step time is the slowest rank's.
+    prediction (cal: a netmoe.app.cluster.calibrate.Calibration, or None), payload bytes per
+    channel, inter-node link bytes (veth counters of each node's first rank, tx summed over
+    nodes) of the forward+backward part and of the gradient all-reduce; step time is the
+    slowest rank's.
     """
-    from netmoe.cluster.calibrate import channel_bytes
+    from netmoe.app.cluster.calibrate import channel_bytes
 
     steps = len(results[0]["loss"])
     calls = align_calls([r["a2a_calls"] for r in results])
@@ -278,8 +280,8 @@ def locality_bound(trace_path: Path, cfg: Any, maps: Sequence[Sequence[int]]) ->
 
 def expert_grad_bytes(cfg: Any) -> int:
     """Gradient bytes of one expert of cfg's model (float32, the size of its parameters)."""
+    from netmoe.app.reference.model import Expert
     from netmoe.client.experts import state_bytes
-    from netmoe.reference.model import Expert
 
     return state_bytes(Expert(cfg.d_model, cfg.ffn), None)
 
@@ -340,7 +342,7 @@ def replica_decision(trace_path: Path, cfg: Any, maps: Sequence[Sequence[int]],
 
 def _record_fit_trace(cfg: Any, steps: int, path: Path) -> None:
     """Trains ``steps`` steps in one process from cfg's checkpoint, recording the routing."""
-    from netmoe.reference.launch import run_ranks
+    from netmoe.app.reference.launch import run_ranks
 
     single = dataclasses.replace(
         cfg, nodes=1, gpus_per_node=1, experts_per_device=cfg.experts,
@@ -356,7 +358,7 @@ def _cached_fit(cfg: Any, fit_steps: int, starts: int, work: Path,
     """The fitted expert order, its info and the fit trace (the copies are fitted on it), from
     the cache when the same checkpoint, data, shape and seed were fitted before (the fit trace
     is deterministic, so the cached fit is exact)."""
-    from netmoe.reference.data import default_cache_dir
+    from netmoe.app.reference.data import default_cache_dir
 
     key = json.dumps([cfg.init_checkpoint, cfg.data_offset, fit_steps, starts, cfg.seed,
                       cfg.nodes, cfg.gpus_per_node, cfg.samples_per_device, cfg.seq_len,
@@ -390,14 +392,14 @@ def _write_atomic(path: Path, obj: Any) -> None:
 
 def _train_all(tb: Any, runs: Sequence[tuple[str, Any]], work: Path, g: int,
                threads: int) -> dict[str, list[dict]]:
-    """Every run, in order, in one launch of the ranks (netmoe.cluster.rank); returns per run
+    """Every run, in order, in one launch of the ranks (netmoe.app.cluster.rank); returns per run
     name the per-rank results."""
-    from netmoe.cluster.testbed import TestbedError
+    from netmoe.app.cluster.testbed import TestbedError
 
     plan = [{"name": name, "port": 29500 + k, "config": dataclasses.asdict(cfg)}
             for k, (name, cfg) in enumerate(runs)]
     (work / "plan.json").write_text(json.dumps(plan))
-    procs = tb.launch_ranks(g, [sys.executable, "-m", "netmoe.cluster.rank", "--plan",
+    procs = tb.launch_ranks(g, [sys.executable, "-m", "netmoe.app.cluster.rank", "--plan",
                                 str(work / "plan.json"), "--out", str(work / "runs")],
                             work / "logs", env={"OMP_NUM_THREADS": str(threads)})
     try:
@@ -414,7 +416,7 @@ def _start_server(tb: Any, work: Path) -> str:
     """``netmoe serve`` in node 0's namespace on its veth address; returns host:port once up."""
     address = f"{tb.address(0)}:{SERVER_PORT}"
     with open(work / "server.log", "wb") as log:  # the server keeps its own descriptor
-        tb.launch(0, [sys.executable, "-m", "netmoe.cli", "serve", "--host", tb.address(0),
+        tb.launch(0, [sys.executable, "-m", "netmoe.app.cli", "serve", "--host", tb.address(0),
                       "--port", str(SERVER_PORT), "--metrics-port", "-1",
                       "--log-level", "WARNING"],
                   env={"NETMOE_ALLOW_REMOTE": "1"}, stdout=log, stderr=log)
@@ -427,14 +429,14 @@ def _calibrate(tb: Any, work: Path, g: int, sizes: Sequence[int], iters: int, ca
                reuse: bool) -> tuple[Any, dict[str, Any]]:
     """The alpha-beta calibration: read from ``cache`` (same testbed shape and rates) when
     ``reuse`` and it exists, else measured now and written to ``cache``."""
-    from netmoe.cluster.calibrate import calibrate, calibration_calls
-    from netmoe.cluster.probe import write_workload
+    from netmoe.app.cluster.calibrate import calibrate, calibration_calls
+    from netmoe.app.cluster.probe import write_workload
 
     if reuse and cache.exists():
         cached = json.loads(cache.read_text())
         return calibrate(cached["result"]), {**cached["meta"], "cached": True}
     write_workload(work / "calibration.json", calibration_calls(tb.config.nodes, g, sizes), g)
-    procs = tb.launch_ranks(g, [sys.executable, "-m", "netmoe.cluster.probe", "--workload",
+    procs = tb.launch_ranks(g, [sys.executable, "-m", "netmoe.app.cluster.probe", "--workload",
                                 str(work / "calibration.json"), "--iters", str(iters),
                                 "--out", str(work / "calibration-result.json")],
                             work / "calibration-logs", env={"MASTER_PORT": "29400"})
@@ -460,11 +462,11 @@ def run_bench(base: Any, *, rate_mbit: float, ratio: float, warmup_steps: int, f
     replica_slots > 0 adds the "replicas" mode: the experts mode plus copies (fit_copies, at
     most replica_slots per device and layer, their sync weighed unless not replica_weigh_sync)
     in force from the start; the report's "replicas" holds the model's verdict on them.
-    Returns the report dict (see netmoe.bench.cluster for the keys)."""
-    from netmoe.cluster.calibrate import calibration_dict
-    from netmoe.cluster.testbed import Testbed, TestbedConfig
-    from netmoe.demo import _pretrain
-    from netmoe.reference.data import default_cache_dir, load_corpus
+    Returns the report dict (see netmoe.app.bench.cluster for the keys)."""
+    from netmoe.app.cluster.calibrate import calibration_dict
+    from netmoe.app.cluster.testbed import Testbed, TestbedConfig
+    from netmoe.app.demo import _pretrain
+    from netmoe.app.reference.data import default_cache_dir, load_corpus
 
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")

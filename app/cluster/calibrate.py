@@ -1,7 +1,7 @@
 """Calibrate the alpha-beta cost model on real All-to-Alls, as the paper profiles its cluster.
 
 Traffic patterns that load one channel only (intra-node or inter-node, several sizes) plus a
-uniform one for validation run through ``netmoe.cluster.probe``;
+uniform one for validation run through ``netmoe.app.cluster.probe``;
 ``t = alpha + bytes / bandwidth`` is fitted per channel by least squares on the median times.
 Bytes are summed over the whole machine, as in the paper's model. An All-to-All lasts from the
 earliest start to the latest end across ranks (gloo counts a send as done once it is in the
@@ -102,7 +102,7 @@ def calibration_calls(nodes: int, gpus_per_node: int, sizes: Sequence[int],
 
 
 def calibrate(result: dict) -> Calibration:
-    """Fit both channels from an ``netmoe.cluster.probe`` result holding ``calibration_calls``.
+    """Fit both channels from an ``netmoe.app.cluster.probe`` result holding ``calibration_calls``.
 
     Calls of other groups (the workload measured in the same launch) are ignored.
     """

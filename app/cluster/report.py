@@ -214,7 +214,7 @@ def _markdown_training(r: dict[str, Any]) -> str:
 
 def _replicas(r: dict[str, Any]) -> list[str]:
     """The replicas mode against home and experts: times, the copies' sync, the model's verdict."""
-    from netmoe.cluster.train import replica_verdict
+    from netmoe.app.cluster.train import replica_verdict
 
     rep, modes = r["replicas"], r["modes"]
     d = rep["decision"]

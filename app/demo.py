@@ -26,9 +26,9 @@ from typing import Any
 
 import numpy as np
 
-from netmoe.cli import non_negative, positive
-from netmoe.progress import Progress
-from netmoe.text import human_bytes, plural
+from netmoe.app.cli import non_negative, positive
+from netmoe.app.progress import Progress
+from netmoe.app.text import human_bytes, plural
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -196,7 +196,7 @@ def placement_report(home_ranks: list[dict[str, Any]], net_ranks: list[dict[str,
 
 def _pretrain(cfg: Any, steps: int) -> str:
     """Path of a checkpoint trained ``steps`` steps in one process (all experts); cached."""
-    from netmoe.reference.data import default_cache_dir
+    from netmoe.app.reference.data import default_cache_dir
 
     single = dataclasses.replace(
         cfg, nodes=1, gpus_per_node=1, experts_per_device=cfg.experts,
@@ -215,22 +215,22 @@ def _pretrain(cfg: Any, steps: int) -> str:
 
 def _train(label: str, cfg: Any) -> list[dict[str, Any]]:
     """run_ranks(cfg) with its progress on stderr."""
-    from netmoe.reference.launch import run_ranks
+    from netmoe.app.reference.launch import run_ranks
 
     return run_ranks(cfg, progress=Progress(f"netmoe demo: {label}", cfg.steps).update)
 
 
 def run(args: argparse.Namespace) -> int:
     if args.torchtitan:
-        from netmoe.reference.torchtitan_demo import run_demo as run_torchtitan
+        from netmoe.app.reference.torchtitan_demo import run_demo as run_torchtitan
 
         return run_torchtitan(args)
     if args.hf_model:
-        from netmoe.reference.hf_demo import run_demo
+        from netmoe.app.reference.hf_demo import run_demo
 
         return run_demo(args)
-    from netmoe.reference.data import load_corpus
-    from netmoe.reference.train import TrainConfig
+    from netmoe.app.reference.data import load_corpus
+    from netmoe.app.reference.train import TrainConfig
 
     cfg = TrainConfig(
         nodes=args.nodes, gpus_per_node=args.gpus_per_node, steps=args.steps,
