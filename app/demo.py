@@ -19,15 +19,13 @@ import json
 import os
 import statistics
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from netmoe.app.cli import non_negative, positive
 from netmoe.app.progress import Progress
+from netmoe.app.service import check_server, placement_service
 from netmoe.app.text import human_bytes, plural
 
 
@@ -160,23 +158,6 @@ def max_rel_diff(a: list[float], b: list[float]) -> float:
     return max(abs(x - y) / abs(x) for x, y in zip(a, b, strict=True))
 
 
-@contextmanager
-def placement_service(address: str) -> Iterator[tuple[str, str]]:
-    """(address, metrics URL) the placement runs use: `address` as given (no URL), or, when it is
-    empty, an embedded service that lives as long as the block."""
-    if address:
-        yield address, ""
-        return
-    from netmoe.server.app import start
-    from netmoe.server.config import ServerConfig
-
-    handle = start(ServerConfig(port=0, metrics_port=0))
-    try:
-        yield handle.address, f"http://127.0.0.1:{handle.metrics_port}/metrics"
-    finally:
-        handle.stop()
-
-
 def placement_report(home_ranks: list[dict[str, Any]], net_ranks: list[dict[str, Any]],
                      config: dict[str, Any]) -> dict[str, Any]:
     """The --json keys every model family's demo has: both runs summarized, the solver's median,
@@ -194,25 +175,6 @@ def placement_report(home_ranks: list[dict[str, Any]], net_ranks: list[dict[str,
     }
 
 
-def _pretrain(cfg: Any, steps: int) -> str:
-    """Path of a checkpoint trained ``steps`` steps in one process (all experts); cached."""
-    from netmoe.app.reference.data import default_cache_dir
-
-    single = dataclasses.replace(
-        cfg, nodes=1, gpus_per_node=1, experts_per_device=cfg.experts,
-        samples_per_device=cfg.global_samples, steps=steps, placement="home", server="",
-        record_trace="", init_checkpoint="", data_offset=0, threads=2,
-    )  # fmt: skip
-    key = (f"E{cfg.experts}-L{cfg.layers}-D{cfg.d_model}-F{cfg.ffn}-S{cfg.seq_len}"
-           f"-I{cfg.global_samples}-V{cfg.vocab}-s{cfg.seed}-w{steps}")  # fmt: skip
-    path = (Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()) / f"ckpt-{key}.pt"
-    if not path.exists():
-        print(f"netmoe demo: pre-training a checkpoint ({plural(steps, 'step')}, once) -> {path}",
-              file=sys.stderr)  # fmt: skip
-        _train("pre-training", dataclasses.replace(single, save_checkpoint=str(path)))
-    return str(path)
-
-
 def _train(label: str, cfg: Any) -> list[dict[str, Any]]:
     """run_ranks(cfg) with its progress on stderr."""
     from netmoe.app.reference.launch import run_ranks
@@ -221,6 +183,8 @@ def _train(label: str, cfg: Any) -> list[dict[str, Any]]:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.server:
+        check_server(args.server)  # before anything slow: a wrong address fails in seconds
     if args.torchtitan:
         from netmoe.app.reference.torchtitan_demo import run_demo as run_torchtitan
 
@@ -230,6 +194,7 @@ def run(args: argparse.Namespace) -> int:
 
         return run_demo(args)
     from netmoe.app.reference.data import load_corpus
+    from netmoe.app.reference.pretrain import pretrain
     from netmoe.app.reference.train import TrainConfig
 
     cfg = TrainConfig(
@@ -256,7 +221,7 @@ def run(args: argparse.Namespace) -> int:
                          f"{args.replica_budget}")
     load_corpus(cfg.vocab, cfg.cache_dir or None)  # build once here, ranks read the cache
     if args.warmup_steps:
-        cfg = dataclasses.replace(cfg, init_checkpoint=_pretrain(cfg, args.warmup_steps))
+        cfg = dataclasses.replace(cfg, init_checkpoint=pretrain(cfg, args.warmup_steps))
     with placement_service(args.server) as (address, metrics_url):
         if metrics_url:
             print(f"netmoe demo: placement service on {address}, metrics on {metrics_url} until "

@@ -25,6 +25,7 @@ import numpy as np
 
 from netmoe.app.bench.stats import spread, tail
 from netmoe.app.cli import non_negative, positive
+from netmoe.app.service import check_server
 from netmoe.app.text import plural
 from netmoe.groups import EPGroups
 from netmoe.round import RoundCounts
@@ -242,20 +243,6 @@ def _measure(address: str, args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def _check_reachable(address: str, timeout: float = 5.0) -> None:
-    """ValueError naming --server when no gRPC service answers a health check at address."""
-    import grpc
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-    with grpc.insecure_channel(address) as channel:
-        try:
-            health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(),
-                                                      timeout=timeout)
-        except grpc.RpcError as err:
-            raise ValueError(f"--server {address}: no placement service answers there "
-                             f"({err.code().name})") from None
-
-
 def run(args: argparse.Namespace) -> int:
     from netmoe.server.config import ServerConfig
 
@@ -272,7 +259,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--experts {args.experts} must be a multiple of the EP size {ep}")
     config = ServerConfig(port=0, metrics_port=None, grace_seconds=1.0)
     if args.server:
-        _check_reachable(args.server)
+        check_server(args.server)
         result = _measure(args.server, args)
     elif args.embedded:
         from netmoe.server.app import start

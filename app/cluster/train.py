@@ -465,8 +465,8 @@ def run_bench(base: Any, *, rate_mbit: float, ratio: float, warmup_steps: int, f
     Returns the report dict (see netmoe.app.bench.cluster for the keys)."""
     from netmoe.app.cluster.calibrate import calibration_dict
     from netmoe.app.cluster.testbed import Testbed, TestbedConfig
-    from netmoe.app.demo import _pretrain
     from netmoe.app.reference.data import default_cache_dir, load_corpus
+    from netmoe.app.reference.pretrain import pretrain
 
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
@@ -475,7 +475,8 @@ def run_bench(base: Any, *, rate_mbit: float, ratio: float, warmup_steps: int, f
     phases: dict[str, float] = {}
     load_corpus(base.vocab, base.cache_dir or None)  # built once here; ranks read the cache
     if warmup_steps:
-        base = dataclasses.replace(base, init_checkpoint=_pretrain(base, warmup_steps))
+        base = dataclasses.replace(base, init_checkpoint=pretrain(base, warmup_steps,
+                                                                  "netmoe bench cluster"))
     cfg = dataclasses.replace(base, data_offset=warmup_steps + fit_steps, a2a_sync=True,
                               link_counters=True)
     phases["prepare"] = time.monotonic() - started

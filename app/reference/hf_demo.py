@@ -254,8 +254,9 @@ def run_demo(args: argparse.Namespace) -> int:
     (same printout and --json keys)."""
     from transformers import AutoConfig
 
-    from netmoe.app.demo import _print, check_planned, placement_report, placement_service
+    from netmoe.app.demo import _print, check_planned, placement_report
     from netmoe.app.reference.launch import run_ranks
+    from netmoe.app.service import placement_service
 
     if args.expert_placement:
         raise ValueError("--expert-placement is not supported with --hf-model")

@@ -76,14 +76,16 @@ def _steps_done(path: Path) -> int:
 
 
 def run_ranks(
-    cfg: TrainConfig, timeout: float = 600.0, progress: Callable[[int], None] | None = None,
-    module: str = "netmoe.app.reference.train",
+    cfg: TrainConfig, stall_seconds: float = 600.0,
+    progress: Callable[[int], None] | None = None, module: str = "netmoe.app.reference.train",
 ) -> list[dict[str, Any]]:
     """Starts cfg.world processes of ``python -m MODULE --config JSON --out FILE`` (any config
-    dataclass with ``world`` and ``threads``); returns their results ordered by rank. Raises
-    RuntimeError (with the failing rank's stderr) if any rank fails; every process is gone when
-    this returns or raises, also on SIGINT or SIGTERM. progress, if given, is called with the
-    steps rank 0 has finished while they run (the module writes them to $NETMOE_PROGRESS_FILE)."""
+    dataclass with ``world`` and ``threads``); returns their results ordered by rank. Every rank
+    writes the steps it has finished to $NETMOE_PROGRESS_FILE (its own file). Raises
+    RuntimeError (with the failing rank's stderr) if any rank fails, or when no rank finished a
+    step for ``stall_seconds`` (a run still making progress is never cut short, however long it
+    takes); every process is gone when this returns or raises, also on SIGINT or SIGTERM.
+    progress, if given, is called with the steps rank 0 has finished while they run."""
     config = json.dumps(dataclasses.asdict(cfg))
     port = free_port()
     interrupts = _Interrupts()
@@ -96,8 +98,7 @@ def run_ranks(
                            MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
                            OMP_NUM_THREADS=str(cfg.threads))  # fmt: skip
                 env.setdefault("GLOO_SOCKET_IFNAME", "lo")
-                if rank == 0 and progress is not None:
-                    env[PROGRESS_FILE] = str(Path(tmp) / "progress")
+                env[PROGRESS_FILE] = str(Path(tmp) / f"rank{rank}.progress")
                 err = open(Path(tmp) / f"rank{rank}.err", "w+")  # noqa: SIM115 (closed below)
                 cmd = [sys.executable, "-m", module, "--config", config,
                        "--out", str(Path(tmp) / f"rank{rank}.json")]  # fmt: skip
@@ -108,14 +109,19 @@ def run_ranks(
                     if not procs or procs[-1][1] is not err:
                         err.close()
                     raise
-            deadline = time.monotonic() + timeout
+            done = [0] * cfg.world
+            moved = time.monotonic()
             while any(p.poll() is None for p, _ in procs):
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"training ranks did not finish within {timeout:.0f} s")
                 if any(p.returncode not in (None, 0) for p, _ in procs):
                     break  # one rank died: the others would hang in a collective
+                now_done = [_steps_done(Path(tmp) / f"rank{r}.progress") for r in range(cfg.world)]
+                if now_done != done:
+                    done, moved = now_done, time.monotonic()
+                elif time.monotonic() - moved > stall_seconds:
+                    raise RuntimeError(f"training ranks made no progress for {stall_seconds:.0f} s "
+                                       f"(steps finished per rank: {done})")
                 if progress is not None:
-                    progress(_steps_done(Path(tmp) / "progress"))
+                    progress(done[0])
                 time.sleep(0.05)
             for rank, (p, err) in enumerate(procs):
                 if p.poll() not in (None, 0):

@@ -410,11 +410,11 @@ def run_demo(args: argparse.Namespace) -> int:
         check_planned,
         max_rel_diff,
         placement_report,
-        placement_service,
         routes_between,
     )
     from netmoe.app.reference.data import load_corpus
     from netmoe.app.reference.launch import run_ranks
+    from netmoe.app.service import placement_service
 
     if args.expert_placement or args.replica_budget is not None:
         raise ValueError("--expert-placement and --replica-budget are not supported with "

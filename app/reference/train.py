@@ -85,6 +85,10 @@ class TrainConfig:
     cache_dir: str = ""
     init_checkpoint: str = ""
     save_checkpoint: str = ""
+    # With save_checkpoint, on one rank: every K steps the rank saves its model, optimizer and
+    # step to resume_path(save_checkpoint), and a run finding that file goes on from there (an
+    # interrupted pre-training loses at most K steps); 0: only the final checkpoint.
+    checkpoint_every: int = 0
     record_trace: str = ""
     # [layers] permutations of range(experts): slot v of layer l holds original expert
     # expert_order[l][v] (see netmoe.app.reference.model); () keeps every expert in its home slot.
@@ -148,10 +152,23 @@ class TrainConfig:
                          "vocab"))
         if self.steps < 0:
             raise ValueError(f"steps must be >= 0, got {self.steps}")
-        for name in ("adopt_experts_at", "expert_held_out", "replica_budget"):
+        for name in ("adopt_experts_at", "expert_held_out", "replica_budget", "checkpoint_every"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
+        if self.checkpoint_every:
+            # One rank holds every expert in the checkpoint; moved experts, copies and a trace
+            # cannot be resumed from it.
+            clash = {"save_checkpoint": (self.save_checkpoint, not self.save_checkpoint),
+                     "world": (self.world, self.world != 1),
+                     "adopt_experts_at": (self.adopt_experts_at, self.adopt_experts_at),
+                     "copies": (self.copies, self.copies),
+                     "record_trace": (self.record_trace, self.record_trace)}
+            bad = [f"{name}={value!r}" for name, (value, wrong) in clash.items() if wrong]
+            if bad:
+                raise ValueError(f"checkpoint_every={self.checkpoint_every} needs save_checkpoint "
+                                 f"and one rank (world 1) without adopt_experts_at, copies or "
+                                 f"record_trace, got {', '.join(bad)}")
         if self.adopt_experts_at and self.placement != "service":
             raise ValueError(f"adopt_experts_at={self.adopt_experts_at} needs placement='service' "
                              f"(the service fits the expert maps), got {self.placement!r}")
@@ -365,8 +382,11 @@ def _train_steps(run: _Run) -> dict[str, Any]:
     if cfg.copies:
         experts_info = _confirm_copies(cfg, run.client, rank)
         copies = _adopt_copies(run, table, experts_info)
+    first = _resume(run) if cfg.checkpoint_every else 0
+    if progress_file:
+        write_atomic(progress_file, str(first))
     dist.barrier()  # with copies: rank 0 confirmed them before any rank reports step 0
-    for step in range(cfg.steps):
+    for step in range(first, cfg.steps):
         if cfg.adopt_experts_at and step == cfg.adopt_experts_at:
             table, experts_info = _adopt_experts(cfg, run.model, run.opt, run.client, table,
                                                  rank, step)
@@ -382,6 +402,10 @@ def _train_steps(run: _Run) -> dict[str, Any]:
                                cfg.layers)
         step_routes.append((totals - routes_so_far).tolist())
         routes_so_far = totals
+        if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0:
+            _save_checkpoint({"model": run.model.state_dict(), "opt": run.opt.state_dict(),
+                              "step": step + 1, "config": _resume_key(cfg)},
+                             resume_path(cfg.save_checkpoint))
         if progress_file:
             write_atomic(progress_file, str(step + 1))
     if run.recorder is not None:
@@ -392,8 +416,10 @@ def _train_steps(run: _Run) -> dict[str, Any]:
                           table.label)
     if cfg.save_checkpoint:
         _save_checkpoint(state, cfg.save_checkpoint)
+        Path(resume_path(cfg.save_checkpoint)).unlink(missing_ok=True)
     out: dict[str, Any] = {
         "rank": rank,
+        "first_step": first,
         "loss": losses,
         "step_seconds": step_seconds,
         "a2a_seconds": run.comm.a2a_seconds,
@@ -702,6 +728,39 @@ def _save_checkpoint(state: dict[str, Any], path: str) -> None:
     tmp = f"{path}.{os.getpid()}.tmp"
     torch.save(state, tmp)
     os.replace(tmp, path)
+
+
+def resume_path(checkpoint: str) -> str:
+    """Where a run saving ``checkpoint`` keeps its state every checkpoint_every steps."""
+    return f"{checkpoint}.resume"
+
+
+def _resume_key(cfg: TrainConfig) -> dict[str, Any]:
+    """The fields a resumed run must share with the run that saved the state (all but the
+    step count and where files and threads go)."""
+    skip = {"steps", "threads", "cache_dir", "checkpoint_every"}
+    return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in skip}
+
+
+def _resume(run: _Run) -> int:
+    """Loads model and optimizer from resume_path(save_checkpoint) when it exists; returns the
+    step to go on from (0 without a saved state). ValueError naming the file when it was saved
+    by a run of another configuration."""
+    import torch
+
+    path = resume_path(run.cfg.save_checkpoint)
+    if not Path(path).exists():
+        return 0
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    key = _resume_key(run.cfg)
+    differ = sorted(k for k in key if saved["config"].get(k) != key[k])
+    if differ:
+        raise ValueError(f"{path} was saved by a run with other {', '.join(differ)}; delete it "
+                         f"to start over")
+    run.model.load_state_dict(saved["model"])
+    run.opt.load_state_dict(saved["opt"])
+    log.info("resuming from step %d (%s)", saved["step"], path)
+    return min(int(saved["step"]), run.cfg.steps)
 
 
 def _load_checkpoint(model: Any, path: str, expert_order: tuple[tuple[int, ...], ...] = ()

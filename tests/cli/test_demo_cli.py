@@ -1,5 +1,6 @@
-"""`netmoe demo` as a user runs it: progress while training, a loud failure when the placement
-service is unreachable, and Ctrl-C ending with exit code 130 and no traceback or stray ranks."""
+"""`netmoe demo` as a user runs it: progress while training, a wrong --server refused before any
+work, a loud failure when the placement service refuses the job, and Ctrl-C ending with exit code
+130 and no traceback or stray ranks."""
 
 from __future__ import annotations
 
@@ -19,18 +20,36 @@ def demo(*args: str) -> list[str]:
     return [sys.executable, "-m", "netmoe.app.cli", "demo", *TINY, *args]
 
 
-def test_unreachable_server_is_an_error_and_progress_is_shown() -> None:
+def test_an_unreachable_server_is_refused_before_anything_else(tmp_path: Path) -> None:
     with socket.socket() as sock:  # a port nothing listens on
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    out = subprocess.run(demo("--steps", "2", "--server", f"127.0.0.1:{port}"),
-                         capture_output=True, text=True, timeout=300)
+    # The default run (pre-training included) into an empty cache: the check comes first.
+    args = [sys.executable, "-m", "netmoe.app.cli", "demo", "--cache-dir", str(tmp_path),
+            "--server", f"127.0.0.1:{port}"]
+    out = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2, out.stderr
+    assert out.stderr.startswith(f"netmoe demo: error: --server 127.0.0.1:{port}: no placement "
+                                 f"service answers there (UNAVAILABLE: "), out.stderr
+    assert len(out.stderr.splitlines()) == 1 and not out.stdout
+    assert list(tmp_path.iterdir()) == []  # no corpus, no checkpoint: nothing ran
+
+
+def test_a_service_that_refuses_the_job_is_an_error_and_progress_is_shown() -> None:
+    from netmoe.server.app import start
+    from netmoe.server.config import ServerConfig
+
+    # Health answers without the token; every placement call is refused without it.
+    with start(ServerConfig(port=0, metrics_port=None, auth_token="not-given")) as handle:
+        env = {k: v for k, v in os.environ.items() if k != "NETMOE_AUTH_TOKEN"}
+        out = subprocess.run(demo("--steps", "2", "--server", handle.address),
+                             capture_output=True, text=True, timeout=300, env=env)
     assert out.returncode == 1, out.stderr
     err = out.stderr.splitlines()
     assert "netmoe demo: home run: step 2/2" in "\n".join(err)
     assert "netmoe demo: netmoe run: step 2/2" in "\n".join(err)
     assert err[-1].startswith(f"netmoe demo: error: the netmoe run got no plan from the "
-                              f"placement service at 127.0.0.1:{port}: all 2 layers fell back")
+                              f"placement service at {handle.address}: all 2 layers fell back")
     assert "Traceback" not in out.stderr
     assert "0.0% fewer than home" in out.stdout and "2 fallbacks" in out.stdout
 

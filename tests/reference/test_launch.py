@@ -1,4 +1,5 @@
-"""run_ranks leaves no rank process behind when its launcher is terminated."""
+"""run_ranks: no rank process left behind when its launcher is terminated; a run fails when its
+ranks stop making progress, never because it is slow."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ import sys
 import textwrap
 import time
 from pathlib import Path
+
+import pytest
 
 
 def _children(pid: int) -> list[int]:
@@ -47,3 +50,50 @@ def test_sigterm_to_launcher_kills_its_ranks() -> None:
         if launcher.poll() is None:
             launcher.kill()
             launcher.wait()
+
+
+# A rank that finishes `steps` steps of `pace` seconds each (writing its progress as the training
+# ranks do), then sleeps `then` seconds before writing its result: the launcher's view of a rank.
+RANK = """
+import json, os, sys, time
+from pathlib import Path
+
+import pytest
+steps, pace, then = {steps}, {pace}, {then}
+Path(os.environ["PID_DIR"], os.environ["RANK"]).write_text(str(os.getpid()))
+for step in range(1, steps + 1):
+    time.sleep(pace)
+    Path(os.environ["NETMOE_PROGRESS_FILE"]).write_text(str(step))
+time.sleep(then)
+Path(sys.argv[sys.argv.index("--out") + 1]).write_text(json.dumps({{"rank": os.environ["RANK"]}}))
+"""
+
+
+def _launch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, stall: float, **rank: float
+            ) -> list[dict[str, object]]:
+    from netmoe.app.reference.launch import run_ranks
+    from netmoe.app.reference.train import TrainConfig
+
+    (tmp_path / "fake_rank.py").write_text(RANK.format(**rank))
+    (tmp_path / "pids").mkdir()
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    monkeypatch.setenv("PID_DIR", str(tmp_path / "pids"))
+    return run_ranks(TrainConfig(nodes=1, gpus_per_node=2, steps=int(rank["steps"])),
+                     stall_seconds=stall, module="fake_rank")
+
+
+def test_a_run_slower_than_the_stall_limit_finishes_while_it_makes_progress(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    started = time.monotonic()
+    results = _launch(tmp_path, monkeypatch, stall=6, steps=6, pace=1.5, then=0)
+    assert time.monotonic() - started > 6  # longer than the limit in all, never stalled
+    assert [r["rank"] for r in results] == ["0", "1"]
+
+
+def test_ranks_that_stop_making_progress_fail_the_run_and_are_ended(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(RuntimeError, match=r"made no progress for 10 s \(steps finished per "
+                                           r"rank: \[1, 1\]\)"):
+        _launch(tmp_path, monkeypatch, stall=10, steps=1, pace=0, then=3600)
+    pids = [int(p.read_text()) for p in (tmp_path / "pids").iterdir()]
+    assert len(pids) == 2 and not any(_alive(pid) for pid in pids)
