@@ -202,7 +202,7 @@ def scraped(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, list
                              "expert_placement": "force",
                              "unregister": False,  # its per-job series are scraped below
                              "cache_dir": str(tmp_path_factory.mktemp("cache"))})
-        results = run_ranks(cfg, timeout=300)
+        results = run_ranks(cfg, stall_seconds=300)
         assert results[0]["experts"]["adopted"] and results[0]["fallbacks"] == 0
         with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics",
                                     timeout=10) as resp:
