@@ -1,111 +1,15 @@
-"""``netmoe demo``: train the reference MoE on N x G emulated GPUs, without and with placement.
-
-Starts an embedded placement service (unless --server), optionally pre-trains a checkpoint once in
-one process (cached outside the repository, so experts have specialised before the comparison),
-then trains the same steps twice with the same seed: home placement, then netmoe placement. Route
-counts come from the split sizes of the real All-to-All calls of every rank.
-
-With --expert-placement a third run (joint placement) asks the service for expert maps after
---adopt-after steps, moves the experts and goes on with plans for the new maps; home, sample-only
-and joint are then compared on the steps after the move. With --replica-budget K a fourth run
-also creates the expert copies the service recommends (K per device and layer) with the maps.
-"""
+"""The demo's report: every run's per-rank results summarized (routes from the All-to-All split
+sizes, timings, losses), the comparisons the --json object holds, and their printout."""
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
-import json
-import os
 import statistics
 import sys
 from typing import Any
 
 import numpy as np
 
-from netmoe.app.cli import non_negative, positive
-from netmoe.app.progress import Progress
-from netmoe.app.service import check_server, placement_service
 from netmoe.app.text import human_bytes, plural
-
-
-def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "demo",
-        help="train a small MoE on emulated GPUs with and without sample placement",
-        description="Spawns nodes x gpus-per-node training processes (gloo on 127.0.0.1), trains "
-        "the reference MoE with home placement and then with plans from the placement service, "
-        "and compares inter-/intra-node routes, All-to-All time and losses.",
-    )
-    p.add_argument("--nodes", type=positive, default=2, help="emulated nodes")
-    p.add_argument("--gpus-per-node", type=positive, default=4,
-                   help="emulated GPUs (training processes) per node")
-    p.add_argument("--steps", type=positive, default=12, help="compared training steps per run")
-    p.add_argument(
-        "--warmup-steps",
-        type=non_negative,
-        default=150,
-        help="single-process pre-training steps of the cached checkpoint (0: none)",
-    )
-    p.add_argument("--samples-per-device", type=positive, default=4,
-                   help="samples (sequences) each GPU holds per step")
-    p.add_argument("--seq-len", type=positive, default=64, help="tokens per sample")
-    p.add_argument("--layers", type=positive, default=4, help="MoE layers of the model")
-    p.add_argument("--objective", choices=("volume", "bottleneck"), default="volume",
-                   help="volume: fewest inter-node routes over the machine; bottleneck: the "
-                   "busiest node's inter-node routes")
-    p.add_argument("--seed", type=int, default=0, help="seed of the model, data and plans")
-    p.add_argument("--server", default="", metavar="HOST:PORT",
-                   help="use this placement service (default: start one inside the demo)")
-    p.add_argument(
-        "--record-trace",
-        default="",
-        metavar="PATH",
-        help="save the home run's routing as a trace .npz for `netmoe evaluate`",
-    )
-    p.add_argument("--cache-dir", default="",
-                   help="corpus and checkpoint cache (default: $NETMOE_CACHE, else "
-                   "$XDG_CACHE_HOME/netmoe, else ~/.cache/netmoe)")
-    p.add_argument(
-        "--expert-placement",
-        nargs="?",
-        const="auto",
-        choices=("auto", "force"),
-        default=None,
-        help="also train with joint placement: after --adopt-after steps the service fits expert "
-        "maps and the ranks move their experts; auto: if the saving over --expert-horizon steps "
-        "pays for the move, force: always. Compares home, sample-only and joint on the steps "
-        "after adoption",
-    )
-    p.add_argument("--adopt-after", type=int, default=None,
-                   help="steps before the experts move (default: half of --steps)")
-    p.add_argument("--expert-horizon", type=positive, default=1000,
-                   help="steps the saving must pay for the move within (auto)")
-    p.add_argument("--hf-model", default="", metavar="DIR",
-                   help="train this local Hugging Face MoE checkpoint instead (config + weights; "
-                   "see docs/huggingface.md)")
-    p.add_argument("--torchtitan", choices=("qwen3", "deepseek_v3"), default="",
-                   help="train a tiny torchtitan model of this family instead (2 experts per "
-                   "GPU), also on torchtitan's own EP path (see docs/torchtitan.md)")
-    p.add_argument("--replica-budget", type=non_negative, default=None, metavar="K",
-                   help="with --expert-placement: a fourth run that also creates up to K expert "
-                   "copies per device and layer with the maps (as the service recommends; "
-                   "force: always), compared on the same steps")
-    p.add_argument("--max-load-ratio", type=float, default=0.0, metavar="R",
-                   help="with --replica-budget: the service chooses maps, copies and route tables "
-                   "with every layer's busiest device at most R x the mean load (R >= 1; "
-                   "default 0: no bound) and the ranks route by the confirmed tables")
-    p.add_argument("--micro-batches", type=positive, default=1, metavar="N",
-                   help="forward passes per step (gradient accumulation); each has its own "
-                   "placement rounds")
-    p.add_argument("--recompute", action="store_true",
-                   help="recompute every block in the backward pass (activation checkpointing); "
-                   "the recompute applies the plan its forward applied")
-    p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32",
-                   help="bf16: bf16 hidden states and All-to-All payloads (autocast), fp32 "
-                   "parameters and router weights")
-    p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.set_defaults(func=run)
 
 
 def summarize(results: list[dict[str, Any]]) -> dict[str, Any]:
@@ -168,97 +72,14 @@ def placement_report(home_ranks: list[dict[str, Any]], net_ranks: list[dict[str,
         "home": home,
         "netmoe": net,
         "solver_ms_median": statistics.median(solve) if solve else 0.0,
-        "inter_reduction": _saved(home["inter_routes"], net["inter_routes"]),
+        "inter_reduction": saved(home["inter_routes"], net["inter_routes"]),
         "max_loss_rel_diff": max_rel_diff(home["loss"], net["loss"]),
         "bytes_per_route": net["bytes_per_route"],
         "config": config,
     }
 
 
-def _train(label: str, cfg: Any) -> list[dict[str, Any]]:
-    """run_ranks(cfg) with its progress on stderr."""
-    from netmoe.app.reference.launch import run_ranks
-
-    return run_ranks(cfg, progress=Progress(f"netmoe demo: {label}", cfg.steps).update)
-
-
-def run(args: argparse.Namespace) -> int:
-    if args.server:
-        check_server(args.server)  # before anything slow: a wrong address fails in seconds
-    if args.torchtitan:
-        from netmoe.app.reference.torchtitan_demo import run_demo as run_torchtitan
-
-        return run_torchtitan(args)
-    if args.hf_model:
-        from netmoe.app.reference.hf_demo import run_demo
-
-        return run_demo(args)
-    from netmoe.app.reference.data import load_corpus
-    from netmoe.app.reference.pretrain import pretrain
-    from netmoe.app.reference.train import TrainConfig
-
-    cfg = TrainConfig(
-        nodes=args.nodes, gpus_per_node=args.gpus_per_node, steps=args.steps,
-        samples_per_device=args.samples_per_device, seq_len=args.seq_len, layers=args.layers,
-        objective=args.objective, seed=args.seed, cache_dir=args.cache_dir,
-        data_offset=args.warmup_steps, micro_batches=args.micro_batches,
-        recompute=args.recompute, dtype=args.dtype,
-    )  # fmt: skip
-    adopt_at = args.steps // 2 if args.adopt_after is None else args.adopt_after
-    if args.expert_placement and not 2 <= adopt_at < args.steps:
-        raise ValueError(f"--adopt-after must leave at least 2 steps before the move (one to fit, "
-                         f"one held out) and 1 after it, in [2, {args.steps - 1}] for --steps "
-                         f"{args.steps}, got {adopt_at}")
-    if args.replica_budget is not None and not args.expert_placement:
-        raise ValueError("--replica-budget needs --expert-placement")
-    if args.max_load_ratio and args.replica_budget is None:
-        raise ValueError("--max-load-ratio needs --replica-budget")
-    if args.max_load_ratio and not args.max_load_ratio >= 1:
-        raise ValueError(f"--max-load-ratio must be >= 1 (busiest device / mean load), got "
-                         f"{args.max_load_ratio}")
-    if args.replica_budget is not None and args.replica_budget < 0:
-        raise ValueError(f"--replica-budget must be >= 0 copies per device, got "
-                         f"{args.replica_budget}")
-    load_corpus(cfg.vocab, cfg.cache_dir or None)  # build once here, ranks read the cache
-    if args.warmup_steps:
-        cfg = dataclasses.replace(cfg, init_checkpoint=pretrain(cfg, args.warmup_steps))
-    with placement_service(args.server) as (address, metrics_url):
-        if metrics_url:
-            print(f"netmoe demo: placement service on {address}, metrics on {metrics_url} until "
-                  f"the demo ends", file=sys.stderr)
-        home_ranks = _train("home run", dataclasses.replace(cfg, record_trace=args.record_trace))
-        job = f"demo-{cfg.nodes}x{cfg.gpus_per_node}-s{cfg.seed}"
-        sample_ranks = _train("netmoe run", dataclasses.replace(
-            cfg, placement="service", server=address, job=job))  # fmt: skip
-        joint_ranks = None
-        if args.expert_placement:
-            # A fresh job: its window and confirmed maps must start at step 0.
-            joint_ranks = _train("joint run", dataclasses.replace(
-                cfg, placement="service", server=address, job=f"{job}-joint-{os.getpid()}",
-                adopt_experts_at=adopt_at, expert_placement=args.expert_placement,
-                expert_horizon=args.expert_horizon))  # fmt: skip
-        replica_ranks = None
-        if args.replica_budget is not None:
-            replica_ranks = _train("replicas run", dataclasses.replace(
-                cfg, placement="service", server=address, job=f"{job}-replicas-{os.getpid()}",
-                adopt_experts_at=adopt_at, expert_placement=args.expert_placement,
-                expert_horizon=args.expert_horizon, replica_budget=args.replica_budget,
-                max_load_ratio=args.max_load_ratio))
-    report = placement_report(home_ranks, sample_ranks, dataclasses.asdict(cfg))
-    if joint_ranks is not None:
-        report["expert_placement"] = _expert_report(home_ranks, sample_ranks, joint_ranks,
-                                                    adopt_at, cfg.steps - 1)
-    if replica_ranks is not None:
-        report["replicas"] = _replica_report(home_ranks, replica_ranks, adopt_at, cfg.steps - 1)
-    if args.json:
-        print(json.dumps(report))
-    else:
-        _print(report)
-    runs = [("netmoe", sample_ranks)] + ([("joint", joint_ranks)] if joint_ranks else [])
-    return check_planned(address, runs)
-
-
-def _saved(home: int, placed: int) -> float:
+def saved(home: int, placed: int) -> float:
     return 0.0 if home == 0 else 1 - placed / home
 
 
@@ -283,7 +104,7 @@ def check_planned(address: str, runs: list[tuple[str, list[dict[str, Any]]]]) ->
     return code
 
 
-def _expert_report(home: list[dict[str, Any]], sample: list[dict[str, Any]],
+def expert_report(home: list[dict[str, Any]], sample: list[dict[str, Any]],
                    joint: list[dict[str, Any]], first: int, last: int) -> dict[str, Any]:
     """Home, sample-only and joint routes on steps first..last (after the move), the service's
     recommendation as rank 0 got it, and the loss check."""
@@ -295,8 +116,8 @@ def _expert_report(home: list[dict[str, Any]], sample: list[dict[str, Any]],
     return {
         "steps": [first, last],
         **routes,
-        "sample_only_reduction": _saved(routes["home"]["inter"], routes["sample_only"]["inter"]),
-        "joint_reduction": _saved(routes["home"]["inter"], routes["joint"]["inter"]),
+        "sample_only_reduction": saved(routes["home"]["inter"], routes["sample_only"]["inter"]),
+        "joint_reduction": saved(routes["home"]["inter"], routes["joint"]["inter"]),
         "recommendation": info,
         "moved_bytes": sum(r["experts"].get("sent_bytes", 0) for r in joint),
         "adopt_seconds": max(r["experts"].get("adopt_seconds", 0.0) for r in joint),
@@ -306,7 +127,7 @@ def _expert_report(home: list[dict[str, Any]], sample: list[dict[str, Any]],
     }
 
 
-def _replica_report(home: list[dict[str, Any]], replicated: list[dict[str, Any]], first: int,
+def replica_report(home: list[dict[str, Any]], replicated: list[dict[str, Any]], first: int,
                     last: int) -> dict[str, Any]:
     """Routes with maps and copies on steps first..last, the service's answer about the copies
     as rank 0 got it, bytes and time to create them, gradient sync time, the loss check."""
@@ -385,7 +206,7 @@ def _print_experts(x: dict[str, Any]) -> None:
           f"losses equal within {x['max_loss_rel_diff']:.1e} relative")
 
 
-def _print(r: dict[str, Any]) -> None:
+def print_report(r: dict[str, Any]) -> None:
     home, net, cfg = r["home"], r["netmoe"], r["config"]
     world = cfg["nodes"] * cfg["gpus_per_node"]
     print(
@@ -426,6 +247,11 @@ def _print(r: dict[str, Any]) -> None:
         f"losses equal within {r['max_loss_rel_diff']:.1e} relative; last step: "
         f"home {home['loss'][-1]:.4f}, netmoe {net['loss'][-1]:.4f}"
     )
+    if "stock" in r:
+        stock = r["stock"]
+        print(f"torchtitan's own EP path (stock AllToAllTokenDispatcher): inter-node routes "
+              f"{stock['inter_routes']}; losses equal netmoe's within "
+              f"{r['max_stock_loss_rel_diff']:.1e} relative; last step {stock['loss'][-1]:.4f}")
     if "expert_placement" in r:
         _print_experts(r["expert_placement"])
     if "replicas" in r:

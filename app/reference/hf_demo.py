@@ -1,16 +1,16 @@
-"""``netmoe demo --hf-model DIR``: train a local Hugging Face MoE checkpoint expert-parallel on
-N x G emulated GPUs, with home placement and with plans from the placement service.
+"""``netmoe demo --hf-model DIR``: train a local Hugging Face MoE checkpoint expert-parallel on N x
+G emulated GPUs, with home placement and with plans from the placement service.
 
-The ranks run ``train(cfg)`` (``python -m netmoe.app.reference.hf_demo --config JSON --out FILE``,
-started by ``netmoe.app.reference.launch.run_ranks``) on the demo corpus, tokenised by DIR's
-tokenizer when DIR has one, else taken as the demo's own ids. ``write_tiny`` (``python -m
-netmoe.app.reference.hf_demo --write-tiny DIR``) saves a tiny random checkpoint to try it on.
+The ranks run ``train(cfg)`` (``python -m netmoe.app.reference.hf_demo --config JSON --out
+FILE``, started by ``netmoe.app.reference.launch.run_ranks``; the driver is netmoe.app.demo) on
+the demo corpus, tokenised by DIR's tokenizer when DIR has one, else taken as the demo's own
+ids. ``write_tiny`` (``python -m netmoe.app.reference.hf_demo --write-tiny DIR``) saves a tiny
+random checkpoint to try it on.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import hashlib
 import json
 import os
@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from netmoe.app.reference.data import DOMAINS, Corpus
-from netmoe.app.reference.train import check_run, join_ranks, write_atomic
+from netmoe.app.reference.train import check_run, join_ranks, progress_writer, write_atomic
 
 DEMO_VOCAB = 2048  # the reference demo's vocabulary: the ids a checkpoint without tokenizer sees
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json",
@@ -153,7 +153,7 @@ def train(cfg: HFTrainConfig) -> dict[str, Any]:
     import torch.distributed as dist
     from transformers import AutoModelForCausalLM
 
-    from netmoe.app.reference.train import _route_totals
+    from netmoe.app.reference.train import route_totals
     from netmoe.client.hf import parallelize
     from netmoe.client.planning import Placement, RandomPlans
     from netmoe.client.recorder import TraceRecorder
@@ -168,7 +168,7 @@ def train(cfg: HFTrainConfig) -> dict[str, Any]:
         corpus = load_hf_corpus(cfg.model_dir, mcfg.vocab_size, cfg.cache_dir or None)
         n, s, big_i = cfg.samples_per_device, cfg.seq_len, cfg.global_samples
         placement = None
-        experts = _experts(mcfg)
+        experts = experts_of(mcfg)
         if cfg.placement == "random":
             placement = Placement(RandomPlans(rank, cfg.world, n, cfg.seed), rank, cfg.world, n,
                                   cfg.plan_timeout)  # fmt: skip
@@ -186,6 +186,7 @@ def train(cfg: HFTrainConfig) -> dict[str, Any]:
         recorder = TraceRecorder(layers, experts) if cfg.record_trace else None
         losses, step_seconds, allreduce_seconds = [], [], 0.0
         step_routes, so_far = [], np.zeros((layers, 3), dtype=np.int64)
+        done = progress_writer()
         dist.barrier()
         for step in range(cfg.steps):
             t_step = time.perf_counter()
@@ -201,11 +202,12 @@ def train(cfg: HFTrainConfig) -> dict[str, Any]:
             opt.step()
             losses.append(float(loss))
             step_seconds.append(time.perf_counter() - t_step)
-            totals = _route_totals(ep.stats.routes, rank, cfg.gpus_per_node, layers)
+            totals = route_totals(ep.stats.routes, rank, cfg.gpus_per_node, layers)
             step_routes.append((totals - so_far).tolist())
             so_far = totals
             if recorder is not None:
                 recorder.record(step, big_i, rank * n, n, s, out.plans, out.topk)
+            done(step + 1)
         if recorder is not None:
             recorder.save(cfg.record_trace, group_rank=rank)
         result: dict[str, Any] = {
@@ -245,51 +247,9 @@ def train(cfg: HFTrainConfig) -> dict[str, Any]:
         dist.destroy_process_group()
 
 
-def _experts(config: Any) -> int:
+def experts_of(config: Any) -> int:
+    """Experts per MoE layer of a transformers MoE config."""
     return int(getattr(config, "num_local_experts", None) or config.num_experts)
-
-
-def run_demo(args: argparse.Namespace) -> int:
-    """The ``netmoe demo --hf-model DIR`` run: home, then service placement; the demo's report
-    (same printout and --json keys)."""
-    from transformers import AutoConfig
-
-    from netmoe.app.demo import _print, check_planned, placement_report
-    from netmoe.app.reference.launch import run_ranks
-    from netmoe.app.service import placement_service
-
-    if args.expert_placement:
-        raise ValueError("--expert-placement is not supported with --hf-model")
-    cfg = HFTrainConfig(model_dir=args.hf_model, nodes=args.nodes,
-                        gpus_per_node=args.gpus_per_node, steps=args.steps,
-                        samples_per_device=args.samples_per_device, seq_len=args.seq_len,
-                        objective=args.objective, seed=args.seed, cache_dir=args.cache_dir)
-    mcfg = AutoConfig.from_pretrained(cfg.model_dir, local_files_only=True)
-    experts = _experts(mcfg)
-    if experts % cfg.world:
-        raise ValueError(f"{cfg.model_dir} has {experts} experts, not divisible by "
-                         f"{cfg.nodes} x {cfg.gpus_per_node} = {cfg.world} ranks")
-    # Built (and cached) once here; the ranks read the cache.
-    load_hf_corpus(cfg.model_dir, mcfg.vocab_size, cfg.cache_dir or None)
-    module = "netmoe.app.reference.hf_demo"
-    with placement_service(args.server) as (address, metrics_url):
-        home_ranks = run_ranks(dataclasses.replace(cfg, record_trace=args.record_trace),
-                               module=module)  # fmt: skip
-        job = f"hf-demo-{cfg.nodes}x{cfg.gpus_per_node}-s{cfg.seed}-{os.getpid()}"
-        net_ranks = run_ranks(dataclasses.replace(cfg, placement="service", server=address,
-                                                  job=job), module=module)  # fmt: skip
-    first = home_ranks[0]
-    report = placement_report(home_ranks, net_ranks, {
-        **dataclasses.asdict(cfg), "model_type": first["model_type"], "layers": first["layers"],
-        "experts_per_device": experts // cfg.world, "top_k": first["top_k"],
-        "parameters_per_rank": [r["parameters"] for r in home_ranks]})
-    report["metrics_url"] = metrics_url
-    if args.json:
-        print(json.dumps(report))
-    else:
-        print(f"{first['model_type']} checkpoint {cfg.model_dir}")
-        _print(report)
-    return check_planned(address, [("netmoe", net_ranks)])
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -28,10 +28,14 @@ def pretrain(cfg: TrainConfig, steps: int, label: str = "netmoe demo") -> str:
     path = (Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()) / f"ckpt-{key}.pt"
     if path.exists():
         return str(path)
+    # One intra-op thread: torch's OpenMP threads wait for each other at every operator, and on a
+    # shared machine, where one of them is often descheduled, 2 threads made a pre-training step
+    # 10 to 40 times slower than 1 (1 s vs 14 to 41 s on the 2-core development machine at load
+    # 13, docs/demo.md).
     single = dataclasses.replace(
         cfg, nodes=1, gpus_per_node=1, experts_per_device=cfg.experts,
         samples_per_device=cfg.global_samples, steps=steps, placement="home", server="",
-        record_trace="", init_checkpoint="", data_offset=0, threads=2, save_checkpoint=str(path),
+        record_trace="", init_checkpoint="", data_offset=0, threads=1, save_checkpoint=str(path),
         checkpoint_every=CHECKPOINT_EVERY, adopt_experts_at=0, replica_budget=0,
         max_load_ratio=0.0, copies=(), expert_order=(), ep_size=0,
     )  # fmt: skip

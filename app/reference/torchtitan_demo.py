@@ -3,19 +3,18 @@ expert-parallel on N x G emulated GPUs three ways: home placement (netmoe's disp
 plans), with plans from the placement service, and torchtitan's own EP path (its
 ``AllToAllTokenDispatcher`` over an ``ep`` device mesh, the "stock" run).
 
-The ranks run ``train(cfg)`` (``python -m netmoe.app.reference.torchtitan_demo --config JSON --out
-FILE``, started by ``netmoe.app.reference.launch.run_ranks``) on the demo corpus. ``tiny_model``
-builds the models from torchtitan's own config builders (the qwen3 MoE and deepseek_v3 layer
-factories) at tiny sizes, with causal SDPA attention (torchtitan's language-model default,
-flex attention with document masks, is refused by the adapter; see docs/torchtitan.md).
+The ranks run ``train(cfg)`` (``python -m netmoe.app.reference.torchtitan_demo --config JSON
+--out FILE``, started by ``netmoe.app.reference.launch.run_ranks``; the driver is
+netmoe.app.demo) on the demo corpus. ``tiny_model`` builds the models from torchtitan's own
+config builders (the qwen3 MoE and deepseek_v3 layer factories) at tiny sizes, with causal SDPA
+attention (torchtitan's language-model default, flex attention with document masks, is refused
+by the adapter; see docs/torchtitan.md).
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
-import os
 import sys
 import time
 import types
@@ -24,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from netmoe.app.reference.train import check_run, join_ranks, write_atomic
+from netmoe.app.reference.train import check_run, join_ranks, progress_writer, write_atomic
 
 FAMILIES = ("qwen3", "deepseek_v3")
 # bfloat16: torchtitan 0.3's GroupedExperts as it is (its grouped matmuls cast to bfloat16
@@ -291,7 +290,7 @@ def train(cfg: TitanTrainConfig) -> dict[str, Any]:
     from torchtitan.components.loss import cross_entropy_loss
 
     from netmoe.app.reference.data import load_corpus
-    from netmoe.app.reference.train import _route_totals
+    from netmoe.app.reference.train import route_totals
     from netmoe.client.gradients import all_reduce_gradients
     from netmoe.client.planning import Placement, RandomPlans
     from netmoe.client.recorder import TraceRecorder
@@ -337,6 +336,7 @@ def train(cfg: TitanTrainConfig) -> dict[str, Any]:
         losses, step_seconds, step_routes = [], [], []
         so_far = np.zeros((layers, 3), dtype=np.int64)
         micro = cfg.micro_batches
+        done = progress_writer()
         dist.barrier()
         for step in range(cfg.steps):
             t_step = time.perf_counter()
@@ -362,12 +362,13 @@ def train(cfg: TitanTrainConfig) -> dict[str, Any]:
             losses.append(float(total))
             step_seconds.append(time.perf_counter() - t_step)
             if ep is not None:
-                totals = _route_totals(ep.stats.routes, rank, cfg.gpus_per_node, layers)
+                totals = route_totals(ep.stats.routes, rank, cfg.gpus_per_node, layers)
             else:
                 assert spy is not None
-                totals = _route_totals(spy.routes, rank, cfg.gpus_per_node, layers)
+                totals = route_totals(spy.routes, rank, cfg.gpus_per_node, layers)
             step_routes.append((totals - so_far).tolist())
             so_far = totals
+            done(step + 1)
         if recorder is not None:
             recorder.save(cfg.record_trace, group_rank=rank)
         result: dict[str, Any] = {
@@ -399,70 +400,6 @@ def train(cfg: TitanTrainConfig) -> dict[str, Any]:
         if clean:
             dist.barrier()
         dist.destroy_process_group()
-
-
-def run_demo(args: argparse.Namespace) -> int:
-    """The ``netmoe demo --torchtitan FAMILY`` run: home, service placement and torchtitan's own
-    EP path; the demo's report (same printout and --json keys, plus "stock": {"loss": [...]}
-    and the stock run's routes)."""
-    from netmoe.app.demo import (
-        _print,
-        check_planned,
-        max_rel_diff,
-        placement_report,
-        routes_between,
-    )
-    from netmoe.app.reference.data import load_corpus
-    from netmoe.app.reference.launch import run_ranks
-    from netmoe.app.service import placement_service
-
-    if args.expert_placement or args.replica_budget is not None:
-        raise ValueError("--expert-placement and --replica-budget are not supported with "
-                         "--torchtitan")
-    if args.dtype != "fp32":
-        raise ValueError(f"--dtype {args.dtype} is not supported with --torchtitan (its experts "
-                         "compute in bfloat16 already; the hidden states stay fp32)")
-    if args.hf_model:
-        raise ValueError("give --torchtitan or --hf-model, not both")
-    cfg = TitanTrainConfig(family=args.torchtitan, layers=args.layers, nodes=args.nodes,
-                           gpus_per_node=args.gpus_per_node, steps=args.steps,
-                           samples_per_device=args.samples_per_device, seq_len=args.seq_len,
-                           objective=args.objective, seed=args.seed, cache_dir=args.cache_dir,
-                           experts=2 * args.nodes * args.gpus_per_node,
-                           micro_batches=args.micro_batches,
-                           recompute="full" if args.recompute else "")  # fmt: skip
-    load_corpus(VOCAB, cfg.cache_dir or None)  # built once here; the ranks read the cache
-    module = "netmoe.app.reference.torchtitan_demo"
-    with placement_service(args.server) as (address, metrics_url):
-        home_ranks = run_ranks(dataclasses.replace(cfg, record_trace=args.record_trace),
-                               module=module)  # fmt: skip
-        job = f"torchtitan-demo-{cfg.family}-{cfg.nodes}x{cfg.gpus_per_node}-s{cfg.seed}-" \
-              f"{os.getpid()}"  # fmt: skip
-        net_ranks = run_ranks(dataclasses.replace(cfg, placement="service", server=address,
-                                                  job=job), module=module)  # fmt: skip
-        stock_ranks = run_ranks(dataclasses.replace(cfg, stock=True), module=module)
-    report = placement_report(home_ranks, net_ranks, {
-        **dataclasses.asdict(cfg), "model_type": cfg.family,
-        "experts_per_device": cfg.experts // cfg.world, "top_k": cfg.top_k,
-        "parameters_per_rank": [r["parameters"] for r in home_ranks]})
-    # torchtitan's dispatcher keeps no byte counts: its routes and losses only.
-    stock_routes = routes_between(stock_ranks, 0, cfg.steps - 1)
-    report["stock"] = {"loss": stock_ranks[0]["loss"], "inter_routes": stock_routes["inter"],
-                       "intra_routes": stock_routes["intra"],
-                       "local_routes": stock_routes["local"]}
-    report["max_stock_loss_rel_diff"] = max_rel_diff(stock_ranks[0]["loss"],
-                                                     report["netmoe"]["loss"])
-    report["metrics_url"] = metrics_url
-    if args.json:
-        print(json.dumps(report))
-    else:
-        print(f"torchtitan {cfg.family} (tiny: D={cfg.dim}, {cfg.experts} experts)")
-        _print(report)
-        print(f"torchtitan's own EP path (stock AllToAllTokenDispatcher): inter-node routes "
-              f"{stock_routes['inter']}; losses equal netmoe's within "
-              f"{report['max_stock_loss_rel_diff']:.1e} relative; last step "
-              f"{stock_ranks[0]['loss'][-1]:.4f}")
-    return check_planned(address, [("netmoe", net_ranks)])
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -20,6 +20,7 @@ import math
 import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -245,7 +246,7 @@ class TrainConfig:
         return cls(**raw)
 
 
-def _route_totals(routes: dict[tuple[int, str], np.ndarray], rank: int, g: int, layers: int):
+def route_totals(routes: dict[tuple[int, str], np.ndarray], rank: int, g: int, layers: int):
     """Per layer [inter, intra, local] routes this rank sent, dispatch + combine."""
     out = np.zeros((layers, 3), dtype=np.int64)
     for (layer, _phase), sent in routes.items():
@@ -378,13 +379,12 @@ def _train_steps(run: _Run) -> dict[str, Any]:
     copies = None  # CopyTable once expert copies are in force
     sync_seconds = 0.0
     step_routes, routes_so_far = [], np.zeros((cfg.layers, 3), dtype=np.int64)
-    progress_file = os.environ.get(PROGRESS_FILE, "")
+    done = progress_writer()
     if cfg.copies:
         experts_info = _confirm_copies(cfg, run.client, rank)
         copies = _adopt_copies(run, table, experts_info)
     first = _resume(run) if cfg.checkpoint_every else 0
-    if progress_file:
-        write_atomic(progress_file, str(first))
+    done(first)
     dist.barrier()  # with copies: rank 0 confirmed them before any rank reports step 0
     for step in range(first, cfg.steps):
         if cfg.adopt_experts_at and step == cfg.adopt_experts_at:
@@ -398,7 +398,7 @@ def _train_steps(run: _Run) -> dict[str, Any]:
         allreduce_seconds += seconds
         sync_seconds += synced
         step_seconds.append(time.perf_counter() - t_step)
-        totals = _route_totals(run.comm.routes, run.device, run.dispatcher.layout.gpus_per_node,
+        totals = route_totals(run.comm.routes, run.device, run.dispatcher.layout.gpus_per_node,
                                cfg.layers)
         step_routes.append((totals - routes_so_far).tolist())
         routes_so_far = totals
@@ -406,8 +406,7 @@ def _train_steps(run: _Run) -> dict[str, Any]:
             _save_checkpoint({"model": run.model.state_dict(), "opt": run.opt.state_dict(),
                               "step": step + 1, "config": _resume_key(cfg)},
                              resume_path(cfg.save_checkpoint))
-        if progress_file:
-            write_atomic(progress_file, str(step + 1))
+        done(step + 1)
     if run.recorder is not None:
         run.recorder.save(cfg.record_trace, group_rank=rank)
     # Keyed by original expert id, so runs with and without moved experts compare; copies are
@@ -711,6 +710,19 @@ def join_ranks(world: int, threads: int) -> int:
     dist.init_process_group("gloo", init_method="env://", rank=rank, world_size=size,
                             timeout=timedelta(seconds=120))  # fmt: skip
     return rank
+
+
+def progress_writer() -> Callable[[int], None]:
+    """A function a training rank calls with the steps it has finished: it keeps them in
+    $PROGRESS_FILE for its launcher (netmoe.app.reference.launch.run_ranks shows them and fails a
+    run whose ranks stop making progress); it does nothing when the variable is not set."""
+    path = os.environ.get(PROGRESS_FILE, "")
+
+    def done(steps: int) -> None:
+        if path:
+            write_atomic(path, str(steps))
+
+    return done
 
 
 def write_atomic(path: str, text: str) -> None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import json
-import socket
 from pathlib import Path
 from typing import Any
 
@@ -176,22 +175,25 @@ def test_demo_trains_a_saved_checkpoint_home_and_with_the_service(
 
 
 def test_demo_without_plans_fails_like_the_reference_demo(
-        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """An unreachable --server: both runs train, then exit code 1 and the reference demo's error
-    (every layer fell back), not a quiet exit 0."""
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A service that refuses the job (it wants a token the ranks do not have; its health check
+    needs none): both runs train, then exit code 1 and the reference demo's error (every layer
+    fell back), not a quiet exit 0."""
     from netmoe.app.reference.hf_demo import write_tiny
+    from netmoe.server.app import start
+    from netmoe.server.config import ServerConfig
 
-    with socket.socket() as sock:  # a port nothing listens on
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    monkeypatch.delenv("NETMOE_AUTH_TOKEN", raising=False)
     model = write_tiny(tmp_path / "tiny", "qwen3_moe", experts=4)
-    args = ["demo", "--hf-model", str(model), "--nodes", "1", "--gpus-per-node", "2", "--steps",
-            "1", "--samples-per-device", "1", "--seq-len", "8", "--cache-dir",
-            str(tmp_path / "cache"), "--server", f"127.0.0.1:{port}"]  # fmt: skip
-    assert main(args) == 1
+    with start(ServerConfig(port=0, metrics_port=None, auth_token="not-given")) as handle:
+        args = ["demo", "--hf-model", str(model), "--nodes", "1", "--gpus-per-node", "2",
+                "--steps", "1", "--samples-per-device", "1", "--seq-len", "8", "--cache-dir",
+                str(tmp_path / "cache"), "--server", handle.address]  # fmt: skip
+        assert main(args) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith(f"netmoe demo: error: the netmoe run got no plan from the "
-                              f"placement service at 127.0.0.1:{port}: all "), err[-3:]
+                              f"placement service at {handle.address}: all "), err[-3:]
 
 
 def test_demo_rejects_a_vocabulary_that_does_not_cover_the_demo_ids(

@@ -106,10 +106,10 @@ class _Run:
 
 
 def _inter(routes: dict[tuple[int, str], Any], rank: int, gpus: int) -> int:
-    from netmoe.app.reference.train import _route_totals
+    from netmoe.app.reference.train import route_totals
 
     layers = 1 + max(layer for layer, _ in routes)
-    return int(_route_totals(routes, rank, gpus, layers)[:, 0].sum())
+    return int(route_totals(routes, rank, gpus, layers)[:, 0].sum())
 
 
 def _compare(runs: dict[str, _Run], world: int, rank: int, family: str, micro_batches: int,

@@ -151,7 +151,7 @@ def test_serve_sets_the_expert_window_limits() -> None:
 
 
 def test_demo_compares_only_the_steps_after_the_move() -> None:
-    from netmoe.app.demo import routes_between
+    from netmoe.app.demo_report import routes_between
 
     # 2 ranks, 3 steps, 1 layer: [inter, intra, local] per step.
     ranks = [{"step_routes": [[[100, 0, 0]], [[1, 2, 3]], [[4, 5, 6]]]},
