@@ -213,19 +213,35 @@ class ExpertParallelLM(nn.Module):
         passes the same n and S. step, micro_batch: the training step and the forward pass
         within it (gradient accumulation) the placement service files plans under (see
         ``netmoe.client.layer``); under ``torch.inference_mode()`` placement is off."""
-        cfg = self.model.config
         n, s = input_ids.shape
         for name, t in (("attention_mask", attention_mask), ("position_ids", position_ids),
                         ("labels", labels)):  # fmt: skip
             if t is not None and tuple(t.shape) != (n, s):
                 raise ValueError(f"{name} must be [{n}, {s}] like input_ids, got "
                                  f"{tuple(t.shape)}")  # fmt: skip
-        dev = input_ids.device
         layout = Layout(self.ep_device, self.ep_size, self.gpus_per_node, self.experts, n, s)
-        dispatcher = TokenDispatcher(layout, self.stats, self.group)
+        # One per forward pass, shared by its MoE layers (its token index is built once).
+        ep = ExpertParallel(TokenDispatcher(layout, self.stats, self.group), self.placement)
         base = self.model.model
         h = base.embed_tokens(input_ids)
-        # Per-sample side tensors, one [n, *] int64 block so one exchange moves them all.
+        side, default_positions = self._side(n, s, input_ids.device, attention_mask,
+                                             position_ids, labels)  # fmt: skip
+        context = self._context(h, attention_mask, default_positions
+                                if position_ids is None else position_ids)  # fmt: skip
+        h, plans, topks, router = self._layers_forward(h, side, default_positions, context, ep,
+                                                       step, micro_batch)  # fmt: skip
+        logits = self.model.lm_head(base.norm(h))
+        loss, aux = self._loss(logits, side, router)
+        return StepOutput(loss, aux, logits, side["held_ids"][:, 0], side.get("labels"),
+                          tuple(plans), tuple(topks))  # fmt: skip
+
+    def _side(self, n: int, s: int, dev: torch.device, attention_mask: torch.Tensor | None,
+              position_ids: torch.Tensor | None, labels: torch.Tensor | None
+              ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """The per-sample side tensors, [n, *] int64 each (so one exchange moves them all):
+        "held_ids" [n, 1] (the samples' global ids), "labels" [n, S] shifted left by one
+        (``IGNORE_INDEX`` last), "mask" and "positions" when given; and the default positions
+        [1, S] int64."""
         held = torch.arange(self.ep_device * n, (self.ep_device + 1) * n, device=dev)
         side = {"held_ids": held[:, None]}
         if labels is not None:
@@ -235,9 +251,20 @@ class ExpertParallelLM(nn.Module):
             side["mask"] = attention_mask.long()
         if position_ids is not None:
             side["positions"] = position_ids.long()
-        default_positions = torch.arange(s, device=dev)[None]
-        masks, rotary = self._context(h, attention_mask, default_positions
-                                      if position_ids is None else position_ids)  # fmt: skip
+        return side, torch.arange(s, device=dev)[None]
+
+    def _layers_forward(self, h: torch.Tensor, side: dict[str, torch.Tensor],
+                        default_positions: torch.Tensor,
+                        context: tuple[dict[str, Any], tuple[torch.Tensor, ...]],
+                        ep: ExpertParallel, step: int, micro_batch: int
+                        ) -> tuple[torch.Tensor, list[SamplePlan], list[torch.Tensor], list[Any]]:
+        """The decoder layers on h [n, S, D] (embedded input_ids) with the attention context
+        (masks, rotary) of ``_context``; side tensors and context follow the samples whenever a
+        combine moves them. Returns h [n, S, D] of the
+        samples held after the last layer, the applied plans and [n * S, K] top-k slot ids per
+        MoE layer, and the router logits [n * S, E] with the mask of the tokens they held."""
+        n, s, _ = h.shape
+        masks, rotary = context
         layers = self._layers()
         plans, topks, router = [], [], []
         for i, layer in enumerate(layers):
@@ -256,17 +283,24 @@ class ExpertParallelLM(nn.Module):
             router.append((logits, mask))
             slots = self.slot_of[ids]
             nxt = next((layers[j] for j in self.moe_layers if j > i), None)
-            out, plan = self._moe_layer(self.moe_layers.index(i), layer, nxt, flat, slots,
-                                        weights, dispatcher, step, micro_batch)  # fmt: skip
+            out, plan = self._moe_layer(ep, self.moe_layers.index(i), layer, nxt, flat, slots,
+                                        weights, step, micro_batch)  # fmt: skip
             h = out.reshape(n, s, -1)
             plans.append(plan)
             topks.append(slots.detach())
             if plan.moves:
-                side = self._move(side, plan)
+                side.update(self._move(side, plan))
                 masks, rotary = self._context(h, side.get("mask"),
                                               side.get("positions", default_positions))
-        logits = self.model.lm_head(base.norm(h))
-        count = torch.zeros((), device=dev)
+        return h, plans, topks, router
+
+    def _loss(self, logits: torch.Tensor, side: dict[str, torch.Tensor], router: list[Any]
+              ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(this rank's share of the global mean loss, or None without labels; its share of the
+        load-balancing loss, or None when the model has it off). logits: [n, S, V]."""
+        cfg = self.model.config
+        n, s, _ = logits.shape
+        count = torch.zeros((), device=logits.device)
         if "labels" in side:
             count = (side["labels"] != IGNORE_INDEX).sum().to(logits.dtype)
         aux = None
@@ -275,15 +309,14 @@ class ExpertParallelLM(nn.Module):
         elif "labels" in side:
             count = count.clone()
             dist.all_reduce(count, group=self.group)
-        loss = None
-        if "labels" in side:
-            ce = F.cross_entropy(logits.float().reshape(n * s, -1), side["labels"].reshape(-1),
-                                 ignore_index=IGNORE_INDEX, reduction="sum")  # fmt: skip
-            loss = ce / count
-            if aux is not None:
-                loss = loss + cfg.router_aux_loss_coef * aux
-        return StepOutput(loss, aux, logits, side["held_ids"][:, 0], side.get("labels"),
-                          tuple(plans), tuple(topks))  # fmt: skip
+        if "labels" not in side:
+            return None, aux
+        ce = F.cross_entropy(logits.float().reshape(n * s, -1), side["labels"].reshape(-1),
+                             ignore_index=IGNORE_INDEX, reduction="sum")  # fmt: skip
+        loss = ce / count
+        if aux is not None:
+            loss = loss + cfg.router_aux_loss_coef * aux
+        return loss, aux
 
     def _balance_loss(self, router: list[tuple[torch.Tensor, torch.Tensor | None]],
                       count: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -329,16 +362,15 @@ class ExpertParallelLM(nn.Module):
 
     # The two functions below are the only calls into the dispatcher and the placement hook.
 
-    def _moe_layer(self, index: int, layer: nn.Module, nxt: nn.Module | None,
-                   flat: torch.Tensor, slots: torch.Tensor, weights: torch.Tensor,
-                   dispatcher: TokenDispatcher, step: int, micro_batch: int
+    def _moe_layer(self, ep: ExpertParallel, index: int, layer: nn.Module,
+                   nxt: nn.Module | None, flat: torch.Tensor, slots: torch.Tensor,
+                   weights: torch.Tensor, step: int, micro_batch: int
                    ) -> tuple[torch.Tensor, SamplePlan]:
         """One MoE layer: count/submit, dispatch, expert side, wait, combine.
 
         flat: [n * S, D] hidden state after attention (the residual); slots, weights: [n * S, K]
         the router's choice in slot ids and its weights. Returns ([n * S, D] next hidden state
         of the samples held after the combine, the applied plan)."""
-        ep = ExpertParallel(dispatcher, self.placement)
         nxt_slots = None
         if ep.placing and nxt is not None:
             with torch.no_grad():

@@ -16,14 +16,20 @@ import json
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from netmoe.app.reference.data import DOMAINS, Corpus
-from netmoe.app.reference.train import check_run, join_ranks, progress_writer, write_atomic
+from netmoe.app.reference.train import (
+    RunConfig,
+    check_run,
+    join_ranks,
+    progress_writer,
+    write_atomic,
+)
 
 DEMO_VOCAB = 2048  # the reference demo's vocabulary: the ids a checkpoint without tokenizer sees
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json",
@@ -31,41 +37,17 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"
 
 
 @dataclass(frozen=True)
-class HFTrainConfig:
-    """A training run of the checkpoint in ``model_dir``; fields as in TrainConfig."""
+class HFTrainConfig(RunConfig):
+    """A training run of the checkpoint in ``model_dir`` (RunConfig's fields)."""
 
-    model_dir: str
-    nodes: int = 2
-    gpus_per_node: int = 2
-    steps: int = 10
-    samples_per_device: int = 4
-    seq_len: int = 64
-    lr: float = 3e-3
-    seed: int = 0
-    data_offset: int = 0
-    placement: str = "home"
-    server: str = ""
+    model_dir: str = field(kw_only=True)
     job: str = "netmoe-hf"
-    objective: str = "volume"
-    plan_timeout: float = 5.0
-    deadline_ms: int = 4000
-    threads: int = 1
-    cache_dir: str = ""
-    record_trace: str = ""
 
     def __post_init__(self) -> None:
         check_run(self, ("steps",))
         if not (Path(self.model_dir) / "config.json").is_file():
             raise ValueError(f"model_dir {self.model_dir!r} holds no config.json (a checkpoint "
                              "saved with save_pretrained)")
-
-    @property
-    def world(self) -> int:
-        return self.nodes * self.gpus_per_node
-
-    @property
-    def global_samples(self) -> int:
-        return self.samples_per_device * self.world
 
 
 def tiny_config(model_type: str = "mixtral", vocab: int = DEMO_VOCAB, hidden: int = 64,

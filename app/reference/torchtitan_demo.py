@@ -23,7 +23,13 @@ from typing import Any
 
 import numpy as np
 
-from netmoe.app.reference.train import check_run, join_ranks, progress_writer, write_atomic
+from netmoe.app.reference.train import (
+    RunConfig,
+    check_run,
+    join_ranks,
+    progress_writer,
+    write_atomic,
+)
 
 FAMILIES = ("qwen3", "deepseek_v3")
 # bfloat16: torchtitan 0.3's GroupedExperts as it is (its grouped matmuls cast to bfloat16
@@ -193,8 +199,8 @@ class _WorldDims:
 
 
 @dataclass(frozen=True)
-class TitanTrainConfig:
-    """A training run of a tiny torchtitan model; fields as in TrainConfig, plus the model
+class TitanTrainConfig(RunConfig):
+    """A training run of a tiny torchtitan model: RunConfig's fields, the model's
     (``TitanConfig`` fields); stock: torchtitan's own EP path instead of netmoe's (home
     placement only); micro_batches: forward passes per step (micro-batch m of step t reads
     batch t x micro_batches + m); recompute: torchtitan's activation checkpointing, "full" or
@@ -206,24 +212,11 @@ class TitanTrainConfig:
     experts: int = 8
     top_k: int = 2
     expert_dtype: str = "bfloat16"
-    nodes: int = 2
-    gpus_per_node: int = 2
     steps: int = 4
     samples_per_device: int = 2
     seq_len: int = 16
-    lr: float = 3e-3
-    seed: int = 0
-    data_offset: int = 0
-    placement: str = "home"
     stock: bool = False
-    server: str = ""
     job: str = "netmoe-torchtitan"
-    objective: str = "volume"
-    plan_timeout: float = 5.0
-    deadline_ms: int = 4000
-    threads: int = 1
-    cache_dir: str = ""
-    record_trace: str = ""
     micro_batches: int = 1
     recompute: str = ""
 
@@ -245,15 +238,6 @@ class TitanTrainConfig:
         return TitanConfig(self.family, self.dim, self.layers, self.experts, self.top_k,
                            max_seq_len=max(256, self.seq_len),
                            expert_dtype=self.expert_dtype)  # fmt: skip
-
-    @property
-    def world(self) -> int:
-        return self.nodes * self.gpus_per_node
-
-    @property
-    def global_samples(self) -> int:
-        return self.samples_per_device * self.world
-
 
 class SplitSpy:
     """Counts the routes of torchtitan's stock dispatchers from the split sizes they compute:

@@ -57,22 +57,20 @@ def check_run(cfg: Any, positive: tuple[str, ...] = ()) -> None:
 
 
 @dataclass(frozen=True)
-class TrainConfig:
-    """A training run. placement: "home" (no plans), "service" (gRPC placement service at
-    ``server``) or "random" (seeded random plans, a dispatcher stress test)."""
+class RunConfig:
+    """The fields every model family's training run has (TrainConfig, and the Hugging Face and
+    torchtitan ranks' configs extend it): nodes x gpus_per_node ranks, steps of
+    samples_per_device samples of seq_len tokens per rank, AdamW's lr, the seed, the corpus
+    batch of step 0 (data_offset), placement: "home" (no plans), "service" (gRPC placement
+    service at ``server``, job ``job``, with objective, plan_timeout seconds a rank waits for a
+    plan and deadline_ms for the solve) or "random" (seeded random plans, a dispatcher stress
+    test); intra-op threads per rank, the corpus cache, the trace path of the run (none: "")."""
 
     nodes: int = 2
-    gpus_per_node: int = 4
+    gpus_per_node: int = 2
     steps: int = 10
     samples_per_device: int = 4
     seq_len: int = 64
-    d_model: int = 64
-    heads: int = 4
-    layers: int = 4
-    ffn: int = 128
-    experts_per_device: int = 2
-    top_k: int = 2
-    vocab: int = 2048
     lr: float = 3e-3
     seed: int = 0
     data_offset: int = 0
@@ -84,13 +82,36 @@ class TrainConfig:
     deadline_ms: int = 4000
     threads: int = 1
     cache_dir: str = ""
+    record_trace: str = ""
+
+    @property
+    def world(self) -> int:
+        return self.nodes * self.gpus_per_node
+
+    @property
+    def global_samples(self) -> int:
+        return self.samples_per_device * self.world
+
+
+@dataclass(frozen=True)
+class TrainConfig(RunConfig):
+    """A training run of the reference MoE (RunConfig's fields, then the model's and the
+    reference run's own)."""
+
+    gpus_per_node: int = 4
+    d_model: int = 64
+    heads: int = 4
+    layers: int = 4
+    ffn: int = 128
+    experts_per_device: int = 2
+    top_k: int = 2
+    vocab: int = 2048
     init_checkpoint: str = ""
     save_checkpoint: str = ""
     # With save_checkpoint, on one rank: every K steps the rank saves its model, optimizer and
     # step to resume_path(save_checkpoint), and a run finding that file goes on from there (an
     # interrupted pre-training loses at most K steps); 0: only the final checkpoint.
     checkpoint_every: int = 0
-    record_trace: str = ""
     # [layers] permutations of range(experts): slot v of layer l holds original expert
     # expert_order[l][v] (see netmoe.app.reference.model); () keeps every expert in its home slot.
     expert_order: tuple[tuple[int, ...], ...] = ()
@@ -216,10 +237,6 @@ class TrainConfig:
                                  f"not support {', '.join(used)}")
 
     @property
-    def world(self) -> int:
-        return self.nodes * self.gpus_per_node
-
-    @property
     def groups(self) -> EPGroups:
         """The expert-parallel groups (ValueError naming ep_size when they do not fit)."""
         return EPGroups.contiguous(self.world, self.gpus_per_node, self.ep_size)
@@ -232,10 +249,6 @@ class TrainConfig:
     @property
     def experts(self) -> int:
         return self.experts_per_device * self.ep
-
-    @property
-    def global_samples(self) -> int:
-        return self.samples_per_device * self.world
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> TrainConfig:
