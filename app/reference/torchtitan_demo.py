@@ -27,6 +27,7 @@ from netmoe.app.reference.train import (
     RunConfig,
     check_run,
     join_ranks,
+    placement_result,
     progress_writer,
     write_atomic,
 )
@@ -367,14 +368,7 @@ def train(cfg: TitanTrainConfig) -> dict[str, Any]:
             result["bytes_per_route"] = {phase: ep.stats.bytes_per_route(phase)
                                          for phase in ("dispatch", "combine")}  # fmt: skip
         if placement is not None:
-            st = placement.stats
-            result.update(
-                plan_wait_seconds=st.wait_seconds, submit_seconds=st.submit_seconds,
-                reply_seconds=st.reply_seconds, exchange_seconds=st.exchange_seconds,
-                fallbacks=st.fallbacks, fallback_reasons=dict(st.reasons), plans=st.plans,
-                moved=st.moved, solve_seconds=st.solve_seconds,
-                rejected=client.rejected if client is not None else "",
-            )  # fmt: skip
+            result.update(placement_result(placement, client))
         dist.barrier()
         clean = True
         return result

@@ -448,19 +448,7 @@ def _train_steps(run: _Run) -> dict[str, Any]:
         "link_counters": run.meter.readings if run.meter is not None else [],
     }
     if run.placement is not None:
-        st = run.placement.stats
-        out.update(
-            plan_wait_seconds=st.wait_seconds,
-            submit_seconds=st.submit_seconds,
-            reply_seconds=st.reply_seconds,
-            exchange_seconds=st.exchange_seconds,
-            fallbacks=st.fallbacks,
-            fallback_reasons=dict(st.reasons),
-            plans=st.plans,
-            moved=st.moved,
-            solve_seconds=st.solve_seconds,
-            rejected=run.client.rejected if run.client is not None else "",
-        )
+        out.update(placement_result(run.placement, run.client))
     return out
 
 
@@ -723,6 +711,20 @@ def join_ranks(world: int, threads: int) -> int:
     dist.init_process_group("gloo", init_method="env://", rank=rank, world_size=size,
                             timeout=timedelta(seconds=120))  # fmt: skip
     return rank
+
+
+def placement_result(placement: Any, client: Any) -> dict[str, Any]:
+    """The result keys of a rank that trained with a placement hook (its PlacementStats: plan
+    wait, submit, reply and exchange seconds, fallbacks and their reasons, plans, moved samples,
+    solve seconds) and its client's rejection ("" without a client or none)."""
+    st = placement.stats
+    return dict(
+        plan_wait_seconds=st.wait_seconds, submit_seconds=st.submit_seconds,
+        reply_seconds=st.reply_seconds, exchange_seconds=st.exchange_seconds,
+        fallbacks=st.fallbacks, fallback_reasons=dict(st.reasons), plans=st.plans,
+        moved=st.moved, solve_seconds=st.solve_seconds,
+        rejected=client.rejected if client is not None else "",
+    )  # fmt: skip
 
 
 def progress_writer() -> Callable[[int], None]:
