@@ -675,9 +675,9 @@ class ExpertAdvisors:
 
     def fit(self, job: str, fn: Callable[[], T]) -> Future[T]:
         """Runs fn on job's own fit thread, after its earlier fits and after every round handed
-        over before it reached the windows. The future fails with KeyError when the job is not
-        registered, or was unregistered before fn ran or while it ran (its answer is stale);
-        it is cancelled when the job's thread stopped first."""
+        over before it reached the windows. Raises KeyError when job has no advisor; the future
+        fails with KeyError when the job was unregistered before fn ran or while it ran (its
+        answer is stale), and is cancelled when ``close`` came first."""
         fits = self._fits.get(job)
         if fits is None:
             raise KeyError(job)

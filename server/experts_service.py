@@ -71,6 +71,8 @@ class ExpertPlacementRPCs:
             ))
             advice: ExpertAdvice = await asyncio.wrap_future(
                 self._advisors.fit(request.job, lambda: adv.fit(args)))
+            if self._advisors.get(request.job) is not adv:  # gone since the fit ended
+                raise KeyError(request.job)
         except KeyError:
             await abort(context, grpc.StatusCode.NOT_FOUND,
                         f"job {request.job!r} was unregistered before its fit answered")
