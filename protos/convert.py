@@ -9,7 +9,7 @@ checked against the job by the service (``netmoe.server.rounds.check_report``).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import Any
 
 import numpy as np
 
@@ -23,10 +23,6 @@ from netmoe.round import (
 )
 
 from . import placement_pb2 as pb
-
-if TYPE_CHECKING:  # the client imports this module without the server's side
-    from netmoe.server.advisor import ExpertAdvice
-    from netmoe.solver.experts import Routes
 
 _TO_WIRE = {
     "optimal": pb.PLAN_STATUS_OPTIMAL,
@@ -194,13 +190,15 @@ def tables_from_proto(tables: list[pb.RouteTable], devices: int,
 
 
 # --- expert advice: RecommendExperts' answer (netmoe.server.advisor -> netmoe.v1) -----------
+# Typed Any: the contract imports only the core, never the server or the solver whose
+# dataclasses (ExpertAdvice, Routes) these read.
 
-def _routes_to_proto(r: Routes) -> pb.Routes:
-    """Modelled routes of held-out rounds (``local`` is unset)."""
+def _routes_to_proto(r: Any) -> pb.Routes:
+    """netmoe.solver.experts.Routes of held-out rounds -> Routes (``local`` is unset)."""
     return pb.Routes(inter=r.inter, intra=r.intra, seconds=r.seconds)
 
 
-def _replicas_to_proto(advice: ExpertAdvice) -> pb.ReplicaAdvice | None:
+def _replicas_to_proto(advice: Any) -> pb.ReplicaAdvice | None:
     """The copies' part of the answer; None when no copies were asked for."""
     rec, ev = advice.replicas, advice.replica_evaluation
     if rec is None or ev is None:
@@ -220,8 +218,8 @@ def _replicas_to_proto(advice: ExpertAdvice) -> pb.ReplicaAdvice | None:
     )
 
 
-def advice_to_proto(job: str, advice: ExpertAdvice) -> pb.RecommendExpertsResponse:
-    """The advisor's answer to RecommendExperts for job."""
+def advice_to_proto(job: str, advice: Any) -> pb.RecommendExpertsResponse:
+    """The advisor's answer (netmoe.server.advisor.ExpertAdvice) to RecommendExperts for job."""
     rec, ev = advice.recommendation, advice.evaluation
     return pb.RecommendExpertsResponse(
         job=job, adopt=rec.adopt, reason=rec.reason, maps=maps_to_proto(rec.maps),
