@@ -9,6 +9,7 @@ checked against the job by the service (``netmoe.server.rounds.check_report``).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -144,8 +145,9 @@ def plan_from_proto(msg: pb.Plan) -> RankPlan:
 
 
 def maps_to_proto(maps: object) -> list[pb.ExpertMap]:
-    """[L][E] device of each expert per layer -> one ExpertMap per layer."""
-    return [pb.ExpertMap(device=[int(d) for d in row]) for row in np.asarray(maps)]
+    """[L][E] device of each expert per layer -> one ExpertMap per layer (rows as given: the
+    service names a layer of the wrong length)."""
+    return [pb.ExpertMap(device=[int(d) for d in row]) for row in maps]  # type: ignore[attr-defined]
 
 
 def maps_from_proto(maps: list[pb.ExpertMap], experts: int) -> np.ndarray:
@@ -185,6 +187,53 @@ def tables_from_proto(tables: list[pb.RouteTable], devices: int,
                          f"experts = {devices * experts} in every layer")
     return np.array([list(t.device) for t in tables], dtype=np.int64).reshape(
         len(tables), devices, experts)
+
+
+# --- expert advice: RecommendExperts' answer (netmoe.server.advisor -> netmoe.v1) -----------
+# Typed Any: the contract imports only the core, never the server or the solver whose
+# dataclasses (ExpertAdvice, Routes) these read.
+
+def _routes_to_proto(r: Any) -> pb.Routes:
+    """netmoe.solver.experts.Routes of held-out rounds -> Routes (``local`` is unset)."""
+    return pb.Routes(inter=r.inter, intra=r.intra, seconds=r.seconds)
+
+
+def _replicas_to_proto(advice: Any) -> pb.ReplicaAdvice | None:
+    """The copies' part of the answer; None when no copies were asked for."""
+    rec, ev = advice.replicas, advice.replica_evaluation
+    if rec is None or ev is None:
+        return None
+    return pb.ReplicaAdvice(
+        adopt=rec.adopt, reason=rec.reason, copies=copies_to_proto(rec.copies),
+        replicated=_routes_to_proto(ev.total),
+        saving_per_step=rec.saving_per_step, sync_per_step=rec.sync_per_step,
+        net_per_step=rec.net_per_step, migration_cost=rec.migration_cost,
+        break_even_steps=rec.break_even_steps, memory_bytes=rec.memory_bytes,
+        max_device_bytes=rec.max_device_bytes, cross_node_copies=rec.cross_node_copies,
+        route_tables=tables_to_proto(ev.tables),
+        load=None if advice.load is None else pb.LoadRatio(mean=advice.load[0],
+                                                           worst=advice.load[1]),
+        joint_load=None if advice.joint_load is None else pb.LoadRatio(
+            mean=advice.joint_load[0], worst=advice.joint_load[1]),
+    )
+
+
+def advice_to_proto(job: str, advice: Any) -> pb.RecommendExpertsResponse:
+    """The advisor's answer (netmoe.server.advisor.ExpertAdvice) to RecommendExperts for job."""
+    rec, ev = advice.recommendation, advice.evaluation
+    return pb.RecommendExpertsResponse(
+        job=job, adopt=rec.adopt, reason=rec.reason, maps=maps_to_proto(rec.maps),
+        current=maps_to_proto(ev.current), moved_experts=rec.moved_experts,
+        moved_inter=rec.moved_inter, migration_bytes=rec.migration_bytes,
+        migration_seconds=rec.migration_seconds, unit=rec.unit,
+        saving_per_step=rec.saving_per_step, migration_cost=rec.migration_cost,
+        break_even_steps=rec.break_even_steps,
+        home=_routes_to_proto(ev.home), sample_only=_routes_to_proto(ev.sample_only),
+        joint=_routes_to_proto(ev.joint),
+        fit_first_step=advice.fit_steps[0], fit_last_step=advice.fit_steps[1],
+        held_out_first_step=advice.held_out_steps[0], held_out_last_step=advice.held_out_steps[1],
+        window_bytes=advice.window_bytes, replicas=_replicas_to_proto(advice),
+    )
 
 
 def job_spec(

@@ -78,6 +78,9 @@ class ServerConfig:
     # Expert placement window per job (netmoe.server.advisor.WindowLimits).
     expert_window_steps: int = 32
     expert_window_bytes: int = 32 * MiB
+    # What one RecommendExperts / ConfirmExperts may ask (netmoe.server.advisor.WindowLimits).
+    expert_max_starts: int = 64
+    expert_confirmed_bytes: int = 64 * MiB
 
     def __post_init__(self) -> None:
         if not self.host:
@@ -114,7 +117,8 @@ class ServerConfig:
                      "finished_memory", "max_world_size", "max_report_cells",
                      "max_job_pending_bytes", "max_pending_bytes", "stream_backlog_bytes",
                      "max_streams",
-                     "expert_window_steps", "expert_window_bytes"):
+                     "expert_window_steps", "expert_window_bytes", "expert_max_starts",
+                     "expert_confirmed_bytes"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")

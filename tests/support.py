@@ -345,6 +345,32 @@ class ServerProcess:
 
 
 
+# --- a throwaway PKI (the openssl CLI) ------------------------------------------------------------
+
+def openssl(*args: str, cwd: Path) -> None:
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
+
+
+def make_ca(d: Path, name: str) -> None:
+    """name.pem, name.key in d: a CA named CN=name."""
+    openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+            "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.pem", "-days", "1",
+            "-subj", f"/CN={name}", "-addext", "basicConstraints=critical,CA:TRUE",
+            "-addext", "keyUsage=critical,keyCertSign,cRLSign", cwd=d)
+
+
+def make_leaf(d: Path, name: str, ca: str, ext: str, subject: str | None = None) -> None:
+    """name.pem, name.key in d: a certificate signed by ca with extensions ext, its subject
+    /CN=name unless given (openssl -subj form)."""
+    (d / f"{name}.ext").write_text(ext + "\n")
+    openssl("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+            "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", subject or f"/CN={name}",
+            cwd=d)
+    openssl("x509", "-req", "-in", f"{name}.csr", "-CA", f"{ca}.pem", "-CAkey", f"{ca}.key",
+            "-CAcreateserial", "-out", f"{name}.pem", "-days", "1", "-extfile", f"{name}.ext",
+            cwd=d)
+
+
 # --- the emulated cluster ------------------------------------------------------------------------
 
 _TESTBED_LINK = re.compile(r"(n|p)\d+|br0")  # the names netmoe.app.cluster.testbed gives its links

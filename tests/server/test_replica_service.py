@@ -99,7 +99,7 @@ def test_confirmed_copies_apply_from_their_step() -> None:
         ([[(0, 0)], [], []], r"copies\[0\]\[0\]: expert 0 of layer 0 is owned by device 0"),
         ([[(8, 2)], [], []], r"copies\[0\]\[0\] names expert 8"),
         ([[(1, 4)], [], []], r"copies\[0\]\[0\] names device 4"),
-        ([[(1, 2)]], "must list the copies of each of the 3 layers, got 1"),
+        ([[(1, 2)]], r"copies has 1 layers, need 0 or one per map layer \(3\)"),
     ):
         with pytest.raises(FieldError, match=message) as err:
             adv.confirm(3, maps, bad)
