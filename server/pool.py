@@ -57,8 +57,13 @@ class SolverThreads:
             proc.start()
 
     def in_process(self, fn: Callable[..., Plan], *args: object, **kwargs: object) -> Plan:
-        """fn(*args, **kwargs) in the calling solver thread's process."""
-        return self._local.proc.call(fn, *args, **kwargs)
+        """fn(*args, **kwargs) in the calling solver thread's process, or in the thread while
+        the process replacing one that died still imports the solver: the round is solved now,
+        holding the GIL, rather than lost waiting seconds for the import."""
+        proc = self._local.proc
+        if proc.replacing():
+            return fn(*args, **kwargs)
+        return proc.call(fn, *args, **kwargs)
 
     def shutdown(self) -> None:
         while True:

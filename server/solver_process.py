@@ -37,6 +37,8 @@ class SolverProcess:
         self._lock = threading.Lock()
         self._closed = False
         self._busy = False  # a call is under way: it handles the child's death itself
+        self._ready = False  # the child said it imported the solver (its first message)
+        self._starts = 0  # children started so far (> 1: the running one replaced another)
         self._proc: subprocess.Popen | None = None
         self._conn: Connection | None = None
         self._watchers: list[threading.Thread] = []
@@ -52,6 +54,8 @@ class SolverProcess:
                     [sys.executable, "-m", "netmoe.server.solver_process", str(theirs.fileno())],
                     pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL)
             self._conn = Connection(ours.detach())
+            self._ready = False
+            self._starts += 1
             # A child that dies while idle (OOM killer, an operator's kill) is replaced at once,
             # so the next round finds a live one instead of losing its solve.
             watcher = threading.Thread(target=self._watch, args=(proc,), daemon=True,
@@ -64,6 +68,22 @@ class SolverProcess:
         """The running child's process id (None: not started, or stopped)."""
         with self._lock:
             return None if self._proc is None else self._proc.pid
+
+    def replacing(self) -> bool:
+        """Whether the child is a replacement for one that died and has not imported the
+        solver yet (a call would wait seconds for it). Only the owning thread may ask (it reads
+        the child's first message)."""
+        with self._lock:
+            conn, replacement = self._conn, self._starts > 1
+        if conn is None or self._ready:
+            return False
+        try:
+            if conn.poll(0):
+                conn.recv()  # "ready"
+                self._ready = True
+        except (EOFError, OSError):
+            pass  # it died too; its watcher replaces it
+        return replacement and not self._ready
 
     def _watch(self, proc: subprocess.Popen) -> None:
         proc.wait()
@@ -99,6 +119,9 @@ class SolverProcess:
         if proc is None or conn is None:
             raise SolverGone("the solver processes were stopped")
         try:
+            if not self._ready:
+                conn.recv()  # "ready": the child imported the solver
+                self._ready = True
             conn.send((fn, args, kwargs))
             ok, value = conn.recv()
         except (EOFError, OSError):
@@ -137,6 +160,10 @@ class SolverProcess:
 def _serve(conn: Connection) -> None:
     import netmoe.solver  # noqa: F401  (warm: the first call does not pay the import)
 
+    try:
+        conn.send("ready")
+    except (EOFError, OSError):
+        return
     while True:
         try:
             fn, args, kwargs = conn.recv()
