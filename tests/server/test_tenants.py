@@ -198,7 +198,11 @@ def solver_children(pid: int) -> set[int]:
     """The running ``netmoe.server.solver_process`` children of process ``pid``."""
     found = set()
     for task in Path(f"/proc/{pid}/task").iterdir():
-        for child in (task / "children").read_text().split():
+        try:
+            kids = (task / "children").read_text().split()
+        except FileNotFoundError:
+            continue  # the thread ended since
+        for child in kids:
             try:
                 cmd = Path(f"/proc/{child}/cmdline").read_bytes()
             except FileNotFoundError:
