@@ -419,10 +419,8 @@ class Coordinator:
                         f"reports[{k}].{name}={getattr(rep, name)!r} differs from "
                         f"reports[0].{name}={getattr(head, name)!r}",
                     )
-            if not 0 <= rep.rank < spec.world_size:
-                raise FieldError(f"reports[{k}].rank", f"reports[{k}].rank={rep.rank} is outside "
-                                 f"[0, {spec.world_size}) for job {spec.job!r}")
             try:
+                self._jobs.find_rank(rep.job, rep.rank)
                 check_coordinates(spec, rep)
             except FieldError as err:
                 raise FieldError(f"reports[{k}].{err.field}", f"reports[{k}].{err}") from None

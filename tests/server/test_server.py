@@ -368,7 +368,7 @@ def test_malformed_unary_solve_is_invalid_argument(server: ServerHandle) -> None
         "reports[5].micro_batch=1 differs from reports[0].micro_batch=0":
             with_change(5, micro_batch=1),
         "reports[3].rank=1 repeats reports[1].rank": with_change(3, rank=1),
-        "reports[1].rank=9 is outside [0, 8)": with_change(1, rank=9),
+        "reports[1].rank 9 is outside [0, 8)": with_change(1, rank=9),
         "reports lacks ranks [7]": reports[:7],
     }
     for needle, reqs in cases.items():
