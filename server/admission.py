@@ -4,10 +4,12 @@ coordinates (layer, step in range) -> members (a node report's ranks) -> sizes (
 against the job's spec) -> duplicates (ids repeated within the report), then, once a group's
 reports are in, ``assemble`` (ids repeated across ranks, scatter on all ranks or none).
 
-Every size is compared with the job's spec before any work proportional to it, so a report of
-millions of ids or ranks is refused in O(1); the searches that remain are O(n log n) at most, on
-n the spec bounds. Errors name the field and the value and never echo a request's list whole
-(``netmoe.checks.shown``). Pure functions of the spec and the report: no rounds, no I/O.
+Every size is compared with the job's spec before any work proportional to it: a report's ids
+are counted before they are searched (the search is a sort, O(n log n), on the n the spec
+allows), a node report's ranks are at most the server's max_world_size by then
+(``report_from_proto`` does not convert a longer list). Errors name the field and the value
+and never echo a request's list whole (``netmoe.checks.shown``). Pure functions of the spec and
+the report: no rounds, no I/O.
 """
 
 from __future__ import annotations
