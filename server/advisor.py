@@ -80,7 +80,7 @@ from netmoe.solver.replicas import (
 from .errors import FieldError, NotEnoughData, OverLimit
 
 if TYPE_CHECKING:
-    from .rounds import JobSpec
+    from .jobs import JobSpec
 
 log = logging.getLogger(__name__)
 Holders = tuple[np.ndarray, np.ndarray | None]  # [E, J] bool of layer l and of l+1 (or None)

@@ -49,7 +49,7 @@ class ServerConfig:
     max_message_bytes: int = 16 * MiB
     keepalive_time_s: float = 30.0
     keepalive_timeout_s: float = 10.0
-    solver_threads: int = 4  # jobs solved in parallel (each job one round at a time)
+    solver_threads: int = 4  # solves in parallel, shared evenly among the registered jobs
     # Rounds of at least this many samples are solved in a child process of their solver
     # thread (min-cost flow holds the GIL); 0: every round in the server's process.
     process_solve_rows: int = 2048

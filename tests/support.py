@@ -464,3 +464,72 @@ def shuffled_reports(routes: np.ndarray, step: int
         nxt = routes[layer + 1, rows] if layer + 1 < layers else None
         out.append((10 * rows, routes[layer, rows], nxt))
     return out
+
+
+class Bystander:
+    """A second job on the same server, solving one whole round after another with unary Solve
+    in its own thread until ``stop``; every plan is checked against the solver (``check_round``:
+    optimal, the solver's placement) and timed.
+
+    deadline_ms: the job's round deadline; a round answered later than it plus MARGIN_S (the
+    busy box's slack) counts as late. channel: the one to use (a TLS one), closed at ``stop``;
+    None: an insecure channel to address.
+    """
+
+    def __init__(self, address: str, job: str = "bystander", deadline_ms: int = 2000,
+                 channel: grpc.Channel | None = None) -> None:
+        self.spec = job_spec(deadline_ms=deadline_ms)
+        self.job = job
+        self.latencies: list[float] = []
+        self.errors: list[BaseException] = []
+        self._channel = channel or grpc.insecure_channel(address)
+        self._stub = placement_pb2_grpc.PlacementServiceStub(self._channel)
+        self._stub.RegisterJob(pb.RegisterJobRequest(job=job, spec=self.spec), timeout=30)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"bystander-{job}", daemon=True)
+
+    def __enter__(self) -> Bystander:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def _run(self) -> None:
+        step = 0
+        while not self._stop.is_set():
+            reports = round_reports(self.job, self.spec, step, 0, seed=step % 16)
+            t0 = time.monotonic()
+            try:
+                reply = self._stub.Solve(pb.SolveRequest(reports=reports), timeout=60)
+                self.latencies.append(time.monotonic() - t0)
+                check_round(self.spec, reports, list(reply.plans))
+            except BaseException as err:  # reported by stop(), in the test's thread
+                self.errors.append(err)
+                return
+            step += 1
+
+    def wait_rounds(self, rounds: int, timeout: float = 60.0) -> None:
+        """Waits until ``rounds`` more rounds were answered (or one failed)."""
+        want = len(self.latencies) + rounds
+        deadline = time.monotonic() + timeout
+        while len(self.latencies) < want and not self.errors:
+            assert time.monotonic() < deadline, f"bystander answered {len(self.latencies)} rounds"
+            time.sleep(0.01)
+
+    def stop(self) -> list[float]:
+        """Stops, unregisters the job and asserts every round was solved optimally in time;
+        returns the latencies (seconds per round)."""
+        if not self._stop.is_set():
+            self._stop.set()
+            self._thread.join(90)
+            try:
+                self._stub.UnregisterJob(pb.UnregisterJobRequest(job=self.job), timeout=30)
+            finally:
+                self._channel.close()
+        if self.errors:
+            raise self.errors[0]
+        assert self.latencies, "the bystander got no round answered"
+        limit = self.spec.deadline_ms / 1000 + MARGIN_S
+        assert max(self.latencies) < limit, (max(self.latencies), limit)
+        return self.latencies

@@ -9,8 +9,10 @@ import numpy as np
 import pytest
 
 from netmoe.round import RankPlan
+from netmoe.server.admission import Report
 from netmoe.server.errors import FieldError, JobConflict, JobLimit
-from netmoe.server.rounds import Coordinator, JobSpec, Report
+from netmoe.server.jobs import JobSpec
+from netmoe.server.rounds import Coordinator
 from netmoe.solver import Topology
 
 TOPO = Topology(nodes=1, gpus_per_node=2, experts=4)

@@ -28,8 +28,7 @@ from netmoe.solver import Topology
 
 from support import (
     MARGIN_S,
-    Worker,
-    check_round,
+    Bystander,
     counts,
     job_spec,
     make_ca,
@@ -42,15 +41,7 @@ from support import (
 
 NODES, GPUS, EXPERTS, SPD = 2, 2, 8, 2
 TOPO = Topology(NODES, GPUS, EXPERTS)
-BYSTANDER_DEADLINE_MS = 2000
 T = TypeVar("T")
-
-
-@pytest.fixture
-def server() -> Iterator[ServerHandle]:
-    handle = start(ServerConfig(port=0, metrics_port=None, grace_seconds=1.0))
-    yield handle
-    handle.stop()
 
 
 @pytest.fixture
@@ -58,60 +49,6 @@ def stub(server: ServerHandle) -> Iterator[placement_pb2_grpc.PlacementServiceSt
     channel = grpc.insecure_channel(server.address)
     yield placement_pb2_grpc.PlacementServiceStub(channel)
     channel.close()
-
-
-# --- the bystander: its rounds must stay optimal within their deadline --------------------------
-
-def bystander(stub: placement_pb2_grpc.PlacementServiceStub, job: str = "bystander"
-              ) -> pb.JobSpec:
-    spec = job_spec(nodes=2, gpus=2, experts=8, spd=4, deadline_ms=BYSTANDER_DEADLINE_MS)
-    stub.RegisterJob(pb.RegisterJobRequest(job=job, spec=spec), timeout=30)
-    return spec
-
-
-def bystander_round(stub: placement_pb2_grpc.PlacementServiceStub, spec: pb.JobSpec, step: int,
-                    job: str = "bystander") -> float:
-    """One round of the bystander on its ranks' streams: optimal plans matching the solver
-    within its deadline (plus the loopback margin); returns the seconds it took."""
-    reports = round_reports(job, spec, step, 0, seed=step)
-    workers = [Worker(stub) for _ in reports]
-    t0 = time.monotonic()
-    for w, r in zip(workers, reports, strict=True):
-        w.send(r)
-    plans = [w.recv() for w in workers]
-    took = time.monotonic() - t0
-    check_round(spec, reports, plans)
-    assert took < BYSTANDER_DEADLINE_MS / 1000 + MARGIN_S
-    for w in workers:
-        assert w.close() == []
-    return took
-
-
-def while_attacked(stub: placement_pb2_grpc.PlacementServiceStub, spec: pb.JobSpec,
-                   attack: Callable[[], T]) -> T:
-    """Runs attack in a thread while the bystander plays rounds (at least one, until the attack
-    returned); returns the attack's result or raises its error."""
-    out: list[T] = []
-    errors: list[BaseException] = []
-
-    def body() -> None:
-        try:
-            out.append(attack())
-        except BaseException as err:
-            errors.append(err)
-
-    thread = threading.Thread(target=body)
-    thread.start()
-    step = 1000
-    while True:
-        bystander_round(stub, spec, step)
-        step += 1
-        if not thread.is_alive():
-            break
-    thread.join()
-    if errors:
-        raise errors[0]
-    return out[0]
 
 
 # --- an expert job with a window ----------------------------------------------------------------
@@ -154,14 +91,12 @@ def recommend(job: str, **fields: object) -> pb.RecommendExpertsRequest:
 
 @short_and_long("layers", 100_000, 1_000_000)
 def test_confirm_with_more_layers_than_the_job_is_refused_before_reading_them(
-    server: ServerHandle, stub: placement_pb2_grpc.PlacementServiceStub, layers: int
+    stub: placement_pb2_grpc.PlacementServiceStub, bystander: Bystander, layers: int
 ) -> None:
-    spec = bystander(stub)
     expert_job(stub, "t", layers=4)
     request = pb.ConfirmExpertsRequest(
         job="t", step=1, maps=[pb.ExpertMap(device=TOPO.expert_device.tolist())] * layers)
-    err, took = while_attacked(stub, spec, lambda: refusal(
-        lambda: stub.ConfirmExperts(request, timeout=60)))
+    err, took = refusal(lambda: stub.ConfirmExperts(request, timeout=60))
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert f"maps has {layers} layers, the job's spec.layers allows 1 to 4" in err.details()
     assert took < MARGIN_S
@@ -181,15 +116,14 @@ def test_confirm_with_more_layers_than_the_job_is_refused_before_reading_them(
         assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert needle in err.details()
     stub.ConfirmExperts(pb.ConfirmExpertsRequest(job="t", step=1, maps=four), timeout=30)
-    bystander_round(stub, spec, 0)
+    bystander.wait_rounds(1)
 
 
 def test_a_confirmed_version_is_bounded_in_bytes(
-    server: ServerHandle, stub: placement_pb2_grpc.PlacementServiceStub
+    stub: placement_pb2_grpc.PlacementServiceStub, bystander: Bystander
 ) -> None:
     """On a 1024-GPU job, route tables of 8 layers would hold 8 x 1024 x 1024 x 9 bytes: refused
     RESOURCE_EXHAUSTED from the request's layer counts alone (its maps are empty)."""
-    spec = bystander(stub)
     stub.RegisterJob(pb.RegisterJobRequest(job="wide", spec=job_spec(
         nodes=128, gpus=8, experts=1024, spd=1, layers=8)), timeout=30)
     big = pb.ConfirmExpertsRequest(job="wide", step=1, maps=[pb.ExpertMap()] * 8,
@@ -206,15 +140,14 @@ def test_a_confirmed_version_is_bounded_in_bytes(
     err, _ = refusal(lambda: stub.ConfirmExperts(small, timeout=30))
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "maps: layers [0, 1, 2, 3] list [0] experts, need 1024" in err.details()
-    bystander_round(stub, spec, 0)
+    bystander.wait_rounds(1)
 
 
 # --- row 10: a confirmation disagreeing with the window ---------------------------------------
 
 def test_confirm_disagreeing_with_the_window_is_refused_and_the_advisor_goes_on(
-    server: ServerHandle, stub: placement_pb2_grpc.PlacementServiceStub
+    stub: placement_pb2_grpc.PlacementServiceStub, bystander: Bystander
 ) -> None:
-    spec = bystander(stub)
     expert_job(stub, "w")
     feed(stub, "w", range(4), layers=2)
     three = [pb.ExpertMap(device=TOPO.expert_device.tolist())] * 3
@@ -227,7 +160,7 @@ def test_confirm_disagreeing_with_the_window_is_refused_and_the_advisor_goes_on(
     stub.ConfirmExperts(pb.ConfirmExpertsRequest(job="w", step=4, maps=rec.maps), timeout=30)
     again = stub.RecommendExperts(recommend("w"), timeout=60)
     assert [list(m.device) for m in again.current] == [list(m.device) for m in rec.maps]
-    bystander_round(stub, spec, 0)
+    bystander.wait_rounds(1)
 
 
 def test_a_window_that_disagrees_with_earlier_confirmed_maps_never_wedges_a_fit() -> None:
@@ -265,18 +198,17 @@ OUT_OF_RANGE = [
 
 
 def test_recommend_numbers_out_of_range_are_invalid_argument(
-    server: ServerHandle, stub: placement_pb2_grpc.PlacementServiceStub,
+    stub: placement_pb2_grpc.PlacementServiceStub, bystander: Bystander,
     caplog: pytest.LogCaptureFixture
 ) -> None:
     """Each refused at once, nothing logged (2^63 gave UNKNOWN and a traceback per call); the
     window was there, so a fit would have run."""
-    spec = bystander(stub)
     expert_job(stub, "n")
     feed(stub, "n", range(4), layers=2)
     for field, value, needle in OUT_OF_RANGE:
         with caplog.at_level(logging.ERROR):
-            err, took = while_attacked(stub, spec, lambda field=field, value=value: refusal(
-                lambda: stub.RecommendExperts(recommend("n", **{field: value}), timeout=30)))
+            err, took = refusal(lambda field=field, value=value: stub.RecommendExperts(
+                recommend("n", **{field: value}), timeout=30))
         assert err.code() == grpc.StatusCode.INVALID_ARGUMENT, field
         assert needle in err.details()
         assert took < MARGIN_S
@@ -306,13 +238,12 @@ def test_bytes_times_the_jobs_experts_stay_64_bit() -> None:
 # --- row 4: fits per job -------------------------------------------------------------------------
 
 def test_one_jobs_fit_never_delays_another_job_and_unregister_drops_it(
-    server: ServerHandle, stub: placement_pb2_grpc.PlacementServiceStub
+    server: ServerHandle, stub: placement_pb2_grpc.PlacementServiceStub, bystander: Bystander
 ) -> None:
     """Job a's fit thread is held (a fit that does not end); job b's RecommendExperts and
     UnregisterJob answer meanwhile, the bystander's rounds stay optimal, and a's own
     unregistration answers at once: a's queued RecommendExperts then fails NOT_FOUND and a's fit
     thread ends."""
-    spec = bystander(stub)
     for job in ("a", "b"):
         expert_job(stub, job)
         feed(stub, job, range(4), layers=3)
@@ -323,7 +254,7 @@ def test_one_jobs_fit_never_delays_another_job_and_unregister_drops_it(
         queued = stub.RecommendExperts.future(recommend("a"), timeout=120)
         rec = stub.RecommendExperts(recommend("b"), timeout=60)
         assert len(rec.maps) == 3
-        bystander_round(stub, spec, 0)
+        bystander.wait_rounds(1)
         stub.UnregisterJob(pb.UnregisterJobRequest(job="b"), timeout=30)
         assert not queued.done() and not held.done()
         stub.UnregisterJob(pb.UnregisterJobRequest(job="a"), timeout=30)
@@ -337,7 +268,7 @@ def test_one_jobs_fit_never_delays_another_job_and_unregister_drops_it(
     with pytest.raises(KeyError):
         held.result(timeout=60)
     wait_for(lambda: not [t for t in threading.enumerate() if t.name.startswith("netmoe-fit-a")])
-    bystander_round(stub, spec, 1)
+    bystander.wait_rounds(1)
 
 
 # --- row 6: certificate identity -----------------------------------------------------------------
@@ -384,12 +315,13 @@ def test_certificates_naming_nobody_are_refused_when_jobs_are_bound(pki: Path) -
     handle = start(ServerConfig(port=0, metrics_port=None, grace_seconds=1.0,
                                 tls_cert=str(pki / "server.pem"), tls_key=str(pki / "server.key"),
                                 tls_client_ca=str(pki / "ca.pem"), bind_jobs_to_certs=True))
-    spec = job_spec(nodes=2, gpus=2, experts=8, spd=4, deadline_ms=BYSTANDER_DEADLINE_MS)
+    spec = job_spec(nodes=2, gpus=2, experts=8, spd=4)
     reports = round_reports("nameless", spec, 0, 0, seed=0)
     try:
-        with _channel(handle.address, pki, "client") as owner_channel:
+        with _channel(handle.address, pki, "client") as owner_channel, Bystander(
+                handle.address, channel=_channel(handle.address, pki, "client")) as bystander:
             owner = placement_pb2_grpc.PlacementServiceStub(owner_channel)
-            bystander(owner)
+            bystander.wait_rounds(1)
             nobody = "has none or a blank one"
             for name, why in (("tenant-a", f"(subject 'O=tenant-a') {nobody} (CN='')"),
                               ("tenant-b", f"(subject 'O=tenant-b') {nobody} (CN='')"),
@@ -402,7 +334,7 @@ def test_certificates_naming_nobody_are_refused_when_jobs_are_bound(pki: Path) -
                         assert why in err.details() and "--bind-jobs-to-certs" in err.details()
             # Nothing of theirs was registered; the owner's job and rounds are untouched.
             assert owner.RegisterJob(pb.RegisterJobRequest(job="nameless", spec=spec)).created
-            bystander_round(owner, spec, 0)
-            owner.UnregisterJob(pb.UnregisterJobRequest(job="bystander"), timeout=30)
+            bystander.wait_rounds(1)
+            bystander.stop()
     finally:
         handle.stop()
