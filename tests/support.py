@@ -292,11 +292,23 @@ def serving(address: str) -> bool:
     return reply.status == health_pb2.HealthCheckResponse.SERVING
 
 
-def wait_for(predicate: object, timeout: float = 30.0) -> None:
+def refused(address: str) -> bool:
+    """Whether the server at address refuses new RPCs, as it does from its grace period on."""
+    try:
+        serving(address)
+    except grpc.RpcError as err:
+        return err.code() == grpc.StatusCode.UNAVAILABLE
+    return False
+
+
+def wait_for(predicate: Callable[[], object], timeout: float = 30.0, what: str = "",
+             every: float = 0.01) -> None:
+    """Polls predicate every `every` seconds until it is true; fails after timeout seconds,
+    naming `what` it waited for."""
     deadline = time.monotonic() + timeout
-    while not predicate():  # type: ignore[operator]
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.01)
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what or predicate}"
+        time.sleep(every)
 
 
 

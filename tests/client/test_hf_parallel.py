@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import json
-import socket
 from pathlib import Path
 from typing import Any
 
@@ -180,10 +179,9 @@ def test_demo_without_plans_fails_like_the_reference_demo(
     """An unreachable --server: both runs train, then exit code 1 and the reference demo's error
     (every layer fell back), not a quiet exit 0."""
     from netmoe.reference.hf_demo import write_tiny
+    from netmoe.reference.launch import free_port
 
-    with socket.socket() as sock:  # a port nothing listens on
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()  # nothing listens on it
     model = write_tiny(tmp_path / "tiny", "qwen3_moe", experts=4)
     args = ["demo", "--hf-model", str(model), "--nodes", "1", "--gpus-per-node", "2", "--steps",
             "1", "--samples-per-device", "1", "--seq-len", "8", "--cache-dir",
