@@ -24,7 +24,7 @@ from support import wait_for
 
 @pytest.fixture
 def server() -> Iterator[ServerHandle]:
-    handle = start(ServerConfig(port=0, metrics_port=None, grace_seconds=1.0))
+    handle = start(ServerConfig(port=0, drain_seconds=0.0, metrics_port=None, grace_seconds=1.0))
     yield handle
     handle.stop()
 

@@ -31,7 +31,7 @@ def test_copies_adopted_mid_run_keep_training_identical(tmp_path: Path) -> None:
     cfg = TrainConfig(cache_dir=str(cache), **TINY)  # type: ignore[arg-type]
     home = run_ranks(cfg)
     job = "copies-mid-run"
-    with start(ServerConfig(port=0, metrics_port=0)) as server:
+    with start(ServerConfig(port=0, drain_seconds=0.0, metrics_port=0)) as server:
         runs = run_ranks(dataclasses.replace(
             cfg, placement="service", server=server.address, job=job, adopt_experts_at=ADOPT_AT,
             expert_placement="force", replica_budget=1,
@@ -76,7 +76,7 @@ def test_balanced_copies_route_by_the_confirmed_tables(tmp_path: Path) -> None:
     cfg = TrainConfig(cache_dir=str(cache), **TINY)  # type: ignore[arg-type]
     home = run_ranks(cfg)
     job = "balanced-mid-run"
-    with start(ServerConfig(port=0, metrics_port=0)) as server:
+    with start(ServerConfig(port=0, drain_seconds=0.0, metrics_port=0)) as server:
         runs = run_ranks(dataclasses.replace(
             cfg, placement="service", server=server.address, job=job, adopt_experts_at=ADOPT_AT,
             expert_placement="force", replica_budget=1, max_load_ratio=1.0,
