@@ -27,6 +27,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from netmoe.protos import convert, placement_pb2_grpc
 from netmoe.protos import placement_pb2 as pb
+from netmoe.reference.launch import free_port  # tests take it from here (one import to move)
 from netmoe.server.app import ServerHandle
 from netmoe.solver import Topology, solve
 
@@ -72,8 +73,6 @@ def spawn_ranks(target: Callable[..., None], world: int, *args: object,
     target typically opens ``gloo_group(rank, world, port)``). Fails with the ranks' tracebacks,
     if a rank hangs past timeout (it is killed) or exits non-zero (an abort at exit included)."""
     import torch.multiprocessing as mp
-
-    from netmoe.reference.launch import free_port
 
     ctx = mp.get_context("spawn")
     errors = ctx.Queue()

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from netmoe.reference.launch import free_port
+from support import free_port
 
 FLAME = Path(__file__).parents[1] / "fixtures" / "flame_290m_2048tok_layers2-9.npz"
 

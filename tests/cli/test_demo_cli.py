@@ -10,7 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from netmoe.reference.launch import free_port
+from support import free_port
 
 TINY = ["--warmup-steps", "0", "--nodes", "1", "--gpus-per-node", "2", "--layers", "1",
         "--seq-len", "8", "--samples-per-device", "2"]

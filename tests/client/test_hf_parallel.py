@@ -20,7 +20,7 @@ import torch
 from netmoe.cli import main
 from netmoe.trace import load_trace
 
-from support import gloo_group, spawn_ranks
+from support import free_port, gloo_group, spawn_ranks
 
 WORLD, GPUS, EXPERTS, SAMPLES, SEQ, VOCAB = 4, 2, 8, 2, 8, 96
 TYPES = ("mixtral", "qwen3_moe", "olmoe", "qwen2_moe")
@@ -179,7 +179,6 @@ def test_demo_without_plans_fails_like_the_reference_demo(
     """An unreachable --server: both runs train, then exit code 1 and the reference demo's error
     (every layer fell back), not a quiet exit 0."""
     from netmoe.reference.hf_demo import write_tiny
-    from netmoe.reference.launch import free_port
 
     port = free_port()  # nothing listens on it
     model = write_tiny(tmp_path / "tiny", "qwen3_moe", experts=4)

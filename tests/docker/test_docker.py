@@ -17,9 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from netmoe.reference.launch import free_port
-
-from support import run_without
+from support import free_port, run_without
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCKERFILE = ROOT / "docker" / "Dockerfile"
