@@ -26,7 +26,7 @@ from typing import Protocol
 import numpy as np
 
 from netmoe.checks import positive_int, shown
-from netmoe.round import INVALID, Key, RankPlan, RoundCounts, RoundKey, Traffic, home_dest
+from netmoe.round import INVALID, Key, RankPlan, RoundCounts, RoundKey, Traffic, home_placement
 from netmoe.solver import Plan, Topology, solve, traffic
 
 from .admission import (
@@ -598,7 +598,7 @@ class Coordinator:
         topo, scatter_topo = (self._hooks.topologies(spec.job, rnd.key.layer_key)
                               or (spec.counts_topology, None))
         extra = {} if scatter_topo is None else {"scatter_topology": scatter_topo}
-        home = home_dest(spec.ep_size, spec.samples_per_device)
+        home = home_placement(spec.samples, spec.ep_size)
         # Confirmed copies change every route's cost: such rounds take the replica-aware solver.
         plan = self._hooks.solve_with_copies(spec.job, rnd.key.layer_key, counts.gather,
                                              counts.scatter, home)
@@ -614,7 +614,7 @@ class Coordinator:
 
     @staticmethod
     def _home_traffic(spec: JobSpec, counts: RoundCounts) -> Traffic:
-        home = home_dest(spec.ep_size, spec.samples_per_device)
+        home = home_placement(spec.samples, spec.ep_size)
         return traffic(spec.counts_topology, home, counts.gather, counts.scatter)
 
     def _finish(self, state: Job, rnd: Round, outcome: Outcome) -> None:

@@ -25,6 +25,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
+from netmoe.app.reference.launch import free_port  # tests take it from here (one import to move)
 from netmoe.protos import convert, placement_pb2_grpc
 from netmoe.protos import placement_pb2 as pb
 from netmoe.server.app import ServerHandle
@@ -72,8 +73,6 @@ def spawn_ranks(target: Callable[..., None], world: int, *args: object,
     target typically opens ``gloo_group(rank, world, port)``). Fails with the ranks' tracebacks,
     if a rank hangs past timeout (it is killed) or exits non-zero (an abort at exit included)."""
     import torch.multiprocessing as mp
-
-    from netmoe.app.reference.launch import free_port
 
     ctx = mp.get_context("spawn")
     errors = ctx.Queue()
@@ -292,11 +291,23 @@ def serving(address: str) -> bool:
     return reply.status == health_pb2.HealthCheckResponse.SERVING
 
 
-def wait_for(predicate: object, timeout: float = 30.0) -> None:
+def refused(address: str) -> bool:
+    """Whether the server at address refuses new RPCs, as it does from its grace period on."""
+    try:
+        serving(address)
+    except grpc.RpcError as err:
+        return err.code() == grpc.StatusCode.UNAVAILABLE
+    return False
+
+
+def wait_for(predicate: Callable[[], object], timeout: float = 30.0, what: str = "",
+             every: float = 0.01) -> None:
+    """Polls predicate every `every` seconds until it is true; fails after timeout seconds,
+    naming `what` it waited for."""
     deadline = time.monotonic() + timeout
-    while not predicate():  # type: ignore[operator]
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.01)
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what or predicate}"
+        time.sleep(every)
 
 
 

@@ -6,10 +6,11 @@ from __future__ import annotations
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
+
+from support import free_port
 
 TINY = ["--warmup-steps", "0", "--nodes", "1", "--gpus-per-node", "2", "--layers", "1",
         "--seq-len", "8", "--samples-per-device", "2"]
@@ -20,9 +21,7 @@ def demo(*args: str) -> list[str]:
 
 
 def test_unreachable_server_is_an_error_and_progress_is_shown() -> None:
-    with socket.socket() as sock:  # a port nothing listens on
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()  # nothing listens on it
     out = subprocess.run(demo("--steps", "2", "--server", f"127.0.0.1:{port}"),
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 1, out.stderr

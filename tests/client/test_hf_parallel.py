@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import json
-import socket
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +20,7 @@ import torch
 from netmoe.app.cli import main
 from netmoe.trace import load_trace
 
-from support import gloo_group, spawn_ranks
+from support import free_port, gloo_group, spawn_ranks
 
 WORLD, GPUS, EXPERTS, SAMPLES, SEQ, VOCAB = 4, 2, 8, 2, 8, 96
 TYPES = ("mixtral", "qwen3_moe", "olmoe", "qwen2_moe")
@@ -181,9 +180,7 @@ def test_demo_without_plans_fails_like_the_reference_demo(
     (every layer fell back), not a quiet exit 0."""
     from netmoe.app.reference.hf_demo import write_tiny
 
-    with socket.socket() as sock:  # a port nothing listens on
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()  # nothing listens on it
     model = write_tiny(tmp_path / "tiny", "qwen3_moe", experts=4)
     args = ["demo", "--hf-model", str(model), "--nodes", "1", "--gpus-per-node", "2", "--steps",
             "1", "--samples-per-device", "1", "--seq-len", "8", "--cache-dir",

@@ -60,7 +60,7 @@ def test_second_stream_for_a_bound_rank_is_refused_and_never_joins_a_round(
     for w, r in zip(workers, reports, strict=True):
         w.send(r)
     check_round(spec, reports, [w.recv() for w in workers])
-    assert time.monotonic() - t0 < 2.0
+    assert time.monotonic() - t0 < 2.0 + MARGIN_S
     # Rank 2's own stream ends: the rank is free again for its next stream.
     assert workers[2].close() == []
     wait_for(lambda: not coord._jobs["id"].bound.get(2))
