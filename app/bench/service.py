@@ -295,8 +295,9 @@ def _measure_processes(args: argparse.Namespace, config: Any, groups: int) -> di
             procs.append(proc)
         addresses = []
         for parent in pipes:
-            if not parent.poll(60):
-                raise RuntimeError("a server process did not start within 60 s")
+            # Generous: on a loaded machine importing the server (grpc, OR-Tools) takes a while.
+            if not parent.poll(300):
+                raise RuntimeError("a server process did not start within 300 s")
             addresses.append(f"127.0.0.1:{parent.recv()}")
         cpu = []
         for parent in pipes:
