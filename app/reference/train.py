@@ -361,12 +361,10 @@ def _setup(cfg: TrainConfig, rank: int) -> _Run:
                         device_counts=cfg.device_counts)
         node = node_reports(groups, rank) if cfg.report_by == "node" else None
         ranks = node.members if node is not None else ()
-        if cfg.sidecars:
-            found = _group_service(cfg, rank)
-            if node is None or node.first:
-                run.client = group_source(found, cfg.job, rank, spec, ranks=ranks)
-        elif node is None or node.first:
-            run.client = PlacementClient(cfg.server, cfg.job, rank, spec, ranks=ranks)
+        if node is None or node.first:  # a node's other ranks: its first rank reports for them
+            run.client = (group_source(_group_service(cfg, rank), cfg.job, rank, spec, ranks=ranks)
+                          if cfg.sidecars else
+                          PlacementClient(cfg.server, cfg.job, rank, spec, ranks=ranks))
         run.placement = Placement(run.client, device, ep_size, cfg.samples_per_device,
                                   cfg.plan_timeout, node, cfg.device_counts)
     return run
@@ -380,6 +378,7 @@ def _group_service(cfg: TrainConfig, rank: int) -> Any:
 
     from netmoe.client.services import discover, publish
 
+    # The store the default process group rendezvoused through (torch has no public getter).
     store = dist.distributed_c10d._get_default_store()
     g, device = cfg.groups.locate(rank)
     if device == 0:

@@ -5,6 +5,7 @@ a real ``netmoe serve`` process of its own."""
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Iterator
 from typing import Any
 
@@ -80,3 +81,15 @@ def test_a_group_whose_service_is_down_falls_back_alone(
     for r in net[4:]:
         assert r["fallback_reasons"] == {f"no service: not connected to {dead}": rounds}
     assert _solved(a, "half-down") == rounds
+
+
+@pytest.mark.parametrize(("fields", "message"), [
+    ({"server": "a:1", "sidecars": ("b:2", "", "", "")},
+     "server='a:1' and sidecars=['b:2', '', '', ''] exclude each other"),
+    ({"sidecars": ("b:2", "c:3")}, "sidecars must name one address per node (4), got 2"),
+    ({"sidecars": ("b:2", "nope", "", "")}, "sidecars[1] must be host:port, got 'nope'"),
+])
+def test_inconsistent_sidecars_are_refused_naming_the_values(fields: dict[str, Any],
+                                                             message: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(message)):
+        TrainConfig(nodes=4, gpus_per_node=2, ep_size=4, placement="service", **fields)
