@@ -147,8 +147,8 @@ async def _drive(
     try:
         stubs = [placement_pb2_grpc.PlacementServiceStub(c) for c in channels]
         # The job's whole spec on each service its streams use (registering is idempotent).
-        first = {services[groups.locate(m[0])[0]]: k for k, m in enumerate(streams)}
-        for k in first.values():
+        stub_of = {services[groups.locate(m[0])[0]]: k for k, m in enumerate(streams)}
+        for k in stub_of.values():
             await stubs[k].RegisterJob(pb.RegisterJobRequest(job="bench", spec=_spec(args)))
         calls = [s.Stream() for s in stubs]
         if barrier is not None:
@@ -253,7 +253,7 @@ def _measure(services: dict[int, str], args: argparse.Namespace) -> dict[str, An
         "counts": args.counts,
         # Wire bytes of one report (ids, gather, scatter, coordinates), mean over the timed ones.
         "report_bytes": float(size[keep].mean()),
-        # Set by run() when the server runs in its own process (the only one it can measure).
+        # Set when the servers run in their own processes (the only ones it can measure).
         "server_cpu_ms_per_round": None,
         "server_cpu_ms_per_group_round": None,
         **{f"{name}_ms_{k}": v for name, st in stats.items() for k, v in st.items() if k != "n"},
@@ -262,7 +262,7 @@ def _measure(services: dict[int, str], args: argparse.Namespace) -> dict[str, An
         # One per group and timed round.
         "outcomes": outcomes,
         "groups": per_group,
-        # Filled by run(): per service its address, groups and CPU per round.
+        # Filled by _measure_processes: per service its address, groups and CPU per round.
         "services": [],
     }
 
