@@ -362,6 +362,8 @@ class Placement:
             return None, "timeout"
         except NoPlan as err:
             return None, f"server: {err}"
+        except ConnectionError as err:  # the group's service is down or there is none
+            return None, f"no service: {err}"
         except Exception as err:  # any transport or server failure means "no move", not a crash
             return None, f"error {type(err).__name__}"
         if plan is None:

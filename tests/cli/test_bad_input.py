@@ -102,6 +102,12 @@ ROWS: list[tuple[str, Callable[[Path], list[str]], dict[str, str], list[str]]] =
     ("bench-service-ep-size-3", fixed("bench", "service", "--ep-size", "3"), {},
      ["--ep-size 3", "ep_size=3 does not divide world_size=32"]),
     ("bench-service-server-unreachable", None, {}, ["--server 127.0.0.1:", "no placement"]),
+    ("bench-service-services-3-of-2-groups",
+     fixed("bench", "service", "--services", "3", "--ep-size", "16"), {},
+     ["--services 3", "more services than the 2 EP groups", "--ep-size 16"]),
+    ("bench-service-services-embedded",
+     fixed("bench", "service", "--services", "2", "--ep-size", "16", "--embedded"), {},
+     ["--services 2", "excludes --embedded"]),
 ]
 
 
