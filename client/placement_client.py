@@ -28,7 +28,14 @@ import grpc
 from netmoe.client.planning import NoPlan
 from netmoe.protos import placement_pb2 as pb
 from netmoe.protos import placement_pb2_grpc
-from netmoe.protos.convert import job_spec, plan_from_proto, report_to_proto
+from netmoe.protos.convert import (
+    copies_to_proto,
+    job_spec,
+    maps_to_proto,
+    plan_from_proto,
+    report_to_proto,
+    tables_to_proto,
+)
 from netmoe.round import INVALID, RankPlan, RoundCounts, RoundKey
 
 __all__ = ["PlacementClient", "channel_to", "job_spec"]
@@ -162,11 +169,8 @@ class PlacementClient:
         copies ([L] (expert id, device) lists) on top when given, routed by route_tables
         ([L][J][E]: device serving expert id e for samples on device d) when given."""
         request = pb.ConfirmExpertsRequest(
-            job=self.job, step=step, maps=[pb.ExpertMap(device=m) for m in maps],
-            copies=[pb.LayerCopies(copies=[pb.ExpertCopy(expert=e, device=d) for e, d in layer])
-                    for layer in copies or []],
-            route_tables=[pb.RouteTable(device=[h for row in t for h in row])
-                          for t in route_tables or []])
+            job=self.job, step=step, maps=maps_to_proto(maps), copies=copies_to_proto(copies or []),
+            route_tables=tables_to_proto(route_tables or []))
         self._stub.ConfirmExperts(request, timeout=timeout, metadata=self._metadata)
 
     def submit(self, step: int, layer: int, counts: RoundCounts, micro_batch: int = 0

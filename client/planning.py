@@ -34,7 +34,7 @@ import torch
 import torch.distributed as dist
 
 from netmoe.client.node_reports import NodeReports, expand, pack, unpack
-from netmoe.round import RankPlan, RoundCounts, RoundKey, SamplePlan
+from netmoe.round import OPTIMAL, RankPlan, RoundCounts, RoundKey, SamplePlan
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +85,7 @@ class RandomPlans:
         held = self._ids[plan.rows_held(self.device)]
         self._ids = plan.follow(self._ids)
         fut: Future[RankPlan | None] = Future()
-        fut.set_result(RankPlan(step, layer, self.device, "optimal",
+        fut.set_result(RankPlan(step, layer, self.device, OPTIMAL,
                                 np.asarray(plan.dest_of(self.device)), held.astype(np.uint64),
                                 micro_batch=micro_batch))
         return fut
@@ -362,6 +362,8 @@ class Placement:
             return None, "timeout"
         except NoPlan as err:
             return None, f"server: {err}"
+        except ConnectionError as err:  # the group's service is down or there is none
+            return None, f"no service: {err}"
         except Exception as err:  # any transport or server failure means "no move", not a crash
             return None, f"error {type(err).__name__}"
         if plan is None:

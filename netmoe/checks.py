@@ -3,6 +3,8 @@ the server's (OR-Tools) to use them."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 
 
@@ -12,3 +14,12 @@ def positive_int(name: str, value: object, *, minimum: int = 1) -> int:
         kind = "a positive" if minimum == 1 else f"an integer >= {minimum},"
         raise ValueError(f"{name} must be {kind} integer, got {value!r}")
     return int(value)
+
+
+def shown(values: Sequence[object], limit: int = 8) -> str:
+    """A list for an error message, capped: at most ``limit`` values, then "..." and how many
+    there are, so an error or a plan never echoes an unbounded request field back."""
+    if len(values) <= limit:
+        return str(list(values))
+    head = ", ".join(str(v) for v in values[:limit])
+    return f"[{head}, ...] ({len(values)} values)"

@@ -77,6 +77,13 @@ class EPGroups:
         name = f"{prefix}groups"
         if not groups:
             raise ValueError(f"{name} is empty, need groups that cover ranks [0, {world})")
+        # Sizes first: a group listing millions of ranks is refused before it is sorted.
+        if len(groups) > world:
+            raise ValueError(f"{name} lists {len(groups)} groups, more than world_size={world}")
+        for g, members in enumerate(groups):
+            if len(members) > world:
+                raise ValueError(f"{name}[{g}] lists {len(members)} ranks, more than "
+                                 f"world_size={world}")
         owner: dict[int, int] = {}
         ranks = []
         for g, members in enumerate(groups):

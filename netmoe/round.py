@@ -25,6 +25,8 @@ from typing import NamedTuple
 
 import numpy as np
 
+from netmoe.checks import positive_int
+
 Key = tuple[int, int]  # (step, layer): what the expert placement side files a round under
 
 
@@ -121,9 +123,14 @@ def compact_counts(counts: np.ndarray) -> np.ndarray:
     return counts.astype(np.min_scalar_type(top), copy=False)
 
 
-def home_dest(devices: int, per_device: int) -> np.ndarray:
-    """[devices * per_device] int64: every row stays on its current device (row r on r // n)."""
-    return np.repeat(np.arange(devices, dtype=np.int64), per_device)
+def home_placement(samples: int, devices: int) -> np.ndarray:
+    """[samples] int64: sample i on device i // (samples / devices), the contiguous layout in
+    which every row stays on the device that reported it."""
+    samples = positive_int("samples", samples)
+    devices = positive_int("devices", devices)
+    if samples % devices:
+        raise ValueError(f"samples={samples} is not divisible by devices={devices}")
+    return np.repeat(np.arange(devices, dtype=np.int64), samples // devices)
 
 
 def rows_held(dest: np.ndarray, devices: int, home: np.ndarray | None = None
@@ -223,7 +230,8 @@ class SamplePlan:
     @classmethod
     def no_move(cls, devices: int, samples_per_device: int) -> SamplePlan:
         """Every sample stays where it is."""
-        return cls(tuple(home_dest(devices, samples_per_device).tolist()), devices)
+        return cls(tuple(home_placement(devices * samples_per_device, devices).tolist()),
+                   devices)
 
     @property
     def samples(self) -> int:

@@ -3,31 +3,44 @@
 Both directions live here, used by the service's servicer and by the client, so the two sides
 cannot drift apart. Counts travel as raw little-endian bytes with a dtype and a shape
 (``Counts``): one array write on the sender, one copy-free view on the receiver. Their shape is
-checked against the job by the service (``netmoe.server.rounds.check_report``).
+checked against the job by the service (``netmoe.server.admission.check_report``).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from netmoe.checks import shown
+from netmoe.groups import EPGroups
 from netmoe.round import (
     BW_INTER,
     BW_INTRA,
+    FALLBACK,
+    FEASIBLE,
+    INVALID,
+    OPTIMAL,
     STATUSES,
     RankPlan,
     RoundCounts,
     Traffic,
+    compact_counts,
 )
 
 from . import placement_pb2 as pb
 
+if TYPE_CHECKING:
+    from netmoe.server.admission import Report
+    from netmoe.server.jobs import JobSpec
+
 _TO_WIRE = {
-    "optimal": pb.PLAN_STATUS_OPTIMAL,
-    "feasible": pb.PLAN_STATUS_FEASIBLE,
-    "fallback": pb.PLAN_STATUS_FALLBACK,
-    "invalid": pb.PLAN_STATUS_INVALID,
+    OPTIMAL: pb.PLAN_STATUS_OPTIMAL,
+    FEASIBLE: pb.PLAN_STATUS_FEASIBLE,
+    FALLBACK: pb.PLAN_STATUS_FALLBACK,
+    INVALID: pb.PLAN_STATUS_INVALID,
 }
 _FROM_WIRE = {v: k for k, v in _TO_WIRE.items()}
 assert set(_TO_WIRE) == set(STATUSES)
@@ -79,9 +92,8 @@ def counts_from_pb(msg: pb.Counts, field: str) -> np.ndarray:
                 else "not a CountsDtype")
         raise ValueError(f"{field}.dtype={msg.dtype} ({name}), need one of {known}")
     if len(msg.shape) != 2:
-        shown = list(msg.shape[:4]) + (["..."] if len(msg.shape) > 4 else [])
-        raise ValueError(f"{field}.shape {shown} has {len(msg.shape)} dimensions, need 2 "
-                         f"([samples, experts])")
+        raise ValueError(f"{field}.shape {shown(msg.shape, 4)} has {len(msg.shape)} "
+                         f"dimensions, need 2 ([samples, experts])")
     rows, cols = msg.shape
     data = msg.data  # one copy out of the message; the view below keeps it alive
     need = rows * cols * dtype.itemsize  # Python ints: no overflow, whatever the shape
@@ -144,8 +156,9 @@ def plan_from_proto(msg: pb.Plan) -> RankPlan:
 
 
 def maps_to_proto(maps: object) -> list[pb.ExpertMap]:
-    """[L][E] device of each expert per layer -> one ExpertMap per layer."""
-    return [pb.ExpertMap(device=[int(d) for d in row]) for row in np.asarray(maps)]
+    """[L][E] device of each expert per layer -> one ExpertMap per layer (rows as given: the
+    service names a layer of the wrong length)."""
+    return [pb.ExpertMap(device=[int(d) for d in row]) for row in maps]  # type: ignore[attr-defined]
 
 
 def maps_from_proto(maps: list[pb.ExpertMap], experts: int) -> np.ndarray:
@@ -185,6 +198,53 @@ def tables_from_proto(tables: list[pb.RouteTable], devices: int,
                          f"experts = {devices * experts} in every layer")
     return np.array([list(t.device) for t in tables], dtype=np.int64).reshape(
         len(tables), devices, experts)
+
+
+# --- expert advice: RecommendExperts' answer (netmoe.server.advisor -> netmoe.v1) -----------
+# Typed Any: the contract imports only the core, never the server or the solver whose
+# dataclasses (ExpertAdvice, Routes) these read.
+
+def _routes_to_proto(r: Any) -> pb.Routes:
+    """netmoe.solver.experts.Routes of held-out rounds -> Routes (``local`` is unset)."""
+    return pb.Routes(inter=r.inter, intra=r.intra, seconds=r.seconds)
+
+
+def _replicas_to_proto(advice: Any) -> pb.ReplicaAdvice | None:
+    """The copies' part of the answer; None when no copies were asked for."""
+    rec, ev = advice.replicas, advice.replica_evaluation
+    if rec is None or ev is None:
+        return None
+    return pb.ReplicaAdvice(
+        adopt=rec.adopt, reason=rec.reason, copies=copies_to_proto(rec.copies),
+        replicated=_routes_to_proto(ev.total),
+        saving_per_step=rec.saving_per_step, sync_per_step=rec.sync_per_step,
+        net_per_step=rec.net_per_step, migration_cost=rec.migration_cost,
+        break_even_steps=rec.break_even_steps, memory_bytes=rec.memory_bytes,
+        max_device_bytes=rec.max_device_bytes, cross_node_copies=rec.cross_node_copies,
+        route_tables=tables_to_proto(ev.tables),
+        load=None if advice.load is None else pb.LoadRatio(mean=advice.load[0],
+                                                           worst=advice.load[1]),
+        joint_load=None if advice.joint_load is None else pb.LoadRatio(
+            mean=advice.joint_load[0], worst=advice.joint_load[1]),
+    )
+
+
+def advice_to_proto(job: str, advice: Any) -> pb.RecommendExpertsResponse:
+    """The advisor's answer (netmoe.server.advisor.ExpertAdvice) to RecommendExperts for job."""
+    rec, ev = advice.recommendation, advice.evaluation
+    return pb.RecommendExpertsResponse(
+        job=job, adopt=rec.adopt, reason=rec.reason, maps=maps_to_proto(rec.maps),
+        current=maps_to_proto(ev.current), moved_experts=rec.moved_experts,
+        moved_inter=rec.moved_inter, migration_bytes=rec.migration_bytes,
+        migration_seconds=rec.migration_seconds, unit=rec.unit,
+        saving_per_step=rec.saving_per_step, migration_cost=rec.migration_cost,
+        break_even_steps=rec.break_even_steps,
+        home=_routes_to_proto(ev.home), sample_only=_routes_to_proto(ev.sample_only),
+        joint=_routes_to_proto(ev.joint),
+        fit_first_step=advice.fit_steps[0], fit_last_step=advice.fit_steps[1],
+        held_out_first_step=advice.held_out_steps[0], held_out_last_step=advice.held_out_steps[1],
+        window_bytes=advice.window_bytes, replicas=_replicas_to_proto(advice),
+    )
 
 
 def job_spec(
@@ -237,3 +297,116 @@ def job_spec(
         groups=[pb.RankGroup(ranks=list(g)) for g in groups],
         device_counts=device_counts,
     )
+
+
+# The service's side: spec and reports from the wire, answers to refused reports. The domain
+# types are the server's, imported in the functions: the client imports this module without
+# the server's dependencies (OR-Tools).
+
+MAX_ALPHA_S = 60.0
+MAX_BYTES_PER_ROUTE = 1 << 32
+
+
+def check_modelled_times(msg: pb.JobSpec) -> None:
+    """Raises ValueError naming spec.topology.<field> unless the modelled time of the largest
+    round the job can report (every count at its maximum, gather and scatter) is finite."""
+    t = msg.topology
+    for name in ("alpha_intra", "alpha_inter"):
+        value = getattr(t, name)
+        if not 0 <= value <= MAX_ALPHA_S:
+            raise ValueError(f"spec.topology.{name} must be in [0, {MAX_ALPHA_S:g}] seconds, "
+                             f"got {value!r}")
+    if t.bytes_per_route > MAX_BYTES_PER_ROUTE:
+        raise ValueError(f"spec.topology.bytes_per_route must be at most {MAX_BYTES_PER_ROUTE}, "
+                         f"got {t.bytes_per_route}")
+    columns = t.nodes * t.gpus_per_node if msg.device_counts else t.experts
+    routes = 2.0 * msg.world_size * msg.samples_per_device * columns * MAX_COUNT
+    for name, alpha in (("bw_intra", t.alpha_intra), ("bw_inter", t.alpha_inter)):
+        bw = getattr(t, name)
+        if bw > 0 and not math.isfinite(2 * alpha + routes * t.bytes_per_route / bw):
+            raise ValueError(f"spec.topology.{name}={bw!r} bytes/s makes the modelled time of a "
+                             f"round overflow (infinite seconds)")
+
+
+def spec_from_proto(job: str, msg: pb.JobSpec) -> JobSpec:
+    """Raises ValueError naming the field and the value."""
+    from netmoe.server.jobs import MAX_LAYERS, JobSpec, check_deadline, check_layers
+    from netmoe.solver import Topology
+
+    if not msg.HasField("topology"):
+        raise ValueError("spec.topology is missing")
+    check_deadline("spec.deadline_ms", msg.deadline_ms / 1000, f"{msg.deadline_ms} ms")
+    layers = check_layers("spec.layers", msg.layers or MAX_LAYERS)  # 0: the service's limit
+    check_modelled_times(msg)
+    t = msg.topology
+    groups = ep_groups_from_proto(msg)
+    topo = Topology(
+        nodes=groups.nodes, gpus_per_node=groups.gpus, experts=t.experts,
+        expert_device=np.asarray(t.expert_device, dtype=np.int64) if t.expert_device else None,
+        alpha_intra=t.alpha_intra, alpha_inter=t.alpha_inter,
+        bw_intra=t.bw_intra, bw_inter=t.bw_inter, bytes_per_route=t.bytes_per_route,
+    )
+    return JobSpec(
+        job=job, topology=topo, world_size=msg.world_size,
+        samples_per_device=msg.samples_per_device, objective=msg.objective or "volume",
+        method=msg.method or "two_stage", deadline=msg.deadline_ms / 1000.0,
+        layers=layers, ep_groups=groups, device_counts=msg.device_counts,
+    )
+
+
+def ep_groups_from_proto(msg: pb.JobSpec) -> EPGroups:
+    """The job's expert-parallel groups; ValueError naming spec.<field> and the value (for a
+    layout: the group and the offending rank)."""
+    t = msg.topology
+    if msg.world_size != t.nodes * t.gpus_per_node:
+        raise ValueError(f"spec.world_size={msg.world_size} must equal spec.topology.nodes x "
+                         f"gpus_per_node = {t.nodes} x {t.gpus_per_node}")
+    if not msg.groups:
+        return EPGroups.contiguous(msg.world_size, t.gpus_per_node, msg.ep_size, "spec.")
+    groups = EPGroups.explicit(msg.world_size, t.gpus_per_node,
+                               [g.ranks for g in msg.groups], "spec.")
+    if msg.ep_size and msg.ep_size != groups.size:
+        raise ValueError(f"spec.ep_size={msg.ep_size} differs from the {groups.size} ranks of "
+                         f"each of spec.groups")
+    return groups
+
+
+def report_from_proto(msg: pb.Report, max_ranks: int) -> Report:
+    """The report with its counts decoded (``counts_from_pb``) and compacted. Counts that do
+    not decode become ``Report.counts_error``: ``check_report`` raises it, so such a report is
+    answered and ends its round like any other invalid content. max_ranks: the most ranks a
+    node report can carry (the server's max_world_size); a longer list is not converted but
+    becomes ``Report.ranks_error``."""
+    from netmoe.server.admission import Report
+    from netmoe.server.errors import FieldError
+
+    counts: dict[str, np.ndarray | None] = {"gather": None, "scatter": None}
+    error = None
+    for name in counts:
+        if msg.HasField(name):
+            try:
+                counts[name] = compact_counts(counts_from_pb(getattr(msg, name), name))
+            except ValueError as err:
+                error = FieldError(name, str(err))
+                break
+    ranks_error = None
+    if len(msg.ranks) > max_ranks:
+        ranks_error = FieldError("ranks", f"ranks lists {len(msg.ranks)} values, more than "
+                                          f"max_world_size={max_ranks} ranks of any job")
+    return Report(job=msg.job, step=msg.step, layer=msg.layer, rank=msg.rank,
+                  sample_ids=np.fromiter(msg.sample_ids, dtype=np.uint64,
+                                         count=len(msg.sample_ids)),
+                  gather=counts["gather"], scatter=counts["scatter"], generation=msg.generation,
+                  counts_error=error, ranks=() if ranks_error else tuple(msg.ranks),
+                  micro_batch=msg.micro_batch, ranks_error=ranks_error)
+
+
+def invalid_plan(report: Report, error: str, job: str, max_ranks: int) -> pb.Plan:
+    """The answer to a report that failed validation (job: the stream's, never the caller's).
+    It names the report's ranks only when they are no more than ``max_ranks`` (a node's): an
+    answer never echoes an unbounded request field."""
+    msg = plan_to_proto(job, RankPlan.rejected(report.step, report.layer, report.rank, error,
+                                                  report.micro_batch))
+    if len(report.ranks) <= max_ranks:
+        msg.ranks.extend(report.ranks)
+    return msg

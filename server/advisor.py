@@ -19,8 +19,12 @@ across confirmations. Confirmed copies (netmoe.solver.replicas) come with their 
 under them are solved with replica-aware costs.
 
 Off the critical path: the coordinator tells the advisors about a solved round after its plans
-went out (``ExpertAdvisors.solved``); window updates, the realised-saving metric and fits run in
-order on one advisor thread, so a fit sees every round solved before it was asked for.
+went out (``ExpertAdvisors.solved``); window updates and the realised-saving metric run in order
+on one advisor thread. Fits run on a thread of their job's own, after the advisor thread got
+past every round solved before the fit was asked for: one job's fit never delays another job's
+fit or unregistration, and unregistration drops the job's queued fits and refuses the answer of
+a running one. Every size a request names is checked against the job and the server's limits
+(``WindowLimits``) on the event loop, before any work proportional to it.
 Thread safety: windows are written on the advisor thread while confirmations and the maps in
 force are read on the event loop and in solver threads; one lock guards each advisor's state,
 and fits work on a copy.
@@ -64,6 +68,7 @@ from netmoe.solver.replicas import (
     ReplicaEvaluation,
     ReplicaRecommendation,
     check_copies,
+    check_slots,
     evaluate_replicas,
     fit_replicas,
     recommend_replicas,
@@ -72,27 +77,37 @@ from netmoe.solver.replicas import (
     solve_replicated,
 )
 
-from .errors import FieldError, NotEnoughData
+from .errors import FieldError, NotEnoughData, OverLimit
 
 if TYPE_CHECKING:
-    from .rounds import JobSpec
+    from .jobs import JobSpec
 
 log = logging.getLogger(__name__)
 Holders = tuple[np.ndarray, np.ndarray | None]  # [E, J] bool of layer l and of l+1 (or None)
 MAX_CONFIRMED = 8  # map versions remembered per job; older ones no round can need any more
+MAX_BYTES = (1 << 63) - 1  # byte figures of an answer (migration, copies' memory) stay int64
 T = TypeVar("T")
 
 
 @dataclass(frozen=True)
 class WindowLimits:
-    """max_steps: steps each job's window keeps; max_bytes: bytes of counts it keeps."""
+    """What one job may ask of its advisor. max_steps: steps each job's window keeps;
+    max_bytes: bytes of counts it keeps; max_starts: random starts of one fit (its time and
+    memory grow with them); max_confirmed_bytes: bytes of one confirmed version (maps [L, E]
+    int64, holders [L, E, J] bool and route tables [L, E, J] int64), of which a job keeps
+    MAX_CONFIRMED; max_expert_bytes: bytes_per_expert and grad_bytes_per_expert (their products
+    with expert counts stay 64-bit); max_horizon_steps: horizon_steps."""
 
     max_steps: int = 32
     max_bytes: int = 32 << 20
+    max_starts: int = 64
+    max_confirmed_bytes: int = 64 << 20
+    max_expert_bytes: int = 1 << 40
+    max_horizon_steps: int = 1 << 30
 
     def __post_init__(self) -> None:
-        positive_int("max_steps", self.max_steps)
-        positive_int("max_bytes", self.max_bytes)
+        for f in dataclasses.fields(self):
+            positive_int(f.name, getattr(self, f.name))
 
 
 @dataclass(frozen=True)
@@ -142,13 +157,46 @@ class ExpertAdvice:
         return self.evaluation.inter_saving_per_step
 
 
+@dataclass(frozen=True)
+class AdviceArgs:
+    """RecommendExperts' arguments (``ExpertAdvisor.advise``). Raises ValueError naming a field
+    whose value is out of its type's range; the server's limits are ``ExpertAdvisor.check``'s."""
+
+    horizon_steps: int
+    bytes_per_expert: int
+    held_out_steps: int = 0
+    unit: str = "seconds"
+    starts: int = 4
+    seed: int = 0
+    replica_slots: int = 0
+    grad_bytes: int = 0
+    max_load_ratio: float | None = None
+    migration_budget: int | None = None
+
+    def __post_init__(self) -> None:
+        positive_int("horizon_steps", self.horizon_steps)
+        positive_int("bytes_per_expert", self.bytes_per_expert)
+        positive_int("held_out_steps", self.held_out_steps, minimum=0)
+        positive_int("starts", self.starts, minimum=0)
+        positive_int("replica_slots", self.replica_slots, minimum=0)
+        positive_int("grad_bytes_per_expert", self.grad_bytes, minimum=0)
+        if self.max_load_ratio is not None:
+            check_ratio("max_load_ratio", self.max_load_ratio)
+        check_budget("migration_budget", self.migration_budget)
+        if self.unit not in UNITS:
+            raise ValueError(f"unit must be one of {UNITS}, got {self.unit!r}")
+
+
 class ExpertAdvisor:
     """One job: its window, its confirmed maps. topology: the registered one (its map is in
-    force until a confirmation)."""
+    force until a confirmation); layers: the job's MoE layers (JobSpec.layers), the most a
+    confirmation may name (None: no bound of the job's)."""
 
-    def __init__(self, topology: Topology, limits: WindowLimits) -> None:
+    def __init__(self, topology: Topology, limits: WindowLimits, layers: int | None = None
+                 ) -> None:
         self.topology = topology
         self.limits = limits
+        self.layers = layers
         self._lock = threading.Lock()
         # step -> (group, layer) -> (sample ids [I] uint64, gather [I, E] in a compact dtype)
         self._window: OrderedDict[int, dict[tuple[int, int], tuple[np.ndarray, np.ndarray]]] = (
@@ -245,6 +293,17 @@ class ExpertAdvisor:
                 return maps
         return np.tile(self.topology.expert_device, (layers, 1))
 
+    def _current(self, layers: int) -> np.ndarray:
+        """[layers, E] int64: the maps in force for the next step, one per layer of the window:
+        a layer the confirmed maps do not name keeps the registered map (as ``topologies``
+        solves it), so a window that grew or a confirmation of other layers never wedges a
+        fit."""
+        maps = self._maps_at(self._last_step + 1, layers)
+        out = np.tile(self.topology.expert_device, (layers, 1))
+        n = min(layers, maps.shape[0])
+        out[:n] = maps[:n]
+        return out
+
     def topologies(self, key: Key) -> tuple[Topology, Topology | None]:
         """(gather topology, scatter topology or None for "the same") of round (step, layer)."""
         step, layer = key
@@ -280,25 +339,64 @@ class ExpertAdvisor:
                     return tables[layer], tables[layer + 1] if layer + 1 < len(topos) else None
         return None
 
+    def check_confirm(self, maps: int, copies: int, tables: int) -> None:
+        """Sizes of a confirmation, before any work proportional to them: maps, copies, tables
+        are the request's layer entries. Raises FieldError naming the field unless maps has the
+        window's layer count (at most the job's layers before any report) and copies and tables
+        have none or as many; OverLimit when the version would hold more than the server's
+        max_confirmed_bytes."""
+        topo, limit = self.topology, self.layers
+        with self._lock:
+            reported = self._layers
+        if reported and maps != reported:
+            raise FieldError("maps", f"maps has {maps} layers of {topo.experts} experts, the job "
+                                     f"reported {reported} layers (its window's)")
+        if maps < 1 or (limit is not None and maps > limit):
+            raise FieldError("maps", f"maps has {maps} layers, the job's spec.layers allows "
+                                     f"1 to {limit}")
+        for name, n in (("copies", copies), ("route_tables", tables)):
+            if n not in (0, maps):
+                raise FieldError(name, f"{name} has {n} layers, need 0 or one per map layer "
+                                       f"({maps})")
+        cells = maps * topo.experts * topo.devices
+        size = maps * topo.experts * 8 + (cells if copies or tables else 0) + 8 * cells * bool(
+            tables)
+        if size > self.limits.max_confirmed_bytes:
+            raise OverLimit("maps", (
+                f"{maps} layers of maps{', copies' if copies else ''}"
+                f"{' and route tables' if tables else ''} for {topo.experts} experts on "
+                f"{topo.devices} devices hold {size} bytes, over the server's "
+                f"max_confirmed_bytes={self.limits.max_confirmed_bytes} per confirmed version"))
+
+    def check_copy_count(self, maps: int, copies: int) -> None:
+        """After ``check_confirm``, before the copies are read: FieldError unless the
+        confirmation's copies in all fit its maps layers (per layer at most one copy of each
+        expert on each device but its owner)."""
+        topo = self.topology
+        most = maps * topo.experts * (topo.devices - 1)
+        if copies > most:
+            raise FieldError("copies", f"copies lists {copies} copies, {maps} layers of "
+                                       f"{topo.experts} experts on {topo.devices} devices hold "
+                                       f"at most {most}")
+
     def confirm(self, step: int, maps: object, copies: object | None = None,
                 tables: object | None = None) -> None:
         """Puts maps ([L, E] device of each expert per layer) in force from step on, with copies
         ([L] (expert, device) lists, or None) on top, routed by tables ([L][J][E], or None: the
         default rule). Raises FieldError naming the field when step is not after every reported
-        step, or maps have fewer layers than reported, or change a device's number of experts,
+        step, or maps do not have the window's layer count, or change a device's number of experts,
         or copies do not fit the maps, or tables name a device that does not hold the expert or
-        break the rule (balance.check_tables)."""
+        break the rule (balance.check_tables), and as ``check_confirm`` says."""
         topo = self.topology
+        arr = np.asarray(maps)
+        layers = arr.shape[0] if arr.ndim == 2 else 0
+        self.check_confirm(layers, 0 if copies is None else len(copies),  # type: ignore[arg-type]
+                           0 if tables is None else len(tables))  # type: ignore[arg-type]
         with self._lock:
             if step <= self._last_step:
                 raise FieldError(
                     "step", f"step={step} must come after step {self._last_step}, already "
                             f"reported (plans already sent are never re-solved)")
-            arr = np.asarray(maps)
-            layers = arr.shape[0] if arr.ndim == 2 else 0
-            if layers < max(self._layers, 1):
-                raise FieldError("maps", f"maps has {layers} layers of {topo.experts} experts, "
-                                           f"the job reported {self._layers} layers")
             try:
                 checked = check_maps("maps", arr, topo, layers)
             except ValueError as err:
@@ -391,22 +489,46 @@ class ExpertAdvisor:
         routes and load together (netmoe.solver.balance.fit_balanced, copies weighed on routes)
         and the copies' reason says what the bound cost in held-out routes and what routes-only
         copies would cost in load.
-        Raises ValueError naming a bad argument, NotEnoughData when the window is too thin."""
-        horizon_steps = positive_int("horizon_steps", horizon_steps)
-        bytes_per_expert = positive_int("bytes_per_expert", bytes_per_expert)
-        held_out_steps = positive_int("held_out_steps", held_out_steps, minimum=0)
-        starts = positive_int("starts", starts, minimum=0)
-        replica_slots = positive_int("replica_slots", replica_slots, minimum=0)
-        grad_bytes = positive_int("grad_bytes_per_expert", grad_bytes, minimum=0)
-        if max_load_ratio is not None:
-            check_ratio("max_load_ratio", max_load_ratio)
-        check_budget("migration_budget", migration_budget)
-        if unit not in UNITS:
-            raise ValueError(f"unit must be one of {UNITS}, got {unit!r}")
+        Raises ValueError naming a bad argument (``check``), NotEnoughData when the window is
+        too thin."""
+        return self.fit(self.check(AdviceArgs(
+            horizon_steps, bytes_per_expert, held_out_steps, unit, starts, seed, replica_slots,
+            grad_bytes, max_load_ratio, migration_budget)))
+
+    def check(self, args: AdviceArgs) -> AdviceArgs:
+        """args within the server's limits and the job's topology, checked before any work
+        proportional to them (on the event loop, before the fit is queued). Raises ValueError
+        naming the field, the value and the limit."""
+        lim, topo = self.limits, self.topology
+        for name, value, top in (
+                ("starts", args.starts, lim.max_starts),
+                ("horizon_steps", args.horizon_steps, lim.max_horizon_steps),
+                ("held_out_steps", args.held_out_steps, lim.max_steps),
+                ("bytes_per_expert", args.bytes_per_expert, lim.max_expert_bytes),
+                ("grad_bytes_per_expert", args.grad_bytes, lim.max_expert_bytes)):
+            if value > top:
+                raise ValueError(f"{name}={value} is over the server's limit {top}")
+        # Migration and copy bytes are bytes_per_expert times up to layers x experts: 64-bit.
+        cells = topo.experts * (self.layers or 0)
+        if args.bytes_per_expert * cells > MAX_BYTES:
+            raise ValueError(f"bytes_per_expert={args.bytes_per_expert} times the job's "
+                             f"layers x experts ({cells}) exceeds {MAX_BYTES} bytes")
+        try:  # confirmed maps keep each device's expert count: the registered map decides
+            check_slots(args.replica_slots, topo, topo.expert_device[None])
+        except ValueError as err:
+            raise ValueError(f"replica_slots={args.replica_slots}: {err}") from None
+        return args
+
+    def fit(self, args: AdviceArgs) -> ExpertAdvice:
+        """``advise`` on arguments already ``check``-ed: the fit itself (seconds)."""
+        horizon_steps, bytes_per_expert = args.horizon_steps, args.bytes_per_expert
+        held_out_steps, unit, starts, seed = args.held_out_steps, args.unit, args.starts, args.seed
+        replica_slots, grad_bytes = args.replica_slots, args.grad_bytes
+        max_load_ratio, migration_budget = args.max_load_ratio, args.migration_budget
         with self._lock:
             window = dict(self._window)  # arrays are never written after observe: no deep copy
             layers = self._layers
-            current = self._maps_at(self._last_step + 1, max(layers, 2))
+            current = self._current(max(layers, 2))
             size = self._bytes
         if layers < 2:
             raise NotEnoughData(f"the job reported {layers} MoE layer(s); expert placement "
@@ -430,11 +552,8 @@ class ExpertAdvisor:
         fit = fit_experts(self.topology, fit_rounds, current=current, starts=starts, seed=seed)
         replicas = replayed = load = joint_load = None
         if replica_slots or balanced:
-            try:
-                copies = fit_replicas(self.topology, fit_rounds, fit.array(),
-                                      slots=replica_slots, grad_bytes=grad_bytes).copies
-            except ValueError as err:
-                raise ValueError(f"replica_slots={replica_slots}: {err}") from None
+            copies = fit_replicas(self.topology, fit_rounds, fit.array(), slots=replica_slots,
+                                  grad_bytes=grad_bytes).copies
             replayed = evaluate_replicas(self.topology, held_rounds, fit.array(), copies,
                                          current=current)
             if balanced:
@@ -484,8 +603,9 @@ class ExpertAdvisors:
 
     A job registered with device_counts gets none: its counts are routes per device, which no
     expert map can be fitted on, and its rounds are solved on those counts as sent (the rank
-    applied its expert map when it counted). Owns the advisor thread (see the module
-    docstring); ``close`` stops it.
+    applied its expert map when it counted). Owns the advisor thread, which feeds every job's
+    window (see the module docstring), and one fit thread per job, so that one job's fit never
+    delays another job's fit or unregistration; ``close`` stops them all.
     """
 
     def __init__(
@@ -496,16 +616,26 @@ class ExpertAdvisors:
         self._jobs: dict[str, ExpertAdvisor] = {}
         self._device_level: set[str] = set()  # jobs registered with device_counts
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="netmoe-advisor")
+        # Per job: its fits, one at a time in order (a thread starts at its first fit).
+        self._fits: dict[str, ThreadPoolExecutor] = {}
 
     def added(self, spec: JobSpec) -> None:
         if spec.device_counts:
             self._device_level.add(spec.job)
             return
-        self._jobs.setdefault(spec.job, ExpertAdvisor(spec.topology, self.limits))
+        if spec.job not in self._jobs:
+            self._jobs[spec.job] = ExpertAdvisor(spec.topology, self.limits, spec.layers)
+            self._fits[spec.job] = ThreadPoolExecutor(
+                max_workers=1, thread_name_prefix=f"netmoe-fit-{spec.job[:32]}")
 
     def removed(self, job: str) -> None:
+        """The job went: its queued fits are dropped (``fit``), a running one is left to end
+        and its answer refused; its window goes with the last fit holding it."""
         self._jobs.pop(job, None)
         self._device_level.discard(job)
+        fits = self._fits.pop(job, None)
+        if fits is not None:  # queued fits still run, to fail at once (``fit``)
+            fits.shutdown(wait=False)
 
     def get(self, job: str) -> ExpertAdvisor | None:
         """None for an unknown job and for a job registered with device_counts."""
@@ -543,8 +673,32 @@ class ExpertAdvisors:
         """Runs fn on the advisor thread, after every round handed over before it."""
         return self._thread.submit(fn)
 
+    def fit(self, job: str, fn: Callable[[], T]) -> Future[T]:
+        """Runs fn on job's own fit thread, after its earlier fits and after every round handed
+        over before it reached the windows. Raises KeyError when job has no advisor; the future
+        fails with KeyError when the job was unregistered before fn ran or while it ran (its
+        answer is stale), and is cancelled when ``close`` came first."""
+        fits = self._fits.get(job)
+        if fits is None:
+            raise KeyError(job)
+        fed = self._thread.submit(lambda: None)
+
+        def body() -> T:
+            if self._fits.get(job) is not fits:
+                raise KeyError(job)
+            fed.result()
+            out = fn()
+            if self._fits.get(job) is not fits:
+                raise KeyError(job)
+            return out
+
+        return fits.submit(body)
+
     def close(self) -> None:
         self._thread.shutdown(wait=False, cancel_futures=True)
+        for fits in self._fits.values():
+            fits.shutdown(wait=False, cancel_futures=True)
+        self._fits.clear()
 
     def _observe(self, adv: ExpertAdvisor, spec: JobSpec, key: Key, counts: RoundCounts,
                  plan: Plan, group: int) -> None:

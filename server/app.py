@@ -101,7 +101,9 @@ class PlacementServer:
             max_pending_bytes=config.max_pending_bytes, observer=self.metrics, **kwargs,
         )
         self.advisors = ExpertAdvisors(
-            WindowLimits(config.expert_window_steps, config.expert_window_bytes),
+            WindowLimits(config.expert_window_steps, config.expert_window_bytes,
+                         max_starts=config.expert_max_starts,
+                         max_confirmed_bytes=config.expert_confirmed_bytes),
             observer=self.metrics)
         # Metrics first: rejected (UNAUTHENTICATED, malformed) calls are counted too; parsing
         # after authentication, so unauthenticated callers never reach a parser.

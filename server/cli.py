@@ -76,6 +76,11 @@ _FLAGS: list[tuple[str, str, Callable[[str], Any], str]] = [
      "latest steps of round counts each job's expert placement window keeps"),
     ("--expert-window-bytes", "expert_window_bytes", int,
      "bytes of round counts each job's expert placement window keeps"),
+    ("--expert-max-starts", "expert_max_starts", int,
+     "random starts one RecommendExperts may ask for (a fit's time grows with them)"),
+    ("--expert-confirmed-bytes", "expert_confirmed_bytes", int,
+     "bytes of maps, copies and route tables one ConfirmExperts may put in force (a job keeps "
+     "8 versions)"),
 ]
 TOKEN_FILE = "--auth-token-file"
 

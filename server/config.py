@@ -49,7 +49,7 @@ class ServerConfig:
     max_message_bytes: int = 16 * MiB
     keepalive_time_s: float = 30.0
     keepalive_timeout_s: float = 10.0
-    solver_threads: int = 4  # jobs solved in parallel (each job one round at a time)
+    solver_threads: int = 4  # solves in parallel, shared evenly among the registered jobs
     # Rounds of at least this many samples are solved in a child process of their solver
     # thread (min-cost flow holds the GIL); 0: every round in the server's process.
     process_solve_rows: int = 2048
@@ -78,6 +78,9 @@ class ServerConfig:
     # Expert placement window per job (netmoe.server.advisor.WindowLimits).
     expert_window_steps: int = 32
     expert_window_bytes: int = 32 * MiB
+    # What one RecommendExperts / ConfirmExperts may ask (netmoe.server.advisor.WindowLimits).
+    expert_max_starts: int = 64
+    expert_confirmed_bytes: int = 64 * MiB
 
     def __post_init__(self) -> None:
         if not self.host:
@@ -114,7 +117,8 @@ class ServerConfig:
                      "finished_memory", "max_world_size", "max_report_cells",
                      "max_job_pending_bytes", "max_pending_bytes", "stream_backlog_bytes",
                      "max_streams",
-                     "expert_window_steps", "expert_window_bytes"):
+                     "expert_window_steps", "expert_window_bytes", "expert_max_starts",
+                     "expert_confirmed_bytes"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")

@@ -141,30 +141,39 @@ def warn_if_exposed(config: ServerConfig) -> None:
 
 class JobOwners:
     """With ``bind_jobs_to_certs`` (mutual TLS): each job belongs to the client certificate that
-    registered it, named by its subject common name. Every rank of a job presents that
-    certificate (one client certificate per job, shared by its ranks); any other client gets
-    PERMISSION_DENIED for that job's reports, solves, expert calls and unregistration."""
+    registered it, named by its subject common name (the first CN of the subject, as the TLS
+    layer verified it). Every rank of a job presents that certificate (one client certificate per
+    job, shared by its ranks); any other client gets PERMISSION_DENIED for that job's reports,
+    solves, expert calls and unregistration. A certificate whose subject has no common name, or
+    an empty one, names nobody: every call it makes is refused (PERMISSION_DENIED saying so), so
+    two such certificates can never pass for one owner."""
 
     def __init__(self) -> None:
         self._owner: dict[str, str] = {}
 
     @staticmethod
     def identity(context: grpc.aio.ServicerContext) -> str:
-        names = context.auth_context().get("x509_common_name") or []
-        if not names:
-            raise NotOwner("jobs are bound to client certificates: the call presented none "
-                           "with a common name")
-        return names[0].decode(errors="replace")
+        props = context.auth_context()
+        names = props.get("x509_common_name") or []
+        cn = names[0].decode(errors="replace") if names else ""
+        if not cn.strip():  # gRPC reports a subject without a CN as CN=''
+            subject = b", ".join(props.get("x509_subject") or []).decode(errors="replace")
+            raise NotOwner(
+                f"jobs are bound to client certificates (--bind-jobs-to-certs) by their subject "
+                f"common name; the call's certificate (subject {subject!r}) has none or a blank "
+                f"one (CN={cn!r}): issue it with a CN naming its tenant")
+        return cn
 
     def take(self, job: str, context: grpc.aio.ServicerContext) -> None:
         """After RegisterJob (checked first) created the job: it is the caller's."""
         self._owner.setdefault(job, self.identity(context))
 
     def check(self, job: str, context: grpc.aio.ServicerContext) -> None:
-        """Raises NotOwner unless the caller may act for job (held by its certificate, or by
-        none yet)."""
+        """Raises NotOwner unless the caller has an identity and may act for job (held by its
+        certificate, or by none yet)."""
+        who = self.identity(context)
         owner = self._owner.get(job)
-        if owner is not None and (who := self.identity(context)) != owner:
+        if owner is not None and who != owner:
             raise NotOwner(f"job {job!r} belongs to client certificate CN={owner!r}, not "
                            f"CN={who!r}")
 

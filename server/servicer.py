@@ -1,7 +1,8 @@
-"""PlacementService: proto <-> domain translation, validation errors -> gRPC status codes.
+"""PlacementService: the RPCs, and what a validation error does to each (gRPC status codes).
 
-The data plane lives in ``rounds.Coordinator``; this module only converts messages and decides
-what an error does to an RPC (see the service comments in placement.proto).
+The data plane lives in ``rounds.Coordinator``, the wire conversion in ``netmoe.protos.convert``;
+this module only calls them and decides what an error does to an RPC (see the service comments
+in placement.proto).
 """
 
 from __future__ import annotations
@@ -9,20 +10,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 import grpc
 import grpc.aio
-import numpy as np
 
-from netmoe.groups import EPGroups
 from netmoe.protos import placement_pb2 as pb
 from netmoe.protos import placement_pb2_grpc
-from netmoe.protos.convert import MAX_COUNT, counts_from_pb, plan_to_proto
-from netmoe.round import RankPlan, compact_counts
-from netmoe.solver import Topology
+from netmoe.protos.convert import invalid_plan, plan_to_proto, report_from_proto, spec_from_proto
+from netmoe.round import RankPlan
 
 from .advisor import ExpertAdvisors
 from .errors import (
@@ -37,107 +34,12 @@ from .errors import (
 )
 from .experts_service import ExpertPlacementRPCs
 from .interceptors import MalformedRequest
+from .jobs import Binding
 from .metrics import Metrics
-from .rounds import MAX_DEADLINE_S, MAX_LAYERS, Binding, Coordinator, JobSpec, Report
+from .rounds import Coordinator
 from .security import JobOwners
 
 log = logging.getLogger(__name__)
-
-MAX_ALPHA_S = 60.0
-MAX_BYTES_PER_ROUTE = 1 << 32
-
-
-def check_modelled_times(msg: pb.JobSpec) -> None:
-    """Raises ValueError naming spec.topology.<field> unless the modelled time of the largest
-    round the job can report (every count at its maximum, gather and scatter) is finite."""
-    t = msg.topology
-    for name in ("alpha_intra", "alpha_inter"):
-        value = getattr(t, name)
-        if not 0 <= value <= MAX_ALPHA_S:
-            raise ValueError(f"spec.topology.{name} must be in [0, {MAX_ALPHA_S:g}] seconds, "
-                             f"got {value!r}")
-    if t.bytes_per_route > MAX_BYTES_PER_ROUTE:
-        raise ValueError(f"spec.topology.bytes_per_route must be at most {MAX_BYTES_PER_ROUTE}, "
-                         f"got {t.bytes_per_route}")
-    columns = t.nodes * t.gpus_per_node if msg.device_counts else t.experts
-    routes = 2.0 * msg.world_size * msg.samples_per_device * columns * MAX_COUNT
-    for name, alpha in (("bw_intra", t.alpha_intra), ("bw_inter", t.alpha_inter)):
-        bw = getattr(t, name)
-        if bw > 0 and not math.isfinite(2 * alpha + routes * t.bytes_per_route / bw):
-            raise ValueError(f"spec.topology.{name}={bw!r} bytes/s makes the modelled time of a "
-                             f"round overflow (infinite seconds)")
-
-
-def spec_from_proto(job: str, msg: pb.JobSpec) -> JobSpec:
-    """Raises ValueError naming the field and the value."""
-    if not msg.HasField("topology"):
-        raise ValueError("spec.topology is missing")
-    if not 1 <= msg.deadline_ms <= MAX_DEADLINE_S * 1000:
-        raise ValueError(f"spec.deadline_ms must be in [1, {MAX_DEADLINE_S * 1000:.0f}], "
-                         f"got {msg.deadline_ms}")
-    if msg.layers > MAX_LAYERS:
-        raise ValueError(f"spec.layers must be in [1, {MAX_LAYERS}] (0: {MAX_LAYERS}), "
-                         f"got {msg.layers}")
-    check_modelled_times(msg)
-    t = msg.topology
-    groups = ep_groups_from_proto(msg)
-    topo = Topology(
-        nodes=groups.nodes, gpus_per_node=groups.gpus, experts=t.experts,
-        expert_device=np.asarray(t.expert_device, dtype=np.int64) if t.expert_device else None,
-        alpha_intra=t.alpha_intra, alpha_inter=t.alpha_inter,
-        bw_intra=t.bw_intra, bw_inter=t.bw_inter, bytes_per_route=t.bytes_per_route,
-    )
-    return JobSpec(
-        job=job, topology=topo, world_size=msg.world_size,
-        samples_per_device=msg.samples_per_device, objective=msg.objective or "volume",
-        method=msg.method or "two_stage", deadline=msg.deadline_ms / 1000.0,
-        layers=msg.layers or MAX_LAYERS, ep_groups=groups, device_counts=msg.device_counts,
-    )
-
-
-def ep_groups_from_proto(msg: pb.JobSpec) -> EPGroups:
-    """The job's expert-parallel groups; ValueError naming spec.<field> and the value (for a
-    layout: the group and the offending rank)."""
-    t = msg.topology
-    if msg.world_size != t.nodes * t.gpus_per_node:
-        raise ValueError(f"spec.world_size={msg.world_size} must equal spec.topology.nodes x "
-                         f"gpus_per_node = {t.nodes} x {t.gpus_per_node}")
-    if not msg.groups:
-        return EPGroups.contiguous(msg.world_size, t.gpus_per_node, msg.ep_size, "spec.")
-    groups = EPGroups.explicit(msg.world_size, t.gpus_per_node,
-                               [g.ranks for g in msg.groups], "spec.")
-    if msg.ep_size and msg.ep_size != groups.size:
-        raise ValueError(f"spec.ep_size={msg.ep_size} differs from the {groups.size} ranks of "
-                         f"each of spec.groups")
-    return groups
-
-
-def report_from_proto(msg: pb.Report) -> Report:
-    """The report with its counts decoded (``counts_from_pb``) and compacted. Counts that do
-    not decode become ``Report.counts_error``: ``check_report`` raises it, so such a report is
-    answered and ends its round like any other invalid content."""
-    counts: dict[str, np.ndarray | None] = {"gather": None, "scatter": None}
-    error = None
-    for name in counts:
-        if msg.HasField(name):
-            try:
-                counts[name] = compact_counts(counts_from_pb(getattr(msg, name), name))
-            except ValueError as err:
-                error = FieldError(name, str(err))
-                break
-    return Report(job=msg.job, step=msg.step, layer=msg.layer, rank=msg.rank,
-                  sample_ids=np.fromiter(msg.sample_ids, dtype=np.uint64,
-                                         count=len(msg.sample_ids)),
-                  gather=counts["gather"], scatter=counts["scatter"], generation=msg.generation,
-                  counts_error=error, ranks=tuple(msg.ranks), micro_batch=msg.micro_batch)
-
-
-def invalid_plan(report: Report, error: str, job: str) -> pb.Plan:
-    """The answer to a report that failed validation (job: the stream's, never the caller's)."""
-    msg = plan_to_proto(job, RankPlan.rejected(report.step, report.layer, report.rank, error,
-                                                  report.micro_batch))
-    msg.ranks.extend(report.ranks)
-    return msg
 
 
 class _StreamEnd:
@@ -165,13 +67,18 @@ class _Outbox(asyncio.Queue):
         if isinstance(item, pb.Plan):
             if self.cut:
                 return
-            self.bytes += item.ByteSize()
+            size = item.ByteSize()
+            self.bytes += size
             if self.bytes > self.limit:
                 self.cut = True
                 while not self.empty():
                     self.get_nowait()
-                self.overflow(f"the client did not read its plans: more than "
-                              f"stream_backlog_bytes={self.limit} bytes queued")
+                # One plan past the bound alone is the server's answer, not a slow reader.
+                self.overflow(
+                    f"a plan of {size} bytes exceeds stream_backlog_bytes={self.limit}"
+                    if size == self.bytes else
+                    f"the client did not read its plans: more than "
+                    f"stream_backlog_bytes={self.limit} bytes queued")
                 return
         super().put_nowait(item)
 
@@ -207,7 +114,7 @@ class PlacementServicer(ExpertPlacementRPCs, placement_pb2_grpc.PlacementService
     ) -> pb.RegisterJobResponse:
         try:
             t = request.spec.topology
-            self._coord.check_limits(
+            self._coord.registry.check_limits(
                 request.job, world_size=request.spec.world_size,
                 devices=t.nodes * t.gpus_per_node,
                 samples_per_device=request.spec.samples_per_device, experts=t.experts,
@@ -246,10 +153,16 @@ class PlacementServicer(ExpertPlacementRPCs, placement_pb2_grpc.PlacementService
     async def Solve(
         self, request: pb.SolveRequest, context: grpc.aio.ServicerContext
     ) -> pb.SolveResponse:
+        max_world = self._coord.registry.max_world_size
+        if len(request.reports) > max_world:  # before any work per report
+            await abort(context, grpc.StatusCode.INVALID_ARGUMENT, (
+                f"reports has {len(request.reports)} reports, more than max_world_size="
+                f"{max_world} ranks of any job"))
         for job in sorted({r.job for r in request.reports}):
             await self._check_owner(job, context)
         try:
-            plans = await self._coord.solve_now([report_from_proto(r) for r in request.reports])
+            plans = await self._coord.solve_now(
+                [report_from_proto(r, max_world) for r in request.reports])
         except (FieldError, StaleGeneration) as err:
             await abort(context, status_of(err), str(err))
         return pb.SolveResponse(plans=[plan_to_proto(request.reports[0].job, p) for p in plans])
@@ -340,6 +253,7 @@ class PlacementServicer(ExpertPlacementRPCs, placement_pb2_grpc.PlacementService
                 all_answered.set()
 
         idle = self._limits.idle_seconds
+        max_ranks = self._coord.registry.max_world_size
         reports = aiter(request_iterator)
         try:
             while True:
@@ -353,7 +267,7 @@ class PlacementServicer(ExpertPlacementRPCs, placement_pb2_grpc.PlacementService
                     queue.put_nowait(_StreamAbort(grpc.StatusCode.DEADLINE_EXCEEDED, (
                         f"the stream sent no report for stream_idle_seconds={idle:g} s")))
                     return
-                report = report_from_proto(msg)
+                report = report_from_proto(msg, max_ranks)
                 msg = None  # the counts live on in the report's compact arrays only
                 if bound is None:
                     try:
@@ -369,7 +283,7 @@ class PlacementServicer(ExpertPlacementRPCs, placement_pb2_grpc.PlacementService
                     queue.put_nowait(invalid_plan(report, (
                         f"job/rank ({report.job!r}, {report.rank}) differs from ({bound[0]!r}, "
                         f"{bound[1]}) this stream is bound to by its first report"
-                    ), bound[0]))
+                    ), bound[0], max_ranks))
                     continue
                 outstanding += 1
                 all_answered.clear()
@@ -382,7 +296,7 @@ class PlacementServicer(ExpertPlacementRPCs, placement_pb2_grpc.PlacementService
                     outstanding -= 1
                     if outstanding == 0:
                         all_answered.set()
-                    queue.put_nowait(invalid_plan(report, str(err), bound[0]))
+                    queue.put_nowait(invalid_plan(report, str(err), bound[0], max_ranks))
         except MalformedRequest as err:  # bytes that are no Report: nothing to answer on
             queue.put_nowait(_StreamAbort(grpc.StatusCode.INVALID_ARGUMENT, str(err)))
             return

@@ -1,8 +1,10 @@
 """Cost model and placement optimization (numpy + OR-Tools; no gRPC, no torch)."""
 
+from netmoe.round import home_placement
+
 from .cost import Traffic, bottleneck_routes, node_loads, traffic
 from .plan import METHODS, OBJECTIVES, Plan, solve
-from .topology import Topology, home_placement
+from .topology import Topology
 
 __all__ = [
     "METHODS",

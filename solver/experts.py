@@ -29,9 +29,10 @@ from typing import Literal
 import numpy as np
 
 from netmoe.checks import positive_int
+from netmoe.round import home_placement
 
 from .cost import channel_routes, check_counts, device_counts, traffic_of
-from .topology import Topology, check_devices, home_placement
+from .topology import Topology, check_devices
 from .transport import transport
 from .two_stage import place_two_stage
 

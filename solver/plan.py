@@ -8,7 +8,7 @@ from typing import Literal
 
 import numpy as np
 
-from netmoe.round import Traffic, rows_held
+from netmoe.round import FEASIBLE, OPTIMAL, Traffic, home_placement, rows_held
 
 from .cost import (
     bottleneck_routes,
@@ -21,7 +21,7 @@ from .cost import (
     traffic_of,
 )
 from .exact import solve_bottleneck, solve_joint
-from .topology import Topology, home_placement
+from .topology import Topology
 from .two_stage import place_two_stage
 
 Objective = Literal["volume", "bottleneck"]
@@ -85,6 +85,57 @@ def solve(
     scatter_topology: the same cluster with layer l+1's expert map, when the two layers' experts
     live on different devices (default: topo's map for both); scatter is costed with it.
     """
+    until = _check_options(objective, method, time_limit, workers)
+    mats, topos, base = _check_input(topo, gather, scatter, home, scatter_topology)
+    start = time.perf_counter()
+    counts = _counts(topos, mats)
+    placed = _place(counts, base, objective, method, until, workers)
+    return _plan(counts, base, placed, objective, time.perf_counter() - start)
+
+
+@dataclass(frozen=True, eq=False)
+class _Counts:
+    """A round's routes as the placement steps take them.
+
+    topo: the cluster the models run on; with two expert maps topo.per_device(), one
+    pseudo-expert per device (every cost depends on the counts only through routes per device).
+    mats: the models' [I, E] int64 route matrices in topo's experts, the gather's, then the
+    scatter's when there is one. gathered: [I, J] int64 the gather's device counts; summed:
+    [I, J] int64 the gather's plus the scatter's, None without a scatter. on_node: [I, N] int64
+    node counts of `both`.
+    """
+
+    topo: Topology
+    mats: list[np.ndarray]
+    gathered: np.ndarray
+    summed: np.ndarray | None
+    on_node: np.ndarray
+
+    @property
+    def both(self) -> np.ndarray:
+        """[I, J] int64 device counts of both All-to-Alls (the gather's alone without scatter)."""
+        return self.gathered if self.summed is None else self.summed
+
+    def per_all_to_all(self) -> list[np.ndarray]:
+        """[I, J] int64 device counts of each All-to-All: the gather's, then the scatter's."""
+        if self.summed is None:
+            return [self.gathered]
+        return [self.gathered, self.summed - self.gathered]
+
+
+@dataclass(frozen=True, eq=False)
+class _Placed:
+    """A placement method's answer. device: [I] int64 new device of each row; method: the one
+    that produced it; optimal, gap: as in Plan."""
+
+    device: np.ndarray
+    method: str
+    optimal: bool
+    gap: float
+
+
+def _check_options(objective: str, method: str, time_limit: float, workers: int) -> float:
+    """The perf_counter time by which solve must return, or ValueError naming the option."""
     if objective not in OBJECTIVES:
         raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
     if method not in METHODS:
@@ -94,6 +145,15 @@ def solve(
     until = time.perf_counter() + time_limit
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise ValueError(f"workers must be a positive integer, got {workers!r}")
+    return until
+
+
+def _check_input(topo: Topology, gather: object, scatter: object | None, home: object | None,
+                  scatter_topology: Topology | None
+                  ) -> tuple[list[np.ndarray], list[Topology], np.ndarray]:
+    """solve's counts and home, checked: the route matrices ([I, E] int64, the gather's, then
+    the scatter's if any), the topology of each, and home [I] int64 (balanced; the contiguous
+    layout when None). ValueError names the argument and its value."""
     g = check_counts("gather", gather, samples=None, experts=topo.experts)
     samples, j = g.shape[0], topo.devices
     if samples == 0 or samples % j:
@@ -103,84 +163,97 @@ def solve(
         mats.append(check_counts("scatter", scatter, samples=samples, experts=topo.experts))
     topos = [topo, _scatter_topology(topo, scatter_topology)][:len(mats)]
     if home is None:
-        base = home_placement(samples, j)
-    else:
-        base = check_placement("home", home, samples=samples, devices=j)
-        per_dev = np.bincount(base, minlength=j)
-        if (per_dev != samples // j).any():
-            d = int(np.flatnonzero(per_dev != samples // j)[0])
-            raise ValueError(
-                f"home is unbalanced: device {d} holds {int(per_dev[d])} samples, "
-                f"need {samples // j} on each"
-            )
+        return mats, topos, home_placement(samples, j)
+    base = check_placement("home", home, samples=samples, devices=j)
+    per_dev = np.bincount(base, minlength=j)
+    if (per_dev != samples // j).any():
+        d = int(np.flatnonzero(per_dev != samples // j)[0])
+        raise ValueError(
+            f"home is unbalanced: device {d} holds {int(per_dev[d])} samples, "
+            f"need {samples // j} on each"
+        )
+    return mats, topos, base
 
-    start = time.perf_counter()
-    gathered = device_counts(topos[0], mats[0])
-    summed = None  # with a scatter: gather + scatter device counts
-    if len(mats) == 1:
-        both = gathered
-    else:
+
+def _counts(topos: list[Topology], mats: list[np.ndarray]) -> _Counts:
+    """Device and node counts of the route matrices, each costed with its own topology."""
+    topo = topos[0]
+    gathered = device_counts(topo, mats[0])
+    summed = None
+    if len(mats) > 1:
         # The scatter's device counts take the gather's in place: one [I, J] array less to
-        # allocate and fill. The scatter's own counts are both - gathered, wherever needed.
-        both = summed = device_counts(topos[1], mats[1])
-        both += gathered
+        # allocate and fill. The scatter's own counts are summed - gathered, wherever needed.
+        summed = device_counts(topos[1], mats[1])
+        summed += gathered
     if any(t is not topo for t in topos):
-        # Every cost depends on the counts only through routes per device, so with two expert
-        # maps the exact models run on the device counts, one pseudo-expert per device.
-        topo, mats = topo.per_device(), [gathered, both - gathered]
-    on_node = node_counts(topo, both)
-    device = place_two_stage(topo, both, base, on_node=on_node)
-    optimal, gap, used = True, 0.0, method
+        # With two expert maps the exact models run on the device counts.
+        topo, mats = topo.per_device(), [gathered, summed - gathered]
+    both = gathered if summed is None else summed
+    return _Counts(topo, mats, gathered, summed, node_counts(topo, both))
+
+
+def _place(counts: _Counts, base: np.ndarray, objective: Objective, method: Method,
+           until: float, workers: int) -> _Placed:
+    """The two-stage placement, improved by CP-SAT where the objective or method asks for it
+    (kept only where it does better: CP-SAT may stop at the deadline with a worse one)."""
+    topo, mats = counts.topo, counts.mats
+    device = place_two_stage(topo, counts.both, base, on_node=counts.on_node)
     if objective == "bottleneck":
         res = solve_bottleneck(topo, mats, base, device, until, workers)
-        used = "cp-sat"
         if bottleneck_routes(topo, res.device, *mats) <= bottleneck_routes(topo, device, *mats):
             device = res.device
-        optimal, gap = res.optimal, res.gap
-    elif method == "joint":
+        return _Placed(device, "cp-sat", res.optimal, res.gap)
+    if method == "joint":
         res = solve_joint(topo, mats, base, device, until, workers)
-        dev_mats = [gathered] if len(mats) == 1 else [gathered, both - gathered]
+        dev_mats = counts.per_all_to_all()
         found = traffic_of(topo, res.device, dev_mats).seconds
         if found <= traffic_of(topo, device, dev_mats).seconds:
             device = res.device
-        optimal, gap = res.optimal, res.gap
-    elapsed = time.perf_counter() - start
+        return _Placed(device, method, res.optimal, res.gap)
+    return _Placed(device, method, True, 0.0)
 
+
+def _plan(counts: _Counts, base: np.ndarray, placed: _Placed, objective: Objective,
+          elapsed: float) -> Plan:
+    """The Plan of a placement: its rows' moves, and routes and time before and after."""
+    device, j = placed.device, counts.topo.devices
     # Sums over every row and device: the node counts hold them at 1/G of the size.
-    totals = [int(on_node.sum())] if summed is None else [int(gathered.sum()), int(on_node.sum())]
-    after = _traffic(topo, device, gathered, summed, on_node, totals)
+    totals = [int(counts.on_node.sum())]
+    if counts.summed is not None:
+        totals.insert(0, int(counts.gathered.sum()))
+    after = _traffic(counts, device, totals)
     if objective == "volume":
         value = after.seconds
     else:
-        value = float(bottleneck_routes(topo, device, *mats))
+        value = float(bottleneck_routes(counts.topo, device, *counts.mats))
     return Plan(
         dest=tuple(device.tolist()),
         home=tuple(base.tolist()),
         moved=int((device != base).sum()),
         rows_held=tuple(rows_held(device, j, base)),
-        before=_traffic(topo, base, gathered, summed, on_node, totals),
+        before=_traffic(counts, base, totals),
         after=after,
         objective=objective,
-        method=used,
+        method=placed.method,
         objective_value=value,
-        status="optimal" if optimal else "feasible",
-        optimal=optimal,
-        gap=gap,
+        status=OPTIMAL if placed.optimal else FEASIBLE,
+        optimal=placed.optimal,
+        gap=placed.gap,
         solve_seconds=elapsed,
     )
 
 
-def _traffic(topo: Topology, device: np.ndarray, gathered: np.ndarray,
-             summed: np.ndarray | None, on_node: np.ndarray, totals: list[int]) -> Traffic:
+def _traffic(counts: _Counts, device: np.ndarray, totals: list[int]) -> Traffic:
     """traffic_of for the gather's device counts and, with a scatter, their sum with the
     scatter's: the scatter's routes are the difference, each route count being linear in the
-    counts. gathered, summed: [I, J] int64; on_node: [I, N] int64 node counts of the last of
-    them; totals: their sums."""
-    if summed is None:
+    counts. device: [I] int64; totals: the sums of the gather's and (with a scatter) both
+    All-to-Alls' counts."""
+    topo, on_node = counts.topo, counts.on_node
+    if counts.summed is None:
         return traffic_from_routes(
-            topo, [channel_routes(topo, device, gathered, totals[0], on_node)])
-    first = channel_routes(topo, device, gathered, totals[0])
-    both = channel_routes(topo, device, summed, totals[1], on_node)
+            topo, [channel_routes(topo, device, counts.gathered, totals[0], on_node)])
+    first = channel_routes(topo, device, counts.gathered, totals[0])
+    both = channel_routes(topo, device, counts.summed, totals[1], on_node)
     second = tuple(b - a for a, b in zip(first, both, strict=True))
     return traffic_from_routes(topo, [first, second])
 

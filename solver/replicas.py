@@ -35,7 +35,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from netmoe.checks import positive_int
-from netmoe.round import Traffic, copy_route_table, rows_held
+from netmoe.round import OPTIMAL, Traffic, copy_route_table, home_placement, rows_held
 
 from .cost import check_counts, check_placement, traffic_of
 from .experts import (
@@ -48,7 +48,7 @@ from .experts import (
     evaluate_experts,
 )
 from .plan import Plan
-from .topology import Topology, home_placement
+from .topology import Topology
 from .transport import transport
 from .two_stage import place_two_stage
 
@@ -286,7 +286,7 @@ def solve_replicated(
         moved=int((device != base).sum()), rows_held=tuple(rows_held(device, topo.devices, base)),
         before=routes(base), after=after,
         objective="volume", method="two_stage", objective_value=after.seconds,
-        status="optimal", optimal=True, gap=0.0, solve_seconds=elapsed,
+        status=OPTIMAL, optimal=True, gap=0.0, solve_seconds=elapsed,
     )
 
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from netmoe.checks import positive_int
-from netmoe.round import BW_INTER, BW_INTRA, check_devices, home_dest
+from netmoe.round import BW_INTER, BW_INTRA, check_devices
 
 
 def _finite(name: str, value: float, *, positive: bool) -> float:
@@ -122,12 +122,3 @@ class Topology:
             self.alpha_intra, self.alpha_inter, self.bw_intra, self.bw_inter,
             self.bytes_per_route,
         )
-
-
-def home_placement(samples: int, devices: int) -> np.ndarray:
-    """[samples] int64: sample i on device i // (samples / devices), the contiguous layout."""
-    samples = positive_int("samples", samples)
-    devices = positive_int("devices", devices)
-    if samples % devices:
-        raise ValueError(f"samples={samples} is not divisible by devices={devices}")
-    return home_dest(devices, samples // devices)

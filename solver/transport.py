@@ -16,6 +16,9 @@ sweeps only make the paths few, the result is exact whatever they return.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Literal
+
 import numpy as np
 from ortools.graph.python import min_cost_flow
 
@@ -31,6 +34,19 @@ _PRICED_ROWS = 8
 # seeds: 4 sweeps 0 to 24% less time than 3 in both stages; 2, 5 or 6 more).
 _SWEEPS = 4
 
+# The exact methods transport_blocks chooses from, cheapest first.
+Path = Literal["one column", "two columns", "priced", "flow"]
+PATHS: tuple[Path, ...] = ("one column", "two columns", "priced", "flow")
+
+
+@dataclass(frozen=True, eq=False)
+class Assignment:
+    """What transport_blocks found. col: [R] int64, the column of each row within its block;
+    path: the method that found it (each is exact; tests check every one against a reference)."""
+
+    col: np.ndarray
+    path: Path
+
 
 def transport(cost: np.ndarray, capacity: np.ndarray) -> np.ndarray:
     """Assigns each row to one column, column c taking exactly capacity[c] rows, at least cost.
@@ -43,15 +59,16 @@ def transport(cost: np.ndarray, capacity: np.ndarray) -> np.ndarray:
     return _flow(cost, np.zeros(rows, dtype=np.int64), capacity[None, :])
 
 
-def transport_blocks(cost: np.ndarray, block: np.ndarray, capacity: np.ndarray) -> np.ndarray:
+def transport_blocks(cost: np.ndarray, block: np.ndarray, capacity: np.ndarray) -> Assignment:
     """Independent transportation problems at once: row r may only take columns of its block.
 
     cost: [R, C] int64 (non-negative), row r's cost for column c of block[r]; block: [R] int64 in
     [0, B); capacity: [B, C] int64, block b's rows summing to capacity[b].sum().
-    Returns [R] int64, the column (0..C-1, within its block) of each row, of least total cost.
-    C = 2 has a closed form (each block takes the rows cheapest to put in column 0 relative to
-    column 1); from _PRICED_ARCS arcs and _PRICED_ROWS rows per column and block, prices and
-    shortest paths (`_priced`); otherwise all blocks go to one min-cost flow.
+    Returns the column (0..C-1, within its block) of each row, of least total cost, and the path
+    that found it: C = 1 (or no rows) has one answer; C = 2 a closed form (each block takes the
+    rows cheapest to put in column 0 relative to column 1); from _PRICED_ARCS arcs and
+    _PRICED_ROWS rows per column and block, prices and shortest paths (`_priced`); otherwise all
+    blocks go to one min-cost flow.
     """
     rows, cols = cost.shape
     blocks = capacity.shape[0]
@@ -63,9 +80,9 @@ def transport_blocks(cost: np.ndarray, block: np.ndarray, capacity: np.ndarray) 
             f"({int(sizes[b])})"
         )
     if cols == 1 or rows == 0:
-        return np.zeros(rows, dtype=np.int64)
+        return Assignment(np.zeros(rows, dtype=np.int64), "one column")
     if cols == 2:
-        return _two_columns(cost, block, capacity[:, 0])
+        return Assignment(_two_columns(cost, block, capacity[:, 0]), "two columns")
     # Less a row's least cost, every assignment costs the same constant less: smaller numbers
     # for the flow (fewer cost-scaling phases, measured about 10% faster) and for the prices.
     shifted = cost - cost.min(axis=1, keepdims=True)
@@ -75,8 +92,8 @@ def transport_blocks(cost: np.ndarray, block: np.ndarray, capacity: np.ndarray) 
     # fewer than C edges, each weighing at most 4 drifts (a cost range plus two price spreads).
     fits = span << rows.bit_length() < _BIG and 4 * cols * (cols + 1) * _drift(span, cols) < _BIG
     if rows * cols >= _PRICED_ARCS and rows >= _PRICED_ROWS * cols * blocks and fits:
-        return _priced(shifted, block, capacity, sizes)
-    return _flow(shifted, block, capacity)
+        return Assignment(_priced(shifted, block, capacity, sizes), "priced")
+    return Assignment(_flow(shifted, block, capacity), "flow")
 
 
 def _drift(span: int, cols: int) -> int:

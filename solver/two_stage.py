@@ -59,9 +59,9 @@ def place_two_stage(
     stay = topo.device_node[home][:, None] == np.arange(nodes)[None, :]
     node = transport_blocks(
         with_tiebreak(inter, stay), np.zeros(rows, dtype=np.int64), dev_cap.sum(axis=1)[None, :]
-    )
+    ).col
     r = np.arange(rows)
     intra = on_node[r, node][:, None] - on_dev.reshape(rows, nodes, gpus)[r, node]  # [R, G]
     stay = (home - node * gpus)[:, None] == np.arange(gpus)[None, :]
     largest = int(dev_cap.sum(axis=1).max())  # rows of the fullest node
-    return node * gpus + transport_blocks(with_tiebreak(intra, stay, largest), node, dev_cap)
+    return node * gpus + transport_blocks(with_tiebreak(intra, stay, largest), node, dev_cap).col

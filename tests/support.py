@@ -25,6 +25,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
+from netmoe.app.reference.launch import free_port  # tests take it from here (one import to move)
 from netmoe.protos import convert, placement_pb2_grpc
 from netmoe.protos import placement_pb2 as pb
 from netmoe.server.app import ServerHandle
@@ -72,8 +73,6 @@ def spawn_ranks(target: Callable[..., None], world: int, *args: object,
     target typically opens ``gloo_group(rank, world, port)``). Fails with the ranks' tracebacks,
     if a rank hangs past timeout (it is killed) or exits non-zero (an abort at exit included)."""
     import torch.multiprocessing as mp
-
-    from netmoe.app.reference.launch import free_port
 
     ctx = mp.get_context("spawn")
     errors = ctx.Queue()
@@ -292,11 +291,23 @@ def serving(address: str) -> bool:
     return reply.status == health_pb2.HealthCheckResponse.SERVING
 
 
-def wait_for(predicate: object, timeout: float = 30.0) -> None:
+def refused(address: str) -> bool:
+    """Whether the server at address refuses new RPCs, as it does from its grace period on."""
+    try:
+        serving(address)
+    except grpc.RpcError as err:
+        return err.code() == grpc.StatusCode.UNAVAILABLE
+    return False
+
+
+def wait_for(predicate: Callable[[], object], timeout: float = 30.0, what: str = "",
+             every: float = 0.01) -> None:
+    """Polls predicate every `every` seconds until it is true; fails after timeout seconds,
+    naming `what` it waited for."""
     deadline = time.monotonic() + timeout
-    while not predicate():  # type: ignore[operator]
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.01)
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what or predicate}"
+        time.sleep(every)
 
 
 
@@ -343,6 +354,32 @@ class ServerProcess:
         return code
 
 
+
+
+# --- a throwaway PKI (the openssl CLI) ------------------------------------------------------------
+
+def openssl(*args: str, cwd: Path) -> None:
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
+
+
+def make_ca(d: Path, name: str) -> None:
+    """name.pem, name.key in d: a CA named CN=name."""
+    openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+            "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.pem", "-days", "1",
+            "-subj", f"/CN={name}", "-addext", "basicConstraints=critical,CA:TRUE",
+            "-addext", "keyUsage=critical,keyCertSign,cRLSign", cwd=d)
+
+
+def make_leaf(d: Path, name: str, ca: str, ext: str, subject: str | None = None) -> None:
+    """name.pem, name.key in d: a certificate signed by ca with extensions ext, its subject
+    /CN=name unless given (openssl -subj form)."""
+    (d / f"{name}.ext").write_text(ext + "\n")
+    openssl("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+            "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", subject or f"/CN={name}",
+            cwd=d)
+    openssl("x509", "-req", "-in", f"{name}.csr", "-CA", f"{ca}.pem", "-CAkey", f"{ca}.key",
+            "-CAcreateserial", "-out", f"{name}.pem", "-days", "1", "-extfile", f"{name}.ext",
+            cwd=d)
 
 
 # --- the emulated cluster ------------------------------------------------------------------------
@@ -438,3 +475,72 @@ def shuffled_reports(routes: np.ndarray, step: int
         nxt = routes[layer + 1, rows] if layer + 1 < layers else None
         out.append((10 * rows, routes[layer, rows], nxt))
     return out
+
+
+class Bystander:
+    """A second job on the same server, solving one whole round after another with unary Solve
+    in its own thread until ``stop``; every plan is checked against the solver (``check_round``:
+    optimal, the solver's placement) and timed.
+
+    deadline_ms: the job's round deadline; a round answered later than it plus MARGIN_S (the
+    busy box's slack) counts as late. channel: the one to use (a TLS one), closed at ``stop``;
+    None: an insecure channel to address.
+    """
+
+    def __init__(self, address: str, job: str = "bystander", deadline_ms: int = 2000,
+                 channel: grpc.Channel | None = None) -> None:
+        self.spec = job_spec(deadline_ms=deadline_ms)
+        self.job = job
+        self.latencies: list[float] = []
+        self.errors: list[BaseException] = []
+        self._channel = channel or grpc.insecure_channel(address)
+        self._stub = placement_pb2_grpc.PlacementServiceStub(self._channel)
+        self._stub.RegisterJob(pb.RegisterJobRequest(job=job, spec=self.spec), timeout=30)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"bystander-{job}", daemon=True)
+
+    def __enter__(self) -> Bystander:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def _run(self) -> None:
+        step = 0
+        while not self._stop.is_set():
+            reports = round_reports(self.job, self.spec, step, 0, seed=step % 16)
+            t0 = time.monotonic()
+            try:
+                reply = self._stub.Solve(pb.SolveRequest(reports=reports), timeout=60)
+                self.latencies.append(time.monotonic() - t0)
+                check_round(self.spec, reports, list(reply.plans))
+            except BaseException as err:  # reported by stop(), in the test's thread
+                self.errors.append(err)
+                return
+            step += 1
+
+    def wait_rounds(self, rounds: int, timeout: float = 60.0) -> None:
+        """Waits until ``rounds`` more rounds were answered (or one failed)."""
+        want = len(self.latencies) + rounds
+        deadline = time.monotonic() + timeout
+        while len(self.latencies) < want and not self.errors:
+            assert time.monotonic() < deadline, f"bystander answered {len(self.latencies)} rounds"
+            time.sleep(0.01)
+
+    def stop(self) -> list[float]:
+        """Stops, unregisters the job and asserts every round was solved optimally in time;
+        returns the latencies (seconds per round)."""
+        if not self._stop.is_set():
+            self._stop.set()
+            self._thread.join(90)
+            try:
+                self._stub.UnregisterJob(pb.UnregisterJobRequest(job=self.job), timeout=30)
+            finally:
+                self._channel.close()
+        if self.errors:
+            raise self.errors[0]
+        assert self.latencies, "the bystander got no round answered"
+        limit = self.spec.deadline_ms / 1000 + MARGIN_S
+        assert max(self.latencies) < limit, (max(self.latencies), limit)
+        return self.latencies

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from netmoe.round import RankPlan, RoundCounts, SamplePlan, check_dest, home_dest, rows_held
+from netmoe.round import RankPlan, RoundCounts, SamplePlan, check_dest, home_placement, rows_held
 
 
 def test_sample_plan_rows_held_follow_all_to_all_order() -> None:
@@ -40,7 +40,9 @@ def test_rows_held_orders_by_home_device_then_row() -> None:
     home = np.array([1, 1, 0, 0])  # not rank-major: row 2 starts on device 0
     assert [r.tolist() for r in rows_held(dest, 2, home)] == [[3, 1], [2, 0]]
     assert [r.tolist() for r in rows_held(dest, 2)] == [[1, 3], [0, 2]]
-    assert home_dest(2, 3).tolist() == [0, 0, 0, 1, 1, 1]
+    assert home_placement(6, 2).tolist() == [0, 0, 0, 1, 1, 1]
+    with pytest.raises(ValueError, match="samples=7 is not divisible by devices=2"):
+        home_placement(7, 2)
 
 
 def test_check_dest_names_the_entry() -> None:

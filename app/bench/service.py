@@ -5,9 +5,13 @@ their counts for many rounds in lockstep, like training workers do per MoE layer
 the ranks form expert-parallel groups of consecutive ranks, each its own placement problem of
 --samples / groups samples; with --report-by node the ranks of a group on one node send one node
 report on one stream (2N messages per round instead of 2J). The server runs in its own process
-(as a sidecar would) or, with --embedded, in a thread of this process. Per round: round trip =
-last plan received (of any group) - last report sent; solve = the slowest group's pure solve
-time as the server measured it; overhead = round trip - solve.
+(as a sidecar would) or, with --embedded, in a thread of this process. With --services S, S
+server processes each serve the groups assigned to them round-robin (group g to service g mod S,
+``netmoe.client.services.round_robin``), the job registered with each, every stream talking to its
+group's service only: a service per group (or set of groups), as next to each group's nodes.
+Per round: round trip = last plan received (of any group) - last report sent; solve = the slowest
+group's pure solve time as the server measured it; overhead = round trip - solve. The JSON also
+gives per service its groups and CPU per round, and per group its round trip and solve.
 --counts devices registers the job with device_counts: each report carries [n, J] routes per
 device (the same rounds' counts summed by the default expert map) instead of [n, E] per expert.
 """
@@ -27,6 +31,7 @@ from netmoe.app.bench.stats import spread, tail
 from netmoe.app.cli import non_negative, positive
 from netmoe.app.service import check_server
 from netmoe.app.text import plural
+from netmoe.client.services import round_robin
 from netmoe.groups import EPGroups
 from netmoe.round import RoundCounts
 
@@ -108,10 +113,11 @@ def _groups(args: argparse.Namespace) -> EPGroups:
 
 
 async def _drive(
-    address: str, args: argparse.Namespace, streams: list[tuple[int, ...]], barrier: Any = None
+    services: dict[int, str], args: argparse.Namespace, streams: list[tuple[int, ...]],
+    barrier: Any = None,
 ) -> dict[str, Any]:
-    """Runs `streams` (one channel and stream each, reporting for its ranks) in lockstep on one
-    event loop.
+    """Runs `streams` (one channel and stream each, reporting for its ranks to their group's
+    service, services: {group: address}) in lockstep on one event loop.
 
     Returns per round and stream the send time of the report, the receive time of the plan
     (time.perf_counter, CLOCK_MONOTONIC: comparable across processes of one machine) and the
@@ -138,10 +144,13 @@ async def _drive(
     got = np.zeros((total, len(streams)))
     solve_s = np.full((total, groups.count), np.nan)
     reasons: dict[str, int] = {}
-    channels = [grpc.aio.insecure_channel(address) for _ in streams]
+    channels = [grpc.aio.insecure_channel(services[groups.locate(m[0])[0]]) for m in streams]
     try:
         stubs = [placement_pb2_grpc.PlacementServiceStub(c) for c in channels]
-        await stubs[0].RegisterJob(pb.RegisterJobRequest(job="bench", spec=_spec(args)))
+        # The job's whole spec on each service its streams use (registering is idempotent).
+        stub_of = {services[groups.locate(m[0])[0]]: k for k, m in enumerate(streams)}
+        for k in stub_of.values():
+            await stubs[k].RegisterJob(pb.RegisterJobRequest(job="bench", spec=_spec(args)))
         calls = [s.Stream() for s in stubs]
         if barrier is not None:
             # Client processes start at different times; round 0's deadline must not catch one.
@@ -178,15 +187,16 @@ async def _drive(
     return {"sent": sent, "got": got, "size": size, "solve_s": solve_s, "reasons": reasons}
 
 
-def _client_child(conn: Connection, address: str, args: argparse.Namespace,
+def _client_child(conn: Connection, services: dict[int, str], args: argparse.Namespace,
                   streams: list[tuple[int, ...]], barrier: Any) -> None:
     import asyncio
 
-    conn.send(asyncio.run(_drive(address, args, streams, barrier)))
+    conn.send(asyncio.run(_drive(services, args, streams, barrier)))
 
 
-def _measure(address: str, args: argparse.Namespace) -> dict[str, Any]:
-    """Drives all streams from --client-procs processes and summarizes the timed rounds."""
+def _measure(services: dict[int, str], args: argparse.Namespace) -> dict[str, Any]:
+    """Drives all streams from --client-procs processes and summarizes the timed rounds.
+    services: {group: address}."""
     import asyncio
 
     j = args.nodes * args.gpus_per_node
@@ -194,7 +204,7 @@ def _measure(address: str, args: argparse.Namespace) -> dict[str, Any]:
     groups = [streams[p::args.client_procs] for p in range(args.client_procs)]
     start = time.perf_counter()
     if args.client_procs == 1:
-        parts = [asyncio.run(_drive(address, args, groups[0]))]
+        parts = [asyncio.run(_drive(services, args, groups[0]))]
     else:
         ctx = mp.get_context("spawn")
         barrier = ctx.Barrier(args.client_procs)
@@ -202,7 +212,7 @@ def _measure(address: str, args: argparse.Namespace) -> dict[str, Any]:
         for part in groups:
             parent, child = ctx.Pipe()
             proc = ctx.Process(target=_client_child,
-                               args=(child, address, args, part, barrier))
+                               args=(child, services, args, part, barrier))
             proc.start()
             pipes.append(parent)
             procs.append(proc)
@@ -216,7 +226,18 @@ def _measure(address: str, args: argparse.Namespace) -> dict[str, Any]:
     keep = slice(args.warmup, None)
     rtt = (got.max(axis=1) - sent.max(axis=1))[keep] * 1e3
     # Every group's first rank is in exactly one part: the others hold NaN there.
-    solve_ms = np.nanmax(np.stack([p["solve_s"] for p in parts]), axis=0).max(axis=1)[keep] * 1e3
+    solve_g = np.nanmax(np.stack([p["solve_s"] for p in parts]), axis=0)[keep] * 1e3
+    solve_ms = solve_g.max(axis=1)
+    # The streams' groups, in the column order of sent and got.
+    ep = _groups(args)
+    of = np.array([ep.locate(m[0])[0] for part in groups for m in part])
+    per_group = []
+    for g, address in sorted(services.items()):
+        cols = of == g
+        g_rtt = (got[:, cols].max(axis=1) - sent[:, cols].max(axis=1))[keep] * 1e3
+        per_group.append({"group": g, "service": address,
+                          "rtt_ms_median": float(np.median(g_rtt)),
+                          "solve_ms_median": float(np.median(solve_g[:, g]))})
     outcomes: dict[str, int] = {}
     for p in parts:
         for key, count in p["reasons"].items():
@@ -233,14 +254,61 @@ def _measure(address: str, args: argparse.Namespace) -> dict[str, Any]:
         "counts": args.counts,
         # Wire bytes of one report (ids, gather, scatter, coordinates), mean over the timed ones.
         "report_bytes": float(size[keep].mean()),
-        # Set by run() when the server runs in its own process (the only one it can measure).
+        # Set when the servers run in their own processes (the only ones it can measure).
         "server_cpu_ms_per_round": None,
+        "server_cpu_ms_per_group_round": None,
         **{f"{name}_ms_{k}": v for name, st in stats.items() for k, v in st.items() if k != "n"},
         # Includes starting the client processes: a lower bound on steady throughput.
         "rounds_per_s": total / wall,
         # One per group and timed round.
         "outcomes": outcomes,
+        "groups": per_group,
+        # Filled by _measure_processes: per service its address, groups and CPU per round.
+        "services": [],
     }
+
+
+def _measure_processes(args: argparse.Namespace, config: Any, groups: int) -> dict[str, Any]:
+    """``_measure`` against --services server processes (groups round-robin), each measured for
+    its CPU seconds (user + system) over the run."""
+    ctx = mp.get_context("spawn")
+    pipes, procs = [], []
+    try:
+        for _ in range(args.services):
+            parent, child = ctx.Pipe()
+            proc = ctx.Process(target=_serve_child, args=(child, config), daemon=True)
+            proc.start()
+            pipes.append(parent)
+            procs.append(proc)
+        addresses = []
+        for parent in pipes:
+            # Generous: on a loaded machine importing the server (grpc, OR-Tools) takes a while.
+            if not parent.poll(300):
+                raise RuntimeError("a server process did not start within 300 s")
+            addresses.append(f"127.0.0.1:{parent.recv()}")
+        cpu = []
+        for parent in pipes:
+            parent.send("cpu")
+            cpu.append(parent.recv())
+        services = round_robin(addresses, groups)
+        result = _measure(services, args)
+        total = args.warmup + args.rounds
+        for k, parent in enumerate(pipes):
+            parent.send("cpu")
+            # Registration and warm-up included: CPU per round over every round driven.
+            result["services"].append({
+                "address": addresses[k],
+                "groups": [g for g, a in services.items() if a == addresses[k]],
+                "server_cpu_ms_per_round": (parent.recv() - cpu[k]) * 1e3 / total})
+    finally:
+        for parent in pipes:
+            parent.send("stop")
+        for proc in procs:
+            proc.join(30)
+    cpu_ms = sum(s["server_cpu_ms_per_round"] for s in result["services"])
+    result["server_cpu_ms_per_round"] = cpu_ms
+    result["server_cpu_ms_per_group_round"] = cpu_ms / groups
+    return result
 
 
 def run(args: argparse.Namespace) -> int:
@@ -254,40 +322,31 @@ def run(args: argparse.Namespace) -> int:
     if args.samples % j:
         raise ValueError(f"--samples {args.samples} must be a multiple of --nodes x "
                          f"--gpus-per-node = {j}")
-    ep = _groups(args).size
-    if args.experts % ep:
-        raise ValueError(f"--experts {args.experts} must be a multiple of the EP size {ep}")
+    groups = _groups(args)
+    if args.experts % groups.size:
+        raise ValueError(f"--experts {args.experts} must be a multiple of the EP size "
+                         f"{groups.size}")
+    if args.services > 1 and (args.server or args.embedded):
+        used = f"--server {args.server}" if args.server else "--embedded"
+        raise ValueError(f"--services {args.services} starts its own service processes; it "
+                         f"excludes {used}")
+    if args.services > groups.count:
+        raise ValueError(f"--services {args.services}: more services than the {groups.count} "
+                         f"EP groups (--ep-size {args.ep_size} of {j} ranks)")
     config = ServerConfig(port=0, metrics_port=None, grace_seconds=1.0)
     if args.server:
         check_server(args.server)
-        result = _measure(args.server, args)
+        result = _measure(dict.fromkeys(range(groups.count), args.server), args)
     elif args.embedded:
         from netmoe.server.app import start
 
         handle = start(config)
         try:
-            result = _measure(handle.address, args)
+            result = _measure(dict.fromkeys(range(groups.count), handle.address), args)
         finally:
             handle.stop()
     else:
-        ctx = mp.get_context("spawn")
-        parent, child = ctx.Pipe()
-        proc = ctx.Process(target=_serve_child, args=(child, config), daemon=True)
-        proc.start()
-        try:
-            if not parent.poll(60):
-                raise RuntimeError("the server process did not start within 60 s")
-            port = parent.recv()
-            parent.send("cpu")
-            cpu = parent.recv()
-            result = _measure(f"127.0.0.1:{port}", args)
-            parent.send("cpu")
-            # Registration and warm-up included: CPU per round over every round driven.
-            result["server_cpu_ms_per_round"] = ((parent.recv() - cpu) * 1e3
-                                                 / (args.warmup + args.rounds))
-        finally:
-            parent.send("stop")
-            proc.join(30)
+        result = _measure_processes(args, config, groups.count)
     if args.json:
         print(json.dumps(result))
         return 0
@@ -306,7 +365,15 @@ def run(args: argparse.Namespace) -> int:
         st = {k: r[f"{name}_ms_{k}"] for k in ("median", "p99", "max")} | {"n": r["rounds"]}
         print(f"  {text + ':':<39} median {st['median']:.2f} ms, {tail(st, 2)} ms")
     if r["server_cpu_ms_per_round"] is not None:
-        print(f"  server CPU per round (warm-up included): {r['server_cpu_ms_per_round']:.2f} ms")
+        print(f"  server CPU per round (warm-up included): {r['server_cpu_ms_per_round']:.2f} ms"
+              f" in {plural(len(r['services']), 'service process', 'service processes')}, "
+              f"{r['server_cpu_ms_per_group_round']:.2f} ms per group")
+    if len(r["services"]) > 1:
+        for k, svc in enumerate(r["services"]):
+            rtts = [g["rtt_ms_median"] for g in r["groups"] if g["service"] == svc["address"]]
+            print(f"  service {k} ({svc['address']}): groups {svc['groups']}, CPU "
+                  f"{svc['server_cpu_ms_per_round']:.2f} ms per round, its groups' round trip "
+                  f"median {min(rtts):.2f} to {max(rtts):.2f} ms")
     print(f"  throughput: {r['rounds_per_s']:.1f} rounds/s; outcomes {r['outcomes']}")
     return 0
 
@@ -333,6 +400,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--embedded", action="store_true", help="server in a thread of this process")
     p.add_argument("--server", default="", metavar="HOST:PORT",
                    help="measure a running service (default: start one in a child process)")
+    p.add_argument("--services", type=positive, default=1,
+                   help="service processes to start, EP groups assigned round-robin (a service "
+                        "per group or set of groups; at most the groups)")
     p.add_argument("--client-procs", type=positive, default=1,
                    help="processes the ranks are spread over (training ranks are processes)")
     p.add_argument("--seed", type=int, default=0, help="seed of the synthetic counts")

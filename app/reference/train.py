@@ -52,7 +52,8 @@ def check_run(cfg: Any, positive: tuple[str, ...] = ()) -> None:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
     if cfg.placement not in PLACEMENTS:
         raise ValueError(f"placement must be one of {PLACEMENTS}, got {cfg.placement!r}")
-    if cfg.placement == "service" and not cfg.server:
+    # A TrainConfig may name a sidecar per node instead (checked in its __post_init__).
+    if cfg.placement == "service" and not cfg.server and not getattr(cfg, "sidecars", ()):
         raise ValueError("placement='service' needs server (host:port), got ''")
 
 
@@ -139,6 +140,10 @@ class TrainConfig(RunConfig):
     # (expert, device) lists by the ids the service knows (slots when expert_order is set),
     # created from their owners before the first step and confirmed with the service from step 0.
     copies: tuple[tuple[tuple[int, int], ...], ...] = ()
+    # placement="service" without server: node k's sidecar address ("" where it has none).
+    # Each EP group's first rank publishes its node's sidecar in the job's torch.distributed
+    # store and its group's ranks stream to that service only (netmoe.client.services).
+    sidecars: tuple[str, ...] = ()
     # Ranks per expert-parallel group (0: all ranks one group). Groups are consecutive ranks
     # (netmoe.groups.EPGroups.contiguous); each holds every expert, trains on its own samples and
     # asks the service for its own plans; expert gradients are summed across the groups.
@@ -162,6 +167,7 @@ class TrainConfig(RunConfig):
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "expert_order", tuple(tuple(o) for o in self.expert_order))
+        object.__setattr__(self, "sidecars", tuple(self.sidecars))
         object.__setattr__(self, "copies", tuple(tuple((int(e), int(d)) for e, d in layer)
                                                  for layer in self.copies))
         if self.expert_order and (
@@ -172,6 +178,8 @@ class TrainConfig(RunConfig):
                              f"range({self.experts}), got {self.expert_order!r}")
         check_run(self, ("d_model", "heads", "layers", "ffn", "experts_per_device", "top_k",
                          "vocab"))
+        if self.sidecars:
+            self._check_sidecars()
         if self.steps < 0:
             raise ValueError(f"steps must be >= 0, got {self.steps}")
         for name in ("adopt_experts_at", "expert_held_out", "replica_budget", "checkpoint_every"):
@@ -235,6 +243,19 @@ class TrainConfig(RunConfig):
             if used:
                 raise ValueError(f"ep_size={self.ep_size} (several expert-parallel groups) does "
                                  f"not support {', '.join(used)}")
+
+    def _check_sidecars(self) -> None:
+        from netmoe.client.services import check_address
+
+        if self.server:
+            raise ValueError(f"server={self.server!r} and sidecars={list(self.sidecars)!r} "
+                             f"exclude each other (one service for the job, or one per EP group)")
+        if len(self.sidecars) != self.nodes:
+            raise ValueError(f"sidecars must name one address per node ({self.nodes}), got "
+                             f"{len(self.sidecars)}: {list(self.sidecars)!r}")
+        for k, address in enumerate(self.sidecars):
+            if address:
+                check_address(f"sidecars[{k}]", address)
 
     @property
     def groups(self) -> EPGroups:
@@ -312,7 +333,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         if run is not None and run.placement is not None:
             run.placement.close()
         if run is not None and run.client is not None:
-            run.client.close(unregister=clean and rank == 0 and cfg.unregister)
+            run.client.close(unregister=clean and _unregisters(cfg, rank) and cfg.unregister)
         if clean:
             dist.barrier()  # no rank tears down the group while a peer still talks to it
         if run is not None and run.copy_groups is not None:
@@ -362,6 +383,7 @@ def _setup(cfg: TrainConfig, rank: int) -> _Run:
     elif cfg.placement == "service":
         from netmoe.client.node_reports import node_reports
         from netmoe.client.placement_client import PlacementClient, job_spec
+        from netmoe.client.services import group_source
 
         spec = job_spec(cfg.nodes, cfg.gpus_per_node, cfg.experts, cfg.samples_per_device,
                         hidden_size=cfg.d_model, dtype_bytes=2 if cfg.dtype == "bf16" else 4,
@@ -369,12 +391,41 @@ def _setup(cfg: TrainConfig, rank: int) -> _Run:
                         deadline_ms=cfg.deadline_ms, layers=cfg.layers, ep_size=cfg.ep_size,
                         device_counts=cfg.device_counts)
         node = node_reports(groups, rank) if cfg.report_by == "node" else None
-        if node is None or node.first:
-            run.client = PlacementClient(cfg.server, cfg.job, rank, spec,
-                                         ranks=node.members if node is not None else ())
+        ranks = node.members if node is not None else ()
+        if node is None or node.first:  # a node's other ranks: its first rank reports for them
+            run.client = (group_source(_group_service(cfg, rank), cfg.job, rank, spec, ranks=ranks)
+                          if cfg.sidecars else
+                          PlacementClient(cfg.server, cfg.job, rank, spec, ranks=ranks))
         run.placement = Placement(run.client, device, ep_size, cfg.samples_per_device,
                                   cfg.plan_timeout, node, cfg.device_counts)
     return run
+
+
+def _group_service(cfg: TrainConfig, rank: int) -> Any:
+    """The service of this rank's EP group (``netmoe.client.services.Found``), through the job's
+    store: the group's first rank publishes its node's sidecar, the others wait for it (up to the
+    process group's 120 s, like any rendezvous)."""
+    import torch.distributed as dist
+
+    from netmoe.client.services import discover, publish
+
+    # The store the default process group rendezvoused through (torch has no public getter).
+    store = dist.distributed_c10d._get_default_store()
+    g, device = cfg.groups.locate(rank)
+    if device == 0:
+        return publish(store, cfg.job, g, cfg.sidecars[rank // cfg.gpus_per_node] or None)
+    return discover(store, cfg.job, g, timeout=120.0)
+
+
+def _unregisters(cfg: TrainConfig, rank: int) -> bool:
+    """This rank forgets the job on its service after the last step: rank 0 with one service;
+    with sidecars, each group's first rank whose sidecar no lower group's first rank uses."""
+    if not cfg.sidecars:
+        return rank == 0
+    gpn = cfg.gpus_per_node
+    leaders = [cfg.sidecars[ranks[0] // gpn] for ranks in cfg.groups.ranks]
+    g, device = cfg.groups.locate(rank)
+    return device == 0 and bool(leaders[g]) and leaders.index(leaders[g]) == g
 
 
 def _train_steps(run: _Run) -> dict[str, Any]:

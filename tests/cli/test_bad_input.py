@@ -13,6 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from support import free_port
+
 FLAME = Path(__file__).parents[1] / "fixtures" / "flame_290m_2048tok_layers2-9.npz"
 
 
@@ -23,13 +25,6 @@ def taken_port() -> Iterator[int]:
         sock.bind(("127.0.0.1", 0))
         sock.listen()
         yield sock.getsockname()[1]
-
-
-def free_port() -> int:
-    """A loopback port nothing listens on (bound and released)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def text_file(d: Path) -> list[str]:
@@ -107,6 +102,12 @@ ROWS: list[tuple[str, Callable[[Path], list[str]], dict[str, str], list[str]]] =
     ("bench-service-ep-size-3", fixed("bench", "service", "--ep-size", "3"), {},
      ["--ep-size 3", "ep_size=3 does not divide world_size=32"]),
     ("bench-service-server-unreachable", None, {}, ["--server 127.0.0.1:", "no placement"]),
+    ("bench-service-services-3-of-2-groups",
+     fixed("bench", "service", "--services", "3", "--ep-size", "16"), {},
+     ["--services 3", "more services than the 2 EP groups", "--ep-size 16"]),
+    ("bench-service-services-embedded",
+     fixed("bench", "service", "--services", "2", "--ep-size", "16", "--embedded"), {},
+     ["--services 2", "excludes --embedded"]),
 ]
 
 

@@ -7,10 +7,11 @@ from __future__ import annotations
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
+
+from support import free_port
 
 TINY = ["--warmup-steps", "0", "--nodes", "1", "--gpus-per-node", "2", "--layers", "1",
         "--seq-len", "8", "--samples-per-device", "2"]
@@ -21,9 +22,7 @@ def demo(*args: str) -> list[str]:
 
 
 def test_an_unreachable_server_is_refused_before_anything_else(tmp_path: Path) -> None:
-    with socket.socket() as sock:  # a port nothing listens on
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()  # nothing listens on it
     # The default run (pre-training included) into an empty cache: the check comes first.
     args = [sys.executable, "-m", "netmoe.app.cli", "demo", "--cache-dir", str(tmp_path),
             "--server", f"127.0.0.1:{port}"]

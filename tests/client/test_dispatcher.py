@@ -202,3 +202,39 @@ def _mixed_precision_worker(rank: int, port: int) -> None:
 
 def test_bf16_states_keep_their_dtype_on_the_wire_and_fp32_weights_their_precision() -> None:
     spawn_ranks(_mixed_precision_worker, 2)
+
+
+# Expert copies in force: expert 0 (home device 0) is also served by device 2 for node 1's
+# samples, expert 6 (home 3) by device 1 for node 0's, and hot expert 2 (home 1) splits: device 0
+# serves its own samples' routes to it. table[e, d]: the device serving expert e for device d.
+HOME = (torch.arange(EXPERTS) // (EXPERTS // WORLD)).view(-1, 1)
+TABLE = HOME.repeat(1, WORLD)
+TABLE[0, 2:] = 2
+TABLE[6, :2] = 1
+TABLE[2, 0] = 0
+
+
+def _table_worker(rank: int, port: int) -> None:
+    with gloo_group(rank, WORLD, port):
+        layout = Layout(rank, WORLD, GPUS, EXPERTS, SAMPLES, SEQ)
+        disp = TokenDispatcher(layout)
+        disp.route_tables = {0: TABLE}
+        h, ids, w = _inputs(rank)
+        routes = disp.dispatch(0, h, ids, w)
+        want = torch.bincount(TABLE[ids.reshape(-1), rank], minlength=WORLD)
+        assert torch.equal(torch.as_tensor(disp.stats.routes[(0, "dispatch")]), want)
+        # Every route arrives at the device its sender's table column names.
+        assert torch.equal(TABLE[routes.expert, routes.src_rank],
+                           torch.full_like(routes.expert, rank))
+        # Any holder computes the same expert: the result is the no-copy closed form.
+        out = ExpertParallel.expert_outputs(routes, {e: (lambda x, e=e: x * (e + 1))
+                                                     for e in range(EXPERTS)})
+        got, _ = disp.combine(0, out, routes, FixedPlan(SamplePlan.no_move(WORLD, SAMPLES)))
+        torch.testing.assert_close(got, _expected(list(range(rank * SAMPLES,
+                                                             (rank + 1) * SAMPLES))))
+
+
+def test_dispatch_sends_each_route_to_the_holder_its_route_table_names() -> None:
+    # The table moves routes off their home device, so a dispatcher ignoring it fails here.
+    assert (TABLE != HOME).any()
+    spawn_ranks(_table_worker, WORLD)

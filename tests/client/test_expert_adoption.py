@@ -1,5 +1,6 @@
-"""Adopting an expert placement on real gloo groups (4 and 8 processes): experts and their Adam
-state move, routers are relabelled, and training goes on exactly as without the move."""
+"""Adopting an expert placement on real gloo groups (4 processes; 8 with --runslow, the same
+path on more ranks): experts and their Adam state move, routers are relabelled, and training
+goes on exactly as without the move."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from netmoe.round import SamplePlan
 from netmoe.solver import Topology
 from netmoe.solver.cost import device_counts
 
-from support import gloo_group, spawn_ranks, train_step
+from support import gloo_group, short_and_long, spawn_ranks, train_step
 
 SPD, STEPS, ADOPT_AT = 2, 5, 2
 
@@ -117,7 +118,7 @@ def _worker(rank: int, port: int, world: int) -> None:
                                            rtol=1e-3, atol=1e-4)
 
 
-@pytest.mark.parametrize("world", [4, 8])
+@short_and_long("world", 4, 8)
 def test_adopting_expert_maps_keeps_training_identical(world: int) -> None:
     spawn_ranks(_worker, world, world)
 

@@ -194,7 +194,7 @@ def _worker(rank: int, port: int, world: int, gpus: int, address: str, cases: li
 
 @pytest.fixture(scope="module")
 def service() -> Iterator[ServerHandle]:
-    handle = start(ServerConfig(port=0, metrics_port=None, grace_seconds=1.0))
+    handle = start(ServerConfig(port=0, drain_seconds=0.0, metrics_port=None, grace_seconds=1.0))
     yield handle
     handle.stop()
 

@@ -1,4 +1,5 @@
-"""Expert copies on real gloo groups (4 and 8 processes, 2 ranks per node): created and dropped
+"""Expert copies on real gloo groups (4 processes, 2 ranks per node; 8 with --runslow, whose
+ranks 4..7 hold no replicated label as rank 1 already does in 4): created and dropped
 with their Adam state, routes served by the copy on their sample's node, gradients summed among
 each label's holders only (their own process groups; ranks holding no replicated label skip the
 sync entirely); training equals a run without copies and copies stay bit-identical to their
@@ -18,7 +19,7 @@ from netmoe.client.dispatcher import CommStats, Layout, TokenDispatcher
 from netmoe.client.experts import ExpertTable
 from netmoe.client.replicas import CopyGroups, CopyTable, adopt_copies, route_tables, sync_grads
 
-from support import gloo_group, spawn_ranks, train_step
+from support import gloo_group, short_and_long, spawn_ranks, train_step
 
 GPUS, SPD, STEPS, ADOPT_AT, CHANGE_AT = 2, 2, 6, 1, 4
 # Two labels per rank: labels 0..3 live on node 0 (ranks 0, 1), 4..7 on node 1. Layer 0 first
@@ -123,7 +124,7 @@ def _check_groups(groups: CopyGroups, before: dict, want: tuple, rank: int) -> N
                 dist.get_process_group_ranks(before[ranks])
 
 
-@pytest.mark.parametrize("world", [4, 8])
+@short_and_long("world", 4, 8)
 def test_copies_keep_training_identical_and_stay_bit_identical(world: int) -> None:
     spawn_ranks(_worker, world, world)
 

@@ -300,7 +300,7 @@ def _run(world: int, gpus: int) -> None:
     from netmoe.server.app import start
     from netmoe.server.config import ServerConfig
 
-    handle = start(ServerConfig(port=0, metrics_port=0))
+    handle = start(ServerConfig(port=0, drain_seconds=0.0, metrics_port=0))
     try:
         spawn_ranks(_worker, world, world, gpus, handle.address, f"127.0.0.1:{free_port()}",
                     timeout=900)

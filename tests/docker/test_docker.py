@@ -8,7 +8,6 @@ import os
 import re
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from support import run_without
+from support import free_port, run_without
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCKERFILE = ROOT / "docker" / "Dockerfile"
@@ -151,12 +150,6 @@ def test_image_is_multi_stage_slim_non_root_and_server_only(stages: list[Stage])
     assert "-c constraints.txt" in installs[0] and '".[server]"' in installs[0]
     assert not re.search(r"client|dev|torch", installs[0])
     assert final.all("COPY") == ["--from=build /opt/netmoe /opt/netmoe"]  # no sources, no tests
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def probe(argv: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:

@@ -10,13 +10,14 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
 import pytest
+
+from support import wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -70,13 +71,6 @@ def test_no_pip_configuration_or_certificate_in_the_image(images: None) -> None:
     assert cut == "None None True"  # the test suites and pip are cut, the solver is not
 
 
-def wait_until(what: str, ready, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while not ready():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.2)
-
-
 def health(addr: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([str(BIN / "netmoe"), "health", "--server", addr, "--timeout", "2"],
                           capture_output=True, text=True, timeout=30)
@@ -109,10 +103,10 @@ def test_sidecar_read_only_no_capabilities_healthy_token_and_clean_stop(sidecar:
     assert state["HostConfig"]["SecurityOpt"] == ["no-new-privileges"]
     grpc_addr, metrics_addr = published(sidecar, 50051), published(sidecar, 9464)
 
-    wait_until("SERVING from the host", lambda: health(grpc_addr).returncode == 0)
+    wait_for(lambda: health(grpc_addr).returncode == 0, 60, "SERVING from the host", every=0.2)
     assert health(grpc_addr).stdout.strip() == f"netmoe health: {grpc_addr}: SERVING"
-    wait_until("the engine's HEALTHCHECK", lambda: docker(
-        "inspect", "-f", "{{.State.Health.Status}}", sidecar) == "healthy")
+    wait_for(lambda: docker("inspect", "-f", "{{.State.Health.Status}}", sidecar) == "healthy",
+             60, "the engine's HEALTHCHECK", every=0.2)
     with urllib.request.urlopen(f"http://{metrics_addr}/metrics", timeout=10) as resp:
         assert b"netmoe_active_jobs 0.0" in resp.read()
 

@@ -50,7 +50,7 @@ def by_kind(kind: str) -> dict[str, Any]:
 @pytest.mark.parametrize("version", VERSIONS)
 def test_manifests_match_the_kubernetes_schemas(version: str) -> None:
     docs = k8s_docs()
-    assert {d["kind"] for d in docs} == {"Pod", "Secret"}
+    assert {d["kind"] for d in docs} == {"Pod", "Secret", "Service", "Job"}
     for doc in docs:
         kubernetes_validate.validate(doc, version, strict=True)  # raises ValidationError
 
@@ -128,6 +128,47 @@ def test_sidecar_environment_is_accepted_by_netmoe_serve(tmp_path: Path) -> None
     assert cfg.host == "127.0.0.1"  # the image default: gRPC never on the pod IP
     assert (cfg.metrics_host, cfg.metrics_port) == ("0.0.0.0", 9464)
     assert cfg.auth_token == "a" * 64
+
+
+def test_job_carries_a_sidecar_per_pod_and_each_group_finds_its_leaders(tmp_path: Path) -> None:
+    """job.yaml: an Indexed Job of one pod per node behind a headless Service; the trainer's
+    sidecars are the pods' DNS names on the sidecar's port, the sidecars serve the pod IP with
+    the token, and the groups' first nodes (whose sidecars solve) are pods 0 and 2."""
+    svc, job = by_kind("Service"), by_kind("Job")
+    spec, pod = job["spec"], job["spec"]["template"]["spec"]
+    name, domain = job["metadata"]["name"], svc["metadata"]["name"]
+    assert spec["completionMode"] == "Indexed" and spec["completions"] == spec["parallelism"]
+    assert svc["spec"]["clusterIP"] == "None" and pod["subdomain"] == domain
+    assert svc["spec"]["selector"] == {"job-name": name}
+    (sidecar,) = pod["initContainers"]
+    (trainer,) = pod["containers"]
+    assert sidecar["restartPolicy"] == "Always" and pod["restartPolicy"] == "Never"
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert sidecar[probe]["exec"]["command"][:2] == ["netmoe", "health"], probe
+    for container in (sidecar, trainer):
+        ctx = container["securityContext"]
+        assert ctx["readOnlyRootFilesystem"] is True and ctx["allowPrivilegeEscalation"] is False
+
+    env = env_of(sidecar)
+    port = int(env["NETMOE_PORT"])
+    assert {p["name"]: p["port"] for p in svc["spec"]["ports"]}["placement"] == port
+    assert {p["name"]: p["containerPort"] for p in sidecar["ports"]}["placement"] == port
+    token = tmp_path / "token"
+    token.write_text("a" * 64 + "\n")
+    served = config_from_args(build_parser().parse_args(["serve"]),
+                              {**env, "NETMOE_AUTH_TOKEN_FILE": str(token)})
+    assert served.host == "0.0.0.0" and served.allow_remote and served.auth_token == "a" * 64
+
+    cfg = TrainConfig.from_dict(json.loads(env_of(trainer)["NETMOE_TRAIN_CONFIG"]))
+    assert cfg.nodes == spec["completions"] and served.max_world_size >= cfg.world
+    assert cfg.sidecars == tuple(f"{name}-{k}.{domain}:{port}" for k in range(cfg.nodes))
+    args = trainer["command"]
+    flag = lambda f: args[args.index(f) + 1]  # noqa: E731
+    assert (int(flag("--nnodes")), int(flag("--nproc-per-node"))) == (cfg.nodes,
+                                                                       cfg.gpus_per_node)
+    assert flag("--master-addr") == f"{name}-0.{domain}"
+    leaders = sorted({ranks[0] // cfg.gpus_per_node for ranks in cfg.groups.ranks})
+    assert leaders == [0, 2]
 
 
 # --- the dashboard and the alert rules ------------------------------------------------------

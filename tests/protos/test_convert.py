@@ -86,7 +86,7 @@ def test_counts_to_pb_refuses_what_the_wire_cannot_carry(counts: np.ndarray, err
     (dict(data=b"\0" * 4, dtype=pb.COUNTS_DTYPE_UINT8, shape=[4]),
      r"^gather.shape \[4\] has 1 dimensions, need 2 \(\[samples, experts\]\)$"),
     (dict(data=b"\0" * 4, dtype=pb.COUNTS_DTYPE_UINT8, shape=[1] * 9),
-     r"^gather.shape \[1, 1, 1, 1, '...'\] has 9 dimensions"),
+     r"^gather.shape \[1, 1, 1, 1, \.\.\.\] \(9 values\) has 9 dimensions"),
 ])
 def test_counts_from_pb_names_the_field_and_the_value(fields: dict, error: str) -> None:
     with pytest.raises(ValueError, match=error):

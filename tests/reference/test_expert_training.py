@@ -45,7 +45,8 @@ def test_adopting_experts_mid_run_keeps_training_identical(tmp_path: Path) -> No
     cfg = TrainConfig(cache_dir=str(cache), **TINY)  # type: ignore[arg-type]
     home = run_ranks(dataclasses.replace(cfg, record_trace=str(tmp_path / "home.npz")))
     job = "adopt-mid-run"
-    with start(ServerConfig(port=0, metrics_port=0, expert_window_steps=WINDOW)) as server:
+    with start(ServerConfig(port=0, drain_seconds=0.0, metrics_port=0,
+                            expert_window_steps=WINDOW)) as server:
         joint = run_ranks(dataclasses.replace(
             cfg, placement="service", server=server.address, job=job, adopt_experts_at=ADOPT_AT,
             expert_placement="force", record_trace=str(tmp_path / "joint.npz"),
@@ -118,7 +119,7 @@ def test_a_window_too_thin_keeps_the_experts_and_trains_on(tmp_path: Path) -> No
     cache = tmp_path / "cache"
     load_corpus(512, cache)
     cfg = TrainConfig(cache_dir=str(cache), **{**TINY, "steps": 2, "layers": 2})  # type: ignore[arg-type]
-    with start(ServerConfig(port=0, metrics_port=None)) as server:
+    with start(ServerConfig(port=0, drain_seconds=0.0, metrics_port=None)) as server:
         # After one step the window holds one step: nothing to hold out.
         runs = run_ranks(dataclasses.replace(cfg, placement="service", server=server.address,
                                              job="thin", adopt_experts_at=1,

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from support import wait_for
+
 
 def _children(pid: int) -> list[int]:
     out = []
@@ -27,7 +29,10 @@ def _alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     # a zombie whose parent is gone is reaped by init shortly; count it as gone
-    return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except FileNotFoundError:  # reaped since the kill(0)
+        return False
 
 
 def test_sigterm_to_launcher_kills_its_ranks() -> None:
@@ -38,14 +43,13 @@ def test_sigterm_to_launcher_kills_its_ranks() -> None:
     """)
     launcher = subprocess.Popen([sys.executable, "-c", code])
     try:
-        deadline = time.monotonic() + 30
-        while len(ranks := _children(launcher.pid)) < 2 and time.monotonic() < deadline:
-            time.sleep(0.1)
+        wait_for(lambda: len(_children(launcher.pid)) >= 2, what="the launcher's two ranks")
+        ranks = _children(launcher.pid)
         assert len(ranks) == 2
         launcher.send_signal(signal.SIGTERM)
         assert launcher.wait(timeout=30) != 0
-        time.sleep(0.2)
-        assert [pid for pid in ranks if _alive(pid)] == []
+        # Both ranks end (they would train 100000 steps if the launcher left them behind).
+        wait_for(lambda: not any(_alive(pid) for pid in ranks), what="the ranks to exit")
     finally:
         if launcher.poll() is None:
             launcher.kill()
@@ -58,7 +62,6 @@ RANK = """
 import json, os, sys, time
 from pathlib import Path
 
-import pytest
 steps, pace, then = {steps}, {pace}, {then}
 Path(os.environ["PID_DIR"], os.environ["RANK"]).write_text(str(os.getpid()))
 for step in range(1, steps + 1):

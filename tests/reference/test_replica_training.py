@@ -5,7 +5,6 @@ same function, so losses and parameters (by original expert id) equal the home r
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -22,16 +21,22 @@ TINY = dict(nodes=2, gpus_per_node=2, steps=STEPS, samples_per_device=2, seq_len
             heads=2, layers=3, ffn=32, vocab=512)  # fmt: skip
 
 
-def test_copies_adopted_mid_run_keep_training_identical(tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def home(tmp_path_factory: pytest.TempPathFactory) -> tuple[TrainConfig, list]:
+    """The run without placement both tests compare with (the same config), trained once."""
+    cache = tmp_path_factory.mktemp("cache")
+    load_corpus(512, cache)
+    cfg = TrainConfig(cache_dir=str(cache), **TINY)  # type: ignore[arg-type]
+    return cfg, run_ranks(cfg)
+
+
+def test_copies_adopted_mid_run_keep_training_identical(home: tuple[TrainConfig, list]) -> None:
     from netmoe.server.app import start
     from netmoe.server.config import ServerConfig
 
-    cache = tmp_path / "cache"
-    load_corpus(512, cache)
-    cfg = TrainConfig(cache_dir=str(cache), **TINY)  # type: ignore[arg-type]
-    home = run_ranks(cfg)
+    cfg, home_runs = home
     job = "copies-mid-run"
-    with start(ServerConfig(port=0, metrics_port=0)) as server:
+    with start(ServerConfig(port=0, drain_seconds=0.0, metrics_port=0)) as server:
         runs = run_ranks(dataclasses.replace(
             cfg, placement="service", server=server.address, job=job, adopt_experts_at=ADOPT_AT,
             expert_placement="force", replica_budget=1,
@@ -53,8 +58,8 @@ def test_copies_adopted_mid_run_keep_training_identical(tmp_path: Path) -> None:
     assert sent == sum(map(len, copies)) * info["bytes_per_expert"]
     assert all(r["copy_sync_seconds"] > 0 for r in runs)
 
-    np.testing.assert_allclose(runs[0]["loss"], home[0]["loss"], rtol=1e-5)
-    want = {k: v for r in reversed(home) for k, v in r["param_checksum"].items()}
+    np.testing.assert_allclose(runs[0]["loss"], home_runs[0]["loss"], rtol=1e-5)
+    want = {k: v for r in reversed(home_runs) for k, v in r["param_checksum"].items()}
     got = {k: v for r in reversed(runs) for k, v in r["param_checksum"].items()}
     assert got.keys() == want.keys()  # copies are not part of the checkpoint
     for name, (_, sq) in want.items():
@@ -67,16 +72,13 @@ def test_copies_adopted_mid_run_keep_training_identical(tmp_path: Path) -> None:
     assert realized["replicated"] <= realized["joint"]
 
 
-def test_balanced_copies_route_by_the_confirmed_tables(tmp_path: Path) -> None:
+def test_balanced_copies_route_by_the_confirmed_tables(home: tuple[TrainConfig, list]) -> None:
     from netmoe.server.app import start
     from netmoe.server.config import ServerConfig
 
-    cache = tmp_path / "cache"
-    load_corpus(512, cache)
-    cfg = TrainConfig(cache_dir=str(cache), **TINY)  # type: ignore[arg-type]
-    home = run_ranks(cfg)
+    cfg, home_runs = home
     job = "balanced-mid-run"
-    with start(ServerConfig(port=0, metrics_port=0)) as server:
+    with start(ServerConfig(port=0, drain_seconds=0.0, metrics_port=0)) as server:
         runs = run_ranks(dataclasses.replace(
             cfg, placement="service", server=server.address, job=job, adopt_experts_at=ADOPT_AT,
             expert_placement="force", replica_budget=1, max_load_ratio=1.0,
@@ -94,7 +96,7 @@ def test_balanced_copies_route_by_the_confirmed_tables(tmp_path: Path) -> None:
         assert all(tables[layer, d, e] in holders[e]
                    for d in range(cfg.world) for e in range(cfg.experts))
     # Whichever holder serves a route, the model computes the same function.
-    np.testing.assert_allclose(runs[0]["loss"], home[0]["loss"], rtol=1e-5)
+    np.testing.assert_allclose(runs[0]["loss"], home_runs[0]["loss"], rtol=1e-5)
     assert all(r["fallbacks"] == 0 for r in runs), runs[0]["fallback_reasons"]
     key = (("job", job),)
     assert metrics[("netmoe_expert_realized_load_ratio_count", key)] == (

@@ -36,7 +36,7 @@ def server() -> Any:
     from netmoe.server.app import start
     from netmoe.server.config import ServerConfig
 
-    with start(ServerConfig(port=0, metrics_port=None)) as handle:
+    with start(ServerConfig(port=0, drain_seconds=0.0, metrics_port=None)) as handle:
         yield handle
 
 

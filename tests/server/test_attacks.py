@@ -10,20 +10,12 @@ import pytest
 
 from netmoe.protos import placement_pb2 as pb
 from netmoe.protos import placement_pb2_grpc
-from netmoe.server.app import ServerHandle, start
-from netmoe.server.config import ServerConfig
-from netmoe.server.rounds import MAX_STEP
+from netmoe.server.app import ServerHandle
+from netmoe.server.jobs import MAX_STEP
 
 from support import MARGIN_S, Worker, check_round, job_spec, round_reports, wait_for
 
 U64_MAX = (1 << 64) - 1
-
-
-@pytest.fixture
-def server() -> ServerHandle:
-    handle = start(ServerConfig(port=0, metrics_port=None, grace_seconds=1.0))
-    yield handle
-    handle.stop()
 
 
 @pytest.fixture
@@ -68,7 +60,7 @@ def test_second_stream_for_a_bound_rank_is_refused_and_never_joins_a_round(
     for w, r in zip(workers, reports, strict=True):
         w.send(r)
     check_round(spec, reports, [w.recv() for w in workers])
-    assert time.monotonic() - t0 < 2.0
+    assert time.monotonic() - t0 < 2.0 + MARGIN_S
     # Rank 2's own stream ends: the rank is free again for its next stream.
     assert workers[2].close() == []
     wait_for(lambda: not coord._jobs["id"].bound.get(2))
@@ -164,7 +156,7 @@ def test_layer_and_step_bounds_touch_no_round(
     check_round(spec, reports, [w.recv() for w in workers])
     with pytest.raises(grpc.RpcError) as err:
         stub.RegisterJob(pb.RegisterJobRequest(job="c", spec=job_spec(layers=1025)), timeout=10)
-    assert "spec.layers must be in [1, 1024] (0: 1024), got 1025" in err.value.details()
+    assert "spec.layers must be in [1, 1024], got 1025" in err.value.details()
     for w in workers:
         assert w.close() == []
 
@@ -192,4 +184,4 @@ def test_deadline_error_names_the_spec_field(
     with pytest.raises(grpc.RpcError) as err:
         stub.RegisterJob(pb.RegisterJobRequest(job="d", spec=job_spec(deadline_ms=60001)),
                          timeout=10)
-    assert err.value.details() == "spec.deadline_ms must be in [1, 60000], got 60001"
+    assert err.value.details() == "spec.deadline_ms must be in (0, 60] seconds, got 60001 ms"

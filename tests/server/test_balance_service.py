@@ -4,8 +4,6 @@ on an ephemeral loopback port."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import grpc
 import numpy as np
 import pytest
@@ -26,8 +24,7 @@ from netmoe.protos import placement_pb2 as pb
 from netmoe.protos import placement_pb2_grpc
 from netmoe.protos.convert import tables_from_proto
 from netmoe.server.advisor import ExpertAdvisor, WindowLimits
-from netmoe.server.app import ServerHandle, start
-from netmoe.server.config import ServerConfig
+from netmoe.server.app import ServerHandle
 from netmoe.server.errors import FieldError
 from netmoe.solver.balance import check_tables, load_summary
 from netmoe.solver.replicas import check_copies
@@ -92,13 +89,6 @@ def test_confirmed_tables_route_the_rounds() -> None:
     device = np.array(plan.dest)
     assert plan.after.inter == (_recount(routes[0], maps[0], copies[0], device)
                                 + _recount(routes[1], maps[1], [], device))
-
-
-@pytest.fixture
-def server() -> Iterator[ServerHandle]:
-    handle = start(ServerConfig(port=0, metrics_port=0, grace_seconds=1.0))
-    yield handle
-    handle.stop()
 
 
 def test_recommend_confirm_tables_and_load_metrics(server: ServerHandle) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import grpc
 import numpy as np
@@ -12,17 +12,9 @@ import pytest
 
 from netmoe.groups import EPGroups
 from netmoe.protos import placement_pb2 as pb
-from netmoe.server.app import ServerHandle, start
-from netmoe.server.config import ServerConfig
+from netmoe.server.app import ServerHandle
 
 from support import MARGIN_S, Worker, check_round, job_spec, round_reports, scrape, stub_for
-
-
-@pytest.fixture
-def server() -> Iterator[ServerHandle]:
-    handle = start(ServerConfig(port=0, metrics_port=0, grace_seconds=1.0))
-    yield handle
-    handle.stop()
 
 
 def test_contiguous_groups_follow_megatron_order() -> None:

@@ -4,7 +4,6 @@ real grpc.aio server on an ephemeral loopback port, with metrics scraped over HT
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 
 import grpc
 import numpy as np
@@ -15,8 +14,7 @@ from netmoe.protos import placement_pb2_grpc
 from netmoe.protos.convert import report_to_proto
 from netmoe.round import RoundCounts
 from netmoe.server.advisor import ExpertAdvisor, WindowLimits
-from netmoe.server.app import ServerHandle, start
-from netmoe.server.config import ServerConfig
+from netmoe.server.app import ServerHandle
 from netmoe.server.errors import FieldError, NotEnoughData
 from netmoe.solver import Topology, solve, traffic
 
@@ -145,13 +143,6 @@ def test_confirmed_maps_apply_from_their_step() -> None:
 
 
 # ------------------------------------------------------------------------------- over gRPC
-
-
-@pytest.fixture
-def server() -> Iterator[ServerHandle]:
-    handle = start(ServerConfig(port=0, metrics_port=0, grace_seconds=1.0))
-    yield handle
-    handle.stop()
 
 
 def _register(stub: placement_pb2_grpc.PlacementServiceStub, job: str) -> None:

@@ -19,7 +19,16 @@ from netmoe.protos import placement_pb2_grpc
 from netmoe.server.app import start
 from netmoe.server.config import ServerConfig
 
-from support import MARGIN_S, ServerProcess, Worker, job_spec, round_reports, serving, wait_for
+from support import (
+    MARGIN_S,
+    ServerProcess,
+    Worker,
+    job_spec,
+    refused,
+    round_reports,
+    serving,
+    wait_for,
+)
 
 # --- a worker process killed in the middle of a round -----------------------------------------
 
@@ -233,14 +242,19 @@ def test_sigterm_drains_within_bounds_whatever_the_solver_does() -> None:
         heavy_ranks = [Worker(stub) for _ in range(8)]
         light_ranks = [Worker(stub) for _ in range(2)]
         workers = heavy_ranks + light_ranks
-        for w, r in zip(heavy_ranks, round_reports("heavy", heavy, 0, 0, seed=1), strict=True):
+        heavy_reports = round_reports("heavy", heavy, 0, 0, seed=1)
+        for w, r in zip(heavy_ranks, heavy_reports, strict=True):
             w.send(r)
-        time.sleep(1.0)  # the joint solve is under way
+        # The joint solve is under way once the server holds every rank's report (ids as
+        # uint64, counts in their wire dtype).
+        held = sum(8 * len(r.sample_ids) + len(r.gather.data) + len(r.scatter.data)
+                   for r in heavy_reports)
+        wait_for(lambda: server.samples("netmoe_pending_report_bytes") == {(): held}, timeout=60)
         light_ranks[0].send(round_reports("light", light, 0, 0, seed=2)[0])
         t0 = time.monotonic()
         server.proc.send_signal(signal.SIGTERM)
         wait_for(lambda: not serving(server.address), timeout=drain_s)  # a probe within 1 s
-        time.sleep(drain_s + 0.2 - (time.monotonic() - t0))  # into the grace period
+        wait_for(lambda: refused(server.address), timeout=drain_s + MARGIN_S)  # grace period
         light_ranks[1].send(round_reports("light", light, 0, 0, seed=2)[1])
         light_plans = [w.recv() for w in light_ranks]
         heavy_plans = [w.recv() for w in heavy_ranks]

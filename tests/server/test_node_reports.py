@@ -2,24 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import pytest
 
 from netmoe.protos import placement_pb2 as pb
 from netmoe.protos.convert import counts_from_pb, counts_to_pb
-from netmoe.server.app import ServerHandle, start
-from netmoe.server.config import ServerConfig
+from netmoe.server.app import ServerHandle
 
 from support import Worker, check_round, job_spec, round_reports, scrape, stub_for, wait_for
-
-
-@pytest.fixture
-def server() -> Iterator[ServerHandle]:
-    handle = start(ServerConfig(port=0, metrics_port=0, grace_seconds=1.0))
-    yield handle
-    handle.stop()
 
 
 def node_report(reports: Sequence[pb.Report]) -> pb.Report:

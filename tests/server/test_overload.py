@@ -19,6 +19,7 @@ from netmoe.server.config import ServerConfig
 from netmoe.solver import solve
 
 from support import (
+    MARGIN_S,
     ServerProcess,
     Worker,
     job_spec,
@@ -101,7 +102,7 @@ def test_stream_cap_and_idle_streams_closed() -> None:
             w.hang_up()
             assert idle.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
             assert "stream_idle_seconds=0.5" in idle.value.details()
-        assert time.monotonic() - t0 < 5.0
+        assert time.monotonic() - t0 < 0.5 + MARGIN_S
         wait_for(lambda: servicer_streams._value.get() == 0, timeout=10)
     finally:
         channel.close()
@@ -336,7 +337,7 @@ def test_time_limited_joint_solve_returns_feasible_before_the_deadline() -> None
         took = time.monotonic() - t0
         assert {p.status for p in plans} <= {pb.PLAN_STATUS_FEASIBLE, pb.PLAN_STATUS_OPTIMAL}, (
             plans[0].reason, plans[0].error)
-        assert took < 3.0
+        assert took < 3.0 + MARGIN_S
         print(f"\njoint bottleneck round, 3 s deadline: {pb.PlanStatus.Name(plans[0].status)} "
               f"after {took:.2f} s (solve {plans[0].solve_seconds:.2f} s)")
         for w in workers:
@@ -360,7 +361,10 @@ def test_client_gone_mid_write_logs_no_traceback() -> None:
                 worker.send(pb.Report(job="gone", step=step, layer=0, rank=0, sample_ids=ids,
                                       gather=gather))
             worker.recv()
-            time.sleep(1.0)  # the server is writing plans the client never reads
+            # Every round answered (solved, or evicted as incomplete when the reports come
+            # faster than the solves): the server is writing plans the client never reads.
+            wait_for(lambda: sum(v for labels, v in server.samples("netmoe_rounds_total").items()
+                                 if ("job", "gone") in labels) == 300, timeout=120)
         wait_for(lambda: server.samples("netmoe_active_streams") == {(): 0.0}, timeout=30)
     finally:
         assert server.stop() == 0

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 import shutil
-import subprocess
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,7 +22,7 @@ from netmoe.server.app import SERVICE_NAME, ServerHandle, start
 from netmoe.server.cli import config_from_args
 from netmoe.server.config import ServerConfig
 
-from support import Worker, check_round, job_spec, round_reports
+from support import Worker, check_round, job_spec, make_ca, make_leaf, round_reports
 
 TOKEN = "s3cret-Token_42"
 REFLECTION = "grpc.reflection.v1alpha.ServerReflection"
@@ -118,26 +117,6 @@ def test_the_right_token_opens_every_method(token_server: ServerHandle) -> None:
 
 # --- TLS ------------------------------------------------------------------------------------
 
-def _openssl(*args: str, cwd: Path) -> None:
-    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
-
-
-def _ca(d: Path, name: str) -> None:
-    _openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
-             "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.pem", "-days", "1",
-             "-subj", f"/CN={name}", "-addext", "basicConstraints=critical,CA:TRUE",
-             "-addext", "keyUsage=critical,keyCertSign,cRLSign", cwd=d)
-
-
-def _leaf(d: Path, name: str, ca: str, ext: str) -> None:
-    (d / f"{name}.ext").write_text(ext + "\n")
-    _openssl("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
-             "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", f"/CN={name}", cwd=d)
-    _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", f"{ca}.pem", "-CAkey", f"{ca}.key",
-             "-CAcreateserial", "-out", f"{name}.pem", "-days", "1", "-extfile", f"{name}.ext",
-             cwd=d)
-
-
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """ca signs server (127.0.0.1, localhost), client and other-client; rogue signs
@@ -145,13 +124,13 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
     if shutil.which("openssl") is None:
         pytest.skip("needs the openssl CLI to make a throwaway CA")
     d = tmp_path_factory.mktemp("pki")
-    _ca(d, "ca")
-    _ca(d, "rogue")
-    _leaf(d, "server", "ca", "subjectAltName=IP:127.0.0.1,DNS:localhost\n"
-                             "extendedKeyUsage=serverAuth")
-    _leaf(d, "client", "ca", "extendedKeyUsage=clientAuth")
-    _leaf(d, "other-client", "ca", "extendedKeyUsage=clientAuth")
-    _leaf(d, "rogue-client", "rogue", "extendedKeyUsage=clientAuth")
+    make_ca(d, "ca")
+    make_ca(d, "rogue")
+    make_leaf(d, "server", "ca", "subjectAltName=IP:127.0.0.1,DNS:localhost\n"
+                                 "extendedKeyUsage=serverAuth")
+    make_leaf(d, "client", "ca", "extendedKeyUsage=clientAuth")
+    make_leaf(d, "other-client", "ca", "extendedKeyUsage=clientAuth")
+    make_leaf(d, "rogue-client", "rogue", "extendedKeyUsage=clientAuth")
     return d
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import grpc
 import numpy as np
@@ -30,13 +30,6 @@ from support import (
     scrape,
     stub_for,
 )
-
-
-@pytest.fixture
-def server() -> Iterator[ServerHandle]:
-    handle = start(ServerConfig(port=0, metrics_port=0, grace_seconds=1.0))
-    yield handle
-    handle.stop()
 
 
 def test_32_streams_get_consistent_balanced_plans(server: ServerHandle) -> None:
@@ -375,7 +368,7 @@ def test_malformed_unary_solve_is_invalid_argument(server: ServerHandle) -> None
         "reports[5].micro_batch=1 differs from reports[0].micro_batch=0":
             with_change(5, micro_batch=1),
         "reports[3].rank=1 repeats reports[1].rank": with_change(3, rank=1),
-        "reports[1].rank=9 is outside [0, 8)": with_change(1, rank=9),
+        "reports[1].rank 9 is outside [0, 8)": with_change(1, rank=9),
         "reports lacks ranks [7]": reports[:7],
     }
     for needle, reqs in cases.items():

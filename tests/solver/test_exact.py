@@ -8,9 +8,9 @@ import time
 import numpy as np
 import pytest
 
+from netmoe.round import home_placement
 from netmoe.solver import Topology, bottleneck_routes, traffic
 from netmoe.solver.exact import solve_bottleneck, solve_joint
-from netmoe.solver.topology import home_placement
 
 
 def _balanced(samples: int, devices: int):

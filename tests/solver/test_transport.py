@@ -1,8 +1,10 @@
-"""The fast transportation paths against the reference min-cost flow over every arc.
+"""The transportation paths against references: the min-cost flow over every arc, and the
+optimality condition of a transportation problem (no cycle of moves that lowers the cost),
+checked without any solver.
 
-Each fast path must reach the flow's optimal cost (several optima may exist; any one is right)
-and fill every column exactly. Costs drawn from a narrow range make ties common, which is where
-a wrong shortcut would show."""
+Each path must reach the optimal cost (several optima may exist; any one is right) and fill
+every column exactly. Costs drawn from a narrow range make ties common, which is where a wrong
+shortcut would show."""
 
 from __future__ import annotations
 
@@ -20,25 +22,46 @@ def _cost_of(cost: np.ndarray, col: np.ndarray) -> int:
     return int(cost[np.arange(len(col)), col].sum())
 
 
-def _random_blocks(rng: np.random.Generator, cols: int, high: int):
-    blocks = int(rng.integers(1, 5))
-    sizes = rng.integers(0, 12, blocks)
-    block = np.repeat(np.arange(blocks), sizes)
-    capacity = np.stack([rng.multinomial(s, np.ones(cols) / cols) for s in sizes])
-    return rng.integers(0, high, (len(block), cols)), block, capacity
+def _improving_cycle(cost: np.ndarray, col: np.ndarray) -> bool:
+    """Whether moving one row along each edge of a cycle of columns lowers the total cost. A
+    filled assignment is optimal exactly when no such cycle exists (negative-cycle optimality of
+    min-cost flow), so this decides optimality with numpy alone.
+
+    cost: [R, C] int64, the rows of one block; col: [R] int64 the column of each row."""
+    cols = cost.shape[1]
+    # move[a, b]: the least cost change of moving one row of column a to column b.
+    move = np.full((cols, cols), np.iinfo(np.int64).max // 4)
+    for a in range(cols):
+        rows = col == a
+        if rows.any():
+            move[a] = (cost[rows] - cost[rows, a][:, None]).min(axis=0)
+    np.fill_diagonal(move, 0)
+    for k in range(cols):  # Floyd-Warshall: a negative diagonal is a negative cycle
+        move = np.minimum(move, move[:, k:k + 1] + move[k:k + 1, :])
+    return bool((np.diag(move) < 0).any())
 
 
-@pytest.mark.parametrize("seed", range(40))
-@pytest.mark.parametrize("cols", [1, 2, 3, 5])
-def test_blocks_match_one_flow_per_block(seed: int, cols: int) -> None:
-    rng = np.random.default_rng(seed)
-    cost, block, capacity = _random_blocks(rng, cols, high=int(rng.choice([3, 1000])))
-    col = tr.transport_blocks(cost, block, capacity)
+def _assert_optimal(cost: np.ndarray, block: np.ndarray, capacity: np.ndarray,
+                    col: np.ndarray) -> None:
+    """col fills every column of every block exactly, no cycle of moves improves it, and it
+    costs what the reference flow's assignment costs."""
     for b in range(capacity.shape[0]):
         rows = block == b
-        assert (np.bincount(col[rows], minlength=cols) == capacity[b]).all()
+        assert (np.bincount(col[rows], minlength=capacity.shape[1]) == capacity[b]).all()
+        assert not _improving_cycle(cost[rows], col[rows])
         ref = tr.transport(cost[rows], capacity[b])
         assert _cost_of(cost[rows], col[rows]) == _cost_of(cost[rows], ref)
+
+
+def test_the_optimality_check_finds_a_cheaper_assignment() -> None:
+    """The check can fail: two rows each on the other's cheap column, and a three-column cycle
+    whose every pair swap costs more than it saves."""
+    assert _improving_cycle(np.array([[0, 5], [5, 0]]), np.array([1, 0]))
+    assert not _improving_cycle(np.array([[0, 5], [5, 0]]), np.array([0, 1]))
+    cycle = np.array([[0, 1, 9], [9, 0, 1], [1, 9, 0]])
+    assert _improving_cycle(cycle, np.array([1, 2, 0]))  # each row one column late
+    assert not _improving_cycle(cycle, np.array([0, 1, 2]))
+    assert not _improving_cycle(np.array([[0, 5], [5, 0]])[:0], np.array([], dtype=np.int64))
 
 
 def test_blocks_reject_capacities_that_do_not_fit() -> None:
@@ -47,15 +70,18 @@ def test_blocks_reject_capacities_that_do_not_fit() -> None:
                             np.array([[1, 1], [2, 1]]))
 
 
-def _random_instance(rng: np.random.Generator):
+def _random_instance(rng: np.random.Generator, cols: int | None = None, least: int = 0,
+                     most: int = 80, blocks: int | None = None):
     """A block-structured instance with the shapes a wrong shortcut would trip on: empty blocks,
     uneven blocks, capacities of 0 and of a whole block, costs from a narrow range (ties
-    everywhere), all zero, identical rows, or spread up to 10**9."""
-    blocks, cols = int(rng.integers(1, 6)), int(rng.integers(2, 10))
+    everywhere), all zero, identical rows, or spread up to 10**9. Blocks of least to most rows
+    (random widths when cols or blocks are None)."""
+    blocks = int(rng.integers(1, 6)) if blocks is None else blocks
+    cols = int(rng.integers(2, 10)) if cols is None else cols
     if rng.random() < 0.5:
-        sizes = rng.integers(0, 80, blocks)
+        sizes = rng.integers(least, most, blocks)
     else:
-        sizes = np.full(blocks, int(rng.integers(1, 80)))
+        sizes = np.full(blocks, int(rng.integers(max(1, least), most)))
     block = rng.permutation(np.repeat(np.arange(blocks), sizes))
     capacity = np.zeros((blocks, cols), dtype=np.int64)
     for b, n in enumerate(sizes):
@@ -77,14 +103,32 @@ def _random_instance(rng: np.random.Generator):
     return cost, block, capacity
 
 
-def _assert_optimal(cost: np.ndarray, block: np.ndarray, capacity: np.ndarray,
-                    col: np.ndarray) -> None:
-    """col fills every column of every block exactly, at the reference flow's cost."""
-    for b in range(capacity.shape[0]):
-        rows = block == b
-        assert (np.bincount(col[rows], minlength=capacity.shape[1]) == capacity[b]).all()
-        ref = tr.transport(cost[rows], capacity[b])
-        assert _cost_of(cost[rows], col[rows]) == _cost_of(cost[rows], ref)
+def _instance_on(path: tr.Path, rng: np.random.Generator):
+    """A random instance of the shape transport_blocks solves on that path."""
+    if path == "one column":
+        if rng.random() < 0.25:  # no rows at all, whatever the width
+            cols, blocks = int(rng.integers(2, 10)), int(rng.integers(1, 6))
+            empty = np.zeros((0, cols), dtype=np.int64)
+            return empty, np.zeros(0, dtype=np.int64), np.zeros((blocks, cols), dtype=np.int64)
+        return _random_instance(rng, cols=1)
+    if path == "two columns":
+        return _random_instance(rng, cols=2, most=int(rng.choice([12, 300])))
+    if path == "priced":  # enough arcs, and rows per column and block
+        cols, blocks = int(rng.integers(3, 9)), int(rng.integers(1, 4))
+        least = max(-(-tr._PRICED_ARCS // (cols * blocks)), tr._PRICED_ROWS * cols)
+        return _random_instance(rng, cols, least, 2 * least, blocks)
+    return _random_instance(rng, cols=int(rng.integers(3, 10)), most=int(rng.choice([12, 80])))
+
+
+@pytest.mark.parametrize("seed", range(15))
+@pytest.mark.parametrize("path", tr.PATHS)
+def test_transport_blocks_matches_the_flow_on_every_path(path: tr.Path, seed: int) -> None:
+    """Through the public entry, on instances of each path's shape: the path taken is the one
+    expected, and its assignment is optimal."""
+    cost, block, capacity = _instance_on(path, np.random.default_rng(2000 + seed))
+    got = tr.transport_blocks(cost, block, capacity)
+    assert got.path == path
+    _assert_optimal(cost, block, capacity, got.col)
 
 
 @pytest.mark.parametrize("seed", range(300))
@@ -110,20 +154,6 @@ def test_shortest_paths_are_exact_from_any_prices(seed: int) -> None:
     col = np.empty(len(block), dtype=np.int64)
     col[order] = tr._shortest_paths(by_row, start, block[order], capacity, price)
     _assert_optimal(cost, block, capacity, col)
-
-
-@pytest.mark.parametrize("seed", range(60))
-def test_transport_blocks_matches_the_flow_on_every_path(seed: int) -> None:
-    """Through the public entry: one column, two columns (closed form), small blocks (flow),
-    many rows per column (prices), huge cost ranges (flow)."""
-    rng = np.random.default_rng(2000 + seed)
-    cost, block, capacity = _random_instance(rng)
-    if seed % 3 == 0:
-        cost = np.minimum(cost, 64) << 38  # spreads past _MAX_RANGE: the flow's path
-    col = tr.transport_blocks(cost, block, capacity)
-    _assert_optimal(cost, block, capacity, col)
-    one = tr.transport_blocks(cost[:, :1], block, capacity.sum(axis=1, keepdims=True))
-    assert (one == 0).all()
 
 
 def _stage1_cost(topo: Topology, on_dev: np.ndarray, home: np.ndarray) -> tuple[np.ndarray, ...]:
@@ -205,19 +235,20 @@ def test_equal_costs_keep_every_sample_home(nodes: int, per_device: int) -> None
 
 
 @pytest.mark.parametrize(
-    ("rows", "cols", "high"),
-    [(2048, 16, 3), (1024, 32, 10**6), (4096, 32, 40), (1024, 8, 2**48)],  # the last: flow
+    ("rows", "cols", "high", "path"),
+    [(2048, 16, 3, "priced"), (1024, 32, 10**6, "priced"), (4096, 32, 40, "priced"),
+     (1024, 8, 2**48, "flow")],
 )
 def test_large_problems_take_the_priced_path_and_match_the_flow(rows: int, cols: int,
-                                                                high: int) -> None:
+                                                                high: int, path: str) -> None:
     """Up to costs whose spread could overflow the prices' sums: those go to the flow."""
     rng = np.random.default_rng(rows + cols)
     cost = rng.integers(0, high, (rows, cols))
     capacity = rng.multinomial(rows, np.ones(cols) / cols)
     assert rows * cols >= tr._PRICED_ARCS and rows >= tr._PRICED_ROWS * cols
-    col = tr.transport_blocks(cost, np.zeros(rows, dtype=np.int64), capacity[None, :])
-    assert (np.bincount(col, minlength=cols) == capacity).all()
-    assert _cost_of(cost, col) == _cost_of(cost, tr.transport(cost, capacity))
+    got = tr.transport_blocks(cost, np.zeros(rows, dtype=np.int64), capacity[None, :])
+    assert got.path == path
+    _assert_optimal(cost, np.zeros(rows, dtype=np.int64), capacity[None, :], got.col)
 
 
 @pytest.mark.parametrize("seed", range(4))
@@ -229,5 +260,6 @@ def test_large_uneven_blocks_take_the_priced_path_and_match_the_flow(seed: int) 
     block = rng.permutation(np.repeat(np.arange(8), sizes))
     capacity = np.stack([rng.multinomial(n, rng.dirichlet(np.ones(8))) for n in sizes])
     cost = rng.integers(0, int(rng.choice([6, 10**4])), (len(block), 8))
-    assert len(block) * 8 >= tr._PRICED_ARCS and len(block) >= tr._PRICED_ROWS * 8 * 8
-    _assert_optimal(cost, block, capacity, tr.transport_blocks(cost, block, capacity))
+    got = tr.transport_blocks(cost, block, capacity)
+    assert got.path == "priced"
+    _assert_optimal(cost, block, capacity, got.col)
