@@ -24,10 +24,12 @@ from collections.abc import Iterable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from netmoe.client.placement_client import PlacementClient
 from netmoe.round import RankPlan, RoundCounts
+
+if TYPE_CHECKING:
+    from netmoe.client.placement_client import PlacementClient
 
 log = logging.getLogger(__name__)
 
@@ -148,4 +150,8 @@ def group_source(found: Found, job: str, rank: int, spec: Any, **client_options:
         log.warning("rank %d: placement off for its group (%s); training goes on at the current "
                     "placement", rank, found.reason)
         return Unserved(spec, found.reason)
+    # Imported here: the planning layer needs torch, the sidecar image (which runs the bench
+    # and reads round_robin) has none.
+    from netmoe.client.placement_client import PlacementClient
+
     return PlacementClient(found.address, job, rank, spec, **client_options)
