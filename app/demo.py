@@ -37,9 +37,10 @@ from netmoe.app.demo_report import (
     routes_between,
 )
 from netmoe.app.progress import Progress
+from netmoe.app.reference.results import RankResult
 from netmoe.app.service import check_server, placement_service
 
-Results = list[dict[str, Any]]
+Results = list[RankResult]
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -270,10 +271,10 @@ def _hf(args: argparse.Namespace) -> Family:
     load_hf_corpus(cfg.model_dir, mcfg.vocab_size, cfg.cache_dir or None)
 
     def describe(home: Results) -> dict[str, Any]:
-        first = home[0]
-        return {**dataclasses.asdict(cfg), "model_type": first["model_type"],
-                "layers": first["layers"], "experts_per_device": experts // cfg.world,
-                "top_k": first["top_k"], "parameters_per_rank": [r["parameters"] for r in home]}
+        model = home[0].model  # a Hugging Face rank's, never None
+        return {**dataclasses.asdict(cfg), "model_type": model.model_type,
+                "layers": model.layers, "experts_per_device": experts // cfg.world,
+                "top_k": model.top_k, "parameters_per_rank": [r.model.parameters for r in home]}
 
     return Family("netmoe.app.reference.hf_demo", cfg,
                   f"hf-demo-{cfg.nodes}x{cfg.gpus_per_node}-s{cfg.seed}-{os.getpid()}",
@@ -304,16 +305,15 @@ def _torchtitan(args: argparse.Namespace) -> Family:
     def describe(home: Results) -> dict[str, Any]:
         return {**dataclasses.asdict(cfg), "model_type": cfg.family,
                 "experts_per_device": cfg.experts // cfg.world, "top_k": cfg.top_k,
-                "parameters_per_rank": [r["parameters"] for r in home]}
+                "parameters_per_rank": [r.model.parameters for r in home]}
 
     def extend(report: dict[str, Any], runs: dict[str, Results]) -> None:
         # torchtitan's dispatcher keeps no byte counts: its routes and losses only.
         stock = runs["stock"]
         routes = routes_between(stock, 0, cfg.steps - 1)
-        report["stock"] = {"loss": stock[0]["loss"], "inter_routes": routes["inter"],
+        report["stock"] = {"loss": stock[0].loss, "inter_routes": routes["inter"],
                            "intra_routes": routes["intra"], "local_routes": routes["local"]}
-        report["max_stock_loss_rel_diff"] = max_rel_diff(stock[0]["loss"],
-                                                         report["netmoe"]["loss"])
+        report["max_stock_loss_rel_diff"] = max_rel_diff(stock[0].loss, report["netmoe"]["loss"])
 
     stock = ExtraRun("stock", "torchtitan EP run",
                      lambda address: dataclasses.replace(cfg, stock=True), planned=False)

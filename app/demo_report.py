@@ -3,54 +3,58 @@ sizes, timings, losses), the comparisons the --json object holds, and their prin
 
 from __future__ import annotations
 
+import dataclasses
 import statistics
 import sys
 from typing import Any
 
 import numpy as np
 
+from netmoe.app.reference.results import ExpertMoves, RankResult
 from netmoe.app.text import human_bytes, plural
 
 
-def summarize(results: list[dict[str, Any]]) -> dict[str, Any]:
+def summarize(results: list[RankResult]) -> dict[str, Any]:
     """Merges the per-rank results of one run (routes summed over ranks, times averaged)."""
-    layers = len(results[0]["routes"])
-    per_layer = [[sum(r["routes"][layer][c] for r in results) for c in range(3)]
+    layers = len(results[0].routes)
+    per_layer = [[sum(r.routes[layer][c] for r in results) for c in range(3)]
                  for layer in range(layers)]  # fmt: skip
     out: dict[str, Any] = {
-        "loss": results[0]["loss"],
+        "loss": results[0].loss,
         "inter_routes": sum(x[0] for x in per_layer),
         "intra_routes": sum(x[1] for x in per_layer),
         "local_routes": sum(x[2] for x in per_layer),
         "per_layer": [{"inter": x[0], "intra": x[1], "local": x[2]} for x in per_layer],
-        "a2a_seconds": statistics.fmean(r["a2a_seconds"] for r in results),
-        "step_seconds": statistics.fmean(sum(r["step_seconds"]) for r in results),
+        "a2a_seconds": statistics.fmean(r.a2a_seconds for r in results),
+        "step_seconds": statistics.fmean(sum(r.step_seconds) for r in results),
         # The small exchanges before each All-to-All (split sizes; with placement also the plan
         # agreement): the ranks' compute skew shows up here, in both runs alike.
-        "control_seconds": statistics.fmean(r["control_seconds"] for r in results),
+        "control_seconds": statistics.fmean(r.control_seconds for r in results),
         # Bytes each All-to-All route carries (hidden state, metadata; router weight in the
         # dispatch), from the dispatcher's counts of what the ranks sent.
-        "bytes_per_route": {phase: statistics.fmean(r["bytes_per_route"][phase]
-                                                    for r in results)
+        "bytes_per_route": {phase: statistics.fmean(r.bytes_per_route[phase]
+                                                    for r in results if r.bytes_per_route)
                             for phase in ("dispatch", "combine")},
     }
-    if "plan_wait_seconds" in results[0]:
-        solve = [s for s in results[0]["solve_seconds"] if s > 0]
+    placed = [r.placement for r in results if r.placement is not None]
+    if placed:
+        first = placed[0]
+        solve = [s for s in first.solve_seconds if s > 0]
         out.update(
-            plan_wait_seconds=statistics.fmean(r["plan_wait_seconds"] for r in results),
-            submit_seconds=statistics.fmean(r["submit_seconds"] for r in results),
-            fallbacks=max(r["fallbacks"] for r in results),
-            fallback_reasons=results[0]["fallback_reasons"],
-            moved_per_plan=results[0]["moved"] / max(results[0]["plans"], 1),
+            plan_wait_seconds=statistics.fmean(p.plan_wait_seconds for p in placed),
+            submit_seconds=statistics.fmean(p.submit_seconds for p in placed),
+            fallbacks=max(p.fallbacks for p in placed),
+            fallback_reasons=first.fallback_reasons,
+            moved_per_plan=first.moved / max(first.plans, 1),
             solve_ms=[1000 * s for s in solve],
         )
     return out
 
 
-def routes_between(results: list[dict[str, Any]], first: int, last: int) -> dict[str, Any]:
+def routes_between(results: list[RankResult], first: int, last: int) -> dict[str, Any]:
     """Routes of steps first..last (inclusive) summed over ranks: inter, intra, local and per
     layer (dispatch + combine, from the All-to-All split sizes)."""
-    per = np.asarray([r["step_routes"] for r in results], dtype=np.int64)  # [ranks, steps, L, 3]
+    per = np.asarray([r.step_routes for r in results], dtype=np.int64)  # [ranks, steps, L, 3]
     layer = per[:, first:last + 1].sum(axis=(0, 1))
     total = layer.sum(axis=0)
     return {"inter": int(total[0]), "intra": int(total[1]), "local": int(total[2]),
@@ -62,7 +66,7 @@ def max_rel_diff(a: list[float], b: list[float]) -> float:
     return max(abs(x - y) / abs(x) for x, y in zip(a, b, strict=True))
 
 
-def placement_report(home_ranks: list[dict[str, Any]], net_ranks: list[dict[str, Any]],
+def placement_report(home_ranks: list[RankResult], net_ranks: list[RankResult],
                      config: dict[str, Any]) -> dict[str, Any]:
     """The --json keys every model family's demo has: both runs summarized, the solver's median,
     the inter-node reduction, the loss agreement and the bytes per route."""
@@ -83,71 +87,95 @@ def saved(home: int, placed: int) -> float:
     return 0.0 if home == 0 else 1 - placed / home
 
 
-def check_planned(address: str, runs: list[tuple[str, list[dict[str, Any]]]]) -> int:
+def check_planned(address: str, runs: list[tuple[str, list[RankResult]]]) -> int:
     """Says loudly on stderr when layers ran without a plan; exit code 1 when a run got no plan
     at all (the service was unreachable or refused the job), else 0."""
     code = 0
     for name, ranks in runs:
-        st = ranks[0]
-        if not st["fallbacks"]:
+        st = ranks[0].placement
+        if st is None or not st.fallbacks:
             continue
-        layers = st["fallbacks"] + st["plans"]
-        why = ", ".join(f"{reason}: {n}" for reason, n in sorted(st["fallback_reasons"].items()))
-        if st["plans"] == 0:
+        layers = st.fallbacks + st.plans
+        why = ", ".join(f"{reason}: {n}" for reason, n in sorted(st.fallback_reasons.items()))
+        if st.plans == 0:
             print(f"netmoe demo: error: the {name} run got no plan from the placement service at "
                   f"{address}: all {plural(layers, 'layer')} fell back to home placement ({why}); "
                   f"is the service running there?", file=sys.stderr)
             code = 1
         else:
             print(f"netmoe demo: warning: the {name} run fell back to home placement in "
-                  f"{st['fallbacks']} of {plural(layers, 'layer')} ({why})", file=sys.stderr)
+                  f"{st.fallbacks} of {plural(layers, 'layer')} ({why})", file=sys.stderr)
     return code
 
 
-def expert_report(home: list[dict[str, Any]], sample: list[dict[str, Any]],
-                   joint: list[dict[str, Any]], first: int, last: int) -> dict[str, Any]:
+def recommendation(moves: ExpertMoves) -> dict[str, Any]:
+    """Rank 0's expert placement as the --json report shows it (one flat object): the call,
+    the service's advice when it answered, the copies it proposed, the adoption, and rank 0's
+    bytes and seconds creating copies when there were any."""
+    out: dict[str, Any] = {"step": moves.step, "bytes_per_expert": moves.bytes_per_expert,
+                           "adopted": moves.adopted, "error": moves.error,
+                           "grad_bytes_weighed": moves.grad_bytes_weighed}
+    if moves.advice is not None:
+        out.update(dataclasses.asdict(moves.advice))
+    if moves.replicas is not None:
+        out.update(copies=moves.copies, replicas=dataclasses.asdict(moves.replicas))
+    if moves.route_tables is not None:
+        out.update(route_tables=moves.route_tables, load=moves.load)
+    if moves.adopted:
+        out["copies_adopted"] = moves.copies_adopted
+    if moves.copies_adopted:
+        out.update(copy_sent_bytes=moves.copy_sent_bytes, copy_seconds=moves.copy_seconds)
+    return out
+
+
+def _moves(ranks: list[RankResult]) -> list[ExpertMoves]:
+    """Each rank's expert placement (an empty one for a rank without: it moved nothing)."""
+    return [r.expert_moves or ExpertMoves() for r in ranks]
+
+
+def expert_report(home: list[RankResult], sample: list[RankResult],
+                   joint: list[RankResult], first: int, last: int) -> dict[str, Any]:
     """Home, sample-only and joint routes on steps first..last (after the move), the service's
     recommendation as rank 0 got it, and the loss check."""
     runs = {"home": home, "sample_only": sample, "joint": joint}
     routes = {name: routes_between(rs, first, last) for name, rs in runs.items()}
-    info = dict(joint[0]["experts"])
-    info.pop("sent_bytes", None)
-    info.pop("adopt_seconds", None)
+    moves = _moves(joint)
     return {
         "steps": [first, last],
         **routes,
         "sample_only_reduction": saved(routes["home"]["inter"], routes["sample_only"]["inter"]),
         "joint_reduction": saved(routes["home"]["inter"], routes["joint"]["inter"]),
-        "recommendation": info,
-        "moved_bytes": sum(r["experts"].get("sent_bytes", 0) for r in joint),
-        "adopt_seconds": max(r["experts"].get("adopt_seconds", 0.0) for r in joint),
-        "fallbacks": max(r["fallbacks"] for r in joint),
-        "max_loss_rel_diff": max(max_rel_diff(home[0]["loss"], rs[0]["loss"])
+        "recommendation": recommendation(moves[0]),
+        "moved_bytes": sum(m.sent_bytes for m in moves),
+        "adopt_seconds": max(m.adopt_seconds for m in moves),
+        "fallbacks": max(r.placement.fallbacks for r in joint if r.placement is not None),
+        "max_loss_rel_diff": max(max_rel_diff(home[0].loss, rs[0].loss)
                                  for rs in (sample, joint)),
     }
 
 
-def replica_report(home: list[dict[str, Any]], replicated: list[dict[str, Any]], first: int,
+def replica_report(home: list[RankResult], replicated: list[RankResult], first: int,
                     last: int) -> dict[str, Any]:
     """Routes with maps and copies on steps first..last, the service's answer about the copies
     as rank 0 got it, bytes and time to create them, gradient sync time, the loss check."""
     routes = routes_between(replicated, first, last)
     base = max(routes_between(home, first, last)["inter"], 1)
-    info = replicated[0]["experts"]
+    moves = _moves(replicated)
+    info = moves[0]
     return {
         "steps": [first, last],
         "replicated": routes,
         "replicated_reduction": 1 - routes["inter"] / base,
-        "recommendation": info.get("replicas", {}),
-        "grad_bytes_weighed": info.get("grad_bytes_weighed", 0),
-        "error": info.get("error", ""),
-        "adopted": bool(info.get("copies_adopted")),
-        "copies": info.get("copies", []),
-        "copy_bytes": sum(r["experts"].get("copy_sent_bytes", 0) for r in replicated),
-        "copy_seconds": max(r["experts"].get("copy_seconds", 0.0) for r in replicated),
-        "sync_seconds": statistics.fmean(r["copy_sync_seconds"] for r in replicated),
-        "a2a_seconds": statistics.fmean(r["a2a_seconds"] for r in replicated),
-        "max_loss_rel_diff": max_rel_diff(home[0]["loss"], replicated[0]["loss"]),
+        "recommendation": dataclasses.asdict(info.replicas) if info.replicas else {},
+        "grad_bytes_weighed": info.grad_bytes_weighed or 0,
+        "error": info.error,
+        "adopted": info.copies_adopted,
+        "copies": info.copies or [],
+        "copy_bytes": sum(m.copy_sent_bytes for m in moves),
+        "copy_seconds": max(m.copy_seconds for m in moves),
+        "sync_seconds": statistics.fmean(r.copy_sync_seconds or 0.0 for r in replicated),
+        "a2a_seconds": statistics.fmean(r.a2a_seconds for r in replicated),
+        "max_loss_rel_diff": max_rel_diff(home[0].loss, replicated[0].loss),
     }
 
 

@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
         out = args.out / entry["name"] / f"rank{rank}.json"
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = out.with_suffix(".tmp")
-        tmp.write_text(json.dumps(result))
+        tmp.write_text(result.to_json())
         os.replace(tmp, out)
     return 0
 

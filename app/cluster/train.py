@@ -55,6 +55,8 @@ from typing import Any
 
 import numpy as np
 
+from netmoe.app.reference.results import ExpertMoves, RankResult
+
 PHASES = ("dispatch", "combine", "dispatch_bwd", "combine_bwd", "move", "move_bwd")
 SERVER_PORT = 50051
 _READY = """
@@ -100,7 +102,7 @@ def align_calls(per_rank: Sequence[Sequence[Sequence[Any]]]) -> list[Call]:
     return out
 
 
-def summarize_mode(results: Sequence[dict[str, Any]], cal: Any, gpus_per_node: int,
+def summarize_mode(results: Sequence[RankResult], cal: Any, gpus_per_node: int,
                    ) -> dict[str, Any]:
     """Per-mode figures from the per-rank results of ``netmoe.app.reference.train`` (rank order).
 
@@ -112,8 +114,8 @@ def summarize_mode(results: Sequence[dict[str, Any]], cal: Any, gpus_per_node: i
     """
     from netmoe.app.cluster.calibrate import channel_bytes
 
-    steps = len(results[0]["loss"])
-    calls = align_calls([r["a2a_calls"] for r in results])
+    steps = len(results[0].loss)
+    calls = align_calls([r.a2a_calls or [] for r in results])
     per_step = np.zeros(steps)
     predicted = np.zeros(steps)
     busiest_model = np.zeros(steps)
@@ -145,8 +147,8 @@ def summarize_mode(results: Sequence[dict[str, Any]], cal: Any, gpus_per_node: i
             for (layer, phase), v in sorted(by_key.items(),
                                             key=lambda kv: (kv[0][0] < 0, kv[0][0],
                                                             PHASES.index(kv[0][1])))]
-    step_seconds = np.max([r["step_seconds"] for r in results], axis=0)
-    heads = [r["link_counters"] for r in results if r["link_counters"]]
+    step_seconds = np.max([r.step_seconds for r in results], axis=0)
+    heads = [r.link_counters for r in results if r.link_counters]
     link = np.asarray(heads, dtype=np.int64).reshape(len(heads), steps, 3, 2)
     fwd_bwd = (link[:, :, 1] - link[:, :, 0])[..., 0].sum(axis=0)  # tx over nodes, per step
     allreduce = (link[:, :, 2] - link[:, :, 1])[..., 0].sum(axis=0)
@@ -166,30 +168,31 @@ def summarize_mode(results: Sequence[dict[str, Any]], cal: Any, gpus_per_node: i
         "allreduce_inter_node_bytes": int(np.median(allreduce)),
         "between_steps_inter_node_bytes": int(np.median(between)) if steps > 1 else 0,
         # the slowest rank's mean per step (the trainer sums it over steps); in step_seconds
-        "copy_sync_seconds_per_step": max(r["copy_sync_seconds"] for r in results) / steps,
+        "copy_sync_seconds_per_step": max(r.copy_sync_seconds or 0.0 for r in results) / steps,
         "payload_inter_bytes": int(np.median(inter_payload)),
         "payload_intra_bytes": int(np.median(intra_payload)),
         "predicted_a2a_seconds": model,
         "model_error": model / measured - 1.0,
         "predicted_busiest_link_seconds": float(np.median(busiest_model)),
-        "loss": results[0]["loss"],
+        "loss": results[0].loss,
         "calls": rows,
     }
-    if "plan_wait_seconds" in results[0]:
-        wait = statistics.fmean(r["plan_wait_seconds"] for r in results) / steps
-        reply = statistics.fmean(r["reply_seconds"] for r in results) / steps
-        solve = [s for s in results[0]["solve_seconds"] if s > 0]
+    placed = [r.placement for r in results if r.placement is not None]
+    if placed:
+        first = placed[0]
+        wait = statistics.fmean(p.plan_wait_seconds for p in placed) / steps
+        reply = statistics.fmean(p.reply_seconds for p in placed) / steps
+        solve = [s for s in first.solve_seconds if s > 0]
         out.update(
             plan_wait_seconds_per_step=wait,
             plan_reply_seconds_per_step=reply,
             plan_agree_seconds_per_step=wait - reply,
             plan_wait_fraction=wait / out["step_seconds"],
-            submit_seconds_per_step=statistics.fmean(r["submit_seconds"] for r in results)
-            / steps,
+            submit_seconds_per_step=statistics.fmean(p.submit_seconds for p in placed) / steps,
             solver_ms_median=1e3 * statistics.median(solve) if solve else 0.0,
-            fallbacks=max(r["fallbacks"] for r in results),
-            fallback_reasons=results[0]["fallback_reasons"],
-            moved_per_plan=results[0]["moved"] / max(results[0]["plans"], 1),
+            fallbacks=max(p.fallbacks for p in placed),
+            fallback_reasons=first.fallback_reasons,
+            moved_per_plan=first.moved / max(first.plans, 1),
         )
     return out
 
@@ -391,7 +394,7 @@ def _write_atomic(path: Path, obj: Any) -> None:
 
 
 def _train_all(tb: Any, runs: Sequence[tuple[str, Any]], work: Path, g: int,
-               threads: int) -> dict[str, list[dict]]:
+               threads: int) -> dict[str, list[RankResult]]:
     """Every run, in order, in one launch of the ranks (netmoe.app.cluster.rank); returns per run
     name the per-rank results."""
     from netmoe.app.cluster.testbed import TestbedError
@@ -408,7 +411,8 @@ def _train_all(tb: Any, runs: Sequence[tuple[str, Any]], work: Path, g: int,
         done = sorted(p.name for p in (work / "runs").glob("*") if p.is_dir())
         raise TestbedError(f"training runs (finished: {done}): {err}") from err
     world = tb.config.nodes * g
-    return {name: [json.loads((work / "runs" / name / f"rank{r}.json").read_text())
+    return {name: [RankResult.from_json((work / "runs" / name / f"rank{r}.json").read_text(),
+                                        f"{name} rank {r}'s result")
                    for r in range(world)] for name, _ in runs}
 
 
@@ -532,11 +536,9 @@ def run_bench(base: Any, *, rate_mbit: float, ratio: float, warmup_steps: int, f
             copies.update(weighed_sync=replica_weigh_sync, decision=replica_decision(
                 trace, cfg, fit_info["maps"], copies["copies"], cal, grad_bytes,
                 cfg.expert_horizon))
-            first = results["replicas#0"][0]["experts"]
-            copies.update(confirmed=first.get("copies_confirmed", False),
-                          error=first.get("error", ""),
-                          creation_seconds=max(r["experts"].get("copy_seconds", 0.0)
-                                               for r in results["replicas#0"]))
+            moves = [r.expert_moves or ExpertMoves() for r in results["replicas#0"]]
+            copies.update(confirmed=moves[0].copies_confirmed, error=moves[0].error,
+                          creation_seconds=max(m.copy_seconds for m in moves))
     report = _report(per_mode, cal, calibration_dict(cal), cfg, fit_info, rate_mbit, ratio,
                      warmup_steps, fit_steps, time.monotonic() - started)
     if copies is not None:

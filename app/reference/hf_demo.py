@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from netmoe.app.reference.data import DOMAINS, Corpus
+from netmoe.app.reference.results import ModelInfo, RankResult
 from netmoe.app.reference.train import (
     RunConfig,
     check_run,
@@ -129,9 +130,10 @@ def load_hf_corpus(model_dir: str, vocab_size: int, cache_dir: str | None) -> Co
     return Corpus((), streams)
 
 
-def train(cfg: HFTrainConfig) -> dict[str, Any]:
+def train(cfg: HFTrainConfig) -> RankResult:
     """Trains cfg.steps steps on this rank (env:// gloo, like netmoe.app.reference.train.train);
-    returns the same result keys (losses, route counts from split sizes, timings)."""
+    returns the common results (losses, route counts from split sizes, timings) and the
+    model's."""
     import torch
     import torch.distributed as dist
     from transformers import AutoModelForCausalLM
@@ -193,25 +195,16 @@ def train(cfg: HFTrainConfig) -> dict[str, Any]:
             done(step + 1)
         if recorder is not None:
             recorder.save(cfg.record_trace, group_rank=rank)
-        result: dict[str, Any] = {
-            "rank": rank,
-            "loss": losses,
-            "step_seconds": step_seconds,
-            "a2a_seconds": ep.stats.a2a_seconds,
-            "control_seconds": ep.stats.control_seconds,
-            "bytes_per_route": {phase: ep.stats.bytes_per_route(phase)
-                                for phase in ("dispatch", "combine")},
-            "allreduce_seconds": allreduce_seconds,
-            "routes": so_far.tolist(),
-            "step_routes": step_routes,
-            "parameters": sum(p.numel() for p in ep.parameters()),
-            "layers": layers,
-            "experts": experts,
-            "top_k": ep.top_k,
-            "model_type": mcfg.model_type,
-        }
-        if placement is not None:
-            result.update(placement_result(placement, client))
+        result = RankResult(
+            rank=rank, loss=losses, step_seconds=step_seconds,
+            a2a_seconds=ep.stats.a2a_seconds, control_seconds=ep.stats.control_seconds,
+            allreduce_seconds=allreduce_seconds, routes=so_far.tolist(), step_routes=step_routes,
+            bytes_per_route={phase: ep.stats.bytes_per_route(phase)
+                             for phase in ("dispatch", "combine")},
+            placement=placement_result(placement, client) if placement is not None else None,
+            model=ModelInfo(parameters=sum(p.numel() for p in ep.parameters()), layers=layers,
+                            experts=experts, top_k=ep.top_k, model_type=mcfg.model_type),
+        )  # fmt: skip
         dist.barrier()  # every rank's last round is in before the job is unregistered
         clean = True
         return result
@@ -250,8 +243,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:
         print(f"python -m netmoe.app.reference.hf_demo: error: {err}", file=sys.stderr)
         return 2
-    result = train(cfg)
-    write_atomic(args.out, json.dumps(result))
+    write_atomic(args.out, train(cfg).to_json())
     return 0
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from netmoe.app.reference.results import RankResult
 from netmoe.app.reference.train import PROGRESS_FILE, TrainConfig
 
 
@@ -78,13 +79,15 @@ def _steps_done(path: Path) -> int:
 def run_ranks(
     cfg: TrainConfig, stall_seconds: float = 600.0,
     progress: Callable[[int], None] | None = None, module: str = "netmoe.app.reference.train",
-) -> list[dict[str, Any]]:
+) -> list[RankResult]:
     """Starts cfg.world processes of ``python -m MODULE --config JSON --out FILE`` (any config
-    dataclass with ``world`` and ``threads``); returns their results ordered by rank. Every rank
-    writes the steps it has finished to $NETMOE_PROGRESS_FILE (its own file). Raises
-    RuntimeError (with the failing rank's stderr) if any rank fails, or when no rank finished a
-    step for ``stall_seconds`` (a run still making progress is never cut short, however long it
-    takes); every process is gone when this returns or raises, also on SIGINT or SIGTERM.
+    dataclass with ``world`` and ``threads``; FILE gets the rank's RankResult JSON); returns
+    their results ordered by rank (ValueError naming the field when a FILE does not match
+    RankResult). Every rank writes the steps it has finished to $NETMOE_PROGRESS_FILE (its own
+    file). Raises RuntimeError (with the failing rank's stderr) if any rank fails, or when no
+    rank finished a step for ``stall_seconds`` (a run still making progress is never cut short,
+    however long it takes); every process is gone when this returns or raises, also on SIGINT
+    or SIGTERM.
     progress, if given, is called with the steps rank 0 has finished while they run."""
     config = json.dumps(dataclasses.asdict(cfg))
     port = free_port()
@@ -132,7 +135,9 @@ def run_ranks(
                 raise RuntimeError(f"training rank {rank} failed:\n{text}")
             if progress is not None:
                 progress(cfg.steps)
-            return [json.loads((Path(tmp) / f"rank{r}.json").read_text()) for r in range(cfg.world)]
+            return [RankResult.from_json((Path(tmp) / f"rank{r}.json").read_text(),
+                                         f"training rank {r}'s result")
+                    for r in range(cfg.world)]
         finally:
             for p, err in procs:
                 if p.poll() is None:

@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from netmoe.app.reference.results import ModelInfo, RankResult
 from netmoe.app.reference.train import (
     RunConfig,
     check_run,
@@ -267,7 +268,7 @@ class SplitSpy:
         return counted
 
 
-def train(cfg: TitanTrainConfig) -> dict[str, Any]:
+def train(cfg: TitanTrainConfig) -> RankResult:
     """Trains cfg.steps AdamW steps on this rank (env:// gloo); returns the losses, the routes
     per step from the split sizes (local, intra-node, inter-node), timings."""
     import torch
@@ -356,19 +357,19 @@ def train(cfg: TitanTrainConfig) -> dict[str, Any]:
             done(step + 1)
         if recorder is not None:
             recorder.save(cfg.record_trace, group_rank=rank)
-        result: dict[str, Any] = {
-            "rank": rank, "stock": cfg.stock, "loss": losses, "step_seconds": step_seconds,
-            "a2a_seconds": ep.stats.a2a_seconds if ep is not None else 0.0,
-            "control_seconds": ep.stats.control_seconds if ep is not None else 0.0,
-            "allreduce_seconds": 0.0, "routes": so_far.tolist(), "step_routes": step_routes,
-            "parameters": sum(p.numel() for p in model.parameters()), "layers": layers,
-            "experts": cfg.experts, "top_k": cfg.top_k, "model_type": cfg.family,
-        }  # fmt: skip
-        if ep is not None:
-            result["bytes_per_route"] = {phase: ep.stats.bytes_per_route(phase)
-                                         for phase in ("dispatch", "combine")}  # fmt: skip
-        if placement is not None:
-            result.update(placement_result(placement, client))
+        result = RankResult(
+            rank=rank, loss=losses, step_seconds=step_seconds,
+            a2a_seconds=ep.stats.a2a_seconds if ep is not None else 0.0,
+            control_seconds=ep.stats.control_seconds if ep is not None else 0.0,
+            allreduce_seconds=0.0, routes=so_far.tolist(), step_routes=step_routes,
+            bytes_per_route=None if ep is None else {phase: ep.stats.bytes_per_route(phase)
+                                                     for phase in ("dispatch", "combine")},
+            placement=placement_result(placement, client) if placement is not None else None,
+            model=ModelInfo(parameters=sum(p.numel() for p in model.parameters()),
+                            layers=layers, experts=cfg.experts, top_k=cfg.top_k,
+                            model_type=cfg.family),
+            stock=cfg.stock,
+        )  # fmt: skip
         dist.barrier()
         clean = True
         return result
@@ -390,8 +391,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, TypeError) as err:
         print(f"python -m netmoe.app.reference.torchtitan_demo: error: {err}", file=sys.stderr)
         return 2
-    result = train(cfg)
-    write_atomic(args.out, json.dumps(result))
+    write_atomic(args.out, train(cfg).to_json())
     return 0
 
 

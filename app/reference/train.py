@@ -1,7 +1,7 @@
 """One training rank of the reference expert-parallel MoE.
 
 ``train(cfg)`` initialises torch.distributed from the environment (env://, gloo: RANK,
-WORLD_SIZE, MASTER_ADDR, MASTER_PORT), trains cfg.steps steps and returns a JSON-able dict.
+WORLD_SIZE, MASTER_ADDR, MASTER_PORT), trains cfg.steps steps and returns its RankResult.
 ``python -m netmoe.app.reference.train --config JSON --out FILE`` runs the same from any
 launcher, for example inside a network namespace.
 
@@ -28,6 +28,13 @@ from typing import Any
 
 import numpy as np
 
+from netmoe.app.reference.results import (
+    ExpertAdvice,
+    ExpertMoves,
+    PlacementResult,
+    RankResult,
+    ReplicaAdvice,
+)
 from netmoe.groups import EPGroups
 
 log = logging.getLogger(__name__)
@@ -316,7 +323,7 @@ class _Run:
     expert_dp: Any = None
 
 
-def train(cfg: TrainConfig) -> dict[str, Any]:
+def train(cfg: TrainConfig) -> RankResult:
     """Trains cfg.steps steps on this rank; returns losses, route counts and timings."""
     import torch.distributed as dist
 
@@ -428,7 +435,7 @@ def _unregisters(cfg: TrainConfig, rank: int) -> bool:
     return device == 0 and bool(leaders[g]) and leaders.index(leaders[g]) == g
 
 
-def _train_steps(run: _Run) -> dict[str, Any]:
+def _train_steps(run: _Run) -> RankResult:
     import torch.distributed as dist
 
     from netmoe.app.reference.model import relabel_state
@@ -439,23 +446,21 @@ def _train_steps(run: _Run) -> dict[str, Any]:
     # Expert ids the service and traces know: the model's labels until experts move.
     table = ExpertTable.identity(cfg.layers, cfg.experts, cfg.ep)
     hook: Any = run.placement
-    experts_info: dict[str, Any] = {}
+    moves: ExpertMoves | None = None
     copies = None  # CopyTable once expert copies are in force
     sync_seconds = 0.0
     step_routes, routes_so_far = [], np.zeros((cfg.layers, 3), dtype=np.int64)
     done = progress_writer()
     if cfg.copies:
-        experts_info = _confirm_copies(cfg, run.client, rank)
-        copies = _adopt_copies(run, table, experts_info)
+        copies, moves = _adopt_copies(run, table, _confirm_copies(cfg, run.client, rank))
     first = _resume(run) if cfg.checkpoint_every else 0
     done(first)
     dist.barrier()  # with copies: rank 0 confirmed them before any rank reports step 0
     for step in range(first, cfg.steps):
         if cfg.adopt_experts_at and step == cfg.adopt_experts_at:
-            table, experts_info = _adopt_experts(cfg, run.model, run.opt, run.client, table,
-                                                 rank, step)
+            table, moves = _adopt_experts(cfg, run.model, run.opt, run.client, table, rank, step)
             hook = OriginalIds(run.placement, table)
-            copies = _adopt_copies(run, table, experts_info)
+            copies, moves = _adopt_copies(run, table, moves)
         t_step = time.perf_counter()
         loss, seconds, synced = _step(run, step, hook, table, copies)
         losses.append(loss)
@@ -480,27 +485,18 @@ def _train_steps(run: _Run) -> dict[str, Any]:
     if cfg.save_checkpoint:
         _save_checkpoint(state, cfg.save_checkpoint)
         Path(resume_path(cfg.save_checkpoint)).unlink(missing_ok=True)
-    out: dict[str, Any] = {
-        "rank": rank,
-        "first_step": first,
-        "loss": losses,
-        "step_seconds": step_seconds,
-        "a2a_seconds": run.comm.a2a_seconds,
-        "control_seconds": run.comm.control_seconds,
-        "allreduce_seconds": allreduce_seconds,
-        "copy_sync_seconds": sync_seconds,
-        "routes": routes_so_far.tolist(),
-        "step_routes": step_routes,
-        "experts": experts_info,
-        "param_checksum": _checksum(state),
-        "a2a_calls": run.comm.calls,
-        "bytes_per_route": {phase: run.comm.bytes_per_route(phase)
-                            for phase in ("dispatch", "combine")},
-        "link_counters": run.meter.readings if run.meter is not None else [],
-    }
-    if run.placement is not None:
-        out.update(placement_result(run.placement, run.client))
-    return out
+    return RankResult(
+        rank=rank, loss=losses, step_seconds=step_seconds, a2a_seconds=run.comm.a2a_seconds,
+        control_seconds=run.comm.control_seconds, allreduce_seconds=allreduce_seconds,
+        routes=routes_so_far.tolist(), step_routes=step_routes,
+        bytes_per_route={phase: run.comm.bytes_per_route(phase)
+                         for phase in ("dispatch", "combine")},
+        placement=(placement_result(run.placement, run.client) if run.placement is not None
+                   else None),
+        first_step=first, copy_sync_seconds=sync_seconds, expert_moves=moves,
+        param_checksum=_checksum(state), a2a_calls=[list(c) for c in run.comm.calls],
+        link_counters=run.meter.readings if run.meter is not None else [],
+    )  # fmt: skip
 
 
 def _step(run: _Run, step: int, hook: Any, table: Any, copies: Any
@@ -573,31 +569,30 @@ def _step(run: _Run, step: int, hook: Any, table: Any, copies: Any
 
 
 def _adopt_experts(cfg: TrainConfig, model: Any, opt: Any, client: Any, table: Any, rank: int,
-                   step: int) -> tuple[Any, dict[str, Any]]:
+                   step: int) -> tuple[Any, ExpertMoves]:
     """Before `step` (collective): rank 0 asks the service for expert maps and, when adopting,
     confirms them from `step` on, before any rank can report that step (the others wait for the
     broadcast); then every rank moves its experts and Adam state (netmoe.client.experts.adopt).
-    Returns the ExpertTable in force and what happened (JSON-able; the same on every rank but
-    sent_bytes and adopt_seconds). A failed call means "keep the experts", never a crash."""
+    Returns the ExpertTable in force and what happened (the same on every rank but sent_bytes
+    and adopt_seconds). A failed call means "keep the experts", never a crash."""
     import torch.distributed as dist
 
     from netmoe.client.experts import adopt, state_bytes
 
-    info: dict[str, Any] = {}
+    box: list[Any] = [None]  # the other ranks receive rank 0's ExpertMoves
     if rank == 0:
         expert = next(iter(model.blocks[0].moe.experts.values()))
         grad_bytes = sum(p.numel() * p.element_size() for p in expert.parameters())
-        info = _ask_experts(cfg, client, state_bytes(expert, opt), step, grad_bytes)
-    box = [info]
+        box[0] = _ask_experts(cfg, client, state_bytes(expert, opt), step, grad_bytes)
     dist.broadcast_object_list(box, src=0)
-    info = box[0]
-    if not info["adopted"]:
-        return table, info
-    new = table.relabel(np.array(info["maps"], dtype=np.int64))
+    moves: ExpertMoves = box[0]
+    if not moves.adopted:
+        return table, moves
+    new = table.relabel(np.array(moves.advice.maps, dtype=np.int64))
     t0 = time.perf_counter()
-    info["sent_bytes"] = adopt(model.blocks, opt, table, new, rank)
-    info["adopt_seconds"] = time.perf_counter() - t0
-    return new, info
+    sent = adopt(model.blocks, opt, table, new, rank)
+    return new, dataclasses.replace(moves, sent_bytes=sent,
+                                    adopt_seconds=time.perf_counter() - t0)
 
 
 def _owned(state: dict[str, Any], local: range) -> dict[str, Any]:
@@ -609,75 +604,78 @@ def _owned(state: dict[str, Any], local: range) -> dict[str, Any]:
     return {k: v for k, v in state.items() if not copy_key(k)}
 
 
-def _adopt_copies(run: _Run, table: Any, info: dict[str, Any]) -> Any:
-    """After the maps (collective): creates the copies rank 0 confirmed (info["copies"], by
+def _adopt_copies(run: _Run, table: Any, moves: ExpertMoves) -> tuple[Any, ExpertMoves]:
+    """After the maps (collective): creates the copies rank 0 confirmed (moves.copies, by
     original id), the process groups among their holders (run.copy_groups) and routes to them.
-    Returns the CopyTable in force, or None."""
+    Returns the CopyTable in force (or None) and moves with this rank's creation bytes and
+    seconds."""
     import torch
 
     from netmoe.client.replicas import CopyGroups, CopyTable, adopt_copies, route_tables
 
-    if not info.get("copies_adopted"):
-        return None
+    if not moves.copies_adopted:
+        return None, moves
     cfg = run.cfg
-    copies = CopyTable.from_original(table, [[tuple(c) for c in layer]
-                                             for layer in info["copies"]], cfg.gpus_per_node)
+    copies = CopyTable.from_original(table, [[tuple(c) for c in layer] for layer in moves.copies],
+                                     cfg.gpus_per_node)
     none = CopyTable.none(cfg.layers, cfg.experts, cfg.ep, cfg.gpus_per_node)
     t0 = time.perf_counter()
-    info["copy_sent_bytes"] = adopt_copies(run.model.blocks, run.opt, none, copies, run.device)
+    sent = adopt_copies(run.model.blocks, run.opt, none, copies, run.device)
     run.copy_groups = CopyGroups()
     run.copy_groups.update(copies)
-    info["copy_seconds"] = time.perf_counter() - t0
+    moves = dataclasses.replace(moves, copy_sent_bytes=sent,
+                                copy_seconds=time.perf_counter() - t0)
     run.dispatcher.route_tables = route_tables(copies)
-    if info.get("route_tables"):
+    if moves.route_tables:
         # The confirmed tables, by original expert id ([L][J][E]), as [label, rank] per layer.
         originals = table.originals()
         run.dispatcher.route_tables = {
             layer: torch.as_tensor(np.array(t, dtype=np.int64).T[originals[layer]])
-            for layer, t in enumerate(info["route_tables"])}
-    return copies
+            for layer, t in enumerate(moves.route_tables)}
+    return copies, moves
 
 
-def _confirm_copies(cfg: TrainConfig, client: Any, rank: int) -> dict[str, Any]:
+def _confirm_copies(cfg: TrainConfig, client: Any, rank: int) -> ExpertMoves:
     """cfg.copies in force from step 0: rank 0 confirms them with the registered maps (rounds
-    are then solved replica-aware); returns the info _adopt_copies takes. A failed call leaves
+    are then solved replica-aware); returns what _adopt_copies takes. A failed call leaves
     the service unaware of the copies (plans ignore them, results do not change)."""
     import grpc
 
-    info: dict[str, Any] = {"copies": [[list(c) for c in layer] for layer in cfg.copies],
-                            "copies_adopted": True, "copies_confirmed": False, "error": ""}
+    moves = ExpertMoves(copies=[[list(c) for c in layer] for layer in cfg.copies],
+                        copies_adopted=True)
     if rank == 0 and client is not None:
         per = cfg.experts_per_device
         maps = [[e // per for e in range(cfg.experts)]] * cfg.layers
         try:
             client.confirm_experts(0, maps, copies=cfg.copies)
-            info["copies_confirmed"] = True
+            moves = dataclasses.replace(moves, copies_confirmed=True)
         except grpc.RpcError as err:
-            info["error"] = f"ConfirmExperts: {err.code().name}: {err.details()}"
-            log.warning("copies: %s; plans ignore them", info["error"])
-    return info
+            moves = dataclasses.replace(
+                moves, error=f"ConfirmExperts: {err.code().name}: {err.details()}")
+            log.warning("copies: %s; plans ignore them", moves.error)
+    return moves
 
 
 def _ask_experts(cfg: TrainConfig, client: Any, bytes_per_expert: int, step: int,
-                 grad_bytes: int = 0) -> dict[str, Any]:
+                 grad_bytes: int = 0) -> ExpertMoves:
     """Rank 0's RecommendExperts (and ConfirmExperts from `step` when adopting)."""
     import grpc
 
-    info: dict[str, Any] = {"step": step, "bytes_per_expert": bytes_per_expert,
-                            "adopted": False, "error": ""}
+    force = cfg.expert_placement == "force"
+    moves = ExpertMoves(step=step, bytes_per_expert=bytes_per_expert,
+                        grad_bytes_weighed=0 if force else grad_bytes)
     try:
-        weighed = 0 if cfg.expert_placement == "force" else grad_bytes
-        info["grad_bytes_weighed"] = weighed
         rec = client.recommend_experts(cfg.expert_horizon, bytes_per_expert, cfg.expert_held_out,
                                        replica_slots=cfg.replica_budget,
-                                       grad_bytes_per_expert=weighed,
+                                       grad_bytes_per_expert=moves.grad_bytes_weighed,
                                        max_load_ratio=cfg.max_load_ratio)
     except grpc.RpcError as err:
-        info["error"] = f"RecommendExperts: {err.code().name}: {err.details()}"
-        log.warning("step %d: %s; experts stay", step, info["error"])
-        return info
+        moves = dataclasses.replace(
+            moves, error=f"RecommendExperts: {err.code().name}: {err.details()}")
+        log.warning("step %d: %s; experts stay", step, moves.error)
+        return moves
     maps = [list(m.device) for m in rec.maps]
-    info.update(
+    moves = dataclasses.replace(moves, advice=ExpertAdvice(
         recommended=rec.adopt, reason=rec.reason, maps=maps, unit=rec.unit,
         saving_per_step=rec.saving_per_step, migration_cost=rec.migration_cost,
         break_even_steps=rec.break_even_steps if math.isfinite(rec.break_even_steps) else None,
@@ -688,34 +686,34 @@ def _ask_experts(cfg: TrainConfig, client: Any, bytes_per_expert: int, step: int
                                   ("joint", rec.joint))},
         fit_steps=[rec.fit_first_step, rec.fit_last_step],
         held_out_steps=[rec.held_out_first_step, rec.held_out_last_step],
-    )
+    ))
     copies = None
     if rec.HasField("replicas"):
         r = rec.replicas
-        info["copies"] = [[[c.expert, c.device] for c in layer.copies] for layer in r.copies]
-        info["replicas"] = dict(
+        proposed = [[[c.expert, c.device] for c in layer.copies] for layer in r.copies]
+        moves = dataclasses.replace(moves, copies=proposed, replicas=ReplicaAdvice(
             recommended=r.adopt, reason=r.reason, saving_per_step=r.saving_per_step,
             sync_per_step=r.sync_per_step, memory_bytes=r.memory_bytes,
-            held_out_inter=r.replicated.inter, cross_node_copies=r.cross_node_copies)
-        if (r.adopt or cfg.expert_placement == "force") and any(info["copies"]):
-            copies = info["copies"]
+            held_out_inter=r.replicated.inter, cross_node_copies=r.cross_node_copies))
+        if (r.adopt or force) and any(proposed):
+            copies = proposed
         if cfg.max_load_ratio:
-            info["route_tables"] = [np.array(t.device).reshape(-1, len(maps[0])).tolist()
-                                    for t in r.route_tables]
-            info["load"] = {"predicted": [r.load.mean, r.load.worst],
-                            "joint": [r.joint_load.mean, r.joint_load.worst]}
-    if not (rec.adopt or cfg.expert_placement == "force"):
-        return info
+            moves = dataclasses.replace(
+                moves, route_tables=[np.array(t.device).reshape(-1, len(maps[0])).tolist()
+                                     for t in r.route_tables],
+                load={"predicted": [r.load.mean, r.load.worst],
+                      "joint": [r.joint_load.mean, r.joint_load.worst]})
+    if not (rec.adopt or force):
+        return moves
     try:
         client.confirm_experts(step, maps, copies=copies,
-                               route_tables=info.get("route_tables") if copies else None)
+                               route_tables=moves.route_tables if copies else None)
     except grpc.RpcError as err:
-        info["error"] = f"ConfirmExperts: {err.code().name}: {err.details()}"
-        log.warning("step %d: %s; experts stay", step, info["error"])
-        return info
-    info["adopted"] = True
-    info["copies_adopted"] = copies is not None
-    return info
+        moves = dataclasses.replace(
+            moves, error=f"ConfirmExperts: {err.code().name}: {err.details()}")
+        log.warning("step %d: %s; experts stay", step, moves.error)
+        return moves
+    return dataclasses.replace(moves, adopted=True, copies_adopted=copies is not None)
 
 
 class _LinkMeter:
@@ -764,12 +762,12 @@ def join_ranks(world: int, threads: int) -> int:
     return rank
 
 
-def placement_result(placement: Any, client: Any) -> dict[str, Any]:
-    """The result keys of a rank that trained with a placement hook (its PlacementStats: plan
-    wait, submit, reply and exchange seconds, fallbacks and their reasons, plans, moved samples,
+def placement_result(placement: Any, client: Any) -> PlacementResult:
+    """The results of a rank that trained with a placement hook (its PlacementStats: plan wait,
+    submit, reply and exchange seconds, fallbacks and their reasons, plans, moved samples,
     solve seconds) and its client's rejection ("" without a client or none)."""
     st = placement.stats
-    return dict(
+    return PlacementResult(
         plan_wait_seconds=st.wait_seconds, submit_seconds=st.submit_seconds,
         reply_seconds=st.reply_seconds, exchange_seconds=st.exchange_seconds,
         fallbacks=st.fallbacks, fallback_reasons=dict(st.reasons), plans=st.plans,
@@ -866,7 +864,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     text = Path(args.config[1:]).read_text() if args.config.startswith("@") else args.config
     cfg = TrainConfig.from_dict(json.loads(text))
-    write_atomic(args.out, json.dumps(train(cfg)))
+    write_atomic(args.out, train(cfg).to_json())
     return 0
 
 

@@ -17,6 +17,8 @@ from pathlib import Path
 import grpc
 import pytest
 
+from netmoe.app.reference.results import RankResult
+
 from support import wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -147,9 +149,10 @@ def test_compose_trainer_trains_against_the_sidecar_and_exits_0(images: None) ->
         copied = subprocess.run(["docker", "cp", f"{project}-trainer-1:/tmp/result.json", "-"],
                                 capture_output=True, timeout=60)
         assert copied.returncode == 0, copied.stderr
-        result = json.loads(_untar_one(copied.stdout))
-        assert len(result["loss"]) == 3
-        assert result["plans"] > 0 and result["fallbacks"] == 0, result["fallback_reasons"]
+        result = RankResult.from_json(_untar_one(copied.stdout).decode())
+        placed = result.placement
+        assert len(result.loss) == 3 and placed is not None
+        assert placed.plans > 0 and placed.fallbacks == 0, placed.fallback_reasons
         assert "sidecar-1 exited with code 0" in up.stdout
     finally:
         subprocess.run([*compose, "down", "-t", "15"], env=env, capture_output=True,

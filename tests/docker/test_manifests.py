@@ -244,7 +244,7 @@ def scraped(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, list
                              "unregister": False,  # its per-job series are scraped below
                              "cache_dir": str(tmp_path_factory.mktemp("cache"))})
         results = run_ranks(cfg, stall_seconds=300)
-        assert results[0]["experts"]["adopted"] and results[0]["fallbacks"] == 0
+        assert results[0].expert_moves.adopted and results[0].placement.fallbacks == 0
         with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics",
                                     timeout=10) as resp:
             text = resp.read().decode()

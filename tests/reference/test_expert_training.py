@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
@@ -17,6 +16,7 @@ import pytest
 from netmoe.app.cli import build_parser
 from netmoe.app.reference.data import load_corpus
 from netmoe.app.reference.launch import run_ranks
+from netmoe.app.reference.results import RankResult
 from netmoe.app.reference.train import TrainConfig
 from netmoe.server.cli import config_from_args
 from netmoe.trace import load_trace
@@ -28,11 +28,11 @@ TINY = dict(nodes=2, gpus_per_node=2, steps=STEPS, samples_per_device=2, seq_len
             heads=2, layers=3, ffn=32, vocab=512)  # fmt: skip
 
 
-def _merged(results: list[dict[str, Any]]) -> dict[str, list[float]]:
+def _merged(results: list[RankResult]) -> dict[str, list[float]]:
     """Checksums of every parameter of the job: experts from their rank, replicas from rank 0."""
     out: dict[str, list[float]] = {}
     for r in reversed(results):
-        out.update(r["param_checksum"])
+        out.update(r.param_checksum)
     return out
 
 
@@ -57,24 +57,25 @@ def test_adopting_experts_mid_run_keeps_training_identical(tmp_path: Path) -> No
         window = {step: advisor._rounds(per_step, cfg.layers)[0]  # [L, I, E] rows by sample id
                   for step, per_step in advisor._window.items()}
 
-    info = joint[0]["experts"]
-    assert info["adopted"] and not info["error"], info
-    assert all(r["experts"]["maps"] == info["maps"] for r in joint)
-    maps = np.array(info["maps"])
+    info = joint[0].expert_moves
+    assert info.adopted and not info.error, info
+    advice = info.advice
+    assert all(r.expert_moves.advice.maps == advice.maps for r in joint)
+    maps = np.array(advice.maps)
     assert maps.shape == (cfg.layers, cfg.experts)
     assert (np.stack([np.bincount(m, minlength=cfg.world) for m in maps]) == 2).all()
     # The window kept the latest WINDOW steps before the move: fit 1..2, held out 3.
-    assert info["fit_steps"] == [ADOPT_AT - WINDOW, ADOPT_AT - 2]
-    assert info["held_out_steps"] == [ADOPT_AT - 1, ADOPT_AT - 1]
+    assert advice.fit_steps == [ADOPT_AT - WINDOW, ADOPT_AT - 2]
+    assert advice.held_out_steps == [ADOPT_AT - 1, ADOPT_AT - 1]
     # The ranks moved exactly what the service priced: the moved experts' params + Adam state.
-    assert info["moved_experts"] > 0
-    assert sum(r["experts"]["sent_bytes"] for r in joint) == info["migration_bytes"]
-    assert info["migration_bytes"] == info["moved_experts"] * info["bytes_per_expert"]
+    assert advice.moved_experts > 0
+    assert sum(r.expert_moves.sent_bytes for r in joint) == advice.migration_bytes
+    assert advice.migration_bytes == advice.moved_experts * info.bytes_per_expert
     per_expert = 2 * (cfg.d_model * cfg.ffn) + cfg.ffn + cfg.d_model  # fc1, fc2 with biases
-    assert info["bytes_per_expert"] == 3 * 4 * per_expert + 4 * 4  # fp32 param, 2 moments, steps
+    assert info.bytes_per_expert == 3 * 4 * per_expert + 4 * 4  # fp32 param, 2 moments, steps
 
     # Same function: losses, parameters by original expert id, routing by original expert id.
-    np.testing.assert_allclose(joint[0]["loss"], home[0]["loss"], rtol=1e-5)
+    np.testing.assert_allclose(joint[0].loss, home[0].loss, rtol=1e-5)
     want = _merged(home)
     got = _merged(joint)
     assert got.keys() == want.keys()
@@ -99,17 +100,17 @@ def test_adopting_experts_mid_run_keeps_training_identical(tmp_path: Path) -> No
         assert routes is not None and np.array_equal(routes, want_counts), step
 
     # Every round planned, none fell back; the ones after the move under the confirmed maps.
-    assert all(r["fallbacks"] == 0 for r in joint), joint[0]["fallback_reasons"]
-    assert joint[0]["plans"] == STEPS * cfg.layers
+    assert all(r.placement.fallbacks == 0 for r in joint), joint[0].placement.fallback_reasons
+    assert joint[0].placement.plans == STEPS * cfg.layers
     realized = {p: metrics[("netmoe_expert_realized_routes_total",
                             (("job", job), ("placement", p)))]
                 for p in ("joint", "sample_only")}
     assert realized["joint"] > 0 and realized["sample_only"] > 0
     assert metrics[("netmoe_expert_window_steps", (("job", job),))] == WINDOW
     # The routes the ranks counted cover exactly the steps' dispatches and combines.
-    steps = np.asarray([r["step_routes"] for r in joint])  # [ranks, steps, layers, 3]
+    steps = np.asarray([r.step_routes for r in joint])  # [ranks, steps, layers, 3]
     assert steps.shape == (cfg.world, STEPS, cfg.layers, 3)
-    assert (steps.sum(axis=1) == np.asarray([r["routes"] for r in joint])).all()
+    assert (steps.sum(axis=1) == np.asarray([r.routes for r in joint])).all()
 
 
 def test_a_window_too_thin_keeps_the_experts_and_trains_on(tmp_path: Path) -> None:
@@ -124,12 +125,12 @@ def test_a_window_too_thin_keeps_the_experts_and_trains_on(tmp_path: Path) -> No
         runs = run_ranks(dataclasses.replace(cfg, placement="service", server=server.address,
                                              job="thin", adopt_experts_at=1,
                                              expert_placement="force"))  # fmt: skip
-    info = runs[0]["experts"]
-    assert not info["adopted"] and "sent_bytes" not in info
-    assert info["error"].startswith("RecommendExperts: FAILED_PRECONDITION: the window holds 1 "
-                                    "complete step"), info["error"]
-    assert all(r["experts"] == info for r in runs)
-    assert all(r["fallbacks"] == 0 for r in runs) and len(runs[0]["loss"]) == 2
+    info = runs[0].expert_moves
+    assert not info.adopted and info.sent_bytes == 0 and info.advice is None
+    assert info.error.startswith("RecommendExperts: FAILED_PRECONDITION: the window holds 1 "
+                                 "complete step"), info.error
+    assert all(r.expert_moves == info for r in runs)
+    assert all(r.placement.fallbacks == 0 for r in runs) and len(runs[0].loss) == 2
 
 
 def test_expert_options_are_checked() -> None:
@@ -155,8 +156,12 @@ def test_demo_compares_only_the_steps_after_the_move() -> None:
     from netmoe.app.demo_report import routes_between
 
     # 2 ranks, 3 steps, 1 layer: [inter, intra, local] per step.
-    ranks = [{"step_routes": [[[100, 0, 0]], [[1, 2, 3]], [[4, 5, 6]]]},
-             {"step_routes": [[[100, 0, 0]], [[10, 20, 30]], [[40, 50, 60]]]}]
+    per_rank = [[[[100, 0, 0]], [[1, 2, 3]], [[4, 5, 6]]],
+                [[[100, 0, 0]], [[10, 20, 30]], [[40, 50, 60]]]]
+    ranks = [RankResult(rank=r, loss=[0.0] * 3, step_seconds=[0.0] * 3, a2a_seconds=0.0,
+                        control_seconds=0.0, allreduce_seconds=0.0,
+                        routes=np.sum(steps, axis=0).tolist(), step_routes=steps)
+             for r, steps in enumerate(per_rank)]
     got = routes_between(ranks, 1, 2)
     assert (got["inter"], got["intra"], got["local"]) == (55, 77, 99)
     assert got["per_layer"] == [{"inter": 55, "intra": 77, "local": 99}]

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from netmoe.app.reference.results import RankResult
+
 from support import wait_for
 
 
@@ -59,8 +61,10 @@ def test_sigterm_to_launcher_kills_its_ranks() -> None:
 # A rank that finishes `steps` steps of `pace` seconds each (writing its progress as the training
 # ranks do), then sleeps `then` seconds before writing its result: the launcher's view of a rank.
 RANK = """
-import json, os, sys, time
+import os, sys, time
 from pathlib import Path
+
+from netmoe.app.reference.results import RankResult
 
 steps, pace, then = {steps}, {pace}, {then}
 Path(os.environ["PID_DIR"], os.environ["RANK"]).write_text(str(os.getpid()))
@@ -68,12 +72,14 @@ for step in range(1, steps + 1):
     time.sleep(pace)
     Path(os.environ["NETMOE_PROGRESS_FILE"]).write_text(str(step))
 time.sleep(then)
-Path(sys.argv[sys.argv.index("--out") + 1]).write_text(json.dumps({{"rank": os.environ["RANK"]}}))
+Path(sys.argv[sys.argv.index("--out") + 1]).write_text(RankResult(
+    rank=int(os.environ["RANK"]), loss=[], step_seconds=[], a2a_seconds=0.0,
+    control_seconds=0.0, allreduce_seconds=0.0, routes=[], step_routes=[]).to_json())
 """
 
 
 def _launch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, stall: float, **rank: float
-            ) -> list[dict[str, object]]:
+            ) -> list[RankResult]:
     from netmoe.app.reference.launch import run_ranks
     from netmoe.app.reference.train import TrainConfig
 
@@ -90,7 +96,7 @@ def test_a_run_slower_than_the_stall_limit_finishes_while_it_makes_progress(
     started = time.monotonic()
     results = _launch(tmp_path, monkeypatch, stall=6, steps=6, pace=1.5, then=0)
     assert time.monotonic() - started > 6  # longer than the limit in all, never stalled
-    assert [r["rank"] for r in results] == ["0", "1"]
+    assert [r.rank for r in results] == [0, 1]
 
 
 def test_ranks_that_stop_making_progress_fail_the_run_and_are_ended(

@@ -44,29 +44,29 @@ def test_copies_adopted_mid_run_keep_training_identical(home: tuple[TrainConfig,
         advisor_settled(server)
         metrics = scrape(server.metrics_port)
 
-    info = runs[0]["experts"]
-    assert info["adopted"] and info["copies_adopted"] and not info["error"], info
-    assert info["grad_bytes_weighed"] == 0  # force: copies chosen on routes alone
-    copies, maps = info["copies"], np.array(info["maps"])
+    info = runs[0].expert_moves
+    assert info.adopted and info.copies_adopted and not info.error, info
+    assert info.grad_bytes_weighed == 0  # force: copies chosen on routes alone
+    copies, maps = info.copies, np.array(info.advice.maps)
     assert len(copies) == cfg.layers and 0 < sum(map(len, copies)) <= cfg.layers * cfg.world
     for layer, pairs in enumerate(copies):
         devices = [d for _, d in pairs]
         assert len(set(devices)) == len(devices)  # at most one copy per device and layer
         assert all(maps[layer][e] != d for e, d in pairs)
     # Each copy came once from its owner: its parameters and Adam state.
-    sent = sum(r["experts"]["copy_sent_bytes"] for r in runs)
-    assert sent == sum(map(len, copies)) * info["bytes_per_expert"]
-    assert all(r["copy_sync_seconds"] > 0 for r in runs)
+    sent = sum(r.expert_moves.copy_sent_bytes for r in runs)
+    assert sent == sum(map(len, copies)) * info.bytes_per_expert
+    assert all(r.copy_sync_seconds > 0 for r in runs)
 
-    np.testing.assert_allclose(runs[0]["loss"], home_runs[0]["loss"], rtol=1e-5)
-    want = {k: v for r in reversed(home_runs) for k, v in r["param_checksum"].items()}
-    got = {k: v for r in reversed(runs) for k, v in r["param_checksum"].items()}
+    np.testing.assert_allclose(runs[0].loss, home_runs[0].loss, rtol=1e-5)
+    want = {k: v for r in reversed(home_runs) for k, v in r.param_checksum.items()}
+    got = {k: v for r in reversed(runs) for k, v in r.param_checksum.items()}
     assert got.keys() == want.keys()  # copies are not part of the checkpoint
     for name, (_, sq) in want.items():
         if ".experts." in name:
             assert got[name][1] == pytest.approx(sq, rel=1e-4), name
     # Every round planned; those after the move knowing the copies, which never cost routes.
-    assert all(r["fallbacks"] == 0 for r in runs), runs[0]["fallback_reasons"]
+    assert all(r.placement.fallbacks == 0 for r in runs), runs[0].placement.fallback_reasons
     realized = {p: metrics[("netmoe_replica_realized_routes_total",
                             (("job", job), ("placement", p)))] for p in ("replicated", "joint")}
     assert realized["replicated"] <= realized["joint"]
@@ -86,23 +86,23 @@ def test_balanced_copies_route_by_the_confirmed_tables(home: tuple[TrainConfig, 
         advisor_settled(server)
         metrics = scrape(server.metrics_port)
 
-    info = runs[0]["experts"]
-    assert info["adopted"] and info["copies_adopted"] and not info["error"], info
-    tables, maps = np.array(info["route_tables"]), np.array(info["maps"])
+    info = runs[0].expert_moves
+    assert info.adopted and info.copies_adopted and not info.error, info
+    tables, maps = np.array(info.route_tables), np.array(info.advice.maps)
     assert tables.shape == (cfg.layers, cfg.world, cfg.experts)
-    for layer, pairs in enumerate(info["copies"]):
+    for layer, pairs in enumerate(info.copies):
         holders = {e: {int(maps[layer][e])} | {d for c, d in pairs if c == e}
                    for e in range(cfg.experts)}
         assert all(tables[layer, d, e] in holders[e]
                    for d in range(cfg.world) for e in range(cfg.experts))
     # Whichever holder serves a route, the model computes the same function.
-    np.testing.assert_allclose(runs[0]["loss"], home_runs[0]["loss"], rtol=1e-5)
-    assert all(r["fallbacks"] == 0 for r in runs), runs[0]["fallback_reasons"]
+    np.testing.assert_allclose(runs[0].loss, home_runs[0].loss, rtol=1e-5)
+    assert all(r.placement.fallbacks == 0 for r in runs), runs[0].placement.fallback_reasons
     key = (("job", job),)
     assert metrics[("netmoe_expert_realized_load_ratio_count", key)] == (
         (STEPS - ADOPT_AT) * cfg.layers)
     assert metrics[("netmoe_expert_predicted_load_ratio", key)] == pytest.approx(
-        info["load"]["predicted"][0])
+        info.load["predicted"][0])
 
 
 def test_replica_options_are_checked(capsys: pytest.CaptureFixture[str]) -> None:

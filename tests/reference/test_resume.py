@@ -34,7 +34,7 @@ def test_an_interrupted_run_goes_on_from_its_last_saved_state(tmp_path: Path) ->
 
     load_corpus(TINY_TRAIN["vocab"], tmp_path)
     whole = run_ranks(_config(tmp_path, "whole"))
-    assert whole[0]["first_step"] == 0 and not Path(resume_path(str(tmp_path / "whole.pt"))
+    assert whole[0].first_step == 0 and not Path(resume_path(str(tmp_path / "whole.pt"))
                                                     ).exists()
     cfg = _config(tmp_path, "cut")
     saved = Path(resume_path(cfg.save_checkpoint))
@@ -58,8 +58,8 @@ def test_an_interrupted_run_goes_on_from_its_last_saved_state(tmp_path: Path) ->
     cut_at = torch.load(saved, weights_only=True)["step"]
     assert cut_at % EVERY == 0 and 0 < cut_at < STEPS
     again = run_ranks(cfg)
-    assert again[0]["first_step"] == cut_at
-    assert again[0]["loss"] == whole[0]["loss"][cut_at:]
+    assert again[0].first_step == cut_at
+    assert again[0].loss == whole[0].loss[cut_at:]
     assert not saved.exists()
     want = torch.load(tmp_path / "whole.pt", weights_only=True)
     got = torch.load(cfg.save_checkpoint, weights_only=True)

@@ -14,13 +14,14 @@ import pytest
 
 from netmoe.app.reference.data import load_corpus
 from netmoe.app.reference.launch import free_port, run_ranks
+from netmoe.app.reference.results import RankResult
 from netmoe.app.reference.train import TrainConfig
 
 from support import TINY_TRAIN, ServerProcess
 
 
 @pytest.fixture(scope="module")
-def home(tmp_path_factory: pytest.TempPathFactory) -> tuple[TrainConfig, list[dict[str, Any]]]:
+def home(tmp_path_factory: pytest.TempPathFactory) -> tuple[TrainConfig, list[RankResult]]:
     cache = tmp_path_factory.mktemp("netmoe-cache")
     load_corpus(512, cache)
     cfg = TrainConfig(nodes=4, gpus_per_node=2, ep_size=4, cache_dir=str(cache),  # type: ignore[arg-type]
@@ -41,9 +42,9 @@ def _solved(proc: ServerProcess, job: str) -> float:
                if dict(labels) == {"job": job, "outcome": "solved"})
 
 
-def _same_losses(home: list[dict[str, Any]], net: list[dict[str, Any]]) -> None:
+def _same_losses(home: list[RankResult], net: list[RankResult]) -> None:
     for h, n in zip(home, net, strict=True):
-        np.testing.assert_allclose(n["loss"], h["loss"], rtol=1e-5)
+        np.testing.assert_allclose(n.loss, h.loss, rtol=1e-5)
 
 
 def test_each_group_is_planned_by_its_own_service_found_in_the_store(
@@ -59,9 +60,10 @@ def test_each_group_is_planned_by_its_own_service_found_in_the_store(
         sidecars=(a.address, "", b.address, f"127.0.0.1:{free_port()}")))
     _same_losses(base, net)
     rounds = cfg.steps * cfg.layers
-    assert all(r["fallbacks"] == 0 and r["plans"] == rounds for r in net), [
-        (r["fallbacks"], r["fallback_reasons"]) for r in net]
-    assert sum(r["moved"] for r in net) > 0
+    placed = [r.placement for r in net]
+    assert all(p.fallbacks == 0 and p.plans == rounds for p in placed), [
+        (p.fallbacks, p.fallback_reasons) for p in placed]
+    assert sum(p.moved for p in placed) > 0
     # Each service solved its group's rounds and none of the other's.
     assert (_solved(a, job), _solved(b, job)) == (rounds, rounds)
 
@@ -76,10 +78,10 @@ def test_a_group_whose_service_is_down_falls_back_alone(
                                         unregister=False, sidecars=(a.address, "", dead, "")))
     _same_losses(base, net)
     rounds = cfg.steps * cfg.layers
-    assert [r["plans"] for r in net] == [rounds] * 4 + [0] * 4
-    assert [r["fallbacks"] for r in net] == [0] * 4 + [rounds] * 4
+    assert [r.placement.plans for r in net] == [rounds] * 4 + [0] * 4
+    assert [r.placement.fallbacks for r in net] == [0] * 4 + [rounds] * 4
     for r in net[4:]:
-        assert r["fallback_reasons"] == {f"no service: not connected to {dead}": rounds}
+        assert r.placement.fallback_reasons == {f"no service: not connected to {dead}": rounds}
     assert _solved(a, "half-down") == rounds
 
 

@@ -16,6 +16,7 @@ import pytest
 
 from netmoe.app.reference.data import load_corpus
 from netmoe.app.reference.launch import free_port, run_ranks
+from netmoe.app.reference.results import RankResult
 from netmoe.app.reference.train import TrainConfig
 from netmoe.trace import load_trace
 
@@ -40,18 +41,18 @@ def server() -> Any:
         yield handle
 
 
-def _assert_same_training(a: list[dict[str, Any]], b: list[dict[str, Any]]) -> None:
-    np.testing.assert_allclose(b[0]["loss"], a[0]["loss"], rtol=1e-5)
+def _assert_same_training(a: list[RankResult], b: list[RankResult]) -> None:
+    np.testing.assert_allclose(b[0].loss, a[0].loss, rtol=1e-5)
     for ra, rb in zip(a, b, strict=True):
-        assert ra["loss"] == rb["loss"] or np.allclose(ra["loss"], rb["loss"], rtol=1e-5)
-        for name, (s, sq) in ra["param_checksum"].items():
-            s2, sq2 = rb["param_checksum"][name]
+        assert ra.loss == rb.loss or np.allclose(ra.loss, rb.loss, rtol=1e-5)
+        for name, (s, sq) in ra.param_checksum.items():
+            s2, sq2 = rb.param_checksum[name]
             assert sq2 == pytest.approx(sq, rel=1e-4), name
             # A sum of mixed-sign entries may cancel to near zero, so its slack scales with the
             # tensor's norm: Adam turns the float noise of gradients that are zero analytically
             # (attention key biases) into steps of about lr x noise / eps, on any placement.
             assert s2 == pytest.approx(s, rel=1e-3, abs=1e-3 * sq**0.5), name
-    routes = lambda rs: sum(np.asarray(r["routes"]).sum() for r in rs)  # noqa: E731
+    routes = lambda rs: sum(np.asarray(r.routes).sum() for r in rs)  # noqa: E731
     assert routes(a) == routes(b)  # same routing, only the destinations differ
 
 
@@ -73,11 +74,11 @@ def test_service_plans_leave_losses_and_parameters_unchanged(home4: Any, server:
                                         job=f"test-4-{report_by}-{device_counts}",
                                         report_by=report_by, device_counts=device_counts))
     _assert_same_training(home, net)
-    assert all(r["fallbacks"] == 0 for r in net), net[0]["fallback_reasons"]
-    assert net[0]["plans"] == cfg.steps * cfg.layers
-    assert all(s > 0 for s in net[0]["solve_seconds"])
+    assert all(r.placement.fallbacks == 0 for r in net), net[0].placement.fallback_reasons
+    assert net[0].placement.plans == cfg.steps * cfg.layers
+    assert all(s > 0 for s in net[0].placement.solve_seconds)
     # The solver minimises inter-node routes of the gather and the next scatter: never more.
-    inter = lambda rs: sum(np.asarray(r["routes"])[:, 0].sum() for r in rs)  # noqa: E731
+    inter = lambda rs: sum(np.asarray(r.routes)[:, 0].sum() for r in rs)  # noqa: E731
     assert inter(net) <= inter(home)
 
 
@@ -86,7 +87,7 @@ def test_random_plans_move_every_sample_and_trace_is_canonical(home4: Any, tmp_p
     trace = tmp_path / "random.npz"
     rnd = run_ranks(dataclasses.replace(cfg, placement="random", record_trace=str(trace)))
     _assert_same_training(home, rnd)
-    assert rnd[0]["moved"] > 0 and rnd[0]["fallbacks"] == 0
+    assert rnd[0].placement.moved > 0 and rnd[0].placement.fallbacks == 0
     a, b = load_trace(home_trace), load_trace(trace)
     big_i, tokens = cfg.global_samples, cfg.seq_len
     assert a.topk_ids.shape == (cfg.layers, cfg.steps * big_i * tokens, cfg.top_k)
@@ -104,9 +105,9 @@ def test_service_down_still_trains_with_identical_losses(home4: Any) -> None:
     cfg, home, _ = home4
     dead = f"127.0.0.1:{free_port()}"
     down = run_ranks(dataclasses.replace(cfg, placement="service", server=dead))
-    np.testing.assert_allclose(down[0]["loss"], home[0]["loss"], rtol=1e-6)
-    assert all(r["fallbacks"] == cfg.steps * cfg.layers for r in down)
-    assert down[0]["plans"] == 0
+    np.testing.assert_allclose(down[0].loss, home[0].loss, rtol=1e-6)
+    assert all(r.placement.fallbacks == cfg.steps * cfg.layers for r in down)
+    assert down[0].placement.plans == 0
 
 
 @pytest.fixture(scope="module")
@@ -119,7 +120,7 @@ def test_eight_processes_random_plans_equal_home(home8: Any) -> None:
     cfg, home = home8
     rnd = run_ranks(dataclasses.replace(cfg, placement="random"))
     _assert_same_training(home, rnd)
-    assert rnd[0]["moved"] > 0
+    assert rnd[0].placement.moved > 0
 
 
 def test_eight_processes_node_reports_equal_home(home8: Any, server: Any) -> None:
@@ -128,9 +129,10 @@ def test_eight_processes_node_reports_equal_home(home8: Any, server: Any) -> Non
     net = run_ranks(dataclasses.replace(cfg, placement="service", server=server.address,
                                         job="test-8-node", report_by="node"))
     _assert_same_training(home, net)
-    assert all(r["fallbacks"] == 0 and r["plans"] == cfg.steps * cfg.layers for r in net), [
-        (r["fallbacks"], r["fallback_reasons"]) for r in net]
-    assert net[0]["moved"] > 0
+    placed = [r.placement for r in net]
+    assert all(p.fallbacks == 0 and p.plans == cfg.steps * cfg.layers for p in placed), [
+        (p.fallbacks, p.fallback_reasons) for p in placed]
+    assert net[0].placement.moved > 0
 
 
 def test_two_expert_parallel_groups_train_like_home_with_the_service(cache: str, server: Any
@@ -143,14 +145,15 @@ def test_two_expert_parallel_groups_train_like_home_with_the_service(cache: str,
     cfg = TrainConfig(nodes=4, gpus_per_node=2, ep_size=4, cache_dir=cache,  # type: ignore[arg-type]
                       **{**TINY, "steps": 2})
     home = run_ranks(cfg)
-    inter = lambda rs: sum(np.asarray(r["routes"])[:, 0].sum() for r in rs)  # noqa: E731
+    inter = lambda rs: sum(np.asarray(r.routes)[:, 0].sum() for r in rs)  # noqa: E731
     for report_by in ("rank", "node"):
         net = run_ranks(dataclasses.replace(cfg, placement="service", server=server.address,
                                             job=f"test-ep-{report_by}", report_by=report_by))
         _assert_same_training(home, net)
-        assert all(r["fallbacks"] == 0 and r["plans"] == cfg.steps * cfg.layers for r in net), [
-            (r["fallbacks"], r["fallback_reasons"]) for r in net]
-        assert sum(r["moved"] for r in net) > 0
+        placed = [r.placement for r in net]
+        assert all(p.fallbacks == 0 and p.plans == cfg.steps * cfg.layers for p in placed), [
+            (p.fallbacks, p.fallback_reasons) for p in placed]
+        assert sum(p.moved for p in placed) > 0
         for d in range(4):
-            assert net[d]["param_checksum"] == net[4 + d]["param_checksum"]
+            assert net[d].param_checksum == net[4 + d].param_checksum
         assert inter(net) <= inter(home)

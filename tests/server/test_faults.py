@@ -204,19 +204,20 @@ def test_server_killed_and_restarted_during_training(tmp_path: Path) -> None:
     assert isinstance(faulty, list) and isinstance(reference, list)
     rounds = steps * cfg.layers
     for r in faulty:
-        assert r["plans"] + r["fallbacks"] == rounds
-        assert r["fallbacks"] > 0  # no-move rounds while the service was gone
+        assert r.placement.plans + r.placement.fallbacks == rounds
+        assert r.placement.fallbacks > 0  # no-move rounds while the service was gone
         # Every round the restarted service solved was applied: optimized plans resumed.
-        assert r["plans"] >= solved_second >= 4
+        assert r.placement.plans >= solved_second >= 4
     # Placement changes only float summation order; over many AdamW steps that reaches the
     # parameters' last digits, while the loss (a global mean) stays equal to ~1e-6.
     for ref, got in zip(reference, faulty, strict=True):
-        np.testing.assert_allclose(got["loss"], ref["loss"], rtol=1e-5)
-    worst = max(abs(a / b - 1) for a, b in zip(faulty[0]["loss"], reference[0]["loss"],
+        np.testing.assert_allclose(got.loss, ref.loss, rtol=1e-5)
+    worst = max(abs(a / b - 1) for a, b in zip(faulty[0].loss, reference[0].loss,
                                                strict=True))
+    first_rank = faulty[0].placement
     print(f"\nserver restart: killed after {solved_first:.0f} solved rounds, back after "
-          f"{down:.1f} s; {faulty[0]['plans']} of {rounds} layers used plans, "
-          f"{faulty[0]['fallbacks']} fell back {dict(faulty[0]['fallback_reasons'])}; the "
+          f"{down:.1f} s; {first_rank.plans} of {rounds} layers used plans, "
+          f"{first_rank.fallbacks} fell back {dict(first_rank.fallback_reasons)}; the "
           f"restarted service solved {solved_second:.0f} rounds; losses equal the fault-free run "
           f"(max relative difference {worst:.1e}); training took {t_train:.1f} s")
 
