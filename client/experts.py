@@ -93,7 +93,7 @@ def _adam_state(optimizer: torch.optim.Optimizer, p: torch.Tensor) -> dict[str, 
     return state
 
 
-def _expert_tensors(expert: nn.Module, optimizer: torch.optim.Optimizer | None
+def expert_tensors(expert: nn.Module, optimizer: torch.optim.Optimizer | None
                     ) -> list[torch.Tensor]:
     """The tensors that define one expert's training state, in a fixed order: parameters, then
     per parameter its Adam state (exp_avg, exp_avg_sq, [max_exp_avg_sq,] step)."""
@@ -108,7 +108,7 @@ def _expert_tensors(expert: nn.Module, optimizer: torch.optim.Optimizer | None
 def state_bytes(expert: nn.Module, optimizer: torch.optim.Optimizer | None) -> int:
     """Bytes of one expert's parameters plus optimizer state: what `adopt` moves per expert
     (the migration cost the placement service weighs)."""
-    return sum(t.numel() * t.element_size() for t in _expert_tensors(expert, optimizer))
+    return sum(t.numel() * t.element_size() for t in expert_tensors(expert, optimizer))
 
 
 def adopt(
@@ -132,7 +132,7 @@ def adopt(
         a = np.array(old.label[layer], dtype=np.int64)  # old label of original expert e
         b = np.array(new.label[layer], dtype=np.int64)
         slots = [moe.experts[str(label)] for label in range(device * per, (device + 1) * per)]
-        tensors = [_expert_tensors(e, optimizer) for e in slots]
+        tensors = [expert_tensors(e, optimizer) for e in slots]
         flat = [torch.cat([t.reshape(-1).to(torch.float64) for t in ts]) for ts in tensors]
         size = flat[0].numel()
         # Send: this rank's experts (by old label order) grouped by destination rank.

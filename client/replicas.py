@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from netmoe.client.experts import ExpertTable, _expert_tensors
+from netmoe.client.experts import ExpertTable, expert_tensors
 from netmoe.round import copy_route_table
 
 Copies = tuple[tuple[tuple[int, int], ...], ...]  # [L] sorted (label, rank) copies
@@ -140,11 +140,11 @@ def adopt_copies(
         if not created:
             continue
         template = experts[next(iter(experts.keys()))]
-        size = sum(t.numel() for t in _expert_tensors(template, optimizer))
+        size = sum(t.numel() for t in expert_tensors(template, optimizer))
         mine = sorted((c for c in created if c[0] // per == device), key=lambda c: (c[1], c[0]))
         send = torch.stack([
             torch.cat([t.reshape(-1).to(torch.float64)
-                       for t in _expert_tensors(experts[str(label)], optimizer)])
+                       for t in expert_tensors(experts[str(label)], optimizer)])
             for label, _ in mine
         ]) if mine else torch.zeros((0, size), dtype=torch.float64)
         send_splits = np.bincount([d for _, d in mine], minlength=new.ep_size).tolist()
@@ -153,7 +153,7 @@ def adopt_copies(
         recv = send.new_empty((len(incoming), size))
         dist.all_to_all_single(recv, send, recv_splits, send_splits, group=group)
         sent_bytes += len(mine) * sum(t.numel() * t.element_size()
-                                      for t in _expert_tensors(template, optimizer))
+                                      for t in expert_tensors(template, optimizer))
         for row, (label, _) in enumerate(incoming):
             module = copy.deepcopy(template)
             for p in module.parameters():
@@ -164,7 +164,7 @@ def adopt_copies(
                             .items() if k != "params"}
                 optimizer.add_param_group({"params": list(module.parameters()), **settings})
             offset = 0
-            for t in _expert_tensors(module, optimizer):
+            for t in expert_tensors(module, optimizer):
                 t.copy_(recv[row, offset:offset + t.numel()].view_as(t).to(t.dtype))
                 offset += t.numel()
     return sent_bytes

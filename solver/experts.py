@@ -263,7 +263,7 @@ def _layer_counts(
             for counts in rounds]
 
 
-def _place_samples(
+def place_samples(
     topo: Topology, rounds: list[np.ndarray], maps: np.ndarray
 ) -> tuple[list[list[np.ndarray]], Objective]:
     """Samples given experts: place[r][p] = device [I_r] of each sample of round r in pair p,
@@ -324,13 +324,13 @@ def _alternate(
     max_iters: int,
 ) -> tuple[np.ndarray, list[Objective]]:
     maps = start
-    place, objective = _place_samples(topo, rounds, maps)
+    place, objective = place_samples(topo, rounds, maps)
     history = [objective]
     for _ in range(max_iters):
         new = _place_experts(topo, rounds, place, capacity, prefer)
         if np.array_equal(new, maps):
             break
-        new_place, new_objective = _place_samples(topo, rounds, new)
+        new_place, new_objective = place_samples(topo, rounds, new)
         # Both stages are exact for inter-node routes, so inter never rises; intra can, when a
         # stage trades it for nothing. Keeping only strict improvements makes the run monotone.
         if new_objective >= objective:
@@ -422,7 +422,7 @@ def fit_experts(
     best_maps, objective = ends[best], runs[best].final
     renamed = _relabel(topo, best_maps, now, cap)
     if not np.array_equal(renamed, best_maps):
-        _, renamed_objective = _place_samples(topo, data, renamed)
+        _, renamed_objective = place_samples(topo, data, renamed)
         if renamed_objective <= objective:
             best_maps, objective = renamed, renamed_objective
     return ExpertFit(

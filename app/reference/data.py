@@ -95,7 +95,9 @@ def _split_source(text: str) -> tuple[str, list[str]]:
     return code, docs
 
 
-def _raw_texts() -> dict[str, str]:
+def raw_texts() -> dict[str, str]:
+    """The demo corpus's three domains as text: "code" (the standard library's sources without
+    docstrings), "docstrings" (theirs), "docs" (pydoc's topics)."""
     from pydoc_data.topics import topics
 
     code, docs = [], []
@@ -115,7 +117,7 @@ def build_corpus(vocab_size: int = 2048) -> Corpus:
     """Read the standard library and tokenize it (a few seconds)."""
     if vocab_size < 300:
         raise ValueError(f"vocab_size must be at least 300, got {vocab_size}")
-    texts = _raw_texts()
+    texts = raw_texts()
     pieces = {d: _SPLIT.findall(texts[d]) for d in DOMAINS}
     chars = Counter(ch for d in DOMAINS for ch in texts[d])
     char_tokens = [c for c, _ in sorted(chars.items(), key=lambda kv: (-kv[1], kv[0]))][:200]

@@ -99,7 +99,7 @@ def _tokenizer_files(model_dir: str) -> list[Path]:
 def load_hf_corpus(model_dir: str, vocab_size: int, cache_dir: str | None) -> Corpus:
     """The demo corpus as ids of model_dir's tokenizer (cached by the tokenizer files' hash),
     or the demo's own ids without one. Raises ValueError if the ids exceed vocab_size."""
-    from netmoe.app.reference.data import _raw_texts, default_cache_dir, load_corpus
+    from netmoe.app.reference.data import default_cache_dir, load_corpus, raw_texts
 
     files = _tokenizer_files(model_dir)
     if not files:
@@ -115,7 +115,7 @@ def load_hf_corpus(model_dir: str, vocab_size: int, cache_dir: str | None) -> Co
         from transformers import AutoTokenizer
 
         tok = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
-        texts = _raw_texts()
+        texts = raw_texts()
         streams = {d: np.asarray(tok(texts[d])["input_ids"], dtype=np.int32) for d in DOMAINS}
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".{os.getpid()}.tmp.npz")

@@ -214,7 +214,7 @@ def test_demo_corpus_is_tokenised_by_the_checkpoint_tokenizer(tmp_path: Path) ->
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-    from netmoe.app.reference.data import DOMAINS, _raw_texts
+    from netmoe.app.reference.data import DOMAINS, raw_texts
     from netmoe.app.reference.hf_demo import load_hf_corpus, tiny_config
 
     words = ["[UNK]", "def", "the", "self", "return", "(", ")", ":", "=", "a", "of", "to", "in"]
@@ -223,7 +223,7 @@ def test_demo_corpus_is_tokenised_by_the_checkpoint_tokenizer(tmp_path: Path) ->
     PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]").save_pretrained(tmp_path)
     tiny_config("mixtral", vocab=VOCAB, hidden=16).save_pretrained(tmp_path)
     corpus = load_hf_corpus(str(tmp_path), VOCAB, str(tmp_path / "cache"))
-    want = AutoTokenizer.from_pretrained(tmp_path)(_raw_texts()["docs"])["input_ids"]
+    want = AutoTokenizer.from_pretrained(tmp_path)(raw_texts()["docs"])["input_ids"]
     assert corpus.streams["docs"].tolist() == want
     assert set(corpus.streams) == set(DOMAINS)
     with pytest.raises(ValueError, match=r"tokenizer gives ids up to 12, beyond its model's "

@@ -12,12 +12,12 @@ import pytest
 from netmoe.solver import Topology
 from netmoe.solver.experts import (
     _place_experts,
-    _place_samples,
     _relabel,
     advise,
     evaluate_experts,
     fit_experts,
     migration,
+    place_samples,
     recommend,
 )
 from netmoe.trace import load_trace, sample_counts
@@ -120,7 +120,7 @@ def test_expert_step_is_exact_given_samples(seed):
     topo = Topology(3, 1, 6)
     rounds = [rng.integers(0, 5, (3, 6, 6)) for _ in range(2)]
     start = np.stack([rng.permutation(topo.expert_device) for _ in range(3)])
-    place, _ = _place_samples(topo, rounds, start)
+    place, _ = place_samples(topo, rounds, start)
     capacity = np.full(3, 2, dtype=np.int64)
     maps = _place_experts(topo, rounds, place, capacity, start)
     candidates = _balanced(6, 3)

@@ -12,7 +12,7 @@ import pytest
 
 from netmoe.solver import Topology, solve
 from netmoe.solver.cost import traffic
-from netmoe.solver.experts import _place_samples, evaluate_experts, fit_experts
+from netmoe.solver.experts import evaluate_experts, fit_experts, place_samples
 from netmoe.solver.replicas import (
     _choose_copies,
     check_copies,
@@ -161,7 +161,7 @@ def test_copy_step_is_exact_given_samples(gpus, sync, seed):
     topo = Topology(2, gpus, 4)
     rounds = [rng.integers(0, 4, (3, 4, 4)) for _ in range(2)]
     maps = np.stack([rng.permutation(topo.expert_device) for _ in range(3)])
-    place, _ = _place_samples(topo, rounds, maps)
+    place, _ = place_samples(topo, rounds, maps)
     chosen = _choose_copies(topo, rounds, place, maps, 1, 1, sync)
     for layer in range(3):
         base = np.zeros((4, topo.devices), dtype=bool)
