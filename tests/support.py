@@ -36,6 +36,23 @@ TINY_TRAIN = dict(steps=3, samples_per_device=2, seq_len=16, d_model=32, heads=2
                   ffn=32, vocab=512)  # fmt: skip
 
 
+def assert_same_training(a: list[Any], b: list[Any]) -> None:
+    """Two runs of RankResults (netmoe.app.reference.results) trained alike: losses, parameter
+    checksums and routes per rank equal within float summation noise."""
+    np.testing.assert_allclose(b[0].loss, a[0].loss, rtol=1e-5)
+    for ra, rb in zip(a, b, strict=True):
+        assert ra.loss == rb.loss or np.allclose(ra.loss, rb.loss, rtol=1e-5)
+        for name, (s, sq) in ra.param_checksum.items():
+            s2, sq2 = rb.param_checksum[name]
+            assert sq2 == pytest.approx(sq, rel=1e-4), name
+            # A sum of mixed-sign entries may cancel to near zero, so its slack scales with the
+            # tensor's norm: Adam turns the float noise of gradients that are zero analytically
+            # (attention key biases) into steps of about lr x noise / eps, on any placement.
+            assert s2 == pytest.approx(s, rel=1e-3, abs=1e-3 * sq**0.5), name
+    routes = lambda rs: sum(np.asarray(r.routes).sum() for r in rs)  # noqa: E731
+    assert routes(a) == routes(b)  # same routing, only the destinations differ
+
+
 @contextmanager
 def gloo_group(rank: int, world: int, port: int,
                timeout: timedelta | None = None) -> Iterator[None]:

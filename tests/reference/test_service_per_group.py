@@ -9,24 +9,12 @@ import re
 from collections.abc import Iterator
 from typing import Any
 
-import numpy as np
 import pytest
 
-from netmoe.app.reference.data import load_corpus
 from netmoe.app.reference.launch import free_port, run_ranks
-from netmoe.app.reference.results import RankResult
 from netmoe.app.reference.train import TrainConfig
 
-from support import TINY_TRAIN, ServerProcess
-
-
-@pytest.fixture(scope="module")
-def home(tmp_path_factory: pytest.TempPathFactory) -> tuple[TrainConfig, list[RankResult]]:
-    cache = tmp_path_factory.mktemp("netmoe-cache")
-    load_corpus(512, cache)
-    cfg = TrainConfig(nodes=4, gpus_per_node=2, ep_size=4, cache_dir=str(cache),  # type: ignore[arg-type]
-                      **{**TINY_TRAIN, "steps": 2})
-    return cfg, run_ranks(cfg)
+from support import ServerProcess, assert_same_training
 
 
 @pytest.fixture(scope="module")
@@ -42,23 +30,20 @@ def _solved(proc: ServerProcess, job: str) -> float:
                if dict(labels) == {"job": job, "outcome": "solved"})
 
 
-def _same_losses(home: list[RankResult], net: list[RankResult]) -> None:
-    for h, n in zip(home, net, strict=True):
-        np.testing.assert_allclose(n.loss, h.loss, rtol=1e-5)
-
-
 def test_each_group_is_planned_by_its_own_service_found_in_the_store(
-        home: Any, sidecars: tuple[ServerProcess, ServerProcess]) -> None:
+        two_groups: Any, sidecars: tuple[ServerProcess, ServerProcess]) -> None:
     """Node reports: each node's report goes to its group's service (per-rank reports run in
     the test below)."""
-    cfg, base = home
+    cfg, base = two_groups
     a, b = sidecars
     job = "per-group"
     # Only the groups' first nodes (0 and 2) publish; nodes 1 and 3 name sidecars nobody uses.
     net = run_ranks(dataclasses.replace(
         cfg, placement="service", job=job, report_by="node", unregister=False,
         sidecars=(a.address, "", b.address, f"127.0.0.1:{free_port()}")))
-    _same_losses(base, net)
+    assert_same_training(base, net)
+    for d in range(4):  # the two groups' holders of the same experts summed their gradients
+        assert net[d].param_checksum == net[4 + d].param_checksum
     rounds = cfg.steps * cfg.layers
     placed = [r.placement for r in net]
     assert all(p.fallbacks == 0 and p.plans == rounds for p in placed), [
@@ -69,14 +54,14 @@ def test_each_group_is_planned_by_its_own_service_found_in_the_store(
 
 
 def test_a_group_whose_service_is_down_falls_back_alone(
-        home: Any, sidecars: tuple[ServerProcess, ServerProcess]) -> None:
+        two_groups: Any, sidecars: tuple[ServerProcess, ServerProcess]) -> None:
     """Per-rank reports: every rank of the group whose service is down names the reason."""
-    cfg, base = home
+    cfg, base = two_groups
     a, _ = sidecars
     dead = f"127.0.0.1:{free_port()}"
     net = run_ranks(dataclasses.replace(cfg, placement="service", job="half-down",
                                         unregister=False, sidecars=(a.address, "", dead, "")))
-    _same_losses(base, net)
+    assert_same_training(base, net)
     rounds = cfg.steps * cfg.layers
     assert [r.placement.plans for r in net] == [rounds] * 4 + [0] * 4
     assert [r.placement.fallbacks for r in net] == [0] * 4 + [rounds] * 4

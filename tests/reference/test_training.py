@@ -20,7 +20,7 @@ from netmoe.app.reference.results import RankResult
 from netmoe.app.reference.train import TrainConfig
 from netmoe.trace import load_trace
 
-from support import TINY_TRAIN
+from support import TINY_TRAIN, assert_same_training
 
 TINY = TINY_TRAIN
 
@@ -41,21 +41,6 @@ def server() -> Any:
         yield handle
 
 
-def _assert_same_training(a: list[RankResult], b: list[RankResult]) -> None:
-    np.testing.assert_allclose(b[0].loss, a[0].loss, rtol=1e-5)
-    for ra, rb in zip(a, b, strict=True):
-        assert ra.loss == rb.loss or np.allclose(ra.loss, rb.loss, rtol=1e-5)
-        for name, (s, sq) in ra.param_checksum.items():
-            s2, sq2 = rb.param_checksum[name]
-            assert sq2 == pytest.approx(sq, rel=1e-4), name
-            # A sum of mixed-sign entries may cancel to near zero, so its slack scales with the
-            # tensor's norm: Adam turns the float noise of gradients that are zero analytically
-            # (attention key biases) into steps of about lr x noise / eps, on any placement.
-            assert s2 == pytest.approx(s, rel=1e-3, abs=1e-3 * sq**0.5), name
-    routes = lambda rs: sum(np.asarray(r.routes).sum() for r in rs)  # noqa: E731
-    assert routes(a) == routes(b)  # same routing, only the destinations differ
-
-
 @pytest.fixture(scope="module")
 def home4(cache: str, tmp_path_factory: pytest.TempPathFactory) -> tuple[TrainConfig, Any, Path]:
     trace = tmp_path_factory.mktemp("trace") / "home.npz"
@@ -73,7 +58,7 @@ def test_service_plans_leave_losses_and_parameters_unchanged(home4: Any, server:
     net = run_ranks(dataclasses.replace(cfg, placement="service", server=server.address,
                                         job=f"test-4-{report_by}-{device_counts}",
                                         report_by=report_by, device_counts=device_counts))
-    _assert_same_training(home, net)
+    assert_same_training(home, net)
     assert all(r.placement.fallbacks == 0 for r in net), net[0].placement.fallback_reasons
     assert net[0].placement.plans == cfg.steps * cfg.layers
     assert all(s > 0 for s in net[0].placement.solve_seconds)
@@ -86,7 +71,7 @@ def test_random_plans_move_every_sample_and_trace_is_canonical(home4: Any, tmp_p
     cfg, home, home_trace = home4
     trace = tmp_path / "random.npz"
     rnd = run_ranks(dataclasses.replace(cfg, placement="random", record_trace=str(trace)))
-    _assert_same_training(home, rnd)
+    assert_same_training(home, rnd)
     assert rnd[0].placement.moved > 0 and rnd[0].placement.fallbacks == 0
     a, b = load_trace(home_trace), load_trace(trace)
     big_i, tokens = cfg.global_samples, cfg.seq_len
@@ -119,7 +104,7 @@ def home8(cache: str) -> tuple[TrainConfig, Any]:
 def test_eight_processes_random_plans_equal_home(home8: Any) -> None:
     cfg, home = home8
     rnd = run_ranks(dataclasses.replace(cfg, placement="random"))
-    _assert_same_training(home, rnd)
+    assert_same_training(home, rnd)
     assert rnd[0].placement.moved > 0
 
 
@@ -128,32 +113,29 @@ def test_eight_processes_node_reports_equal_home(home8: Any, server: Any) -> Non
     cfg, home = home8
     net = run_ranks(dataclasses.replace(cfg, placement="service", server=server.address,
                                         job="test-8-node", report_by="node"))
-    _assert_same_training(home, net)
+    assert_same_training(home, net)
     placed = [r.placement for r in net]
     assert all(p.fallbacks == 0 and p.plans == cfg.steps * cfg.layers for p in placed), [
         (p.fallbacks, p.fallback_reasons) for p in placed]
     assert net[0].placement.moved > 0
 
 
-def test_two_expert_parallel_groups_train_like_home_with_the_service(cache: str, server: Any
-                                                                     ) -> None:
-    """8 ranks on 4 nodes x 2 as two EP groups of 4 (2 nodes each), data parallel across them:
-    each group gets its own plans, losses and parameters equal home, and the ranks holding the
-    same experts in the two groups end with the same weights (their gradients were summed).
-    Two steps, like the 8-process test above: parameters whose gradient is zero analytically
-    (attention key biases) take Adam steps from float summation noise, which grows per step."""
-    cfg = TrainConfig(nodes=4, gpus_per_node=2, ep_size=4, cache_dir=cache,  # type: ignore[arg-type]
-                      **{**TINY, "steps": 2})
-    home = run_ranks(cfg)
+def test_two_expert_parallel_groups_train_like_home_with_the_service(
+        two_groups: tuple[TrainConfig, list[RankResult]], server: Any) -> None:
+    """8 ranks on 4 nodes x 2 as two EP groups of 4 (2 nodes each), data parallel across them,
+    one service for both, per-rank reports (node reports, one service per group:
+    test_service_per_group): each group gets its own plans, losses and parameters equal home,
+    and the ranks holding the same experts in the two groups end with the same weights (their
+    gradients were summed)."""
+    cfg, home = two_groups
     inter = lambda rs: sum(np.asarray(r.routes)[:, 0].sum() for r in rs)  # noqa: E731
-    for report_by in ("rank", "node"):
-        net = run_ranks(dataclasses.replace(cfg, placement="service", server=server.address,
-                                            job=f"test-ep-{report_by}", report_by=report_by))
-        _assert_same_training(home, net)
-        placed = [r.placement for r in net]
-        assert all(p.fallbacks == 0 and p.plans == cfg.steps * cfg.layers for p in placed), [
-            (p.fallbacks, p.fallback_reasons) for p in placed]
-        assert sum(p.moved for p in placed) > 0
-        for d in range(4):
-            assert net[d].param_checksum == net[4 + d].param_checksum
-        assert inter(net) <= inter(home)
+    net = run_ranks(dataclasses.replace(cfg, placement="service", server=server.address,
+                                        job="test-ep-rank", report_by="rank"))
+    assert_same_training(home, net)
+    placed = [r.placement for r in net]
+    assert all(p.fallbacks == 0 and p.plans == cfg.steps * cfg.layers for p in placed), [
+        (p.fallbacks, p.fallback_reasons) for p in placed]
+    assert sum(p.moved for p in placed) > 0
+    for d in range(4):
+        assert net[d].param_checksum == net[4 + d].param_checksum
+    assert inter(net) <= inter(home)
