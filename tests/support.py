@@ -53,6 +53,15 @@ def assert_same_training(a: list[Any], b: list[Any]) -> None:
     assert routes(a) == routes(b)  # same routing, only the destinations differ
 
 
+def assert_planned(results: list[Any], rounds: int) -> None:
+    """Every rank's RankResult applied a plan in each of its rounds (no fallback) and the plans
+    moved some samples."""
+    placed = [r.placement for r in results]
+    assert all(p.fallbacks == 0 and p.plans == rounds for p in placed), [
+        (p.fallbacks, p.fallback_reasons) for p in placed]
+    assert sum(p.moved for p in placed) > 0
+
+
 @contextmanager
 def gloo_group(rank: int, world: int, port: int,
                timeout: timedelta | None = None) -> Iterator[None]:

@@ -20,7 +20,7 @@ from netmoe.app.reference.results import RankResult
 from netmoe.app.reference.train import TrainConfig
 from netmoe.trace import load_trace
 
-from support import TINY_TRAIN, assert_same_training
+from support import TINY_TRAIN, assert_planned, assert_same_training
 
 TINY = TINY_TRAIN
 
@@ -114,9 +114,7 @@ def test_eight_processes_node_reports_equal_home(home8: Any, server: Any) -> Non
     net = run_ranks(dataclasses.replace(cfg, placement="service", server=server.address,
                                         job="test-8-node", report_by="node"))
     assert_same_training(home, net)
-    placed = [r.placement for r in net]
-    assert all(p.fallbacks == 0 and p.plans == cfg.steps * cfg.layers for p in placed), [
-        (p.fallbacks, p.fallback_reasons) for p in placed]
+    assert_planned(net, cfg.steps * cfg.layers)
     assert net[0].placement.moved > 0
 
 
@@ -132,10 +130,7 @@ def test_two_expert_parallel_groups_train_like_home_with_the_service(
     net = run_ranks(dataclasses.replace(cfg, placement="service", server=server.address,
                                         job="test-ep-rank", report_by="rank"))
     assert_same_training(home, net)
-    placed = [r.placement for r in net]
-    assert all(p.fallbacks == 0 and p.plans == cfg.steps * cfg.layers for p in placed), [
-        (p.fallbacks, p.fallback_reasons) for p in placed]
-    assert sum(p.moved for p in placed) > 0
+    assert_planned(net, cfg.steps * cfg.layers)
     for d in range(4):
         assert net[d].param_checksum == net[4 + d].param_checksum
     assert inter(net) <= inter(home)
