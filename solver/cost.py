@@ -113,31 +113,49 @@ def device_counts(topo: Topology, counts: np.ndarray) -> np.ndarray:
 
 
 def node_counts(topo: Topology, dev_counts: np.ndarray) -> np.ndarray:
-    """[I, N] int64 from device_counts [I, J]: devices of a node are consecutive."""
-    return _group_sums(dev_counts, topo.gpus_per_node)
+    """[I, N] int64 from device_counts [I, J], or from by_device [I, J * k]: devices of a node
+    are consecutive."""
+    return _group_sums(dev_counts, dev_counts.shape[1] // topo.nodes)
+
+
+def by_device(topo: Topology, counts: np.ndarray) -> np.ndarray:
+    """[I, J * k] int64: counts [I, E] with columns grouped by device, k per device.
+
+    counts itself (no copy) when the expert map is sorted with k experts on every device, the
+    common map; else device_counts (k = 1). node_counts and own_node take either form, so a
+    solve need not build the [I, J] device counts, whose fresh 8 MB at I = 4096, J = 256 cost
+    more in page faults than their sums (measured: two such arrays 10 ms, one 2 ms).
+    """
+    sizes = np.diff(topo.experts_by_device[1])
+    if topo.map_sorted and sizes.min() == sizes.max() > 0:
+        return counts
+    return device_counts(topo, counts)
+
+
+def own_node(topo: Topology, grouped: np.ndarray, node: np.ndarray) -> np.ndarray:
+    """[I, G] int64: routes of each row to each device of node[i]. grouped: [I, J * k] int64
+    from by_device; node: [I] int64. Reads I * G * k entries, not the whole matrix."""
+    rows, g = len(node), topo.gpus_per_node
+    per = grouped.shape[1] // topo.devices
+    # take on the rows' node blocks: 3x faster than indexing [rows, node] (measured, 4096 x 16).
+    own = np.take(grouped.reshape(rows * topo.nodes, g * per), np.arange(rows) * topo.nodes + node,
+                  axis=0)
+    return _group_sums(own, per)
 
 
 def channel_routes(
-    topo: Topology, device: np.ndarray, dev_counts: np.ndarray, total: int | None = None,
-    on_node: np.ndarray | None = None,
+    topo: Topology, device: np.ndarray, grouped: np.ndarray, total: int | None = None
 ) -> tuple[int, int, int]:
     """(inter, intra, local) routes of one All-to-All.
 
-    device: [I] int64 placement; dev_counts: [I, J] int64 from device_counts; total: its sum,
-    and on_node: [I, N] int64 its node_counts, when the caller has them (they do not depend on
-    the placement).
+    device: [I] int64 placement; grouped: [I, J * k] int64 routes by device (device_counts, or
+    by_device); total: its sum, when the caller has it (it does not depend on the placement).
     """
-    rows = np.arange(len(device))
-    g = topo.gpus_per_node
-    if on_node is None:
-        own = dev_counts.reshape(len(device), topo.nodes, g)[rows, device // g]  # [I, G]
-        on_own_node = int(own.sum())
-        local = int(own[rows, device % g].sum())
-    else:
-        on_own_node = int(on_node[rows, device // g].sum())
-        local = int(dev_counts[rows, device].sum())
+    own = own_node(topo, grouped, device // topo.gpus_per_node)  # [I, G]
+    on_own_node = int(own.sum())
+    local = int(own[np.arange(len(device)), device % topo.gpus_per_node].sum())
     if total is None:
-        total = int(dev_counts.sum())
+        total = int(grouped.sum())
     return total - on_own_node, on_own_node - local, local
 
 

@@ -12,17 +12,19 @@ from netmoe.round import FEASIBLE, OPTIMAL, Traffic, home_placement, rows_held
 
 from .cost import (
     bottleneck_routes,
+    by_device,
     channel_routes,
     check_counts,
     check_placement,
     device_counts,
     node_counts,
+    own_node,
     traffic_from_routes,
     traffic_of,
 )
 from .exact import solve_bottleneck, solve_joint
 from .topology import Topology
-from .two_stage import place_two_stage
+from .two_stage import place_stages
 
 Objective = Literal["volume", "bottleneck"]
 Method = Literal["two_stage", "joint"]
@@ -100,27 +102,24 @@ class _Counts:
     topo: the cluster the models run on; with two expert maps topo.per_device(), one
     pseudo-expert per device (every cost depends on the counts only through routes per device).
     mats: the models' [I, E] int64 route matrices in topo's experts, the gather's, then the
-    scatter's when there is one. gathered: [I, J] int64 the gather's device counts; summed:
-    [I, J] int64 the gather's plus the scatter's, None without a scatter. on_node: [I, N] int64
-    node counts of `both`.
+    scatter's when there is one. grouped: the same per All-to-All as [I, J * k] int64 routes
+    grouped by device (cost.by_device: mats themselves for the common map). on_node: [I, N]
+    int64 node counts of both All-to-Alls. totals: each All-to-All's sum of routes.
     """
 
     topo: Topology
     mats: list[np.ndarray]
-    gathered: np.ndarray
-    summed: np.ndarray | None
+    grouped: list[np.ndarray]
     on_node: np.ndarray
+    totals: list[int]
 
-    @property
-    def both(self) -> np.ndarray:
-        """[I, J] int64 device counts of both All-to-Alls (the gather's alone without scatter)."""
-        return self.gathered if self.summed is None else self.summed
+    def within(self, node: np.ndarray) -> np.ndarray:
+        """[I, G] int64 routes of both All-to-Alls to each device of node[i]; node: [I] int64."""
+        return sum(own_node(self.topo, m, node) for m in self.grouped)  # type: ignore[return-value]
 
     def per_all_to_all(self) -> list[np.ndarray]:
         """[I, J] int64 device counts of each All-to-All: the gather's, then the scatter's."""
-        if self.summed is None:
-            return [self.gathered]
-        return [self.gathered, self.summed - self.gathered]
+        return [device_counts(self.topo, m) for m in self.mats]
 
 
 @dataclass(frozen=True, eq=False)
@@ -176,20 +175,17 @@ def _check_input(topo: Topology, gather: object, scatter: object | None, home: o
 
 
 def _counts(topos: list[Topology], mats: list[np.ndarray]) -> _Counts:
-    """Device and node counts of the route matrices, each costed with its own topology."""
+    """Node counts and totals of the route matrices, each costed with its own topology."""
     topo = topos[0]
-    gathered = device_counts(topo, mats[0])
-    summed = None
-    if len(mats) > 1:
-        # The scatter's device counts take the gather's in place: one [I, J] array less to
-        # allocate and fill. The scatter's own counts are summed - gathered, wherever needed.
-        summed = device_counts(topos[1], mats[1])
-        summed += gathered
     if any(t is not topo for t in topos):
         # With two expert maps the exact models run on the device counts.
-        topo, mats = topo.per_device(), [gathered, summed - gathered]
-    both = gathered if summed is None else summed
-    return _Counts(topo, mats, gathered, summed, node_counts(topo, both))
+        mats = [device_counts(t, m) for t, m in zip(topos, mats, strict=True)]
+        topo = topo.per_device()
+    grouped = [by_device(topo, m) for m in mats]
+    per_node = [node_counts(topo, m) for m in grouped]
+    on_node = per_node[0] if len(per_node) == 1 else per_node[0] + per_node[1]
+    # Sums over every row and device: the node counts hold them at 1/J of the size or less.
+    return _Counts(topo, mats, grouped, on_node, [int(n.sum()) for n in per_node])
 
 
 def _place(counts: _Counts, base: np.ndarray, objective: Objective, method: Method,
@@ -197,7 +193,7 @@ def _place(counts: _Counts, base: np.ndarray, objective: Objective, method: Meth
     """The two-stage placement, improved by CP-SAT where the objective or method asks for it
     (kept only where it does better: CP-SAT may stop at the deadline with a worse one)."""
     topo, mats = counts.topo, counts.mats
-    device = place_two_stage(topo, counts.both, base, on_node=counts.on_node)
+    device = place_stages(topo, counts.on_node, counts.within, base)
     if objective == "bottleneck":
         res = solve_bottleneck(topo, mats, base, device, until, workers)
         if bottleneck_routes(topo, res.device, *mats) <= bottleneck_routes(topo, device, *mats):
@@ -217,11 +213,7 @@ def _plan(counts: _Counts, base: np.ndarray, placed: _Placed, objective: Objecti
           elapsed: float) -> Plan:
     """The Plan of a placement: its rows' moves, and routes and time before and after."""
     device, j = placed.device, counts.topo.devices
-    # Sums over every row and device: the node counts hold them at 1/G of the size.
-    totals = [int(counts.on_node.sum())]
-    if counts.summed is not None:
-        totals.insert(0, int(counts.gathered.sum()))
-    after = _traffic(counts, device, totals)
+    after = _traffic(counts, device)
     if objective == "volume":
         value = after.seconds
     else:
@@ -231,7 +223,7 @@ def _plan(counts: _Counts, base: np.ndarray, placed: _Placed, objective: Objecti
         home=tuple(base.tolist()),
         moved=int((device != base).sum()),
         rows_held=tuple(rows_held(device, j, base)),
-        before=_traffic(counts, base, totals),
+        before=_traffic(counts, base),
         after=after,
         objective=objective,
         method=placed.method,
@@ -243,19 +235,12 @@ def _plan(counts: _Counts, base: np.ndarray, placed: _Placed, objective: Objecti
     )
 
 
-def _traffic(counts: _Counts, device: np.ndarray, totals: list[int]) -> Traffic:
-    """traffic_of for the gather's device counts and, with a scatter, their sum with the
-    scatter's: the scatter's routes are the difference, each route count being linear in the
-    counts. device: [I] int64; totals: the sums of the gather's and (with a scatter) both
-    All-to-Alls' counts."""
-    topo, on_node = counts.topo, counts.on_node
-    if counts.summed is None:
-        return traffic_from_routes(
-            topo, [channel_routes(topo, device, counts.gathered, totals[0], on_node)])
-    first = channel_routes(topo, device, counts.gathered, totals[0])
-    both = channel_routes(topo, device, counts.summed, totals[1], on_node)
-    second = tuple(b - a for a, b in zip(first, both, strict=True))
-    return traffic_from_routes(topo, [first, second])
+def _traffic(counts: _Counts, device: np.ndarray) -> Traffic:
+    """traffic_of the placement device ([I] int64), from the grouped counts and their totals."""
+    return traffic_from_routes(counts.topo, [
+        channel_routes(counts.topo, device, m, total)
+        for m, total in zip(counts.grouped, counts.totals, strict=True)
+    ])
 
 
 def _scatter_topology(topo: Topology, other: Topology | None) -> Topology:

@@ -8,6 +8,8 @@ device) among equal-cost choices, so rows move only when moving saves routes.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 
 from .cost import device_counts, node_counts
@@ -49,19 +51,35 @@ def place_two_stage(
     when the caller has them.
     """
     rows = on_dev.shape[0]
+    if on_node is None:
+        on_node = node_counts(topo, on_dev)
+    by_node = on_dev.reshape(rows, topo.nodes, topo.gpus_per_node)
+    r = np.arange(rows)
+    return place_stages(topo, on_node, lambda node: by_node[r, node], home, capacity)
+
+
+def place_stages(
+    topo: Topology, on_node: np.ndarray, within: Callable[[np.ndarray], np.ndarray],
+    home: np.ndarray, capacity: np.ndarray | None = None,
+) -> np.ndarray:
+    """place_two_stage given the rows' node counts and, for stage 2, a function of the nodes:
+    the caller need not hold all [R, J] device counts.
+
+    on_node: [R, N] int64 routes of each row with each node; within(node): [R, G] int64 routes
+    of each row with each device of node[r], node: [R] int64; home, capacity: as in
+    place_two_stage.
+    """
+    rows = on_node.shape[0]
     nodes, gpus = topo.nodes, topo.gpus_per_node
     if capacity is None:
         capacity = np.full(topo.devices, rows // topo.devices, dtype=np.int64)
     dev_cap = capacity.reshape(nodes, gpus)
-    if on_node is None:
-        on_node = node_counts(topo, on_dev)
-    inter = on_node.sum(axis=1, keepdims=True) - on_node  # [R, N]; on_node is 1/G of on_dev
+    inter = on_node.sum(axis=1, keepdims=True) - on_node  # [R, N]
     stay = topo.device_node[home][:, None] == np.arange(nodes)[None, :]
     node = transport_blocks(
         with_tiebreak(inter, stay), np.zeros(rows, dtype=np.int64), dev_cap.sum(axis=1)[None, :]
     ).col
-    r = np.arange(rows)
-    intra = on_node[r, node][:, None] - on_dev.reshape(rows, nodes, gpus)[r, node]  # [R, G]
+    intra = on_node[np.arange(rows), node][:, None] - within(node)  # [R, G]
     stay = (home - node * gpus)[:, None] == np.arange(gpus)[None, :]
     largest = int(dev_cap.sum(axis=1).max())  # rows of the fullest node
     return node * gpus + transport_blocks(with_tiebreak(intra, stay, largest), node, dev_cap).col
