@@ -286,7 +286,7 @@ def _shortest_paths(cost: np.ndarray, col: np.ndarray, block: np.ndarray, capaci
         dist = np.where(source, 0, _BIG)
         for _ in range(cols):  # Bellman-Ford over the columns, from all overfull ones
             best = (dist[:, :, None] + weight).min(axis=1)  # the self-loop (0) keeps dist
-            if np.array_equal(best, dist):
+            if not (best < dist).any():  # best <= dist always: this is array_equal, cheaper
                 break
             dist = best
         price[act] = p + dist // scale
@@ -296,7 +296,7 @@ def _shortest_paths(cost: np.ndarray, col: np.ndarray, block: np.ndarray, capaci
         end = len(act) * cols
         offset = (np.arange(len(act)) * cols)[:, None]
         parent = (dist[:, :, None] + weight + self_loop).argmin(axis=1) + offset
-        up = np.append(np.where(source, end, parent), end)
+        up = np.concatenate((np.where(source, end, parent).ravel(), [end]))
         root = np.where(source, own + offset, parent).ravel()
         for _ in range(jumps):
             root = root[root]
