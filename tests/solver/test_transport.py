@@ -263,3 +263,32 @@ def test_large_uneven_blocks_take_the_priced_path_and_match_the_flow(seed: int) 
     got = tr.transport_blocks(cost, block, capacity)
     assert got.path == "priced"
     _assert_optimal(cost, block, capacity, got.col)
+
+
+def test_spreading_ties_keeps_least_reduced_costs_and_reaches_the_optimum() -> None:
+    """The priced start's tie step: every row stays on a column of least reduced cost, no column
+    fills past its capacity or drops below it, and the shortest paths from that start reach the
+    optimum. Narrow cost ranges and small prices make ties common, so the step moves rows."""
+    moved = 0
+    for seed in range(80):
+        rng = np.random.default_rng(3000 + seed)
+        cost, block, capacity = _random_instance(rng)
+        if not len(cost):
+            continue
+        order = np.argsort(block, kind="stable")
+        by_row, blk = (cost - cost.min(axis=1, keepdims=True))[order], block[order]
+        price = rng.integers(-3, 4, capacity.shape)
+        reduced = by_row - price[blk]
+        start = reduced.argmin(axis=1)
+        spread = tr._spread_ties(reduced, start, blk, capacity)
+        assert (reduced[np.arange(len(blk)), spread] == reduced.min(axis=1)).all()
+        cols, need = capacity.shape[1], capacity.ravel()
+        before = np.bincount(blk * cols + start, minlength=need.size)
+        after = np.bincount(blk * cols + spread, minlength=need.size)
+        assert (after <= np.maximum(before, need)).all()
+        assert (after >= np.minimum(before, need)).all()
+        moved += int((spread != start).sum())
+        col = np.empty(len(block), dtype=np.int64)
+        col[order] = tr._shortest_paths(by_row, spread, blk, capacity, price)
+        _assert_optimal(cost, block, capacity, col)
+    assert moved > 0
