@@ -103,19 +103,21 @@ class _Counts:
     pseudo-expert per device (every cost depends on the counts only through routes per device).
     mats: the models' [I, E] int64 route matrices in topo's experts, the gather's, then the
     scatter's when there is one. grouped: the same per All-to-All as [I, J * k] int64 routes
-    grouped by device (cost.by_device: mats themselves for the common map). on_node: [I, N]
-    int64 node counts of both All-to-Alls. totals: each All-to-All's sum of routes.
+    grouped by device (cost.by_device: mats themselves for the common map). per_node: [I, N]
+    int64 node counts of each All-to-All; on_node: of both. totals: each All-to-All's sum of
+    routes.
     """
 
     topo: Topology
     mats: list[np.ndarray]
     grouped: list[np.ndarray]
+    per_node: list[np.ndarray]
     on_node: np.ndarray
     totals: list[int]
 
     def within(self, node: np.ndarray) -> np.ndarray:
         """[I, G] int64 routes of both All-to-Alls to each device of node[i]; node: [I] int64."""
-        return sum(own_node(self.topo, m, node) for m in self.grouped)  # type: ignore[return-value]
+        return own_node(self.topo, self.grouped, node)
 
     def per_all_to_all(self) -> list[np.ndarray]:
         """[I, J] int64 device counts of each All-to-All: the gather's, then the scatter's."""
@@ -185,7 +187,7 @@ def _counts(topos: list[Topology], mats: list[np.ndarray]) -> _Counts:
     per_node = [node_counts(topo, m) for m in grouped]
     on_node = per_node[0] if len(per_node) == 1 else per_node[0] + per_node[1]
     # Sums over every row and device: the node counts hold them at 1/J of the size or less.
-    return _Counts(topo, mats, grouped, on_node, [int(n.sum()) for n in per_node])
+    return _Counts(topo, mats, grouped, per_node, on_node, [int(n.sum()) for n in per_node])
 
 
 def _place(counts: _Counts, base: np.ndarray, objective: Objective, method: Method,
@@ -238,8 +240,8 @@ def _plan(counts: _Counts, base: np.ndarray, placed: _Placed, objective: Objecti
 def _traffic(counts: _Counts, device: np.ndarray) -> Traffic:
     """traffic_of the placement device ([I] int64), from the grouped counts and their totals."""
     return traffic_from_routes(counts.topo, [
-        channel_routes(counts.topo, device, m, total)
-        for m, total in zip(counts.grouped, counts.totals, strict=True)
+        channel_routes(counts.topo, device, m, total, on_node)
+        for m, total, on_node in zip(counts.grouped, counts.totals, counts.per_node, strict=True)
     ])
 
 
