@@ -95,18 +95,17 @@ def _entry(target: Callable[..., None], rank: int, port: int, errors: Any, args:
 
 def spawn_ranks(target: Callable[..., None], world: int, *args: object,
                 timeout: float = 120.0) -> None:
-    """Runs target(rank, port, *args) in `world` spawned processes (target and args picklable;
-    target typically opens ``gloo_group(rank, world, port)``). Fails with the ranks' tracebacks,
-    if a rank hangs past timeout (it is killed) or exits non-zero (an abort at exit included)."""
-    import torch.multiprocessing as mp
+    """Runs target(rank, port, *args) in `world` processes forked from the fork server
+    (netmoe.app.reference.launch.start_process: target and args picklable; target typically opens
+    ``gloo_group(rank, world, port)``). Fails with the ranks' tracebacks, if a rank hangs past
+    timeout (it is killed) or exits non-zero (an abort at exit included)."""
+    import multiprocessing
 
-    ctx = mp.get_context("spawn")
-    errors = ctx.Queue()
+    from netmoe.app.reference.launch import start_process
+
+    errors = multiprocessing.get_context("forkserver").Queue()
     port = free_port()
-    procs = [ctx.Process(target=_entry, args=(target, r, port, errors, args))
-             for r in range(world)]
-    for p in procs:
-        p.start()
+    procs = [start_process(_entry, target, r, port, errors, args) for r in range(world)]
     for p in procs:
         p.join(timeout)
     alive = [p for p in procs if p.is_alive()]
@@ -335,6 +334,30 @@ def wait_for(predicate: Callable[[], object], timeout: float = 30.0, what: str =
         assert time.monotonic() < deadline, f"timed out waiting for {what or predicate}"
         time.sleep(every)
 
+
+
+def alive(pid: int) -> bool:
+    """Process pid runs (a zombie, ended but not yet reaped, does not)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"
+
+
+def children(pid: int) -> set[int]:
+    """The child processes of pid, of all its threads (none once it is gone)."""
+    found: set[int] = set()
+    try:
+        tasks = list(Path(f"/proc/{pid}/task").iterdir())
+    except FileNotFoundError:
+        return found
+    for task in tasks:
+        try:
+            found |= {int(c) for c in (task / "children").read_text().split()}
+        except FileNotFoundError:
+            continue  # the thread ended since
+    return found
 
 
 class ServerProcess:

@@ -11,7 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from support import free_port
+from support import alive, children, free_port, wait_for
 
 TINY = ["--warmup-steps", "0", "--nodes", "1", "--gpus-per-node", "2", "--layers", "1",
         "--seq-len", "8", "--samples-per-device", "2"]
@@ -53,13 +53,6 @@ def test_a_service_that_refuses_the_job_is_an_error_and_progress_is_shown() -> N
     assert "0.0% fewer than home" in out.stdout and "2 fallbacks" in out.stdout
 
 
-def children(pid: int) -> set[int]:
-    found = set()
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        found |= {int(c) for c in (task / "children").read_text().split()}
-    return found
-
-
 def test_ctrl_c_ends_with_130_without_traceback_or_stray_ranks() -> None:
     proc = subprocess.Popen(demo("--steps", "500"), stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
@@ -70,7 +63,8 @@ def test_ctrl_c_ends_with_130_without_traceback_or_stray_ranks() -> None:
             line = proc.stderr.readline()
             assert line, f"demo ended early: {seen}"
             seen += line
-        ranks = children(proc.pid)
+        forker = children(proc.pid)  # the fork server (and multiprocessing's resource tracker)
+        ranks = set().union(*(children(pid) for pid in forker))
         assert len(ranks) == 2
         os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
         rest = proc.stderr.read()
@@ -85,7 +79,8 @@ def test_ctrl_c_ends_with_130_without_traceback_or_stray_ranks() -> None:
                      r"http://127\.0\.0\.1:\d+/metrics until the demo ends$", seen, re.M)
     assert "Traceback" not in rest
     assert rest.splitlines()[-1] == "netmoe demo: interrupted"
-    assert not any(Path(f"/proc/{pid}").exists() for pid in ranks)
+    wait_for(lambda: not any(alive(pid) for pid in ranks | forker),
+             what="the ranks and the fork server to exit")
 
 
 def test_demo_trains_with_recompute_micro_batches_and_bf16_like_home() -> None:

@@ -18,7 +18,7 @@ from netmoe.app.cluster.calibrate import channel_bytes, pattern
 from netmoe.app.cluster.probe import write_workload
 from netmoe.app.cluster.testbed import Testbed, TestbedConfig, TestbedError, existing_namespaces
 
-from support import leaked_links, root_links, run_bench
+from support import alive, leaked_links, root_links, run_bench
 
 pytestmark = [
     pytest.mark.root,
@@ -30,17 +30,9 @@ pytestmark = [
 NODES, G = 2, 2
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
-
-
 def _assert_gone(namespaces: tuple[str, ...], pids: tuple[int, ...], links: set[str]) -> None:
     assert not set(namespaces) & set(existing_namespaces())
-    assert not [pid for pid in pids if _alive(pid)]
+    assert not [pid for pid in pids if alive(pid)]
     assert not leaked_links(links)
 
 
@@ -116,7 +108,7 @@ def test_sigterm_tears_down(tmp_path: Path) -> None:
     try:
         info = json.loads(proc.stdout.readline())
         assert set(info["ns"]) <= set(existing_namespaces())
-        assert all(_alive(pid) for pid in info["pids"])
+        assert all(alive(pid) for pid in info["pids"])
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=30)
     finally:

@@ -15,48 +15,7 @@ import pytest
 
 from netmoe.app.reference.results import RankResult
 
-from support import wait_for
-
-
-def _children(pid: int) -> list[int]:
-    out = []
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        out += [int(c) for c in (task / "children").read_text().split()]
-    return out
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    # a zombie whose parent is gone is reaped by init shortly; count it as gone
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
-    except FileNotFoundError:  # reaped since the kill(0)
-        return False
-
-
-def test_sigterm_to_launcher_kills_its_ranks() -> None:
-    code = textwrap.dedent("""
-        from netmoe.app.reference.launch import run_ranks
-        from netmoe.app.reference.train import TrainConfig
-        run_ranks(TrainConfig(nodes=1, gpus_per_node=2, steps=100000, vocab=64, layers=1))
-    """)
-    launcher = subprocess.Popen([sys.executable, "-c", code])
-    try:
-        wait_for(lambda: len(_children(launcher.pid)) >= 2, what="the launcher's two ranks")
-        ranks = _children(launcher.pid)
-        assert len(ranks) == 2
-        launcher.send_signal(signal.SIGTERM)
-        assert launcher.wait(timeout=30) != 0
-        # Both ranks end (they would train 100000 steps if the launcher left them behind).
-        wait_for(lambda: not any(_alive(pid) for pid in ranks), what="the ranks to exit")
-    finally:
-        if launcher.poll() is None:
-            launcher.kill()
-            launcher.wait()
-
+from support import alive, wait_for
 
 # A rank that finishes `steps` steps of `pace` seconds each (writing its progress as the training
 # ranks do), then sleeps `then` seconds before writing its result: the launcher's view of a rank.
@@ -91,6 +50,32 @@ def _launch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, stall: float, **ran
                      stall_seconds=stall, module="fake_rank")
 
 
+def test_sigterm_to_launcher_kills_its_ranks(tmp_path: Path) -> None:
+    (tmp_path / "fake_rank.py").write_text(RANK.format(steps=100000, pace=0.1, then=0))
+    pids = tmp_path / "pids"
+    pids.mkdir()
+    code = textwrap.dedent("""
+        from netmoe.app.reference.launch import run_ranks
+        from netmoe.app.reference.train import TrainConfig
+        run_ranks(TrainConfig(nodes=1, gpus_per_node=2, steps=100000), module="fake_rank")
+    """)
+    env = dict(os.environ, PYTHONPATH=str(tmp_path), PID_DIR=str(pids))
+    launcher = subprocess.Popen([sys.executable, "-c", code], env=env)
+    try:
+        wait_for(lambda: len([p for p in pids.iterdir() if p.read_text()]) == 2,
+                 what="the launcher's two ranks")
+        ranks = [int(p.read_text()) for p in pids.iterdir()]
+        assert all(alive(pid) for pid in ranks)
+        launcher.send_signal(signal.SIGTERM)
+        assert launcher.wait(timeout=30) != 0
+        # Both ranks end (they would run 100000 steps if the launcher left them behind).
+        wait_for(lambda: not any(alive(pid) for pid in ranks), what="the ranks to exit")
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+            launcher.wait()
+
+
 def test_a_run_slower_than_the_stall_limit_finishes_while_it_makes_progress(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     started = time.monotonic()
@@ -105,4 +90,34 @@ def test_ranks_that_stop_making_progress_fail_the_run_and_are_ended(
                                            r"rank: \[1, 1\]\)"):
         _launch(tmp_path, monkeypatch, stall=10, steps=1, pace=0, then=3600)
     pids = [int(p.read_text()) for p in (tmp_path / "pids").iterdir()]
-    assert len(pids) == 2 and not any(_alive(pid) for pid in pids)
+    assert len(pids) == 2 and not any(alive(pid) for pid in pids)
+
+
+def _report(out: str) -> None:
+    import json
+
+    import probe_module  # found only through PYTHONPATH
+
+    Path(out).write_text(json.dumps([os.environ.get("NETMOE_PROBE"), os.getcwd(),
+                                     probe_module.VALUE]))
+
+
+def test_a_started_process_sees_the_environment_of_now_not_of_the_fork_server(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fork server keeps the environment, directory and sys.path of when it started; a
+    process started later gets the launcher's current ones, as a new interpreter would."""
+    import json
+
+    from netmoe.app.reference.launch import start_process
+
+    first = start_process(time.sleep, 0)  # the fork server runs from here on
+    first.join()
+    assert first.exitcode == 0
+    (tmp_path / "probe_module.py").write_text("VALUE = 7\n")
+    monkeypatch.setenv("NETMOE_PROBE", "now")
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    proc = start_process(_report, str(tmp_path / "out.json"))
+    proc.join(60)
+    assert proc.exitcode == 0
+    assert json.loads((tmp_path / "out.json").read_text()) == ["now", str(tmp_path), 7]

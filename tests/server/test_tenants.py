@@ -24,7 +24,9 @@ from netmoe.server.app import ServerHandle
 from support import (
     ServerProcess,
     Worker,
+    alive,
     check_round,
+    children,
     job_spec,
     round_reports,
     short_and_long,
@@ -200,28 +202,14 @@ def test_remembered_outcomes_are_per_job_and_freed_at_unregister(
 def solver_children(pid: int) -> set[int]:
     """The running ``netmoe.server.solver_process`` children of process ``pid``."""
     found = set()
-    for task in Path(f"/proc/{pid}/task").iterdir():
+    for child in children(pid):
         try:
-            kids = (task / "children").read_text().split()
+            cmd = Path(f"/proc/{child}/cmdline").read_bytes()
         except FileNotFoundError:
-            continue  # the thread ended since
-        for child in kids:
-            try:
-                cmd = Path(f"/proc/{child}/cmdline").read_bytes()
-            except FileNotFoundError:
-                continue  # exited since
-            if b"netmoe.server.solver_process" in cmd and _alive(int(child)):
-                found.add(int(child))
+            continue  # exited since
+        if b"netmoe.server.solver_process" in cmd and alive(child):
+            found.add(child)
     return found
-
-
-def _alive(pid: int) -> bool:
-    """Not a zombie (a killed child shows until it is reaped)."""
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except FileNotFoundError:
-        return False
-    return state != "Z"
 
 
 def test_killed_idle_solver_children_are_replaced_before_a_round_needs_them() -> None:
