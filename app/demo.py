@@ -137,8 +137,9 @@ class ExtraRun:
 class Family:
     """What the driver needs of a model family: the rank module (``python -m MODULE``, see
     netmoe.app.reference.launch.run_ranks), the home run's config, the service job's name, a
-    title line, the report's "config" given the home results, the runs it adds, and what it adds
-    to the report given every run's results by name."""
+    title line, the report's "config" given the home results, the runs it adds, what it adds
+    to the report given every run's results by name, and the modules every rank imports (the
+    fork server imports them once: run_ranks' preload)."""
 
     module: str
     cfg: Any
@@ -147,6 +148,7 @@ class Family:
     describe: Callable[[Results], dict[str, Any]]
     extra: tuple[ExtraRun, ...] = ()
     extend: Callable[[dict[str, Any], dict[str, Results]], None] | None = None
+    preload: tuple[str, ...] = ()
 
 
 def run(args: argparse.Namespace) -> int:
@@ -162,12 +164,12 @@ def run(args: argparse.Namespace) -> int:
         if metrics_url:
             print(f"netmoe demo: placement service on {address}, metrics on {metrics_url} until "
                   f"the demo ends", file=sys.stderr)
-        runs["home"] = _train("home run", family.module,
+        runs["home"] = _train("home run", family,
                               dataclasses.replace(family.cfg, record_trace=args.record_trace))
-        runs["netmoe"] = _train("netmoe run", family.module, dataclasses.replace(
+        runs["netmoe"] = _train("netmoe run", family, dataclasses.replace(
             family.cfg, placement="service", server=address, job=family.job))  # fmt: skip
         for extra in family.extra:
-            runs[extra.name] = _train(extra.label, family.module, extra.config(address))
+            runs[extra.name] = _train(extra.label, family, extra.config(address))
             if extra.planned:
                 planned.append(extra.name)
     report = placement_report(runs["home"], runs["netmoe"], family.describe(runs["home"]))
@@ -183,12 +185,12 @@ def run(args: argparse.Namespace) -> int:
     return check_planned(address, [(name, runs[name]) for name in planned])
 
 
-def _train(label: str, module: str, cfg: Any) -> Results:
-    """run_ranks(cfg) of ``module`` with its progress on stderr."""
+def _train(label: str, family: Family, cfg: Any) -> Results:
+    """run_ranks(cfg) of the family's rank module with its progress on stderr."""
     from netmoe.app.reference.launch import run_ranks
 
     return run_ranks(cfg, progress=Progress(f"netmoe demo: {label}", cfg.steps).update,
-                     module=module)
+                     module=family.module, preload=family.preload)
 
 
 def _reference(args: argparse.Namespace) -> Family:
@@ -254,7 +256,7 @@ def _hf(args: argparse.Namespace) -> Family:
     """A local Hugging Face MoE checkpoint (netmoe.app.reference.hf_demo): home and netmoe."""
     from transformers import AutoConfig
 
-    from netmoe.app.reference.hf_demo import HFTrainConfig, experts_of, load_hf_corpus
+    from netmoe.app.reference.hf_demo import RANK_IMPORTS, HFTrainConfig, experts_of, load_hf_corpus
 
     if args.expert_placement:
         raise ValueError("--expert-placement is not supported with --hf-model")
@@ -278,14 +280,15 @@ def _hf(args: argparse.Namespace) -> Family:
 
     return Family("netmoe.app.reference.hf_demo", cfg,
                   f"hf-demo-{cfg.nodes}x{cfg.gpus_per_node}-s{cfg.seed}-{os.getpid()}",
-                  f"{mcfg.model_type} checkpoint {cfg.model_dir}", describe)
+                  f"{mcfg.model_type} checkpoint {cfg.model_dir}", describe,
+                  preload=RANK_IMPORTS)
 
 
 def _torchtitan(args: argparse.Namespace) -> Family:
     """A tiny torchtitan model (netmoe.app.reference.torchtitan_demo): home, netmoe and
     torchtitan's own EP path (the "stock" run: its AllToAllTokenDispatcher, no plans)."""
     from netmoe.app.reference.data import load_corpus
-    from netmoe.app.reference.torchtitan_demo import VOCAB, TitanTrainConfig
+    from netmoe.app.reference.torchtitan_demo import RANK_IMPORTS, VOCAB, TitanTrainConfig
 
     if args.expert_placement or args.replica_budget is not None:
         raise ValueError("--expert-placement and --replica-budget are not supported with "
@@ -320,4 +323,4 @@ def _torchtitan(args: argparse.Namespace) -> Family:
     return Family("netmoe.app.reference.torchtitan_demo", cfg,
                   f"torchtitan-demo-{cfg.family}-{cfg.nodes}x{cfg.gpus_per_node}-s{cfg.seed}-"
                   f"{os.getpid()}", f"torchtitan {cfg.family} (tiny: D={cfg.dim}, "
-                  f"{cfg.experts} experts)", describe, (stock,), extend)
+                  f"{cfg.experts} experts)", describe, (stock,), extend, RANK_IMPORTS)

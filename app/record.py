@@ -75,7 +75,7 @@ def _record_torchtitan(args: argparse.Namespace) -> int:
                          f"--{given[0].replace('_', '-')} does not apply")
     from netmoe.app.reference.data import load_corpus
     from netmoe.app.reference.launch import run_ranks
-    from netmoe.app.reference.torchtitan_demo import VOCAB, TitanTrainConfig
+    from netmoe.app.reference.torchtitan_demo import RANK_IMPORTS, VOCAB, TitanTrainConfig
 
     cfg = TitanTrainConfig(family=args.torchtitan, layers=args.layers, nodes=args.nodes,
                            gpus_per_node=args.gpus_per_node, steps=args.steps,
@@ -83,7 +83,7 @@ def _record_torchtitan(args: argparse.Namespace) -> int:
                            seq_len=args.seq_length or 64, experts=2 * args.nodes
                            * args.gpus_per_node, record_trace=str(args.out))  # fmt: skip
     load_corpus(VOCAB, None)  # built once here; the ranks read the cache
-    run_ranks(cfg, module="netmoe.app.reference.torchtitan_demo")
+    run_ranks(cfg, module="netmoe.app.reference.torchtitan_demo", preload=RANK_IMPORTS)
     print(f"wrote {args.out}: torchtitan {cfg.family} (tiny), {cfg.layers} MoE layers, "
           f"{cfg.steps} steps of {cfg.global_samples} samples x {cfg.seq_len} tokens, "
           f"{cfg.experts} experts, top-{cfg.top_k}")

@@ -101,11 +101,16 @@ def spawn_ranks(target: Callable[..., None], world: int, *args: object,
     timeout (it is killed) or exits non-zero (an abort at exit included)."""
     import multiprocessing
 
+    from netmoe.app.reference import hf_demo, torchtitan_demo
     from netmoe.app.reference.launch import start_process
 
+    # The suite's ranks build Hugging Face and torchtitan models too: whichever test starts the
+    # fork server, it imports their modules once (about 9 s) instead of once per such rank.
+    preload = hf_demo.RANK_IMPORTS + torchtitan_demo.RANK_IMPORTS
     errors = multiprocessing.get_context("forkserver").Queue()
     port = free_port()
-    procs = [start_process(_entry, target, r, port, errors, args) for r in range(world)]
+    procs = [start_process(_entry, target, r, port, errors, args, preload=preload)
+             for r in range(world)]
     for p in procs:
         p.join(timeout)
     alive = [p for p in procs if p.is_alive()]

@@ -33,6 +33,8 @@ from netmoe.app.reference.train import (
     write_atomic,
 )
 
+# Every rank imports these (about 4 s of CPU after torch): the fork server imports them once.
+RANK_IMPORTS = ("transformers.modeling_utils",)
 DEMO_VOCAB = 2048  # the reference demo's vocabulary: the ids a checkpoint without tokenizer sees
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json",
                     "merges.txt", "special_tokens_map.json")  # fmt: skip

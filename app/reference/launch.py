@@ -13,7 +13,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from multiprocessing.process import BaseProcess
 from pathlib import Path
@@ -23,19 +23,23 @@ from netmoe.app.reference.results import RankResult
 from netmoe.app.reference.train import PROGRESS_FILE, TrainConfig
 
 # Ranks fork from a fork server that imported torch once, instead of each starting an interpreter
-# that imports it: about 3 s of CPU per rank here, so 8 ranks on 2 cores waited 12 s per run.
-# The fork server builds no thread pool, process group or CUDA context before it forks.
-PRELOAD = ["torch"]
+# that imports it: about 3 s of CPU per rank here, so 8 ranks on 2 cores waited 12 s per run
+# (transformers' modeling_utils or torchtitan's MoE another 4 to 5 s: see `preload`). The fork
+# server builds no thread pool, process group or CUDA context before it forks.
+PRELOAD = ("torch",)
 
 
 def start_process(target: Callable[..., object], *args: object,
-                  env: Mapping[str, str] | None = None) -> BaseProcess:
-    """Starts target(*args) in a process forked from the fork server (PRELOAD imported), with the
-    environment env (default: this process's), this working directory and env's PYTHONPATH on
-    sys.path, as an interpreter started now would have them: the fork server keeps the state of
-    when it started. target and args must be picklable (target importable by name)."""
+                  env: Mapping[str, str] | None = None, preload: Sequence[str] = ()
+                  ) -> BaseProcess:
+    """Starts target(*args) in a process forked from the fork server, with the environment env
+    (default: this process's), this working directory and env's PYTHONPATH on sys.path, as an
+    interpreter started now would have them: the fork server keeps the state of when it
+    started. target and args must be picklable (target importable by name). The fork server
+    imports PRELOAD and `preload` when this call starts it; one already running keeps what it
+    imported (the process imports the rest itself: slower, same result)."""
     ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(PRELOAD)
+    ctx.set_forkserver_preload([*PRELOAD, *preload])
     state = dict(os.environ if env is None else env)
     proc = ctx.Process(target=_as_started_now, args=(target, args, state, os.getcwd()))
     proc.start()
@@ -119,6 +123,7 @@ def _steps_done(path: Path) -> int:
 def run_ranks(
     cfg: TrainConfig, stall_seconds: float = 600.0,
     progress: Callable[[int], None] | None = None, module: str = "netmoe.app.reference.train",
+    preload: Sequence[str] = (),
 ) -> list[RankResult]:
     """Runs cfg.world ranks, each as ``python -m MODULE --config JSON --out FILE`` would (any
     config dataclass with ``world`` and ``threads``; FILE gets the rank's RankResult JSON), forked
@@ -127,7 +132,8 @@ def run_ranks(
     finished to $NETMOE_PROGRESS_FILE (its own file). Raises RuntimeError (with the failing
     rank's stderr) if any rank fails, or when no rank finished a step for ``stall_seconds`` (a
     run still making progress is never cut short, however long it takes); every rank is gone
-    when this returns or raises, also on SIGINT or SIGTERM.
+    when this returns or raises, also on SIGINT or SIGTERM. preload: modules MODULE imports
+    that the fork server imports once (start_process).
     progress, if given, is called with the steps rank 0 has finished while they run."""
     config = json.dumps(dataclasses.asdict(cfg))
     port = free_port()
@@ -145,7 +151,8 @@ def run_ranks(
                 log.touch()
                 argv = ["--config", config, "--out", str(Path(tmp) / f"rank{rank}.json")]
                 with interrupts.deferred():
-                    procs.append(start_process(_run_module, module, argv, str(log), env=env))
+                    procs.append(start_process(_run_module, module, argv, str(log), env=env,
+                                               preload=preload))
             done = [0] * cfg.world
             moved = time.monotonic()
             while any(p.exitcode is None for p in procs):

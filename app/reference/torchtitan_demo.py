@@ -39,6 +39,8 @@ FAMILIES = ("qwen3", "deepseek_v3")
 # comparisons that bfloat16 rounding would blur.
 EXPERT_DTYPES = ("bfloat16", "float32")
 VOCAB = 2048  # the demo corpus' ids
+# Every rank imports these (about 5 s of CPU after torch): the fork server imports them once.
+RANK_IMPORTS = ("torchtitan.models.common.moe",)
 
 
 @dataclass(frozen=True)
