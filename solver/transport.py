@@ -198,7 +198,7 @@ def _spread_ties(reduced: np.ndarray, col: np.ndarray, block: np.ndarray,
 def _first_of_each(keys: np.ndarray, limit: np.ndarray) -> np.ndarray:
     """[S] bool: True for the first limit[k] entries of each key k, in order. keys: [S] int64
     indices into limit."""
-    order = np.argsort(keys, kind="stable")
+    order = _stable_order(keys, len(limit))
     sorted_keys = keys[order]
     first = np.flatnonzero(np.concatenate(([True], sorted_keys[1:] != sorted_keys[:-1])))
     rank = np.arange(len(keys)) - np.repeat(first, np.diff(np.append(first, len(keys))))
