@@ -96,6 +96,9 @@ def solve(
     number of samples) are ignored, a cold start.
     """
     until = _check_options(objective, method, time_limit, workers)
+    if warm is not None and not isinstance(warm, Prices):
+        raise ValueError(f"warm must be a Plan's prices (Prices) or None, got "
+                         f"{type(warm).__name__}")
     mats, topos, base = _check_input(topo, gather, scatter, home, scatter_topology)
     start = time.perf_counter()
     counts = _counts(topos, mats)

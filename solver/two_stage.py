@@ -45,6 +45,7 @@ class Stages:
 
     @property
     def prices(self) -> Prices:
+        """Both stages' optimal prices: the warm start of the next alike placement."""
         return Prices(self.node.price, self.within.price)
 
 

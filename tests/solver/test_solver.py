@@ -208,6 +208,7 @@ def test_traffic_channels_and_time() -> None:
         ({"method": "greedy"}, r"method must be one of .* got 'greedy'"),
         ({"time_limit": 0}, r"time_limit must be positive, got 0"),
         ({"workers": 0}, r"workers must be a positive integer, got 0"),
+        ({"warm": np.zeros((1, 2))}, r"warm must be a Plan's prices \(Prices\) or None, got nd"),
     ],
 )
 def test_bad_input_is_named(kwargs: dict, match: str) -> None:
