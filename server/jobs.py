@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 from netmoe.checks import positive_int
 from netmoe.groups import EPGroups
 from netmoe.round import RoundKey
-from netmoe.solver import METHODS, OBJECTIVES, Topology
+from netmoe.solver import METHODS, OBJECTIVES, Prices, Topology
 
 from .errors import FieldError, JobConflict, JobLimit, RankBound, StaleGeneration
 
@@ -141,9 +141,12 @@ class Binding:
 
 @dataclass(eq=False)
 class Group:
-    """One expert-parallel group's open rounds."""
+    """One expert-parallel group's open rounds, and per layer the prices (Plan.prices) of its
+    last solved round there: a layer's rounds are alike from step to step, so the next one's
+    solve starts from them (solve's warm; at most one small Prices per layer)."""
 
     pending: dict[RoundKey, Round] = field(default_factory=dict)
+    prices: dict[int, Prices] = field(default_factory=dict)
 
 
 @dataclass(eq=False)

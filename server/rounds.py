@@ -27,7 +27,7 @@ import numpy as np
 
 from netmoe.checks import positive_int, shown
 from netmoe.round import INVALID, Key, RankPlan, RoundCounts, RoundKey, Traffic, home_placement
-from netmoe.solver import Plan, Topology, solve, traffic
+from netmoe.solver import Plan, Prices, Topology, solve, traffic
 
 from .admission import (
     Report,
@@ -217,7 +217,9 @@ class Coordinator:
     """Jobs and their rounds. Create and use on the event loop that serves the reports.
 
     solve_fn: called in a pool thread as solve_fn(topology, gather, scatter, home=...,
-    objective=..., method=..., time_limit=...); tests inject slow solvers here.
+    objective=..., method=..., time_limit=..., warm=...); tests inject slow solvers here. warm is
+    the Plan.prices of the group's last solved round of the same layer (or None), which the
+    solver may start from.
     hooks: the expert placement side (maps in force per round, what to do after a solve).
     """
 
@@ -545,10 +547,12 @@ class Coordinator:
             self._finish(state, rnd, Outcome(INVALID, str(err)))
             return
         long = self._long_lane is not None and solve_budget(spec, rnd) > LONG_SOLVE_S
+        prices = state.groups[rnd.group].prices
+        warm = prices.get(rnd.key.layer)
         try:
             async with self._solver_turn(state), self._long_lane if long else nullcontext():
                 plan = await asyncio.wrap_future(
-                    self._solvers.submit(lambda: self._run_solver(spec, rnd)))
+                    self._solvers.submit(lambda: self._run_solver(spec, rnd, warm)))
         except asyncio.CancelledError:
             if self._closed:  # close() cancelled the queued solve and answered the round
                 return
@@ -567,6 +571,8 @@ class Coordinator:
             if plan is None:  # the round expired before a solver thread picked it up
                 return
             self._observer.solve_finished(plan.solve_seconds)
+            if plan.prices is not None:  # replica-aware plans carry none: keep the last ones
+                prices[rnd.key.layer] = plan.prices
             outcome = Outcome(SOLVED, before=plan.before, plan=plan, counts=counts)
         if not rnd.done:
             self._finish(state, rnd, outcome)
@@ -591,7 +597,7 @@ class Coordinator:
             async with state.turn:
                 state.turn.notify_all()
 
-    def _run_solver(self, spec: JobSpec, rnd: Round) -> Plan | None:
+    def _run_solver(self, spec: JobSpec, rnd: Round, warm: Prices | None) -> Plan | None:
         if rnd.done or rnd.counts is None:
             return None
         counts = rnd.counts
@@ -605,7 +611,7 @@ class Coordinator:
         if plan is not None:
             return plan
         kwargs = dict(home=home, objective=spec.objective, method=spec.method,
-                      time_limit=solve_budget(spec, rnd), **extra)
+                      time_limit=solve_budget(spec, rnd), warm=warm, **extra)
         if 0 < self._process_rows <= len(home):
             # Compact counts (as assembled): the pipe carries about the report bytes.
             return self._solvers.in_process(self._solve_fn, topo, counts.gather, counts.scatter,

@@ -24,7 +24,7 @@ from .cost import (
 )
 from .exact import solve_bottleneck, solve_joint
 from .topology import Topology
-from .two_stage import place_stages
+from .two_stage import Prices, place_stages
 
 Objective = Literal["volume", "bottleneck"]
 Method = Literal["two_stage", "joint"]
@@ -45,6 +45,8 @@ class Plan:
     inter-node routes summed over both All-to-Alls.
     optimal: proven optimal for the method's own problem (two_stage: inter-node routes, then
     intra-node routes, stage by stage). gap: relative distance to CP-SAT's bound (0 when proven).
+    prices: the two-stage placement's optimal prices (also under CP-SAT, which starts from it),
+    for solve(..., warm=plan.prices) of the job's next alike round; None from other solvers.
     """
 
     dest: tuple[int, ...]
@@ -60,6 +62,7 @@ class Plan:
     optimal: bool
     gap: float
     solve_seconds: float
+    prices: Prices | None = None
 
 
 def solve(
@@ -73,6 +76,7 @@ def solve(
     time_limit: float = 1.0,
     workers: int = 1,
     scatter_topology: Topology | None = None,
+    warm: Prices | None = None,
 ) -> Plan:
     """Places I samples on J devices, I/J each, to cut All-to-All traffic.
 
@@ -86,12 +90,19 @@ def solve(
     searches for what checking the input and building its model left of it.
     scatter_topology: the same cluster with layer l+1's expert map, when the two layers' experts
     live on different devices (default: topo's map for both); scatter is costed with it.
+    warm: the prices of an alike earlier round (the previous Plan.prices of the same job and
+    layer): the two stages start from them, which saves work when the rounds are alike. The
+    answer is the same optimum whatever they hold; prices of another shape (another topology or
+    number of samples) are ignored, a cold start.
     """
     until = _check_options(objective, method, time_limit, workers)
+    if warm is not None and not isinstance(warm, Prices):
+        raise ValueError(f"warm must be a Plan's prices (Prices) or None, got "
+                         f"{type(warm).__name__}")
     mats, topos, base = _check_input(topo, gather, scatter, home, scatter_topology)
     start = time.perf_counter()
     counts = _counts(topos, mats)
-    placed = _place(counts, base, objective, method, until, workers)
+    placed = _place(counts, base, objective, method, until, workers, warm)
     return _plan(counts, base, placed, objective, time.perf_counter() - start)
 
 
@@ -127,12 +138,13 @@ class _Counts:
 @dataclass(frozen=True, eq=False)
 class _Placed:
     """A placement method's answer. device: [I] int64 new device of each row; method: the one
-    that produced it; optimal, gap: as in Plan."""
+    that produced it; optimal, gap, prices: as in Plan."""
 
     device: np.ndarray
     method: str
     optimal: bool
     gap: float
+    prices: Prices
 
 
 def _check_options(objective: str, method: str, time_limit: float, workers: int) -> float:
@@ -191,24 +203,25 @@ def _counts(topos: list[Topology], mats: list[np.ndarray]) -> _Counts:
 
 
 def _place(counts: _Counts, base: np.ndarray, objective: Objective, method: Method,
-           until: float, workers: int) -> _Placed:
+           until: float, workers: int, warm: Prices | None) -> _Placed:
     """The two-stage placement, improved by CP-SAT where the objective or method asks for it
     (kept only where it does better: CP-SAT may stop at the deadline with a worse one)."""
     topo, mats = counts.topo, counts.mats
-    device = place_stages(topo, counts.on_node, counts.within, base)
+    stages = place_stages(topo, counts.on_node, counts.within, base, warm=warm)
+    device = stages.device
     if objective == "bottleneck":
         res = solve_bottleneck(topo, mats, base, device, until, workers)
         if bottleneck_routes(topo, res.device, *mats) <= bottleneck_routes(topo, device, *mats):
             device = res.device
-        return _Placed(device, "cp-sat", res.optimal, res.gap)
+        return _Placed(device, "cp-sat", res.optimal, res.gap, stages.prices)
     if method == "joint":
         res = solve_joint(topo, mats, base, device, until, workers)
         dev_mats = counts.per_all_to_all()
         found = traffic_of(topo, res.device, dev_mats).seconds
         if found <= traffic_of(topo, device, dev_mats).seconds:
             device = res.device
-        return _Placed(device, method, res.optimal, res.gap)
-    return _Placed(device, method, True, 0.0)
+        return _Placed(device, method, res.optimal, res.gap, stages.prices)
+    return _Placed(device, method, True, 0.0, stages.prices)
 
 
 def _plan(counts: _Counts, base: np.ndarray, placed: _Placed, objective: Objective,
@@ -234,6 +247,7 @@ def _plan(counts: _Counts, base: np.ndarray, placed: _Placed, objective: Objecti
         optimal=placed.optimal,
         gap=placed.gap,
         solve_seconds=elapsed,
+        prices=placed.prices,
     )
 
 

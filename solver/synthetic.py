@@ -6,6 +6,8 @@ layer. A route goes to a preferred expert with probability `locality`, else to a
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import numpy as np
 
 
@@ -22,15 +24,37 @@ def planted_counts(
 ) -> np.ndarray:
     """[layers, samples, experts] int64 route counts; each sample has tokens * top_k routes
     per layer."""
+    return next(planted_rounds(rng, samples, experts, layers=layers, tokens=tokens,
+                               top_k=top_k, domains=domains, locality=locality))
+
+
+def planted_rounds(
+    rng: np.random.Generator,
+    samples: int,
+    experts: int,
+    *,
+    layers: int = 2,
+    tokens: int = 1024,
+    top_k: int = 2,
+    domains: int = 4,
+    locality: float = 0.5,
+) -> Iterator[np.ndarray]:
+    """Endless rounds of planted_counts as a job's training steps are alike: every round's
+    domains prefer the same experts (drawn once, in the first round), each round has new samples
+    (new domains, new routes). The first round is planted_counts with the same rng."""
     if not 0.0 <= locality <= 1.0:
         raise ValueError(f"locality must be in [0, 1], got {locality!r}")
-    domain = rng.integers(0, domains, size=samples)
     pref = max(1, experts // domains)
-    out = np.empty((layers, samples, experts), dtype=np.int64)
-    for layer in range(layers):
-        probs = np.full((domains, experts), (1.0 - locality) / experts)
-        for d in range(domains):
-            probs[d, rng.choice(experts, size=pref, replace=False)] += locality / pref
-        for i in range(samples):
-            out[layer, i] = rng.multinomial(tokens * top_k, probs[domain[i]])
-    return out
+    probs: list[np.ndarray] = []
+    while True:
+        domain = rng.integers(0, domains, size=samples)
+        out = np.empty((layers, samples, experts), dtype=np.int64)
+        for layer in range(layers):
+            if len(probs) == layer:  # the first round draws each layer's preferences
+                p = np.full((domains, experts), (1.0 - locality) / experts)
+                for d in range(domains):
+                    p[d, rng.choice(experts, size=pref, replace=False)] += locality / pref
+                probs.append(p)
+            for i in range(samples):
+                out[layer, i] = rng.multinomial(tokens * top_k, probs[layer][domain[i]])
+        yield out

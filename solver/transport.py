@@ -11,7 +11,8 @@ every row on a column of least reduced cost, and then moves rows from overfull t
 columns along shortest paths of the column graph (C nodes, edge a -> b: the cheapest move of a
 row from a to b), raising prices by the path distances. Each step keeps every row on a column of
 least reduced cost; when no column is overfull the assignment is optimal (LP duality). The
-sweeps only make the paths few, the result is exact whatever they return.
+sweeps only make the paths few, the result is exact whatever they return; so the optimal prices
+of an alike earlier problem (a job's previous round) may start them instead of zeros.
 """
 
 from __future__ import annotations
@@ -33,6 +34,11 @@ _PRICED_ROWS = 8
 # Gauss-Seidel sweeps before the shortest paths (measured, planted routing at 4096 rows, 4
 # seeds: 4 sweeps 0 to 24% less time than 3 in both stages; 2, 5 or 6 more).
 _SWEEPS = 4
+# Sweeps from an alike earlier problem's optimal prices (measured, 29 rounds of one planted job at
+# 4096 x 256 after the first: shortest-path rounds, stage 1 / stage 2, 9.2 / 14.3 cold; warm
+# with 1 sweep 32.4 / 11.2, 2: 14.6 / 8.6, 3: 9.8 / 7.9). New samples move the optimal prices
+# about as far as a few sweeps do, so the warm start saves one sweep and, in stage 2, rounds.
+_WARM_SWEEPS = 3
 
 # The exact methods transport_blocks chooses from, cheapest first.
 Path = Literal["one column", "two columns", "priced", "flow"]
@@ -42,10 +48,17 @@ PATHS: tuple[Path, ...] = ("one column", "two columns", "priced", "flow")
 @dataclass(frozen=True, eq=False)
 class Assignment:
     """What transport_blocks found. col: [R] int64, the column of each row within its block;
-    path: the method that found it (each is exact; tests check every one against a reference)."""
+    path: the method that found it (each is exact; tests check every one against a reference).
+    On the priced path: price, [B, C] int64 optimal column prices (every row is on a column of
+    least cost - price of its block), to start an alike problem from; sweeps, the price sweeps
+    run (_SWEEPS from zero, _WARM_SWEEPS from given prices); rounds, the shortest-path rounds.
+    Other paths: None and 0."""
 
     col: np.ndarray
     path: Path
+    price: np.ndarray | None = None
+    sweeps: int = 0
+    rounds: int = 0
 
 
 def transport(cost: np.ndarray, capacity: np.ndarray) -> np.ndarray:
@@ -59,7 +72,8 @@ def transport(cost: np.ndarray, capacity: np.ndarray) -> np.ndarray:
     return _flow(cost, np.zeros(rows, dtype=np.int64), capacity[None, :])
 
 
-def transport_blocks(cost: np.ndarray, block: np.ndarray, capacity: np.ndarray) -> Assignment:
+def transport_blocks(cost: np.ndarray, block: np.ndarray, capacity: np.ndarray,
+                     price: object = None) -> Assignment:
     """Independent transportation problems at once: row r may only take columns of its block.
 
     cost: [R, C] int64 (non-negative), row r's cost for column c of block[r]; block: [R] int64 in
@@ -69,6 +83,10 @@ def transport_blocks(cost: np.ndarray, block: np.ndarray, capacity: np.ndarray) 
     rows cheapest to put in column 0 relative to column 1); from _PRICED_ARCS arcs and
     _PRICED_ROWS rows per column and block, prices and shortest paths (`_priced`); otherwise all
     blocks go to one min-cost flow.
+    price: [B, C] signed integer start prices for the priced path, e.g. the Assignment.price of
+    an alike problem (same shape, similar costs): it then runs _WARM_SWEEPS sweeps from them
+    instead of _SWEEPS from zero. Any values give the same optimal cost; prices of another
+    shape or dtype are ignored (a cold start), as on the other paths, never an error.
     """
     rows, cols = cost.shape
     blocks = capacity.shape[0]
@@ -92,7 +110,7 @@ def transport_blocks(cost: np.ndarray, block: np.ndarray, capacity: np.ndarray) 
     # fewer than C edges, each weighing at most 4 drifts (a cost range plus two price spreads).
     fits = span << rows.bit_length() < _BIG and 4 * cols * (cols + 1) * _drift(span, cols) < _BIG
     if rows * cols >= _PRICED_ARCS and rows >= _PRICED_ROWS * cols * blocks and fits:
-        return Assignment(_priced(shifted, block, capacity, sizes), "priced")
+        return _priced(shifted, block, capacity, sizes, _warm_start(price, capacity.shape, span))
     return Assignment(_flow(shifted, block, capacity), "flow")
 
 
@@ -101,6 +119,21 @@ def _drift(span: int, cols: int) -> int:
     _SWEEPS * cols steps sets a price between two thresholds, which lie within span of the
     current prices (costs in 0..span), so the prices spread by at most 2 * span per step."""
     return (2 * _SWEEPS * cols + 1) * span
+
+
+def _warm_start(price: object, shape: tuple[int, int], span: int) -> np.ndarray | None:
+    """price as start prices for _WARM_SWEEPS sweeps, [B, C] int64 within the bound that _drift
+    sets for the cold sweeps' result; None (a cold start) unless price is a signed integer array
+    of that shape. span: the largest cost. Only differences within a block matter (a block's
+    preferences stay the same when all its prices shift), so each block's least becomes 0; the
+    largest is clipped so that the sweeps' steps (2 * span each at most) end within _drift."""
+    if (not isinstance(price, np.ndarray) or price.shape != shape
+            or not np.issubdtype(price.dtype, np.signedinteger)):
+        return None
+    # Clipped first, so that the subtraction cannot overflow whatever the values.
+    start = np.clip(price.astype(np.int64), -_BIG, _BIG)
+    start -= start.min(axis=1, keepdims=True)
+    return np.minimum(start, 2 * (_SWEEPS - _WARM_SWEEPS) * shape[1] * span)
 
 
 def _two_columns(cost: np.ndarray, block: np.ndarray, first: np.ndarray) -> np.ndarray:
@@ -140,13 +173,13 @@ def _flow(cost: np.ndarray, block: np.ndarray, capacity: np.ndarray) -> np.ndarr
     return np.argmax(chosen, axis=1).astype(np.int64)
 
 
-def _priced(cost: np.ndarray, block: np.ndarray, capacity: np.ndarray,
-            sizes: np.ndarray) -> np.ndarray:
+def _priced(cost: np.ndarray, block: np.ndarray, capacity: np.ndarray, sizes: np.ndarray,
+            start: np.ndarray | None = None) -> Assignment:
     """transport_blocks by prices and shortest paths: the same optimal cost as the flow.
 
     cost: [R, C] int64, each row's least cost 0 and its largest such that transport_blocks
     admits pricing; block: [R] int64; capacity: [B, C] int64; sizes: [B] int64 rows of each
-    block. Returns [R] int64.
+    block; start: [B, C] int64 prices from _warm_start, or None for zeros.
     """
     blocks = len(sizes)
     if blocks == 1:
@@ -155,16 +188,18 @@ def _priced(cost: np.ndarray, block: np.ndarray, capacity: np.ndarray,
         order = _stable_order(block, blocks)  # the rows of a block contiguous
         by_row, blk = cost[order], block[order]
     by_col = np.ascontiguousarray(by_row.T)
-    price = _sweeps(by_col, blk, capacity, sizes)
+    sweeps = _SWEEPS if start is None else _WARM_SWEEPS
+    price = _sweeps(by_col, blk, capacity, sizes,
+                    np.zeros(capacity.shape, dtype=np.int64) if start is None else start, sweeps)
     reduced = by_row - (price if blocks == 1 else price[blk])
     # Along rows: argmin over axis 0 of by_col is 14x slower (measured, 32 x 4096 int64).
-    start = _spread_ties(reduced, reduced.argmin(axis=1), blk, capacity)
-    col = _shortest_paths(by_row, start, blk, capacity, price)
-    if blocks == 1:
-        return col
-    out = np.empty(len(block), dtype=np.int64)
-    out[order] = col
-    return out
+    first = _spread_ties(reduced, reduced.argmin(axis=1), blk, capacity)
+    col, price, rounds = _shortest_paths(by_row, first, blk, capacity, price)
+    if blocks > 1:
+        out = np.empty(len(block), dtype=np.int64)
+        out[order] = col
+        col = out
+    return Assignment(col, "priced", price, sweeps, rounds)
 
 
 def _spread_ties(reduced: np.ndarray, col: np.ndarray, block: np.ndarray,
@@ -207,14 +242,16 @@ def _first_of_each(keys: np.ndarray, limit: np.ndarray) -> np.ndarray:
     return keep
 
 
-def _sweeps(cost: np.ndarray, block: np.ndarray, capacity: np.ndarray,
-            sizes: np.ndarray) -> np.ndarray:
-    """_SWEEPS Gauss-Seidel sweeps of price adjustment, from zero prices: column by column, the
+def _sweeps(cost: np.ndarray, block: np.ndarray, capacity: np.ndarray, sizes: np.ndarray,
+            start: np.ndarray, sweeps: int) -> np.ndarray:
+    """Gauss-Seidel sweeps of price adjustment from the start prices: column by column, the
     price in the middle of the range where exactly capacity rows prefer the column (a row
     prefers the column of least cost - price), given the other columns' current prices.
 
-    cost: [C, R] int64, rows sorted by block; block: [R] int64; capacity: [B, C]; sizes: [B].
-    Returns prices [B, C] int64. A heuristic: the shortest paths accept any prices.
+    cost: [C, R] int64, rows sorted by block; block: [R] int64; capacity: [B, C]; sizes: [B];
+    start: [B, C] int64, zeros or _warm_start's (within the bound of _drift, which the int32
+    arithmetic relies on); sweeps: how many. Returns prices [B, C] int64. A heuristic: the
+    shortest paths accept any prices.
     """
     cols, rows = cost.shape
     blocks = len(sizes)
@@ -233,7 +270,7 @@ def _sweeps(cost: np.ndarray, block: np.ndarray, capacity: np.ndarray,
     dtype = np.int32 if _drift(int(cost.max()), cols) < 2**29 else np.int64
     unreached = np.iinfo(dtype).max // 4  # a padding row's threshold: never among the k
     cost = cost.astype(dtype).reshape(cols, blocks, width)
-    price = np.zeros((blocks, cols), dtype=dtype)
+    price = start.astype(dtype)
     # Between the k-th and (k+1)-th smallest threshold: k rows prefer the column. k = 0 and
     # k = size have one neighbour only; they are set 2 apart so that the middle is outside.
     low_at = np.clip(capacity - 1, 0, width - 1)
@@ -242,7 +279,7 @@ def _sweeps(cost: np.ndarray, block: np.ndarray, capacity: np.ndarray,
     ends = [bool(none[:, c].any() or every[:, c].any()) for c in range(cols)]
     b = np.arange(blocks)
     later = np.empty_like(cost)  # later[c]: each row's least value over columns >= c
-    for _ in range(_SWEEPS):
+    for _ in range(sweeps):
         value = cost - price.T[:, :, None]
         later[cols - 1] = value[cols - 1]
         for c in range(cols - 2, 0, -1):
@@ -261,32 +298,41 @@ def _sweeps(cost: np.ndarray, block: np.ndarray, capacity: np.ndarray,
             if blocks == 1:
                 # One block: the two ranks by one partition and a max (measured, 4096 int32
                 # entries: 14 us against 30 us for the sort; stage 1 at 4096 x 32, planted
-                # routing, 66M -> 54M instructions).
+                # routing, 66M -> 54M instructions), in place on bar (a temporary) and as Python
+                # scalars: numpy's calls, not the data, are most of a step (7.5 us against 14
+                # for np.partition and .max; the price's four array operations 8 us).
                 k = int(high_at[0, c])
-                part = np.partition(bar[0], k)
-                high = part[k:k + 1]
-                low = part[:k].max(keepdims=True) if low_at[0, c] < k else high
+                bar[0].partition(k)
+                high = int(bar[0, k])
+                low = int(np.maximum.reduce(bar[0, :k])) if low_at[0, c] < k else high
+                if none[0, c]:
+                    low = high - 2
+                if every[0, c]:
+                    high = low + 2
+                price[0, c] = one = (low + high + 1) // 2
+                # A Python scalar, which numpy need not broadcast through a buffer.
+                now = cost[c] - one
             else:
                 # A full sort beats selecting two ranks (measured, 4096 entries: 70% of the time).
                 ranked = np.sort(bar, axis=1)
                 low, high = ranked[b, low_at[:, c]], ranked[b, high_at[:, c]]
-            if ends[c]:
-                low = np.where(none[:, c], high - 2, low)
-                high = np.where(every[:, c], low + 2, high)
-            price[:, c] = (low.astype(np.int64) + high + 1) // 2
-            # One block: a Python scalar, which numpy need not broadcast through a buffer.
-            now = cost[c] - (int(price[0, c]) if blocks == 1 else price[:, c, None])
-            earlier = now if earlier is None else np.minimum(earlier, now)
+                if ends[c]:
+                    low = np.where(none[:, c], high - 2, low)
+                    high = np.where(every[:, c], low + 2, high)
+                price[:, c] = (low.astype(np.int64) + high + 1) // 2
+                now = cost[c] - price[:, c, None]
+            earlier = now if earlier is None else np.minimum(earlier, now, out=now)
     return price.astype(np.int64)
 
 
 def _shortest_paths(cost: np.ndarray, col: np.ndarray, block: np.ndarray, capacity: np.ndarray,
-                    price: np.ndarray) -> np.ndarray:
+                    price: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
     """Least-cost assignment from any start prices, by successive shortest paths per block.
 
     cost: [R, C] int64 (row ranges that transport_blocks admits), rows sorted by block; col:
     [R] int64 each row's start column, one of least cost - price; block: [R] int64; capacity:
-    [B, C] int64; price: [B, C] int64. Returns [R] int64 columns.
+    [B, C] int64; price: [B, C] int64. Returns the columns, [R] int64, the final prices, [B, C]
+    int64 (each row on a column of least cost - price: optimal duals), and the rounds run.
 
     Every row sits on a column of least cost - price (reduced cost 0), so every edge of the
     column graph has a non-negative reduced weight. Each round, in every block with an overfull
@@ -315,11 +361,11 @@ def _shortest_paths(cost: np.ndarray, col: np.ndarray, block: np.ndarray, capaci
     self_loop = np.eye(cols, dtype=np.int64) * _BIG
     own = np.arange(cols)
     jumps = max(1, (cols - 1).bit_length())
-    for _ in range(rows + 1):  # each round fills at least one slot of an underfull column
+    for rounds in range(rows + 1):  # each round fills at least one slot of an underfull column
         over = (load - need).reshape(blocks, cols)
         act = np.flatnonzero((over > 0).any(axis=1))
         if not len(act):
-            return col
+            return col, price, rounds
         p, over = price[act], over[act]
         weight = np.minimum(move.reshape(blocks, cols, cols)[act] + (p[:, :, None] - p[:, None, :]),
                             cap) * scale + hop

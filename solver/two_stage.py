@@ -9,12 +9,44 @@ device) among equal-cost choices, so rows move only when moving saves routes.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 
 from .cost import device_counts, node_counts
 from .topology import Topology
-from .transport import transport_blocks
+from .transport import Assignment, transport_blocks
+
+
+@dataclass(frozen=True, eq=False)
+class Prices:
+    """Each stage's optimal column prices (the transportation duals) from a solve: what the next
+    solve of an alike round (same shape, new samples of the same job) may start from.
+
+    node: [1, N] int64, stage 1's; device: [N, G] int64, stage 2's, one row per node. None where
+    the stage took a path without prices (transport_blocks: two columns, few rows, the flow).
+    Their unit is the stage's cost (routes times the tie-break weight, which depends on the
+    number of rows), so they suit problems of the same shape only; prices of another shape are
+    ignored. Whatever they hold, the placement is as exact as from a cold start.
+    """
+
+    node: np.ndarray | None
+    device: np.ndarray | None
+
+
+@dataclass(frozen=True, eq=False)
+class Stages:
+    """place_stages' answer. device: [R] int64 the device of each row; node, within: stage 1's
+    and stage 2's transport_blocks answers (columns within the stage, path, prices, rounds)."""
+
+    device: np.ndarray
+    node: Assignment
+    within: Assignment
+
+    @property
+    def prices(self) -> Prices:
+        """Both stages' optimal prices: the warm start of the next alike placement."""
+        return Prices(self.node.price, self.within.price)
 
 
 def per_node(topo: Topology, counts: np.ndarray) -> np.ndarray:
@@ -55,19 +87,20 @@ def place_two_stage(
         on_node = node_counts(topo, on_dev)
     by_node = on_dev.reshape(rows, topo.nodes, topo.gpus_per_node)
     r = np.arange(rows)
-    return place_stages(topo, on_node, lambda node: by_node[r, node], home, capacity)
+    return place_stages(topo, on_node, lambda node: by_node[r, node], home, capacity).device
 
 
 def place_stages(
     topo: Topology, on_node: np.ndarray, within: Callable[[np.ndarray], np.ndarray],
-    home: np.ndarray, capacity: np.ndarray | None = None,
-) -> np.ndarray:
+    home: np.ndarray, capacity: np.ndarray | None = None, warm: Prices | None = None,
+) -> Stages:
     """place_two_stage given the rows' node counts and, for stage 2, a function of the nodes:
     the caller need not hold all [R, J] device counts.
 
     on_node: [R, N] int64 routes of each row with each node; within(node): [R, G] int64 routes
     of each row with each device of node[r], node: [R] int64; home, capacity: as in
-    place_two_stage.
+    place_two_stage; warm: the prices of an alike earlier placement (Stages.prices) to start
+    each stage's priced path from (transport_blocks' price), or None.
     """
     rows = on_node.shape[0]
     nodes, gpus = topo.nodes, topo.gpus_per_node
@@ -76,10 +109,14 @@ def place_stages(
     dev_cap = capacity.reshape(nodes, gpus)
     inter = on_node.sum(axis=1, keepdims=True) - on_node  # [R, N]
     stay = topo.device_node[home][:, None] == np.arange(nodes)[None, :]
-    node = transport_blocks(
-        with_tiebreak(inter, stay), np.zeros(rows, dtype=np.int64), dev_cap.sum(axis=1)[None, :]
-    ).col
+    first = transport_blocks(
+        with_tiebreak(inter, stay), np.zeros(rows, dtype=np.int64), dev_cap.sum(axis=1)[None, :],
+        None if warm is None else warm.node,
+    )
+    node = first.col
     intra = on_node[np.arange(rows), node][:, None] - within(node)  # [R, G]
     stay = (home - node * gpus)[:, None] == np.arange(gpus)[None, :]
     largest = int(dev_cap.sum(axis=1).max())  # rows of the fullest node
-    return node * gpus + transport_blocks(with_tiebreak(intra, stay, largest), node, dev_cap).col
+    second = transport_blocks(with_tiebreak(intra, stay, largest), node, dev_cap,
+                              None if warm is None else warm.device)
+    return Stages(node * gpus + second.col, first, second)

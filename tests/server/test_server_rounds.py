@@ -168,3 +168,34 @@ def test_micro_batches_are_rounds_of_their_own_in_order() -> None:
         coord.close()
 
     asyncio.run(main())
+
+
+def test_a_layers_next_round_starts_from_its_last_prices() -> None:
+    """The coordinator hands solve the prices of the group's last solved round of the same layer
+    (solve's warm), None for a layer's first round."""
+    from netmoe.solver import Prices, solve
+
+    warm: list[Prices | None] = []  # what each solve got, in order
+    marks: list[Prices] = []  # what each solve answered
+
+    def recording(topo, gather, scatter, **kwargs):
+        warm.append(kwargs["warm"])
+        # A marker per solve, so that the layer's next round must get this very object back.
+        marks.append(Prices(np.array([[len(marks)]]), None))
+        return dataclasses.replace(solve(topo, gather, scatter, **kwargs), prices=marks[-1])
+
+    async def main() -> None:
+        coord = Coordinator(solve_fn=recording, process_rows=0)
+        coord.register(spec())
+        got: list[RankPlan] = []
+        for step, layer in ((0, 0), (0, 1), (1, 0), (1, 1)):
+            for rank in (0, 1):
+                coord.submit(report(rank, step, layer), got.append)
+            for _ in range(200):  # one round at a time, so that the order is known
+                if len(got) == 2 * len(warm) == 2 * (2 * step + layer + 1):
+                    break
+                await asyncio.sleep(0.01)
+        coord.close()
+
+    asyncio.run(main())
+    assert warm == [None, None, marks[0], marks[1]]
