@@ -45,7 +45,8 @@ def placement_service(address: str) -> Iterator[tuple[str, str]]:
     from netmoe.server.app import start
     from netmoe.server.config import ServerConfig
 
-    handle = start(ServerConfig(port=0, metrics_port=0))
+    # No health probe watches an embedded service: it stops without a drain.
+    handle = start(ServerConfig(port=0, metrics_port=0, drain_seconds=0.0))
     try:
         yield handle.address, f"http://127.0.0.1:{handle.metrics_port}/metrics"
     finally:

@@ -369,7 +369,7 @@ class ServerProcess:
     """``netmoe serve`` in a subprocess (its RSS is its own); port fixed so it can restart."""
 
     def __init__(self, port: int = 0, *extra: str) -> None:
-        env = {**os.environ, "NETMOE_GRACE_SECONDS": "1"}
+        env = {**os.environ, "NETMOE_DRAIN_SECONDS": "0", "NETMOE_GRACE_SECONDS": "1"}
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "netmoe.app.cli", "serve", "--port", str(port),
              "--metrics-port", "0", *extra], stderr=subprocess.PIPE, text=True, env=env)

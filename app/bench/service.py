@@ -333,7 +333,7 @@ def run(args: argparse.Namespace) -> int:
     if args.services > groups.count:
         raise ValueError(f"--services {args.services}: more services than the {groups.count} "
                          f"EP groups (--ep-size {args.ep_size} of {j} ranks)")
-    config = ServerConfig(port=0, metrics_port=None, grace_seconds=1.0)
+    config = ServerConfig(port=0, metrics_port=None, drain_seconds=0.0, grace_seconds=1.0)
     if args.server:
         check_server(args.server)
         result = _measure(dict.fromkeys(range(groups.count), args.server), args)

@@ -79,7 +79,10 @@ if __name__ == "__main__":
     from netmoe.server.app import start
     from netmoe.server.config import ServerConfig
 
-    with start(ServerConfig(port=0, metrics_port=None)) as service:  # or: netmoe serve
+    # Embedded (or: netmoe serve); no health probe watches it, so it stops without a drain.
+    with start(ServerConfig(port=0, metrics_port=None, drain_seconds=0)) as service:
+        # forkserver: ranks fork from one clean process that imported torch once (not from
+        # this one, whose gRPC threads a fork would copy mid-flight).
         mp.start_processes(rank_main, (service.address, free_port()), WORLD,
-                           start_method="spawn")
+                           start_method="forkserver")
     sys.exit(0)

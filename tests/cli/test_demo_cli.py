@@ -39,7 +39,8 @@ def test_a_service_that_refuses_the_job_is_an_error_and_progress_is_shown() -> N
     from netmoe.server.config import ServerConfig
 
     # Health answers without the token; every placement call is refused without it.
-    with start(ServerConfig(port=0, metrics_port=None, auth_token="not-given")) as handle:
+    with start(ServerConfig(port=0, drain_seconds=0.0, metrics_port=None,
+                            auth_token="not-given")) as handle:
         env = {k: v for k, v in os.environ.items() if k != "NETMOE_AUTH_TOKEN"}
         out = subprocess.run(demo("--steps", "2", "--server", handle.address),
                              capture_output=True, text=True, timeout=300, env=env)

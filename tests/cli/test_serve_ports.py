@@ -20,7 +20,7 @@ def serve(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_a_second_server_on_a_taken_port_exits_2_and_the_first_keeps_serving() -> None:
-    with start(ServerConfig(port=0, metrics_port=0)) as first:
+    with start(ServerConfig(port=0, drain_seconds=0.0, metrics_port=0)) as first:
         out = serve("--port", str(first.port), "--metrics-port", "-1")
         assert out.returncode == 2, out.stderr
         assert out.stderr.splitlines() == [
@@ -42,7 +42,7 @@ def test_the_servers_socket_cannot_be_shared_even_by_a_reuseport_server() -> Non
     the same port next to ours and take half of the connections."""
     import grpc
 
-    with start(ServerConfig(port=0, metrics_port=None)) as first:
+    with start(ServerConfig(port=0, drain_seconds=0.0, metrics_port=None)) as first:
         other = grpc.server(futures.ThreadPoolExecutor(1))
         try:
             with pytest.raises(RuntimeError, match="Failed to bind"):

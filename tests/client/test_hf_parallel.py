@@ -186,7 +186,8 @@ def test_demo_without_plans_fails_like_the_reference_demo(
 
     monkeypatch.delenv("NETMOE_AUTH_TOKEN", raising=False)
     model = write_tiny(tmp_path / "tiny", "qwen3_moe", experts=4)
-    with start(ServerConfig(port=0, metrics_port=None, auth_token="not-given")) as handle:
+    with start(ServerConfig(port=0, drain_seconds=0.0, metrics_port=None,
+                            auth_token="not-given")) as handle:
         args = ["demo", "--hf-model", str(model), "--nodes", "1", "--gpus-per-node", "2",
                 "--steps", "1", "--samples-per-device", "1", "--seq-len", "8", "--cache-dir",
                 str(tmp_path / "cache"), "--server", handle.address]  # fmt: skip

@@ -176,7 +176,8 @@ def test_an_unreachable_service_costs_one_line_per_state_change(caplog: pytest.L
             assert len(lost) == 1 and "lost" in lost[0], lost
             falling = [r.message for r in caplog.records if ": no move (" in r.message]
             assert len(falling) == 1 and "step 0 micro-batch 0 layer 0" in falling[0], falling
-            with start(ServerConfig(port=port, metrics_port=None, grace_seconds=1.0)):
+            with start(ServerConfig(port=port, drain_seconds=0.0, metrics_port=None,
+                                    grace_seconds=1.0)):
                 wait_for(lambda: client.connected)
                 other = PlacementClient(f"127.0.0.1:{port}", "quiet", 1, spec)
                 try:

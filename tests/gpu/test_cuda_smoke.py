@@ -85,7 +85,7 @@ def _worker(rank: int, port: int, address: str) -> None:
 
 @pytest.fixture
 def service() -> Iterator[ServerHandle]:
-    handle = start(ServerConfig(port=0, metrics_port=None, grace_seconds=1.0))
+    handle = start(ServerConfig(port=0, drain_seconds=0.0, metrics_port=None, grace_seconds=1.0))
     yield handle
     handle.stop()
 

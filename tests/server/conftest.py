@@ -16,7 +16,7 @@ from support import Bystander
 @pytest.fixture
 def server() -> Iterator[ServerHandle]:
     """A server on an ephemeral port (metrics too), in this process."""
-    handle = start(ServerConfig(port=0, metrics_port=0, grace_seconds=1.0))
+    handle = start(ServerConfig(port=0, drain_seconds=0.0, metrics_port=0, grace_seconds=1.0))
     yield handle
     handle.stop()
 

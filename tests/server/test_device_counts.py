@@ -36,7 +36,7 @@ LAST = (0, 2)  # a last MoE layer: no scatter
 @pytest.fixture
 def server(request: pytest.FixtureRequest) -> Iterator[ServerHandle]:
     rows = getattr(request, "param", 0)  # > 0: rounds that large solve in a child process
-    handle = start(ServerConfig(port=0, metrics_port=None, grace_seconds=1.0,
+    handle = start(ServerConfig(port=0, drain_seconds=0.0, metrics_port=None, grace_seconds=1.0,
                                 process_solve_rows=rows, solver_threads=2 if rows else 4))
     yield handle
     handle.stop()

@@ -76,7 +76,7 @@ class WorkerProcess:
 def test_worker_killed_mid_round_others_fall_back_and_next_round_proceeds() -> None:
     deadline_s = 0.5
     spec = job_spec(nodes=2, gpus=2, experts=8, spd=2, deadline_ms=int(deadline_s * 1000))
-    handle = start(ServerConfig(port=0, metrics_port=None, grace_seconds=1.0))
+    handle = start(ServerConfig(port=0, drain_seconds=0.0, metrics_port=None, grace_seconds=1.0))
     channel = grpc.insecure_channel(handle.address)
     stub = placement_pb2_grpc.PlacementServiceStub(channel)
     stub.RegisterJob(pb.RegisterJobRequest(job="k", spec=spec), timeout=10)

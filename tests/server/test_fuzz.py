@@ -72,7 +72,7 @@ class Bystander:
 
 @pytest.fixture
 def fuzz_server(caplog: pytest.LogCaptureFixture) -> Iterator[ServerHandle]:
-    handle = start(ServerConfig(port=0, metrics_port=None, grace_seconds=1.0,
+    handle = start(ServerConfig(port=0, drain_seconds=0.0, metrics_port=None, grace_seconds=1.0,
                                 max_message_bytes=1 << 20))
     with caplog.at_level(logging.WARNING):
         yield handle

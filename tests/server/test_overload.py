@@ -81,8 +81,8 @@ def test_client_that_never_reads_is_cut_with_a_reason(reports: int) -> None:
 
 
 def test_stream_cap_and_idle_streams_closed() -> None:
-    handle = start(ServerConfig(port=0, metrics_port=None, grace_seconds=1.0, max_streams=3,
-                                stream_idle_seconds=0.5))
+    handle = start(ServerConfig(port=0, drain_seconds=0.0, metrics_port=None, grace_seconds=1.0,
+                                max_streams=3, stream_idle_seconds=0.5))
     channel = grpc.insecure_channel(handle.address)
     try:
         stub = placement_pb2_grpc.PlacementServiceStub(channel)
@@ -112,7 +112,7 @@ def test_stream_cap_and_idle_streams_closed() -> None:
 def test_pending_report_bytes_bounded_per_job_and_in_total() -> None:
     spec = job_spec(nodes=2, gpus=2, experts=16, spd=4, deadline_ms=5000)
     per_report = 4 * 8 + 2 * 4 * 16  # ids uint64 + gather, scatter compacted to uint8
-    handle = start(ServerConfig(port=0, metrics_port=None, grace_seconds=1.0,
+    handle = start(ServerConfig(port=0, drain_seconds=0.0, metrics_port=None, grace_seconds=1.0,
                                 max_job_pending_bytes=2 * per_report,
                                 max_pending_bytes=3 * per_report))
     channel = grpc.insecure_channel(handle.address)
@@ -231,7 +231,8 @@ def test_slow_solves_of_other_jobs_never_delay_a_job(rounds: int) -> None:
                 running[0] -= 1
         return solve(topology, gather, scatter, **kw)
 
-    handle = start(ServerConfig(port=0, metrics_port=None, grace_seconds=1.0), solve_fn=solve_fn)
+    handle = start(ServerConfig(port=0, drain_seconds=0.0, metrics_port=None, grace_seconds=1.0),
+                   solve_fn=solve_fn)
     channel = grpc.insecure_channel(handle.address)
     try:
         stub = placement_pb2_grpc.PlacementServiceStub(channel)
@@ -283,7 +284,8 @@ def test_metrics_bounded_when_jobs_go_with_solves_in_flight(ids: int) -> None:
         time.sleep(0.02)
         return solve(*args, **kw)
 
-    handle = start(ServerConfig(port=0, metrics_port=0, grace_seconds=1.0), solve_fn=solve_fn)
+    handle = start(ServerConfig(port=0, drain_seconds=0.0, metrics_port=0, grace_seconds=1.0),
+                   solve_fn=solve_fn)
     channel = grpc.insecure_channel(handle.address)
     spec = job_spec(nodes=2, gpus=1, experts=4, spd=2, deadline_ms=5000)
     try:
@@ -322,7 +324,7 @@ def test_metrics_bounded_when_jobs_go_with_solves_in_flight(ids: int) -> None:
 def test_time_limited_joint_solve_returns_feasible_before_the_deadline() -> None:
     """A CP-SAT (joint, bottleneck) round that may not be proven optimal in its 3 s deadline: the
     solver stops at the margin and the ranks get its plan (FEASIBLE), not a "timeout" fallback."""
-    handle = start(ServerConfig(port=0, metrics_port=None, grace_seconds=1.0))
+    handle = start(ServerConfig(port=0, drain_seconds=0.0, metrics_port=None, grace_seconds=1.0))
     channel = grpc.insecure_channel(handle.address)
     try:
         stub = placement_pb2_grpc.PlacementServiceStub(channel)

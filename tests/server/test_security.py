@@ -29,7 +29,8 @@ REFLECTION = "grpc.reflection.v1alpha.ServerReflection"
 
 
 def cfg(**kw: object) -> ServerConfig:
-    return ServerConfig(**{"port": 0, "metrics_port": None, "grace_seconds": 0.5, **kw})
+    return ServerConfig(**{"port": 0, "metrics_port": None, "drain_seconds": 0.0,
+                           "grace_seconds": 0.5, **kw})
 
 
 @pytest.fixture

@@ -110,7 +110,7 @@ def test_slow_solve_times_out_to_home_placement() -> None:
         release.wait(10)
         return solve(*args, **kwargs)
 
-    handle = start(ServerConfig(port=0, metrics_port=None, grace_seconds=1.0),
+    handle = start(ServerConfig(port=0, drain_seconds=0.0, metrics_port=None, grace_seconds=1.0),
                    solve_fn=slow_solve)
     try:
         spec = job_spec(deadline_ms=200)

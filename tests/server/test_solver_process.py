@@ -48,7 +48,7 @@ def heavy_round(stub: placement_pb2_grpc.PlacementServiceStub) -> tuple[list[Wor
 
 
 def test_rounds_solved_in_solver_processes_match_the_solver() -> None:
-    handle = start(ServerConfig(port=0, metrics_port=None, grace_seconds=1.0,
+    handle = start(ServerConfig(port=0, drain_seconds=0.0, metrics_port=None, grace_seconds=1.0,
                                 process_solve_rows=1))
     channel, stub = stub_for(handle)
     try:
@@ -74,8 +74,8 @@ def test_rounds_solved_in_solver_processes_match_the_solver() -> None:
 
 
 def test_killed_solver_process_fails_its_round_and_the_next_is_solved() -> None:
-    handle = start(ServerConfig(port=0, metrics_port=None, grace_seconds=1.0, solver_threads=1,
-                                process_solve_rows=1))
+    handle = start(ServerConfig(port=0, drain_seconds=0.0, metrics_port=None, grace_seconds=1.0,
+                                solver_threads=1, process_solve_rows=1))
     channel, stub = stub_for(handle)
     try:
         light = job_spec(nodes=2, gpus=2, experts=8, spd=4, deadline_ms=30000)

@@ -312,7 +312,7 @@ def every_call(them: placement_pb2_grpc.PlacementServiceStub, spec: pb.JobSpec,
 
 
 def test_certificates_naming_nobody_are_refused_when_jobs_are_bound(pki: Path) -> None:
-    handle = start(ServerConfig(port=0, metrics_port=None, grace_seconds=1.0,
+    handle = start(ServerConfig(port=0, drain_seconds=0.0, metrics_port=None, grace_seconds=1.0,
                                 tls_cert=str(pki / "server.pem"), tls_key=str(pki / "server.key"),
                                 tls_client_ca=str(pki / "ca.pem"), bind_jobs_to_certs=True))
     spec = job_spec(nodes=2, gpus=2, experts=8, spd=4)
