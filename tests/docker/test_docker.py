@@ -145,10 +145,17 @@ def test_image_is_multi_stage_slim_non_root_and_server_only(stages: list[Stage])
     uid = user.split(":")[0]
     assert uid not in ("root", "0") and int(uid) > 0
     assert any(f"--uid {uid}" in run for run in final.all("RUN"))  # the user exists
+    # The server extra's pinned requirements, then netmoe alone (its sources copied after the
+    # first, so that a change to them keeps the requirements' layer).
     installs = [r for s in stages for r in s.all("RUN") if "pip install" in r]
-    assert len(installs) == 1
-    assert "-c constraints.txt" in installs[0] and '".[server]"' in installs[0]
-    assert not re.search(r"client|dev|torch", installs[0])
+    assert len(installs) == 2
+    assert all("-c constraints.txt" in run for run in installs)
+    assert "requirements.py pyproject.toml server >requirements.txt" in installs[0]
+    assert installs[0].endswith("-r requirements.txt")
+    assert installs[1].endswith("--no-deps -c constraints.txt .")
+    assert not re.search(r"client|dev|torch", " ".join(installs))
+    build = stages[0].instructions
+    assert build.index(("COPY", "app app")) > build.index(("RUN", installs[0]))
     assert final.all("COPY") == ["--from=build /opt/netmoe /opt/netmoe"]  # no sources, no tests
 
 
