@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+import tomllib
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -213,3 +214,23 @@ def test_server_side_imports_need_no_torch() -> None:
                                   "print(parser.format_help())\n")
     assert out.returncode == 0, out.stderr
     assert "serve" in out.stdout and "demo" in out.stdout
+
+
+def test_requirements_of_an_extra_come_from_pyproject() -> None:
+    def run(*extras: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, str(ROOT / "docker" / "requirements.py"),
+                               str(ROOT / "pyproject.toml"), *extras], capture_output=True,
+                              text=True, timeout=60)
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    server = run("server")
+    assert server.returncode == 0, server.stderr
+    assert server.stdout.splitlines() == [*project["dependencies"],
+                                          *project["optional-dependencies"]["server"]]
+    both = run("server", "client").stdout.splitlines()
+    assert len(both) == len(set(both))  # a requirement both name (numpy, grpcio) once
+    wrong = run("sever")
+    assert wrong.returncode == 1
+    assert wrong.stderr.strip() == ("requirements.py: no extra 'sever' in "
+                                    f"{ROOT / 'pyproject.toml'} (it has ['client', 'dev', 'hf', "
+                                    "'server', 'torchtitan'])")
