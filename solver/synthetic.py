@@ -7,25 +7,16 @@ layer. A route goes to a preferred expert with probability `locality`, else to a
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 
 
-def planted_counts(
-    rng: np.random.Generator,
-    samples: int,
-    experts: int,
-    *,
-    layers: int = 2,
-    tokens: int = 1024,
-    top_k: int = 2,
-    domains: int = 4,
-    locality: float = 0.5,
-) -> np.ndarray:
-    """[layers, samples, experts] int64 route counts; each sample has tokens * top_k routes
-    per layer."""
-    return next(planted_rounds(rng, samples, experts, layers=layers, tokens=tokens,
-                               top_k=top_k, domains=domains, locality=locality))
+def planted_counts(rng: np.random.Generator, samples: int, experts: int, **options: Any
+                   ) -> np.ndarray:
+    """[layers, samples, experts] int64 route counts, each sample with tokens * top_k routes per
+    layer: the first round of planted_rounds (options: its keywords, with its defaults)."""
+    return next(planted_rounds(rng, samples, experts, **options))
 
 
 def planted_rounds(
